@@ -1,0 +1,128 @@
+"""Which implementation runs an op.
+
+Backends:
+
+* ``"triton"`` – Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
+  before the kernel modules were imported (how the test suite runs them without a GPU).
+* ``"cuda"``   – CUDA C++ kernels of the ``clinkd_kernels._C`` extension (CUDA tensors).
+* ``"cpu"``    – C++ CPU kernels of the extension, or a memory-efficient PyTorch path (CPU tensors).
+* ``"torch"``  – the plain PyTorch reference (any device): the spec, written for clarity.
+
+A backend is chosen per call: the ``backend=`` argument, else the ``CLINKD_BACKEND`` environment
+variable, else the op's default for the tensor's device. A backend the user asked for that cannot run
+raises an error; nothing silently falls back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a declared dependency
+        return False
+    return True
+
+
+@functools.cache
+def extension():
+    """The compiled ``clinkd_kernels._C`` module, or None when it was not built."""
+    try:
+        from clinkd_kernels import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def extension_has_cuda() -> bool:
+    ext = extension()
+    return ext is not None and bool(ext.has_cuda())
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``; else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernel needs CUDA tensors, got {device.type} tensors"
+        if extension() is None:
+            return "the clinkd_kernels._C extension is not built (reinstall with a CUDA toolkit present)"
+        if not extension_has_cuda():
+            return "the clinkd_kernels._C extension was built without CUDA (reinstall with CLINKD_FORCE_CUDA=1)"
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the CPU kernel needs CPU tensors, got {device.type} tensors"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device, supported: Sequence[str],
+                    *, needs_extension_on_cpu: bool = False) -> str:
+    """Pick the backend for one call of ``op`` on ``device``.
+
+    ``supported`` lists the backends the op implements, in order of preference for the device's
+    default. ``needs_extension_on_cpu`` says the op's ``"cpu"`` backend is a C++ kernel.
+    """
+    source = "backend="
+    if requested is None:
+        env = os.environ.get("CLINKD_BACKEND") or None
+        if env is not None:
+            requested, source = env, "CLINKD_BACKEND="
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{source}{requested!r} is not a backend; choose one of {BACKENDS}")
+        if requested not in supported:
+            raise ValueError(f"{op} has no {requested!r} backend; it supports {tuple(supported)}")
+        why = _why_unavailable(requested, device)
+        if why is None and requested == "cpu" and needs_extension_on_cpu and extension() is None:
+            why = "the clinkd_kernels._C extension is not built"
+        if why is not None:
+            raise RuntimeError(f"{op}: {source}{requested!r} cannot run: {why}")
+        return requested
+
+    for candidate in supported:
+        if candidate == "torch":
+            continue
+        if candidate == "triton" and device.type == "cpu":
+            continue  # the interpreter is for tests: it runs only when asked for by name
+        if candidate == "cpu" and needs_extension_on_cpu and extension() is None:
+            continue
+        if _why_unavailable(candidate, device) is None:
+            return candidate
+    return "torch"
+
+
+def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; filled with NaN (or -1 for integers) when ``CLINKD_POISON=1``.
+
+    The test suite sets ``CLINKD_POISON=1`` so that an element a kernel forgot to write cannot pass
+    by holding a plausible leftover value.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("CLINKD_POISON", "0") == "1":
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out

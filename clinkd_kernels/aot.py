@@ -1,0 +1,143 @@
+"""Ahead-of-time compilation of Triton kernels for sm_80 / sm_90 on a machine without a GPU.
+
+Triton compiles to PTX and then to a cubin with the ``ptxas`` it ships; no device is needed for
+that. From the cubin we read what decides speed before anything runs: registers per thread, spill
+bytes, shared memory, occupancy and the matrix instructions in the SASS (HMMA on sm_80, HGMMA on
+sm_90). Every kernel issue uses this; ``python -m clinkd_kernels.report`` tabulates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+ARCHS = (80, 90)
+# Hardware limits per SM (CUDA programming guide, compute capabilities 8.0 and 9.0).
+MAX_SHARED_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
+REGS_PER_SM = 65536
+MAX_THREADS_PER_SM = 2048
+
+_TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """Triton signature string for a pointer to ``dtype`` (e.g. ``*fp16``)."""
+    return "*" + _TRITON_DTYPES[dtype]
+
+
+@dataclasses.dataclass
+class CompileReport:
+    kernel: str
+    arch: int
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    num_warps: int
+    blocks_per_sm: int
+    hmma: int
+    hgmma: int
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_bytes == 0 and self.shared_bytes <= MAX_SHARED_PER_BLOCK[self.arch]
+
+
+def _nvidia_bin(tool: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{tool} not found at {path}; this triton install ships no NVIDIA tools")
+    return path
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) as ptxas reports them for ``ptx`` on ``sm_<arch>``."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_nvidia_bin("ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True)
+    text = out.stderr + out.stdout
+    regs = max((int(m) for m in re.findall(r"Used (\d+) registers", text)), default=0)
+    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
+    return regs, spills
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_nvidia_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object], *, arch: int,
+                   num_warps: int = 4, num_stages: int = 3, config: str = "") -> CompileReport:
+    """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` and report its resources.
+
+    ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``,
+    or ``"constexpr"``); ``constexprs`` gives the value of each constexpr argument.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    base = fn
+    while not hasattr(base, "arg_names"):  # autotune / heuristics wrappers hold the JITFunction in .fn
+        base = base.fn
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    missing = [a for a in base.arg_names if a not in sig]
+    if missing:
+        raise ValueError(f"signature of {base.__name__} lacks {missing}")
+    # Pointers get the 16-byte alignment hint the JIT gives real tensors, so the vector widths (and
+    # so the register counts) are the ones a launch would compile to.
+    attrs = {(base.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    src = ASTSource(fn=base, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    sass = _sass(compiled.asm["cubin"])
+    shared = int(compiled.metadata.shared)
+    threads = num_warps * 32
+    by_regs = REGS_PER_SM // max(1, regs * threads)
+    by_threads = MAX_THREADS_PER_SM // threads
+    by_shared = MAX_SHARED_PER_BLOCK[arch] // shared if shared else by_threads
+    return CompileReport(
+        kernel=base.__name__, arch=arch, config=config or f"warps={num_warps},stages={num_stages}",
+        registers=regs, spill_bytes=spills, shared_bytes=shared, num_warps=num_warps,
+        blocks_per_sm=max(0, min(by_regs, by_threads, by_shared)),
+        hmma=len(re.findall(r"\bHMMA\.", sass)), hgmma=len(re.findall(r"\bHGMMA\.", sass)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compile configuration of a Triton kernel, as an op module lists it in ``aot_specs()``.
+
+    ``signature`` maps non-constexpr arguments to Triton types; ``constexprs`` gives constexpr values.
+    """
+
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    label: str = ""
+
+    def compile(self, arch: int) -> CompileReport:
+        return compile_kernel(self.fn, self.signature, self.constexprs, arch=arch, num_warps=self.num_warps,
+                              num_stages=self.num_stages, config=self.label)

@@ -1,0 +1,52 @@
+"""Plain PyTorch reference for the M-RoPE rotation, written the way transformers' Qwen2-VL does it.
+
+Math (DESIGN.md §3.2), for head dim D, half = D/2, sections (s_t, s_h, s_w) with s_t+s_h+s_w = half:
+
+    axis(j) = t if j < s_t, h if j < s_t + s_h, else w            (j < half; j + half uses axis(j))
+    θ_j     = position_ids[axis(j)] · inv_freq[j]                 (fp32)
+    (x_j, x_{j+half}) → (x_j cos θ_j − x_{j+half} sin θ_j,  x_{j+half} cos θ_j + x_j sin θ_j)
+
+i.e. ``x·cos + rotate_half(x)·sin`` with cos/sin of length D (the half repeated twice). The
+backward is the rotation by −θ. ``attention_scaling`` multiplies cos and sin (transformers' dynamic
+rope types use it; 1.0 for Qwen2-VL's default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section, *,
+                  attention_scaling: float = 1.0, dtype: torch.dtype = torch.float32):
+    """cos, sin of shape [*position_ids.shape[1:], D] for position_ids [3, ...] and inv_freq [D/2]."""
+    s_t, s_h, s_w = (int(s) for s in mrope_section)
+    half = inv_freq.shape[0]
+    assert s_t + s_h + s_w == half, "mrope_section must sum to D/2"
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = position_ids.to(compute).unsqueeze(-1) * inv_freq.to(compute)  # [3, ..., half]
+    axis = torch.cat([torch.full((s,), a, dtype=torch.long) for a, s in enumerate((s_t, s_h, s_w))]).to(freqs.device)
+    theta = torch.gather(freqs, 0, axis.expand(freqs.shape[1:]).unsqueeze(0)).squeeze(0)  # [..., half]
+    emb = torch.cat([theta, theta], dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_mrope_reference(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                          mrope_section, *, attention_scaling: float = 1.0):
+    """Rotate q [B,S,Hq,D] and k [B,S,Hkv,D] by position_ids [3,B,S] (or q [T,H,D] with [3,T]).
+
+    Computed in the dtype of q, except float16/bfloat16, which are computed in float32 and cast back
+    (as transformers does). Pass float64 tensors for a float64 reference.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cos, sin = mrope_cos_sin(position_ids, inv_freq, mrope_section, attention_scaling=attention_scaling,
+                             dtype=compute)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    qc, kc = q.to(compute), k.to(compute)
+    q_rot = qc * cos + rotate_half(qc) * sin
+    k_rot = kc * cos + rotate_half(kc) * sin
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)

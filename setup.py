@@ -1,0 +1,96 @@
+"""Build script for the ``clinkd_kernels._C`` extension.
+
+The C++ CPU sources are always built. The CUDA sources are added when a CUDA toolkit and a
+CUDA-enabled torch are both present. Environment variables:
+
+* ``CLINKD_FORCE_CUDA=1``   build the CUDA sources and fail the install if that is impossible.
+* ``CLINKD_NO_CUDA=1``      never build the CUDA sources.
+* ``CLINKD_CUDA_ARCHS``     compute capabilities, ``;``-separated (default ``8.0;9.0``).
+* ``CUDA_HOME``             toolkit root; otherwise ``/usr/local/cuda`` or the ``nvcc`` on PATH.
+
+Build against an installed torch with ``pip install --no-build-isolation .``
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+
+def _find_cuda_home():
+    """Toolkit root that really holds ``bin/nvcc`` and ``include/cuda_runtime.h``.
+
+    torch's own guess follows ``which nvcc``; where ``nvcc`` is a wrapper script outside the
+    toolkit that guess is wrong and linking fails with ``cannot find -lcudart``.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(root, "include", "cuda_runtime.h")
+        ):
+            return os.path.realpath(root)
+    return None
+
+
+FORCE_CUDA = os.environ.get("CLINKD_FORCE_CUDA", "0") == "1"
+NO_CUDA = os.environ.get("CLINKD_NO_CUDA", "0") == "1"
+if FORCE_CUDA and NO_CUDA:
+    sys.exit("CLINKD_FORCE_CUDA=1 and CLINKD_NO_CUDA=1 contradict each other")
+
+CUDA_HOME = None if NO_CUDA else _find_cuda_home()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it resolves CUDA_HOME at import.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+ARCHS = os.environ.get("CLINKD_CUDA_ARCHS", "8.0;9.0")
+# torch reads the arch list from here; without it, it would probe a GPU that may not exist.
+os.environ["TORCH_CUDA_ARCH_LIST"] = ARCHS
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern), recursive=True))
+
+
+def _extension():
+    cpp = _sources("**/*.cpp")
+    cu = _sources("**/*.cu")
+    cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs serially.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+
+    why_not = None
+    if NO_CUDA:
+        why_not = "CLINKD_NO_CUDA=1"
+    elif torch.version.cuda is None:
+        why_not = f"torch {torch.__version__} is a CPU-only build"
+    elif CUDA_HOME is None:
+        why_not = "no CUDA toolkit found (set CUDA_HOME)"
+    if why_not is not None:
+        if FORCE_CUDA:
+            sys.exit(f"CLINKD_FORCE_CUDA=1 but the CUDA sources cannot be built: {why_not}")
+        print(f"clinkd: building the CPU extension only ({why_not})", flush=True)
+        return CppExtension("clinkd_kernels._C", cpp, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+    print(f"clinkd: building CPU + CUDA extension, CUDA_HOME={CUDA_HOME}, archs {ARCHS}", flush=True)
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension(
+        "clinkd_kernels._C",
+        cpp + cu,
+        define_macros=[("CLINKD_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
+    )
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
