@@ -62,7 +62,7 @@ def _sources(pattern):
 def _extension():
     cpp = _sources("**/*.cpp")
     cu = _sources("**/*.cu")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++20 for torch >= 2.12)
     link_flags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs serially.
@@ -83,7 +83,7 @@ def _extension():
         return CppExtension("clinkd_kernels._C", cpp, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
     print(f"clinkd: building CPU + CUDA extension, CUDA_HOME={CUDA_HOME}, archs {ARCHS}", flush=True)
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         "clinkd_kernels._C",
         cpp + cu,

@@ -17,11 +17,14 @@ NORM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torc
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor | None = None, *,
-                 atol: float | None = None, norm_tol: float | None = None, dtype: torch.dtype | None = None) -> None:
+                 atol: float | None = None, norm_tol: float | None = None, dtype: torch.dtype | None = None,
+                 norm_floor: float = 0.0) -> None:
     """Assert ``out`` matches the float64 ``ref`` under the rule above.
 
     ``dtype`` (default ``out.dtype``) picks the norm bound and the default ``atol``
-    (1e-6 fp32, 1e-3 fp16, 1e-2 bf16).
+    (1e-6 fp32, 1e-3 fp16, 1e-2 bf16). ``norm_floor`` is a lower bound for ``||ref||`` in the norm
+    test, for quantities on a known absolute scale that may be near 0 (a probability difference such
+    as 1 - sum(p) has an absolute, not a relative, error: pass ``sqrt(numel)``).
     """
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     dtype = dtype or out.dtype
@@ -49,7 +52,7 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torc
         f"{name}: |out - ref| exceeds the allowed error at {int((err > allowed).sum())} of {err.numel()} elements; "
         f"worst: err {err[worst].item():.3e} > allowed {allowed[worst].item():.3e}")
 
-    rn = r[finite].norm()
+    rn = max(r[finite].norm().item(), norm_floor)
     if rn > 0:
         rel = (o[finite] - r[finite]).norm() / rn
-        assert rel <= norm_tol, f"{name}: relative norm error {rel.item():.3e} > {norm_tol:.1e} for {dtype}"
+        assert rel <= norm_tol, f"{name}: relative norm error {rel:.3e} > {norm_tol:.1e} for {dtype}"

@@ -1,0 +1,70 @@
+"""Public entry point of top-k pseudo-label extraction (DESIGN.md §3.5).
+
+Kernels: ``csrc/topk/topk_cpu.cpp`` (CPU, rows in parallel) and ``csrc/topk/topk_cuda.cu`` (CUDA,
+one thread block per row), both one read of the logits; they are registered with the torch
+dispatcher as ``torch.ops.clinkd.topk_pseudo_labels_ext``. The math and the handling of infinities
+are written once, in :mod:`clinkd_kernels.topk.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clinkd_kernels._dispatch import extension, resolve_backend
+from clinkd_kernels._validation import FLOAT_DTYPES, check_int, check_positive_float, check_tensor, first_rows
+from clinkd_kernels.topk.pseudo_labels import PseudoLabels
+from clinkd_kernels.topk.reference import topk_pseudo_labels_reference
+
+MAX_K = 1024
+
+if extension() is not None:
+    @torch.library.register_fake("clinkd::topk_pseudo_labels_ext")
+    def _fake(logits, k, temperature):
+        n = logits.shape[0]
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        return (logits.new_empty((n, k), dtype=torch.int32), torch.empty((n, k), **f32), torch.empty((n,), **f32),
+                torch.empty((n,), **f32), torch.empty((n,), **f32))
+
+
+def topk_pseudo_labels(logits: torch.Tensor, k: int, *, temperature: float = 1.0, backend: str | None = None,
+                       check: bool = True) -> PseudoLabels:
+    """Teacher logits [N, V] → the top-k pseudo-labels of every row, in one read of the logits.
+
+    Args:
+        logits: [N, V] float32/float16/bfloat16 teacher logits. Rows may be strided (e.g. a slice of
+            [B, S, V] viewed as [B·S, V]) as long as the vocabulary dimension has unit stride;
+            otherwise the tensor is copied once to make it so.
+        k: number of pseudo-labels per row, 1 ≤ k ≤ min(V, 1024).
+        temperature: T > 0; the distribution is softmax(logits / T). Extract at the temperature the
+            distillation will train at: the loss does not re-temper the stored log-probabilities.
+        backend: ``"cuda"`` / ``"cpu"`` (the C++ kernels) or ``"torch"`` (the reference); default by device.
+        check: raise ValueError on rows that hold NaN or are entirely −inf (costs one host sync on
+            CUDA; pass False inside captured graphs and check ``lse`` yourself).
+
+    Returns:
+        PseudoLabels(indices int32 [N,k], logprobs fp32 [N,k], lse fp32 [N], margin fp32 [N],
+        residual fp32 [N]); indices by descending probability, ties by lower id.
+    """
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    n, v = logits.shape
+    check_int("k", k, low=1, high=min(v, MAX_K))
+    temperature = check_positive_float("temperature", temperature)
+    if n > 0 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+
+    chosen = resolve_backend("topk_pseudo_labels", backend, logits.device, ("cuda", "cpu", "torch"),
+                             needs_extension_on_cpu=True)
+    if chosen == "torch":
+        result = topk_pseudo_labels_reference(logits, k, temperature=temperature, compute_dtype=torch.float32)
+    else:
+        result = PseudoLabels(*torch.ops.clinkd.topk_pseudo_labels_ext(logits, k, temperature))
+
+    if check and n > 0:
+        lse = result.lse
+        nan_rows = torch.isnan(lse)
+        if bool(nan_rows.any()):
+            raise ValueError(f"logits rows contain NaN: rows {first_rows(nan_rows)}")
+        dead_rows = torch.isneginf(lse)
+        if bool(dead_rows.any()):
+            raise ValueError(f"logits rows are entirely -inf (no distribution): rows {first_rows(dead_rows)}")
+    return result

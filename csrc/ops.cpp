@@ -1,0 +1,29 @@
+// Registers the C++/CUDA ops with the torch dispatcher (namespace "clinkd") and defines the
+// Python module clinkd_kernels._C, whose import is what loads them.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "topk/topk.h"
+
+TORCH_LIBRARY_FRAGMENT(clinkd, m) {
+  m.def(
+      "topk_pseudo_labels_ext(Tensor logits, int k, float temperature) -> "
+      "(Tensor indices, Tensor logprobs, Tensor lse, Tensor margin, Tensor residual)");
+}
+
+TORCH_LIBRARY_IMPL(clinkd, CPU, m) { m.impl("topk_pseudo_labels_ext", &clinkd::topk_pseudo_labels_cpu); }
+
+#ifdef CLINKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(clinkd, CUDA, m) { m.impl("topk_pseudo_labels_ext", &clinkd::topk_pseudo_labels_cuda); }
+#endif
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "clinkd C++/CUDA kernels (ops are registered under torch.ops.clinkd)";
+  module.def("has_cuda", [] {
+#ifdef CLINKD_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this build.");
+}

@@ -1,0 +1,173 @@
+// CPU kernel for top-k pseudo-labels: rows in parallel, one pass over each row.
+//
+// Each row is read in blocks of kBlock values. A block is converted to fp32 (y = x / T) into a small
+// buffer that stays in L1, then
+//   1. its maximum updates the running (max, sum) of an online log-sum-exp, and the block's
+//      exp(y - max) are summed with a vectorisable exp;
+//   2. it is offered to a bounded min-heap of the best kk = max(k, 2) entries. The row is scanned in
+//      id order, so an entry that only ties the heap's worst can never win (the worst has the lower
+//      id): the test is a strict y > worst, and a block whose maximum is below it is skipped whole.
+// The heap is kept for kk >= 2 so that the margin p_(1) - p_(2) exists even when k = 1.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "topk.h"
+
+namespace clinkd {
+namespace {
+
+constexpr int64_t kBlock = 1024;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 to about 2 ulp, written so that the compiler vectorises loops that call it
+// (libm's expf does not vectorise without -ffast-math). Returns 0 below -87 (and for -inf).
+inline float exp_nonpositive(float x) {
+  const float xc = x > -87.0f ? x : -87.0f;
+  const float r = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float g = (xc - r * 0.693145751953125f) - r * 1.428606765330187e-06f;  // x - r ln 2, |g| <= ln2/2
+  float p = 1.0f / 720.0f;
+  p = p * g + 1.0f / 120.0f;
+  p = p * g + 1.0f / 24.0f;
+  p = p * g + 1.0f / 6.0f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;  // 2^r, r in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+struct Entry {
+  float value;
+  int32_t index;
+};
+
+// Heap order: "a before b" when a is the better entry, so the heap's front is the worst kept one.
+inline bool better(const Entry& a, const Entry& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+template <typename scalar_t>
+void topk_rows(const scalar_t* logits, int64_t row_stride, int64_t begin, int64_t end, int64_t V, int64_t k,
+               float temperature, int32_t* indices, float* logprobs, float* lse_out, float* margin_out,
+               float* residual_out) {
+  const int64_t kk = std::min<int64_t>(std::max<int64_t>(k, 2), V);
+  std::vector<Entry> heap;
+  heap.reserve(kk);
+  alignas(64) float buf[kBlock];
+
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* x = logits + row * row_stride;
+    heap.clear();
+    float m = -kInf;  // running max of the finite values
+    double s = 0.0;   // running sum of exp(y - m)
+    int nan_seen = 0;
+    int64_t n_posinf = 0;
+
+    for (int64_t start = 0; start < V; start += kBlock) {
+      const int64_t n = std::min(kBlock, V - start);
+      float bmax = -kInf;
+      int bnan = 0;
+      int64_t bpos = 0;
+#pragma omp simd reduction(max : bmax) reduction(| : bnan) reduction(+ : bpos)
+      for (int64_t i = 0; i < n; ++i) {
+        const float y = static_cast<float>(x[start + i]) / temperature;
+        buf[i] = y;
+        bnan |= (y != y);
+        bpos += (y == kInf);
+        bmax = std::max(bmax, y < kInf ? y : -kInf);  // NaN compares false: it maps to -inf here
+      }
+      nan_seen |= bnan;
+      n_posinf += bpos;
+
+      // 1. online log-sum-exp over the finite values (+inf rows are resolved at the end).
+      if (bmax > m) {
+        s = (m == -kInf) ? 0.0 : s * std::exp(static_cast<double>(m) - bmax);
+        m = bmax;
+      }
+      if (m > -kInf) {
+        float bsum = 0.0f;
+#pragma omp simd reduction(+ : bsum)
+        for (int64_t i = 0; i < n; ++i) {
+          bsum += buf[i] < kInf ? exp_nonpositive(buf[i] - m) : 0.0f;
+        }
+        s += bsum;
+      }
+
+      // 2. bounded heap of the best kk entries.
+      int64_t i = 0;
+      for (; i < n && static_cast<int64_t>(heap.size()) < kk; ++i) {
+        const float y = buf[i] != buf[i] ? -kInf : buf[i];
+        heap.push_back({y, static_cast<int32_t>(start + i)});
+        std::push_heap(heap.begin(), heap.end(), better);
+      }
+      if (i < n && (bmax > heap.front().value || bpos > 0)) {
+        for (; i < n; ++i) {
+          if (buf[i] > heap.front().value) {
+            std::pop_heap(heap.begin(), heap.end(), better);
+            heap.back() = {buf[i], static_cast<int32_t>(start + i)};
+            std::push_heap(heap.begin(), heap.end(), better);
+          }
+        }
+      }
+    }
+
+    std::sort_heap(heap.begin(), heap.end(), better);  // best first
+    float lse = m + static_cast<float>(std::log(s));
+    if (n_posinf > 0) lse = kInf;
+    if (m == -kInf && n_posinf == 0) lse = -kInf;  // every value is -inf: no distribution
+    if (nan_seen) lse = std::numeric_limits<float>::quiet_NaN();
+    const float posinf_logprob = n_posinf > 0 ? -std::log(static_cast<float>(n_posinf)) : 0.0f;
+
+    float p_sum = 0.0f, p0 = 0.0f, p1 = 0.0f;
+    for (int64_t j = 0; j < kk; ++j) {
+      float lp;
+      if (n_posinf > 0) {
+        lp = heap[j].value == kInf ? posinf_logprob : -kInf;
+      } else {
+        lp = heap[j].value - lse;
+      }
+      const float p = std::exp(lp);
+      if (j == 0) p0 = p;
+      if (j == 1) p1 = p;
+      if (j < k) {
+        indices[row * k + j] = heap[j].index;
+        logprobs[row * k + j] = lp;
+        p_sum += p;
+      }
+    }
+    lse_out[row] = lse;
+    margin_out[row] = kk >= 2 ? p0 - p1 : p0;
+    residual_out[row] = std::max(0.0f, 1.0f - p_sum);
+  }
+}
+
+}  // namespace
+
+TopKResult topk_pseudo_labels_cpu(const at::Tensor& logits, int64_t k, double temperature) {
+  check_topk_args(logits, k, temperature);
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "topk_pseudo_labels_cpu needs a CPU tensor, got ", logits.device());
+  auto out = allocate_topk_outputs(logits, k);
+  auto& [indices, logprobs, lse, margin, residual] = out;
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_pseudo_labels_cpu", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t stride = logits.stride(0);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      topk_rows<scalar_t>(x, stride, begin, end, V, k, static_cast<float>(temperature),
+                          indices.data_ptr<int32_t>(), logprobs.data_ptr<float>(), lse.data_ptr<float>(),
+                          margin.data_ptr<float>(), residual.data_ptr<float>());
+    });
+  });
+  return out;
+}
+
+}  // namespace clinkd
