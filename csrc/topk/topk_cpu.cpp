@@ -54,6 +54,42 @@ inline bool better(const Entry& a, const Entry& b) {
   return a.value > b.value || (a.value == b.value && a.index < b.index);
 }
 
+struct BlockStats {
+  float max;       // largest finite value (-inf if none); NaN is ignored here and flagged instead
+  int nan;         // any NaN
+  int64_t posinf;  // number of +inf
+};
+
+// The two loops below are the whole arithmetic cost of a row. On x86-64 they are also compiled for
+// AVX2+FMA and the loader picks that version on CPUs that have it (the portable build is SSE2).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLINKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CLINKD_CPU_CLONES
+#endif
+
+CLINKD_CPU_CLONES BlockStats block_stats(const float* buf, int64_t n) {
+  float bmax = -kInf;
+  int bnan = 0;
+  int64_t bpos = 0;
+#pragma omp simd reduction(max : bmax) reduction(| : bnan) reduction(+ : bpos)
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = buf[i];
+    bnan |= (y != y);
+    bpos += (y == kInf);
+    bmax = std::max(bmax, y < kInf ? y : -kInf);  // NaN compares false: it maps to -inf here
+  }
+  return {bmax, bnan, bpos};
+}
+
+// sum of exp(y - m) over the values below +inf; m is finite and >= every such value.
+CLINKD_CPU_CLONES float block_exp_sum(const float* buf, int64_t n, float m) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += buf[i] < kInf ? exp_nonpositive(buf[i] - m) : 0.0f;
+  return sum;
+}
+
 template <typename scalar_t>
 void topk_rows(const scalar_t* logits, int64_t row_stride, int64_t begin, int64_t end, int64_t V, int64_t k,
                float temperature, int32_t* indices, float* logprobs, float* lse_out, float* margin_out,
@@ -73,33 +109,19 @@ void topk_rows(const scalar_t* logits, int64_t row_stride, int64_t begin, int64_
 
     for (int64_t start = 0; start < V; start += kBlock) {
       const int64_t n = std::min(kBlock, V - start);
-      float bmax = -kInf;
-      int bnan = 0;
-      int64_t bpos = 0;
-#pragma omp simd reduction(max : bmax) reduction(| : bnan) reduction(+ : bpos)
-      for (int64_t i = 0; i < n; ++i) {
-        const float y = static_cast<float>(x[start + i]) / temperature;
-        buf[i] = y;
-        bnan |= (y != y);
-        bpos += (y == kInf);
-        bmax = std::max(bmax, y < kInf ? y : -kInf);  // NaN compares false: it maps to -inf here
-      }
-      nan_seen |= bnan;
-      n_posinf += bpos;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[start + i]) / temperature;
+      const BlockStats st = block_stats(buf, n);
+      nan_seen |= st.nan;
+      n_posinf += st.posinf;
+      const float bmax = st.max;
 
       // 1. online log-sum-exp over the finite values (+inf rows are resolved at the end).
       if (bmax > m) {
         s = (m == -kInf) ? 0.0 : s * std::exp(static_cast<double>(m) - bmax);
         m = bmax;
       }
-      if (m > -kInf) {
-        float bsum = 0.0f;
-#pragma omp simd reduction(+ : bsum)
-        for (int64_t i = 0; i < n; ++i) {
-          bsum += buf[i] < kInf ? exp_nonpositive(buf[i] - m) : 0.0f;
-        }
-        s += bsum;
-      }
+      if (m > -kInf) s += block_exp_sum(buf, n, m);
 
       // 2. bounded heap of the best kk entries.
       int64_t i = 0;
@@ -108,7 +130,7 @@ void topk_rows(const scalar_t* logits, int64_t row_stride, int64_t begin, int64_
         heap.push_back({y, static_cast<int32_t>(start + i)});
         std::push_heap(heap.begin(), heap.end(), better);
       }
-      if (i < n && (bmax > heap.front().value || bpos > 0)) {
+      if (i < n && (bmax > heap.front().value || st.posinf > 0)) {
         for (; i < n; ++i) {
           if (buf[i] > heap.front().value) {
             std::pop_heap(heap.begin(), heap.end(), better);
@@ -158,7 +180,7 @@ TopKResult topk_pseudo_labels_cpu(const at::Tensor& logits, int64_t k, double te
   auto& [indices, logprobs, lse, margin, residual] = out;
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_pseudo_labels_cpu", [&] {
+  CLINKD_DISPATCH_LOGITS(logits.scalar_type(), "topk_pseudo_labels_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t stride = logits.stride(0);
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {

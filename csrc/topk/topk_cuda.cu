@@ -207,7 +207,7 @@ TopKResult topk_pseudo_labels_cuda(const at::Tensor& logits, int64_t k, double t
   int kp = 1;
   while (kp < kk) kp <<= 1;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_pseudo_labels_cuda", [&] {
+  CLINKD_DISPATCH_LOGITS(logits.scalar_type(), "topk_pseudo_labels_cuda", [&] {
     topk_pseudo_labels_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), static_cast<int>(V), static_cast<int>(k), kk, kp,
         static_cast<float>(temperature), indices.data_ptr<int32_t>(), logprobs.data_ptr<float>(),
