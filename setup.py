@@ -91,7 +91,7 @@ def _extension():
     return CUDAExtension(
         "clinkd_kernels._C",
         cpp + cu,
-        define_macros=[("CLINKD_WITH_CUDA", "1")],
+        define_macros=[("CLINKD_WITH_CUDA", "1"), ("CLINKD_CUDA_ARCHS", f'"{ARCHS}"')],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
     )

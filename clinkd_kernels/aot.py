@@ -9,9 +9,12 @@ sm_90). Every kernel issue uses this; ``python -m clinkd_kernels.report`` tabula
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -94,9 +97,14 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
     base = fn
-    while not hasattr(base, "arg_names"):  # autotune / heuristics wrappers hold the JITFunction in .fn
-        base = base.fn
+    while not isinstance(base, JITFunction):
+        if type(base).__name__ == "InterpretedFunction":
+            raise RuntimeError(f"{base.fn.__name__} was defined under TRITON_INTERPRET=1 and cannot be compiled "
+                               "in this process; use compile_module_specs(), which compiles in a fresh one")
+        base = base.fn  # autotune / heuristics wrappers hold the JITFunction in .fn
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
@@ -141,3 +149,30 @@ class KernelSpec:
     def compile(self, arch: int) -> CompileReport:
         return compile_kernel(self.fn, self.signature, self.constexprs, arch=arch, num_warps=self.num_warps,
                               num_stages=self.num_stages, config=self.label)
+
+
+def compile_module_specs(module: str, archs=ARCHS) -> list[CompileReport]:
+    """Compile every ``KernelSpec`` of ``module.aot_specs()`` for each arch and return the reports.
+
+    Runs in a fresh Python process with ``TRITON_INTERPRET=0``, so it also works from a process whose
+    kernels were defined for the interpreter (the test suite on a machine without a GPU).
+    """
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "clinkd_kernels.aot", module, *map(str, archs)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"AOT compile of {module} failed:\n{out.stderr[-4000:]}")
+    return [CompileReport(**row) for row in json.loads(out.stdout)]
+
+
+def _main(argv: list[str]) -> int:
+    module, archs = argv[0], [int(a) for a in argv[1:]] or list(ARCHS)
+    specs = importlib.import_module(module).aot_specs()
+    reports = [dataclasses.asdict(spec.compile(arch)) for spec in specs for arch in archs]
+    json.dump(reports, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -26,4 +26,11 @@ PYBIND11_MODULE(_C, module) {
     return false;
 #endif
   }, "Whether the CUDA kernels were compiled into this build.");
+  module.def("cuda_archs", [] {
+#ifdef CLINKD_WITH_CUDA
+    return std::string(CLINKD_CUDA_ARCHS);
+#else
+    return std::string();
+#endif
+  }, "The compute capabilities the CUDA kernels were compiled for (';'-separated).");
 }

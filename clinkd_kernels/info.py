@@ -1,0 +1,95 @@
+"""``python -m clinkd_kernels.info``: versions, built backends and a quick self-check of every op.
+
+Each self-check runs the op on small random inputs with every backend that can run here and
+compares it with the op's float64 reference. Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import traceback
+
+import torch
+
+from clinkd_kernels import _dispatch
+
+
+def _versions() -> list[tuple[str, str]]:
+    rows = [("python", platform.python_version()), ("torch", torch.__version__),
+            ("torch CUDA", str(torch.version.cuda))]
+    for name in ("triton", "transformers", "numpy"):
+        try:
+            module = __import__(name)
+            rows.append((name, module.__version__))
+        except ImportError:
+            rows.append((name, "not installed"))
+    return rows
+
+
+def _backends() -> list[tuple[str, str]]:
+    ext = _dispatch.extension()
+    rows = [("C++ CPU kernels", "built" if ext is not None else "NOT BUILT (pip install --no-build-isolation .)")]
+    if ext is not None and ext.has_cuda():
+        rows.append(("CUDA kernels", f"built for compute capabilities {ext.cuda_archs()}"))
+    else:
+        rows.append(("CUDA kernels", "not built"))
+    rows.append(("Triton", "available" if _dispatch.triton_available() else "not installed"))
+    if torch.cuda.is_available():
+        rows.append(("CUDA device", f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"))
+    else:
+        rows.append(("CUDA device", "none (Triton kernels run only under TRITON_INTERPRET=1)"))
+    return rows
+
+
+def _check_topk(device: str, backend: str) -> str:
+    from clinkd_kernels.topk import topk_pseudo_labels, topk_pseudo_labels_reference
+
+    logits = torch.randn(37, 5003, device=device) * 3
+    got = topk_pseudo_labels(logits, 17, temperature=0.5, backend=backend)
+    ref = topk_pseudo_labels_reference(logits, 17, temperature=0.5)
+    if not torch.equal(got.indices.cpu(), ref.indices.cpu()):
+        raise AssertionError("indices differ from the reference")
+    err = max((getattr(got, f).double().cpu() - getattr(ref, f).cpu()).abs().max().item()
+              for f in ("logprobs", "lse", "margin", "residual"))
+    if err > 1e-4:
+        raise AssertionError(f"max error {err:.2e} against the float64 reference")
+    return f"max abs error {err:.1e}"
+
+
+def _self_checks() -> list[tuple[str, str, str, str]]:
+    """(op, backend, device, result) rows."""
+    plans = [("topk_pseudo_labels", "torch", "cpu", _check_topk)]
+    if _dispatch.extension() is not None:
+        plans.append(("topk_pseudo_labels", "cpu", "cpu", _check_topk))
+    if torch.cuda.is_available() and _dispatch.extension_has_cuda():
+        plans.append(("topk_pseudo_labels", "cuda", "cuda", _check_topk))
+    rows = []
+    for op, backend, device, check in plans:
+        try:
+            rows.append((op, backend, device, "ok, " + check(device, backend)))
+        except Exception as exc:  # report every failure, then exit non-zero
+            traceback.print_exc()
+            rows.append((op, backend, device, f"FAILED: {exc}"))
+    return rows
+
+
+def _table(header: tuple[str, ...], rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print("# clinkd_kernels\n")
+    print(_table(("component", "version"), _versions()), "\n")
+    print(_table(("backend", "status"), _backends()), "\n")
+    checks = _self_checks()
+    print(_table(("op", "backend", "device", "self-check"), checks))
+    failed = [row for row in checks if row[3].startswith("FAILED")]
+    print(f"\n{len(checks) - len(failed)} of {len(checks)} self-checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
