@@ -1,0 +1,126 @@
+"""pytest-benchmark JSON → markdown tables (and optionally plots) of clinkd vs its peers.
+
+    python -m benchmarks.render results.json [more.json ...] [--out FILE.md] [--plot FILE.png]
+
+Benchmarks are grouped by their pytest-benchmark ``group`` (one op, shape and dtype on one device).
+In each group the implementation named ``clinkd`` (``extra_info["impl"]``) is compared with the
+fastest other implementation, and with the floor recorded in ``extra_info["floor_s"]``. Times are
+medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+
+def load(paths: list[str]) -> tuple[list[dict], dict]:
+    benchmarks, machine = [], {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        benchmarks += data.get("benchmarks", [])
+        machine = machine or {**data.get("machine_info", {}), **data.get("commit_info", {})}
+    return benchmarks, machine
+
+
+def _fmt_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def rows(benchmarks: list[dict]) -> list[dict]:
+    """One row per group: ours, best peer, ratio, floor, ours/floor (None where unknown)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for b in benchmarks:
+        groups[b.get("group") or b["name"]].append(b)
+    out = []
+    for group, members in sorted(groups.items()):
+        by_impl = {m["extra_info"].get("impl", m["name"]): m for m in members}
+        ours = by_impl.get("clinkd")
+        peers = {k: v for k, v in by_impl.items() if k != "clinkd"}
+        best_name, best = min(peers.items(), key=lambda kv: kv[1]["stats"]["median"]) if peers else (None, None)
+        t_ours = ours["stats"]["median"] if ours else None
+        t_peer = best["stats"]["median"] if best else None
+        floor = (ours or best or {}).get("extra_info", {}).get("floor_s")
+        out.append({
+            "group": group, "ours": t_ours, "peer": best_name, "peer_time": t_peer,
+            "speedup": (t_peer / t_ours) if t_ours and t_peer else None, "floor": floor,
+            "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
+            "extra": {k: v for k, v in (ours or {}).get("extra_info", {}).items() if k not in ("impl", "floor_s")},
+        })
+    return out
+
+
+def markdown(benchmarks: list[dict], machine: dict) -> str:
+    header = ("| benchmark | ours | best peer | peer time | peer/ours | floor | ours/floor |\n"
+              "|---|---|---|---|---|---|---|")
+    lines = []
+    for r in rows(benchmarks):
+        def cell(v, fmt):
+            return "—" if v is None else fmt(v)
+        lines.append(f"| {r['group']} | {cell(r['ours'], _fmt_time)} | {r['peer'] or '—'} | "
+                     f"{cell(r['peer_time'], _fmt_time)} | {cell(r['speedup'], lambda v: f'{v:.2f}×')} | "
+                     f"{cell(r['floor'], _fmt_time)} | {cell(r['ours_over_floor'], lambda v: f'{v:.1f}×')} |")
+    cpu = machine.get("cpu", {}).get("brand_raw", "") if isinstance(machine.get("cpu"), dict) else ""
+    head = f"Machine: {machine.get('node', '?')} {cpu}; commit {machine.get('id', '?')[:12]}"
+    return head + "\n\n" + header + "\n" + "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot(benchmarks: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [r for r in rows(benchmarks) if r["speedup"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(data) + 1.5))
+    ax.barh([r["group"] for r in data], [r["speedup"] for r in data])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("speed-up of clinkd over the fastest peer (×)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("--out", help="write the markdown here (atomically) instead of stdout")
+    parser.add_argument("--plot", help="also write a PNG bar chart of the speed-ups (needs matplotlib)")
+    args = parser.parse_args(argv)
+    for path in args.json:
+        if not os.path.isfile(path):
+            parser.error(f"json: no such file {path!r}")
+    benchmarks, machine = load(args.json)
+    text = markdown(benchmarks, machine)
+    if args.out:
+        write_atomic(args.out, text)
+    else:
+        sys.stdout.write(text)
+    if args.plot:
+        plot(benchmarks, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
