@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import defaultdict
+
+from clinkd_kernels._io import write_text_atomic
 
 
 def load(paths: list[str]) -> tuple[list[dict], dict]:
@@ -73,20 +74,6 @@ def markdown(benchmarks: list[dict], machine: dict) -> str:
     return head + "\n\n" + header + "\n" + "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot(benchmarks: list[dict], path: str) -> None:
     import matplotlib
 
@@ -114,7 +101,7 @@ def main(argv=None) -> int:
     benchmarks, machine = load(args.json)
     text = markdown(benchmarks, machine)
     if args.out:
-        write_atomic(args.out, text)
+        write_text_atomic(args.out, text)
     else:
         sys.stdout.write(text)
     if args.plot:
