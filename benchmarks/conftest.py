@@ -7,7 +7,8 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CLINKD_BENCH_DEVICES=cuda (as the GPU check sets it) skips the CPU cases on a GPU machine.
+DEVICES = os.environ.get("CLINKD_BENCH_DEVICES", "cpu,cuda" if torch.cuda.is_available() else "cpu").split(",")
 
 
 def sync(device: str) -> None:
