@@ -1,7 +1,8 @@
 """MCG-RoPE indices and the M-RoPE rotation against transformers' Qwen2-VL code.
 
-Indices (CPU): ``mcg_rope_index`` vs ``Qwen2VLModel.get_rope_index`` (a Python loop over each row's
-tokens) at B=8, S=2048, one 448x448 image per row (grid (1, 32, 32) → 256 tokens after the 2x2 merge).
+Indices: ``mcg_rope_index`` vs ``Qwen2VLModel.get_rope_index`` (a Python loop over each row's tokens)
+at B=8, S=2048, one 448x448 image per row (grid (1, 32, 32) → 256 tokens after the 2x2 merge); on CPU
+(NumPy path) and, with a GPU, on CUDA tensors (on-device path, one host sync).
 No floor: the work is a few integer passes over 16k tokens, far below any bandwidth limit; the
 figure of merit is the ratio to transformers.
 
@@ -61,20 +62,26 @@ def _index_batch(B=8, S=2048, padded=False):
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-pad", "left-pad"])
 @pytest.mark.parametrize("impl", ["clinkd", "clinkd-gap2", "transformers"])
-def test_rope_index_cpu(benchmark, impl, padded):
-    ids, mask, grid = _index_batch(padded=padded)
-    benchmark.group = f"mcg_rope_index cpu B=8 S=2048 1 image/row {'left-pad' if padded else 'no-pad'}"
-    benchmark.extra_info.update(op="mcg_rope_index", impl=impl, device="cpu", shape="B=8,S=2048,grid=(1,32,32)")
+def test_rope_index(benchmark, device, impl, padded):
+    ids, mask, grid = (None if t is None else t.to(device) for t in _index_batch(padded=padded))
+    pad = "left-pad" if padded else "no-pad"
+    benchmark.group = f"mcg_rope_index {device} B=8 S=2048 1 image/row {pad}"
+    benchmark.extra_info.update(op="mcg_rope_index", impl=impl, device=device, shape="B=8,S=2048,grid=(1,32,32)")
     if impl == "transformers":
         model = _hf_model()
         types = (ids == IMG).int()        # the processor's mm_token_type_ids, not timed
-        run = functools.partial(model.get_rope_index, ids, types, image_grid_thw=grid, attention_mask=mask)
+        fn = functools.partial(model.get_rope_index, ids, types, image_grid_thw=grid, attention_mask=mask)
         rounds = 30
     else:
         gap = 2 if impl == "clinkd-gap2" else 1
-        run = functools.partial(mcg_rope_index, ids, image_grid_thw=grid, attention_mask=mask, image_token_id=IMG,
-                                video_token_id=VID, vision_start_token_id=VS, modality_gap=gap)
+        fn = functools.partial(mcg_rope_index, ids, image_grid_thw=grid, attention_mask=mask, image_token_id=IMG,
+                               video_token_id=VID, vision_start_token_id=VS, modality_gap=gap)
         rounds = 300
+
+    def run():
+        fn()
+        sync(device)
+
     with torch.no_grad():
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=5)
 

@@ -1,0 +1,178 @@
+"""MCG-RoPE position indices (DESIGN.md §3.1): public entry points.
+
+    mcg_rope_index(input_ids [B,S], ...)        → position_ids [3,B,S] (rows t, h, w), rope_deltas [B,1]
+    mrope_decode_position_ids(cache_position, rope_deltas [B,1]) → position_ids [3,B,S_new]
+
+The unpadded tokens of a row are segments: text runs, and vision runs (the consecutive placeholder
+tokens of one image/video, t·(h/m)·(w/m) of them, m = spatial_merge_size). With r the index of a
+token inside its segment and b the segment's base:
+
+    text token   → (b + r, b + r, b + r)
+    vision token → (b + ti, b + hi·α, b + wi·α),   r = (ti·H + hi)·W + wi,  H = h/m, W = w/m
+    b_0 = 0,  b_{s+1} = (largest position so far) + λ = b_s + extent_s + λ
+
+λ = modality_gap, α = vision_stride; λ = α = 1 is stock Qwen2-VL M-RoPE. Rows are independent.
+Videos follow the same rule with ti the frame index (Qwen2-VL; Qwen2.5-VL's scaling of t by
+seconds per grid is not applied). The segment after a video starts at the video's largest position
++ λ, as Qwen2-VL was trained (transformers 4.x); transformers 5.x restarts at base + max(H, W), which
+differs only for videos with more frames than max(H, W).
+
+Two vectorised implementations, chosen by device: CPU tensors go to NumPy on the host
+(index_host.py: per-op overhead is what costs at these sizes, and NumPy's is lower); CUDA tensors
+stay on the device (index_device.py, one host sync for the checks). The per-row loop in
+reference.py is the spec both are tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._validation import check_int, check_shape, check_tensor
+from .index_device import mcg_rope_index_device
+from .index_host import mcg_rope_index_host
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _host_array(x: torch.Tensor | None) -> np.ndarray | None:
+    return None if x is None else x.detach().cpu().numpy().astype(np.int64, copy=False)
+
+
+def mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id: int,
+                        video_token_id: int, vision_start_token_id: int | None, spatial_merge_size: int,
+                        modality_gap: int, vision_stride: int, pad_position: int):
+    """Dispatch by device: CPU → NumPy host path, otherwise the on-device tensor path."""
+    if input_ids.device.type == "cpu":
+        mask = None if attention_mask is None else attention_mask.numpy() != 0
+        pos, deltas = mcg_rope_index_host(input_ids.numpy(), _host_array(image_grid_thw),
+                                          _host_array(video_grid_thw), mask, image_token_id, video_token_id,
+                                          vision_start_token_id, spatial_merge_size, modality_gap, vision_stride,
+                                          pad_position)
+        return torch.from_numpy(pos), torch.from_numpy(deltas)
+    return mcg_rope_index_device(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
+                                 video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
+                                 vision_stride, pad_position)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public op
+
+
+@torch.library.custom_op("clinkd::mcg_rope_index", mutates_args=())
+def _mcg_rope_index_op(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                       video_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                       image_token_id: int, video_token_id: int, vision_start_token_id: int | None,
+                       spatial_merge_size: int, modality_gap: int, vision_stride: int,
+                       pad_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
+                               video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
+                               vision_stride, pad_position)
+
+
+@_mcg_rope_index_op.register_fake
+def _(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
+      vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position):
+    B, S = input_ids.shape
+    return (input_ids.new_empty((3, B, S), dtype=torch.long), input_ids.new_empty((B, 1), dtype=torch.long))
+
+
+def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | None = None,
+                   video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                   image_token_id: int, video_token_id: int, vision_start_token_id: int | None = None,
+                   spatial_merge_size: int = 2, modality_gap: int = 2, vision_stride: int = 1,
+                   pad_position: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """MCG-RoPE 3-D position ids for a batch of multimodal token sequences.
+
+    Args:
+        input_ids: [B, S] int64/int32 token ids.
+        image_grid_thw: [N_img, 3] (t, h, w) patch grids of the images, in batch order (as the
+            Qwen2-VL processor returns them); h, w before the m×m merge.
+        video_grid_thw: [N_vid, 3] likewise for videos (t frames after temporal patching).
+        attention_mask: [B, S], nonzero = token, 0 = padding (left, right or anywhere).
+        image_token_id, video_token_id: placeholder ids; a run of consecutive placeholders is one
+            image/video.
+        vision_start_token_id: if given, every vision run must follow this token (ValueError if not).
+        spatial_merge_size: m; a run has t·(h/m)·(w/m) tokens.
+        modality_gap: λ ≥ 1; a segment starts at (largest position so far) + λ. 1 = stock Qwen2-VL,
+            2 = ClinKD's released setting.
+        vision_stride: α ≥ 1; spacing of the h and w positions inside a vision run.
+        pad_position: value written at padding positions (DESIGN.md: 1; transformers 5.x writes 0).
+
+    Returns:
+        position_ids [3, B, S] int64 (rows t, h, w) and rope_deltas [B, 1] int64
+        (largest position + 1 − number of unpadded tokens; 0 for a row without tokens).
+
+    Raises ValueError naming the row and counts when runs and grids disagree, or when a grid's h/w is
+    not a multiple of ``spatial_merge_size``. Rows are independent (any batch size).
+    """
+    check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
+    B, S = input_ids.shape
+    if S == 0:
+        raise ValueError(f"input_ids must have at least one column, got shape {list(input_ids.shape)}")
+    for name, grid in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
+        if grid is not None:
+            check_tensor(name, grid, ndim=2, dtypes=_INT_DTYPES)
+            check_shape(name, grid, (None, 3))
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=2, dtypes=_INT_DTYPES + (torch.bool,))
+        check_shape("attention_mask", attention_mask, (B, S))
+        if attention_mask.device != input_ids.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+    ints = (image_token_id, video_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position)
+    if not all(type(v) is int for v in ints) or min(spatial_merge_size, modality_gap, vision_stride) < 1:
+        check_int("image_token_id", image_token_id)     # the slow path, for the error message
+        check_int("video_token_id", video_token_id)
+        check_int("spatial_merge_size", spatial_merge_size, low=1)
+        check_int("modality_gap", modality_gap, low=1)
+        check_int("vision_stride", vision_stride, low=1)
+        check_int("pad_position", pad_position)
+    if image_token_id == video_token_id:
+        raise ValueError(f"image_token_id and video_token_id must differ, both are {image_token_id}")
+    if vision_start_token_id is not None:
+        check_int("vision_start_token_id", vision_start_token_id)
+        if vision_start_token_id in (image_token_id, video_token_id):
+            raise ValueError(f"vision_start_token_id={vision_start_token_id} equals a placeholder id")
+    if input_ids.device.type == "cpu":
+        input_ids = input_ids.contiguous()
+        if attention_mask is not None:
+            attention_mask = attention_mask.contiguous()
+    if B == 0:
+        return input_ids.new_zeros((3, 0, S), dtype=torch.long), input_ids.new_zeros((0, 1), dtype=torch.long)
+    # The custom op is what torch.compile sees; eager calls skip its dispatch (~10 µs, a tenth of the op).
+    call = _mcg_rope_index_op if torch.compiler.is_compiling() else mcg_rope_index_impl
+    return call(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
+                vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position)
+
+
+def mrope_decode_position_ids(cache_position, rope_deltas: torch.Tensor, *, num_tokens: int = 1) -> torch.Tensor:
+    """Position ids for tokens appended after a prefill, as transformers' Qwen2-VL does while decoding.
+
+        position_ids[:, b, i] = cache_position[i] + rope_deltas[b]      (same value on rows t, h, w)
+
+    Args:
+        cache_position: an int (the index of the first new token; ``num_tokens`` consecutive tokens
+            follow), or an integer tensor [S_new] (shared by the batch) or [B, S_new].
+        rope_deltas: [B, 1] (or [B]) from ``mcg_rope_index``.
+    Returns:
+        position_ids [3, B, S_new] int64 on rope_deltas' device.
+
+    Note: cache_position counts padded slots, so a left-padded row's new tokens sit n_pad beyond its
+    largest prefill position + 1; transformers behaves the same way.
+    """
+    check_tensor("rope_deltas", rope_deltas, ndim=(1, 2), dtypes=_INT_DTYPES)
+    if rope_deltas.dim() == 2:
+        check_shape("rope_deltas", rope_deltas, (None, 1))
+    B = rope_deltas.shape[0]
+    deltas = rope_deltas.reshape(B, 1).long()
+    if isinstance(cache_position, torch.Tensor):
+        check_tensor("cache_position", cache_position, ndim=(1, 2), dtypes=_INT_DTYPES)
+        if cache_position.dim() == 2:
+            check_shape("cache_position", cache_position, (B, None))
+        pos = cache_position.to(device=deltas.device, dtype=torch.long)
+    else:
+        check_int("cache_position", cache_position, low=0)
+        check_int("num_tokens", num_tokens, low=1)
+        pos = torch.arange(cache_position, cache_position + num_tokens, device=deltas.device)
+    pos = pos.expand(B, -1) + deltas
+    return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
