@@ -57,13 +57,52 @@ def _check_topk(device: str, backend: str) -> str:
     return f"max abs error {err:.1e}"
 
 
+def _check_rope_index(device: str, backend: str) -> str:
+    from clinkd_kernels.rope import mcg_rope_index
+    from clinkd_kernels.rope.reference import mcg_rope_index_reference
+
+    img, start = 9, 8  # placeholder and vision-start ids
+    rows = [[1, 2, start] + [img] * 4 + [3, 4, 5], [0, 0, 6, start] + [img] * 4 + [7, 5]]
+    ids = torch.tensor(rows, device=device)
+    mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8], device=device)
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4]], device=device)
+    kw = dict(image_grid_thw=grids, attention_mask=mask, image_token_id=img, video_token_id=99,
+              vision_start_token_id=start, modality_gap=2)
+    pos, deltas = mcg_rope_index(ids, **kw)
+    ref_pos, ref_deltas = mcg_rope_index_reference(ids.cpu(), **{k: v.cpu() if torch.is_tensor(v) else v
+                                                                  for k, v in kw.items()})
+    if not (torch.equal(pos.cpu(), ref_pos) and torch.equal(deltas.cpu(), ref_deltas)):
+        raise AssertionError("positions differ from the reference")
+    return "exact"
+
+
+def _check_apply_mrope(device: str, backend: str) -> str:
+    from clinkd_kernels.rope import apply_mrope
+    from clinkd_kernels.rope.reference import apply_mrope_reference_exact
+
+    q, k = torch.randn(2, 37, 6, 64, device=device), torch.randn(2, 37, 2, 64, device=device)
+    pos = torch.randint(0, 5000, (3, 2, 37), device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, device=device).float() / 64))
+    got = apply_mrope(q, k, pos, inv_freq, (8, 12, 12), backend=backend)
+    ref = apply_mrope_reference_exact(q, k, pos, inv_freq, (8, 12, 12))
+    err = max((g.double() - r).abs().max().item() for g, r in zip(got, ref))
+    if err > 1e-4:
+        raise AssertionError(f"max error {err:.2e} against the float64 reference")
+    return f"max abs error {err:.1e}"
+
+
 def _self_checks() -> list[tuple[str, str, str, str]]:
     """(op, backend, device, result) rows."""
-    plans = [("topk_pseudo_labels", "torch", "cpu", _check_topk)]
+    plans = [("topk_pseudo_labels", "torch", "cpu", _check_topk),
+             ("mcg_rope_index", "default", "cpu", _check_rope_index),
+             ("apply_mrope", "cpu", "cpu", _check_apply_mrope)]
     if _dispatch.extension() is not None:
         plans.append(("topk_pseudo_labels", "cpu", "cpu", _check_topk))
-    if torch.cuda.is_available() and _dispatch.extension_has_cuda():
-        plans.append(("topk_pseudo_labels", "cuda", "cuda", _check_topk))
+    if torch.cuda.is_available():
+        plans += [("mcg_rope_index", "default", "cuda", _check_rope_index),
+                  ("apply_mrope", "triton", "cuda", _check_apply_mrope)]
+        if _dispatch.extension_has_cuda():
+            plans.append(("topk_pseudo_labels", "cuda", "cuda", _check_topk))
     rows = []
     for op, backend, device, check in plans:
         try:
