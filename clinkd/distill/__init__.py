@@ -1,0 +1,12 @@
+"""Pseudo-label distillation data: the teacher's top-k pseudo-labels, computed once and stored.
+
+* ``store``: ``PseudoLabelWriter`` / ``PseudoLabelStore`` (sharded safetensors + JSON manifest,
+  atomic writes, resume, checksums verified on read, metadata checked against the run).
+* ``cache``: ``cache_pseudo_labels`` (run a teacher over a data set into a store), ``teacher_pseudo_labels``.
+"""
+
+from .cache import cache_pseudo_labels, rows_per_sample, split_rows, teacher_pseudo_labels, write_store
+from .store import PseudoLabelStore, PseudoLabelWriter, StoreError, StoreMeta
+
+__all__ = ["PseudoLabelStore", "PseudoLabelWriter", "StoreError", "StoreMeta", "cache_pseudo_labels",
+           "rows_per_sample", "split_rows", "teacher_pseudo_labels", "write_store"]

@@ -1,0 +1,391 @@
+"""Run configuration: YAML (or a dict) → checked dataclasses, with presets and ``--set`` overrides.
+
+Schema (every key optional unless marked; unknown keys are errors):
+
+    preset: NAME                      # start from a registered preset; the keys below override it
+    output_dir: runs/x                # required (a preset may give it)
+    seed: 42
+    processor:                        # one of:
+      from_pretrained: PATH           #   AutoProcessor folder or hub id (default: the student's path)
+      offline: {vocab_size: 512, patch_size: 14, merge_size: 2, temporal_patch_size: 2,
+                min_pixels: 3136, max_pixels: 12845056}     # trained on the training texts, no downloads
+    models:
+      student:                        # required; one of from_pretrained / config
+        from_pretrained: PATH
+        config: {...}                 # Qwen2VLConfig fields (text_config, vision_config, ...); random init.
+                                      # Missing vocab_size / special token ids come from the tokenizer.
+        dtype: float32 | bfloat16 | float16
+        patch: {mcg_rope: {modality_gap: 2, vision_stride: 1} | null, attention: true, loss: true,
+                backend: null} | false
+        id: NAME                      # how the store names the model (default: the path, or a config hash)
+      teacher: {same keys}            # required by kd stages; patch defaults to false
+    data:
+      train: FILE.json|.jsonl         # required
+      root: FOLDER                    # images (default: the train file's folder)
+      max_length: 2048
+      packing: false                  # pack each batch's samples into one row
+      pad_to_multiple_of: null
+    training: {TrainingArguments fields}       # defaults for every stage
+    stages:                           # run in order (default: one sft stage)
+      - name: kd                      # unique; the stage's folder under output_dir
+        type: kd                      # kd | sft
+        teacher: store                # store (pseudo-labels cached first) | online
+        store: PATH                   # default output_dir/pseudo_labels
+        topk: 64                      # null = dense teacher (online only)
+        temperature: 0.5
+        alpha: 0.5
+        beta: 1.0
+        t2_scale: false
+        curriculum: {start_fraction: 0.5, warmup_steps: 100} | null
+        cache_batch_size: 4
+        shard_size: 256
+        training: {TrainingArguments fields}   # this stage's overrides
+      - {name: sft, type: sft, training: {...}}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .curriculum import MarginCurriculum
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_FORCED_ARGS = ("output_dir", "remove_unused_columns", "label_names", "resume_from_checkpoint")
+
+
+def _keys(where: str, value: Any, allowed: tuple[str, ...]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _number(where: str, value, *, low: float | None = None, high: float | None = None, integer: bool = False,
+            low_open: bool = False):
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{where} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where} must be <= {high}, got {value!r}")
+    return value
+
+
+def _bool(where: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _training_args(where: str, value) -> dict:
+    from transformers import TrainingArguments
+
+    names = tuple(f.name for f in dataclasses.fields(TrainingArguments))
+    value = _keys(where, value, names)
+    forced = sorted(set(value) & set(_FORCED_ARGS))
+    if forced:
+        raise ConfigError(f"{where}: {', '.join(forced)} are set by clinkd (output_dir per stage, "
+                          "resume with clinkd train --resume)")
+    return dict(value)
+
+
+@dataclass
+class ModelSpec:
+    """A model: ``from_pretrained`` path/id, or ``config`` (a Qwen2VLConfig dict, random init)."""
+
+    from_pretrained: str | None = None
+    config: dict | None = None
+    dtype: str = "float32"
+    patch: dict | None = None
+    id: str | None = None
+
+    @classmethod
+    def parse(cls, where: str, value, *, default_patch) -> "ModelSpec":
+        value = _keys(where, value, ("from_pretrained", "config", "dtype", "patch", "id"))
+        spec = cls(**value)
+        if (spec.from_pretrained is None) == (spec.config is None):
+            raise ConfigError(f"{where} needs exactly one of from_pretrained (a path or hub id) or config "
+                              "(a Qwen2VLConfig mapping for random init)")
+        if spec.from_pretrained is not None and not isinstance(spec.from_pretrained, str):
+            raise ConfigError(f"{where}.from_pretrained must be a string")
+        if spec.config is not None and not isinstance(spec.config, dict):
+            raise ConfigError(f"{where}.config must be a mapping of Qwen2VLConfig fields")
+        if spec.dtype not in _DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {', '.join(_DTYPES)}, got {spec.dtype!r}")
+        patch = default_patch if "patch" not in value else value["patch"]
+        if patch is False or patch is None:
+            spec.patch = None
+        else:
+            patch = dict(_keys(f"{where}.patch", patch, ("mcg_rope", "attention", "loss", "backend")))
+            for key in ("attention", "loss"):
+                if key in patch:
+                    _bool(f"{where}.patch.{key}", patch[key])
+            if patch.get("mcg_rope") is not None and patch.get("mcg_rope") is not True:
+                _keys(f"{where}.patch.mcg_rope", patch["mcg_rope"], ("modality_gap", "vision_stride"))
+            spec.patch = patch
+        return spec
+
+    def model_id(self) -> str:
+        if self.id:
+            return str(self.id)
+        if self.from_pretrained:
+            return self.from_pretrained
+        import hashlib
+        import json
+
+        return "config:" + hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DataSpec:
+    train: str
+    root: str | None = None
+    max_length: int = 2048
+    packing: bool = False
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def parse(cls, where: str, value) -> "DataSpec":
+        value = _keys(where, value, ("train", "root", "max_length", "packing", "pad_to_multiple_of"))
+        if not isinstance(value.get("train"), str):
+            raise ConfigError(f"{where}.train (the training data file) is required")
+        spec = cls(**value)
+        _number(f"{where}.max_length", spec.max_length, low=8, integer=True)
+        _bool(f"{where}.packing", spec.packing)
+        if spec.pad_to_multiple_of is not None:
+            _number(f"{where}.pad_to_multiple_of", spec.pad_to_multiple_of, low=1, integer=True)
+        return spec
+
+
+@dataclass
+class StageSpec:
+    name: str
+    type: str
+    teacher: str = "store"
+    store: str | None = None
+    topk: int | None = 64
+    temperature: float = 0.5
+    alpha: float = 0.5
+    beta: float = 1.0
+    t2_scale: bool = False
+    curriculum: MarginCurriculum | None = field(default_factory=MarginCurriculum)
+    cache_batch_size: int = 4
+    shard_size: int = 256
+    training: dict = field(default_factory=dict)
+
+    KD_KEYS = ("teacher", "store", "topk", "temperature", "alpha", "beta", "t2_scale", "curriculum",
+               "cache_batch_size", "shard_size")
+
+    @classmethod
+    def parse(cls, where: str, value) -> "StageSpec":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping with name and type")
+        kind = value.get("type")
+        if kind not in ("kd", "sft"):
+            raise ConfigError(f"{where}.type must be 'kd' or 'sft', got {kind!r}")
+        allowed = ("name", "type", "training") + (cls.KD_KEYS if kind == "kd" else ())
+        value = dict(_keys(where, value, allowed))
+        name = value.get("name", kind)
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"{where}.name must be a plain folder name, got {name!r}")
+        value["name"] = name
+        value["training"] = _training_args(f"{where}.training", value.get("training"))
+        if "curriculum" in value and value["curriculum"] is not None:
+            curriculum = _keys(f"{where}.curriculum", value["curriculum"], ("start_fraction", "warmup_steps"))
+            try:
+                value["curriculum"] = MarginCurriculum(**curriculum)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e}") from None
+        spec = cls(**value)
+        if kind == "kd":
+            if spec.teacher not in ("store", "online"):
+                raise ConfigError(f"{where}.teacher must be 'store' or 'online', got {spec.teacher!r}")
+            if spec.topk is None:  # dense teacher (margins from its full distribution)
+                if spec.teacher == "store":
+                    raise ConfigError(f"{where}.topk must be an integer for teacher: store (a dense teacher needs "
+                                      "teacher: online)")
+            else:
+                _number(f"{where}.topk", spec.topk, low=1, high=1024, integer=True)
+            _number(f"{where}.temperature", spec.temperature, low=0, low_open=True)
+            _number(f"{where}.alpha", spec.alpha, low=0)
+            _number(f"{where}.beta", spec.beta, low=0)
+            if spec.alpha + spec.beta <= 0:
+                raise ConfigError(f"{where}: alpha + beta must be > 0")
+            _bool(f"{where}.t2_scale", spec.t2_scale)
+            _number(f"{where}.cache_batch_size", spec.cache_batch_size, low=1, integer=True)
+            _number(f"{where}.shard_size", spec.shard_size, low=1, integer=True)
+        return spec
+
+
+@dataclass
+class RunConfig:
+    output_dir: str
+    models: dict[str, ModelSpec]
+    data: DataSpec
+    stages: list[StageSpec]
+    processor: dict
+    training: dict
+    seed: int = 42
+    preset: str | None = None
+    source: dict = field(default_factory=dict)  # the merged mapping this was parsed from
+
+    @property
+    def student(self) -> ModelSpec:
+        return self.models["student"]
+
+    @property
+    def teacher(self) -> ModelSpec | None:
+        return self.models.get("teacher")
+
+    def stage_args(self, stage: StageSpec) -> dict:
+        """TrainingArguments keywords of a stage: run defaults, then the stage's overrides."""
+        return {**self.training, **stage.training}
+
+    def store_path(self, stage: StageSpec) -> Path:
+        return Path(stage.store) if stage.store else Path(self.output_dir) / "pseudo_labels"
+
+
+# ---------------------------------------------------------------------------------------------
+# mapping → RunConfig
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key (recursively); anything else in ``override`` (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(mapping: dict, overrides: list[str]) -> dict:
+    """``key.path=value`` strings (value parsed as YAML) applied on a copy of ``mapping``."""
+    import yaml
+
+    out = copy.deepcopy(mapping)
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = yaml.safe_load(text)
+    return out
+
+
+TOP_KEYS = ("preset", "output_dir", "seed", "processor", "models", "data", "training", "stages")
+
+
+def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) -> RunConfig:
+    """Merge the preset (if any) under ``mapping``, check everything, resolve relative paths against
+    ``base_dir`` (the YAML file's folder). ConfigError names the first bad key."""
+    from .presets import get_preset
+
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(mapping).__name__}")
+    _keys("config", mapping, TOP_KEYS)
+    preset = mapping.get("preset")
+    if preset is not None:
+        mapping = deep_merge(get_preset(preset), {k: v for k, v in mapping.items() if k != "preset"})
+        mapping["preset"] = preset
+    _keys("config", mapping, TOP_KEYS)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+
+    def resolve(p):
+        return None if p is None else str(p if os.path.isabs(os.path.expanduser(p)) else base / p)
+
+    output_dir = mapping.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError("config.output_dir (where stages, checkpoints and the store go) is required")
+    seed = _number("config.seed", mapping.get("seed", 42), integer=True)
+
+    models = _keys("config.models", mapping.get("models"), ("student", "teacher"))
+    if "student" not in models:
+        raise ConfigError("config.models.student is required")
+    specs = {"student": ModelSpec.parse("config.models.student", models["student"],
+                                        default_patch={})}
+    if models.get("teacher") is not None:
+        specs["teacher"] = ModelSpec.parse("config.models.teacher", models["teacher"], default_patch=False)
+    for spec in specs.values():
+        if spec.from_pretrained and os.path.exists(resolve(spec.from_pretrained)):
+            spec.from_pretrained = resolve(spec.from_pretrained)
+
+    data = DataSpec.parse("config.data", mapping.get("data"))
+    data.train = resolve(data.train)
+    data.root = resolve(data.root) if data.root else str(Path(data.train).parent)
+
+    processor = _keys("config.processor", mapping.get("processor"), ("from_pretrained", "offline"))
+    if len(processor) > 1:
+        raise ConfigError("config.processor takes one of from_pretrained or offline")
+    if "offline" in processor:
+        _keys("config.processor.offline", processor["offline"] or {},
+              ("vocab_size", "min_frequency", "patch_size", "merge_size", "temporal_patch_size", "min_pixels",
+               "max_pixels"))
+    elif "from_pretrained" in processor:
+        if os.path.exists(resolve(processor["from_pretrained"])):
+            processor = {"from_pretrained": resolve(processor["from_pretrained"])}
+    elif specs["student"].from_pretrained is None:
+        raise ConfigError("config.processor is required when the student is built from a config "
+                          "(processor.from_pretrained: PATH, or processor.offline: {...})")
+
+    training = _training_args("config.training", mapping.get("training"))
+    raw_stages = mapping.get("stages", [{"name": "sft", "type": "sft"}])
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise ConfigError("config.stages must be a non-empty list of stages")
+    stages = [StageSpec.parse(f"config.stages[{i}]", s) for i, s in enumerate(raw_stages)]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.stages: stage names must be unique, got {names}")
+    for i, stage in enumerate(stages):
+        if stage.type == "kd" and "teacher" not in specs:
+            raise ConfigError(f"config.stages[{i}] ({stage.name}) is a kd stage: config.models.teacher is required")
+        if stage.store:
+            stage.store = resolve(stage.store)
+    return RunConfig(output_dir=resolve(output_dir), models=specs, data=data, stages=stages, processor=processor,
+                     training=training, seed=seed, preset=preset, source=mapping)
+
+
+def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
+    """A run config from a YAML file and/or a preset name, with ``key.path=value`` overrides."""
+    import yaml
+
+    mapping, base = {}, None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{path}: a run config must be a YAML mapping")
+        base = path.parent
+    if preset is not None:
+        mapping = dict(mapping, preset=preset)
+    mapping = apply_overrides(mapping, overrides or [])
+    return parse_config(mapping, base_dir=base)

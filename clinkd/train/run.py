@@ -1,0 +1,294 @@
+"""From a RunConfig to trained stages: everything is checked first, then the stages run in order.
+
+    config = load_config("run.yaml")          # or load_config(preset="tiny", overrides=[...])
+    prepared = prepare_run(config)            # processor, data (every record checked), model configs
+    result = run_training(config)             # KD stage(s) and SFT stage(s), resumable
+
+Folder layout under ``output_dir``:
+
+    processor/                    an offline processor (built once, reused on resume)
+    pseudo_labels/                the store of a kd stage with teacher: store (default place)
+    <stage>/checkpoint-N/         Trainer checkpoints (resume continues from the last one)
+    <stage>/final/                the student after the stage (from_pretrained-able, with the processor)
+    <stage>/stage.json            written when the stage is complete (its log history)
+
+``run_training(resume=True)`` skips complete stages (loading the student from their ``final``) and
+resumes the interrupted one from its last checkpoint; with ``resume=False`` an output folder that
+already holds stages is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.collate import Qwen2VLCollator
+from ..data.dataset import ClinKDDataset, build_dataset
+from ..data.offline_processor import (build_offline_processor, load_processor, special_token_ids,
+                                      tokenizer_fingerprint)
+from ..data.records import load_records
+from ..distill.store import PseudoLabelStore, StoreMeta, _check_meta, _read_manifest, write_bytes_atomic
+from .config import ConfigError, ModelSpec, RunConfig, StageSpec
+from .trainer import KDSettings
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PreparedRun:
+    """What ``prepare_run`` checked and built: the processor, the data set (every record checked),
+    the collator, and the model configs (no weights loaded yet)."""
+
+    config: RunConfig
+    processor: object
+    dataset: ClinKDDataset
+    collator: Qwen2VLCollator
+    model_configs: dict
+
+
+# ------------------------------------------------------------------ processor and models
+
+
+def _processor(config: RunConfig):
+    spec = config.processor
+    if "offline" in spec:
+        saved = Path(config.output_dir) / "processor"
+        if (saved / "processor_config.json").is_file():
+            return load_processor(str(saved))
+        records = load_records(config.data.train, root=config.data.root, check_images=False)
+        texts = [text for r in records for pair in r.turns for text in pair]
+        processor = build_offline_processor(texts, **(spec["offline"] or {}))
+        saved.mkdir(parents=True, exist_ok=True)
+        processor.save_pretrained(str(saved))
+        return processor
+    path = spec.get("from_pretrained") or config.student.from_pretrained
+    try:
+        return load_processor(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the processor from {path!r}: {e}") from None
+
+
+def model_config(spec: ModelSpec, tokenizer, where: str):
+    """The transformers config of a model spec (no weights). A ``config`` mapping gets the tokenizer's
+    vocabulary size and Qwen2-VL special token ids where it does not set them."""
+    from transformers import AutoConfig
+
+    if spec.from_pretrained is not None:
+        try:
+            return AutoConfig.from_pretrained(spec.from_pretrained)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: cannot load a config from {spec.from_pretrained!r}: {e}") from None
+    mapping = json.loads(json.dumps(spec.config))
+    model_type = mapping.pop("model_type", "qwen2_vl")
+    ids = special_token_ids(tokenizer)
+    text = mapping.setdefault("text_config", {})
+    text.setdefault("vocab_size", len(tokenizer))
+    text.setdefault("pad_token_id", ids["pad_token_id"])
+    text.setdefault("eos_token_id", ids["eos_token_id"])
+    text.setdefault("bos_token_id", None)
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        mapping.setdefault(key, ids[key])
+    try:
+        return AutoConfig.for_model(model_type, **mapping)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{where}.config is not a valid {model_type} config: {e}") from None
+
+
+def _vocab(cfg) -> int:
+    text = getattr(cfg, "text_config", cfg)
+    return int(text.vocab_size)
+
+
+def check_models(configs: dict, processor) -> None:
+    """Model/tokenizer/processor agreement, before any weights are loaded."""
+    tokenizer = processor.tokenizer
+    ids = special_token_ids(tokenizer)
+    image = processor.image_processor
+    for role, cfg in configs.items():
+        where = f"config.models.{role}"
+        if _vocab(cfg) < len(tokenizer):
+            raise ConfigError(f"{where}: vocabulary {_vocab(cfg)} is smaller than the tokenizer's {len(tokenizer)}")
+        if getattr(cfg, "image_token_id", ids["image_token_id"]) != ids["image_token_id"]:
+            raise ConfigError(f"{where}: image_token_id {cfg.image_token_id} is not the tokenizer's <|image_pad|> "
+                              f"id {ids['image_token_id']}")
+        vision = getattr(cfg, "vision_config", None)
+        for key, attr in (("patch_size", "patch_size"), ("spatial_merge_size", "merge_size"),
+                          ("temporal_patch_size", "temporal_patch_size")):
+            mine, theirs = getattr(vision, key, None), getattr(image, attr, None)
+            if mine is not None and theirs is not None and int(mine) != int(theirs):
+                raise ConfigError(f"{where}: vision_config.{key}={mine} differs from the image processor's "
+                                  f"{attr}={theirs}")
+    if "teacher" in configs and _vocab(configs["teacher"]) < _vocab(configs["student"]):
+        raise ConfigError(f"config.models.teacher: vocabulary {_vocab(configs['teacher'])} is smaller than the "
+                          f"student's {_vocab(configs['student'])}; the teacher must cover every student token")
+
+
+def check_patch(spec: ModelSpec, cfg, where: str) -> None:
+    """The fused attention takes head_dim in {64, 80, 96, 128}: say so before anything runs."""
+    if spec.patch is None or spec.patch.get("attention", True) is False:
+        return
+    from clinkd_kernels.attention.op import HEAD_DIMS
+
+    text = getattr(cfg, "text_config", cfg)
+    head_dim = int(text.hidden_size) // int(text.num_attention_heads)
+    if head_dim not in HEAD_DIMS:
+        raise ConfigError(f"{where}.patch: the fused attention supports head_dim in {tuple(HEAD_DIMS)}, this model has "
+                          f"{head_dim}; set {where}.patch.attention: false")
+
+
+def build_model(spec: ModelSpec, cfg, *, seed: int):
+    """Load (from_pretrained) or randomly initialise (config, seeded) a model, then apply its patch."""
+    from transformers import AutoModelForImageTextToText, set_seed
+
+    dtype = _TORCH_DTYPES[spec.dtype]
+    if spec.from_pretrained is not None:
+        model = AutoModelForImageTextToText.from_pretrained(spec.from_pretrained, dtype=dtype)
+    else:
+        set_seed(seed)
+        model = AutoModelForImageTextToText.from_config(cfg).to(dtype)
+    if spec.patch is not None:
+        from clinkd.patch import patch_qwen2_vl
+
+        try:
+            model = patch_qwen2_vl(model, **spec.patch)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot patch {spec.model_id()}: {e}") from None
+    return model
+
+
+# ------------------------------------------------------------------ stores
+
+
+def store_meta(config: RunConfig, stage: StageSpec, processor, student_vocab: int) -> StoreMeta:
+    return StoreMeta(teacher=config.teacher.model_id(), k=int(stage.topk), temperature=float(stage.temperature),
+                     vocab_size=student_vocab, tokenizer_hash=tokenizer_fingerprint(processor.tokenizer))
+
+
+def _check_existing_store(config: RunConfig, stage: StageSpec, meta: StoreMeta) -> None:
+    path = config.store_path(stage)
+    manifest = _read_manifest(path) if path.exists() else None
+    if manifest is not None:
+        _check_meta(path, manifest["meta"], meta)
+
+
+# ------------------------------------------------------------------ prepare and run
+
+
+def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
+    """Every check that does not need weights: processor, every record (images, tasks, boxes, supervised
+    tokens after truncation), model/tokenizer agreement, teacher vocabulary, existing stores' metadata."""
+    processor = _processor(config)
+    configs = {"student": model_config(config.student, processor.tokenizer, "config.models.student")}
+    if config.teacher is not None and any(s.type == "kd" for s in config.stages):
+        configs["teacher"] = model_config(config.teacher, processor.tokenizer, "config.models.teacher")
+    check_models(configs, processor)
+    for role, cfg in configs.items():
+        check_patch(config.models[role], cfg, f"config.models.{role}")
+    for i, stage in enumerate(config.stages):
+        if stage.type == "kd" and stage.topk is not None and stage.topk > _vocab(configs["student"]):
+            raise ConfigError(f"config.stages[{i}].topk={stage.topk} exceeds the student's vocabulary "
+                              f"{_vocab(configs['student'])}")
+    dataset = build_dataset(config.data.train, processor, root=config.data.root, max_length=config.data.max_length,
+                            progress=progress)
+    for stage in config.stages:
+        if stage.type == "kd" and stage.teacher == "store":
+            _check_existing_store(config, stage, store_meta(config, stage, processor, _vocab(configs["student"])))
+    ids = special_token_ids(processor.tokenizer)
+    collator = Qwen2VLCollator(pad_token_id=ids["pad_token_id"], image_token_id=ids["image_token_id"],
+                               pad_to_multiple_of=config.data.pad_to_multiple_of, packing=config.data.packing)
+    return PreparedRun(config, processor, dataset, collator, configs)
+
+
+def _training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool):
+    from transformers import TrainingArguments
+
+    kwargs = {"report_to": "none", **config.stage_args(stage)}
+    kwargs.setdefault("seed", config.seed)
+    if not progress:
+        kwargs["disable_tqdm"] = True
+    return TrainingArguments(output_dir=str(Path(config.output_dir) / stage.name), remove_unused_columns=False,
+                             label_names=["labels"], **kwargs)
+
+
+def ensure_store(prepared: PreparedRun, stage: StageSpec, teacher_factory, *, progress: bool = True) -> PseudoLabelStore:
+    """The complete store of a kd stage: built (or resumed) with the teacher when needed, then opened
+    with its metadata checked against this run."""
+    from ..distill.cache import cache_pseudo_labels
+
+    config = prepared.config
+    meta = store_meta(config, stage, prepared.processor, _vocab(prepared.model_configs["student"]))
+    path = config.store_path(stage)
+    manifest = _read_manifest(path) if path.exists() else None
+    if manifest is None or not manifest.get("complete"):
+        cache_pseudo_labels(teacher_factory(), prepared.dataset, prepared.collator, path, meta=meta,
+                            batch_size=stage.cache_batch_size, shard_size=stage.shard_size, progress=progress)
+    return PseudoLabelStore(path, expect=meta)
+
+
+def run_training(config: RunConfig, *, resume: bool = True, progress: bool = True, callbacks=None,
+                 prepared: PreparedRun | None = None) -> dict:
+    """Run every stage of ``config`` (after ``prepare_run``'s checks). Returns {stage: {"final": path,
+    "log_history": [...]}}. ``callbacks``: extra TrainerCallbacks for every stage."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .trainer import ClinKDTrainer
+
+    prepared = prepared or prepare_run(config, progress=progress)
+    out = Path(config.output_dir)
+    if not resume:
+        existing = [s.name for s in config.stages if (out / s.name).exists()]
+        if existing:
+            raise ConfigError(f"{out} already holds stage folders {existing}; resume the run or use another output_dir")
+    student_spec, seed = config.student, config.seed
+    teacher = None
+
+    def teacher_factory():
+        nonlocal teacher
+        if teacher is None:
+            teacher = build_model(config.teacher, prepared.model_configs["teacher"], seed=seed + 1)
+        return teacher
+
+    student = None
+    results = {}
+    for stage in config.stages:
+        stage_dir = out / stage.name
+        done = stage_dir / "stage.json"
+        if resume and done.is_file():
+            student_spec = ModelSpec(from_pretrained=str(stage_dir / "final"), dtype=config.student.dtype,
+                                     patch=config.student.patch)
+            student = None
+            results[stage.name] = json.loads(done.read_text())
+            continue
+        if student is None:
+            student = build_model(student_spec, prepared.model_configs["student"], seed=seed)
+        kd, store, online = None, None, None
+        if stage.type == "kd":
+            kd = KDSettings(topk=stage.topk, temperature=stage.temperature, alpha=stage.alpha, beta=stage.beta,
+                            t2_scale=stage.t2_scale, curriculum=stage.curriculum)
+            if stage.teacher == "store":
+                store = ensure_store(prepared, stage, teacher_factory, progress=progress)
+            else:
+                online = teacher_factory()
+        args = _training_arguments(config, stage, progress=progress)
+        trainer = ClinKDTrainer(model=student, args=args, train_dataset=prepared.dataset,
+                                data_collator=prepared.collator, processing_class=prepared.processor, kd=kd,
+                                teacher=online, store=store, callbacks=callbacks,
+                                kernel_backend=(config.student.patch or {}).get("backend"))
+        checkpoint = get_last_checkpoint(str(stage_dir)) if resume and stage_dir.is_dir() else None
+        trainer.train(resume_from_checkpoint=checkpoint)
+        final = stage_dir / "final"
+        trainer.save_model(str(final))
+        result = {"final": str(final), "log_history": trainer.state.log_history}
+        write_bytes_atomic(done, json.dumps(result, indent=1).encode())
+        results[stage.name] = result
+        if stage.type == "kd" and teacher is not None and not any(
+                s.type == "kd" for s in config.stages[config.stages.index(stage) + 1:]):
+            teacher = None  # no later kd stage: free its memory
+    return results
+
+
+__all__ = ["PreparedRun", "build_model", "check_models", "check_patch", "ensure_store", "model_config", "prepare_run",
+           "run_training", "store_meta"]

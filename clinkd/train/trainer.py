@@ -1,0 +1,209 @@
+"""``ClinKDTrainer``: a transformers ``Trainer`` whose loss is ClinKD's, on the fused kernels.
+
+Per batch (both stages):
+
+    hidden  = the student's final hidden states [B,S,Hd] (its forward, with logits for one position only)
+    rows, y = next_token_targets(labels)                 supervised next-token rows and their targets
+    loss    = linear_kd_loss(hidden[rows], lm_head.weight, y, ...)     no [tokens × vocab] logits
+
+SFT stage: alpha = 0, beta = 1 (cross-entropy only). KD stage: the teacher's pseudo-labels at the same
+rows — from the store (``PseudoLabelStore``, looked up by the batch's ``sample_index``) or from an
+online teacher (eval mode, no gradients; top-k pseudo-labels, or its dense distribution when topk is
+None) — with temperature, alpha, beta, optional T², and the confidence-margin curriculum weights
+(``clinkd.train.curriculum``) as ``token_weights``. Everything else (optimizer, schedule,
+accumulation, mixed precision, checkpoints, resume, logging, accelerate/DeepSpeed) is Trainer's; the
+loss is a per-micro-batch mean, which Trainer divides by the accumulation steps. Logged besides
+``loss``: ``kd_loss`` and ``ce_loss`` (means over the micro-batches since the last log) and
+``kd_fraction`` (the curriculum's current fraction).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from clinkd_kernels.loss import linear_kd_loss
+from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
+
+from ..data.collate import model_inputs
+from ..distill.cache import teacher_pseudo_labels
+from ..distill.store import PseudoLabelStore, StoreError
+from .curriculum import MarginCurriculum
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """The KD term: ``topk`` pseudo-labels per token (None: dense online teacher), ``temperature``,
+    ``alpha`` (KD weight), ``beta`` (CE weight), ``t2_scale``, and the margin ``curriculum`` (None: every
+    token from the start). loss = (alpha·KD + beta·CE) / (alpha + beta)."""
+
+    topk: int | None = 64
+    temperature: float = 0.5
+    alpha: float = 0.5
+    beta: float = 1.0
+    t2_scale: bool = False
+    curriculum: MarginCurriculum | None = MarginCurriculum()
+
+
+class ClinKDTrainer(Trainer):
+    """Trainer with the ClinKD loss (see the module docstring).
+
+    Extra keyword arguments:
+        kd: KDSettings for a KD stage; None for SFT (cross-entropy only).
+        teacher: an online teacher model (``*ForConditionalGeneration``), or
+        store: a ``PseudoLabelStore`` (its rows are checked against the batch's targets);
+        sample_ids: sample index → store id (default: ``train_dataset.ids``).
+        kernel_backend: ``backend=`` for the clinkd kernels (None: by device).
+    The data collator must give ``sample_index`` (``Qwen2VLCollator`` does); ``remove_unused_columns``
+    is turned off so it reaches the loss.
+    """
+
+    def __init__(self, *args, kd: KDSettings | None = None, teacher=None, store: PseudoLabelStore | None = None,
+                 sample_ids: list[str] | None = None, kernel_backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False
+        if kd is not None and (teacher is None) == (store is None):
+            raise ValueError("a KD stage needs exactly one of teacher= (online) or store= (pseudo-label store)")
+        if kd is not None and store is not None and kd.topk is None:
+            raise ValueError("a pseudo-label store holds top-k labels: kd.topk must be set (its k)")
+        if store is not None and kd.topk != store.meta.k:
+            raise StoreError(f"pseudo-label store {store.folder} holds k={store.meta.k} labels per token, the KD "
+                             f"stage asks for topk={kd.topk}")
+        self.kd, self.store, self.kernel_backend = kd, store, kernel_backend
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            teacher.to(self.args.device)
+        if sample_ids is None and store is not None:
+            sample_ids = getattr(self.train_dataset, "ids", None)
+            if sample_ids is None:
+                raise ValueError("store= needs sample_ids= (or a train_dataset with .ids)")
+        self.sample_ids = sample_ids
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self.model_accepts_loss_kwargs = False
+        self._parts = {"kd": 0.0, "ce": 0.0, "n": 0}
+
+    # ------------------------------------------------------------------ teacher side
+
+    def _pseudo_labels(self, inputs: dict, targets: torch.Tensor, vocab: int, device) -> PseudoLabels:
+        kd = self.kd
+        if self.store is not None:
+            index = inputs.get("sample_index")
+            if index is None:
+                raise ValueError("a batch for the store needs sample_index (use clinkd's Qwen2VLCollator)")
+            ids = [self.sample_ids[int(i)] for i in index.tolist()]
+            labels, stored_targets = self.store.batch(ids)
+            if stored_targets.shape != targets.shape or not torch.equal(stored_targets.to(targets.device).long(),
+                                                                         targets):
+                raise StoreError(f"pseudo-label store {self.store.folder} does not match the tokens of samples "
+                                 f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
+                                 "changed since it was built; rebuild it")
+            return labels.to(device)
+        labels, _ = teacher_pseudo_labels(self.teacher, inputs, k=kd.topk, temperature=kd.temperature,
+                                          vocab_size=vocab, backend=self.kernel_backend)
+        return labels.to(device)
+
+    @torch.no_grad()
+    def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int):
+        """Online dense teacher: (teacher hidden [N, Hd_t], lm_head weight [V_t, Hd_t], bias, margins [N])."""
+        from clinkd.patch import final_hidden_states
+
+        hidden, head = final_hidden_states(self.teacher, **model_inputs(self.teacher, inputs))
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
+        weight, bias = head.weight, head.bias
+        if weight.shape[0] < vocab:
+            raise ValueError(f"the teacher's vocabulary ({weight.shape[0]}) is smaller than the student's ({vocab})")
+        margins = []
+        for a in range(0, selected.shape[0], 1024):
+            logits = torch.nn.functional.linear(selected[a:a + 1024], weight[:vocab],
+                                                None if bias is None else bias[:vocab])
+            margins.append(topk_pseudo_labels(logits.float(), min(2, vocab), temperature=self.kd.temperature,
+                                              backend=self.kernel_backend).margin)
+        margin = torch.cat(margins) if margins else selected.new_zeros(0, dtype=torch.float32)
+        return selected, weight, bias, margin
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from clinkd.patch import next_token_targets
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        student = self.accelerator.unwrap_model(model)
+        forward_inputs = model_inputs(student, inputs)
+        # Through the (possibly wrapped) model's forward, so DDP sees the parameters used; logits for
+        # one position only: the loss computes the rest chunk by chunk.
+        forward_inputs.update(output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        outputs = model(**forward_inputs)
+        hidden = outputs.hidden_states[-1]
+        head = student.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        rows, targets = next_token_targets(labels)
+        rows, targets = rows.to(hidden.device), targets.to(hidden.device)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).to(weight.dtype)
+        vocab = weight.shape[0]
+
+        common = dict(bias=bias, return_components=True, backend=self.kernel_backend)
+        if self.kd is None:
+            loss, kd_part, ce_part = linear_kd_loss(selected, weight, targets, alpha=0.0, beta=1.0, **common)
+        else:
+            kd = self.kd
+            teacher_kw = {}
+            if kd.topk is None:
+                t_hidden, t_weight, t_bias, margin = self._dense_teacher({**inputs, "labels": labels}, rows, vocab)
+                teacher_kw = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+            else:
+                pseudo = self._pseudo_labels({**inputs, "labels": labels}, targets, vocab, hidden.device)
+                margin = pseudo.margin
+                teacher_kw = dict(teacher=pseudo)
+            weights = None
+            if kd.curriculum is not None:
+                weights = kd.curriculum.weights(margin, self.state.global_step).to(hidden.device)
+            loss, kd_part, ce_part = linear_kd_loss(
+                selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
+                t2_scale=kd.t2_scale, token_weights=weights, **teacher_kw, **common)
+        if model.training:
+            self._parts["kd"] += float(kd_part)
+            self._parts["ce"] += float(ce_part)
+            self._parts["n"] += 1
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        """Checkpoints keep the model's own parameter names. ``save_pretrained`` otherwise writes the
+        hub layout (for Qwen2-VL: other key names), which Trainer's resume loads with strict=False,
+        silently missing every weight; ``final`` folders (``save_model``) keep the hub layout."""
+        target = self.accelerator.unwrap_model(self.model)
+        original = target.save_pretrained
+        if "save_original_format" in inspect.signature(original).parameters:
+            target.save_pretrained = functools.partial(original, save_original_format=False)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            target.__dict__.pop("save_pretrained", None)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Resuming must restore every weight: a missing (untied) or unexpected key is an error."""
+        state = self.accelerator.unwrap_model(self.model).state_dict()
+        loaded = {state[k].data_ptr() for k in state if k not in set(load_result.missing_keys)}
+        missing = [k for k in load_result.missing_keys if k in state and state[k].data_ptr() not in loaded]
+        if missing or load_result.unexpected_keys:
+            raise RuntimeError(f"the checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                               f"{list(load_result.unexpected_keys)[:5]} (written by another model or layout?)")
+        super()._issue_warnings_after_load(load_result)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts["n"]:
+            n = self._parts["n"]
+            if self.kd is not None:
+                logs["kd_loss"] = self._parts["kd"] / n
+                if self.kd.curriculum is not None:
+                    logs["kd_fraction"] = self.kd.curriculum.fraction(self.state.global_step)
+            logs["ce_loss"] = self._parts["ce"] / n
+            self._parts = {"kd": 0.0, "ce": 0.0, "n": 0}
+        super().log(logs, start_time)
