@@ -1,0 +1,23 @@
+"""Hugging Face Qwen2-VL / Qwen2.5-VL on clinkd kernels: MCG-RoPE positions, fused attention, fused loss.
+
+    from clinkd import patch_qwen2_vl
+    model = patch_qwen2_vl(model)                        # gap 2, stride 1, fused attention and loss
+    model = patch_qwen2_vl(model, mcg_rope=None)         # stock positions, fused kernels only
+
+    patch_qwen2_vl_classes("Qwen2-VL")                   # before from_pretrained: every new model
+    model = Qwen2VLForConditionalGeneration.from_pretrained(...)
+
+Parts: ``positions`` (get_rope_index → mcg_rope_index), ``attention`` (decoder attention →
+mcg_rope_attention), ``loss`` (causal-LM loss → linear_kd_loss), ``api`` (applying and undoing).
+"""
+
+from ._compat import SUPPORTED_TRANSFORMERS, check_transformers_version
+from .api import (PatchSettings, patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl,
+                  unpatch_qwen2_vl_classes)
+from .attention import MRopePositions
+from .loss import final_hidden_states, next_token_targets
+from .positions import MCGRope
+
+__all__ = ["MCGRope", "MRopePositions", "PatchSettings", "SUPPORTED_TRANSFORMERS", "check_transformers_version",
+           "final_hidden_states", "next_token_targets", "patch_qwen2_vl", "patch_qwen2_vl_classes", "patch_settings",
+           "unpatch_qwen2_vl", "unpatch_qwen2_vl_classes"]

@@ -1,0 +1,88 @@
+"""What the patch needs to know about the installed transformers: the supported versions and where
+each model family keeps the classes that are patched.
+
+A family is a ``*ForConditionalGeneration`` class and its parts, all in one modeling module:
+
+    <P>ForConditionalGeneration.forward   causal-LM loss            (loss=True)
+    <P>Model.get_rope_index                3-D position ids          (mcg_rope)
+    <P>TextModel.forward                   records the padding mask  (attention=True)
+    <P>RotaryEmbedding.forward             hands on position ids     (attention=True)
+    <P>Attention.forward                   fused attention           (attention=True)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import transformers
+from packaging.version import Version
+
+# Tested: 5.17 and 5.24. The classes and call conventions above are the same over that range.
+SUPPORTED_TRANSFORMERS = (">=5.17", "<5.25")
+_LOW, _HIGH = Version("5.17"), Version("5.25")
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise RuntimeError when the installed transformers is outside SUPPORTED_TRANSFORMERS."""
+    found = Version(version or transformers.__version__)
+    if not _LOW <= Version(found.base_version) < _HIGH:
+        raise RuntimeError(
+            f"clinkd.patch supports transformers {','.join(SUPPORTED_TRANSFORMERS)}, but transformers "
+            f"{found} is installed; pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its display name, modeling module and class-name prefix."""
+
+    name: str
+    module: str
+    prefix: str
+    # Qwen2.5-VL spaces a video's temporal positions by its frame rate (second_per_grid_ts), which
+    # MCG-RoPE indices do not model: such a family supports MCG-RoPE for images only.
+    timed_video: bool
+
+    def modeling(self):
+        return importlib.import_module(self.module)
+
+    def cls(self, part: str) -> type:
+        """part: "ForConditionalGeneration", "Model", "TextModel", "RotaryEmbedding" or "Attention"."""
+        return getattr(self.modeling(), f"{self.prefix}{part}")
+
+    def output_class(self) -> type:
+        """The output class the stock causal-LM forward returns (its name changed across versions)."""
+        legacy = getattr(self.modeling(), f"{self.prefix}CausalLMOutputWithPast", None)
+        if legacy is not None:
+            return legacy
+        from transformers import modeling_outputs
+
+        return modeling_outputs.MultimodalCausalLMOutputWithPast
+
+
+FAMILIES = (
+    Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", timed_video=False),
+    Family("Qwen2.5-VL", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VL", timed_video=True),
+)
+
+
+def supported_names() -> str:
+    return ", ".join(f"{f.prefix}ForConditionalGeneration" for f in FAMILIES)
+
+
+def family_of_class(cls: type) -> Family:
+    """The family whose ForConditionalGeneration class ``cls`` is (or subclasses); TypeError otherwise."""
+    if isinstance(cls, type):
+        for family in FAMILIES:
+            if issubclass(cls, family.cls("ForConditionalGeneration")):
+                return family
+    name = cls.__name__ if isinstance(cls, type) else type(cls).__name__
+    raise TypeError(f"clinkd.patch supports {supported_names()}; got {name}. Pass the model with the "
+                    "language-model head (e.g. unwrap a PEFT model with model.get_base_model()).")
+
+
+def family_by_name(name: str) -> Family:
+    for family in FAMILIES:
+        if name in (family.name, family.prefix):
+            return family
+    raise ValueError(f"unknown model family {name!r}; supported: {', '.join(f.name for f in FAMILIES)}")

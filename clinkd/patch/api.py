@@ -1,0 +1,234 @@
+"""``patch_qwen2_vl`` (one model instance) and ``patch_qwen2_vl_classes`` (every model built afterwards).
+
+Both replace methods (never weights or modules); the vision tower is not touched. An instance patch
+sets instance attributes that shadow the class methods; a class patch replaces the class methods.
+Both are reversible (``unpatch_qwen2_vl`` / ``unpatch_qwen2_vl_classes``) and refuse to apply twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+from clinkd_kernels.attention.op import HEAD_DIMS
+
+from . import _compat
+from .attention import make_attention_forward, make_rotary_forward, make_text_forward
+from .loss import make_lm_forward
+from .positions import MCGRope, as_mcg_rope, make_get_rope_index
+
+_MARK = "_clinkd_patch"
+_BACKENDS = (None, "triton", "cpu", "torch")
+# Rope types whose inv_freq changes during the forward (dynamic_rope_update): the kernels would not see it.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """What a patch applies: MCG-RoPE indices (None = stock), fused attention, fused loss, kernel backend."""
+
+    mcg_rope: MCGRope | None
+    attention: bool
+    loss: bool
+    backend: str | None
+    family: str
+
+
+@dataclass
+class _Applied:
+    """One patch: the settings and, for undoing it, (owner, attribute, previous value or _ABSENT)."""
+
+    settings: PatchSettings
+    changes: list
+
+
+_ABSENT = object()
+_CLASS_PATCHES: dict[type, _Applied] = {}
+
+
+def _settings(family, mcg_rope, attention, loss, backend) -> PatchSettings:
+    for name, value in (("attention", attention), ("loss", loss)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
+    return PatchSettings(as_mcg_rope(mcg_rope), attention, loss, backend, family.name)
+
+
+def _cache_kw(attention_cls: type) -> str:
+    params = inspect.signature(attention_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _check_text_config(text_config, family, settings: PatchSettings) -> None:
+    """Errors for configs the patch cannot serve, raised before anything is changed."""
+    num_heads, hidden = text_config.num_attention_heads, text_config.hidden_size
+    head_dim = hidden // num_heads
+    rope = dict(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {})
+    section = rope.get("mrope_section", [16, 24, 24])
+    if len(section) != 3 or sum(int(s) for s in section) != head_dim // 2:
+        raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} must be 3 sections "
+                         f"summing to head_dim/2 = {head_dim // 2} (head_dim = hidden_size {hidden} / "
+                         f"num_attention_heads {num_heads} = {head_dim})")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in _DYNAMIC_ROPE:
+        raise ValueError(f"{family.name} config: rope_type {rope_type!r} updates the frequencies during the forward, "
+                         "which clinkd.patch does not support")
+    if settings.attention:
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"{family.name} config: the fused attention supports head_dim in {HEAD_DIMS}, got "
+                             f"{head_dim}; patch with attention=False")
+        if getattr(text_config, "use_sliding_window", False):
+            raise ValueError(f"{family.name} config: use_sliding_window=True is not supported by the fused attention; "
+                             "patch with attention=False")
+        if float(getattr(text_config, "attention_dropout", 0.0) or 0.0) != 0.0:
+            raise ValueError(f"{family.name} config: attention_dropout={text_config.attention_dropout} is not "
+                             "supported by the fused attention (it has no dropout); set it to 0 or patch with "
+                             "attention=False")
+
+
+def _replacements(family, settings: PatchSettings, previous):
+    """[(class, method name, factory(call, wrapped) -> function)] for what ``settings`` turns on.
+    ``previous(cls, name)`` gives the function whose signature the replacement keeps."""
+    out = []
+    if settings.mcg_rope is not None:
+        cls = family.cls("Model")
+        out.append((cls, "get_rope_index", lambda call, wrapped: make_get_rope_index(
+            wrapped, settings.mcg_rope, timed_video=family.timed_video, family_name=family.name)))
+    if settings.attention:
+        text, rotary, attn = family.cls("TextModel"), family.cls("RotaryEmbedding"), family.cls("Attention")
+        out.append((text, "forward", make_text_forward))
+        out.append((rotary, "forward", lambda call, wrapped: make_rotary_forward(previous(rotary, "forward"))))
+        out.append((attn, "forward", lambda call, wrapped: make_attention_forward(
+            call, wrapped, backend=settings.backend, cache_kw=_cache_kw(attn))))
+    if settings.loss:
+        out.append((family.cls("ForConditionalGeneration"), "forward", lambda call, wrapped: make_lm_forward(
+            call, wrapped, output_class=family.output_class(), backend=settings.backend)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# instance patch
+
+
+def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
+                   backend: str | None = None) -> nn.Module:
+    """Patch one Qwen2-VL (or Qwen2.5-VL) ``*ForConditionalGeneration`` model in place; returns it.
+
+    Args:
+        model: ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` instance.
+        mcg_rope: MCG-RoPE position indices, ``MCGRope(modality_gap, vision_stride)`` or a dict of those
+            (default: the paper's gap 2, stride 1); None keeps the stock indices. Qwen2.5-VL: images only
+            (a forward with videos raises).
+        attention: text-decoder attention on ``mcg_rope_attention`` for training and prefill
+            (decoding with a KV cache keeps the stock layer).
+        loss: with labels, causal-LM cross-entropy by ``linear_kd_loss`` without [tokens × vocab] logits
+            (logits only with ``return_logits=True`` or in eval mode).
+        backend: kernel backend ("triton", "cpu", "torch"; None = by device / CLINKD_BACKEND).
+
+    Raises RuntimeError (transformers outside SUPPORTED_TRANSFORMERS, or already patched), TypeError
+    (not a supported model class), ValueError (a config the kernels cannot serve: mrope sections not
+    summing to head_dim/2, head_dim not in {64, 80, 96, 128} with attention=True, sliding window,
+    attention dropout, dynamic rope). Undo with ``unpatch_qwen2_vl(model)``.
+    """
+    _compat.check_transformers_version()
+    family = _compat.family_of_class(type(model))
+    if getattr(model, _MARK, None) is not None:
+        how = "its class was patched" if _MARK not in vars(model) else "it was patched before"
+        raise RuntimeError(f"{type(model).__name__} is already patched by clinkd ({how}); "
+                           "unpatch it first to change the settings")
+    settings = _settings(family, mcg_rope, attention, loss, backend)
+    _check_text_config(model.config.text_config, family, settings)
+
+    changes = []
+    for cls, name, factory in _replacements(family, settings, lambda c, n: getattr(c, n)):
+        for module in model.modules():
+            if isinstance(module, cls):
+                previous = vars(module).get(name, _ABSENT)
+                current = getattr(module, name)  # bound: the class method, or an instance override (hooks)
+                call = (lambda bound: (lambda self, *a, **k: bound(*a, **k)))(current)
+                function = factory(call, getattr(cls, name))
+                setattr(module, name, function.__get__(module, type(module)))
+                changes.append((module, name, previous))
+    for module in model.modules():
+        if isinstance(module, family.cls("Model")):
+            module.rope_deltas = None  # computed with the previous indices
+    object.__setattr__(model, _MARK, _Applied(settings, changes))
+    return model
+
+
+def unpatch_qwen2_vl(model: nn.Module) -> nn.Module:
+    """Undo ``patch_qwen2_vl(model)``; returns the model. RuntimeError if it was not instance-patched."""
+    applied = vars(model).get(_MARK)
+    if applied is None:
+        raise RuntimeError(f"{type(model).__name__} instance is not patched by clinkd.patch_qwen2_vl")
+    for module, name, previous in reversed(applied.changes):
+        if previous is _ABSENT:
+            delattr(module, name)
+        else:
+            setattr(module, name, previous)
+    for module in model.modules():
+        if hasattr(module, "rope_deltas"):
+            module.rope_deltas = None
+    object.__delattr__(model, _MARK)
+    return model
+
+
+def patch_settings(model_or_class) -> PatchSettings | None:
+    """The settings a model (or class) is patched with, or None."""
+    applied = getattr(model_or_class, _MARK, None)
+    return None if applied is None else applied.settings
+
+
+# --------------------------------------------------------------------------------------------------
+# class patch
+
+
+def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), attention: bool = True,
+                           loss: bool = True, backend: str | None = None) -> PatchSettings:
+    """Patch the transformers classes of a family ("Qwen2-VL" or "Qwen2.5-VL"), so that every model
+    created afterwards (``from_pretrained`` included) is patched; same options as ``patch_qwen2_vl``.
+    Undo with ``unpatch_qwen2_vl_classes(family)``. RuntimeError if the family is already patched."""
+    _compat.check_transformers_version()
+    fam = _compat.family_by_name(family)
+    top = fam.cls("ForConditionalGeneration")
+    if top in _CLASS_PATCHES:
+        raise RuntimeError(f"{top.__name__} classes are already patched by clinkd; call unpatch_qwen2_vl_classes first")
+    settings = _settings(fam, mcg_rope, attention, loss, backend)
+    changes = []
+    for cls, name, factory in _replacements(fam, settings, lambda c, n: vars(c)[n]):
+        original = vars(cls)[name]
+        setattr(cls, name, factory(original, original))
+        changes.append((cls, name, original))
+    applied = _Applied(settings, changes)
+    setattr(top, _MARK, applied)
+    _CLASS_PATCHES[top] = applied
+    _install_config_check(fam, top, settings)
+    return settings
+
+
+def _install_config_check(family, top: type, settings: PatchSettings) -> None:
+    """Config errors can only be raised when a model is built: check in ``__init__``."""
+    original = vars(top)["__init__"]
+
+    def __init__(self, config, *args, **kwargs):
+        _check_text_config(config.text_config, family, settings)
+        original(self, config, *args, **kwargs)
+
+    __init__.__wrapped__ = original
+    top.__init__ = __init__
+    _CLASS_PATCHES[top].changes.append((top, "__init__", original))
+
+
+def unpatch_qwen2_vl_classes(family: str = "Qwen2-VL") -> None:
+    """Restore the stock class methods of a family. RuntimeError if it is not class-patched."""
+    fam = _compat.family_by_name(family)
+    top = fam.cls("ForConditionalGeneration")
+    applied = _CLASS_PATCHES.pop(top, None)
+    if applied is None:
+        raise RuntimeError(f"{top.__name__} classes are not patched by clinkd.patch_qwen2_vl_classes")
+    for cls, name, original in reversed(applied.changes):
+        setattr(cls, name, original)
+    delattr(top, _MARK)

@@ -1,0 +1,258 @@
+"""Applying and undoing the patch, its errors, the class-level variant, the loss keywords transformers
+passes (num_items_in_batch, shift_labels, return_dict) and the trainer helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import clinkd
+from clinkd.patch import (MCGRope, final_hidden_states, next_token_targets, patch_qwen2_vl, patch_qwen2_vl_classes,
+                          patch_settings, unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
+from clinkd.patch._compat import check_transformers_version
+from clinkd_kernels.loss import linear_kd_loss_reference
+from tests.numerics import assert_close
+from tests.patch.tiny import MIXED_ROWS, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model
+
+GAP1 = MCGRope(modality_gap=1, vision_stride=1)
+
+
+def test_exported_from_clinkd():
+    assert clinkd.patch_qwen2_vl is patch_qwen2_vl
+    assert clinkd.unpatch_qwen2_vl is unpatch_qwen2_vl
+    assert clinkd.patch_qwen2_vl_classes is patch_qwen2_vl_classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_patching_twice_is_an_error():
+    model = patch_qwen2_vl(qwen2_vl_model())
+    with pytest.raises(RuntimeError, match="already patched"):
+        patch_qwen2_vl(model)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.Linear(2, 2), lambda: qwen2_vl_model().model])
+def test_unsupported_model_class(make):
+    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
+        patch_qwen2_vl(make())
+
+
+def test_mrope_sections_that_do_not_fit_the_head_dim():
+    # head_dim 64 → the sections must sum to 32
+    model = qwen2_vl_model(rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[8, 12, 10]))
+    with pytest.raises(ValueError, match=r"mrope_section.*\[8, 12, 10\].*32"):
+        patch_qwen2_vl(model)
+    with pytest.raises(ValueError, match="mrope_section"):
+        patch_qwen2_vl(model, attention=False)  # the positions alone would be as wrong
+
+
+def test_head_dim_the_fused_attention_does_not_take():
+    model = qwen2_vl_model(hidden_size=128, num_attention_heads=8, num_key_value_heads=4,  # head_dim 16
+                           rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]))
+    with pytest.raises(ValueError, match="head_dim.*16.*attention=False"):
+        patch_qwen2_vl(model)
+    patch_qwen2_vl(model, attention=False, backend="cpu")  # positions and loss still apply
+    batch = make_batch(MIXED_ROWS)
+    assert torch.isfinite(model.train()(**batch).loss)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(use_sliding_window=True), "sliding_window"),
+    (dict(attention_dropout=0.1), "attention_dropout"),
+])
+def test_configs_the_fused_attention_cannot_serve(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        patch_qwen2_vl(qwen2_vl_model(**overrides))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(mcg_rope={"modality_gap": 0}), ValueError, "modality_gap"),
+    (dict(mcg_rope={"gap": 2}), ValueError, "modality_gap and vision_stride"),
+    (dict(mcg_rope=2), TypeError, "mcg_rope"),
+    (dict(attention="yes"), TypeError, "attention"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_options(kwargs, error, match):
+    model = qwen2_vl_model()
+    with pytest.raises(error, match=match):
+        patch_qwen2_vl(model, **kwargs)
+    assert patch_settings(model) is None  # nothing was applied
+
+
+def test_transformers_version_outside_the_supported_range(monkeypatch):
+    check_transformers_version("5.17.0")
+    check_transformers_version("5.24.0")
+    for bad in ("4.57.1", "5.16.2", "5.25.0", "6.0.0"):
+        with pytest.raises(RuntimeError, match=f"transformers {bad} is installed"):
+            check_transformers_version(bad)
+    monkeypatch.setattr(transformers, "__version__", "5.30.0")
+    with pytest.raises(RuntimeError, match="supports transformers"):
+        patch_qwen2_vl(qwen2_vl_model())
+
+
+def test_qwen2_5_vl_videos_with_mcg_rope_are_refused():
+    model = patch_qwen2_vl(qwen2_5_vl_model(), backend="cpu")
+    ids = torch.tensor([[5, 292] + [291] * 4 + [293, 6]])
+    with pytest.raises(ValueError, match="videos are not supported"):
+        model.model.get_rope_index(ids, mm_token_type_ids=(ids == 291).long() * 2,
+                                   video_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# undoing, class-level patch
+
+
+def test_unpatch_restores_the_stock_model(fused_calls):
+    stock = qwen2_vl_model().train()
+    model = copy.deepcopy(stock)
+    patch_qwen2_vl(model, backend="cpu")
+    assert patch_settings(model).mcg_rope == MCGRope(2, 1)
+    unpatch_qwen2_vl(model)
+    assert patch_settings(model) is None
+    assert all("forward" not in vars(m) and "get_rope_index" not in vars(m) for m in model.modules())
+    batch = make_batch(MIXED_ROWS, padding="left")
+    assert torch.equal(model(**batch).loss, stock(**batch).loss)
+    assert fused_calls == {"attention": 0, "loss": 0}
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch_qwen2_vl(model)
+    patch_qwen2_vl(model, mcg_rope=None, backend="cpu")  # patchable again, with other settings
+    model(**batch)
+    assert fused_calls == {"attention": 2, "loss": 1}
+
+
+def test_class_patch_applies_to_new_models_and_is_undone(fused_calls):
+    stock = qwen2_vl_model().train()
+    batch = make_batch(MIXED_ROWS, padding="right")
+    want = stock(**batch, use_cache=False).loss
+    patch_qwen2_vl_classes("Qwen2-VL", mcg_rope=GAP1, backend="cpu")
+    try:
+        with pytest.raises(RuntimeError, match="already patched"):
+            patch_qwen2_vl_classes("Qwen2-VL")
+        model = transformers.Qwen2VLForConditionalGeneration(stock.config)
+        model.load_state_dict(stock.state_dict())
+        with pytest.raises(RuntimeError, match="class was patched"):
+            patch_qwen2_vl(model)
+        got = model.train()(**batch, use_cache=False).loss
+        assert fused_calls == {"attention": 2, "loss": 1}
+        assert_close("loss", got, want.double(), want)
+        bad = qwen2_vl_config(rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[8, 8, 8]))
+        with pytest.raises(ValueError, match="mrope_section"):
+            transformers.Qwen2VLForConditionalGeneration(bad)
+    finally:
+        unpatch_qwen2_vl_classes("Qwen2-VL")
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch_qwen2_vl_classes("Qwen2-VL")
+    fresh = transformers.Qwen2VLForConditionalGeneration(stock.config)
+    fresh.load_state_dict(stock.state_dict())
+    fresh.train()(**batch, use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}  # unchanged: the stock classes are back
+    with pytest.raises(ValueError, match="unknown model family"):
+        patch_qwen2_vl_classes("Llama")
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss keywords and helpers
+
+
+def test_loss_keywords_match_stock():
+    stock = qwen2_vl_model().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = make_batch(MIXED_ROWS, padding="left")
+    n = torch.tensor(37)
+    assert_close("sum / num_items_in_batch", patched(**batch, num_items_in_batch=n).loss,
+                 stock.double()(**{**batch, "pixel_values": batch["pixel_values"].double()},
+                                num_items_in_batch=n).loss,
+                 stock.float()(**batch, num_items_in_batch=n).loss)
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    assert_close("shift_labels", patched(**no_labels, shift_labels=shifted).loss, stock(**batch).loss.double(),
+                 stock(**batch).loss)
+    out = patched(**batch, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+
+
+def test_logits_only_when_asked():
+    model = patch_qwen2_vl(qwen2_vl_model(), backend="cpu")
+    batch = make_batch(MIXED_ROWS)
+    assert model.train()(**batch).logits is None
+    assert model(**batch, return_logits=True).logits.shape == (*batch["input_ids"].shape, 300)
+    assert model.eval()(**batch).logits is not None  # evaluation loops read logits
+    assert model(**batch, return_logits=False).logits is None
+    assert model(**batch, return_logits=True, logits_to_keep=1).logits.shape[1] == 1
+
+
+def test_next_token_targets():
+    labels = torch.tensor([[5, -100, 7, 8], [-100, 9, 10, -100]])
+    rows, targets = next_token_targets(labels)
+    # position s predicts labels[s+1]: row 0 → [-100, 7, 8, none], row 1 → [9, 10, -100, none]
+    assert rows.tolist() == [1, 2, 4, 5] and targets.tolist() == [7, 8, 9, 10]
+    rows, targets = next_token_targets(labels, drop_ignored=False)
+    assert rows.tolist() == list(range(8)) and targets.tolist() == [-100, 7, 8, -100, 9, 10, -100, -100]
+    with pytest.raises(ValueError, match="labels"):
+        next_token_targets(None)
+
+
+def test_final_hidden_states_feed_a_distillation_loss():
+    student = patch_qwen2_vl(qwen2_vl_model().train(), backend="cpu")
+    teacher = qwen2_vl_model()
+    batch = make_batch(MIXED_ROWS, padding="left")
+    rows, targets = next_token_targets(batch["labels"])
+
+    h, head = final_hidden_states(student, **batch)
+    assert head is student.lm_head and h.shape == (*batch["input_ids"].shape, 256)
+    ce = clinkd.patch.loss.linear_kd_loss(h.flatten(0, 1)[rows], head.weight, targets, alpha=0.0, beta=1.0,
+                                          backend="cpu")
+    assert_close("CE from the helper", ce, student(**batch).loss.double(), student(**batch).loss)
+
+    with torch.no_grad():
+        th, thead = final_hidden_states(teacher, **batch)
+    kw = dict(temperature=0.5, alpha=0.5, beta=1.0)
+    got = clinkd.patch.loss.linear_kd_loss(h.flatten(0, 1)[rows], head.weight, targets,
+                                           teacher_hidden=th.flatten(0, 1)[rows], teacher_weight=thead.weight,
+                                           backend="cpu", **kw)
+    sh, tw, th64 = h.detach().flatten(0, 1)[rows], head.weight.detach(), th.flatten(0, 1)[rows]
+    ref = linear_kd_loss_reference(sh.double(), tw.double(), targets, teacher_hidden=th64.double(),
+                                   teacher_weight=thead.weight.double(), **kw)
+    base = linear_kd_loss_reference(sh, tw, targets, teacher_hidden=th64, teacher_weight=thead.weight, **kw)
+    assert_close("KD + CE", got, ref, base)
+    got.backward()
+    assert student.model.language_model.embed_tokens.weight.grad is not None
+
+
+def test_autocast_bf16_loss_close_to_fp32():
+    """Under autocast (fp32 weights) the lm_head operands are cast like ``head(hidden)`` would be."""
+    model = patch_qwen2_vl(qwen2_vl_model().train(), backend="cpu")
+    batch = make_batch(MIXED_ROWS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(**batch, use_cache=False).loss
+    low.backward()
+    full = model(**batch, use_cache=False).loss
+    assert torch.isfinite(low) and abs(low.item() - full.item()) < 0.05 * abs(full.item())
+    assert model.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_all_labels_ignored_gives_zero_loss():
+    model = patch_qwen2_vl(qwen2_vl_model().train(), backend="cpu")
+    batch = make_batch(MIXED_ROWS)
+    batch["labels"].fill_(-100)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    assert loss.item() == 0.0 and model.lm_head.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.slow
+def test_peak_memory_script_shows_the_logits_saving():
+    """The measurement script end to end at a small size (the report's figures use the defaults:
+    ``python -m tests.patch.peak_memory``). Stock keeps [512 × 151936] fp32 logits (297 MiB) and
+    their gradient; patched must stay below stock by at least that much."""
+    from tests.patch.peak_memory import measure
+
+    options = dict(tokens=512, hidden=128, vocab=151936, layers=1)
+    stock, patched = measure("stock", **options), measure("patched", **options)
+    assert abs(stock["loss"] - patched["loss"]) < 1e-3 * abs(stock["loss"])
+    assert 0 < patched["peak_step_mib"] < stock["peak_step_mib"] - 297, (stock, patched)

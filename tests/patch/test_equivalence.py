@@ -1,0 +1,177 @@
+"""Patched vs stock Qwen2-VL with stock positions (MCG-RoPE gap 1): same loss, logits, gradients and
+greedy tokens. Reference: the stock model in float64; baseline: the stock model in float32 (§4 rule)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from clinkd.patch import MCGRope, patch_qwen2_vl
+from clinkd_kernels.rope import mcg_rope_index
+from tests.numerics import NORM_TOL, assert_close
+from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, make_batch, qwen2_vl_model
+
+GAP1 = MCGRope(modality_gap=1, vision_stride=1)
+
+
+def _as(batch: dict, dtype, device=None) -> dict:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in batch.items()}
+
+
+def _step(model, batch, **kwargs):
+    """One training step's outputs: (output, {name: grad}) of loss.backward()."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare(stock, patched, batch, *, keep=None, **kwargs):
+    """Loss, logits (on ``keep`` tokens) and every parameter gradient of ``patched`` vs stock fp64/fp32."""
+    ref, ref_grads = _step(copy.deepcopy(stock).double(), _as(batch, torch.float64, batch["input_ids"].device),
+                           **kwargs)
+    base, base_grads = _step(stock, batch, **kwargs)
+    out, grads = _step(patched, batch, return_logits=True, **kwargs)
+    assert_close("loss", out.loss, ref.loss, base.loss)
+    keep = torch.ones_like(batch["input_ids"], dtype=torch.bool) if keep is None else keep
+    assert_close_model("logits", out.logits[keep], ref.logits[keep], base.logits[keep])
+    assert set(grads) == set(ref_grads), "patched and stock models have gradients for different parameters"
+    for name, ref_grad in ref_grads.items():
+        assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
+
+
+def assert_close_model(name, out, ref, base):
+    """§4 rule for quantities computed through a whole model (logits, gradients): rounding accumulates
+    over every layer, so the absolute slack scales with the tensor (tol·max|ref|) and the norm bound is
+    tol or twice the stock model's own relative error in that dtype, whichever is larger
+    (tol = 1e-5 fp32, 1e-2 bf16)."""
+    tol = NORM_TOL[out.dtype]
+    ref64 = ref.double()
+    scale = ref64.abs().max().item()
+    base_rel = ((base.double() - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+    assert_close(name, out, ref, base, atol=tol * scale, norm_tol=max(tol, 2 * base_rel))
+
+
+# use_cache=None is the config default (True): training then prefills a cache, which the fused path fills too.
+@pytest.mark.parametrize("backend,padding,use_cache", [
+    ("cpu", "right", False), ("cpu", "left", False), ("cpu", "right", None), ("cpu", "left", None),
+    ("torch", "right", False), ("torch", "left", False)])
+def test_training_step_matches_stock(backend, padding, use_cache, fused_calls):
+    stock = qwen2_vl_model().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend=backend)
+    batch = make_batch(MIXED_ROWS, padding=padding)
+    # Padded query rows have no defined output (the fused kernel writes 0): compare real tokens only.
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=use_cache)
+    assert fused_calls == {"attention": 2, "loss": 1}  # 2 layers, one loss: the fused path ran
+
+
+def test_training_step_matches_stock_triton_interpreter(fused_calls):
+    stock = qwen2_vl_model().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="triton")
+    batch = make_batch([[2, (1, 4, 6), 3], [5]], padding="left")
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}
+
+
+def _packed_batch(parts_per_sequence):
+    """One row holding several sequences, described (as transformers does) by 4-row position ids whose
+    text row restarts at 0, and no attention mask. First labels of each sequence are -100."""
+    pieces = [make_batch([parts]) for parts in parts_per_sequence]
+    pos = []
+    for piece in pieces:
+        p3, _ = mcg_rope_index(piece["input_ids"], image_grid_thw=piece.get("image_grid_thw"), image_token_id=IMAGE,
+                               video_token_id=IMAGE + 1, modality_gap=1)
+        text = torch.arange(piece["input_ids"].shape[1]).view(1, 1, -1)
+        pos.append(torch.cat([text, p3]))
+        piece["labels"][:, 0] = -100
+    batch = {k: torch.cat([p[k] for p in pieces], dim=1) for k in ("input_ids", "mm_token_type_ids", "labels")}
+    grids = [p["image_grid_thw"] for p in pieces if "image_grid_thw" in p]
+    batch["image_grid_thw"] = torch.cat(grids)
+    batch["pixel_values"] = torch.cat([p["pixel_values"] for p in pieces if "pixel_values" in p])
+    batch["position_ids"] = torch.cat(pos, dim=2)
+    return batch
+
+
+@pytest.mark.parametrize("described_by", ["position_ids", "cu_seq_lens"])
+def test_packed_batch_matches_stock(described_by, fused_calls):
+    stock = qwen2_vl_model().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = _packed_batch([[3, (1, 4, 6), 4], [6], [(1, 4, 4), 5]])
+    if described_by == "cu_seq_lens":  # what flash-attention collators pass along (position ids stay too)
+        starts = (batch["position_ids"][0, 0] == 0).nonzero().squeeze(1)
+        cu = torch.cat([starts, torch.tensor([batch["input_ids"].shape[1]])]).int()
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    _compare(stock, patched, batch, use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}
+
+
+def test_packing_changes_the_result():
+    """The packed test above can fail: attending across the packed sequences gives another loss."""
+    model = patch_qwen2_vl(qwen2_vl_model(), mcg_rope=GAP1, backend="cpu")
+    batch = _packed_batch([[3, (1, 4, 6), 4], [6], [(1, 4, 4), 5]])
+    packed = model(**batch, use_cache=False).loss
+    batch["position_ids"][0] = torch.arange(batch["input_ids"].shape[1])  # one long sequence
+    assert (model(**batch, use_cache=False).loss - packed).abs() > 1e-4
+
+
+def test_video_rows_match_stock(fused_calls):
+    """Videos whose frame count t ≤ max(h, w)/2: there stock Qwen2-VL and MCG-RoPE gap 1 agree (for longer
+    videos stock starts the next text at base + max(h, w)/2, inside the video's t range; MCG-RoPE does not)."""
+    stock = qwen2_vl_model().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = make_batch([[3, ("video", 2, 4, 4), 4], [2, (1, 4, 6), 3, ("video", 2, 6, 4), 2]], padding="left")
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}
+
+
+def test_greedy_generate_matches_stock(fused_calls):
+    stock = qwen2_vl_model()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = make_batch(MIXED_ROWS, padding="left")
+    batch.pop("labels")
+    want = stock.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    got = patched.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(got, want)
+    assert fused_calls["attention"] == 2  # the prefill ran fused; the 5 decoding steps the stock layer
+
+
+def test_qwen2_5_vl_images_match_stock(fused_calls):
+    from tests.patch.tiny import qwen2_5_vl_model
+
+    stock = qwen2_5_vl_model().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = make_batch([[3, (1, 4, 6), 5], [7]], padding="right")
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}
+
+
+def test_gradient_checkpointing_matches_stock(fused_calls):
+    stock = qwen2_vl_model().train()
+    enable = getattr(stock, "activation_checkpointing_enable", None) or stock.gradient_checkpointing_enable
+    enable()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = make_batch(MIXED_ROWS, padding="left")
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    assert fused_calls["attention"] >= 2  # recomputation in backward runs the fused layer again
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_bf16_cuda_training_step_matches_stock(padding, fused_calls):
+    """The Triton kernels on a GPU in bf16 (the interpreter cannot run bf16 dot products)."""
+    stock = qwen2_vl_model(dtype=torch.bfloat16).cuda().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="triton")
+    batch = _as(make_batch(MIXED_ROWS, padding=padding), torch.bfloat16, "cuda")
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_generate_runs_on_the_fused_prefill(fused_calls):
+    model = patch_qwen2_vl(qwen2_vl_model(dtype=torch.bfloat16).cuda(), backend="triton")
+    batch = _as(make_batch(MIXED_ROWS, padding="left"), torch.bfloat16, "cuda")
+    batch.pop("labels")
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    assert out.shape == (3, batch["input_ids"].shape[1] + 4) and fused_calls["attention"] == 2

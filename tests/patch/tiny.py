@@ -1,0 +1,119 @@
+"""Tiny random-weight Qwen2-VL models and multimodal batches for the patch tests (no downloads).
+
+Text decoder: hidden 256, 2 layers, 4 query / 2 KV heads (GQA), head_dim 64 (the smallest the fused
+attention takes), mrope_section (8, 12, 12) = head_dim / 2. Vision tower: depth 1, patch 2, merge 2,
+so an image of grid (1, h, w) patches becomes h·w/4 placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+VOCAB = 300
+IMAGE, VIDEO, VISION_START, VISION_END = 290, 291, 292, 293
+PAD = 0
+PATCH_DIM = 3 * 1 * 2 * 2  # channels · temporal patch · patch²
+
+
+def text_config(**overrides) -> dict:
+    cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+               rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
+    cfg.update(overrides)
+    return cfg
+
+
+def vision_config(hidden_size: int = 256) -> dict:
+    return dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, patch_size=2, spatial_merge_size=2,
+                temporal_patch_size=1, in_channels=3, mlp_ratio=2)
+
+
+def qwen2_vl_config(**text_overrides):
+    from transformers import Qwen2VLConfig
+
+    text = text_config(**text_overrides)
+    return Qwen2VLConfig(text_config=text, vision_config=vision_config(text["hidden_size"]), image_token_id=IMAGE,
+                         video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+
+
+def qwen2_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides):
+    """A random-weight Qwen2VLForConditionalGeneration in eval mode. ``init_std`` > HF's default 0.02
+    spreads the logits, so greedy decoding does not hinge on near-ties."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration(qwen2_vl_config(**text_overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "visual" not in name:
+                p.normal_(0.0, init_std)
+    return model.to(dtype).eval()
+
+
+def _text(n: int) -> list[int]:
+    return [random.randrange(3, 280) for _ in range(n)]
+
+
+def _vision(grid, token: int) -> list[int]:
+    t, h, w = grid
+    return [VISION_START] + [token] * (t * h * w // 4) + [VISION_END]
+
+
+def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32) -> dict:
+    """rows: per sample a list of parts: an int n (n text tokens), a tuple (t, h, w) (an image grid) or
+    ("video", t, h, w). Returns input_ids, attention_mask, mm_token_type_ids, labels (the text tokens;
+    padding and placeholders -100) and, when present, pixel_values/image_grid_thw and
+    pixel_values_videos/video_grid_thw; padded on ``padding``."""
+    seqs, grids, video_grids = [], [], []
+    for parts in rows:
+        ids = []
+        for part in parts:
+            if isinstance(part, int):
+                ids += _text(part)
+            elif part[0] == "video":
+                ids += _vision(part[1:], VIDEO)
+                video_grids.append(part[1:])
+            else:
+                ids += _vision(part, IMAGE)
+                grids.append(part)
+        seqs.append(ids)
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), PAD, dtype=torch.long)
+    mask = torch.zeros(len(seqs), longest, dtype=torch.long)
+    for b, ids in enumerate(seqs):
+        sl = slice(0, len(ids)) if padding == "right" else slice(longest - len(ids), longest)
+        input_ids[b, sl] = torch.tensor(ids)
+        mask[b, sl] = 1
+    labels = input_ids.masked_fill((mask == 0) | (input_ids == IMAGE) | (input_ids == VIDEO), -100)
+    types = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
+    batch = dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=types, labels=labels)
+    for found, key, pixels in ((grids, "image_grid_thw", "pixel_values"),
+                               (video_grids, "video_grid_thw", "pixel_values_videos")):
+        if found:
+            grid = torch.tensor(found)
+            batch[key] = grid
+            batch[pixels] = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, dtype=dtype)
+    return batch
+
+
+# Batches every equivalence test runs: images (one and two per row), text-only rows, odd lengths.
+MIXED_ROWS = [[3, (1, 4, 6), 5], [7], [2, (1, 4, 4), 3, (1, 6, 4), 4]]
+
+
+def qwen2_5_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides):
+    """A random-weight Qwen2_5_VLForConditionalGeneration (same text decoder as ``qwen2_vl_model``)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = text_config(**text_overrides)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=1, in_channels=3, window_size=8, out_hidden_size=text["hidden_size"],
+                  fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                              vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "visual" not in name:
+                p.normal_(0.0, init_std)
+    return model.to(dtype).eval()
