@@ -1,0 +1,159 @@
+"""Fused distillation loss (lm_head + temperature KL + CE), forward + backward, against peers.
+
+Implementations, side by side per shape:
+
+* ``clinkd``       linear_kd_loss with a dense teacher (chunked lm_head; Triton row kernel on CUDA,
+                   the chunked PyTorch path on CPU)
+* ``clinkd-topk``  the same with top-64 pseudo-labels instead of the teacher's lm_head
+* ``naive``        what a trainer writes: full student and teacher logits, F.kl_div + F.cross_entropy
+* ``liger``        Liger-Kernel's chunked LigerFusedLinearJSDLoss (skipped unless importable). Its JSD
+                   with beta = 1 is KL(teacher ‖ student) in the versions we read; the shape of the work
+                   (chunked lm_head + full-vocabulary softmaxes) is what is compared.
+
+Shapes: Liger's distillation benchmark (N=8192, Hd=2048, teacher Hd=4096, V=128256) and Qwen2-VL
+2B-student / 7B-teacher (Hd=1536, teacher Hd=3584, V=151936) in bf16 on CUDA; a scaled-down fp32
+shape on CPU. Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
+matmuls, teacher forward) at the device's measured matmul rate. ``extra_info["peak_bytes"]``: the most
+memory one forward+backward held above its inputs (CUDA: max_memory_allocated; CPU: the peak-RSS
+counter reset before the run, see tests/loss/memory_probe.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import sync
+from benchmarks.floors import compute_floor_s, record
+from clinkd_kernels.loss import linear_kd_loss
+from clinkd_kernels.topk.pseudo_labels import PseudoLabels
+
+T, ALPHA, BETA = 0.5, 0.5, 1.0
+SHAPES = {
+    # name: (N, Hd, Hd_t, V, dtype)
+    "cpu": [("cpu-small", 512, 256, 512, 16384, torch.float32)],
+    "cuda": [("liger", 8192, 2048, 4096, 128256, torch.bfloat16),
+             ("qwen2vl-2b/7b", 8192, 1536, 3584, 151936, torch.bfloat16)],
+}
+IMPLS = ["clinkd", "clinkd-topk", "naive", "liger"]
+
+
+def naive_loss(hidden, weight, labels, th, tw):
+    vocab = weight.shape[0]
+    logits = (hidden @ weight.t()).float()
+    with torch.no_grad():
+        log_p = F.log_softmax((th @ tw[:vocab].t()).float() / T, dim=-1)
+    log_q = F.log_softmax(logits / T, dim=-1)
+    valid = labels != -100
+    kd = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    kd = (kd * valid).sum() / valid.sum()
+    ce = F.cross_entropy(logits, labels, ignore_index=-100)
+    return (ALPHA * kd + BETA * ce) / (ALPHA + BETA)
+
+
+def _topk_from_teacher(th, tw, vocab, k=64, rows=1024):
+    """Pseudo-labels of the teacher's lm_head logits, made chunk-wise (not timed)."""
+    parts = []
+    with torch.no_grad():
+        for a in range(0, th.shape[0], rows):
+            logp = torch.log_softmax((th[a:a + rows] @ tw[:vocab].t()).float() / T, dim=-1)
+            top, idx = logp.topk(k, dim=-1)
+            parts.append((idx.int(), top, (1 - top.exp().sum(-1)).clamp(min=0)))
+    idx, lp, res = (torch.cat(x) for x in zip(*parts))
+    zeros = torch.zeros_like(res)
+    return PseudoLabels(idx, lp, zeros, zeros, res)
+
+
+def _liger_fn():
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    loss_fn = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=BETA / (ALPHA + BETA),
+                                              weight_soft_loss=ALPHA / (ALPHA + BETA), beta=1.0, temperature=T)
+
+    def run(hidden, weight, labels, th, tw):
+        tw = tw[: weight.shape[0]]
+        try:
+            return loss_fn(hidden, weight, th, tw, labels, None, None)
+        except TypeError:  # versions before the bias arguments
+            return loss_fn(hidden, weight, th, tw, labels)
+
+    return run
+
+
+def _peak_rss_bytes(fn) -> int | None:
+    """Peak resident memory fn() held above what was resident before (Linux), or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+def _peak_bytes(fn, device) -> int | None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return _peak_rss_bytes(fn)
+
+
+@pytest.mark.parametrize("shape_index", [0, 1])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_kd_loss(benchmark, device, impl, shape_index):
+    if shape_index >= len(SHAPES[device]):
+        pytest.skip("no such shape on this device")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    name, n, hd, hd_t, vocab, dtype = SHAPES[device][shape_index]
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, hd, device=device, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.randn(vocab, hd, device=device, dtype=dtype, generator=g) * hd ** -0.5).requires_grad_()
+    th = torch.randn(n, hd_t, device=device, dtype=dtype, generator=g)
+    tw = torch.randn(vocab, hd_t, device=device, dtype=dtype, generator=g) * hd_t ** -0.5
+    labels = torch.randint(0, vocab, (n,), device=device, generator=g)
+    labels[::9] = -100
+
+    if impl == "clinkd":
+        fn = functools.partial(linear_kd_loss, teacher_hidden=th, teacher_weight=tw, temperature=T, alpha=ALPHA,
+                               beta=BETA)
+        loss_fn = lambda: fn(hidden, weight, labels)  # noqa: E731
+    elif impl == "clinkd-topk":
+        teacher = _topk_from_teacher(th, tw, vocab)
+        loss_fn = lambda: linear_kd_loss(hidden, weight, labels, teacher=teacher, temperature=T,  # noqa: E731
+                                         alpha=ALPHA, beta=BETA)
+    elif impl == "naive":
+        loss_fn = lambda: naive_loss(hidden, weight, labels, th, tw)  # noqa: E731
+    else:
+        liger = _liger_fn()
+        loss_fn = lambda: liger(hidden, weight, labels, th, tw)  # noqa: E731
+
+    def run():
+        hidden.grad = weight.grad = None
+        loss_fn().backward()
+        sync(device)
+
+    flops = 2 * n * vocab * (3 * hd + hd_t)
+    if impl == "clinkd-topk":
+        flops = 2 * n * vocab * 3 * hd  # no teacher lm_head
+    run()  # warm-up (Triton compile, torch.compile for Liger)
+    peak = _peak_bytes(run, device)
+    benchmark.group = f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} " \
+                      f"{str(dtype).replace('torch.', '')} fwd+bwd"
+    record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,
+           device=device, shape=f"N={n},Hd={hd},Hd_t={hd_t},V={vocab}", peak_bytes=peak,
+           peak_gib=None if peak is None else round(peak / 2**30, 3))
+    benchmark.pedantic(run, rounds=3 if device == "cpu" else 10, warmup_rounds=0, iterations=1)

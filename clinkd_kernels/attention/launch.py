@@ -1,0 +1,221 @@
+"""Block configs, autotuning and launches of the attention kernels, plus their AOT compile specs.
+
+Tensors reach these functions already validated and flattened (see ``op.py``):
+    q [T_total, HQ, D], k/v [T_total, HKV, D] contiguous, pos int64 [3, T_total] contiguous,
+    inv_freq fp32 [D/2], mask int8 [T_total] or None, cu_seqlens int32 [B+1] or None.
+On CUDA the block sizes come from a short ``triton.autotune`` list per architecture (sm_80 / sm_90);
+under ``TRITON_INTERPRET=1`` a fixed small config is used (tests may change ``INTERPRETER_BLOCKS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+
+from .._dispatch import empty_output, triton_interpret
+from ..aot import KernelSpec, pointer
+from .bwd import (mcg_attn_bwd_dkdv_kernel, mcg_attn_bwd_dq_kernel, mcg_attn_bwd_finish_kernel,
+                  mcg_attn_bwd_prep_kernel)
+from .fwd import mcg_attn_fwd_kernel, rotate_kernel
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, each compiled ahead of time without
+# spills (see aot_specs / tests). Register pressure decides them: D=128 needs fp32 accumulators of
+# 128-256 columns next to the matmul operands, so sm_80 (operands in registers) gets smaller tiles
+# than sm_90 (wgmma reads B, and A when loaded, from shared memory; 8 warps = 2 warpgroups).
+CONFIGS = {
+    80: {
+        "fwd": [(64, 64, 4, 2), (64, 32, 4, 3)],
+        "dkdv": [(16, 128, 8, 2), (32, 32, 4, 2)],
+        "dq": [(64, 32, 4, 2), (128, 32, 8, 2)],
+    },
+    90: {
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3)],
+        "dkdv": [(64, 64, 8, 2), (32, 128, 8, 2)],
+        "dq": [(128, 64, 8, 2), (64, 64, 4, 2)],
+    },
+}
+# Fixed blocks in the interpreter. BLOCK_M ≠ BLOCK_N on purpose, so the tests cross the block edges of
+# the outer and inner loops differently; tests may swap them.
+INTERPRETER_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+PREP_BLOCK = 16  # rows per program of the element-wise passes: [16, 64] tiles keep them at ~64 registers
+# Forward K rotation: in registers as each K tile is loaded (default), or once up front into a
+# transient [T_total, HKV, D] copy ("prepass"), which removes the per-tile sin/cos from the loop.
+# CLINKD_ATTN_K_ROTATION=prepass selects the latter (compared side by side in the benchmarks).
+K_ROTATION_MODES = ("in_kernel", "prepass")
+
+
+def k_rotation_mode() -> str:
+    mode = os.environ.get("CLINKD_ATTN_K_ROTATION", "in_kernel")
+    if mode not in K_ROTATION_MODES:
+        raise ValueError(f"CLINKD_ATTN_K_ROTATION must be one of {K_ROTATION_MODES}, got {mode!r}")
+    return mode
+
+
+_KERNELS = {"fwd": mcg_attn_fwd_kernel, "dkdv": mcg_attn_bwd_dkdv_kernel, "dq": mcg_attn_bwd_dq_kernel}
+_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_MASK", "VARLEN", "IEEE", "seq_bucket", "GROUP"]
+_EXTRA_KEY = {"fwd": ["K_ROTATED"], "dkdv": [], "dq": []}
+
+
+def _arch(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+@functools.cache
+def _tuned(kind: str, arch: int):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in CONFIGS[arch][kind]]
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY + _EXTRA_KEY[kind])(_KERNELS[kind])
+
+
+def _launch(kind: str, grid_rows: int, n_programs_1: int, batch: int, args: tuple, meta: dict) -> None:
+    """Launch kernel ``kind`` over (row blocks, heads, batch), autotuned on CUDA, fixed in the interpreter."""
+    if triton_interpret() and args[0].device.type == "cpu":
+        bm, bn = INTERPRETER_BLOCKS[kind]
+        rows = bm if kind != "dkdv" else bn
+        _KERNELS[kind][(triton.cdiv(grid_rows, rows), n_programs_1, batch)](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+        return
+    fn = _tuned(kind, _arch(args[0].device))
+    row_key = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    fn[lambda cfg: (triton.cdiv(grid_rows, cfg[row_key]), n_programs_1, batch)](*args, **meta)
+
+
+def _meta(q, causal, mask, cu_seqlens):
+    d = q.shape[-1]
+    return {
+        "HEAD_DIM": d, "HALF_PAD": triton.next_power_of_2(d // 2), "D_PAD": triton.next_power_of_2(d),
+        "CAUSAL": bool(causal), "HAS_MASK": mask is not None, "VARLEN": cu_seqlens is not None,
+        "IEEE": q.dtype == torch.float32,
+    }
+
+
+def _common(q, k, mrope_section, seqlen, max_seqlen):
+    """The kernels' int arguments: seqlen, n_tokens, s_t, s_th, HQ, GROUP, seq_bucket."""
+    s_t, s_h, _ = mrope_section
+    group = q.shape[1] // k.shape[1]
+    return (seqlen, q.shape[0], s_t, s_t + s_h, q.shape[1], group, triton.next_power_of_2(max(max_seqlen, 1)))
+
+
+def attention_forward(q, k, v, pos, inv_freq, mrope_section, mask, cu_seqlens, *, causal: bool, scale: float,
+                      batch: int, seqlen: int, max_seqlen: int):
+    """out [T_total, HQ, D] (q's dtype), lse fp32 [HQ, T_total] (base-2, +inf on padded rows)."""
+    out = empty_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = empty_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    if q.shape[0] == 0 or max_seqlen == 0:
+        return out, lse
+    ints = _common(q, k, mrope_section, seqlen, max_seqlen)
+    prepass = k_rotation_mode() == "prepass"
+    if prepass:
+        s_t, s_h, _ = mrope_section
+        k_in = torch.empty_like(k)
+        rotate_kernel[(triton.cdiv(k.shape[0], PREP_BLOCK), k.shape[1])](
+            k, pos, inv_freq, k_in, k.shape[0], s_t, s_t + s_h, k.shape[1],
+            HEAD_DIM=k.shape[2], HALF_PAD=triton.next_power_of_2(k.shape[2] // 2), BLOCK=PREP_BLOCK)
+    else:
+        k_in = k
+    args = (q, k_in, v, pos, inv_freq, mask, cu_seqlens, out, lse, scale) + ints
+    _launch("fwd", max_seqlen, q.shape[1], batch, args, {**_meta(q, causal, mask, cu_seqlens), "K_ROTATED": prepass})
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask, cu_seqlens, *, causal: bool,
+                       scale: float, batch: int, seqlen: int, max_seqlen: int):
+    """(dq, dk, dv) shaped like (q, k, v), for the pre-rotary q and k."""
+    n_tokens, hq, d = q.shape
+    hkv = k.shape[1]
+    if n_tokens == 0 or max_seqlen == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    s_t, s_h, _ = mrope_section
+    delta = empty_output((hq, n_tokens), dtype=torch.float32, device=q.device)
+    q_rot = empty_output(q.shape, dtype=q.dtype, device=q.device)
+    k_rot = empty_output(k.shape, dtype=k.dtype, device=k.device)
+    mcg_attn_bwd_prep_kernel[(triton.cdiv(n_tokens, PREP_BLOCK), hq + hkv)](
+        q, k, out, do, pos, inv_freq, q_rot, k_rot, delta, n_tokens, s_t, s_t + s_h, hq, hkv,
+        HEAD_DIM=d, HALF_PAD=triton.next_power_of_2(d // 2), D_PAD=triton.next_power_of_2(d), BLOCK=PREP_BLOCK)
+    dq_rot = empty_output(q.shape, dtype=torch.float32, device=q.device)
+    dk_rot = empty_output(k.shape, dtype=torch.float32, device=k.device)
+    dv = empty_output(v.shape, dtype=v.dtype, device=v.device)
+    ints = _common(q, k, mrope_section, seqlen, max_seqlen)
+    meta = _meta(q, causal, mask, cu_seqlens)
+    head = (q_rot, k_rot, v, pos, inv_freq, mask, cu_seqlens, do, lse, delta)
+    _launch("dkdv", max_seqlen, hkv, batch, head + (dk_rot, dv, scale) + ints, meta)
+    _launch("dq", max_seqlen, hq, batch, head + (dq_rot, scale) + ints, meta)
+    del q_rot, k_rot
+    dq = empty_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty_output(k.shape, dtype=k.dtype, device=k.device)
+    mcg_attn_bwd_finish_kernel[(triton.cdiv(n_tokens, PREP_BLOCK), hq + hkv)](
+        dq_rot, dk_rot, pos, inv_freq, dq, dk, n_tokens, s_t, s_t + s_h, hq, hkv,
+        HEAD_DIM=d, HALF_PAD=triton.next_power_of_2(d // 2), BLOCK=PREP_BLOCK)
+    return dq, dk, dv
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchKernelSpec(KernelSpec):
+    """A KernelSpec that also names the architectures it is meant for (its autotune list's)."""
+
+    archs: tuple = (80, 90)
+
+
+def _attn_signature(kind: str, dtype) -> dict:
+    p, f32 = pointer(dtype), pointer(torch.float32)
+    qk = {"Q": p, "K": p} if kind == "fwd" else {"QR": p, "KR": p}
+    head = {**qk, "V": p, "POS": pointer(torch.int64), "FREQ": f32, "MASK": pointer(torch.int8),
+            "CU": pointer(torch.int32)}
+    mid = {"fwd": {"O": p, "LSE": f32},
+           "dkdv": {"DO": p, "LSE": f32, "DELTA": f32, "DKR": f32, "DV": p},
+           "dq": {"DO": p, "LSE": f32, "DELTA": f32, "DQR": f32}}[kind]
+    tail = {"sm_scale": "fp32", "seqlen": "i32", "n_tokens": "i32", "s_t": "i32", "s_th": "i32", "HQ": "i32",
+            "GROUP": "i32", "seq_bucket": "i32"}
+    return {**head, **mid, **tail}
+
+
+def aot_specs() -> list[ArchKernelSpec]:
+    """Compile specs: every autotune config of each arch (``spec.archs``) for bf16, D=128, causal, packed;
+    the first config of each arch again for fp16, D=80 (half tile padded 40 → 64) with a padding mask,
+    non-causal, and (forward) with K pre-rotated; the element-wise passes (K rotation, backward prep and
+    finish) for both archs."""
+    specs = []
+    for kind, fn in _KERNELS.items():
+        for arch in (80, 90):
+            for i, (bm, bn, w, s) in enumerate(CONFIGS[arch][kind]):
+                variants = [(128, torch.bfloat16, True, False, True, False)]
+                if i == 0:
+                    variants.append((80, torch.float16, False, True, False, False))
+                    if kind == "fwd":
+                        variants.append((128, torch.bfloat16, True, False, True, True))
+                for d, dtype, causal, has_mask, varlen, k_rotated in variants:
+                    consts = {"HEAD_DIM": d, "HALF_PAD": triton.next_power_of_2(d // 2),
+                              "D_PAD": triton.next_power_of_2(d), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal,
+                              "HAS_MASK": has_mask, "VARLEN": varlen, "IEEE": False}
+                    if kind == "fwd":
+                        consts["K_ROTATED"] = k_rotated
+                    form = " ".join(w for w, on in (("causal" if causal else "full", True), ("masked", has_mask),
+                                                    ("varlen", varlen), ("k-prerotated", k_rotated)) if on)
+                    specs.append(ArchKernelSpec(
+                        fn, _attn_signature(kind, dtype), consts, num_warps=w, num_stages=s, archs=(arch,),
+                        label=f"sm{arch} {kind} D={d} {str(dtype)[6:]} {form} BM={bm} BN={bn} w={w} s={s}"))
+    for d, dtype in ((128, torch.bfloat16), (80, torch.float16)):
+        p, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
+        half, dpad = triton.next_power_of_2(d // 2), triton.next_power_of_2(d)
+        ints = {"n_tokens": "i32", "s_t": "i32", "s_th": "i32", "HQ": "i32", "HKV": "i32"}
+        specs.append(ArchKernelSpec(
+            rotate_kernel, {"X": p, "POS": i64, "FREQ": f32, "Y": p, "n_tokens": "i32", "s_t": "i32", "s_th": "i32",
+                            "H": "i32"},
+            {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
+            label=f"rotate D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
+        specs.append(ArchKernelSpec(
+            mcg_attn_bwd_prep_kernel,
+            {"Q": p, "K": p, "O": p, "DO": p, "POS": i64, "FREQ": f32, "QR": p, "KR": p, "DELTA": f32, **ints},
+            {"HEAD_DIM": d, "HALF_PAD": half, "D_PAD": dpad, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
+            label=f"prep D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
+        specs.append(ArchKernelSpec(
+            mcg_attn_bwd_finish_kernel,
+            {"DQR": f32, "DKR": f32, "POS": i64, "FREQ": f32, "DQ": p, "DK": p, **ints},
+            {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
+            label=f"finish D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
+    return specs

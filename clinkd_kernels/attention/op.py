@@ -1,0 +1,242 @@
+"""``mcg_rope_attention``: input checks, backend dispatch and the custom ops (with autograd) of the Triton path.
+
+Contract (DESIGN.md §3.3):
+    padded: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] (≠0 keep, 0 pad) → [B,S,Hq,D]
+    packed: q [T,Hq,D],   k/v [T,Hkv,D],   position_ids [3,T],   cu_seqlens int32 [B+1]             → [T,Hq,D]
+    out = softmax(rope(q)·rope(k)ᵀ·scale + masks)·v, rope = M-RoPE with angles position·inv_freq (fp32);
+    Hq % Hkv == 0, D ∈ {64, 80, 96, 128}; gradients for the pre-rotary q, k and for v.
+
+The Triton path works on flattened tokens (T_total = B·S or T); the two custom ops
+``clinkd::mcg_rope_attention_fwd`` / ``_bwd`` take those flat views, so the reshapes around them stay
+visible to torch.compile. Checks that need tensor values (cu_seqlens order and ends) run inside
+the ops, i.e. eagerly, so tracing needs no data-dependent Python.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._dispatch import resolve_backend, triton_interpret
+from .._validation import FLOAT_DTYPES, check_int, check_positive_float, check_same_device, check_shape, check_tensor
+
+HEAD_DIMS = (64, 80, 96, 128)
+_INT_DTYPES = (torch.int32, torch.int64)
+_QKV_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: "cpu" and "torch" backends only
+_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, causal, softmax_scale, attention_mask,
+                  cu_seqlens, max_seqlen):
+    """Shape/dtype/device checks (no tensor values read). Returns (mrope_section tuple, scale)."""
+    check_tensor("q", q, ndim=(3, 4), dtypes=_QKV_DTYPES)
+    check_tensor("k", k, ndim=q.dim(), dtypes=_QKV_DTYPES)
+    check_tensor("v", v, ndim=q.dim(), dtypes=_QKV_DTYPES)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"q, k and v must have the same head dim, got q {d}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim (q.shape[-1]) must be one of {HEAD_DIMS}, got {d}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {list(k.shape)} and v {list(v.shape)}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of query heads must be a multiple of the KV heads, got Hq={hq}, Hkv={hkv}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else check_positive_float("softmax_scale", softmax_scale)
+
+    check_tensor("position_ids", position_ids, dtypes=_INT_DTYPES)
+    if q.dim() == 4:
+        b, s = q.shape[:2]
+        check_shape("k", k, [b, s, hkv, d])
+        check_shape("position_ids", position_ids, [3, b, s])
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for the packed form (3-D q [T,Hq,D]); q is 4-D [B,S,Hq,D]")
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is for the packed form (3-D q [T,Hq,D]); q is 4-D [B,S,Hq,D]")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, dtypes=_MASK_DTYPES)
+            check_shape("attention_mask", attention_mask, [b, s])
+    else:
+        t = q.shape[0]
+        check_shape("k", k, [t, hkv, d])
+        check_shape("position_ids", position_ids, [3, t])
+        if attention_mask is not None:
+            raise ValueError("attention_mask is for the padded form (4-D q [B,S,Hq,D]); packed sequences "
+                             "are described by cu_seqlens alone")
+        if cu_seqlens is None:
+            raise ValueError("3-D q [T,Hq,D] is the packed form and needs cu_seqlens (int32 [B+1])")
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+        if cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must have at least 2 entries [0, ..., T], got {cu_seqlens.shape[0]}")
+        if max_seqlen is not None:
+            check_int("max_seqlen", max_seqlen, low=1)
+
+    check_tensor("inv_freq", inv_freq, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_shape("inv_freq", inv_freq, [d // 2])
+    if isinstance(mrope_section, (str, bytes)) or not isinstance(mrope_section, Sequence) or len(mrope_section) != 3:
+        raise ValueError(f"mrope_section must be 3 ints (t, h, w), got {mrope_section!r}")
+    section = tuple(check_int(f"mrope_section[{i}]", int(s) if isinstance(s, torch.Tensor) else s, low=0)
+                    for i, s in enumerate(mrope_section))
+    if sum(section) != d // 2:
+        raise ValueError(f"mrope_section must sum to D/2 = {d // 2}, got {section} (sum {sum(section)})")
+    check_same_device(q=q, k=k, v=v, position_ids=position_ids, inv_freq=inv_freq, attention_mask=attention_mask,
+                      cu_seqlens=cu_seqlens)
+    return section, scale
+
+
+def _check_values(cu_seqlens, n_tokens: int, max_seqlen: int | None) -> int | None:
+    """Checks that read cu_seqlens' values; returns the longest packed sequence (None for the padded form)."""
+    if cu_seqlens is None:
+        return None
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != n_tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {n_tokens}, got {cu[0]} ... {cu[-1]}")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    bad = [i for i, n in enumerate(lengths) if n < 0]
+    if bad:
+        raise ValueError(f"cu_seqlens must be non-decreasing, but it decreases after entries {bad[:5]}: {cu[:12]}")
+    longest = max(lengths)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest packed sequence ({longest})")
+    return longest
+
+
+# --------------------------------------------------------------------------------------------------
+# custom ops (Triton path) on flat tensors: q [N,Hq,D], k/v [N,Hkv,D], pos int64 [3,N], mask int8 [N]
+# --------------------------------------------------------------------------------------------------
+def _grid_len(q, cu_seqlens, seqlen: int, max_seqlen: int) -> int:
+    if cu_seqlens is None:
+        longest = seqlen
+    else:
+        longest = max_seqlen if max_seqlen > 0 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    # Row offsets inside a sequence are 32-bit in the kernels.
+    if longest * q.shape[1] * q.shape[2] >= 2**31:
+        raise ValueError(f"sequences of {longest} tokens × {q.shape[1]} heads × {q.shape[2]} dims exceed 2^31 "
+                         "elements; split them")
+    return longest
+
+
+@torch.library.custom_op("clinkd::mcg_rope_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+            mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, mrope_section: list[int], causal: bool,
+            scale: float, batch: int, seqlen: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [N,Hq,D], lse fp32 [Hq,N]); max_seqlen ≤ 0 means "read it from cu_seqlens"."""
+    from .launch import attention_forward
+
+    longest = _check_values(cu_seqlens, q.shape[0], max_seqlen if max_seqlen > 0 else None)
+    longest = _grid_len(q, cu_seqlens, seqlen, longest or 0)
+    return attention_forward(q, k, v, pos, inv_freq, mrope_section, mask, cu_seqlens, causal=causal, scale=scale,
+                             batch=batch, seqlen=seqlen, max_seqlen=longest)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, pos, inv_freq, mask, cu_seqlens, mrope_section, causal, scale, batch, seqlen, max_seqlen):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("clinkd::mcg_rope_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, mask: torch.Tensor | None,
+            cu_seqlens: torch.Tensor | None, mrope_section: list[int], causal: bool, scale: float, batch: int,
+            seqlen: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the pre-rotary q, k and for v."""
+    from .launch import attention_backward
+
+    longest = _grid_len(q, cu_seqlens, seqlen, max_seqlen)
+    return attention_backward(grad_out.contiguous(), q, k, v, out, lse, pos, inv_freq, mrope_section, mask,
+                              cu_seqlens, causal=causal, scale=scale, batch=batch, seqlen=seqlen, max_seqlen=longest)
+
+
+@_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens, mrope_section, causal, scale, batch, seqlen,
+      max_seqlen):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pos, inv_freq, mask, cu_seqlens, mrope_section, causal, scale, batch, seqlen, max_seqlen = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens)
+    ctx.args = (list(mrope_section), causal, scale, batch, seqlen, max_seqlen)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_attention(q, k, v, position_ids, inv_freq, section, *, causal, scale, attention_mask, cu_seqlens,
+                      max_seqlen):
+    if q.dtype == torch.float64:
+        raise TypeError("q is float64, which the Triton kernels do not support; use backend='torch' or 'cpu'")
+    if triton_interpret() and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("q is bfloat16, which the Triton interpreter cannot multiply correctly (tl.dot); use "
+                        "float16/float32 on CPU, or a CUDA device for bfloat16")
+    padded = q.dim() == 4
+    if padded:
+        batch, seqlen = q.shape[:2]
+        mask = None if attention_mask is None else (attention_mask != 0).reshape(-1).to(torch.int8)
+        grid_len = seqlen
+    else:
+        batch, seqlen = cu_seqlens.shape[0] - 1, 0
+        mask = None
+        grid_len = max_seqlen if max_seqlen is not None else 0
+    flat = lambda t: t.contiguous().reshape(-1, t.shape[-2], t.shape[-1])  # noqa: E731
+    pos = position_ids.reshape(3, -1).to(torch.int64).contiguous()
+    out, _ = _fwd_op(flat(q), flat(k), flat(v), pos, inv_freq.to(torch.float32).contiguous(), mask, cu_seqlens,
+                     list(section), causal, scale, batch, seqlen, grid_len)
+    return out.view(q.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------------
+def mcg_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
+                       inv_freq: torch.Tensor, mrope_section, *, causal: bool = True,
+                       softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
+                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                       backend: str | None = None) -> torch.Tensor:
+    """Attention with M-RoPE applied to q and k inside the kernel (angles from positions, no cos/sin tensors).
+
+    Padded form: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S] (t, h, w rows), optional
+    attention_mask [B,S] (1 keep, 0 pad, any nonzero counts as keep; left or right padding, or any
+    pattern) → out [B,S,Hq,D], 0 on padded query rows.
+    Packed form: q [T,Hq,D], k/v [T,Hkv,D], position_ids [3,T], cu_seqlens int32 [B+1] (0 = first,
+    T = last; non-decreasing), optional max_seqlen (longest sequence; read from cu_seqlens if omitted)
+    → out [T,Hq,D]; no attention across sequences.
+    inv_freq [D/2] (used in fp32), mrope_section (s_t, s_h, s_w) summing to D/2; Hq % Hkv == 0 (GQA);
+    D ∈ {64, 80, 96, 128}; softmax_scale defaults to 1/sqrt(D).
+
+    Equals ``apply_mrope`` followed by ``softmax(QKᵀ·scale + masks)·V``; differentiable in q, k, v.
+    backend: "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1), "cpu" (rotation + SDPA) or "torch"
+    (the reference); default from CLINKD_BACKEND, else by device.
+    """
+    section, scale = _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, causal, softmax_scale,
+                                   attention_mask, cu_seqlens, max_seqlen)
+    chosen = resolve_backend("mcg_rope_attention", backend, q.device, ("triton", "cpu", "torch"))
+    if chosen == "triton":
+        return _triton_attention(q, k, v, position_ids, inv_freq, section, causal=causal, scale=scale,
+                                 attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    if chosen == "cpu":
+        from .cpu import mcg_rope_attention_cpu
+
+        return mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, section, causal=causal, scale=scale,
+                                      attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+    from .reference import mcg_rope_attention_reference
+
+    return mcg_rope_attention_reference(q, k, v, position_ids, inv_freq, section, causal=causal,
+                                        softmax_scale=scale, attention_mask=attention_mask, cu_seqlens=cu_seqlens)

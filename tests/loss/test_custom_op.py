@@ -1,0 +1,87 @@
+"""The custom ops: torch.library.opcheck (schema, fake, autograd registration) and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clinkd_kernels.loss import kd_loss, linear_kd_loss
+from clinkd_kernels.loss.kd_loss import _kd_loss_op
+from clinkd_kernels.loss.linear_kd_loss import _linear_kd_loss_op
+from tests.loss.util import QUIET, pseudo_labels
+
+pytestmark = QUIET
+
+
+def _kd_args(backend, reduction, sparse, device="cpu"):
+    n, v = 5, 37
+    z = torch.randn(n, v, device=device, requires_grad=True)
+    labels = torch.randint(0, v, (n,), device=device)
+    labels[1] = -100
+    t = torch.randn(n, v + 2, device=device)
+    idx = lp = res = None
+    if sparse:
+        pl = pseudo_labels(t, 4, 0.5, v)
+        t, idx, lp, res = None, pl.indices, pl.logprobs, pl.residual
+    return (z, labels, t, idx, lp, res, torch.rand(n, device=device), 0.5, 0.5, 1.0, -100, reduction, True, True,
+            backend)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_opcheck_kd_loss_cpu(reduction, sparse):
+    torch.library.opcheck(_kd_loss_op, _kd_args("cpu", reduction, sparse))
+
+
+def test_opcheck_kd_loss_triton(interpreter):
+    torch.library.opcheck(_kd_loss_op, _kd_args("triton", "sum", False, interpreter),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _linear_args(reduction, sparse):
+    n, hd, v = 7, 6, 29
+    h = torch.randn(n, hd, requires_grad=True)
+    w = torch.randn(v, hd, requires_grad=True)
+    b = torch.randn(v, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    th, tw = torch.randn(n, 5), torch.randn(v + 3, 5)
+    idx = lp = res = None
+    if sparse:
+        pl = pseudo_labels(th @ tw.t(), 3, 1.0, v)
+        th = tw = None
+        idx, lp, res = pl.indices, pl.logprobs, pl.residual
+    return (h, w, labels, b, th, tw, None, idx, lp, res, None, 1.0, 0.5, 1.0, -100, reduction, False, 3,
+            True, True, True, "cpu")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_opcheck_linear_kd_loss(reduction, sparse):
+    torch.library.opcheck(_linear_kd_loss_op, _linear_args(reduction, sparse))
+
+
+def test_torch_compile_fullgraph():
+    """kd_loss and linear_kd_loss trace into one graph (no graph breaks) and give the eager result."""
+    n, hd, v = 9, 8, 53
+    h = torch.randn(n, hd, requires_grad=True)
+    w = torch.randn(v, hd, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    th, tw = torch.randn(n, 4), torch.randn(v, 4)
+
+    def step(h, w):
+        logits = h @ w.t()
+        a = kd_loss(logits, labels, teacher_logits=th @ tw.t(), temperature=0.5, backend="cpu")
+        b = linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=0.5, chunk_size=4,
+                           backend="cpu")
+        return a + b
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out = compiled(h, w)
+    out.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want = step(h, w)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)

@@ -1,0 +1,130 @@
+"""Input builders and reference comparisons shared by the loss tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clinkd_kernels.loss.reference import kd_loss_reference, linear_kd_loss_reference
+from clinkd_kernels.topk.pseudo_labels import PseudoLabels
+from tests.numerics import assert_close
+
+_DEFAULT_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def value_atol(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float:
+    """atol for loss values (scalars or one value per row).
+
+    Per-row losses are sums over the vocabulary whose rounding error in the baseline is a random
+    quantity per row, sometimes ~0 by luck; as flash-attention's tests do, the allowance uses the
+    baseline's largest error over the tensor (2·max|base − ref|) besides the elementwise term. Plus
+    two fp32 ulps of the largest |value|: the outputs are fp32 numbers of O(10..100) here, where the
+    fixed 1e-6 is below one ulp. The relative-norm bound of the rule still applies unchanged.
+    """
+    finite = torch.isfinite(ref) & torch.isfinite(base)
+    r, b = ref.detach().double()[finite], base.detach().double()[finite]
+    scale = float(r.abs().max()) if r.numel() else 0.0
+    base_err = float((b - r).abs().max()) if r.numel() else 0.0
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return _DEFAULT_ATOL[dtype] + 2 * base_err + 2 * eps * scale
+
+
+# numpy warns about −inf − −inf in lanes a tl.where then discards (interpreter only)
+QUIET = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Vocabulary tiles of 128 columns, so V = 301 spans three tiles with a ragged last one; the PyTorch
+    row path works through 7 rows at a time at V = 301 (ragged last block too)."""
+    import clinkd_kernels.loss.kernels as kernels
+    import clinkd_kernels.loss.rows_torch as rows_torch
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK_V", 128)
+    monkeypatch.setattr(rows_torch, "BLOCK_BYTES", 7 * 8 * 301)
+
+
+def pseudo_labels(teacher_logits: torch.Tensor, k: int, temperature: float, vocab: int) -> PseudoLabels:
+    """Top-k pseudo-labels of a dense teacher with plain torch (float64 math, stored as the extractor does)."""
+    logp = torch.log_softmax(teacher_logits[:, :vocab].double() / temperature, dim=-1)
+    top, idx = logp.topk(k, dim=-1)
+    p = top.exp()
+    margin = p[:, 0] - (p[:, 1] if k > 1 else 0.0)
+    residual = (1 - p.sum(-1)).clamp(min=0)
+    lse = torch.logsumexp(teacher_logits[:, :vocab].double() / temperature, dim=-1)
+    return PseudoLabels(idx.int(), top.float(), lse.float(), margin.float(), residual.float())
+
+
+def labels_with_ignored(n: int, vocab: int, *, ignore_index: int = -100, n_ignored: int | None = None,
+                        device=None) -> torch.Tensor:
+    labels = torch.randint(0, vocab, (n,), device=device)
+    n_ignored = max(1, n // 5) if n_ignored is None else n_ignored
+    labels[torch.randperm(n, device=device)[:n_ignored]] = ignore_index
+    return labels
+
+
+def cast_teacher(kw: dict, dtype=None, device=None) -> dict:
+    """The teacher keyword arguments with dense teacher logits cast (PseudoLabels stay as extracted)."""
+    out = dict(kw)
+    if out.get("teacher_logits") is not None:
+        out["teacher_logits"] = out["teacher_logits"].to(dtype=dtype or out["teacher_logits"].dtype, device=device)
+    if out.get("teacher") is not None and device is not None:
+        out["teacher"] = out["teacher"].to(device)
+    return out
+
+
+def check_kd_loss(fn, z: torch.Tensor, labels: torch.Tensor, teacher_kw: dict, opts: dict, *, what: str = "",
+                  loss_atol: float | None = None):
+    """Compare ``fn(z, labels, **teacher_kw, **opts)`` (loss, kd, ce and ∂/∂z) with the float64 reference,
+    using the plain-torch result in z's dtype as the baseline (tests/numerics rule)."""
+    z_ours = z.detach().clone().requires_grad_()
+    loss, kd, ce = fn(z_ours, labels, return_components=True, **teacher_kw, **opts)
+    grad_out = torch.rand_like(loss) + 0.5 if loss.dim() else None   # per-row grad_output for "none"
+    loss.backward(grad_out)
+
+    z64 = z.detach().double().requires_grad_()
+    ref = kd_loss_reference(z64, labels, return_components=True,
+                            **cast_teacher(teacher_kw, torch.float64 if teacher_kw.get("teacher_logits") is not None else None),
+                            **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+    ref[0].backward(None if grad_out is None else grad_out.double())
+
+    zb = z.detach().clone().requires_grad_()
+    base = kd_loss_reference(zb, labels, return_components=True, compute_dtype=z.dtype, **teacher_kw, **opts)
+    base[0].backward(None if grad_out is None else grad_out.to(base[0].dtype))
+
+    for name, o, r, b in zip(("loss", "kd", "ce"), (loss, kd, ce), ref, base):
+        atol = value_atol(r, b, z.dtype) if loss_atol is None else loss_atol
+        assert_close(f"{what} {name}", o, r, b, atol=atol, dtype=z.dtype)
+    assert_close(f"{what} grad", z_ours.grad, z64.grad, zb.grad)
+    return loss
+
+
+def check_linear(fn, inputs: dict, labels, teacher_kw: dict, opts: dict, *, what: str = "",
+                 loss_atol: float | None = None):
+    """Same for the lm_head-fused form: loss parts and gradients of hidden, weight and bias."""
+    names = [k for k in ("hidden", "weight", "bias") if inputs.get(k) is not None]
+    ours = {k: inputs[k].detach().clone().requires_grad_() for k in names}
+    loss, kd, ce = fn(ours["hidden"], ours["weight"], labels, bias=ours.get("bias"), return_components=True,
+                      **teacher_kw, **opts)
+    grad_out = torch.rand_like(loss) + 0.5 if loss.dim() else None
+    loss.backward(grad_out)
+
+    ref_opts = {k: v for k, v in opts.items() if k != "chunk_size"}  # the reference has no chunks
+    r64 = {k: inputs[k].detach().double().requires_grad_() for k in names}
+    t64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in teacher_kw.items()}
+    ref = linear_kd_loss_reference(r64["hidden"], r64["weight"], labels, bias=r64.get("bias"), return_components=True,
+                                   **t64, **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in ref_opts.items()})
+    ref[0].backward(None if grad_out is None else grad_out.double())
+
+    dtype = inputs["hidden"].dtype
+    rb = {k: inputs[k].detach().clone().requires_grad_() for k in names}
+    base = linear_kd_loss_reference(rb["hidden"], rb["weight"], labels, bias=rb.get("bias"), return_components=True,
+                                    compute_dtype=dtype, **teacher_kw, **ref_opts)
+    base[0].backward(None if grad_out is None else grad_out.to(base[0].dtype))
+
+    for name, o, r, b in zip(("loss", "kd", "ce"), (loss, kd, ce), ref, base):
+        atol = value_atol(r, b, dtype) if loss_atol is None else loss_atol
+        assert_close(f"{what} {name}", o, r, b, atol=atol, dtype=dtype)
+    for k in names:
+        assert_close(f"{what} grad {k}", ours[k].grad, r64[k].grad, rb[k].grad)
+    return loss
