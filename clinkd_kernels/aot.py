@@ -137,6 +137,8 @@ class KernelSpec:
     """One compile configuration of a Triton kernel, as an op module lists it in ``aot_specs()``.
 
     ``signature`` maps non-constexpr arguments to Triton types; ``constexprs`` gives constexpr values.
+    ``archs`` are the architectures the configuration is meant for (an sm_90 autotune config need
+    not fit an sm_80 register file).
     """
 
     fn: object
@@ -145,6 +147,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    archs: tuple = ARCHS
 
     def compile(self, arch: int) -> CompileReport:
         return compile_kernel(self.fn, self.signature, self.constexprs, arch=arch, num_warps=self.num_warps,
@@ -152,7 +155,7 @@ class KernelSpec:
 
 
 def compile_module_specs(module: str, archs=ARCHS) -> list[CompileReport]:
-    """Compile every ``KernelSpec`` of ``module.aot_specs()`` for each arch and return the reports.
+    """Compile every ``KernelSpec`` of ``module.aot_specs()`` for each of ``archs`` it is meant for.
 
     Runs in a fresh Python process with ``TRITON_INTERPRET=0``, so it also works from a process whose
     kernels were defined for the interpreter (the test suite on a machine without a GPU).
@@ -169,7 +172,7 @@ def compile_module_specs(module: str, archs=ARCHS) -> list[CompileReport]:
 def _main(argv: list[str]) -> int:
     module, archs = argv[0], [int(a) for a in argv[1:]] or list(ARCHS)
     specs = importlib.import_module(module).aot_specs()
-    reports = [dataclasses.asdict(spec.compile(arch)) for spec in specs for arch in archs]
+    reports = [dataclasses.asdict(spec.compile(arch)) for spec in specs for arch in archs if arch in spec.archs]
     json.dump(reports, sys.stdout)
     return 0
 

@@ -9,7 +9,6 @@ under ``TRITON_INTERPRET=1`` a fixed small config is used (tests may change ``IN
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -154,13 +153,6 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask
     return dq, dk, dv
 
 
-@dataclasses.dataclass(frozen=True)
-class ArchKernelSpec(KernelSpec):
-    """A KernelSpec that also names the architectures it is meant for (its autotune list's)."""
-
-    archs: tuple = (80, 90)
-
-
 def _attn_signature(kind: str, dtype) -> dict:
     p, f32 = pointer(dtype), pointer(torch.float32)
     qk = {"Q": p, "K": p} if kind == "fwd" else {"QR": p, "KR": p}
@@ -174,7 +166,7 @@ def _attn_signature(kind: str, dtype) -> dict:
     return {**head, **mid, **tail}
 
 
-def aot_specs() -> list[ArchKernelSpec]:
+def aot_specs() -> list[KernelSpec]:
     """Compile specs: every autotune config of each arch (``spec.archs``) for bf16, D=128, causal, packed;
     the first config of each arch again for fp16, D=80 (half tile padded 40 → 64) with a padding mask,
     non-causal, and (forward) with K pre-rotated; the element-wise passes (K rotation, backward prep and
@@ -196,24 +188,24 @@ def aot_specs() -> list[ArchKernelSpec]:
                         consts["K_ROTATED"] = k_rotated
                     form = " ".join(w for w, on in (("causal" if causal else "full", True), ("masked", has_mask),
                                                     ("varlen", varlen), ("k-prerotated", k_rotated)) if on)
-                    specs.append(ArchKernelSpec(
+                    specs.append(KernelSpec(
                         fn, _attn_signature(kind, dtype), consts, num_warps=w, num_stages=s, archs=(arch,),
                         label=f"sm{arch} {kind} D={d} {str(dtype)[6:]} {form} BM={bm} BN={bn} w={w} s={s}"))
     for d, dtype in ((128, torch.bfloat16), (80, torch.float16)):
         p, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
         half, dpad = triton.next_power_of_2(d // 2), triton.next_power_of_2(d)
         ints = {"n_tokens": "i32", "s_t": "i32", "s_th": "i32", "HQ": "i32", "HKV": "i32"}
-        specs.append(ArchKernelSpec(
+        specs.append(KernelSpec(
             rotate_kernel, {"X": p, "POS": i64, "FREQ": f32, "Y": p, "n_tokens": "i32", "s_t": "i32", "s_th": "i32",
                             "H": "i32"},
             {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
             label=f"rotate D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
-        specs.append(ArchKernelSpec(
+        specs.append(KernelSpec(
             mcg_attn_bwd_prep_kernel,
             {"Q": p, "K": p, "O": p, "DO": p, "POS": i64, "FREQ": f32, "QR": p, "KR": p, "DELTA": f32, **ints},
             {"HEAD_DIM": d, "HALF_PAD": half, "D_PAD": dpad, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
             label=f"prep D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
-        specs.append(ArchKernelSpec(
+        specs.append(KernelSpec(
             mcg_attn_bwd_finish_kernel,
             {"DQR": f32, "DKR": f32, "POS": i64, "FREQ": f32, "DQ": p, "DK": p, **ints},
             {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,

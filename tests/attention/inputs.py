@@ -36,10 +36,11 @@ def positions(kind: str, batch_lengths: list[int]) -> list[torch.Tensor]:
 
 
 def padding_mask(b: int, s: int, side: str) -> torch.Tensor:
-    """[B, S] long mask, 1 keep / 0 pad; row i keeps a random number of tokens (≥ 1, the last row all)."""
+    """[B, S] long mask, 1 keep / 0 pad: the last row keeps all S tokens, the others a random 1..S-1
+    (so every batch with B > 1 and S > 1 has padding)."""
     mask = torch.zeros(b, s, dtype=torch.long)
     for i in range(b):
-        keep = s if i == b - 1 else int(torch.randint(1, s + 1, (1,)))
+        keep = s if i == b - 1 or s == 1 else int(torch.randint(1, s, (1,)))
         if side == "left":
             mask[i, s - keep:] = 1
         else:
