@@ -49,6 +49,13 @@ def _train_setup(parser):
 def _train(args) -> int:
     from clinkd.train.run import run_training
 
+    if args.preset == "demo":  # the embedded demo: data, teacher, student, control, evaluation, report
+        from clinkd.demo.pipeline import run_demo
+
+        report = run_demo(args.config, overrides=args.overrides, progress=args.progress)
+        print(f"demo report: {report['config']['output_dir']}/report.md ({report['timings_s']['total']} s)")
+        return 0
+
     config = _load(args)
     results = run_training(config, resume=args.resume, progress=args.progress)
     for stage, result in results.items():
@@ -111,6 +118,8 @@ def _presets(args) -> int:
         print(f"{name}: {description}")
     return 0
 
+
+from clinkd.eval import cli as _eval_cli  # noqa: E402  (registers data, predict, eval)
 
 register_command("train", _train_setup, _train, "run the stages of a config (KD, SFT), resuming by default")
 register_command("check", _check_setup, _check, "check a config and its data without training")

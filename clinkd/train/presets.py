@@ -89,3 +89,13 @@ register_preset("clinkd-qwen2-vl-7b", _released_recipe,
                 "the released ClinKD recipe on Qwen2-VL-7B-Instruct: give models.teacher, data.train, output_dir")
 register_preset("tiny", _tiny, "random-init tiny models and an offline processor: a CPU smoke run; give data.train "
                 "and output_dir")
+
+
+def _demo() -> dict:
+    from clinkd.demo.pipeline import demo_preset
+
+    return demo_preset()
+
+
+register_preset("demo", _demo, "the embedded CPU demo: clinkd train --preset demo generates data, trains a teacher, "
+                "a KD + SFT MCG-RoPE student and an SFT-only control, evaluates all three, writes a report")

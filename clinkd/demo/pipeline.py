@@ -1,0 +1,189 @@
+"""The embedded demo, end to end on CPU: ``clinkd train --preset demo``.
+
+    run_demo(overrides=["output_dir=runs/demo"])
+
+Steps (each resumable through ``run_training``; progress bars throughout):
+
+1. data: ``data.train`` of the config; when absent, the demo data set is generated in its folder
+   (``clinkd.demo.data``), with a ``test.jsonl`` beside it.
+2. teacher: the config's ``models.teacher`` (a larger random-init Qwen2-VL, stock positions) trained by
+   SFT on the training data → ``OUT/teacher``. Its offline processor is shared by every later run.
+3. student: ``models.student`` (small, MCG-RoPE patch) with the config's stages — KD from the
+   teacher's pseudo-label store with the confidence-margin curriculum, then SFT → ``OUT/student``.
+4. control: the same student architecture trained by SFT alone, for as many epochs as the KD and SFT
+   stages together → ``OUT/control``.
+5. greedy predictions of all three on ``test.jsonl`` and Med-GRIT scores (``clinkd.eval``), then the
+   report in ``OUT``: ``report.md`` (metrics table), ``loss_curves.png``, ``report.json`` (every score,
+   the wall time of each step, the machine's load average).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+TEACHER_EPOCHS = 4
+
+
+def demo_preset() -> dict:
+    """The demo's run config (student KD + SFT); the teacher and control configs derive from it."""
+    def vision(hidden):  # the merger's output width is the text model's hidden size
+        return dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=4, spatial_merge_size=2,
+                    temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+
+    def text(hidden, layers, heads, kv, section):
+        return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section))
+
+    return {
+        "seed": 0,
+        "output_dir": "runs/demo",
+        "processor": {"offline": {"vocab_size": 640, "patch_size": 4, "merge_size": 2, "temporal_patch_size": 2,
+                                  "min_pixels": 32 * 32, "max_pixels": 32 * 32}},
+        "models": {
+            "student": {"config": {"text_config": text(64, 2, 4, 2, [2, 3, 3]), "vision_config": vision(64)},
+                        "patch": {"mcg_rope": {"modality_gap": 2, "vision_stride": 1}, "attention": False}},
+            "teacher": {"config": {"text_config": text(128, 3, 4, 2, [4, 6, 6]), "vision_config": vision(128)}},
+        },
+        "data": {"train": "demo_data/train.jsonl", "max_length": 256},
+        "training": dict(per_device_train_batch_size=16, learning_rate=3e-3, lr_scheduler_type="cosine",
+                         warmup_steps=5, num_train_epochs=4, logging_steps=2, save_steps=1000, report_to="none",
+                         use_cpu=True, dataloader_num_workers=0),
+        "stages": [
+            {"name": "kd", "type": "kd", "teacher": "store", "topk": 16, "temperature": 1.0, "alpha": 0.5,
+             "curriculum": {"start_fraction": 0.5, "warmup_steps": 30}, "cache_batch_size": 16,
+             "training": {"num_train_epochs": 3}},
+            {"name": "sft", "type": "sft", "training": {"num_train_epochs": 3}},
+        ],
+    }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _epochs(mapping: dict, stage: dict) -> float:
+    return float(stage.get("training", {}).get("num_train_epochs", mapping["training"].get("num_train_epochs", 1)))
+
+
+def derive_configs(mapping: dict) -> dict[str, dict]:
+    """{"teacher", "student", "control"} run mappings from the demo mapping (absolute paths)."""
+    from clinkd.train.config import ConfigError
+
+    out = Path(mapping["output_dir"]).resolve()
+    student = copy.deepcopy({k: v for k, v in mapping.items() if k != "preset"})
+    teacher_spec = student["models"].get("teacher")
+    if not isinstance(teacher_spec, dict) or "config" not in teacher_spec:
+        raise ConfigError("the demo needs models.teacher.config (the teacher it trains first)")
+    teacher = copy.deepcopy(student)
+    teacher["output_dir"] = str(out / "teacher")
+    teacher["models"] = {"student": dict(teacher_spec, patch=False)}
+    teacher["seed"] = student["seed"] + 1
+    teacher["stages"] = [{"name": "sft", "type": "sft", "training": {"num_train_epochs": TEACHER_EPOCHS}}]
+    shared_processor = {"from_pretrained": str(out / "teacher" / "processor")}
+    student["output_dir"] = str(out / "student")
+    student["processor"] = shared_processor
+    student["models"]["teacher"] = {"from_pretrained": str(out / "teacher" / "sft" / "final"), "id": "demo-teacher"}
+    control = copy.deepcopy(student)
+    control["output_dir"] = str(out / "control")
+    del control["models"]["teacher"]
+    control["stages"] = [{"name": "sft", "type": "sft",
+                          "training": {"num_train_epochs": sum(_epochs(student, s) for s in student["stages"])}}]
+    return {"teacher": teacher, "student": student, "control": control}
+
+
+def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: bool = True,
+             max_new_tokens: int = 48, batch_size: int = 20) -> dict:
+    """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json)."""
+    import yaml
+
+    from clinkd.data.offline_processor import load_processor
+    from clinkd.eval.evaluate import evaluate
+    from clinkd.eval.metrics import MeteorScorer, meteor_available
+    from clinkd.eval.predict import load_model, predict
+    from clinkd.train.config import apply_overrides, deep_merge, parse_config
+    from clinkd.train.run import run_training
+
+    from .data import build_demo_data
+    from .report import write_report
+
+    started = time.perf_counter()
+    mapping = demo_preset()
+    if config_path is not None:
+        user = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+        mapping = deep_merge(mapping, {k: v for k, v in user.items() if k != "preset"})
+    mapping = apply_overrides(mapping, overrides or [])
+    parse_config(copy.deepcopy(mapping))  # every key checked before anything runs
+    for key in ("output_dir",):
+        mapping[key] = str(Path(mapping[key]).resolve())
+    train = Path(mapping["data"]["train"]).resolve()
+    mapping["data"]["train"] = str(train)
+    timings, load = {}, {"start": _load_average()}
+
+    t = time.perf_counter()
+    if not train.is_file():
+        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress)
+    test = train.parent / "test.jsonl"
+    timings["data"] = time.perf_counter() - t
+
+    configs = derive_configs(mapping)
+    results, models = {}, {}
+    for name in ("teacher", "student", "control"):
+        t = time.perf_counter()
+        config = parse_config(configs[name])
+        if progress:
+            print(f"[demo] training the {name} ({', '.join(s.name for s in config.stages)})", flush=True)
+        results[name] = run_training(config, progress=progress)
+        last = config.stages[-1].name
+        models[name] = (results[name][last]["final"], config.student.patch)
+        timings[f"train_{name}"] = time.perf_counter() - t
+
+    out = Path(mapping["output_dir"])
+    scores = {}
+    t = time.perf_counter()
+    meteor = None
+    if meteor_available():
+        try:
+            meteor = MeteorScorer()  # one Java process for the three evaluations
+        except OSError:
+            meteor = None
+    timings["meteor_start"] = time.perf_counter() - t
+    try:
+        for name, (path, patch) in models.items():
+            t = time.perf_counter()
+            processor = load_processor(str(Path(configs["teacher"]["output_dir"]) / "processor"))
+            model = load_model(path, patch=patch)
+            preds = out / "predictions" / f"{name}.jsonl"
+            if progress:
+                print(f"[demo] predicting with the {name}", flush=True)
+            predict(model, processor, test, preds, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    max_length=int(mapping["data"].get("max_length", 2048)), progress=progress)
+            scores[name] = evaluate(preds, test, meteor_scorer=meteor)
+            timings[f"predict_eval_{name}"] = time.perf_counter() - t
+            del model
+    finally:
+        if meteor is not None:
+            meteor.close()
+    load["end"] = _load_average()
+    timings["total"] = time.perf_counter() - started
+    curves = {f"{name}/{stage}": [(e["step"], e["loss"]) for e in res["log_history"] if "loss" in e]
+              for name, stages in results.items() for stage, res in stages.items()}
+    report = {"scores": scores, "timings_s": {k: round(v, 1) for k, v in timings.items()}, "load_average": load,
+              "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(), "machine": platform.platform(),
+              "config": mapping, "loss_curves": curves}
+    write_report(out, report)
+    return report
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,104 @@
+"""``clinkd data demo``, ``clinkd predict`` and ``clinkd eval`` (registered on import by ``clinkd.cli``).
+
+    clinkd data demo --out DIR [--seed 0] [--train-per-modality 16] [--test-per-modality 5]
+    clinkd predict --model FOLDER --data test.jsonl --out preds.jsonl [--processor FOLDER]
+                   [--patch '{"mcg_rope": {"modality_gap": 2}, "attention": false}'] [--batch-size 8]
+                   [--max-new-tokens 64] [--dtype float32] [--device cpu]
+    clinkd eval --pred preds.jsonl [--data test.jsonl] [--root DIR] [--json report.json] [--no-meteor]
+"""
+
+from __future__ import annotations
+
+import json
+
+from clinkd.cli import register_command
+
+
+def _data_setup(parser):
+    sub = parser.add_subparsers(dest="action", required=True)
+    demo = sub.add_parser("demo", help="write the generated demo data set (deterministic per seed)")
+    demo.add_argument("--out", required=True, help="folder to write train.jsonl, test.jsonl, images/ into")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-per-modality", type=int, default=16, help="training images per modality (×4 tasks)")
+    demo.add_argument("--test-per-modality", type=int, default=5, help="test images per modality (×4 tasks)")
+    demo.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _data(args) -> int:
+    from clinkd.demo.data import build_demo_data
+    from clinkd.data.records import DataError
+
+    try:
+        out = build_demo_data(args.out, seed=args.seed, train_per_modality=args.train_per_modality,
+                              test_per_modality=args.test_per_modality, progress=args.progress)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    info = json.loads((out / "info.json").read_text())
+    print(f"{out}: {info['train']} training and {info['test']} test records "
+          f"({'with' if info['dicom'] else 'without'} pydicom's CT/MR slices)")
+    return 0
+
+
+def _predict_setup(parser):
+    parser.add_argument("--model", required=True, help="a saved model folder (e.g. OUT/<stage>/final)")
+    parser.add_argument("--data", required=True, help="Med-GRIT records (.json or .jsonl)")
+    parser.add_argument("--root", help="image folder (default: the data file's folder)")
+    parser.add_argument("--out", required=True, help="predictions JSONL to write")
+    parser.add_argument("--processor", help="processor folder (default: the model folder)")
+    parser.add_argument("--patch", help="JSON keyword arguments of patch_qwen2_vl, as the model was trained "
+                                        "(e.g. '{\"mcg_rope\": {\"modality_gap\": 2}, \"attention\": false}')")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _predict(args) -> int:
+    from clinkd.data.offline_processor import load_processor
+    from clinkd.data.records import DataError, load_records
+    from clinkd.eval.predict import load_model, predict
+
+    try:
+        patch = json.loads(args.patch) if args.patch else None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--patch is not valid JSON ({e.msg})") from None
+    if patch is not None and not isinstance(patch, dict):
+        raise DataError("--patch must be a JSON object of patch_qwen2_vl keyword arguments")
+    load_records(args.data, root=args.root, check_images=True)  # bad data fails before the model loads
+    try:
+        model = load_model(args.model, patch=patch, dtype=args.dtype, device=args.device)
+        processor = load_processor(args.processor or args.model)
+        n = predict(model, processor, args.data, args.out, root=args.root, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, max_length=args.max_length, progress=args.progress)
+    except (ValueError, TypeError, OSError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(str(e)) from None
+    print(f"{args.out}: {n} predictions")
+    return 0
+
+
+def _eval_setup(parser):
+    parser.add_argument("--pred", required=True, help="predictions JSONL (clinkd predict writes it)")
+    parser.add_argument("--data", help="ground-truth records; without it each line carries annotation and task")
+    parser.add_argument("--root", help="image folder of --data (not read; only for path checks)")
+    parser.add_argument("--json", help="also write the full report as JSON here")
+    parser.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
+
+
+def _eval(args) -> int:
+    from clinkd.eval.evaluate import evaluate, format_report
+
+    report = evaluate(args.pred, args.data, root=args.root, with_meteor=args.meteor)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    print(format_report(report))
+    return 0
+
+
+register_command("data", _data_setup, _data, "data sets (demo: write the generated demo data set)")
+register_command("predict", _predict_setup, _predict, "greedy, batched answers of a model → predictions JSONL")
+register_command("eval", _eval_setup, _eval, "Med-GRIT metrics of a predictions file, per modality and macro")

@@ -1,0 +1,105 @@
+"""Greedy, batched answers of a Qwen2-VL model to the first question of each record → predictions JSONL.
+
+    predict(model, processor, "test.jsonl", "preds.jsonl", batch_size=8, max_new_tokens=64)
+
+Each output line: {"id", "turn": 0, "task", "modality", "question", "annotation" (the reference answer),
+"response" (the decoded generation, special tokens kept as text)} — what ``clinkd eval`` reads.
+Prompts are left-padded so a batch generates together; the data file is checked (every record, every
+image) before the model runs, so bad input fails with ``file:line`` before any compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..data.encode import SampleEncoder
+from ..data.offline_processor import special_token_ids
+from ..data.records import MODALITIES, DataError, load_records
+
+
+def _batch(prompts: list[dict], pad_id: int) -> dict:
+    """Left-pad input_ids [B, Lmax] + attention_mask; concatenate pixel_values, stack image_grid_thw."""
+    longest = max(p["input_ids"].numel() for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        n = p["input_ids"].numel()
+        ids[row, longest - n:] = p["input_ids"]
+        mask[row, longest - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
+            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts])}
+
+
+@torch.no_grad()
+def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *, root=None, batch_size: int = 8,
+            max_new_tokens: int = 64, max_length: int = 2048, progress: bool = True) -> int:
+    """Write ``out`` (JSONL, atomically) with one greedy answer per record of ``data``; returns the count.
+
+    model: a Qwen2-VL ``*ForConditionalGeneration`` (patched or not; its dtype and device are used);
+    processor: the tokenizer + image processor it was trained with."""
+    from tqdm.auto import tqdm
+
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    records = load_records(data, root=root, check_images=True)
+    for record in records:
+        if record.modality not in MODALITIES:
+            raise DataError(f"{record.where}: unknown modality {record.modality!r}; expected one of "
+                            f"{', '.join(MODALITIES)}")
+    encoder = SampleEncoder(processor, max_length=max_length)
+    ids = special_token_ids(processor.tokenizer)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    lines = []
+    try:
+        for start in tqdm(range(0, len(records), batch_size), desc="predict", disable=not progress):
+            chunk = records[start:start + batch_size]
+            batch = _batch([encoder.encode_prompt(r) for r in chunk], ids["pad_token_id"])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                       eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+            new = generated[:, batch["input_ids"].shape[1]:]
+            for record, row in zip(chunk, new):
+                row = row.tolist()
+                if ids["eos_token_id"] in row:
+                    row = row[:row.index(ids["eos_token_id"])]
+                row = [t for t in row if t != ids["pad_token_id"]]
+                response = processor.tokenizer.decode(row, skip_special_tokens=False)
+                lines.append({"id": record.id, "turn": 0, "task": record.task, "modality": record.modality,
+                              "question": record.turns[0][0], "annotation": record.turns[0][1],
+                              "response": response.strip()})
+    finally:
+        model.train(was_training)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return len(lines)
+
+
+def load_model(path: str, *, patch: dict | None = None, dtype: str = "float32", device: str = "cpu"):
+    """A saved model (``AutoModelForImageTextToText.from_pretrained``), patched like it was trained
+    (``patch``: the keyword arguments of ``clinkd.patch.patch_qwen2_vl``, e.g. {"mcg_rope": {...}})."""
+    from transformers import AutoModelForImageTextToText
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if not Path(path, "config.json").is_file():
+        raise ValueError(f"model folder {path} has no config.json")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype]).to(device)
+    if patch:
+        from clinkd.patch import patch_qwen2_vl
+
+        model = patch_qwen2_vl(model, **patch)
+    return model

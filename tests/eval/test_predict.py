@@ -1,0 +1,77 @@
+"""Greedy batched prediction with a tiny random model: output lines, batching = one by one, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from clinkd.cli import main
+from clinkd.data.offline_processor import build_offline_processor
+from clinkd.data.records import DataError, load_records
+from clinkd.demo.data import build_demo_data
+from clinkd.demo.pipeline import demo_preset
+from clinkd.eval.predict import load_model, predict
+from clinkd.train.config import ModelSpec
+from clinkd.train.run import build_model, model_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = build_demo_data(tmp_path_factory.mktemp("data"), seed=3, train_per_modality=1, test_per_modality=1)
+    records = load_records(folder / "train.jsonl")
+    processor = build_offline_processor([t for r in records for pair in r.turns for t in pair], vocab_size=400,
+                                        min_pixels=32 * 32, max_pixels=32 * 32)
+    raw = demo_preset()["models"]["student"]
+    spec = ModelSpec.parse("student", raw, default_patch={})
+    model = build_model(spec, model_config(spec, processor.tokenizer, "student"), seed=0)
+    saved = tmp_path_factory.mktemp("model")
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    test = folder / "test.jsonl"
+    lines = test.read_text().splitlines()[:6]
+    test.write_text("\n".join(lines) + "\n")
+    return folder, test, processor, model, saved, spec.patch
+
+
+def test_batched_equals_one_by_one(setup, tmp_path):
+    folder, test, processor, model, _, _ = setup
+    n = predict(model, processor, test, tmp_path / "a.jsonl", batch_size=4, max_new_tokens=6, progress=False)
+    predict(model, processor, test, tmp_path / "b.jsonl", batch_size=1, max_new_tokens=6, progress=False)
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert n == 6 and [x["id"] for x in a] == [r.id for r in load_records(test)]
+    assert [x["response"] for x in a] == [x["response"] for x in b]      # left padding changes nothing
+    assert all(x["annotation"] and x["task"] in ("VG", "ROC", "RC", "MIA") for x in a)
+
+
+def test_cli_predict_then_eval(setup, tmp_path, capsys):
+    folder, test, _, _, saved, patch = setup
+    out = tmp_path / "p.jsonl"
+    args = ["predict", "--model", str(saved), "--data", str(test), "--out", str(out), "--batch-size", "3",
+            "--max-new-tokens", "4", "--patch", json.dumps(patch), "--no-progress"]
+    assert main(args) == 0
+    assert main(["eval", "--pred", str(out), "--data", str(test), "--no-meteor"]) == 0
+    assert "predictions scored" in capsys.readouterr().out
+
+
+def test_bad_input(setup, tmp_path, capsys):
+    folder, test, processor, model, saved, _ = setup
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps(dict(rows[1], image="images/none.png")) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2 .*does not exist"):
+        predict(model, processor, bad, tmp_path / "o.jsonl", root=folder, progress=False)
+    bad.write_text(json.dumps(dict(rows[0], id="sonar_1")) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1 .*unknown modality 'sonar'"):
+        predict(model, processor, bad, tmp_path / "o.jsonl", root=folder, progress=False)
+    bad.write_text(json.dumps(rows[0]) + "\n{oops\n")
+    assert main(["predict", "--model", str(saved), "--data", str(bad), "--root", str(folder),
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(model, processor, test, tmp_path / "o.jsonl", batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(str(tmp_path))
+    assert main(["predict", "--model", str(saved), "--data", str(test), "--out", str(tmp_path / "o.jsonl"),
+                 "--patch", "{bad"]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
