@@ -297,9 +297,9 @@ def aot_specs() -> list[KernelSpec]:
                                 f"{'fwd+grad' if write_grad else 'fwd only'} BLOCK_V={block_v} "
                                 f"warps={_num_warps(block_v)}")
 
-    for dtype in (torch.bfloat16, torch.float32):
-        specs.append(spec(dtype, DENSE))
-        specs.append(spec(dtype, SPARSE, block_k=256))
+    specs.append(spec(torch.bfloat16, DENSE))
+    specs.append(spec(torch.float32, DENSE))
+    specs.append(spec(torch.bfloat16, SPARSE, block_k=256))
     specs.append(spec(torch.bfloat16, DENSE, t_is_one=True))
     specs.append(spec(torch.bfloat16, SPARSE, block_k=1024))
     specs.append(spec(torch.bfloat16, NO_TEACHER))

@@ -11,7 +11,7 @@ import torch
 from clinkd_kernels.loss import kd_loss
 from tests.loss.util import QUIET, check_kd_loss, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 
-pytestmark = [QUIET, pytest.mark.usefixtures("small_blocks")]
+pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
 N, V = 29, 301  # odd rows; V spans three 128-wide tiles with a ragged tail
 

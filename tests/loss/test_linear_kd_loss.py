@@ -12,7 +12,7 @@ from clinkd_kernels.loss import linear_kd_loss, linear_kd_loss_reference
 from tests.numerics import assert_close
 from tests.loss.util import QUIET, check_linear, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 
-pytestmark = [QUIET, pytest.mark.usefixtures("small_blocks")]
+pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
 N, HD, V, HD_T, V_T = 37, 24, 301, 40, 311  # chunks of 16 rows leave a ragged last chunk of 5
 

@@ -11,7 +11,7 @@ from clinkd_kernels.loss import clinkd_released_linear_loss, clinkd_released_los
 from tests.loss.util import QUIET, labels_with_ignored, small_blocks, value_atol  # noqa: F401
 from tests.numerics import assert_close
 
-pytestmark = [QUIET, pytest.mark.usefixtures("small_blocks")]
+pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
 N, V = 23, 263
 
