@@ -91,16 +91,57 @@ def _check_apply_mrope(device: str, backend: str) -> str:
     return f"max abs error {err:.1e}"
 
 
+def _check_attention(device: str, backend: str) -> str:
+    from clinkd_kernels.attention import mcg_rope_attention
+    from clinkd_kernels.attention.reference import mcg_rope_attention_reference
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = torch.randn(2, 33, 4, 64, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 33, 2, 64, device=device, dtype=dtype) for _ in range(2))
+    pos = torch.randint(0, 300, (3, 2, 33), device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, device=device).float() / 64))
+    mask = torch.ones(2, 33, dtype=torch.long, device=device)
+    mask[1, :5] = 0
+    got = mcg_rope_attention(q, k, v, pos, inv_freq, (8, 12, 12), attention_mask=mask, backend=backend)
+    ref = mcg_rope_attention_reference(q.double(), k.double(), v.double(), pos, inv_freq, (8, 12, 12),
+                                       attention_mask=mask)
+    err = (got.double() - ref).abs().max().item()
+    if err > (1e-4 if dtype == torch.float32 else 3e-2):
+        raise AssertionError(f"max error {err:.2e} against the float64 reference")
+    return f"max abs error {err:.1e}"
+
+
+def _check_kd_loss(device: str, backend: str) -> str:
+    from clinkd_kernels.loss import linear_kd_loss, linear_kd_loss_reference
+
+    hidden, weight = torch.randn(45, 32, device=device), torch.randn(1001, 32, device=device) / 4
+    t_hidden, t_weight = torch.randn(45, 48, device=device), torch.randn(1100, 48, device=device) / 4
+    labels = torch.randint(0, 1001, (45,), device=device)
+    labels[::7] = -100
+    kw = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, temperature=0.5, alpha=0.5, beta=1.0)
+    got = linear_kd_loss(hidden, weight, labels, backend=backend, **kw)
+    ref = linear_kd_loss_reference(hidden.double(), weight.double(), labels, **{
+        k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    err = abs(got.item() - ref.item())
+    if err > 1e-4:
+        raise AssertionError(f"error {err:.2e} against the float64 reference")
+    return f"abs error {err:.1e}"
+
+
 def _self_checks() -> list[tuple[str, str, str, str]]:
     """(op, backend, device, result) rows."""
     plans = [("topk_pseudo_labels", "torch", "cpu", _check_topk),
              ("mcg_rope_index", "default", "cpu", _check_rope_index),
-             ("apply_mrope", "cpu", "cpu", _check_apply_mrope)]
+             ("apply_mrope", "cpu", "cpu", _check_apply_mrope),
+             ("mcg_rope_attention", "cpu", "cpu", _check_attention),
+             ("linear_kd_loss", "cpu", "cpu", _check_kd_loss)]
     if _dispatch.extension() is not None:
         plans.append(("topk_pseudo_labels", "cpu", "cpu", _check_topk))
     if torch.cuda.is_available():
         plans += [("mcg_rope_index", "default", "cuda", _check_rope_index),
-                  ("apply_mrope", "triton", "cuda", _check_apply_mrope)]
+                  ("apply_mrope", "triton", "cuda", _check_apply_mrope),
+                  ("mcg_rope_attention", "triton", "cuda", _check_attention),
+                  ("linear_kd_loss", "triton", "cuda", _check_kd_loss)]
         if _dispatch.extension_has_cuda():
             plans.append(("topk_pseudo_labels", "cuda", "cuda", _check_topk))
     rows = []
