@@ -65,28 +65,40 @@ def test_killed_cache_runs_resume_to_a_complete_store(tmp_path):
     n, shard = 40, 3
     events_per_shard = 6  # shard: fsync, rename, fsync folder; manifest: the same
     rng = random.Random(torch.initial_seed())
-    kills = 0
+    kills, runs = 0, []
+
+    def check_committed_part():
+        listed = set()  # a death before the first manifest write leaves nothing committed
+        if (tmp_path / "manifest.json").exists():
+            store = PseudoLabelStore(tmp_path, allow_incomplete=True, expect=META)
+            store.verify_all()  # whatever the manifest lists is whole and checksum-valid
+            assert store.ids == fake.sample_ids(n)[:len(store)]
+            listed = {s["file"] for s in store.manifest["shards"]}
+        leftovers = {p.name for p in tmp_path.iterdir()} - {"manifest.json"} - listed
+        assert all(name.startswith("shard-") or name.startswith(".tmp-") for name in leftovers)
+
     for attempt in range(10):
+        if kills >= 5:
+            break
         committed = 0
         if (tmp_path / "manifest.json").exists():
             committed = len(PseudoLabelStore(tmp_path, allow_incomplete=True, expect=META))
         remaining = -(-(n - committed) // shard) * events_per_shard
-        if kills >= 6:
-            break
-        if attempt == 2:  # an external kill after a random delay (may land anywhere, or after the end)
-            code, out, err = _run_child(tmp_path, n, shard, 0, kill_after=rng.uniform(0.0, 0.05))
-        else:
-            code, out, err = _run_child(tmp_path, n, shard, rng.randint(1, max(1, remaining - 1)))
+        # Die within the next two shards' writes, so that the store cannot complete before the test
+        # has seen enough deaths, whatever the random draws.
+        last = max(1, min(remaining - 1, 2 * events_per_shard))
+        code, out, err = _run_child(tmp_path, n, shard, rng.randint(1, last))
+        runs.append((attempt, remaining, code, out.split()))
         if code == -signal.SIGKILL:
             kills += 1
         else:
             assert code == 0, err
-        store = PseudoLabelStore(tmp_path, allow_incomplete=True, expect=META)
-        store.verify_all()  # whatever the manifest lists is whole and checksum-valid
-        assert store.ids == fake.sample_ids(n)[:len(store)]
-        leftovers = {p.name for p in tmp_path.iterdir()} - {"manifest.json"} - {s["file"] for s in store.manifest["shards"]}
-        assert all(name.startswith("shard-") or name.startswith(".tmp-") for name in leftovers)
-    assert kills >= 5
+        check_committed_part()
+    # An external kill after a random delay: it may land anywhere, or after the run has finished.
+    code, out, err = _run_child(tmp_path, n, shard, 0, kill_after=rng.uniform(0.0, 0.05))
+    assert code in (0, -signal.SIGKILL), err
+    check_committed_part()
+    assert kills >= 5, runs
     code, out, err = _run_child(tmp_path, n, shard, 0)
     assert code == 0 and out.splitlines()[1].startswith("complete"), err
     store = PseudoLabelStore(tmp_path, expect=META)
