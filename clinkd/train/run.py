@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from clinkd_kernels._io import write_bytes_atomic
+
 from ..data.collate import Qwen2VLCollator
 from ..data.dataset import ClinKDDataset, build_dataset
 from ..data.offline_processor import (build_offline_processor, load_processor, special_token_ids,
                                       tokenizer_fingerprint)
 from ..data.records import load_records
-from ..distill.store import PseudoLabelStore, StoreMeta, _check_meta, _read_manifest, write_bytes_atomic
+from ..distill.store import PseudoLabelStore, StoreMeta, _check_meta, _read_manifest
 from .config import ConfigError, ModelSpec, RunConfig, StageSpec
 from .trainer import KDSettings
 
