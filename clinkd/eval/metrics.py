@@ -1,23 +1,21 @@
-"""Med-GRIT metrics (PAPER.md §4), each written once here in plain Python.
+"""Med-GRIT metrics (PAPER.md §4): box and answer matching here, caption scores from pycocoevalcap.
 
 * VG  — Recall@0.5: a prediction is a hit when the IoU of its first box with the ground-truth box
   is > 0.5. Corners may come in either order (they are sorted); a box with no area, or an answer
   with no parsable box, is a miss.
 * ROC — accuracy: correct when every word of the ground-truth answer appears among the answer's words.
-* RC / MIA — corpus BLEU-1..4, ROUGE-L and CIDEr(-D) following the COCO caption evaluation
-  (pycocoevalcap) definitions, on ``tokenize``'s words; METEOR through pycocoevalcap's jar when
-  both it and Java are present (else None = unavailable); mBMR = mean of BLEU-1..4, METEOR and
-  ROUGE-L (None when METEOR is unavailable). SPICE needs model downloads and is not computed.
+* RC / MIA — corpus BLEU-1..4, ROUGE-L and CIDEr(-D) computed by pycocoevalcap (the COCO caption
+  evaluation the paper's numbers come from) on ``tokenize``'s words; METEOR through pycocoevalcap's
+  jar when Java is present (else None = unavailable); mBMR = mean of BLEU-1..4, METEOR and ROUGE-L
+  (None when METEOR is unavailable). SPICE needs model downloads and is not computed.
 
 Scores are in [0, 1] (CIDEr in [0, 10]); reports multiply by 100 like the paper.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
-from collections import Counter
 
 _NUM = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
 _PAIR = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)")
@@ -71,93 +69,34 @@ def roc_correct(prediction: str, reference: str) -> bool:
     return all(w in words for w in tokenize(reference))
 
 
-def _ngrams(words: list[str], n: int) -> Counter:
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+def _coco_inputs(hyps: list[str], refs: list[list[str]]) -> tuple[dict, dict]:
+    """pycocoevalcap's input form: {sample id: [reference, ...]} and {sample id: [hypothesis]}."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"need as many hypotheses as reference lists, got {len(hyps)} and {len(refs)}")
+    return {i: list(rs) for i, rs in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}
 
 
 def bleu(hyps: list[str], refs: list[list[str]], n: int = 4) -> list[float]:
-    """Corpus BLEU-1..n (COCO's: clipped n-gram counts summed over the corpus, closest reference length
-    per sample for the brevity penalty, 1e-9 / 1e-15 guards against empty counts)."""
-    tiny, small = 1e-15, 1e-9
-    correct, guess = [0] * n, [0] * n
-    test_len = ref_len = 0
-    for hyp, rs in zip(hyps, refs, strict=True):
-        h = hyp.split()
-        counts = _ngrams(h, n)
-        best: Counter = Counter()
-        for r in rs:
-            for gram, c in _ngrams(r.split(), n).items():
-                best[gram] = max(best[gram], c)
-        for gram, c in counts.items():
-            correct[len(gram) - 1] += min(c, best[gram])
-        for k in range(n):
-            guess[k] += max(0, len(h) - k)
-        test_len += len(h)
-        ref_len += min((abs(len(r.split()) - len(h)), len(r.split())) for r in rs)[1]
-    out, product = [], 1.0
-    for k in range(n):
-        product *= (correct[k] + tiny) / (guess[k] + small)
-        out.append(product ** (1.0 / (k + 1)))
-    ratio = (test_len + tiny) / (ref_len + small)
-    if ratio < 1:
-        out = [b * math.exp(1 - 1 / ratio) for b in out]
-    return out
+    """Corpus BLEU-1..n (pycocoevalcap) of tokenised hypotheses against tokenised references."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    gts, res = _coco_inputs(hyps, refs)
+    scores, _ = Bleu(n).compute_score(gts, res, verbose=0)
+    return [float(x) for x in scores]
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
+def rouge_l(hyps: list[str], refs: list[list[str]]) -> float:
+    """Mean ROUGE-L F_1.2 (pycocoevalcap): best LCS precision and recall over each sample's references."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    return float(Rouge().compute_score(*_coco_inputs(hyps, refs))[0])
 
 
-def rouge_l(hyps: list[str], refs: list[list[str]], beta: float = 1.2) -> float:
-    """Mean over samples of ROUGE-L F_beta from the best LCS precision and recall over the references."""
-    scores = []
-    for hyp, rs in zip(hyps, refs, strict=True):
-        h = hyp.split(" ")
-        lcs = [_lcs(r.split(" "), h) for r in rs]
-        p = max(c / len(h) for c in lcs)
-        r = max(c / len(ref.split(" ")) for c, ref in zip(lcs, rs))
-        scores.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p and r else 0.0)
-    return sum(scores) / len(scores)
+def cider(hyps: list[str], refs: list[list[str]]) -> float:
+    """CIDEr-D (pycocoevalcap): tf-idf n-gram cosine with document frequencies over this corpus' references."""
+    from pycocoevalcap.cider.cider import Cider
 
-
-def cider(hyps: list[str], refs: list[list[str]], n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr-D as COCO computes it: tf-idf n-gram vectors (document frequency over the references of
-    this corpus), clipped cosine similarity per n, Gaussian length penalty, mean over n and refs, ×10."""
-    cooked_refs = [[_ngrams(r.split(), n) for r in rs] for rs in refs]
-    df: Counter = Counter()
-    for rs in cooked_refs:
-        df.update({gram for r in rs for gram in r})
-    log_docs = math.log(float(len(refs)))
-
-    def vec(counts):
-        v = [dict() for _ in range(n)]
-        norm = [0.0] * n
-        for gram, tf in counts.items():
-            w = tf * (log_docs - math.log(max(1.0, df[gram])))
-            v[len(gram) - 1][gram] = w
-            norm[len(gram) - 1] += w * w
-        length = sum(c for g, c in counts.items() if len(g) == 2)  # COCO counts bigrams here (sic)
-        return v, [math.sqrt(x) for x in norm], length
-
-    total = 0.0
-    for hyp, rs in zip(hyps, cooked_refs, strict=True):
-        vh, nh, lh = vec(_ngrams(hyp.split(), n))
-        score = [0.0] * n
-        for r in rs:
-            vr, nr, lr = vec(r)
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
-            for k in range(n):
-                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
-                if nh[k] and nr[k]:
-                    val /= nh[k] * nr[k]
-                score[k] += val * penalty
-        total += sum(score) / n / len(rs) * 10.0
-    return total / len(hyps)
+    return float(Cider().compute_score(*_coco_inputs(hyps, refs))[0])
 
 
 def meteor_available() -> bool:
@@ -218,6 +157,10 @@ def caption_metrics(hyps: list[str], refs: list[list[str]], *, with_meteor: bool
     (tokenised here). METEOR / mBMR are None when METEOR is unavailable."""
     if not hyps or len(hyps) != len(refs):
         raise ValueError(f"need as many hypotheses as reference lists (>0), got {len(hyps)} and {len(refs)}")
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as e:
+        raise ImportError("RC/MIA caption metrics need pycocoevalcap: pip install 'clinkd[eval]'") from e
     h = [" ".join(tokenize(x)) for x in hyps]
     r = [[" ".join(tokenize(x)) for x in rs] for rs in refs]
     out = {f"BLEU-{k + 1}": v for k, v in enumerate(bleu(h, r))}

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from clinkd.cli import main
 from clinkd.data.offline_processor import build_offline_processor
