@@ -52,7 +52,7 @@ def _train(args) -> int:
     if args.preset == "demo":  # the embedded demo: data, teacher, student, control, evaluation, report
         from clinkd.demo.pipeline import run_demo
 
-        report = run_demo(args.config, overrides=args.overrides, progress=args.progress)
+        report = run_demo(args.config, overrides=args.overrides, progress=args.progress, resume=args.resume)
         print(f"demo report: {report['config']['output_dir']}/report.md ({report['timings_s']['total']} s)")
         return 0
 

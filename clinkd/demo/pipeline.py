@@ -2,7 +2,7 @@
 
     run_demo(overrides=["output_dir=runs/demo"])
 
-Steps (each resumable through ``run_training``; progress bars throughout):
+Steps (each resumable through ``run_training``, unless ``resume=False``; progress bars throughout):
 
 1. data: ``data.train`` of the config; when absent, the demo data set is generated in its folder
    (``clinkd.demo.data``), with a ``test.jsonl`` beside it.
@@ -100,9 +100,10 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
     return {"teacher": teacher, "student": student, "control": control}
 
 
-def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: bool = True,
+def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: bool = True, resume: bool = True,
              max_new_tokens: int = 48, batch_size: int = 20) -> dict:
-    """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json)."""
+    """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json).
+    ``resume=False``: refuse an output folder whose teacher/student/control already hold stages."""
     import yaml
 
     from clinkd.data.offline_processor import load_processor
@@ -141,7 +142,7 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
         config = parse_config(configs[name])
         if progress:
             print(f"[demo] training the {name} ({', '.join(s.name for s in config.stages)})", flush=True)
-        results[name] = run_training(config, progress=progress)
+        results[name] = run_training(config, resume=resume, progress=progress)
         last = config.stages[-1].name
         models[name] = (results[name][last]["final"], config.student.patch)
         timings[f"train_{name}"] = time.perf_counter() - t

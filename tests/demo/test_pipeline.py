@@ -63,3 +63,5 @@ def test_demo_end_to_end_small(tmp_path):
         assert set(report["scores"][name]["tasks"]) == {"VG", "ROC", "RC", "MIA"}
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.json").is_file()
     assert (tmp_path / "out" / "student" / "pseudo_labels").is_dir()
+    with pytest.raises(ConfigError, match="already holds stage folders"):  # --no-resume refuses a used folder
+        run_demo(overrides=overrides, progress=False, resume=False)
