@@ -15,13 +15,12 @@ Shapes: Liger's distillation benchmark (N=8192, Hd=2048, teacher Hd=4096, V=1282
 shape on CPU. Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
 matmuls, teacher forward) at the device's measured matmul rate. ``extra_info["peak_bytes"]``: the most
 memory one forward+backward held above its inputs (CUDA: max_memory_allocated; CPU: the peak-RSS
-counter reset before the run, see tests/loss/memory_probe.py).
+counter reset before the run, see benchmarks/memory.py).
 """
 
 from __future__ import annotations
 
 import functools
-import re
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import sync
 from benchmarks.floors import compute_floor_s, record
+from benchmarks.memory import peak_bytes
 from clinkd_kernels.loss import linear_kd_loss
 from clinkd_kernels.topk.pseudo_labels import PseudoLabels
 
@@ -83,34 +83,6 @@ def _liger_fn():
     return run
 
 
-def _peak_rss_bytes(fn) -> int | None:
-    """Peak resident memory fn() held above what was resident before (Linux), or None."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-    before = status("VmRSS")
-    fn()
-    return status("VmHWM") - before
-
-
-def _peak_bytes(fn, device) -> int | None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    return _peak_rss_bytes(fn)
-
-
 @pytest.mark.parametrize("shape_index", [0, 1])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_kd_loss(benchmark, device, impl, shape_index):
@@ -150,7 +122,7 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     if impl == "clinkd-topk":
         flops = 2 * n * vocab * 3 * hd  # no teacher lm_head
     run()  # warm-up (Triton compile, torch.compile for Liger)
-    peak = _peak_bytes(run, device)
+    peak = peak_bytes(run, device)
     benchmark.group = f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} " \
                       f"{str(dtype).replace('torch.', '')} fwd+bwd"
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,

@@ -56,3 +56,35 @@ def record(benchmark, *, floor_s: float, **info) -> None:
     """Attach the floor and ``ours/floor`` (filled in after the run by the renderer) to a benchmark."""
     benchmark.extra_info["floor_s"] = floor_s
     benchmark.extra_info.update(info)
+
+
+def qwen2_vl_matmul_flops(text: dict, vision: dict, *, seq_lens: list[int], image_patches: list[int],
+                          supervised_rows: int, lm_head_rows: int | None = None) -> float:
+    """Matmul FLOPs of one Qwen2-VL forward (the work a floor counts; norms, rotations and softmaxes
+    are ignored).
+
+    text / vision: the configs' fields (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads; depth, embed_dim, num_heads, mlp_ratio,
+    spatial_merge_size, hidden_size). seq_lens: tokens per sequence (causal attention over each);
+    image_patches: patches per image (full attention within each image); lm_head_rows: rows that need
+    logits (default: supervised_rows, the minimum a next-token loss needs).
+
+        text layer, per token:   2·H·(Hq + 2·Hkv) + 2·Hq·H + 3·2·H·I      (qkv, out, gate/up/down)
+        causal attention:        2·S²·Hq per layer and sequence           (QKᵀ and PV, half the square)
+        vision block, per patch: 2·E·3E + 2·E·E + 2·2·E·rE, attention 4·P·E per patch
+        merger, per merged token: 2·(m²E)² + 2·m²E·H;   lm_head: 2·H·V per row
+    """
+    h, i = text["hidden_size"], text["intermediate_size"]
+    head = h // text["num_attention_heads"]
+    hq, hkv = h, text["num_key_value_heads"] * head
+    tokens = sum(seq_lens)
+    per_token = 2 * h * (hq + 2 * hkv) + 2 * hq * h + 3 * 2 * h * i
+    flops = text["num_hidden_layers"] * (tokens * per_token + sum(2 * s * s * hq for s in seq_lens))
+    rows = supervised_rows if lm_head_rows is None else lm_head_rows
+    flops += 2 * h * text["vocab_size"] * rows
+    e, r, m = vision["embed_dim"], vision.get("mlp_ratio", 4), vision["spatial_merge_size"]
+    patches = sum(image_patches)
+    block = patches * (2 * e * 3 * e + 2 * e * e + 2 * 2 * e * r * e) + sum(4 * p * p * e for p in image_patches)
+    merged = patches // (m * m)
+    flops += vision["depth"] * block + merged * (2 * (m * m * e) ** 2 + 2 * m * m * e * vision["hidden_size"])
+    return float(flops)

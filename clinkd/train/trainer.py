@@ -10,7 +10,8 @@ SFT stage: alpha = 0, beta = 1 (cross-entropy only). KD stage: the teacher's pse
 rows — from the store (``PseudoLabelStore``, looked up by the batch's ``sample_index``) or from an
 online teacher (eval mode, no gradients; top-k pseudo-labels, or its dense distribution when topk is
 None) — with temperature, alpha, beta, optional T², and the confidence-margin curriculum weights
-(``clinkd.train.curriculum``) as ``token_weights``. Everything else (optimizer, schedule,
+(``clinkd.train.curriculum``) as ``token_weights`` (none once its warm-up is over: every token counts,
+and the dense online teacher then skips the extra lm_head pass its margins need). Everything else (optimizer, schedule,
 accumulation, mixed precision, checkpoints, resume, logging, accelerate/DeepSpeed) is Trainer's; the
 loss is a per-micro-batch mean, which Trainer divides by the accumulation steps. Logged besides
 ``loss``: ``kd_loss`` and ``ce_loss`` (means over the micro-batches since the last log) and
@@ -108,8 +109,9 @@ class ClinKDTrainer(Trainer):
         return labels.to(device)
 
     @torch.no_grad()
-    def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int):
-        """Online dense teacher: (teacher hidden [N, Hd_t], lm_head weight [V_t, Hd_t], bias, margins [N])."""
+    def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int, *, margins: bool):
+        """Online dense teacher: (teacher hidden [N, Hd_t], lm_head weight [V_t, Hd_t], bias, margins [N] or
+        None). The margins cost one more pass over the teacher's lm_head (chunked): only with ``margins``."""
         from clinkd.patch import final_hidden_states
 
         hidden, head = final_hidden_states(self.teacher, **model_inputs(self.teacher, inputs))
@@ -117,13 +119,15 @@ class ClinKDTrainer(Trainer):
         weight, bias = head.weight, head.bias
         if weight.shape[0] < vocab:
             raise ValueError(f"the teacher's vocabulary ({weight.shape[0]}) is smaller than the student's ({vocab})")
-        margins = []
+        if not margins:
+            return selected, weight, bias, None
+        parts = []
         for a in range(0, selected.shape[0], 1024):
             logits = torch.nn.functional.linear(selected[a:a + 1024], weight[:vocab],
                                                 None if bias is None else bias[:vocab])
-            margins.append(topk_pseudo_labels(logits.float(), min(2, vocab), temperature=self.kd.temperature,
-                                              backend=self.kernel_backend).margin)
-        margin = torch.cat(margins) if margins else selected.new_zeros(0, dtype=torch.float32)
+            parts.append(topk_pseudo_labels(logits.float(), min(2, vocab), temperature=self.kd.temperature,
+                                            backend=self.kernel_backend).margin)
+        margin = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
         return selected, weight, bias, margin
 
     # ------------------------------------------------------------------ loss
@@ -152,16 +156,18 @@ class ClinKDTrainer(Trainer):
             loss, kd_part, ce_part = linear_kd_loss(selected, weight, targets, alpha=0.0, beta=1.0, **common)
         else:
             kd = self.kd
-            teacher_kw = {}
+            # After its warm-up the curriculum keeps every token (weight 1): no margins, no weights.
+            ranking = kd.curriculum is not None and kd.curriculum.fraction(self.state.global_step) < 1.0
             if kd.topk is None:
-                t_hidden, t_weight, t_bias, margin = self._dense_teacher({**inputs, "labels": labels}, rows, vocab)
+                t_hidden, t_weight, t_bias, margin = self._dense_teacher({**inputs, "labels": labels}, rows, vocab,
+                                                                         margins=ranking)
                 teacher_kw = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
             else:
                 pseudo = self._pseudo_labels({**inputs, "labels": labels}, targets, vocab, hidden.device)
                 margin = pseudo.margin
                 teacher_kw = dict(teacher=pseudo)
             weights = None
-            if kd.curriculum is not None:
+            if ranking:
                 weights = kd.curriculum.weights(margin, self.state.global_step).to(hidden.device)
             loss, kd_part, ce_part = linear_kd_loss(
                 selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,

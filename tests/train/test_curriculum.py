@@ -83,8 +83,38 @@ def test_trainer_feeds_the_scheduled_weights_to_the_loss(tmp_path, monkeypatch):
     assert len(seen) == 6
     for step, (weights, margin, n) in enumerate(seen):
         f = 0.25 + 0.75 * min(step, 4) / 4
+        if f == 1.0:  # warm-up over: every token, so no weights at all (the same loss as all-ones weights)
+            assert weights is None, step
+            continue
         assert weights.shape == (n,) and int(weights.sum()) == math.ceil(f * n - 1e-9), step
         if weights.sum() < n:
             assert margin[weights == 1].min() >= margin[weights == 0].max()
     logged = [h["kd_fraction"] for h in t.state.log_history if "kd_fraction" in h]
     assert logged == pytest.approx([0.25 + 0.75 * min(s, 4) / 4 for s in range(1, 7)])  # logged after each step
+
+
+def test_online_dense_teacher_skips_the_margin_pass_after_the_warm_up(tmp_path, monkeypatch):
+    """The dense online teacher's margins cost an extra pass over its lm_head: made only while the
+    curriculum still ranks tokens (steps 0 and 1 of a 2-step warm-up), with the weights they give."""
+    data = setup.dataset(tmp_path / "data", n=4)
+    margin_passes, weights_seen = [], []
+    real_topk, real_loss = trainer_module.topk_pseudo_labels, trainer_module.linear_kd_loss
+
+    def topk_spy(logits, k, **kw):
+        margin_passes.append(k)
+        return real_topk(logits, k, **kw)
+
+    def loss_spy(hidden, weight, labels, **kw):
+        weights_seen.append(kw["token_weights"])
+        assert kw["teacher_hidden"] is not None
+        return real_loss(hidden, weight, labels, **kw)
+
+    monkeypatch.setattr(trainer_module, "topk_pseudo_labels", topk_spy)
+    monkeypatch.setattr(trainer_module, "linear_kd_loss", loss_spy)
+    t = setup.trainer(setup.student(), tmp_path / "out", data, steps=4, batch=2,
+                      kd=KDSettings(topk=None, curriculum=MarginCurriculum(start_fraction=0.5, warmup_steps=2)),
+                      teacher=setup.teacher())
+    t.train()
+    assert len(weights_seen) == 4 and margin_passes == [2, 2]  # top-2 margins at steps 0 and 1 only
+    assert all(w is not None and 0 < int(w.sum()) < w.numel() for w in weights_seen[:2])
+    assert weights_seen[2] is None and weights_seen[3] is None
