@@ -5,7 +5,8 @@
 Benchmarks are grouped by their pytest-benchmark ``group`` (one op, shape and dtype on one device).
 In each group the implementation named ``clinkd`` (``extra_info["impl"]``) is compared with the
 fastest other implementation, and with the floor recorded in ``extra_info["floor_s"]``. Times are
-medians.
+medians. Where the benchmarks record them, the table also gives the peak memory
+(``extra_info["peak_bytes"]``) and the throughput (``extra_info["tokens"]`` / median) of both.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def load(paths: list[str]) -> tuple[list[dict], dict]:
         with open(path) as f:
             data = json.load(f)
         benchmarks += data.get("benchmarks", [])
-        machine = machine or {**data.get("machine_info", {}), **data.get("commit_info", {})}
+        machine = machine or {**data.get("machine_info", {}), **data.get("commit_info", {}),
+                              "date": data.get("datetime", "?")}
     return benchmarks, machine
 
 
@@ -34,6 +36,29 @@ def _fmt_time(seconds: float) -> str:
         if seconds >= scale:
             return f"{seconds / scale:.3g} {unit}"
     return f"{seconds * 1e9:.3g} ns"
+
+
+def _info(bench: dict | None, key: str):
+    return None if bench is None else bench.get("extra_info", {}).get(key)
+
+
+def _per_s(bench: dict | None, key: str) -> float | None:
+    count = _info(bench, key)
+    return None if count is None else count / bench["stats"]["median"]
+
+
+def _pair(ours, peer, fmt) -> str:
+    """"ours / peer" with "—" for a missing side; "—" when both are missing."""
+    if ours is None and peer is None:
+        return "—"
+    return f"{'—' if ours is None else fmt(ours)} / {'—' if peer is None else fmt(peer)}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def rows(benchmarks: list[dict]) -> list[dict]:
@@ -54,23 +79,28 @@ def rows(benchmarks: list[dict]) -> list[dict]:
             "group": group, "ours": t_ours, "peer": best_name, "peer_time": t_peer,
             "speedup": (t_peer / t_ours) if t_ours and t_peer else None, "floor": floor,
             "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
+            "peak": _info(ours, "peak_bytes"), "peer_peak": _info(best, "peak_bytes"),
+            "tokens_per_s": _per_s(ours, "tokens"), "peer_tokens_per_s": _per_s(best, "tokens"),
             "extra": {k: v for k, v in (ours or {}).get("extra_info", {}).items() if k not in ("impl", "floor_s")},
         })
     return out
 
 
 def markdown(benchmarks: list[dict], machine: dict) -> str:
-    header = ("| benchmark | ours | best peer | peer time | peer/ours | floor | ours/floor |\n"
-              "|---|---|---|---|---|---|---|")
+    header = ("| benchmark | ours | best peer | peer time | peer/ours | floor | ours/floor | peak memory ours / peer "
+              "| tokens/s ours / peer |\n|---|---|---|---|---|---|---|---|---|")
     lines = []
     for r in rows(benchmarks):
         def cell(v, fmt):
             return "—" if v is None else fmt(v)
         lines.append(f"| {r['group']} | {cell(r['ours'], _fmt_time)} | {r['peer'] or '—'} | "
                      f"{cell(r['peer_time'], _fmt_time)} | {cell(r['speedup'], lambda v: f'{v:.2f}×')} | "
-                     f"{cell(r['floor'], _fmt_time)} | {cell(r['ours_over_floor'], lambda v: f'{v:.1f}×')} |")
+                     f"{cell(r['floor'], _fmt_time)} | {cell(r['ours_over_floor'], lambda v: f'{v:.1f}×')} | "
+                     f"{_pair(r['peak'], r['peer_peak'], _fmt_bytes)} | "
+                     f"{_pair(r['tokens_per_s'], r['peer_tokens_per_s'], lambda v: f'{v:.4g}')} |")
     cpu = machine.get("cpu", {}).get("brand_raw", "") if isinstance(machine.get("cpu"), dict) else ""
-    head = f"Machine: {machine.get('node', '?')} {cpu}; commit {machine.get('id', '?')[:12]}"
+    head = (f"Machine: {machine.get('node', '?')} {cpu}; commit {machine.get('id', '?')[:12]}; "
+            f"date {machine.get('date', '?')}")
     return head + "\n\n" + header + "\n" + "\n".join(lines) + "\n"
 
 
