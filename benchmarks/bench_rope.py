@@ -3,8 +3,9 @@
 Indices: ``mcg_rope_index`` vs ``Qwen2VLModel.get_rope_index`` (a Python loop over each row's tokens)
 at B=8, S=2048, one 448x448 image per row (grid (1, 32, 32) → 256 tokens after the 2x2 merge); on CPU
 (NumPy path) and, with a GPU, on CUDA tensors (on-device path, one host sync).
-No floor: the work is a few integer passes over 16k tokens, far below any bandwidth limit; the
-figure of merit is the ratio to transformers.
+Floor: the token ids (and mask) read once and the [3, B, S] int64 positions written once, at the
+measured copy bandwidth; the work is a few integer passes over 16k tokens, so the ratio to
+transformers is the figure of merit and the floor says how far from free the call is.
 
 Rotation: ``apply_mrope`` (angles computed in-kernel) vs transformers' Qwen2-VL path (the rotary
 module builds cos/sin [3,B,S,D/2] → [B,S,D] in fp32, casts them to the activation dtype, then
@@ -66,7 +67,9 @@ def test_rope_index(benchmark, device, impl, padded):
     ids, mask, grid = (None if t is None else t.to(device) for t in _index_batch(padded=padded))
     pad = "left-pad" if padded else "no-pad"
     benchmark.group = f"mcg_rope_index {device} B=8 S=2048 1 image/row {pad}"
-    benchmark.extra_info.update(op="mcg_rope_index", impl=impl, device=device, shape="B=8,S=2048,grid=(1,32,32)")
+    moved = ids.numel() * 8 * (1 + (mask is not None) + 3)
+    record(benchmark, floor_s=memory_floor_s(moved, device), bytes=moved, op="mcg_rope_index", impl=impl,
+           device=device, shape="B=8,S=2048,grid=(1,32,32)")
     if impl == "transformers":
         model = _hf_model()
         types = (ids == IMG).int()        # the processor's mm_token_type_ids, not timed

@@ -2,16 +2,32 @@
 
 * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before.
 * CPU (Linux): the resident-set high-water mark VmHWM, reset through ``/proc/self/clear_refs`` right
-  before the call, minus VmRSS before it. Large tensors are mmap'ed by the allocator and returned when
-  freed, so this is the call's own peak.
+  before the call, minus VmRSS before it. For that to be the call's own peak, every large tensor must
+  get fresh pages: glibc's mmap threshold is pinned at 128 KiB on import (by default it rises to up to
+  32 MiB after large frees, and a tensor then reuses heap pages that are already resident, which the
+  counter does not see: a peak of a few KiB for a call that allocates 100 MiB).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import re
 
 import torch
+
+
+def _pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """mallopt(M_MMAP_THRESHOLD, nbytes) in glibc: allocations from ``nbytes`` up are mmap'ed and unmapped
+    on free (an explicit value also stops the dynamic raise). False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+
+
+MMAP_THRESHOLD_PINNED = _pin_mmap_threshold()
 
 
 def _status_bytes(key: str) -> int:

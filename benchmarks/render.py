@@ -3,8 +3,8 @@
     python -m benchmarks.render results.json [more.json ...] [--out FILE.md] [--plot FILE.png]
 
 Benchmarks are grouped by their pytest-benchmark ``group`` (one op, shape and dtype on one device).
-In each group the implementation named ``clinkd`` (``extra_info["impl"]``) is compared with the
-fastest other implementation, and with the floor recorded in ``extra_info["floor_s"]``. Times are
+In each group each clinkd implementation (``extra_info["impl"]`` ``clinkd`` or a variant
+``clinkd-*``) is compared with the fastest peer (any other implementation), and with the floor recorded in ``extra_info["floor_s"]``. Times are
 medians. Where the benchmarks record them, the table also gives the peak memory
 (``extra_info["peak_bytes"]``) and the throughput (``extra_info["tokens"]`` / median) of both.
 """
@@ -62,27 +62,32 @@ def _fmt_bytes(n: float) -> str:
 
 
 def rows(benchmarks: list[dict]) -> list[dict]:
-    """One row per group: ours, best peer, ratio, floor, ours/floor (None where unknown)."""
+    """Per group, one row per clinkd implementation (``clinkd``, variants ``clinkd-*`` labelled in
+    brackets): its time, the fastest peer (an implementation not named clinkd*), the ratio, the floor
+    and ours/floor (None where unknown); a group without clinkd gets one row for its fastest peer."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for b in benchmarks:
         groups[b.get("group") or b["name"]].append(b)
     out = []
     for group, members in sorted(groups.items()):
         by_impl = {m["extra_info"].get("impl", m["name"]): m for m in members}
-        ours = by_impl.get("clinkd")
-        peers = {k: v for k, v in by_impl.items() if k != "clinkd"}
+        mine = sorted((k for k in by_impl if k.startswith("clinkd")), key=lambda k: (k != "clinkd", k))
+        peers = {k: v for k, v in by_impl.items() if not k.startswith("clinkd")}
         best_name, best = min(peers.items(), key=lambda kv: kv[1]["stats"]["median"]) if peers else (None, None)
-        t_ours = ours["stats"]["median"] if ours else None
         t_peer = best["stats"]["median"] if best else None
-        floor = (ours or best or {}).get("extra_info", {}).get("floor_s")
-        out.append({
-            "group": group, "ours": t_ours, "peer": best_name, "peer_time": t_peer,
-            "speedup": (t_peer / t_ours) if t_ours and t_peer else None, "floor": floor,
-            "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
-            "peak": _info(ours, "peak_bytes"), "peer_peak": _info(best, "peak_bytes"),
-            "tokens_per_s": _per_s(ours, "tokens"), "peer_tokens_per_s": _per_s(best, "tokens"),
-            "extra": {k: v for k, v in (ours or {}).get("extra_info", {}).items() if k not in ("impl", "floor_s")},
-        })
+        for name in mine or [None]:
+            ours = by_impl.get(name)
+            t_ours = ours["stats"]["median"] if ours else None
+            floor = (ours or best or {}).get("extra_info", {}).get("floor_s")
+            out.append({
+                "group": group if name in (None, "clinkd") else f"{group} [{name}]",
+                "ours": t_ours, "peer": best_name, "peer_time": t_peer,
+                "speedup": (t_peer / t_ours) if t_ours and t_peer else None, "floor": floor,
+                "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
+                "peak": _info(ours, "peak_bytes"), "peer_peak": _info(best, "peak_bytes"),
+                "tokens_per_s": _per_s(ours, "tokens"), "peer_tokens_per_s": _per_s(best, "tokens"),
+                "extra": {k: v for k, v in (ours or {}).get("extra_info", {}).items() if k not in ("impl", "floor_s")},
+            })
     return out
 
 

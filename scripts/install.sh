@@ -3,6 +3,8 @@
 #
 #   bash scripts/install.sh            # the package
 #   bash scripts/install.sh test       # the package and the test/benchmark tools
+#   bash scripts/install.sh demo       # the package and what the demo needs (pycocoevalcap, pydicom, matplotlib)
+#   bash scripts/install.sh demo,test  # several extras
 #
 # torch is installed first and the extension is then built with --no-build-isolation, so it is
 # compiled against exactly that torch (an isolated build would fetch a second torch of several GB).

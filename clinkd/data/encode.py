@@ -140,11 +140,15 @@ class SampleEncoder:
         return {"input_ids": input_ids, "labels": labels, "pixel_values": vision["pixel_values"],
                 "image_grid_thw": grid}
 
-    def encode_prompt(self, record: Record) -> dict:
-        """Generation input for the first question: input_ids [L] ending with the assistant header,
-        pixel_values, image_grid_thw (for ``model.generate``; the answer is what the model writes)."""
+    def encode_prompt(self, record: Record, turn: int = 0) -> dict:
+        """Generation input for question ``turn``, after the earlier turns' reference answers (teacher
+        forcing): input_ids [L] ending with the assistant header, pixel_values, image_grid_thw (for
+        ``model.generate``; the answer is what the model writes)."""
+        if not 0 <= turn < len(record.turns):
+            raise ValueError(f"{record.where}: turn {turn} is out of range; the record has {len(record.turns)} turns")
         vision = self.image_processor(images=[self.load_image(record)], return_tensors="pt")
-        text = self._render(record.messages()[:1 if record.system is None else 2], generation_prompt=True)
+        first = 0 if record.system is None else 1
+        text = self._render(record.messages()[:first + 2 * turn + 1], generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids.count(self.image_token_id) != 1:
             raise DataError(f"{record.where}: the prompt holds {ids.count(self.image_token_id)} image placeholders")

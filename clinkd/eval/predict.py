@@ -1,9 +1,11 @@
-"""Greedy, batched answers of a Qwen2-VL model to the first question of each record → predictions JSONL.
+"""Greedy, batched answers of a Qwen2-VL model to every question of each record → predictions JSONL.
 
     predict(model, processor, "test.jsonl", "preds.jsonl", batch_size=8, max_new_tokens=64)
 
-Each output line: {"id", "turn": 0, "task", "modality", "question", "annotation" (the reference answer),
-"response" (the decoded generation, special tokens kept as text)} — what ``clinkd eval`` reads.
+Question t of a multi-turn record is asked after the reference answers of questions 0..t-1 (teacher
+forcing, so one wrong answer does not derail the later turns). Each output line: {"id", "turn", "task",
+"modality", "question", "annotation" (the reference answer), "response" (the decoded generation,
+special tokens kept as text)} — what ``clinkd eval`` reads.
 Prompts are left-padded so a batch generates together; the data file is checked (every record, every
 image) before the model runs, so bad input fails with ``file:line`` before any compute.
 """
@@ -15,6 +17,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from clinkd_kernels._io import write_text_atomic
 
 from ..data.encode import SampleEncoder
 from ..data.offline_processor import special_token_ids
@@ -38,7 +42,7 @@ def _batch(prompts: list[dict], pad_id: int) -> dict:
 @torch.no_grad()
 def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *, root=None, batch_size: int = 8,
             max_new_tokens: int = 64, max_length: int = 2048, progress: bool = True) -> int:
-    """Write ``out`` (JSONL, atomically) with one greedy answer per record of ``data``; returns the count.
+    """Write ``out`` (JSONL, atomically) with one greedy answer per question of ``data``; returns the count.
 
     model: a Qwen2-VL ``*ForConditionalGeneration`` (patched or not; its dtype and device are used);
     processor: the tokenizer + image processor it was trained with."""
@@ -58,32 +62,30 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
+    questions = [(record, turn) for record in records for turn in range(len(record.turns))]
     lines = []
     try:
-        for start in tqdm(range(0, len(records), batch_size), desc="predict", disable=not progress):
-            chunk = records[start:start + batch_size]
-            batch = _batch([encoder.encode_prompt(r) for r in chunk], ids["pad_token_id"])
+        for start in tqdm(range(0, len(questions), batch_size), desc="predict", disable=not progress):
+            chunk = questions[start:start + batch_size]
+            batch = _batch([encoder.encode_prompt(r, turn) for r, turn in chunk], ids["pad_token_id"])
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                        eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
             new = generated[:, batch["input_ids"].shape[1]:]
-            for record, row in zip(chunk, new):
+            for (record, turn), row in zip(chunk, new):
                 row = row.tolist()
                 if ids["eos_token_id"] in row:
                     row = row[:row.index(ids["eos_token_id"])]
                 row = [t for t in row if t != ids["pad_token_id"]]
                 response = processor.tokenizer.decode(row, skip_special_tokens=False)
-                lines.append({"id": record.id, "turn": 0, "task": record.task, "modality": record.modality,
-                              "question": record.turns[0][0], "annotation": record.turns[0][1],
+                lines.append({"id": record.id, "turn": turn, "task": record.task, "modality": record.modality,
+                              "question": record.turns[turn][0], "annotation": record.turns[turn][1],
                               "response": response.strip()})
     finally:
         model.train(was_training)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, "".join(json.dumps(line) + "\n" for line in lines))
     return len(lines)
 
 

@@ -24,6 +24,7 @@ def test_ours_against_the_fastest_peer_floor_memory_and_throughput(tmp_path, cap
         _bench("clinkd", "step", 2.0, floor_s=0.5, tokens=1000, peak_bytes=3 * 2**20),
         _bench("stock", "step", 5.0, tokens=1000, peak_bytes=2**31),
         _bench("slow", "step", 9.0),
+        _bench("clinkd-topk", "step", 1.0, floor_s=0.25),
         _bench("clinkd", "op", 0.004, floor_s=0.001),
         _bench("torch", "op", 0.002),
     ])
@@ -32,6 +33,9 @@ def test_ours_against_the_fastest_peer_floor_memory_and_throughput(tmp_path, cap
     assert out.startswith("Machine: box CPU9; commit abcdef123456; date 2026-01-02T03:04:05")
     assert "| step | 2 s | stock | 5 s | 2.50× | 500 ms | 4.0× | 3 MiB / 2 GiB | 500 / 200 |" in out
     assert "| op | 4 ms | torch | 2 ms | 0.50× | 1 ms | 4.0× | — | — |" in out
+    # a clinkd variant is a row of its own against the same peer, never a peer of clinkd
+    assert "| step [clinkd-topk] | 1 s | stock | 5 s | 5.00× | 250 ms | 4.0× | — / 2 GiB | — / 200 |" in out
+    assert out.index("| step |") < out.index("| step [clinkd-topk] |")
 
 
 def test_group_without_peers_or_ours(tmp_path):

@@ -107,6 +107,24 @@ def test_prompt_for_generation_is_the_training_prefix(dataset):
         assert torch.equal(prompt["pixel_values"], sample["pixel_values"])
 
 
+def test_prompt_for_a_later_turn_is_the_training_prefix(dataset):
+    """Turn 1 of a two-turn record: its prompt is the training sequence up to the second answer (the
+    first answer given as history), and that answer is the next supervised token."""
+    import dataclasses
+
+    record = dataset.records[2]
+    two = dataclasses.replace(record, turns=list(record.turns) + [("And its size?", "small")])
+    sample = dataset.encoder.encode(two)
+    prompt = dataset.encoder.encode_prompt(two, turn=1)
+    n = prompt["input_ids"].numel()
+    first = dataset.encoder.encode_prompt(two, turn=0)["input_ids"].numel()
+    assert n > first and torch.equal(prompt["input_ids"], sample["input_ids"][:n])
+    assert int(sample["labels"][n - 1]) == -100 and int(sample["labels"][n]) != -100
+    assert int((sample["labels"][first:n] != -100).sum()) > 0  # the first answer is inside the prefix
+    with pytest.raises(ValueError, match="turn 2 is out of range"):
+        dataset.encoder.encode_prompt(two, turn=2)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch(dataset, side):
     samples = [dataset[i] for i in (0, 3, 5)]

@@ -74,3 +74,26 @@ def test_bad_input(setup, tmp_path, capsys):
     assert main(["predict", "--model", str(saved), "--data", str(test), "--out", str(tmp_path / "o.jsonl"),
                  "--patch", "{bad"]) == 2
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_every_turn_of_a_multi_turn_record(setup, tmp_path):
+    """A two-turn record gives two lines (turn 0 and 1); turn 0's answer is the one the single-turn
+    record gets (the second question does not leak into the first prompt); eval pairs both turns."""
+    folder, test, processor, model, _, _ = setup
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    rows = [next(r for r in rows if r["task"] == "ROC"), next(r for r in rows if r["task"] == "VG")]
+    two = dict(rows[0], conversations=rows[0]["conversations"] + [{"from": "human", "value": "Is it large?"},
+                                                                  {"from": "gpt", "value": "no"}])
+    data = folder / "two.jsonl"
+    data.write_text(json.dumps(two) + "\n" + json.dumps(rows[1]) + "\n")
+    single = folder / "one.jsonl"
+    single.write_text(json.dumps(rows[0]) + "\n")
+    assert predict(model, processor, data, tmp_path / "p.jsonl", batch_size=2, max_new_tokens=5, progress=False) == 3
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(x["id"], x["turn"]) for x in lines] == [(rows[0]["id"], 0), (rows[0]["id"], 1), (rows[1]["id"], 0)]
+    assert lines[1]["question"] == "Is it large?" and lines[1]["annotation"] == "no"
+    predict(model, processor, single, tmp_path / "s.jsonl", batch_size=1, max_new_tokens=5, progress=False)
+    assert json.loads((tmp_path / "s.jsonl").read_text())["response"] == lines[0]["response"]
+    from clinkd.eval.evaluate import evaluate
+
+    assert evaluate(tmp_path / "p.jsonl", data, with_meteor=False)["missing"] == 0
