@@ -51,6 +51,12 @@ if ! CLINKD_FORCE_CUDA=1 CLINKD_CUDA_ARCHS="$CAP" "$PY" -m pip install --no-buil
 fi
 "$PY" -m clinkd_kernels.info | tee "$OUT/info.md" || status=1
 
+if ls .whl/*.whl >/dev/null 2>&1; then
+  step "benchmark peers carried as wheels (benchmarks/peer_wheels.sh)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers .whl/*.whl \
+    && export PYTHONPATH="/tmp/peers${PYTHONPATH:+:$PYTHONPATH}" && ls /tmp/peers
+fi
+
 step "GPU tests"
 timeout 240 "$PY" -m pytest tests/ -m gpu -q -x --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
@@ -64,13 +70,19 @@ for k in (1, 64, 1024):
 torch.cuda.synchronize(); print('sanitizer run done')" 2>&1 | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
-step "GPU benchmarks"
-CLINKD_BENCH_DEVICES=cuda timeout 240 "$PY" -m pytest benchmarks/ --benchmark-only -q \
-  --benchmark-json="$OUT/bench-gpu.json" --benchmark-columns=min,median,rounds 2>&1 | tail -15
+step "GPU benchmarks: kernels"
+CLINKD_BENCH_DEVICES=cuda timeout 200 "$PY" -m pytest benchmarks/ --ignore=benchmarks/bench_train_step.py \
+  --benchmark-only -q --benchmark-json="$OUT/bench-gpu.json" --benchmark-columns=min,median,rounds 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "GPU benchmark: ClinKD training step, 2B student / 7B teacher"
+CLINKD_BENCH_DEVICES=cuda timeout 150 "$PY" -m pytest benchmarks/bench_train_step.py --benchmark-only -q \
+  --benchmark-json="$OUT/bench-gpu-train-step.json" --benchmark-columns=min,median,rounds 2>&1 | tail -10
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "results"
-if [ -f "$OUT/bench-gpu.json" ]; then
-  "$PY" -m benchmarks.render "$OUT/bench-gpu.json" --out "$OUT/results.md" && cat "$OUT/results.md"
+jsons=$(ls "$OUT"/bench-gpu*.json 2>/dev/null || true)
+if [ -n "$jsons" ]; then
+  "$PY" -m benchmarks.render $jsons --out "$OUT/results.md" && cat "$OUT/results.md"
 fi
 exit $status
