@@ -56,7 +56,7 @@ def fwd_bwd(fn, t, extra, grad, *, causal, dtype=None):
     return out.detach(), dq, dk, dv
 
 
-def assert_all_close(got, ref, base):
+def assert_all_close(got, ref, base, *, group_rounding: bool = False):
     """out, dq, dk, dv under the §4 rule, with atol scaled by the tensor's magnitude: gradients summed over
     many rows (dv, dk over a GQA group) reach values of several units, where one rounding of the
     output dtype is already above the unit-scale default atol.
@@ -66,11 +66,19 @@ def assert_all_close(got, ref, base):
     in the reference's softmax backward but leaves a few fp32 ulps of |dP| in any implementation that
     forms δ from O (SDPA's included; e.g. 4e-6 on an exactly-zero fp32 reference gradient); and dS is
     rounded to the input dtype before its matmuls, so one element in ~10^4 lands a fraction of an ulp
-    beyond twice the baseline's error."""
+    beyond twice the baseline's error.
+
+    ``group_rounding``: dK, dV also get ×(Hq/Hkv) in fp16/bf16, for implementations that round each query
+    head's dK/dV to the input dtype before summing over the GQA group (SDPA's CPU backward with
+    ``enable_gqa``): a sum of g rounded terms is off by up to g/2 ulps where the baseline, summing in
+    fp32, is off by half of one."""
+    group = got[1].shape[-2] // got[2].shape[-2]
     for name, g, r, bl in zip(("out", "dq", "dk", "dv"), got, ref, base):
         unit = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[g.dtype]
         if name in ("dq", "dk"):
             unit *= 4 if g.dtype == torch.float32 else 2
+        if group_rounding and name in ("dk", "dv") and g.dtype != torch.float32:
+            unit *= group
         assert_close(name, g, r, bl, atol=unit * max(1.0, float(r.abs().max())))
 
 
