@@ -29,13 +29,21 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - triton is a declared dependency
         return False
     return True
+
+
+# A module constant, not a cached function: torch.compile reads it as a constant while tracing an op
+# (a functools cache inside a traced region makes dynamo warn and trace through the wrapper).
+TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return TRITON_AVAILABLE
 
 
 @functools.cache

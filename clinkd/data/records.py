@@ -198,6 +198,20 @@ def parse_record(raw: dict, *, root: str | os.PathLike, where: str = "") -> Reco
                   system=system, where=where)
 
 
+def parse_jsonl(text: str, path) -> list[tuple[object, str]]:
+    """(value, "file:line") for each non-blank line of JSON-lines ``text`` read from ``path``;
+    DataError naming the line for one that is not valid JSON."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), f"{path}:{number}"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    return out
+
+
 def read_raw_records(path: str | os.PathLike) -> list[tuple[dict, str]]:
     """The raw records of a ``.json`` (a list of records) or ``.jsonl`` (one per line) file, each with
     its location ("file[index]" or "file:line") for error messages."""
@@ -205,16 +219,8 @@ def read_raw_records(path: str | os.PathLike) -> list[tuple[dict, str]]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    out = []
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((json.loads(line), f"{path}:{number}"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        return out
+        return parse_jsonl(text, path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -21,12 +21,11 @@ modalities that have samples of that task (macro). Values are percentages (CIDEr
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
 
-from ..data.records import MODALITIES, TASKS, DataError, load_records
+from ..data.records import MODALITIES, TASKS, DataError, load_records, parse_jsonl
 from . import metrics
 
 SPICE_NOTE = "unavailable: SPICE needs Stanford CoreNLP model downloads"
@@ -39,14 +38,7 @@ def read_predictions(path: str | os.PathLike) -> list[tuple[dict, str]]:
     if not path.is_file():
         raise DataError(f"predictions file {path} does not exist")
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    for obj, where in parse_jsonl(path.read_text(encoding="utf-8"), path):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: a prediction must be a JSON object, got {type(obj).__name__}")
         for key in ("id", "response"):
