@@ -1,5 +1,8 @@
 """CPU path (backend ``"cpu"``): rotation, then ``torch.nn.functional.scaled_dot_product_attention``.
 
+The rotation is ``apply_mrope``'s CPU path (fp32 angles, token-chunked, no [B,S,D] cos/sin tables);
+float64 inputs, which it does not take, use the reference rotation.
+
 Padded form: one SDPA call with a boolean [B,1,S,S] mask (key padding ∧ causal); rows left without
 any key (padded queries under left padding) are given every key so SDPA stays finite, and zeroed
 after. Packed form: one SDPA call per sequence (no cross-sequence attention, no [T,T] mask).
@@ -10,7 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..rope.apply import apply_mrope
 from ..rope.reference import apply_mrope_reference
+
+
+def _rotate(q, k, position_ids, inv_freq, mrope_section):
+    if q.dtype == torch.float64:
+        return apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section)
+    return apply_mrope(q, k, position_ids, inv_freq.float(), mrope_section, backend="cpu")
 
 
 def _sdpa(q, k, v, *, mask, causal, scale):
@@ -25,7 +35,7 @@ def _sdpa(q, k, v, *, mask, causal, scale):
 def mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, mrope_section, *, causal, scale, attention_mask,
                            cu_seqlens):
     """Same contract as ``mcg_rope_attention_reference``; ``scale`` is already resolved."""
-    q_rot, k_rot = apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section)
+    q_rot, k_rot = _rotate(q, k, position_ids, inv_freq, mrope_section)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         out = [_sdpa(q_rot[None, lo:hi], k_rot[None, lo:hi], v[None, lo:hi], mask=None, causal=causal, scale=scale)[0]
