@@ -180,7 +180,7 @@ def _run(benchmark, *, impl, device, dtype, model, s, mode, rounds, warmup):
 def test_attention_cpu(benchmark, impl, mode):
     if "cpu" not in os.environ.get("CLINKD_BENCH_DEVICES", "cpu"):
         pytest.skip("CPU cases deselected by CLINKD_BENCH_DEVICES")
-    _run(benchmark, impl=impl, device="cpu", dtype=torch.float32, model="2B", s=256, mode=mode, rounds=5, warmup=1)
+    _run(benchmark, impl=impl, device="cpu", dtype=torch.float32, model="2B", s=256, mode=mode, rounds=15, warmup=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -128,4 +128,4 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,
            device=device, shape=f"N={n},Hd={hd},Hd_t={hd_t},V={vocab}", peak_bytes=peak,
            peak_gib=None if peak is None else round(peak / 2**30, 3))
-    benchmark.pedantic(run, rounds=3 if device == "cpu" else 10, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(run, rounds=9 if device == "cpu" else 10, warmup_rounds=0, iterations=1)

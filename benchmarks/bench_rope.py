@@ -153,4 +153,4 @@ def test_apply_mrope(benchmark, device, impl, shape_index, backward):
     benchmark.group = name + (" fwd+bwd" if backward else " fwd")
     record(benchmark, floor_s=memory_floor_s(moved, device), bytes=moved, op="apply_mrope", impl=impl,
            device=device, shape=f"B={B},S={S},Hq={Hq},Hkv={Hkv},D={D}", backward=backward)
-    benchmark.pedantic(run, rounds=5 if device == "cpu" else 30, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(run, rounds=15 if device == "cpu" else 30, warmup_rounds=2, iterations=1)

@@ -237,5 +237,5 @@ def test_train_step(benchmark, setup, device, impl, teacher_mode, tmp_path):
         record(benchmark, floor_s=compute_floor_s(flops, device, setup.dtype), flops=flops, op="train_step",
                impl=impl, device=device, tokens=setup.tokens, peak_bytes=peak,
                peak_gib=None if peak is None else round(peak / 2**30, 3))
-        benchmark.pedantic(run, rounds=3, warmup_rounds=0, iterations=1)
+        benchmark.pedantic(run, rounds=5, warmup_rounds=0, iterations=1)
         setup.student.zero_grad(set_to_none=True)
