@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from clinkd.cli import register_command
 
@@ -90,11 +91,15 @@ def _eval_setup(parser):
 
 def _eval(args) -> int:
     from clinkd.eval.evaluate import evaluate, format_report
+    from clinkd_kernels._io import write_text_atomic
 
-    report = evaluate(args.pred, args.data, root=args.root, with_meteor=args.meteor)
+    try:
+        report = evaluate(args.pred, args.data, root=args.root, with_meteor=args.meteor)
+    except ImportError as e:  # the caption metrics' optional dependency
+        print(f"clinkd eval: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_text_atomic(args.json, json.dumps(report, indent=1))
     print(format_report(report))
     return 0
 

@@ -1,6 +1,7 @@
 """Scoring a predictions file: per-modality and macro averages, and bad input with line numbers."""
 
 import json
+import sys
 
 import pytest
 
@@ -123,3 +124,12 @@ def test_cli_eval(tmp_path, capsys):
     assert main(["eval", "--pred", str(bad), "--data", str(data)]) == 2
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
     assert main(["eval", "--pred", str(tmp_path / "none.jsonl")]) == 2
+
+
+def test_cli_eval_without_pycocoevalcap(tmp_path, capsys, monkeypatch):
+    """RC/MIA scores need pycocoevalcap: without it, a one-line error naming the extra, exit 2, no traceback."""
+    data = _write(tmp_path / "d.jsonl", [{"id": "ct_1", "task": "MIA", "conversations": [["q", "a small lesion"]]}])
+    preds = _write(tmp_path / "p.jsonl", [{"id": "ct_1", "response": "a lesion"}])
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # import pycocoevalcap → ImportError
+    assert main(["eval", "--pred", str(preds), "--data", str(data), "--no-meteor"]) == 2
+    assert "pip install 'clinkd[eval]'" in capsys.readouterr().err
