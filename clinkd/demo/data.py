@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clinkd_kernels._io import write_text_atomic
+
 SIZE = 64
 # modality → (long name, ((label, rgb target), ...)): a lesion is blended 80% towards its target colour.
 KINDS = {
@@ -172,7 +174,7 @@ def sample_records(sample_id: str, modality: str, drawn: DrawnSample, image: str
 def build_demo_data(out: str | os.PathLike, *, seed: int = 0, train_per_modality: int = 16,
                     test_per_modality: int = 5, progress: bool = False) -> Path:
     """Write the demo data set to ``out`` (created): train.jsonl, test.jsonl (one record per line),
-    images/<modality>_<nnnnn>.png and info.json. Returns the folder."""
+    images/<modality>_<nnnnn>.png and info.json; train.jsonl is written last. Returns the folder."""
     from PIL import Image
 
     for name, value in (("train_per_modality", train_per_modality), ("test_per_modality", test_per_modality)):
@@ -197,12 +199,13 @@ def build_demo_data(out: str | os.PathLike, *, seed: int = 0, train_per_modality
         splits[split] += sample_records(sample_id, modality, drawn, image)
         bar.update(1)
     bar.close()
-    for split, records in splits.items():
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        (out / f"{split}.jsonl").write_text(text, encoding="utf-8")
     info = {"seed": seed, "size": SIZE, "modalities": sorted(KINDS), "train": len(splits["train"]),
             "test": len(splits["test"]), "dicom": dicom_available()}
-    (out / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    write_text_atomic(out / "info.json", json.dumps(info, indent=1, sort_keys=True) + "\n")
+    # train.jsonl last, atomically: its presence is what says the folder is complete (the demo pipeline
+    # rebuilds everything when it is absent, so an interrupted build never leaves a half data set).
+    for split in ("test", "train"):
+        write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in splits[split]))
     return out
 
 

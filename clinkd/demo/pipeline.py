@@ -20,7 +20,6 @@ Steps (each resumable through ``run_training``, unless ``resume=False``; progres
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import time

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+from clinkd_kernels._io import write_bytes_atomic, write_text_atomic
 
 # (task, metric) columns of the summary table
 COLUMNS = (("VG", "Recall@0.5"), ("ROC", "Accuracy"), ("RC", "BLEU-4"), ("RC", "ROUGE-L"), ("RC", "CIDEr"),
@@ -52,8 +55,10 @@ def plot_curves(curves: dict, path: Path) -> bool:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
     return True
 
 
@@ -61,5 +66,5 @@ def write_report(out: str | Path, report: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["loss_curves_png"] = plot_curves(report["loss_curves"], out / "loss_curves.png")
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))

@@ -20,6 +20,9 @@ already holds stages is an error.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +66,14 @@ def _processor(config: RunConfig):
         records = load_records(config.data.train, root=config.data.root, check_images=False)
         texts = [text for r in records for pair in r.turns for text in pair]
         processor = build_offline_processor(texts, **(spec["offline"] or {}))
-        saved.mkdir(parents=True, exist_ok=True)
-        processor.save_pretrained(str(saved))
+        # Saved whole or not at all: into a fresh folder beside it, then renamed into place (a killed run
+        # never leaves a processor_config.json next to a half-written tokenizer).
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".processor-"))
+        processor.save_pretrained(str(staging))
+        if saved.exists():
+            shutil.rmtree(saved)  # left by an interrupted save (it has no processor_config.json)
+        os.replace(staging, saved)
         return processor
     path = spec.get("from_pretrained") or config.student.from_pretrained
     try:

@@ -113,3 +113,19 @@ def test_distill_cache_command_builds_then_reuses_the_store(tmp_path, capsys):
     assert (store / "manifest.json").stat().st_mtime_ns == stamp
     assert "kd: " in capsys.readouterr().out
     assert main(["distill", "cache", "--config", str(config), "--stage", "sft"]) == 2
+
+
+def test_offline_processor_is_saved_whole(tmp_path):
+    """A processor folder left by an interrupted save (files, but no processor_config.json) is replaced
+    by a complete one; a complete one is reused as it is; no staging folder is left behind."""
+    from clinkd.train.run import _processor
+
+    config = load_config(setup.run_config(tmp_path, setup.tiny.make_data(tmp_path / "data", 4, seed=3)))
+    saved = Path(config.output_dir) / "processor"
+    saved.mkdir(parents=True)
+    (saved / "tokenizer.json").write_text("{truncated")
+    processor = _processor(config)
+    assert (saved / "processor_config.json").is_file() and "{truncated" not in (saved / "tokenizer.json").read_text()
+    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".processor-")] == []
+    again = _processor(config)
+    assert len(again.tokenizer) == len(processor.tokenizer)
