@@ -6,11 +6,9 @@
 Each variant runs in its own fresh process, so neither inherits the other's allocator state. The
 child builds the model and the batch, then measures only the step:
 
-* CPU: resident-set peak. The kernel's high-water mark VmHWM is reset (``/proc/self/clear_refs``
-  ← "5") right before the step; peak = VmHWM after the step − VmRSS before it. Large tensors are
-  mmap'ed by the allocator and given back when freed, so this is the step's own peak.
-* CUDA: ``torch.cuda.reset_peak_memory_stats``; peak = max_memory_allocated − memory_allocated
-  before the step.
+``benchmarks.memory.peak_bytes``: on CPU the resident-set peak above what was resident before the
+step (VmHWM reset through ``/proc/self/clear_refs``), on CUDA max_memory_allocated above what was
+allocated before it.
 
 Model: text decoder hidden 512, 4 layers, 8 query / 2 KV heads (head_dim 64), MLP 1536, vocab
 151936 (Qwen2-VL's); a depth-1 vision tower; one image of 64 placeholder tokens inside 2048 tokens,
@@ -28,18 +26,11 @@ import sys
 import time
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _child(args) -> dict:
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    from benchmarks.memory import peak_bytes
     from clinkd.patch import patch_qwen2_vl
 
     torch.manual_seed(0)
@@ -77,26 +68,18 @@ def _child(args) -> dict:
 
     if device.type == "cuda":
         step()  # compile the Triton kernels outside the measured step
-        torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        loss = step()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        import gc
+    result = {}
 
-        gc.collect()
-        before = _rss_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident size
+    def timed():
         t0 = time.perf_counter()
-        loss = step()
-        seconds = time.perf_counter() - t0
-        peak = _rss_kib("VmHWM") * 1024 - before
+        result["loss"] = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result["seconds"] = time.perf_counter() - t0
+
+    peak = peak_bytes(timed, device.type)
+    loss, seconds = result["loss"], result["seconds"]
     return dict(variant=args.variant, device=args.device, dtype=str(dtype), tokens=args.tokens, hidden=args.hidden,
                 vocab=args.vocab, layers=args.layers, loss=float(loss), step_seconds=round(seconds, 2),
                 peak_step_mib=round(peak / 2**20, 1))
