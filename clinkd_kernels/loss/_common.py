@@ -80,33 +80,35 @@ def check_values(labels: torch.Tensor, vocab: int, ignore_index: int, token_weig
     """Checks that read tensor values (one host sync): labels, token weights, pseudo-labels.
 
     ``topk`` is (indices, logprobs, residual) or None. Run inside the ops, so a compiled graph
-    keeps them without a graph break.
+    keeps them without a graph break. Every check's row mask is built on the device and their
+    ``any()`` flags come to the host together; the first failing check (in the order below) raises.
     """
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"rows {first_rows(bad)} hold e.g. {labels[bad][:3].tolist()}")
+    checks = [((labels != ignore_index) & ((labels < 0) | (labels >= vocab)),
+               lambda bad: f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                           f"rows {first_rows(bad)} hold e.g. {labels[bad][:3].tolist()}")]
     if token_weights is not None:
-        bad = ~torch.isfinite(token_weights) | (token_weights < 0)
-        if bool(bad.any()):
-            raise ValueError(f"token_weights must be finite and >= 0; rows {first_rows(bad)} are not")
+        checks.append((~torch.isfinite(token_weights) | (token_weights < 0),
+                       lambda bad: f"token_weights must be finite and >= 0; rows {first_rows(bad)} are not"))
     if topk is not None:
         idx, lp, res = topk
-        bad = ((idx < 0) | (idx >= vocab)).any(1)
-        if bool(bad.any()):
-            raise ValueError(f"teacher.indices must be in [0, {vocab}) (the student vocabulary); rows {first_rows(bad)} are not")
+        checks.append((((idx < 0) | (idx >= vocab)).any(1),
+                       lambda bad: f"teacher.indices must be in [0, {vocab}) (the student vocabulary); "
+                                   f"rows {first_rows(bad)} are not"))
         if idx.shape[1] > 1:
             srt = idx.sort(dim=1).values
-            bad = (srt[:, 1:] == srt[:, :-1]).any(1)
-            if bool(bad.any()):
-                raise ValueError(f"teacher.indices must not repeat a token within a row; rows {first_rows(bad)} do")
+            checks.append(((srt[:, 1:] == srt[:, :-1]).any(1),
+                           lambda bad: f"teacher.indices must not repeat a token within a row; "
+                                       f"rows {first_rows(bad)} do"))
         # log-probabilities are <= 0 up to rounding; the residual is a probability mass.
-        bad = (torch.isnan(lp) | (lp > 1e-4)).any(1)
-        if bool(bad.any()):
-            raise ValueError(f"teacher.logprobs must be log-probabilities (<= 0, no NaN); rows {first_rows(bad)} are not")
-        bad = ~(res >= 0) | (res > 1 + 1e-4)
-        if bool(bad.any()):
-            raise ValueError(f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not")
+        checks.append(((torch.isnan(lp) | (lp > 1e-4)).any(1),
+                       lambda bad: f"teacher.logprobs must be log-probabilities (<= 0, no NaN); "
+                                   f"rows {first_rows(bad)} are not"))
+        checks.append((~(res >= 0) | (res > 1 + 1e-4),
+                       lambda bad: f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not"))
+    failed = torch.stack([bad.any() for bad, _ in checks]).tolist()
+    for (bad, message), hit in zip(checks, failed):
+        if hit:
+            raise ValueError(message(bad))
 
 
 def coefficients(labels: torch.Tensor, token_weights, *, ignore_index: int, temperature: float, alpha: float,

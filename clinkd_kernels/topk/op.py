@@ -61,10 +61,9 @@ def topk_pseudo_labels(logits: torch.Tensor, k: int, *, temperature: float = 1.0
 
     if check and n > 0:
         lse = result.lse
-        nan_rows = torch.isnan(lse)
-        if bool(nan_rows.any()):
-            raise ValueError(f"logits rows contain NaN: rows {first_rows(nan_rows)}")
-        dead_rows = torch.isneginf(lse)
-        if bool(dead_rows.any()):
-            raise ValueError(f"logits rows are entirely -inf (no distribution): rows {first_rows(dead_rows)}")
+        if bool((torch.isnan(lse) | torch.isneginf(lse)).any()):  # one host sync; the message on failure only
+            nan_rows = torch.isnan(lse)
+            if bool(nan_rows.any()):
+                raise ValueError(f"logits rows contain NaN: rows {first_rows(nan_rows)}")
+            raise ValueError(f"logits rows are entirely -inf (no distribution): rows {first_rows(torch.isneginf(lse))}")
     return result
