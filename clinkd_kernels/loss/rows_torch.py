@@ -41,7 +41,9 @@ def _rows_block(z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
 
     zf = z.to(cdt)                      # aliases z when z is already fp32: never written below
-    log_q = torch.log_softmax(zf * inv_t if inv_t != 1.0 else zf, dim=1)
+    has_teacher = teacher_logits is not None or topk is not None
+    # log q at temperature T: for the KD term, and for the CE term when T = 1 (else CE needs its own LSE)
+    log_q = torch.log_softmax(zf * inv_t if inv_t != 1.0 else zf, dim=1) if has_teacher or inv_t == 1.0 else None
     if inv_t == 1.0:
         ce = -log_q.gather(1, safe_labels).squeeze(1)
     else:
@@ -79,11 +81,14 @@ def _rows_block(z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd
         # r·q_v/(1 − Q) = r·exp(log q_v − log(1 − Q)) outside the top k (top-k columns are overwritten below)
         log_rest_safe = torch.where(torch.isneginf(log_rest), 0.0, log_rest).unsqueeze(1)
         rest = (log_q - log_rest_safe).exp_().mul_(r.unsqueeze(1))
-    q = log_q.exp_()                                         # log_q is not needed any more
-    g = q.clone() if inv_t == 1.0 else (zf - lse_1).exp_()   # CE part: softmax(z) − onehot(label)
+    q = None if log_q is None else log_q.exp_()             # log_q is not needed any more
+    if inv_t != 1.0:
+        g = (zf - lse_1).exp_()                              # CE part: softmax(z) − onehot(label)
+    else:
+        g = q.clone() if has_teacher else q                  # q itself is needed below only for KD
     g.scatter_add_(1, safe_labels, torch.full(safe_labels.shape, -1.0, dtype=cdt, device=z.device))
     g.mul_(cce).masked_fill_(cce == 0, 0.0)                  # zero coefficient → exact 0 (ignored rows too)
-    if teacher_logits is not None or topk is not None:
+    if has_teacher:
         if teacher_logits is not None:
             kd_grad = q.sub_(p)                              # q − p
         else:
