@@ -56,6 +56,38 @@ def rows_per_sample(batch: dict, ignore_index: int = -100) -> list[int]:
 
 
 @torch.no_grad()
+def teacher_rows(teacher, batch: dict, rows: torch.Tensor, vocab_size: int):
+    """The teacher's final hidden states at ``rows`` of the flattened [B·S] batch and its lm_head:
+    (hidden [N, Hd_t], weight [V_t, Hd_t], bias [V_t] or None). ValueError if V_t < vocab_size."""
+    from clinkd.patch import final_hidden_states
+
+    from ..data.collate import model_inputs
+
+    hidden, head = final_hidden_states(teacher, **model_inputs(teacher, batch))
+    weight, bias = head.weight, head.bias
+    if weight.shape[0] < vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({weight.shape[0]}) is smaller than the student's ({vocab_size})")
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device)), weight, bias
+
+
+@torch.no_grad()
+def chunked_pseudo_labels(hidden: torch.Tensor, weight: torch.Tensor, bias, *, k: int, temperature: float,
+                          vocab_size: int, chunk_rows: int = 1024, backend: str | None = None) -> PseudoLabels:
+    """``topk_pseudo_labels`` of the logits hidden·W[:V]ᵀ + b[:V] ([N, Hd_t] rows, first ``vocab_size``
+    columns), ``chunk_rows`` rows at a time so the [N × V] logits never exist whole."""
+    weight = weight[:vocab_size]
+    bias = None if bias is None else bias[:vocab_size]
+    parts = []
+    for a in range(0, hidden.shape[0], chunk_rows):
+        logits = torch.nn.functional.linear(hidden[a:a + chunk_rows], weight, bias)
+        parts.append(topk_pseudo_labels(logits.float(), k, temperature=temperature, backend=backend))
+    if not parts:
+        empty = topk_pseudo_labels(torch.zeros(1, vocab_size, device=hidden.device), k, temperature=temperature)
+        parts = [PseudoLabels(*(t[:0] for t in empty))]
+    return PseudoLabels(*(torch.cat([getattr(p, f) for p in parts]) for f in PseudoLabels._fields))
+
+
+@torch.no_grad()
 def teacher_pseudo_labels(teacher, batch: dict, *, k: int, temperature: float, vocab_size: int,
                           chunk_rows: int = 1024, backend: str | None = None) -> tuple[PseudoLabels, torch.Tensor]:
     """The teacher's pseudo-labels at a batch's supervised next-token rows: (PseudoLabels [N, k], targets [N]).
@@ -63,26 +95,12 @@ def teacher_pseudo_labels(teacher, batch: dict, *, k: int, temperature: float, v
     teacher: a Qwen2-VL ``*ForConditionalGeneration`` (patched or not); batch: a collated batch on its
     device. Only the first ``vocab_size`` logit columns are used (ValueError if the teacher has fewer).
     """
-    from clinkd.patch import final_hidden_states, next_token_targets
-
-    from ..data.collate import model_inputs
+    from clinkd.patch import next_token_targets
 
     rows, targets = next_token_targets(batch["labels"])
-    hidden, head = final_hidden_states(teacher, **model_inputs(teacher, batch))
-    weight, bias = head.weight, head.bias
-    if weight.shape[0] < vocab_size:
-        raise ValueError(f"the teacher's vocabulary ({weight.shape[0]}) is smaller than the student's ({vocab_size})")
-    weight = weight[:vocab_size]
-    bias = None if bias is None else bias[:vocab_size]
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
-    parts = []
-    for a in range(0, selected.shape[0], chunk_rows):
-        logits = torch.nn.functional.linear(selected[a:a + chunk_rows], weight, bias)
-        parts.append(topk_pseudo_labels(logits.float(), k, temperature=temperature, backend=backend))
-    if not parts:
-        empty = topk_pseudo_labels(torch.zeros(1, vocab_size, device=hidden.device), k, temperature=temperature)
-        parts = [PseudoLabels(*(t[:0] for t in empty))]
-    labels = PseudoLabels(*(torch.cat([getattr(p, f) for p in parts]) for f in PseudoLabels._fields))
+    hidden, weight, bias = teacher_rows(teacher, batch, rows, vocab_size)
+    labels = chunked_pseudo_labels(hidden, weight, bias, k=k, temperature=temperature, vocab_size=vocab_size,
+                                   chunk_rows=chunk_rows, backend=backend)
     return labels, targets.to(labels.indices.device)
 
 

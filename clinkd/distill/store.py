@@ -38,7 +38,7 @@ from clinkd_kernels.topk import PseudoLabels
 FORMAT = "clinkd-pseudo-labels"
 VERSION = 1
 MANIFEST = "manifest.json"
-_FIELDS = ("indices", "logprobs", "lse", "margin", "residual")
+_FIELDS = PseudoLabels._fields  # ("indices", "logprobs", "lse", "margin", "residual")
 
 
 class StoreError(ValueError):

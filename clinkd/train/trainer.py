@@ -28,10 +28,10 @@ import torch
 from transformers import Trainer
 
 from clinkd_kernels.loss import linear_kd_loss
-from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
+from clinkd_kernels.topk import PseudoLabels
 
 from ..data.collate import model_inputs
-from ..distill.cache import teacher_pseudo_labels
+from ..distill.cache import chunked_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
 from .curriculum import MarginCurriculum
 
@@ -90,7 +90,8 @@ class ClinKDTrainer(Trainer):
 
     # ------------------------------------------------------------------ teacher side
 
-    def _pseudo_labels(self, inputs: dict, targets: torch.Tensor, vocab: int, device) -> PseudoLabels:
+    def _pseudo_labels(self, inputs: dict, rows: torch.Tensor, targets: torch.Tensor, vocab: int,
+                       device) -> PseudoLabels:
         kd = self.kd
         if self.store is not None:
             index = inputs.get("sample_index")
@@ -104,31 +105,20 @@ class ClinKDTrainer(Trainer):
                                  f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
                                  "changed since it was built; rebuild it")
             return labels.to(device)
-        labels, _ = teacher_pseudo_labels(self.teacher, inputs, k=kd.topk, temperature=kd.temperature,
-                                          vocab_size=vocab, backend=self.kernel_backend)
-        return labels.to(device)
+        hidden, weight, bias = teacher_rows(self.teacher, inputs, rows, vocab)
+        return chunked_pseudo_labels(hidden, weight, bias, k=kd.topk, temperature=kd.temperature, vocab_size=vocab,
+                                     backend=self.kernel_backend).to(device)
 
     @torch.no_grad()
     def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int, *, margins: bool):
         """Online dense teacher: (teacher hidden [N, Hd_t], lm_head weight [V_t, Hd_t], bias, margins [N] or
         None). The margins cost one more pass over the teacher's lm_head (chunked): only with ``margins``."""
-        from clinkd.patch import final_hidden_states
-
-        hidden, head = final_hidden_states(self.teacher, **model_inputs(self.teacher, inputs))
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
-        weight, bias = head.weight, head.bias
-        if weight.shape[0] < vocab:
-            raise ValueError(f"the teacher's vocabulary ({weight.shape[0]}) is smaller than the student's ({vocab})")
+        selected, weight, bias = teacher_rows(self.teacher, inputs, rows, vocab)
         if not margins:
             return selected, weight, bias, None
-        parts = []
-        for a in range(0, selected.shape[0], 1024):
-            logits = torch.nn.functional.linear(selected[a:a + 1024], weight[:vocab],
-                                                None if bias is None else bias[:vocab])
-            parts.append(topk_pseudo_labels(logits.float(), min(2, vocab), temperature=self.kd.temperature,
-                                            backend=self.kernel_backend).margin)
-        margin = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
-        return selected, weight, bias, margin
+        top2 = chunked_pseudo_labels(selected, weight, bias, k=min(2, vocab), temperature=self.kd.temperature,
+                                     vocab_size=vocab, backend=self.kernel_backend)
+        return selected, weight, bias, top2.margin
 
     # ------------------------------------------------------------------ loss
 
@@ -159,11 +149,10 @@ class ClinKDTrainer(Trainer):
             # After its warm-up the curriculum keeps every token (weight 1): no margins, no weights.
             ranking = kd.curriculum is not None and kd.curriculum.fraction(self.state.global_step) < 1.0
             if kd.topk is None:
-                t_hidden, t_weight, t_bias, margin = self._dense_teacher({**inputs, "labels": labels}, rows, vocab,
-                                                                         margins=ranking)
+                t_hidden, t_weight, t_bias, margin = self._dense_teacher(inputs, rows, vocab, margins=ranking)
                 teacher_kw = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
             else:
-                pseudo = self._pseudo_labels({**inputs, "labels": labels}, targets, vocab, hidden.device)
+                pseudo = self._pseudo_labels(inputs, rows, targets, vocab, hidden.device)
                 margin = pseudo.margin
                 teacher_kw = dict(teacher=pseudo)
             weights = None
@@ -172,9 +161,9 @@ class ClinKDTrainer(Trainer):
             loss, kd_part, ce_part = linear_kd_loss(
                 selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
                 t2_scale=kd.t2_scale, token_weights=weights, **teacher_kw, **common)
-        if model.training:
-            self._parts["kd"] += float(kd_part)
-            self._parts["ce"] += float(ce_part)
+        if model.training:  # summed on the device: read once per log, not synced every micro-batch
+            self._parts["kd"] = self._parts["kd"] + kd_part.detach().double()
+            self._parts["ce"] = self._parts["ce"] + ce_part.detach().double()
             self._parts["n"] += 1
         return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -207,9 +196,9 @@ class ClinKDTrainer(Trainer):
         if "loss" in logs and self._parts["n"]:
             n = self._parts["n"]
             if self.kd is not None:
-                logs["kd_loss"] = self._parts["kd"] / n
+                logs["kd_loss"] = float(self._parts["kd"]) / n
                 if self.kd.curriculum is not None:
                     logs["kd_fraction"] = self.kd.curriculum.fraction(self.state.global_step)
-            logs["ce_loss"] = self._parts["ce"] / n
+            logs["ce_loss"] = float(self._parts["ce"]) / n
             self._parts = {"kd": 0.0, "ce": 0.0, "n": 0}
         super().log(logs, start_time)

@@ -98,7 +98,9 @@ def test_online_dense_teacher_skips_the_margin_pass_after_the_warm_up(tmp_path, 
     curriculum still ranks tokens (steps 0 and 1 of a 2-step warm-up), with the weights they give."""
     data = setup.dataset(tmp_path / "data", n=4)
     margin_passes, weights_seen = [], []
-    real_topk, real_loss = trainer_module.topk_pseudo_labels, trainer_module.linear_kd_loss
+    import clinkd.distill.cache as cache_module
+
+    real_topk, real_loss = cache_module.topk_pseudo_labels, trainer_module.linear_kd_loss
 
     def topk_spy(logits, k, **kw):
         margin_passes.append(k)
@@ -109,7 +111,7 @@ def test_online_dense_teacher_skips_the_margin_pass_after_the_warm_up(tmp_path, 
         assert kw["teacher_hidden"] is not None
         return real_loss(hidden, weight, labels, **kw)
 
-    monkeypatch.setattr(trainer_module, "topk_pseudo_labels", topk_spy)
+    monkeypatch.setattr(cache_module, "topk_pseudo_labels", topk_spy)
     monkeypatch.setattr(trainer_module, "linear_kd_loss", loss_spy)
     t = setup.trainer(setup.student(), tmp_path / "out", data, steps=4, batch=2,
                       kd=KDSettings(topk=None, curriculum=MarginCurriculum(start_fraction=0.5, warmup_steps=2)),
