@@ -66,8 +66,8 @@ def store_halves(ptr_rows, row_ok, x1, x2, cols, HALF: tl.constexpr):
 
 @triton.jit
 def mcg_attn_bwd_dkdv_kernel(
-    QR, KR, V, POS, FREQ, MASK, CU, DO, LSE, DELTA, DKR, DV,
-    sm_scale, seqlen, n_tokens, s_t, s_th, HQ, GROUP, seq_bucket,
+    QR, KR, V, MASK, CU, DO, LSE, DELTA, DKR, DV,
+    sm_scale, seqlen, n_tokens, HQ, GROUP, seq_bucket,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
@@ -91,7 +91,6 @@ def mcg_attn_bwd_dkdv_kernel(
     V += start * kv_tok_stride + hk * HEAD_DIM
     DKR += start * kv_tok_stride + hk * HEAD_DIM
     DV += start * kv_tok_stride + hk * HEAD_DIM
-    POS += start
     if HAS_MASK:
         MASK += start
     LSE += start
@@ -150,8 +149,8 @@ def mcg_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def mcg_attn_bwd_dq_kernel(
-    QR, KR, V, POS, FREQ, MASK, CU, DO, LSE, DELTA, DQR,
-    sm_scale, seqlen, n_tokens, s_t, s_th, HQ, GROUP, seq_bucket,
+    QR, KR, V, MASK, CU, DO, LSE, DELTA, DQR,
+    sm_scale, seqlen, n_tokens, HQ, GROUP, seq_bucket,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
@@ -175,7 +174,6 @@ def mcg_attn_bwd_dq_kernel(
     DQR += start * q_tok_stride + h * HEAD_DIM
     KR += start * kv_tok_stride + hk * HEAD_DIM
     V += start * kv_tok_stride + hk * HEAD_DIM
-    POS += start
     if HAS_MASK:
         MASK += start
     LSE += h.to(tl.int64) * n_tokens + start

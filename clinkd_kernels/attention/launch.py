@@ -139,9 +139,10 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask
     dq_rot = empty_output(q.shape, dtype=torch.float32, device=q.device)
     dk_rot = empty_output(k.shape, dtype=torch.float32, device=k.device)
     dv = empty_output(v.shape, dtype=v.dtype, device=v.device)
-    ints = _common(q, k, mrope_section, seqlen, max_seqlen)
+    seqlen_, n_tokens_, _, _, hq_, group, bucket = _common(q, k, mrope_section, seqlen, max_seqlen)
+    ints = (seqlen_, n_tokens_, hq_, group, bucket)  # the matmul kernels see rotated q, k: no rope sections
     meta = _meta(q, causal, mask, cu_seqlens)
-    head = (q_rot, k_rot, v, pos, inv_freq, mask, cu_seqlens, do, lse, delta)
+    head = (q_rot, k_rot, v, mask, cu_seqlens, do, lse, delta)
     _launch("dkdv", max_seqlen, hkv, batch, head + (dk_rot, dv, scale) + ints, meta)
     _launch("dq", max_seqlen, hq, batch, head + (dq_rot, scale) + ints, meta)
     del q_rot, k_rot
@@ -155,14 +156,16 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask
 
 def _attn_signature(kind: str, dtype) -> dict:
     p, f32 = pointer(dtype), pointer(torch.float32)
-    qk = {"Q": p, "K": p} if kind == "fwd" else {"QR": p, "KR": p}
-    head = {**qk, "V": p, "POS": pointer(torch.int64), "FREQ": f32, "MASK": pointer(torch.int8),
+    fwd = kind == "fwd"
+    rope = {"POS": pointer(torch.int64), "FREQ": f32} if fwd else {}  # the backward gets rotated q, k
+    head = {**({"Q": p, "K": p} if fwd else {"QR": p, "KR": p}), "V": p, **rope, "MASK": pointer(torch.int8),
             "CU": pointer(torch.int32)}
     mid = {"fwd": {"O": p, "LSE": f32},
            "dkdv": {"DO": p, "LSE": f32, "DELTA": f32, "DKR": f32, "DV": p},
            "dq": {"DO": p, "LSE": f32, "DELTA": f32, "DQR": f32}}[kind]
-    tail = {"sm_scale": "fp32", "seqlen": "i32", "n_tokens": "i32", "s_t": "i32", "s_th": "i32", "HQ": "i32",
-            "GROUP": "i32", "seq_bucket": "i32"}
+    sections = {"s_t": "i32", "s_th": "i32"} if fwd else {}
+    tail = {"sm_scale": "fp32", "seqlen": "i32", "n_tokens": "i32", **sections, "HQ": "i32", "GROUP": "i32",
+            "seq_bucket": "i32"}
     return {**head, **mid, **tail}
 
 
