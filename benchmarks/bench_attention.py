@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import sync
+from benchmarks.conftest import DEVICES, sync
 from benchmarks.floors import compute_floor_s, record
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.rope.reference import mrope_cos_sin, rotate_half
@@ -178,7 +178,7 @@ def _run(benchmark, *, impl, device, dtype, model, s, mode, rounds, warmup):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", ["clinkd", "rope+sdpa", "apply_mrope+sdpa"])
 def test_attention_cpu(benchmark, impl, mode):
-    if "cpu" not in os.environ.get("CLINKD_BENCH_DEVICES", "cpu"):
+    if "cpu" not in DEVICES:
         pytest.skip("CPU cases deselected by CLINKD_BENCH_DEVICES")
     _run(benchmark, impl=impl, device="cpu", dtype=torch.float32, model="2B", s=256, mode=mode, rounds=15, warmup=2)
 

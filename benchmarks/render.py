@@ -86,7 +86,6 @@ def rows(benchmarks: list[dict]) -> list[dict]:
                 "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
                 "peak": _info(ours, "peak_bytes"), "peer_peak": _info(best, "peak_bytes"),
                 "tokens_per_s": _per_s(ours, "tokens"), "peer_tokens_per_s": _per_s(best, "tokens"),
-                "extra": {k: v for k, v in (ours or {}).get("extra_info", {}).items() if k not in ("impl", "floor_s")},
             })
     return out
 

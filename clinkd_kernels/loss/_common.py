@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from clinkd_kernels._validation import (check_int, check_nonnegative_float, check_positive_float, check_same_device,
-                                        check_shape, check_tensor, first_rows)
+from clinkd_kernels._validation import (FLOAT_DTYPES, check_int, check_nonnegative_float, check_positive_float,
+                                        check_same_device, check_shape, check_tensor, first_rows)
 from clinkd_kernels.topk.pseudo_labels import PseudoLabels
 
 REDUCTIONS = ("mean", "sum", "none")
-LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REFERENCE_DTYPES = LOGIT_DTYPES + (torch.float64,)
+REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 

@@ -273,12 +273,11 @@ def aot_specs() -> list[KernelSpec]:
     """The configurations a training step launches: bf16/fp32 logits, dense/sparse/no teacher, with gradient."""
     specs = []
 
-    def spec(dtype, mode, block_k=1, t_is_one=False, teacher_dtype=None, write_grad=True):
-        teacher_dtype = teacher_dtype or dtype
+    def spec(dtype, mode, block_k=1, t_is_one=False, write_grad=True):
         sig = {
             "z_ptr": pointer(dtype), "stride_z": "i32",
-            "t_ptr": pointer(teacher_dtype if mode == DENSE else dtype), "stride_t": "i32",
-            "idx_ptr": pointer(torch.int64 if mode == SPARSE else dtype),
+            "t_ptr": pointer(dtype), "stride_t": "i32",
+            "idx_ptr": pointer(torch.int32 if mode == SPARSE else dtype),  # topk_pseudo_labels' int32 ids
             "lp_ptr": pointer(torch.float32 if mode == SPARSE else dtype), "stride_k": "i32",
             "res_ptr": pointer(torch.float32 if mode == SPARSE else dtype), "K": "i32",
             "bits_ptr": pointer(torch.int32 if mode == SPARSE else dtype), "stride_bits": "i32",
