@@ -198,6 +198,13 @@ def parse_record(raw: dict, *, root: str | os.PathLike, where: str = "") -> Reco
                   system=system, where=where)
 
 
+def check_modality(modality, where: str) -> str:
+    """``modality`` lower-cased when it is one of MODALITIES; else DataError located at ``where``."""
+    if not isinstance(modality, str) or modality.lower() not in MODALITIES:
+        raise DataError(f"{where}: unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    return modality.lower()
+
+
 def parse_jsonl(text: str, path) -> list[tuple[object, str]]:
     """(value, "file:line") for each non-blank line of JSON-lines ``text`` read from ``path``;
     DataError naming the line for one that is not valid JSON."""

@@ -17,6 +17,7 @@ describes the image. Same seed → the same bytes in every file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ class DrawnSample:
     box: tuple[float, float, float, float]
 
 
+@functools.cache
 def _dicom_slice(name: str) -> np.ndarray | None:
+    """pydicom's bundled slice ``name`` scaled to [0, 1] (read-only: it is read once and shared)."""
     try:
         import pydicom
         from pydicom.data import get_testdata_file
@@ -60,7 +63,9 @@ def _dicom_slice(name: str) -> np.ndarray | None:
     if path is None:
         return None
     pixels = pydicom.dcmread(path).pixel_array.astype(np.float64)
-    return (pixels - pixels.min()) / max(1e-9, pixels.max() - pixels.min())
+    scaled = (pixels - pixels.min()) / max(1e-9, pixels.max() - pixels.min())
+    scaled.setflags(write=False)
+    return scaled
 
 
 _DICOM = {"ct": "CT_small.dcm", "mr": "MR_small.dcm"}

@@ -156,10 +156,10 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
         except OSError:
             meteor = None
     timings["meteor_start"] = time.perf_counter() - t
+    processor = load_processor(str(Path(configs["teacher"]["output_dir"]) / "processor"))  # shared by all three
     try:
         for name, (path, patch) in models.items():
             t = time.perf_counter()
-            processor = load_processor(str(Path(configs["teacher"]["output_dir"]) / "processor"))
             model = load_model(path, patch=patch)
             preds = out / "predictions" / f"{name}.jsonl"
             if progress:

@@ -25,7 +25,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from ..data.records import MODALITIES, TASKS, DataError, load_records, parse_jsonl
+from ..data.records import TASKS, DataError, check_modality, load_records, parse_jsonl
 from . import metrics
 
 SPICE_NOTE = "unavailable: SPICE needs Stanford CoreNLP model downloads"
@@ -55,18 +55,12 @@ def read_predictions(path: str | os.PathLike) -> list[tuple[dict, str]]:
     return out
 
 
-def _check_modality(modality, where: str) -> str:
-    if not isinstance(modality, str) or modality.lower() not in MODALITIES:
-        raise DataError(f"{where}: unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-    return modality.lower()
-
-
 def gather(predictions: str | os.PathLike, data: str | os.PathLike | None = None, *, root=None):
     """[(task, modality, response, reference, where)] and the number of data samples with no prediction."""
     truth = {}
     if data is not None:
         for record in load_records(data, root=root, check_images=False):
-            _check_modality(record.modality, record.where)
+            check_modality(record.modality, record.where)
             for turn, (question, answer) in enumerate(record.turns):
                 truth[(record.id, turn)] = (record.task, record.modality, answer)
     rows, seen = [], {}
@@ -86,7 +80,7 @@ def gather(predictions: str | os.PathLike, data: str | os.PathLike | None = None
             task, reference = obj["task"].upper(), obj["annotation"]
             if task not in TASKS:
                 raise DataError(f"{where}: unknown task {obj['task']!r}; expected one of {', '.join(TASKS)}")
-            modality = _check_modality(obj.get("modality", obj["id"].split("_", 1)[0]), where)
+            modality = check_modality(obj.get("modality", obj["id"].split("_", 1)[0]), where)
         if task == "VG" and metrics.parse_box(reference) is None:
             raise DataError(f"{where}: the VG reference {reference!r} holds no box")
         rows.append((task, modality, obj["response"], reference, where))

@@ -120,8 +120,7 @@ class MeteorScorer:
     def __call__(self, hyps: list[str], refs: list[list[str]]) -> float | None:
         """Corpus METEOR; None when the process fails."""
         try:
-            score, _ = self._meteor.compute_score({i: rs for i, rs in enumerate(refs)},
-                                                  {i: [h] for i, h in enumerate(hyps)})
+            score, _ = self._meteor.compute_score(*_coco_inputs(hyps, refs))
             return float(score)
         except (OSError, ValueError):
             return None

@@ -22,7 +22,7 @@ from clinkd_kernels._io import write_text_atomic
 
 from ..data.encode import SampleEncoder
 from ..data.offline_processor import special_token_ids
-from ..data.records import MODALITIES, DataError, load_records
+from ..data.records import check_modality, load_records
 
 
 def _batch(prompts: list[dict], pad_id: int) -> dict:
@@ -53,9 +53,7 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     records = load_records(data, root=root, check_images=True)
     for record in records:
-        if record.modality not in MODALITIES:
-            raise DataError(f"{record.where}: unknown modality {record.modality!r}; expected one of "
-                            f"{', '.join(MODALITIES)}")
+        check_modality(record.modality, record.where)
     encoder = SampleEncoder(processor, max_length=max_length)
     ids = special_token_ids(processor.tokenizer)
     device = next(model.parameters()).device
