@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .index_host import check_grid
+
 _PAD = 3        # token code of padding after compaction (text 0, image 1, video 2)
 _VSTART = 4     # bit set in the code of a vision_start token
 
@@ -188,13 +190,7 @@ def _raise_index_error(got, n_img_grid, n_vid_grid, start, typ, r, end, vis, cou
     """Build the error message for a failed check (error path only: free to sync)."""
     where = " (counting unpadded tokens)" if compacted else ""
     for name, grid in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
-        if grid is not None and grid.shape[0] > 0:
-            g = grid.long().cpu()
-            bad = (g[:, 1] % m != 0) | (g[:, 2] % m != 0) | (g < 1).any(1) | (g[:, 1] < m) | (g[:, 2] < m)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise ValueError(f"{name}[{i}] = {tuple(g[i].tolist())}: t must be >= 1 and h, w positive multiples "
-                                 f"of spatial_merge_size={m}")
+        check_grid(name, None if grid is None else grid.long().cpu().numpy(), m)
     for kind, name, n_runs, n_grid in ((1, "image", got[0], n_img_grid), (2, "video", got[1], n_vid_grid)):
         if n_runs != n_grid:
             per_row = (start & (typ == kind)).sum(1).cpu()
