@@ -23,7 +23,7 @@ import torch
 
 from .._dispatch import empty_output, resolve_backend
 from .._validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor
-from .reference import apply_mrope_reference, mrope_cos_sin, rotate_half
+from .reference import apply_mrope_reference, section_axis
 
 _BACKENDS = ("triton", "cpu", "torch")
 _CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step on the CPU path: bounds temporaries, few ops
@@ -55,7 +55,7 @@ def _rotate_cpu(q, k, position_ids, inv_freq, section, scale, inverse):
     half = D // 2
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
-    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(section)).to(q.device)
+    axis = section_axis(section).to(q.device)
     pos = position_ids.reshape(3, B * S)
     qf, kf = q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D)   # views when the strides allow
     qo, ko = q_out.view(B * S, Hq, D), k_out.view(B * S, Hkv, D)
@@ -78,18 +78,10 @@ def _rotate_cpu(q, k, position_ids, inv_freq, section, scale, inverse):
 
 
 def _rotate_torch(q, k, position_ids, inv_freq, section, scale, inverse):
-    """The reference; the inverse is x·cos − rotate_half(x)·sin (computed in fp32 like the forward)."""
-    if not inverse:
-        q_rot, k_rot = apply_mrope_reference(q, k, position_ids, inv_freq, section, attention_scaling=scale)
-        return q_rot.contiguous(), k_rot.contiguous()
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cos, sin = mrope_cos_sin(position_ids, inv_freq, section, attention_scaling=scale, dtype=compute)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    out = []
-    for x in (q, k):
-        xc = x.to(compute)
-        out.append((xc * cos - rotate_half(xc) * sin).to(x.dtype).contiguous())
-    return tuple(out)
+    """The reference (the inverse rotates by −θ, computed in fp32 like the forward)."""
+    q_rot, k_rot = apply_mrope_reference(q, k, position_ids, inv_freq, section, attention_scaling=scale,
+                                         inverse=inverse)
+    return q_rot.contiguous(), k_rot.contiguous()
 
 
 _IMPLS = {"triton": _rotate_triton, "cpu": _rotate_cpu, "torch": _rotate_torch}

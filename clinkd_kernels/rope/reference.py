@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def section_axis(mrope_section) -> torch.Tensor:
+    """int64 [D/2]: which position row (0 = t, 1 = h, 2 = w) drives each rotary frequency."""
+    return torch.cat([torch.full((int(s),), a, dtype=torch.long) for a, s in enumerate(mrope_section)])
+
+
 def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section, *,
                   attention_scaling: float = 1.0, dtype: torch.dtype = torch.float32):
     """cos, sin of shape [*position_ids.shape[1:], D] for position_ids [3, ...] and inv_freq [D/2]."""
@@ -24,7 +29,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     assert s_t + s_h + s_w == half, "mrope_section must sum to D/2"
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     freqs = position_ids.to(compute).unsqueeze(-1) * inv_freq.to(compute)  # [3, ..., half]
-    axis = torch.cat([torch.full((s,), a, dtype=torch.long) for a, s in enumerate((s_t, s_h, s_w))]).to(freqs.device)
+    axis = section_axis(mrope_section).to(freqs.device)
     theta = torch.gather(freqs, 0, axis.expand(freqs.shape[1:]).unsqueeze(0)).squeeze(0)  # [..., half]
     emb = torch.cat([theta, theta], dim=-1)
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
@@ -36,8 +41,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_mrope_reference(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                          mrope_section, *, attention_scaling: float = 1.0):
-    """Rotate q [B,S,Hq,D] and k [B,S,Hkv,D] by position_ids [3,B,S] (or q [T,H,D] with [3,T]).
+                          mrope_section, *, attention_scaling: float = 1.0, inverse: bool = False):
+    """Rotate q [B,S,Hq,D] and k [B,S,Hkv,D] by position_ids [3,B,S] (or q [T,H,D] with [3,T]);
+    ``inverse``: by −θ (x·cos − rotate_half(x)·sin, the backward of the rotation).
 
     Computed in the dtype of q, except float16/bfloat16, which are computed in float32 and cast back
     (as transformers does). Pass float64 tensors for a float64 reference.
@@ -46,6 +52,8 @@ def apply_mrope_reference(q: torch.Tensor, k: torch.Tensor, position_ids: torch.
     cos, sin = mrope_cos_sin(position_ids, inv_freq, mrope_section, attention_scaling=attention_scaling,
                              dtype=compute)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    if inverse:
+        sin = -sin
     qc, kc = q.to(compute), k.to(compute)
     q_rot = qc * cos + rotate_half(qc) * sin
     k_rot = kc * cos + rotate_half(kc) * sin
@@ -122,8 +130,7 @@ def apply_mrope_reference_exact(q: torch.Tensor, k: torch.Tensor, position_ids: 
     (Computing θ itself in float64 would differ from every fp32 implementation by θ·2^-24, i.e. by
     ~6e-4 rad at positions ~1e4 — a difference in the spec's angles, not an error of the kernel.)
     """
-    s_t, s_h, s_w = (int(s) for s in mrope_section)
-    axis = torch.cat([torch.full((s,), a, dtype=torch.long) for a, s in enumerate((s_t, s_h, s_w))])
+    axis = section_axis(mrope_section)
     pos = position_ids.to(torch.float32)                                    # [3, ...]
     theta = (pos[axis.to(pos.device)] * inv_freq.float().view(-1, *([1] * (pos.dim() - 1))))  # [half, ...] fp32
     theta = theta.movedim(0, -1).double()                                   # [..., half]
