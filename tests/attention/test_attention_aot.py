@@ -4,29 +4,19 @@ HMMA on sm_80, HGMMA (wgmma) on sm_90 — for the three matmul kernels."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from clinkd_kernels.aot import MAX_SHARED_PER_BLOCK, CompileReport
+from clinkd_kernels.aot import MAX_SHARED_PER_BLOCK, compile_module_specs
 from clinkd_kernels.attention import aot_specs
 
 MATMUL_KERNELS = ("mcg_attn_fwd_kernel", "mcg_attn_bwd_dkdv_kernel", "mcg_attn_bwd_dq_kernel")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def reports():
-    """Compile in a fresh process (the kernels of this one may be defined for the interpreter)."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-    out = subprocess.run([sys.executable, "-m", "tests.attention.aot_worker"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return [(None, CompileReport(**row)) for row in json.loads(out.stdout)]
+    """Every spec compiled for each of its architectures, in a fresh process (the kernels of this one may
+    be defined for the interpreter)."""
+    return compile_module_specs("clinkd_kernels.attention")
 
 
 def test_every_kernel_has_specs_for_both_archs():
@@ -37,12 +27,12 @@ def test_every_kernel_has_specs_for_both_archs():
 
 def test_no_spills_and_shared_memory_fits(reports):
     bad = [f"{r.config} sm{r.arch}: {r.spill_bytes} spill bytes, {r.shared_bytes} B shared"
-           for _, r in reports if r.spill_bytes or r.shared_bytes > MAX_SHARED_PER_BLOCK[r.arch]]
+           for r in reports if r.spill_bytes or r.shared_bytes > MAX_SHARED_PER_BLOCK[r.arch]]
     assert not bad, "\n".join(bad)
 
 
 def test_tensor_core_instructions(reports):
-    for _, r in reports:
+    for r in reports:
         if r.kernel not in MATMUL_KERNELS:
             continue
         if r.arch == 90:
@@ -55,7 +45,7 @@ def test_print_table(reports, capsys):
     """The resource table (shown with -s): registers, spills, shared memory and occupancy per config."""
     with capsys.disabled():
         print()
-        for _, r in reports:
+        for r in reports:
             print(f"{r.config:60s} sm{r.arch} regs={r.registers:3d} spill={r.spill_bytes} "
                   f"smem={r.shared_bytes:6d} blocks/SM={r.blocks_per_sm} hmma={r.hmma} hgmma={r.hgmma}")
     assert reports
