@@ -204,7 +204,8 @@ def _kd_rows_kernel(
                 g_k += tl.where(kd_on, ckd_t * (mass * q_k - p), 0.0)
                 tl.store(g_row + idx, g_k.to(g_ptr.dtype.element_ty), mask=kmask)
             if TEACHER == 1:
-                kd = kd_acc
+                # pass 1's +inf (teacher mass where the student has −inf) stands: kd_acc is NaN there
+                kd = tl.where(kd == float("inf"), kd, kd_acc)
         tl.store(kd_ptr + row, kd)
 
 

@@ -143,12 +143,15 @@ def test_negative_infinite_student_logits(backend, teacher, request):
     check_kd_loss(_fn(backend), z, labels, kw, dict(temperature=0.5, reduction="none"), what=f"{backend} -inf")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-def test_teacher_mass_on_masked_student_column_is_infinite(backend, request):
-    """Documented behaviour: KL is +inf when the teacher gives mass where the student has -inf."""
+def test_teacher_mass_on_masked_student_column_is_infinite(backend, grad, request):
+    """Documented behaviour: KL is +inf when the teacher gives mass where the student has -inf (also when
+    the gradient is computed in the same pass)."""
     dev = _device(backend, request)
     z = torch.randn(4, V, device=dev)
     z[:, 7] = float("-inf")
+    z.requires_grad_(grad)
     t = torch.randn(4, V, device=dev)
     labels = torch.randint(8, V, (4,), device=dev)
     loss, kd, ce = kd_loss(z, labels, teacher_logits=t, reduction="none", return_components=True, backend=backend)
