@@ -51,6 +51,7 @@ class MRopePositions:
         self._rotary, self._stock_forward = rotary, stock_forward
         self._dtype, self._device = like.dtype, like.device
         self._cos_sin = None
+        self._packing = None  # ((position_ids, cu_seq_lens_q, B, S), cu_seqlens) of the last layer's call
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -69,6 +70,15 @@ class MRopePositions:
             like = torch.empty(0, dtype=self._dtype, device=self._device)
             self._cos_sin = tuple(self._stock_forward(self._rotary, like, self.position_ids))
         return self._cos_sin
+
+    def packed_cu_seqlens(self, position_ids, kwargs, batch: int, seqlen: int):
+        """``_packed_cu_seqlens`` once per forward: every layer passes the same position ids (and
+        cu_seq_lens_q), so the later layers reuse the first one's (no per-layer ``nonzero`` sync)."""
+        key = (position_ids, kwargs.get("cu_seq_lens_q"), batch, seqlen)
+        cached = self._packing
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1] or cached[0][2:] != key[2:]:
+            self._packing = cached = (key, _packed_cu_seqlens(position_ids, kwargs, batch, seqlen))
+        return cached[1]
 
     def __iter__(self):
         return iter(self.cos_sin())
@@ -175,7 +185,7 @@ def make_attention_forward(call, wrapped, *, backend: str | None, cache_kw: str)
         # cos and sin both scale by s, so the logits scale by s²: fold it into the softmax scale.
         scale = self.scaling * scaling * scaling
         mask = positions.padding_mask
-        cu_seqlens = None if mask is not None else _packed_cu_seqlens(position_ids, kwargs, batch, seqlen)
+        cu_seqlens = None if mask is not None else positions.packed_cu_seqlens(position_ids, kwargs, batch, seqlen)
         if cu_seqlens is not None:
             flat = lambda t: t.reshape(batch * seqlen, t.shape[2], t.shape[3])  # noqa: E731
             out = mcg_rope_attention(flat(q), flat(k), flat(v), pos.reshape(3, batch * seqlen), inv_freq, section,

@@ -107,6 +107,18 @@ def test_packed_batch_matches_stock(described_by, fused_calls):
     assert fused_calls == {"attention": 2, "loss": 1}
 
 
+def test_packed_boundaries_found_once_per_forward(monkeypatch):
+    """Both layers get the same position ids: the sequence boundaries (a nonzero pass, a host sync on a
+    GPU) are found by the first layer and reused by the second."""
+    import clinkd.patch.attention as attention
+
+    calls, real = [], attention._packed_cu_seqlens
+    monkeypatch.setattr(attention, "_packed_cu_seqlens", lambda *a: calls.append(1) or real(*a))
+    patched = patch_qwen2_vl(qwen2_vl_model().train(), mcg_rope=GAP1, backend="cpu")
+    patched(**_packed_batch([[3, (1, 4, 6), 4], [6]]), use_cache=False).loss.backward()
+    assert len(calls) == 1 and patched.config.text_config.num_hidden_layers == 2
+
+
 def test_packing_changes_the_result():
     """The packed test above can fail: attending across the packed sequences gives another loss."""
     model = patch_qwen2_vl(qwen2_vl_model(), mcg_rope=GAP1, backend="cpu")
