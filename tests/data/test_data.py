@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from clinkd.data import (DataError, Qwen2VLCollator, SampleEncoder, build_dataset, load_records, model_inputs,
+from clinkd.data import (DataError, SampleEncoder, build_dataset, load_records, model_inputs,
                          normalise_boxes, parse_boxes, special_token_ids)
 from clinkd.data.offline_processor import CHAT_TEMPLATE, load_processor, tokenizer_fingerprint
 from tests.data import tiny
@@ -24,11 +24,6 @@ def data(tmp_path_factory):
 def dataset(data):
     folder, path = data
     return build_dataset(path, tiny.processor(), max_length=512)
-
-
-def _collator(**kw):
-    ids = special_token_ids(tiny.processor().tokenizer)
-    return Qwen2VLCollator(pad_token_id=ids["pad_token_id"], image_token_id=ids["image_token_id"], **kw)
 
 
 def test_records_forms_tasks_and_boxes(data):
@@ -128,7 +123,7 @@ def test_prompt_for_a_later_turn_is_the_training_prefix(dataset):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch(dataset, side):
     samples = [dataset[i] for i in (0, 3, 5)]
-    batch = _collator(padding_side=side, pad_to_multiple_of=8)([dict(s) for s in samples])
+    batch = tiny.collator(padding_side=side, pad_to_multiple_of=8)([dict(s) for s in samples])
     assert batch["input_ids"].shape[1] % 8 == 0
     for b, s in enumerate(samples):
         n = s["input_ids"].numel()
@@ -151,8 +146,8 @@ def test_packed_batch_gives_the_padded_loss(dataset, mcg):
 
         patch_qwen2_vl(model, attention=False, backend="torch")
     samples = [dataset[i] for i in (1, 2, 6)]
-    padded = _collator()(samples)
-    packed = _collator(packing=True)(samples)
+    padded = tiny.collator()(samples)
+    packed = tiny.collator(packing=True)(samples)
     assert packed["input_ids"].shape == (1, sum(s["input_ids"].numel() for s in samples))
     with torch.no_grad():
         ref = model.double()(**model_inputs(model, padded), return_logits=True).logits if mcg else \

@@ -99,6 +99,14 @@ def processor():
     return _PROCESSOR
 
 
+def collator(**kw):
+    """A Qwen2VLCollator with the test processor's pad and image token ids."""
+    from clinkd.data import Qwen2VLCollator, special_token_ids
+
+    ids = special_token_ids(processor().tokenizer)
+    return Qwen2VLCollator(pad_token_id=ids["pad_token_id"], image_token_id=ids["image_token_id"], **kw)
+
+
 def model_config(vocab_size: int, *, hidden: int = 64, layers: int = 2) -> dict:
     """A ``Qwen2VLConfig`` dict for a random-weight model matching ``processor()``."""
     from clinkd.data.offline_processor import special_token_ids

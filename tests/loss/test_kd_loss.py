@@ -9,15 +9,11 @@ import pytest
 import torch
 
 from clinkd_kernels.loss import kd_loss
-from tests.loss.util import QUIET, check_kd_loss, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
+from tests.loss.util import QUIET, device_for, check_kd_loss, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 
 pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
 N, V = 29, 301  # odd rows; V spans three 128-wide tiles with a ragged tail
-
-
-def _device(backend, request):
-    return request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
 
 
 def _fn(backend):
@@ -38,7 +34,7 @@ def _teacher(kind, n, vocab, temperature, device, *, k=11, scale=2.0, extra_cols
 def test_matches_reference_fp32(backend, teacher, temperature, reduction, request):
     """Every reduction and temperature; ignored rows, token weights, teacher wider than the student;
     t2_scale on for T = 2."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev) * 2
     labels = labels_with_ignored(N, V, device=dev)
     opts = dict(temperature=temperature, alpha=0.7, beta=0.4, reduction=reduction, t2_scale=temperature == 2.0,
@@ -51,7 +47,7 @@ def test_matches_reference_fp32(backend, teacher, temperature, reduction, reques
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_matches_reference_fp16(backend, teacher, reduction, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = (torch.randn(N, V, device=dev) * 2).half()
     labels = labels_with_ignored(N, V, device=dev)
     kw = _teacher(teacher, N, V, 0.5, dev)
@@ -64,7 +60,7 @@ def test_matches_reference_fp16(backend, teacher, reduction, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_kd_only_beta_zero(backend, teacher, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
     labels = labels_with_ignored(N, V, device=dev)
     check_kd_loss(_fn(backend), z, labels, _teacher(teacher, N, V, 2.0, dev),
@@ -73,7 +69,7 @@ def test_kd_only_beta_zero(backend, teacher, request):
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_ce_only_without_teacher(backend, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
     labels = labels_with_ignored(N, V, device=dev)
     loss = check_kd_loss(_fn(backend), z, labels, {}, dict(alpha=0.0, beta=1.0), what=f"{backend} CE only")
@@ -87,7 +83,7 @@ def test_ce_only_without_teacher(backend, request):
 def test_sparse_topk_sizes_and_residual_extremes(backend, k, mass, request):
     """k from 1 to 256. residual~0: a teacher so peaked that the top k hold all but ~1e-9 of the mass
     (r log r → 0). flat: a nearly uniform teacher, so the residual is 1 − k/V (0.997 for k = 1)."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     n = 17
     t = torch.randn(n, V, device=dev)
     if mass == "residual~0":
@@ -112,7 +108,7 @@ def test_sparse_topk_sizes_and_residual_extremes(backend, k, mass, request):
 def test_sparse_student_mass_all_on_topk(backend, request):
     """The student puts all but ~e^-40 of its mass on the teacher's top k (Σ q_idx → 1): the residual
     bucket's log(1 − Σ q_idx) must come out right, not from a cancelling 1 − Σ."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     n, k = 13, 5
     t = torch.randn(n, V, device=dev) * 2
     pl = pseudo_labels(t, k, 1.0, V)
@@ -128,7 +124,7 @@ def test_sparse_student_mass_all_on_topk(backend, request):
 def test_negative_infinite_student_logits(backend, teacher, request):
     """-inf student logits (masked vocabulary): a whole 128-wide tile, scattered columns, the last column.
     The teacher gives those columns no mass (dense: -inf there too; sparse: top k elsewhere)."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev) * 2
     masked = torch.zeros(V, dtype=torch.bool, device=dev)
     masked[128:256] = True
@@ -148,7 +144,7 @@ def test_negative_infinite_student_logits(backend, teacher, request):
 def test_teacher_mass_on_masked_student_column_is_infinite(backend, grad, request):
     """Documented behaviour: KL is +inf when the teacher gives mass where the student has -inf (also when
     the gradient is computed in the same pass)."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(4, V, device=dev)
     z[:, 7] = float("-inf")
     z.requires_grad_(grad)
@@ -163,7 +159,7 @@ def test_teacher_mass_on_masked_student_column_is_infinite(backend, grad, reques
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_all_rows_ignored(backend, reduction, teacher, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     n = 6
     z = (torch.randn(n, V, device=dev) * 3).requires_grad_()
     labels = torch.full((n,), -100, device=dev)
@@ -179,7 +175,7 @@ def test_all_rows_ignored(backend, reduction, teacher, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_zero_token_weights_drop_kd(backend, request):
     """All token weights 0 under "mean": the KD part is 0 (not 0/0) and the loss is β·CE/(α+β)."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
     labels = labels_with_ignored(N, V, device=dev)
     check_kd_loss(_fn(backend), z, labels, _teacher("dense", N, V, 1.0, dev),
@@ -190,7 +186,7 @@ def test_zero_token_weights_drop_kd(backend, request):
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_inplace_grad_overwrites_logits(backend, teacher, dtype, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = (torch.randn(N, V, device=dev) * 2).to(dtype)
     labels = labels_with_ignored(N, V, device=dev)
     kw = _teacher(teacher, N, V, 0.5, dev)
@@ -218,7 +214,7 @@ def test_inplace_grad_refuses_saved_logits():
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_no_grad_needed_skips_gradient(backend, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
     labels = labels_with_ignored(N, V, device=dev)
     kw = _teacher("dense", N, V, 1.0, dev)
@@ -254,7 +250,7 @@ def test_cpu_path_in_float64():
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_sparse_k_equals_vocab(backend, request):
     """k = V: no column is left for the residual bucket; a rounding residual > 0 must not make KD infinite."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     n, vocab = 9, 150
     t = torch.randn(n, vocab, device=dev) * 2
     pl = pseudo_labels(t, vocab, 1.0, vocab)

@@ -10,15 +10,11 @@ import torch
 
 from clinkd_kernels.loss import linear_kd_loss, linear_kd_loss_reference
 from tests.numerics import assert_close
-from tests.loss.util import QUIET, check_linear, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
+from tests.loss.util import QUIET, device_for, check_linear, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 
 pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
 N, HD, V, HD_T, V_T = 37, 24, 301, 40, 311  # chunks of 16 rows leave a ragged last chunk of 5
-
-
-def _device(backend, request):
-    return request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
 
 
 def _inputs(dev, dtype=torch.float32, *, bias=True):
@@ -46,7 +42,7 @@ def _teacher(kind, dev, temperature, dtype=torch.float32, *, teacher_bias=True):
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference_fp32(backend, teacher, reduction, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
     opts = dict(temperature=0.5, alpha=0.6, beta=0.9, reduction=reduction, t2_scale=reduction == "sum",
                 token_weights=torch.rand(N, device=dev) * 2, chunk_size=16)
@@ -57,7 +53,7 @@ def test_matches_reference_fp32(backend, teacher, reduction, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_temperatures_no_bias(backend, temperature, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
     check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev, bias=False), labels,
                  _teacher("dense", dev, temperature, teacher_bias=False),
@@ -67,7 +63,7 @@ def test_temperatures_no_bias(backend, temperature, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_matches_reference_fp16(backend, teacher, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
     check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev, torch.float16), labels,
                  _teacher(teacher, dev, 0.5, torch.float16), dict(temperature=0.5, chunk_size=16),
@@ -77,7 +73,7 @@ def test_matches_reference_fp16(backend, teacher, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_kd_only_default_chunk(backend, request):
     """beta = 0 and the default chunk size (one chunk at this size)."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
     check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev), labels,
                  _teacher("sparse", dev, 1.0), dict(alpha=1.0, beta=0.0), what=f"{backend} beta=0")
@@ -86,7 +82,7 @@ def test_kd_only_default_chunk(backend, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_all_rows_ignored(backend, reduction, request):
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     inp = {k: v.requires_grad_() for k, v in _inputs(dev).items()}
     labels = torch.full((N,), -7, device=dev)
     loss, kd, ce = linear_kd_loss(inp["hidden"], inp["weight"], labels, bias=inp["bias"], ignore_index=-7,
@@ -100,7 +96,7 @@ def test_all_rows_ignored(backend, reduction, request):
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_only_weight_needs_grad(backend, request):
     """Frozen hidden states and bias (e.g. tuning the lm_head alone): only grad_W is made, and it is right."""
-    dev = _device(backend, request)
+    dev = device_for(backend, request)
     inp = _inputs(dev)
     labels = labels_with_ignored(N, V, device=dev)
     tkw = _teacher("dense", dev, 1.0)

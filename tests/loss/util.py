@@ -12,6 +12,11 @@ from tests.numerics import assert_close
 _DEFAULT_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
+def device_for(backend: str, request) -> torch.device:
+    """The device a backend's test runs on: the Triton interpreter's (fixture ``interpreter``) or the CPU."""
+    return request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
+
+
 def value_atol(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float:
     """atol for loss values (scalars or one value per row).
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from clinkd.data import Qwen2VLCollator, build_dataset, special_token_ids
+from clinkd.data import build_dataset
 from tests.data import tiny
 
 TEACHER_EXTRA_VOCAB = 13  # the teacher's vocabulary is larger than the student's, as the loss allows
@@ -16,9 +16,7 @@ def dataset(folder: Path, n: int = 8, seed: int = 5):
     return build_dataset(tiny.make_data(folder, n, seed=seed), tiny.processor(), max_length=512)
 
 
-def collator(**kw) -> Qwen2VLCollator:
-    ids = special_token_ids(tiny.processor().tokenizer)
-    return Qwen2VLCollator(pad_token_id=ids["pad_token_id"], image_token_id=ids["image_token_id"], **kw)
+collator = tiny.collator
 
 
 def student(seed: int = 0):
