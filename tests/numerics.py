@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 NORM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+DEFAULT_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor | None = None, *,
@@ -29,7 +30,7 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torc
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     dtype = dtype or out.dtype
     if atol is None:
-        atol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-12)
+        atol = DEFAULT_ATOL.get(dtype, 1e-12)
     if norm_tol is None:
         norm_tol = NORM_TOL.get(dtype, 1e-5)
     o = out.detach().double().cpu()

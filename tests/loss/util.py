@@ -7,9 +7,8 @@ import torch
 
 from clinkd_kernels.loss.reference import kd_loss_reference, linear_kd_loss_reference
 from clinkd_kernels.topk.pseudo_labels import PseudoLabels
-from tests.numerics import assert_close
+from tests.numerics import DEFAULT_ATOL, NORM_TOL, assert_close
 
-_DEFAULT_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
 def device_for(backend: str, request) -> torch.device:
@@ -31,15 +30,13 @@ def value_atol(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> flo
     scale = float(r.abs().max()) if r.numel() else 0.0
     base_err = float((b - r).abs().max()) if r.numel() else 0.0
     eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return _DEFAULT_ATOL[dtype] + 2 * base_err + 2 * eps * scale
+    return DEFAULT_ATOL[dtype] + 2 * base_err + 2 * eps * scale
 
 
 def norm_tol(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float:
     """The rule's relative-norm bound for ``dtype``, or twice the baseline's own relative error where
     that is larger: some values here are ill-conditioned in fp32 (e.g. KD near 0 from a two-bucket
     top-1 teacher), and plain torch in that dtype misses the fixed bound by the same margin."""
-    from tests.numerics import NORM_TOL
-
     finite = torch.isfinite(ref) & torch.isfinite(base)
     r, b = ref.detach().double()[finite], base.detach().double()[finite]
     rn = float(r.norm())
@@ -222,7 +219,7 @@ def check_linear(fn, inputs: dict, labels, teacher_kw: dict, opts: dict, *, what
     for k in names:
         atol = None
         if k != "hidden" and dtype == torch.float32:
-            atol = _DEFAULT_ATOL[dtype] + n_chunks * torch.finfo(torch.float32).eps * float(r64[k].grad.abs().max())
+            atol = DEFAULT_ATOL[dtype] + n_chunks * torch.finfo(torch.float32).eps * float(r64[k].grad.abs().max())
         assert_close(f"{what} grad {k}", ours[k].grad, r64[k].grad, rb[k].grad, atol=atol,
                      norm_tol=norm_tol(r64[k].grad, rb[k].grad, dtype))
     return loss
