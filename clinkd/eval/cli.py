@@ -41,13 +41,15 @@ def _data(args) -> int:
 
 
 def _predict_setup(parser):
-    parser.add_argument("--model", required=True, help="a saved model folder (e.g. OUT/<stage>/final)")
+    parser.add_argument("--model", required=True, help="a saved model folder: OUTPUT_DIR/<stage>/final of clinkd "
+                        "train (the demo's: runs/demo/{teacher,student,control}/<stage>/final)")
     parser.add_argument("--data", required=True, help="Med-GRIT records (.json or .jsonl)")
     parser.add_argument("--root", help="image folder (default: the data file's folder)")
     parser.add_argument("--out", required=True, help="predictions JSONL to write")
     parser.add_argument("--processor", help="processor folder (default: the model folder)")
-    parser.add_argument("--patch", help="JSON keyword arguments of patch_qwen2_vl, as the model was trained "
-                                        "(e.g. '{\"mcg_rope\": {\"modality_gap\": 2}, \"attention\": false}')")
+    parser.add_argument("--patch", help="JSON keyword arguments of patch_qwen2_vl (e.g. '{\"mcg_rope\": "
+                        "{\"modality_gap\": 2}, \"attention\": false}', or null for none); default: the patch "
+                        "clinkd train recorded in the model folder (clinkd_patch.json), else none")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=2048)
@@ -59,14 +61,14 @@ def _predict_setup(parser):
 def _predict(args) -> int:
     from clinkd.data.offline_processor import load_processor
     from clinkd.data.records import DataError, load_records
-    from clinkd.eval.predict import load_model, predict
+    from clinkd.eval.predict import SAVED, load_model, predict
 
     try:
-        patch = json.loads(args.patch) if args.patch else None
+        patch = json.loads(args.patch) if args.patch is not None else SAVED
     except json.JSONDecodeError as e:
         raise DataError(f"--patch is not valid JSON ({e.msg})") from None
-    if patch is not None and not isinstance(patch, dict):
-        raise DataError("--patch must be a JSON object of patch_qwen2_vl keyword arguments")
+    if patch is not None and patch is not SAVED and not isinstance(patch, dict):
+        raise DataError("--patch must be a JSON object of patch_qwen2_vl keyword arguments, or null")
     load_records(args.data, root=args.root, check_images=True)  # bad data fails before the model loads
     try:
         model = load_model(args.model, patch=patch, dtype=args.dtype, device=args.device)

@@ -25,8 +25,10 @@ from ..data.offline_processor import special_token_ids
 from ..data.records import check_modality, load_records
 
 
-def _batch(prompts: list[dict], pad_id: int) -> dict:
-    """Left-pad input_ids [B, Lmax] + attention_mask; concatenate pixel_values, stack image_grid_thw."""
+def _batch(prompts: list[dict], pad_id: int, image_token_id: int) -> dict:
+    """Left-pad input_ids [B, Lmax] + attention_mask + mm_token_type_ids (1 on image placeholders, what a
+    Qwen2-VL processor returns: transformers needs it for 3-D positions in generate()); concatenate
+    pixel_values, stack image_grid_thw."""
     longest = max(p["input_ids"].numel() for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
@@ -34,7 +36,7 @@ def _batch(prompts: list[dict], pad_id: int) -> dict:
         n = p["input_ids"].numel()
         ids[row, longest - n:] = p["input_ids"]
         mask[row, longest - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask,
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": ((ids == image_token_id) & (mask == 1)).long(),
             "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
             "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts])}
 
@@ -65,7 +67,8 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
     try:
         for start in tqdm(range(0, len(questions), batch_size), desc="predict", disable=not progress):
             chunk = questions[start:start + batch_size]
-            batch = _batch([encoder.encode_prompt(r, turn) for r, turn in chunk], ids["pad_token_id"])
+            batch = _batch([encoder.encode_prompt(r, turn) for r, turn in chunk], ids["pad_token_id"],
+                           encoder.image_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
@@ -87,18 +90,35 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
     return len(lines)
 
 
-def load_model(path: str, *, patch: dict | None = None, dtype: str = "float32", device: str = "cpu"):
-    """A saved model (``AutoModelForImageTextToText.from_pretrained``), patched like it was trained
-    (``patch``: the keyword arguments of ``clinkd.patch.patch_qwen2_vl``, e.g. {"mcg_rope": {...}})."""
+SAVED = "saved"  # load_model's default patch: the one recorded beside the weights
+
+
+def load_model(path: str, *, patch: dict | None | str = SAVED, dtype: str = "float32", device: str = "cpu"):
+    """A saved model (``AutoModelForImageTextToText.from_pretrained``), patched like it was trained.
+
+    patch: the keyword arguments of ``clinkd.patch.patch_qwen2_vl`` (e.g. {"mcg_rope": {...}}), None for
+    no patch, or SAVED (default): what ``clinkd train`` recorded in the folder (``clinkd_patch.json``;
+    no patch where nothing is recorded). A given patch whose position indices differ from the recorded
+    ones is a ValueError: the model would answer with positions it was not trained on."""
     from transformers import AutoModelForImageTextToText
+
+    from clinkd.train.run import patch_positions, read_patch_record
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     if not Path(path, "config.json").is_file():
         raise ValueError(f"model folder {path} has no config.json")
+    recorded = read_patch_record(path)
+    if isinstance(patch, str):
+        if patch != SAVED:
+            raise ValueError(f"patch must be a dict, None or {SAVED!r}, got {patch!r}")
+        patch = recorded.get("patch")
+    elif recorded and patch_positions(patch) != patch_positions(recorded["patch"]):
+        raise ValueError(f"{path} was trained with position indices {patch_positions(recorded['patch'])}, the "
+                         f"patch asks for {patch_positions(patch)}; leave the patch out to use the recorded one")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype]).to(device)
-    if patch:
+    if patch is not None:
         from clinkd.patch import patch_qwen2_vl
 
         model = patch_qwen2_vl(model, **patch)

@@ -17,7 +17,8 @@ from clinkd_kernels.attention.op import HEAD_DIMS
 from . import _compat
 from .attention import make_attention_forward, make_rotary_forward, make_text_forward
 from .loss import make_lm_forward
-from .positions import MCGRope, as_mcg_rope, make_get_rope_index
+from .positions import (MCGRope, as_mcg_rope, make_compute_3d_position_ids, make_get_rope_index,
+                        make_prepare_position_ids_for_generation)
 
 _MARK = "_clinkd_patch"
 _BACKENDS = (None, "triton", "cpu", "torch")
@@ -91,8 +92,12 @@ def _check_text_config(text_config, family, settings: PatchSettings) -> None:
 
 def _replacements(family, settings: PatchSettings, previous):
     """[(class, method name, factory(call, wrapped) -> function)] for what ``settings`` turns on.
-    ``previous(cls, name)`` gives the function whose signature the replacement keeps."""
-    out = []
+    ``previous(cls, name)`` gives the function whose signature the replacement keeps.
+    Whatever ``settings`` say, both callers of ``get_rope_index`` complete a missing
+    ``mm_token_type_ids`` (``positions``): a patched model never decodes with 1-D positions."""
+    out = [(family.cls("Model"), "compute_3d_position_ids", make_compute_3d_position_ids),
+           (family.cls("ForConditionalGeneration"), "_prepare_position_ids_for_generation",
+            make_prepare_position_ids_for_generation)]
     if settings.mcg_rope is not None:
         cls = family.cls("Model")
         out.append((cls, "get_rope_index", lambda call, wrapped: make_get_rope_index(

@@ -118,12 +118,15 @@ def make_text_forward(call, wrapped):
 
 
 def make_rotary_forward(stock_forward):
-    """``<P>RotaryEmbedding.forward(x, position_ids [3,B,S])`` → MRopePositions (no cos/sin computed)."""
+    """``<P>RotaryEmbedding.forward(x, position_ids [3,B,S])`` → MRopePositions (no cos/sin computed).
+    Text positions ([B,S], or [1,B,S] as generate() continues a cache) are the same on rows t, h, w."""
 
     @functools.wraps(stock_forward)
     def forward(self, x, position_ids):
         if position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.shape[0] == 1:
+            position_ids = position_ids.expand(3, -1, -1)
         return MRopePositions(position_ids, self, stock_forward, _PADDING_MASK.get(), x)
 
     return forward

@@ -1,4 +1,4 @@
-"""MCG-RoPE position ids inside transformers: a replacement for ``<P>Model.get_rope_index``.
+"""3-D position ids inside transformers: MCG-RoPE indices, and complete vision runs on every path.
 
 Everything in transformers that needs 3-D (t, h, w) positions goes through ``get_rope_index``:
 the model's forward (``compute_3d_position_ids``, which also caches ``rope_deltas`` for decoding
@@ -10,8 +10,16 @@ prefill and decoding use the same indices:
                                                              modality_gap=λ, vision_stride=α)
 
 λ = α = 1 is stock Qwen2-VL M-RoPE for images; the ClinKD paper's released setting is λ = 2, α = 1.
-Vision runs are found from the placeholder token ids (``mm_token_type_ids`` is accepted but not
-needed). Padding positions get 0, as transformers writes them.
+Padding positions get 0, as transformers writes them.
+
+Both callers of ``get_rope_index`` call it only when ``mm_token_type_ids`` [B,S] (0 text, 1 image,
+2 video) is given. Without it ``generate()`` hands the language model 1-D text positions for every
+token, image placeholders included, and Qwen2.5-VL's forward does the same — silently wrong for any
+model trained with 3-D positions. So every patched model also wraps both callers: a missing
+``mm_token_type_ids`` is derived from ``input_ids`` (the image/video placeholder ids, padding 0),
+a given one must agree with it, and multimodal inputs without ``input_ids`` (``inputs_embeds``
+alone) need explicit ``position_ids``. With ``mm_token_type_ids`` given and consistent, the stock
+callers run unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+
+import torch
 
 from clinkd_kernels.rope import mcg_rope_index
 
@@ -78,3 +88,100 @@ def make_get_rope_index(original, settings: MCGRope, *, timed_video: bool, famil
             modality_gap=settings.modality_gap, vision_stride=settings.vision_stride, pad_position=0)
 
     return get_rope_index
+
+
+# --------------------------------------------------------------------------------------------------
+# mm_token_type_ids: derived from input_ids where missing, checked where given
+
+
+def _has_vision(arguments: dict) -> bool:
+    return arguments.get("image_grid_thw") is not None or arguments.get("video_grid_thw") is not None
+
+
+def complete_token_types(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None, config) -> torch.Tensor:
+    """``mm_token_type_ids`` [B,S] for ``input_ids`` [B,S]: 1 on image placeholders, 2 on video
+    placeholders, 0 elsewhere (padding included). A given one is returned as it is if it agrees with
+    that on every unpadded token; ValueError otherwise (the runs transformers would position differ
+    from the placeholders the vision features are scattered into)."""
+    derived = (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long()
+    keep = None  # a decoding step's mask also covers the cached tokens: then every token counts
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape:
+        keep = attention_mask.to(input_ids.device) != 0
+        derived = derived.masked_fill(~keep, 0)
+    if mm_token_type_ids is None:
+        return derived.to(torch.int32)
+    if not isinstance(mm_token_type_ids, torch.Tensor) or mm_token_type_ids.shape != input_ids.shape:
+        shape = list(mm_token_type_ids.shape) if isinstance(mm_token_type_ids, torch.Tensor) else type(mm_token_type_ids)
+        raise ValueError(f"mm_token_type_ids must be a tensor of the shape of input_ids {list(input_ids.shape)}, "
+                         f"got {shape}")
+    wrong = mm_token_type_ids.to(derived.device).long() != derived
+    if keep is not None:
+        wrong &= keep
+    if bool(wrong.any()):
+        b, s = (int(i) for i in wrong.nonzero()[0])
+        raise ValueError(f"mm_token_type_ids disagrees with input_ids at row {b}, token {s}: it says "
+                         f"{int(mm_token_type_ids[b, s])}, the token id {int(input_ids[b, s])} means {int(derived[b, s])} "
+                         f"(1 = image_token_id {config.image_token_id}, 2 = video_token_id "
+                         f"{config.video_token_id}, 0 = anything else); pass matching ids or leave it out")
+    return mm_token_type_ids
+
+
+def _bind(signature: inspect.Signature, args, kwargs) -> dict:
+    """Arguments by name (``self`` included), with a ``**kwargs`` parameter folded in."""
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            arguments.update(arguments.pop(param.name, {}))
+    return arguments
+
+
+def make_compute_3d_position_ids(call, wrapped):
+    """``<P>Model.compute_3d_position_ids(input_ids, inputs_embeds, image_grid_thw, ..., mm_token_type_ids)``
+    that completes ``mm_token_type_ids`` from ``input_ids`` before the stock logic runs."""
+    signature = inspect.signature(wrapped)
+
+    @functools.wraps(wrapped)
+    def compute_3d_position_ids(self, *args, **kwargs):
+        arguments = _bind(signature, (self, *args), kwargs)
+        arguments.pop("self")
+        if _has_vision(arguments):
+            input_ids = arguments.get("input_ids")
+            if input_ids is not None:
+                arguments["mm_token_type_ids"] = complete_token_types(
+                    input_ids, arguments.get("mm_token_type_ids"), arguments.get("attention_mask"), self.config)
+            elif self.rope_deltas is None or _cache_length(arguments) == 0:
+                raise ValueError("image_grid_thw/video_grid_thw were passed with inputs_embeds but without input_ids: "
+                                 "the 3-D positions of the vision tokens cannot be found; pass input_ids, or "
+                                 "position_ids [3,B,S] (e.g. from clinkd_kernels.mcg_rope_index)")
+        return call(self, **arguments)
+
+    return compute_3d_position_ids
+
+
+def _cache_length(arguments: dict) -> int:
+    cache = arguments.get("cache", arguments.get("past_key_values"))
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def make_prepare_position_ids_for_generation(call, wrapped):
+    """``<P>ForConditionalGeneration._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)``
+    (called once by ``generate()``, before beam/num_return_sequences expansion) that completes
+    ``model_kwargs["mm_token_type_ids"]`` from the prompt's ids, so the stock logic computes 3-D
+    positions and every later step receives the types, exactly as with a processor's output."""
+
+    @functools.wraps(wrapped)
+    def prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        if _has_vision(model_kwargs):
+            input_ids = model_kwargs.get("input_ids")
+            if input_ids is None or input_ids.shape[1] == 0:
+                input_ids = inputs_tensor
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError("generate() got image_grid_thw/video_grid_thw with inputs_embeds but without "
+                                 "input_ids: the 3-D positions of the vision tokens cannot be found; pass "
+                                 "input_ids too, or position_ids [3,B,S]")
+            model_kwargs["mm_token_type_ids"] = complete_token_types(
+                input_ids, model_kwargs.get("mm_token_type_ids"), model_kwargs.get("attention_mask"), self.config)
+        return call(self, inputs_tensor, model_kwargs)
+
+    return prepare_position_ids_for_generation

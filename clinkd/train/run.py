@@ -9,7 +9,9 @@ Folder layout under ``output_dir``:
     processor/                    an offline processor (built once, reused on resume)
     pseudo_labels/                the store of a kd stage with teacher: store (default place)
     <stage>/checkpoint-N/         Trainer checkpoints (resume continues from the last one)
-    <stage>/final/                the student after the stage (from_pretrained-able, with the processor)
+    <stage>/final/                the student after the stage (from_pretrained-able, with the processor,
+                                  and clinkd_patch.json: the patch it was trained with, which
+                                  ``clinkd predict`` applies)
     <stage>/stage.json            written when the stage is complete (its log history)
 
 ``run_training(resume=True)`` skips complete stages (loading the student from their ``final``) and
@@ -170,6 +172,39 @@ def build_model(spec: ModelSpec, cfg, *, seed: int):
     return model
 
 
+PATCH_RECORD = "clinkd_patch.json"
+
+
+def write_patch_record(folder: str | os.PathLike, patch: dict | None) -> None:
+    """Record beside saved weights the ``patch_qwen2_vl`` keywords they were trained with (None: unpatched)."""
+    write_bytes_atomic(Path(folder) / PATCH_RECORD, json.dumps({"patch": patch}, indent=1).encode())
+
+
+def read_patch_record(folder: str | os.PathLike) -> dict:
+    """{"patch": dict | None} as ``write_patch_record`` wrote it, or {} when the folder records nothing.
+    ValueError for a record that is not that JSON."""
+    path = Path(folder) / PATCH_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or "patch" not in record or not isinstance(record["patch"], (dict, type(None))):
+        raise ValueError(f"{path} must hold {{\"patch\": {{...}} or null}}, got {str(record)[:80]}")
+    return record
+
+
+def patch_positions(patch: dict | None) -> str:
+    """The position indices a patch gives: "stock", or "MCG-RoPE gap λ, stride α" (λ = α = 1 is stock)."""
+    from clinkd.patch.positions import MCGRope, as_mcg_rope
+
+    rope = None if patch is None else as_mcg_rope(patch.get("mcg_rope", MCGRope()))
+    if rope is None or (rope.modality_gap, rope.vision_stride) == (1, 1):
+        return "stock"
+    return f"MCG-RoPE gap {rope.modality_gap}, stride {rope.vision_stride}"
+
+
 # ------------------------------------------------------------------ stores
 
 
@@ -292,6 +327,7 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
         trainer.train(resume_from_checkpoint=checkpoint)
         final = stage_dir / "final"
         trainer.save_model(str(final))
+        write_patch_record(final, config.student.patch)
         result = {"final": str(final), "log_history": trainer.state.log_history}
         write_bytes_atomic(done, json.dumps(result, indent=1).encode())
         results[stage.name] = result
@@ -301,5 +337,5 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
     return results
 
 
-__all__ = ["PreparedRun", "build_model", "check_models", "check_patch", "ensure_store", "model_config", "prepare_run",
-           "run_training", "store_meta"]
+__all__ = ["PATCH_RECORD", "PreparedRun", "build_model", "check_models", "check_patch", "ensure_store", "model_config",
+           "patch_positions", "prepare_run", "read_patch_record", "run_training", "store_meta", "write_patch_record"]

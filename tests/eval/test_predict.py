@@ -1,17 +1,23 @@
-"""Greedy batched prediction with a tiny random model: output lines, batching = one by one, bad input."""
+"""Greedy batched prediction with a tiny random model: output lines, batching = one by one, the positions
+the model was trained with, bad input."""
 
+import copy
 import json
 
 import pytest
+import torch
 
 from clinkd.cli import main
 from clinkd.data.offline_processor import build_offline_processor
 from clinkd.data.records import DataError, load_records
 from clinkd.demo.data import build_demo_data
 from clinkd.demo.pipeline import demo_preset
+from clinkd.data.encode import SampleEncoder
+from clinkd.data.offline_processor import special_token_ids
 from clinkd.eval.predict import load_model, predict
 from clinkd.train.config import ModelSpec
-from clinkd.train.run import build_model, model_config
+from clinkd.train.run import build_model, model_config, write_patch_record
+from clinkd_kernels.rope import mcg_rope_index
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +103,73 @@ def test_every_turn_of_a_multi_turn_record(setup, tmp_path):
     from clinkd.eval.evaluate import evaluate
 
     assert evaluate(tmp_path / "p.jsonl", data, with_meteor=False)["missing"] == 0
+
+
+def _greedy_reference(model, encoder, record, turn: int, steps: int, gap: int) -> str:
+    """The answer as ``predict`` decodes it, from full forwards without a cache fed ``mcg_rope_index``'s
+    positions explicitly (no generate(), no patch: independent of how the model finds positions)."""
+    ids = special_token_ids(encoder.tokenizer)
+    prompt = encoder.encode_prompt(record, turn)
+    tokens = prompt["input_ids"][None]
+    for _ in range(steps):
+        positions, _ = mcg_rope_index(tokens, image_grid_thw=prompt["image_grid_thw"], image_token_id=ids["image_token_id"],
+                                      video_token_id=ids["video_token_id"], modality_gap=gap, pad_position=0)
+        with torch.no_grad():
+            logits = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), position_ids=positions,
+                           pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits
+        token = int(logits[0, -1].argmax())
+        if token == ids["eos_token_id"]:
+            break
+        tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+    new = [t for t in tokens[0, prompt["input_ids"].numel():].tolist() if t != ids["pad_token_id"]]
+    return encoder.tokenizer.decode(new, skip_special_tokens=False).strip()
+
+
+def test_cli_predict_answers_with_the_training_positions(setup, tmp_path):
+    """``clinkd predict`` on a model trained with MCG-RoPE gap 2 (recorded in its folder, as ``clinkd
+    train`` records it; no --patch): every answer equals greedy full forwards fed gap-2 positions."""
+    from transformers import AutoModelForImageTextToText
+
+    folder, test, processor, model, _, patch = setup
+    assert patch["mcg_rope"]["modality_gap"] == 2
+    spread = copy.deepcopy(model)  # spread logits: no greedy step hinges on a rounding tie
+    special = special_token_ids(processor.tokenizer)
+    vision_ids = [special[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                       "vision_end_token_id")]
+    with torch.no_grad():
+        for name, param in spread.named_parameters():
+            if param.dim() > 1 and "visual" not in name:
+                param.normal_(0.0, 0.3)
+        spread.get_output_embeddings().weight[vision_ids] = 0.0  # never generated: a logit of 0 is never the max
+    saved = tmp_path / "model"
+    spread.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    write_patch_record(saved, patch)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--model", str(saved), "--data", str(test), "--out", str(out), "--batch-size", "4",
+                 "--max-new-tokens", "6", "--no-progress"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+
+    stock = AutoModelForImageTextToText.from_pretrained(saved).eval()
+    encoder = SampleEncoder(processor, max_length=2048)
+    records = load_records(test)
+    want = [_greedy_reference(stock, encoder, r, turn, 6, gap=2) for r in records for turn in range(len(r.turns))]
+    assert [x["response"] for x in lines] == want
+
+
+def test_cli_predict_refuses_other_positions_than_trained(setup, tmp_path, capsys):
+    folder, test, processor, model, _, patch = setup
+    saved = tmp_path / "model"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    write_patch_record(saved, patch)
+    capsys.readouterr()
+    args = ["predict", "--model", str(saved), "--data", str(test), "--out", str(tmp_path / "o.jsonl")]
+    for other in ("null", '{"mcg_rope": null}', '{"mcg_rope": {"modality_gap": 3}}'):
+        assert main(args + ["--patch", other]) == 2
+        err = capsys.readouterr().err
+        assert "trained with position indices MCG-RoPE gap 2, stride 1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists()
+    assert load_model(str(saved), patch={"mcg_rope": {"modality_gap": 2}, "attention": False}) is not None
+    (saved / "clinkd_patch.json").write_text("{oops")
+    assert main(args) == 2 and "clinkd_patch.json is not valid JSON" in capsys.readouterr().err

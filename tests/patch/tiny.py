@@ -13,13 +13,13 @@ import torch
 
 VOCAB = 300
 IMAGE, VIDEO, VISION_START, VISION_END = 290, 291, 292, 293
-PAD = 0
+PAD, EOS = 0, 2
 PATCH_DIM = 3 * 1 * 2 * 2  # channels · temporal patch · patch²
 
 
 def text_config(**overrides) -> dict:
     cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+               num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
     cfg.update(overrides)
     return cfg
