@@ -51,9 +51,16 @@ def _train(args) -> int:
 
     if args.preset == "demo":  # the embedded demo: data, teacher, student, control, evaluation, report
         from clinkd.demo.pipeline import run_demo
+        from clinkd.demo.report import clear_differences, score_table
 
         report = run_demo(args.config, overrides=args.overrides, progress=args.progress, resume=args.resume)
-        print(f"demo report: {report['config']['output_dir']}/report.md ({report['timings_s']['total']} s)")
+        ci = report["intervals"]
+        print(f"\nDemo test split, macro ×100, {round(100 * ci['confidence'])} % intervals ({ci['method']}):\n")
+        print(score_table(report))
+        print("\nDifferences larger than their intervals:\n" + clear_differences(report))
+        out = report["config"]["output_dir"]
+        print(f"\ndemo report: {out}/report.md, predictions in {out}/predictions/ "
+              f"({report['timings_s']['total']} s)")
         return 0
 
     config = _load(args)

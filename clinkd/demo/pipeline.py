@@ -12,20 +12,26 @@ Steps (each resumable through ``run_training``, unless ``resume=False``; progres
    teacher's pseudo-label store with the confidence-margin curriculum, then SFT → ``OUT/student``.
 4. control: the same student architecture trained by SFT alone, for as many epochs as the KD and SFT
    stages together → ``OUT/control``.
-5. greedy predictions of all three on ``test.jsonl`` and Med-GRIT scores (``clinkd.eval``), then the
-   report in ``OUT``: ``report.md`` (metrics table), ``loss_curves.png``, ``report.json`` (every score,
-   the wall time of each step, the machine's load average).
+5. greedy predictions of all three on ``test.jsonl`` (``OUT/predictions/<model>.jsonl``), Med-GRIT
+   scores (``clinkd.eval``) with 95 % intervals from a paired bootstrap over the test questions
+   (``clinkd.eval.bootstrap``), then the report in ``OUT``: ``report.md`` (scores with intervals, the
+   differences between the models that exceed their intervals, wall times), ``loss_curves.png``
+   (every model's losses along its whole run), ``report.json`` (all of it, every score per modality).
+   A resumed run keeps the wall times of the steps it skips from the report of the run that did them.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 TEACHER_EPOCHS = 4
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def demo_preset() -> dict:
@@ -69,6 +75,24 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _commit() -> str | None:
+    """The git commit of the clinkd source this runs from (``-dirty`` with local changes), if it is a checkout."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _previous_timings(out: Path) -> dict:
+    """The step times of the report already in ``out`` (a resumed run keeps those of the steps it skips)."""
+    try:
+        return dict(json.loads((out / "report.json").read_text(encoding="utf-8")).get("timings_s", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
 def _epochs(mapping: dict, stage: dict) -> float:
     return float(stage.get("training", {}).get("num_train_epochs", mapping["training"].get("num_train_epochs", 1)))
 
@@ -100,22 +124,25 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
 
 
 def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: bool = True, resume: bool = True,
-             max_new_tokens: int = 48, batch_size: int = 20) -> dict:
+             max_new_tokens: int = 48, batch_size: int = 20, resamples: int | None = None) -> dict:
     """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json).
-    ``resume=False``: refuse an output folder whose teacher/student/control already hold stages."""
+    ``resume=False``: refuse an output folder whose teacher/student/control already hold stages.
+    ``resamples``: bootstrap resamples of the score intervals (default BOOTSTRAP_RESAMPLES)."""
     import yaml
 
     from clinkd.data.offline_processor import load_processor
-    from clinkd.eval.evaluate import evaluate
+    from clinkd.eval.bootstrap import bootstrap_intervals
+    from clinkd.eval.evaluate import evaluate, gather
     from clinkd.eval.metrics import MeteorScorer, meteor_available
     from clinkd.eval.predict import load_model, predict
     from clinkd.train.config import apply_overrides, deep_merge, parse_config
     from clinkd.train.run import run_training
 
     from .data import build_demo_data
-    from .report import write_report
+    from .report import COLUMNS, loss_curves, write_report
 
     started = time.perf_counter()
+    resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
     mapping = demo_preset()
     if config_path is not None:
         user = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
@@ -126,10 +153,13 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
         mapping[key] = str(Path(mapping[key]).resolve())
     train = Path(mapping["data"]["train"]).resolve()
     mapping["data"]["train"] = str(train)
-    timings, load = {}, {"start": _load_average()}
+    out = Path(mapping["output_dir"])
+    timings, load, skipped = {}, {"start": _load_average()}, []
 
     t = time.perf_counter()
-    if not train.is_file():
+    if train.is_file():
+        skipped.append("data")
+    else:
         build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress)
     test = train.parent / "test.jsonl"
     timings["data"] = time.perf_counter() - t
@@ -139,20 +169,21 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     for name in ("teacher", "student", "control"):
         t = time.perf_counter()
         config = parse_config(configs[name])
-        if progress:
+        if resume and all((Path(config.output_dir) / s.name / "stage.json").is_file() for s in config.stages):
+            skipped.append(f"train_{name}")
+        elif progress:
             print(f"[demo] training the {name} ({', '.join(s.name for s in config.stages)})", flush=True)
         results[name] = run_training(config, resume=resume, progress=progress)
         last = config.stages[-1].name
         models[name] = (results[name][last]["final"], config.student.patch)
         timings[f"train_{name}"] = time.perf_counter() - t
 
-    out = Path(mapping["output_dir"])
-    scores = {}
+    scores, rows = {}, {}
     t = time.perf_counter()
     meteor = None
     if meteor_available():
         try:
-            meteor = MeteorScorer()  # one Java process for the three evaluations
+            meteor = MeteorScorer()  # one Java process for the three evaluations and the bootstrap
         except OSError:
             meteor = None
     timings["meteor_start"] = time.perf_counter() - t
@@ -167,18 +198,29 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
             predict(model, processor, test, preds, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_length=int(mapping["data"].get("max_length", 2048)), progress=progress)
             scores[name] = evaluate(preds, test, meteor_scorer=meteor)
+            rows[name] = gather(preds, test)[0]
             timings[f"predict_eval_{name}"] = time.perf_counter() - t
             del model
+        t = time.perf_counter()
+        if progress:
+            print(f"[demo] bootstrap intervals ({resamples} resamples)", flush=True)
+        intervals = bootstrap_intervals(rows, COLUMNS, resamples=resamples, seed=int(mapping.get("seed", 0)),
+                                        meteor_scorer=meteor)
+        timings["bootstrap"] = time.perf_counter() - t
     finally:
         if meteor is not None:
             meteor.close()
     load["end"] = _load_average()
     timings["total"] = time.perf_counter() - started
-    curves = {f"{name}/{stage}": [(e["step"], e["loss"]) for e in res["log_history"] if "loss" in e]
-              for name, stages in results.items() for stage, res in stages.items()}
-    report = {"scores": scores, "timings_s": {k: round(v, 1) for k, v in timings.items()}, "load_average": load,
-              "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(), "machine": platform.platform(),
-              "config": mapping, "loss_curves": curves}
+    timings = {k: round(v, 1) for k, v in timings.items()}
+    previous = _previous_timings(out)
+    for step in skipped:
+        if step in previous:
+            timings[step] = previous[step]
+    report = {"scores": scores, "intervals": intervals, "timings_s": timings, "skipped": skipped,
+              "load_average": load, "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
+              "machine": platform.platform(), "commit": _commit(), "config": mapping,
+              "loss_curves": loss_curves(results)}
     write_report(out, report)
     return report
 

@@ -1,4 +1,10 @@
-"""The demo's report: ``report.md`` (macro scores of each model), ``loss_curves.png``, ``report.json``."""
+"""The demo's report: ``report.md`` (scores with intervals, clear differences, wall times), ``loss_curves.png``
+and ``report.json`` (everything, the loss curves and the bootstrap included).
+
+    report = {"scores": {model: evaluate(...)}, "intervals": bootstrap_intervals(...), "timings_s": {...},
+              "skipped": [steps resumed from an earlier run], "loss_curves": loss_curves(results), ...}
+    write_report("runs/demo", report)
+"""
 
 from __future__ import annotations
 
@@ -15,30 +21,109 @@ NAMES = {"teacher": "teacher (SFT)", "student": "student MCG-RoPE (KD + curricul
          "control": "student MCG-RoPE (SFT only)"}
 
 
-def _cell(scores: dict, task: str, metric: str) -> str:
-    value = scores["tasks"].get(task, {}).get("macro", {}).get(metric)
+def _number(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def markdown(report: dict) -> str:
-    """The summary table (macro over modalities, percentages) plus timings and the machine's load."""
-    lines = ["# ClinKD demo report", "",
-             "Scores on the demo test split (macro-averaged over modalities, ×100), measured by this run.", "",
-             "| model | " + " | ".join(f"{t} {m}" for t, m in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
-    for name, scores in report["scores"].items():
-        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(_cell(scores, t, m) for t, m in COLUMNS) + " |")
-    first = next(iter(report["scores"].values()))
-    lines += ["", f"METEOR: {first['meteor']}. SPICE: {first['spice']}.", "", "## Wall time (s)", ""]
-    lines += [f"- {k}: {v}" for k, v in report["timings_s"].items()]
-    lines += ["", f"Load average (1, 5, 15 min) at start {report['load_average']['start']}, at end "
-              f"{report['load_average']['end']}; {report['cpu_count']} CPUs, {report['torch_threads']} torch threads.",
-              "", "![loss curves](loss_curves.png)", ""]
+def _with_interval(block: dict | None) -> str:
+    """'value [low, high]' of a bootstrap entry; 'n/a' when it has no value."""
+    if block is None or block.get("value") is None:
+        return "n/a"
+    interval = block.get("interval")
+    return _number(block["value"]) + ("" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]")
+
+
+def score_table(report: dict) -> str:
+    """The markdown table of each model's macro scores with their intervals, and of each difference."""
+    intervals = report["intervals"]
+    header = ["| | " + " | ".join(f"{t} {m}" for t, m in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines = header[:]
+    for name, by_task in intervals["models"].items():
+        cells = [_with_interval(by_task.get(t, {}).get(m)) for t, m in COLUMNS]
+        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += ["", "Differences (paired: the same resampled questions for both models; **bold**: the interval "
+              "excludes 0):", ""] + header
+    for pair, by_task in intervals["differences"].items():
+        cells = []
+        for t, m in COLUMNS:
+            block = by_task.get(t, {}).get(m)
+            cell = _with_interval(block)
+            cells.append(f"**{cell}**" if block and block["clear"] else cell)
+        lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def clear_differences(report: dict) -> str:
+    """One sentence per pair of models: the metrics whose difference interval excludes 0, or none."""
+    out = []
+    for pair, by_task in report["intervals"]["differences"].items():
+        clear = [f"{t} {m} ({block['value']:+.2f})" for t, m in COLUMNS
+                 if (block := by_task.get(t, {}).get(m)) is not None and block["clear"]]
+        a, b = pair.split(" - ")
+        out.append(f"- {a} vs {b}: " + (", ".join(clear) if clear else "no difference larger than its interval"))
+    return "\n".join(out)
+
+
+def markdown(report: dict) -> str:
+    first = next(iter(report["scores"].values()))
+    ci = report["intervals"]
+    lines = ["# ClinKD demo report", "",
+             f"Scores of the three models on the demo test split ({first['n']} questions), macro-averaged over "
+             f"modalities, ×100, with {round(100 * ci['confidence'])} % confidence intervals: {ci['method']} "
+             f"({ci['resamples']} resamples, seed {ci['seed']}).", "", score_table(report), "",
+             "Differences larger than their intervals:", "", clear_differences(report), "",
+             f"METEOR: {first['meteor']}. SPICE: {first['spice']}.", "",
+             "Predictions: `predictions/<model>.jsonl`; models: `<model>/<stage>/final` (`clinkd predict --model "
+             "...` applies the patch each was trained with).", "", "## Wall time (s)", ""]
+    skipped = set(report.get("skipped", ()))
+    for step, seconds in report["timings_s"].items():
+        note = " (skipped on resume: the time of the run that did it)" if step in skipped else ""
+        lines.append(f"- {step}: {seconds}{note}")
+    load = report["load_average"]
+    lines += ["", f"Machine: {report.get('machine', 'n/a')}; {report['cpu_count']} CPUs, {report['torch_threads']} "
+              f"torch threads; load average (1, 5, 15 min) {load['start']} at the start, {load['end']} at the end. "
+              f"clinkd commit: {report.get('commit') or 'n/a'}.", "", "![loss curves](loss_curves.png)", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# loss curves
+
+
+def loss_curves(results: dict) -> dict:
+    """{"series": {"<model>/<part>": [[step, value], ...]}, "boundaries": {model: [[step, "kd → sft"]]}} from
+    ``run_training``'s results per model. Steps count optimizer steps over all of a model's stages (a
+    later stage continues where the previous one ended), so the student and the control, trained for
+    as many epochs, share one axis. Parts: ``ce`` (next-token cross-entropy), ``kd`` (the KD term) and
+    ``objective`` (what a KD stage minimises: (α·KD + β·CE)/(α + β)); an SFT stage's objective is its CE."""
+    series, boundaries = {}, {}
+    for model, stages in results.items():
+        offset = 0
+        names = list(stages)
+        for i, stage in enumerate(names):
+            history = stages[stage]["log_history"]
+            for entry in history:
+                if "loss" not in entry:
+                    continue
+                step = offset + int(entry["step"])
+                parts = {"ce": entry.get("ce_loss", entry["loss"])}
+                if "kd_loss" in entry:
+                    parts.update(kd=entry["kd_loss"], objective=entry["loss"])
+                for part, value in parts.items():
+                    series.setdefault(f"{model}/{part}", []).append([step, float(value)])
+            offset += max((int(e["step"]) for e in history if "step" in e), default=0)
+            if i + 1 < len(names):
+                boundaries.setdefault(model, []).append([offset, f"{stage} → {names[i + 1]}"])
+    return {"series": series, "boundaries": boundaries}
+
+
+_PART_LABELS = {"ce": "CE", "kd": "KD(teacher ‖ student) term", "objective": "KD-stage objective (αKD + βCE)/(α + β)"}
+_STYLES = {"ce": "-", "kd": "--", "objective": ":"}
+
+
 def plot_curves(curves: dict, path: Path) -> bool:
-    """Training loss against step, one line per model/stage; False when matplotlib is missing."""
+    """The training losses of every model along its whole run, stage boundaries marked; False when
+    matplotlib is missing."""
     try:
         import matplotlib
 
@@ -46,14 +131,24 @@ def plot_curves(curves: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in curves.items():
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = {}
+    for label, points in curves["series"].items():
+        model, part = label.split("/")
+        colour = colours.setdefault(model, f"C{len(colours)}")
         if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], label=label)
-    ax.set_xlabel("step (within the stage)")
-    ax.set_ylabel("training loss")
+            ax.plot([s for s, _ in points], [v for _, v in points], _STYLES.get(part, "-"), color=colour,
+                    label=f"{model}: {_PART_LABELS.get(part, part)}")
+    for model, marks in curves["boundaries"].items():
+        for step, text in marks:
+            ax.axvline(step, color=colours.get(model, "grey"), linewidth=0.8, alpha=0.6)
+            ax.annotate(f"{model}: {text}", (step, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                        textcoords="offset points", fontsize=8, color=colours.get(model, "grey"))
+    ax.set_title("ClinKD demo: training losses along each model's whole run")
+    ax.set_xlabel("optimizer step (a later stage continues the count)")
+    ax.set_ylabel("loss (nats per supervised token)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

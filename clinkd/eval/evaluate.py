@@ -24,11 +24,24 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from ..data.records import TASKS, DataError, check_modality, load_records, parse_jsonl
 from . import metrics
 
 SPICE_NOTE = "unavailable: SPICE needs Stanford CoreNLP model downloads"
+
+
+class Row(NamedTuple):
+    """One scored question: its task, modality, the model's response, the reference answer, the
+    prediction's ``file:line`` and its (id, turn) key (which pairs rows of two models' predictions)."""
+
+    task: str
+    modality: str
+    response: str
+    reference: str
+    where: str
+    key: tuple[str, int]
 
 
 def read_predictions(path: str | os.PathLike) -> list[tuple[dict, str]]:
@@ -56,7 +69,7 @@ def read_predictions(path: str | os.PathLike) -> list[tuple[dict, str]]:
 
 
 def gather(predictions: str | os.PathLike, data: str | os.PathLike | None = None, *, root=None):
-    """[(task, modality, response, reference, where)] and the number of data samples with no prediction."""
+    """[Row] in the predictions' order and the number of data samples with no prediction."""
     truth = {}
     if data is not None:
         for record in load_records(data, root=root, check_images=False):
@@ -83,37 +96,49 @@ def gather(predictions: str | os.PathLike, data: str | os.PathLike | None = None
             modality = check_modality(obj.get("modality", obj["id"].split("_", 1)[0]), where)
         if task == "VG" and metrics.parse_box(reference) is None:
             raise DataError(f"{where}: the VG reference {reference!r} holds no box")
-        rows.append((task, modality, obj["response"], reference, where))
+        rows.append(Row(task, modality, obj["response"], reference, where, key))
     missing = sum(1 for key in truth if key not in seen)
     return rows, missing
 
 
-def score_rows(rows, *, with_meteor: bool = True, meteor_scorer=None) -> dict:
-    """{task: {"per_modality": {modality: {metric: value, "n": count}}, "macro": {metric: value}}}."""
-    groups = defaultdict(list)
-    for task, modality, response, reference, _ in rows:
-        groups[(task, modality)].append((response, reference))
+def group_scores(task: str, pairs: list[tuple[str, str]], *, with_meteor: bool = True, meteor_scorer=None) -> dict:
+    """{metric: value ×100} of one task on [(response, reference)] (one modality's samples)."""
+    if task == "VG":
+        return {"Recall@0.5": 100.0 * sum(metrics.vg_hit(p, r) for p, r in pairs) / len(pairs)}
+    if task == "ROC":
+        return {"Accuracy": 100.0 * sum(metrics.roc_correct(p, r) for p, r in pairs) / len(pairs)}
+    raw = metrics.caption_metrics([p for p, _ in pairs], [[r] for _, r in pairs], with_meteor=with_meteor,
+                                  meteor_scorer=meteor_scorer)
+    return {k: None if v is None else 100.0 * v for k, v in raw.items()}
+
+
+def macro_average(per_modality: list[dict]) -> dict:
+    """{metric: mean over the modalities} (None when any modality has None for it)."""
     out = {}
-    for task in TASKS:
-        per = {}
-        for modality in sorted(m for t, m in groups if t == task):
-            pairs = groups[(task, modality)]
-            if task == "VG":
-                scores = {"Recall@0.5": 100.0 * sum(metrics.vg_hit(p, r) for p, r in pairs) / len(pairs)}
-            elif task == "ROC":
-                scores = {"Accuracy": 100.0 * sum(metrics.roc_correct(p, r) for p, r in pairs) / len(pairs)}
-            else:
-                raw = metrics.caption_metrics([p for p, _ in pairs], [[r] for _, r in pairs], with_meteor=with_meteor,
-                                              meteor_scorer=meteor_scorer)
-                scores = {k: None if v is None else 100.0 * v for k, v in raw.items()}
-            per[modality] = {**scores, "n": len(pairs)}
-        if per:
-            names = [k for k in next(iter(per.values())) if k != "n"]
-            macro = {}
-            for name in names:
-                values = [v[name] for v in per.values()]
-                macro[name] = None if any(x is None for x in values) else sum(values) / len(values)
-            out[task] = {"per_modality": per, "macro": macro}
+    for name in (k for k in per_modality[0] if k != "n"):
+        values = [v[name] for v in per_modality]
+        out[name] = None if any(x is None for x in values) else sum(values) / len(values)
+    return out
+
+
+def group_rows(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    """{(task, modality): rows}, tasks in TASKS order and modalities sorted."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row.task, row.modality)].append(row)
+    order = sorted(groups, key=lambda tm: (TASKS.index(tm[0]), tm[1]))
+    return {key: groups[key] for key in order}
+
+
+def score_rows(rows: list[Row], *, with_meteor: bool = True, meteor_scorer=None) -> dict:
+    """{task: {"per_modality": {modality: {metric: value, "n": count}}, "macro": {metric: value}}}."""
+    out = {}
+    for (task, modality), group in group_rows(rows).items():
+        scores = group_scores(task, [(r.response, r.reference) for r in group], with_meteor=with_meteor,
+                              meteor_scorer=meteor_scorer)
+        out.setdefault(task, {"per_modality": {}})["per_modality"][modality] = {**scores, "n": len(group)}
+    for block in out.values():
+        block["macro"] = macro_average(list(block["per_modality"].values()))
     return out
 
 
@@ -131,7 +156,7 @@ def evaluate(predictions, data=None, *, root=None, with_meteor: bool = True, met
         meteor = "not requested"
     elif not metrics.meteor_available():
         meteor, with_meteor = "unavailable: needs pycocoevalcap and a java executable", False
-    elif not any(task in ("RC", "MIA") for task, *_ in rows):
+    elif not any(row.task in ("RC", "MIA") for row in rows):
         meteor = "available"
     else:
         try:

@@ -87,9 +87,14 @@ def bleu(hyps: list[str], refs: list[list[str]], n: int = 4) -> list[float]:
 
 def rouge_l(hyps: list[str], refs: list[list[str]]) -> float:
     """Mean ROUGE-L F_1.2 (pycocoevalcap): best LCS precision and recall over each sample's references."""
+    return float(rouge_l_per_sample(hyps, refs).mean())
+
+
+def rouge_l_per_sample(hyps: list[str], refs: list[list[str]]):
+    """ROUGE-L F_1.2 of each sample (pycocoevalcap), a NumPy array [n]: the corpus score is their mean."""
     from pycocoevalcap.rouge.rouge import Rouge
 
-    return float(Rouge().compute_score(*_coco_inputs(hyps, refs))[0])
+    return Rouge().compute_score(*_coco_inputs(hyps, refs))[1]
 
 
 def cider(hyps: list[str], refs: list[list[str]]) -> float:
@@ -110,18 +115,37 @@ def meteor_available() -> bool:
 
 class MeteorScorer:
     """One METEOR 1.5 process (pycocoevalcap's jar; its start-up loads the paraphrase tables, seconds),
-    reused for every corpus scored until ``close()``; a context manager."""
+    reused for every corpus scored until ``close()``; a context manager.
+
+    The jar scores a corpus in two steps: a SCORE request per segment returns its statistics (matches,
+    lengths, chunks), then one EVAL request aggregates them into the corpus score — what
+    pycocoevalcap's ``Meteor.compute_score`` sends. The statistics of a (hypothesis, references) pair
+    never change, so they are kept: a bootstrap that rescores resampled corpora sends only the EVAL."""
 
     def __init__(self):
         from pycocoevalcap.meteor.meteor import Meteor
 
         self._meteor = Meteor()
+        self._stats: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def _segment_stats(self, hyp: str, refs: list[str]) -> str:
+        key = (hyp, tuple(refs))
+        if key not in self._stats:
+            self._stats[key] = self._meteor._stat(hyp, list(refs))
+        return self._stats[key]
 
     def __call__(self, hyps: list[str], refs: list[list[str]]) -> float | None:
         """Corpus METEOR; None when the process fails."""
+        if len(hyps) != len(refs) or not hyps:
+            raise ValueError(f"need as many hypotheses as reference lists (>0), got {len(hyps)} and {len(refs)}")
         try:
-            score, _ = self._meteor.compute_score(*_coco_inputs(hyps, refs))
-            return float(score)
+            stats = [self._segment_stats(h, rs) for h, rs in zip(hyps, refs)]
+            process = self._meteor.meteor_p
+            process.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+            process.stdin.flush()
+            for _ in stats:  # the segment scores, then the corpus score
+                process.stdout.readline()
+            return float(process.stdout.readline().strip())
         except (OSError, ValueError):
             return None
 
@@ -166,6 +190,13 @@ def caption_metrics(hyps: list[str], refs: list[list[str]], *, with_meteor: bool
     out["METEOR"] = meteor(h, r, meteor_scorer) if with_meteor else None
     out["ROUGE-L"] = rouge_l(h, r)
     out["CIDEr"] = cider(h, r)
-    parts = [out[f"BLEU-{k}"] for k in range(1, 5)] + [out["METEOR"], out["ROUGE-L"]]
-    out["mBMR"] = None if out["METEOR"] is None else sum(parts) / len(parts)
+    out["mBMR"] = mbmr(out)
     return out
+
+
+def mbmr(scores: dict) -> float | None:
+    """Med-GRIT's mBMR: the mean of BLEU-1..4, METEOR and ROUGE-L (None without METEOR)."""
+    if scores.get("METEOR") is None:
+        return None
+    parts = [scores[f"BLEU-{k}"] for k in range(1, 5)] + [scores["METEOR"], scores["ROUGE-L"]]
+    return sum(parts) / len(parts)
