@@ -17,7 +17,7 @@ import os
 import sys
 from collections import defaultdict
 
-from clinkd_kernels._io import write_text_atomic
+from clinkd.io import write_text_atomic
 
 
 def load(paths: list[str]) -> tuple[list[dict], dict]:

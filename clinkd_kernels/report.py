@@ -5,7 +5,7 @@ ones), prints registers per thread, spill bytes, shared memory, resident blocks 
 tensor-core instructions in the SASS (HMMA on sm_80, HGMMA on sm_90). Exits non-zero if any
 configuration spills or needs more shared memory than the architecture has. Needs no GPU.
 
-    python -m clinkd_kernels.report [--out FILE.md]
+    python -m clinkd_kernels.report
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clinkd_kernels._io import write_text_atomic
 from clinkd_kernels.aot import ARCHS, MAX_SHARED_PER_BLOCK, compile_module_specs
 
 KERNEL_MODULES = (
@@ -35,16 +34,11 @@ def table(reports) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="AOT compile report of every Triton kernel")
-    parser.add_argument("--out", help="also write the table to this markdown file (atomically)")
-    args = parser.parse_args(argv)
+    argparse.ArgumentParser(description="AOT compile report of every Triton kernel (printed)").parse_args(argv)
     reports = []
     for module in KERNEL_MODULES:
         reports += compile_module_specs(module, ARCHS)
-    text = table(reports)
-    sys.stdout.write(text)
-    if args.out:
-        write_text_atomic(args.out, text)
+    sys.stdout.write(table(reports))
     bad = [r for r in reports if not r.ok]
     if bad:
         print(f"\n{len(bad)} configuration(s) spill or exceed shared memory", file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinkd_kernels._io import write_text_atomic
+from clinkd.io import write_text_atomic
 
 SIZE = 64
 # modality → (long name, ((label, rgb target), ...)): a lesion is blended 80% towards its target colour.

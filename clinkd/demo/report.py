@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from clinkd_kernels._io import write_bytes_atomic, write_text_atomic
+from clinkd.io import write_bytes_atomic, write_text_atomic
 
 # (task, metric) columns of the summary table
 COLUMNS = (("VG", "Recall@0.5"), ("ROC", "Accuracy"), ("RC", "BLEU-4"), ("RC", "ROUGE-L"), ("RC", "CIDEr"),

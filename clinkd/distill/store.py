@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from clinkd_kernels._io import write_bytes_atomic
+from clinkd.io import write_bytes_atomic
 from clinkd_kernels.topk import PseudoLabels
 
 FORMAT = "clinkd-pseudo-labels"

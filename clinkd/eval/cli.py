@@ -93,7 +93,7 @@ def _eval_setup(parser):
 
 def _eval(args) -> int:
     from clinkd.eval.evaluate import evaluate, format_report
-    from clinkd_kernels._io import write_text_atomic
+    from clinkd.io import write_text_atomic
 
     try:
         report = evaluate(args.pred, args.data, root=args.root, with_meteor=args.meteor)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from clinkd_kernels._io import write_text_atomic
+from clinkd.io import write_text_atomic
 
 from ..data.encode import SampleEncoder
 from ..data.offline_processor import special_token_ids

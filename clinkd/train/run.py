@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from clinkd_kernels._io import write_bytes_atomic
+from clinkd.io import write_bytes_atomic
 
 from ..data.collate import Qwen2VLCollator
 from ..data.dataset import ClinKDDataset, build_dataset
