@@ -1,6 +1,11 @@
-"""The embedded demo: generated Med-GRIT-style data and the end-to-end pipeline (``clinkd train --preset demo``)."""
+"""The embedded demo: generated Med-GRIT-style data and the end-to-end pipeline (``clinkd demo``).
 
-from .data import build_demo_data, draw_sample
-from .pipeline import demo_preset, run_demo
+The names below are imported on first use.
+"""
 
-__all__ = ["build_demo_data", "demo_preset", "draw_sample", "run_demo"]
+from .._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".data": ("build_demo_data", "draw_sample"),
+    ".pipeline": ("demo_preset", "run_demo"),
+})

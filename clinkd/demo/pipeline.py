@@ -1,4 +1,4 @@
-"""The embedded demo, end to end on CPU: ``clinkd train --preset demo``.
+"""The embedded demo, end to end on CPU: ``clinkd demo``.
 
     run_demo(overrides=["output_dir=runs/demo"])
 
@@ -123,13 +123,29 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
     return {"teacher": teacher, "student": student, "control": control}
 
 
+def _user_config(path) -> dict:
+    """The mapping of a ``--config`` YAML file; ConfigError when it is missing or not a YAML mapping."""
+    import yaml
+
+    from clinkd.train.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        user = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: a run config must be a YAML mapping")
+    return user
+
+
 def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: bool = True, resume: bool = True,
              max_new_tokens: int = 48, batch_size: int = 20, resamples: int | None = None) -> dict:
     """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json).
     ``resume=False``: refuse an output folder whose teacher/student/control already hold stages.
     ``resamples``: bootstrap resamples of the score intervals (default BOOTSTRAP_RESAMPLES)."""
-    import yaml
-
     from clinkd.data.offline_processor import load_processor
     from clinkd.eval.bootstrap import bootstrap_intervals
     from clinkd.eval.evaluate import evaluate, gather
@@ -145,8 +161,7 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
     mapping = demo_preset()
     if config_path is not None:
-        user = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-        mapping = deep_merge(mapping, {k: v for k, v in user.items() if k != "preset"})
+        mapping = deep_merge(mapping, {k: v for k, v in _user_config(config_path).items() if k != "preset"})
     mapping = apply_overrides(mapping, overrides or [])
     parse_config(copy.deepcopy(mapping))  # every key checked before anything runs
     for key in ("output_dir",):

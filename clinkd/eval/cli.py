@@ -1,4 +1,4 @@
-"""``clinkd data demo``, ``clinkd predict`` and ``clinkd eval`` (registered on import by ``clinkd.cli``).
+"""``clinkd data demo``, ``clinkd predict`` and ``clinkd eval`` (see ``clinkd.cli``).
 
     clinkd data demo --out DIR [--seed 0] [--train-per-modality 16] [--test-per-modality 5]
     clinkd predict --model FOLDER --data test.jsonl --out preds.jsonl [--processor FOLDER]
@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from clinkd.cli import register_command
 
-
-def _data_setup(parser):
+def data_arguments(parser):
     sub = parser.add_subparsers(dest="action", required=True)
     demo = sub.add_parser("demo", help="write the generated demo data set (deterministic per seed)")
     demo.add_argument("--out", required=True, help="folder to write train.jsonl, test.jsonl, images/ into")
@@ -25,7 +23,7 @@ def _data_setup(parser):
     demo.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _data(args) -> int:
+def data_command(args) -> int:
     from clinkd.demo.data import build_demo_data
     from clinkd.data.records import DataError
 
@@ -40,7 +38,7 @@ def _data(args) -> int:
     return 0
 
 
-def _predict_setup(parser):
+def predict_arguments(parser):
     parser.add_argument("--model", required=True, help="a saved model folder: OUTPUT_DIR/<stage>/final of clinkd "
                         "train (the demo's: runs/demo/{teacher,student,control}/<stage>/final)")
     parser.add_argument("--data", required=True, help="Med-GRIT records (.json or .jsonl)")
@@ -58,7 +56,7 @@ def _predict_setup(parser):
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _predict(args) -> int:
+def predict_command(args) -> int:
     from clinkd.data.offline_processor import load_processor
     from clinkd.data.records import DataError, load_records
     from clinkd.eval.predict import SAVED, load_model, predict
@@ -83,7 +81,7 @@ def _predict(args) -> int:
     return 0
 
 
-def _eval_setup(parser):
+def eval_arguments(parser):
     parser.add_argument("--pred", required=True, help="predictions JSONL (clinkd predict writes it)")
     parser.add_argument("--data", help="ground-truth records; without it each line carries annotation and task")
     parser.add_argument("--root", help="image folder of --data (not read; only for path checks)")
@@ -91,7 +89,7 @@ def _eval_setup(parser):
     parser.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
 
 
-def _eval(args) -> int:
+def eval_command(args) -> int:
     from clinkd.eval.evaluate import evaluate, format_report
     from clinkd.io import write_text_atomic
 
@@ -105,7 +103,3 @@ def _eval(args) -> int:
     print(format_report(report))
     return 0
 
-
-register_command("data", _data_setup, _data, "data sets (demo: write the generated demo data set)")
-register_command("predict", _predict_setup, _predict, "greedy, batched answers of a model → predictions JSONL")
-register_command("eval", _eval_setup, _eval, "Med-GRIT metrics of a predictions file, per modality and macro")

@@ -5,14 +5,18 @@
 * ``curriculum``: ``MarginCurriculum`` / ``margin_weights`` (the rule is in its docstring).
 * ``trainer``: ``ClinKDTrainer`` (a transformers Trainer) and ``KDSettings``.
 * ``run``: ``prepare_run`` (every check before training) and ``run_training`` (stages, resume).
+* ``cli``: the ``clinkd train / check / distill / presets`` commands.
+
+The names below are imported on first use (the trainer pulls in transformers and accelerate).
 """
 
-from .config import ConfigError, RunConfig, StageSpec, load_config, parse_config
-from .curriculum import MarginCurriculum, margin_weights
-from .presets import describe_presets, get_preset, preset_names, register_preset
-from .run import PreparedRun, build_model, ensure_store, prepare_run, run_training
-from .trainer import ClinKDTrainer, KDSettings
+from .._lazy import lazy_exports
 
-__all__ = ["ClinKDTrainer", "ConfigError", "KDSettings", "MarginCurriculum", "PreparedRun", "RunConfig", "StageSpec",
-           "build_model", "describe_presets", "ensure_store", "get_preset", "load_config", "margin_weights",
-           "parse_config", "prepare_run", "preset_names", "register_preset", "run_training"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".errors": ("ConfigError",),
+    ".config": ("RunConfig", "StageSpec", "load_config", "parse_config"),
+    ".curriculum": ("MarginCurriculum", "margin_weights"),
+    ".presets": ("describe_presets", "get_preset", "preset_names", "register_preset"),
+    ".run": ("PreparedRun", "build_model", "ensure_store", "prepare_run", "run_training"),
+    ".trainer": ("ClinKDTrainer", "KDSettings"),
+})

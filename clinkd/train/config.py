@@ -53,10 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .curriculum import MarginCurriculum
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key."""
+from .errors import ConfigError
 
 
 _DTYPES = ("float32", "bfloat16", "float16")

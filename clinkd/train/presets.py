@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from .config import ConfigError
+from .errors import ConfigError
 
 _PRESETS: dict[str, tuple[Callable[[], dict], str]] = {}
 
@@ -34,6 +34,9 @@ def describe_presets() -> dict[str, str]:
 def get_preset(name: str) -> dict:
     """The config mapping of a preset; ConfigError listing the known names when unknown."""
     if name not in _PRESETS:
+        if name == "demo":
+            raise ConfigError("the demo is not a preset but a command of its own: clinkd demo [--config FILE] "
+                              "[--set KEY=VALUE ...]")
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names()) or '(none)'}")
     return copy.deepcopy(_PRESETS[name][0]())
 
@@ -90,12 +93,3 @@ register_preset("clinkd-qwen2-vl-7b", _released_recipe,
 register_preset("tiny", _tiny, "random-init tiny models and an offline processor: a CPU smoke run; give data.train "
                 "and output_dir")
 
-
-def _demo() -> dict:
-    from clinkd.demo.pipeline import demo_preset
-
-    return demo_preset()
-
-
-register_preset("demo", _demo, "the embedded CPU demo: clinkd train --preset demo generates data, trains a teacher, "
-                "a KD + SFT MCG-RoPE student and an SFT-only control, evaluates all three, writes a report")

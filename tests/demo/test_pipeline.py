@@ -7,7 +7,6 @@ import pytest
 from clinkd.demo.pipeline import demo_preset, derive_configs, run_demo
 from clinkd.demo.report import loss_curves, write_report
 from clinkd.train.config import ConfigError, parse_config
-from clinkd.train.presets import get_preset
 
 
 def test_derived_configs(tmp_path):
@@ -22,7 +21,6 @@ def test_derived_configs(tmp_path):
     assert control.teacher is None and control.student.patch == student.student.patch
     epochs = [student.stage_args(s)["num_train_epochs"] for s in student.stages]
     assert control.stage_args(control.stages[0])["num_train_epochs"] == sum(epochs)
-    assert get_preset("demo") == demo_preset()
 
 
 def test_bad_demo_config_fails_before_running(tmp_path):
@@ -69,7 +67,7 @@ def test_report_files(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
-    """The demo as typed (``clinkd train --preset demo``) on a small data set: the score table with
+    """The demo as typed (``clinkd demo``) on a small data set: the score table with
     intervals on the console; a resumed run keeps the first run's step times; the student's final
     model predicts with ``clinkd predict`` alone (its patch recorded) exactly as the demo did."""
     import clinkd.demo.pipeline as pipeline
@@ -83,7 +81,7 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
                  "warmup_steps: 2}, training: {num_train_epochs: 1}}, {name: sft, type: sft, "
                  "training: {num_train_epochs: 1}}]"]
     monkeypatch.setattr(pipeline, "BOOTSTRAP_RESAMPLES", 30)
-    assert main(["train", "--preset", "demo", "--no-progress"] + [a for o in overrides for a in ("--set", o)]) == 0
+    assert main(["demo", "--no-progress"] + [a for o in overrides for a in ("--set", o)]) == 0
     printed = capsys.readouterr().out
     assert "| teacher (SFT) |" in printed and "| student − control |" in printed
     assert "Differences larger than their intervals:" in printed and "predictions in" in printed

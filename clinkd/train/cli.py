@@ -1,0 +1,106 @@
+"""``clinkd train``, ``clinkd check``, ``clinkd distill cache`` and ``clinkd presets`` (see ``clinkd.cli``).
+
+    clinkd train --config run.yaml [--preset NAME] [--set key.path=value ...] [--no-resume] [--no-progress]
+    clinkd check --config run.yaml [--preset NAME] [--set ...]
+    clinkd distill cache --config run.yaml [--stage NAME] [--no-progress]
+    clinkd presets
+
+Setting up the arguments imports nothing heavy (``--help`` is instant); the run functions import the
+trainer when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config (YAML)")
+    parser.add_argument("--preset", help="start from a named preset (clinkd presets lists them)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
+
+
+def load(args):
+    """The RunConfig of ``--config`` / ``--preset`` / ``--set``."""
+    from .config import load_config
+    from .errors import ConfigError
+
+    if args.config is None and args.preset is None:
+        raise ConfigError("give --config FILE and/or --preset NAME")
+    return load_config(args.config, preset=args.preset, overrides=args.overrides)
+
+
+def train_arguments(parser):
+    config_arguments(parser)
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="refuse an output_dir that already holds stages (default: resume them)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def train_command(args) -> int:
+    config = load(args)  # config errors before the trainer is imported
+    from .run import run_training
+
+    results = run_training(config, resume=args.resume, progress=args.progress)
+    for stage, result in results.items():
+        print(f"{stage}: {result['final']}")
+    return 0
+
+
+def check_arguments(parser):
+    config_arguments(parser)
+
+
+def check_command(args) -> int:
+    config = load(args)
+    from .run import prepare_run
+
+    prepared = prepare_run(config)
+    print(f"ok: {len(prepared.dataset)} samples, stages {[s.name for s in prepared.config.stages]}")
+    return 0
+
+
+def distill_arguments(parser):
+    sub = parser.add_subparsers(dest="action", required=True)
+    cache = sub.add_parser("cache", help="run the teacher once and store its top-k pseudo-labels")
+    config_arguments(cache)
+    cache.add_argument("--stage", help="the kd stage whose store to build (default: every kd stage with "
+                                       "teacher: store)")
+    cache.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def distill_command(args) -> int:
+    from .errors import ConfigError
+
+    config = load(args)
+    from .run import build_model, ensure_store, prepare_run
+
+    stages = [s for s in config.stages if s.type == "kd" and s.teacher == "store"
+              and (args.stage is None or s.name == args.stage)]
+    if not stages:
+        raise ConfigError(f"no kd stage with teacher: store{' named ' + args.stage if args.stage else ''} in the config")
+    prepared = prepare_run(config)
+    teacher = []
+
+    def factory():
+        if not teacher:
+            teacher.append(build_model(config.teacher, prepared.model_configs["teacher"], seed=config.seed + 1))
+        return teacher[0]
+
+    for stage in stages:
+        store = ensure_store(prepared, stage, factory, progress=args.progress)
+        print(f"{stage.name}: {store.folder} ({len(store)} samples, k={store.meta.k})")
+    return 0
+
+
+def presets_arguments(parser):
+    pass
+
+
+def presets_command(args) -> int:
+    from .presets import describe_presets
+
+    for name, description in describe_presets().items():
+        print(f"{name}: {description}")
+    return 0
