@@ -74,9 +74,11 @@ def _slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return hidden[:, logits_to_keep]
 
 
-def _lm_head_operands(hidden: torch.Tensor, head: nn.Linear):
-    """(hidden, weight, bias) in one dtype, as ``head(hidden)`` would compute: the autocast dtype under
-    autocast (fp32 master weights, bf16 matmuls), else the weight's dtype."""
+def lm_head_operands(hidden: torch.Tensor, head: nn.Linear):
+    """(hidden, weight, bias) of ``linear_kd_loss`` for the lm_head ``head``, in one dtype, as
+    ``head(hidden)`` would compute: the autocast dtype under autocast on hidden's device (fp32 master
+    weights, bf16 matmuls), else the weight's dtype. bias is None when the head has none. The patched
+    forward and ``ClinKDTrainer`` both build their operands here."""
     weight, bias = head.weight, head.bias
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
@@ -118,7 +120,7 @@ def make_lm_forward(call, wrapped, *, output_class: type, backend: str | None):
         rows, targets = next_token_targets(labels, shift_labels=shift_labels, ignore_index=ignore_index)
         rows, targets = rows.to(hidden.device), targets.to(hidden.device)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        selected, weight, bias = _lm_head_operands(selected, head)
+        selected, weight, bias = lm_head_operands(selected, head)
         loss = linear_kd_loss(selected, weight, targets, bias=bias, alpha=0.0, beta=1.0,
                               ignore_index=ignore_index, reduction="mean" if num_items is None else "sum",
                               backend=backend)

@@ -123,7 +123,7 @@ class ClinKDTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from clinkd.patch import next_token_targets
+        from clinkd.patch import lm_head_operands, next_token_targets
 
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -134,11 +134,10 @@ class ClinKDTrainer(Trainer):
         forward_inputs.update(output_hidden_states=True, logits_to_keep=1, use_cache=False)
         outputs = model(**forward_inputs)
         hidden = outputs.hidden_states[-1]
-        head = student.get_output_embeddings()
-        weight, bias = head.weight, head.bias
         rows, targets = next_token_targets(labels)
         rows, targets = rows.to(hidden.device), targets.to(hidden.device)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).to(weight.dtype)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        selected, weight, bias = lm_head_operands(selected, student.get_output_embeddings())
         vocab = weight.shape[0]
 
         common = dict(bias=bias, return_components=True, backend=self.kernel_backend)

@@ -162,3 +162,47 @@ def test_store_that_does_not_fit_the_batch_is_refused(world, tmp_path):
         setup.trainer(student, tmp_path, data, kd=KDSettings(topk=K + 1), store=world["store"])
     with pytest.raises(ValueError, match="exactly one of teacher"):
         setup.trainer(student, tmp_path, data, kd=kd)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_trainer_and_patched_forward_share_the_lm_head_operands(tmp_path, monkeypatch, autocast):
+    """Both build the (hidden, weight, bias) of linear_kd_loss with ``lm_head_operands``: the autocast
+    dtype under autocast (bf16 here, from fp32 weights), else the weight's dtype."""
+    import contextlib
+
+    import clinkd.patch
+    import clinkd.patch.loss as patch_loss
+    import clinkd.train.trainer as trainer_module
+    from clinkd.patch import patch_qwen2_vl
+
+    built, dtypes = [], []
+    real_operands = patch_loss.lm_head_operands
+
+    def operands(hidden, head):
+        built.append(head)
+        return real_operands(hidden, head)
+
+    def loss_spy(real):
+        def spy(hidden, weight, *args, **kwargs):
+            dtypes.append((hidden.dtype, weight.dtype))
+            return real(hidden, weight, *args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(clinkd.patch, "lm_head_operands", operands)
+    monkeypatch.setattr(patch_loss, "lm_head_operands", operands)
+    monkeypatch.setattr(patch_loss, "linear_kd_loss", loss_spy(patch_loss.linear_kd_loss))
+    monkeypatch.setattr(trainer_module, "linear_kd_loss", loss_spy(trainer_module.linear_kd_loss))
+
+    data = setup.dataset(tmp_path / "data", n=4)
+    batch = setup.collator()([data[i] for i in range(3)])
+    student = setup.student().train()
+    patched = patch_qwen2_vl(copy.deepcopy(student), attention=False, backend="cpu")
+    trainer = setup.trainer(student, tmp_path / "out", data)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        losses = [trainer.compute_loss(student, dict(batch)),
+                  patched(**model_inputs(patched, batch), use_cache=False).loss]
+    expected = torch.bfloat16 if autocast else torch.float32
+    assert built == [student.lm_head, patched.lm_head]
+    assert dtypes == [(expected, expected)] * 2
+    torch.testing.assert_close(losses[0].float(), losses[1].float(), rtol=1e-2 if autocast else 1e-5, atol=0)
