@@ -30,7 +30,7 @@ from benchmarks.conftest import sync
 from benchmarks.floors import compute_floor_s, record
 from benchmarks.memory import peak_bytes
 from clinkd_kernels.loss import linear_kd_loss
-from clinkd_kernels.topk.pseudo_labels import PseudoLabels
+from clinkd_kernels.topk import PseudoLabels
 
 T, ALPHA, BETA = 0.5, 0.5, 1.0
 SHAPES = {

@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.conftest import sync
 from benchmarks.floors import memory_floor_s, record
-from clinkd_kernels.rope import apply_mrope, mcg_rope_index
-from clinkd_kernels.rope.reference import apply_mrope_reference
+from clinkd_kernels import apply_mrope, mcg_rope_index
+from clinkd_kernels.rope import apply_mrope_reference
 
 IMG, VID, VS, VE = 151655, 151656, 151652, 151653     # Qwen2-VL's ids
 SECTIONS = [16, 24, 24]

@@ -1,22 +1,34 @@
 """clinkd_kernels: fused Triton / CUDA / C++ ops for ClinKD training of multimodal LLMs.
 
-Public ops (DESIGN.md §3); each lives in its own sub-package with its kernels and its reference:
+One folder per op, each read in the same order: ``reference.py`` (the math in plain PyTorch, the spec
+the kernels are tested against), ``op.py`` (the public function: checks, dispatch, custom op,
+autograd), ``kernels.py`` (or ``fwd.py`` / ``bwd.py``), ``launch.py`` (block sizes, launches,
+ahead-of-time compile specs), ``cpu.py`` (the CPU path). The folder's ``__init__`` says what is where.
 
-* :func:`topk_pseudo_labels` – teacher logits → top-k pseudo-labels in one read (``topk/``).
-* :func:`mcg_rope_index`, :func:`apply_mrope`, :func:`mrope_decode_position_ids` – MCG-RoPE 3-D
-  positions and the M-RoPE rotation (``rope/``).
-* :func:`mcg_rope_attention` – M-RoPE fused into FlashAttention-style forward/backward (``attention/``).
-* :func:`kd_loss`, :func:`linear_kd_loss` – temperature KL + cross-entropy, dense or top-k teacher,
-  optionally fused with the lm_head (``loss/``).
+* :func:`topk_pseudo_labels` (``topk/``) – teacher logits → top-k pseudo-labels in one read
+  (C++ and CUDA C++ kernels in ``csrc/topk``).
+* :func:`mcg_rope_index`, :func:`mrope_decode_position_ids` (``rope_index/``) – MCG-RoPE 3-D positions.
+* :func:`apply_mrope` (``rope/``) – the M-RoPE rotation; its ``kernels.py`` holds the rotary helpers
+  every Triton kernel of the package uses.
+* :func:`mcg_rope_attention` (``attention/``) – M-RoPE fused into FlashAttention-style forward/backward.
+* :func:`kd_loss`, :func:`linear_kd_loss` (``loss/``) – temperature KL + cross-entropy, dense or top-k
+  teacher, optionally fused with the lm_head.
+
+Shared: ``_dispatch.py`` (which backend runs a call), ``_validation.py`` (argument checks),
+``aot.py`` (ahead-of-time compilation for sm_80/sm_90 without a GPU; ``python -m clinkd_kernels.report``),
+``info.py`` (``python -m clinkd_kernels.info``: versions, backends, a self-check of every op).
+Importing this package imports torch, triton and numpy only.
 """
 
 import torch  # noqa: F401  (loads libtorch before the compiled extension)
 
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.loss import kd_loss, linear_kd_loss
-from clinkd_kernels.rope import apply_mrope, mcg_rope_index, mrope_decode_position_ids
+from clinkd_kernels.rope import apply_mrope
+from clinkd_kernels.rope_index import mcg_rope_index, mrope_decode_position_ids
 from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
 
 __version__ = "0.1.0"
 
-__all__ = ["PseudoLabels", "apply_mrope", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index", "mrope_decode_position_ids", "topk_pseudo_labels"]
+__all__ = ["PseudoLabels", "apply_mrope", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index",
+           "mrope_decode_position_ids", "topk_pseudo_labels"]

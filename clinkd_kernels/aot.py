@@ -37,6 +37,34 @@ def pointer(dtype: torch.dtype) -> str:
     return "*" + _TRITON_DTYPES[dtype]
 
 
+def kernel_arguments(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of every argument of a ``@triton.jit`` function, autotuned or not, compiled
+    or defined under the interpreter."""
+    base = fn
+    while not hasattr(base, "params") and type(base).__name__ != "InterpretedFunction" and hasattr(base, "fn"):
+        base = base.fn  # autotune / heuristics wrappers
+    if hasattr(base, "params"):  # JITFunction
+        return [(p.name, bool(p.is_constexpr)) for p in base.params]
+    import inspect
+
+    raw = base.fn if hasattr(base, "fn") else base
+    return [(name, "constexpr" in str(param.annotation)) for name, param in inspect.signature(raw).parameters.items()]
+
+
+def kernel_signature(fn, pointers: dict[str, torch.dtype], *, floats: tuple[str, ...] = ()) -> dict[str, str]:
+    """The Triton signature of ``fn``'s runtime arguments, read from the kernel itself: each name in
+    ``pointers`` is a pointer to that dtype, each name in ``floats`` an fp32 scalar, every other
+    non-constexpr argument an i32 scalar (what the JIT picks for a Python int below 2^31). A name
+    that is not an argument of ``fn`` is an error, so a spec cannot drift from the kernel it compiles."""
+    arguments = kernel_arguments(fn)
+    runtime = [name for name, is_constexpr in arguments if not is_constexpr]
+    unknown = sorted((set(pointers) | set(floats)) - set(runtime))
+    if unknown:
+        raise ValueError(f"{unknown} are not runtime arguments of the kernel (it takes {runtime})")
+    return {name: pointer(pointers[name]) if name in pointers else "fp32" if name in floats else "i32"
+            for name in runtime}
+
+
 @dataclasses.dataclass
 class CompileReport:
     kernel: str

@@ -15,10 +15,10 @@ import sys
 
 from clinkd_kernels.aot import ARCHS, MAX_SHARED_PER_BLOCK, compile_module_specs
 
-KERNEL_MODULES = (
-    "clinkd_kernels.rope.kernels",
+KERNEL_MODULES = (  # every module with an aot_specs(): the launch.py of each op with Triton kernels
+    "clinkd_kernels.rope.launch",
     "clinkd_kernels.attention.launch",
-    "clinkd_kernels.loss.kernels",
+    "clinkd_kernels.loss.launch",
 )
 
 

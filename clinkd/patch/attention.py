@@ -31,7 +31,7 @@ import functools
 import torch
 
 from clinkd_kernels.attention import mcg_rope_attention
-from clinkd_kernels.rope import apply_mrope
+from clinkd_kernels import apply_mrope
 
 UNKNOWN = "unknown"  # padding-mask marker: the fused path cannot express the mask, use the stock layer
 _PADDING_MASK = contextvars.ContextVar("clinkd_padding_mask", default=UNKNOWN)

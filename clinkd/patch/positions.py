@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clinkd_kernels.rope import mcg_rope_index
+from clinkd_kernels import mcg_rope_index
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .fwd import mm as _mm, seq_bounds
-from .rotary import load_halves, load_rotated, store_unrotated
+from ..rope.kernels import load_halves, load_rotated, store_halves, store_unrotated
 
 
 @triton.jit
@@ -51,17 +51,8 @@ def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, QR, KR, DELTA, n_tokens, s_
         src = K + row * (HKV * HEAD_DIM) + (h - HQ) * HEAD_DIM
         dst = KR + row * (HKV * HEAD_DIM) + (h - HQ) * HEAD_DIM
     x1, x2 = load_rotated(src, ok, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF)
-    m = ok[:, None] & (cols[None, :] < HALF)
     ty = QR.dtype.element_ty
-    tl.store(dst[:, None] + cols[None, :], x1.to(ty), mask=m)
-    tl.store(dst[:, None] + HALF + cols[None, :], x2.to(ty), mask=m)
-
-
-@triton.jit
-def store_halves(ptr_rows, row_ok, x1, x2, cols, HALF: tl.constexpr):
-    ok = row_ok[:, None] & (cols[None, :] < HALF)
-    tl.store(ptr_rows[:, None] + cols[None, :], x1, mask=ok)
-    tl.store(ptr_rows[:, None] + HALF + cols[None, :], x2, mask=ok)
+    store_halves(dst, ok, x1.to(ty), x2.to(ty), cols, HALF)
 
 
 @triton.jit

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..rope.apply import apply_mrope
-from ..rope.reference import apply_mrope_reference
+from ..rope import apply_mrope, apply_mrope_reference
 
 
 def _rotate(q, k, position_ids, inv_freq, mrope_section):

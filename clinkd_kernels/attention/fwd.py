@@ -5,9 +5,10 @@ Layout (all contiguous): tokens are flattened, T_total = B·S (padded form) or T
     POS int [3, T_total], MASK int8 [T_total] (padded form, 1 keep / 0 pad), CU int32 [B+1] (packed).
 One program = BLOCK_M query rows of one head of one sequence; grid (cdiv(max_len, BLOCK_M), HQ, B).
 Q is rotated once per program as it is loaded; K tiles are rotated in registers as they are loaded
-(default), or read from a copy of k rotated once by ``rotate_kernel`` (K_ROTATED, see launch.py):
-the in-loop rotation costs per-element sin/cos on every key tile of every query block and head,
-fp32 work of the order of the tile's matmuls.
+(default), or read from a copy of k rotated once up front by ``apply_mrope``'s kernel (K_ROTATED, see
+launch.py): the in-loop rotation costs per-element sin/cos on every key tile of every query block
+and head, fp32 work of the order of the tile's matmuls. Both use the rotary helpers of
+``clinkd_kernels/rope/kernels.py``.
 
 Math per query row i (scores in base 2, c = softmax_scale·log2 e):
     s_j = c · q_rot,i · k_rot,j                masked to −inf (causal j > i, padded key, j ≥ len)
@@ -19,7 +20,7 @@ makes every backward term of theirs exactly 0.
 import triton
 import triton.language as tl
 
-from .rotary import load_halves, load_rotated
+from ..rope.kernels import load_halves, load_rotated
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def mcg_attn_fwd_kernel(
     K_ROTATED: tl.constexpr,
 ):
     # seq_bucket only keys the autotuner (next power of two of the longest sequence).
-    # K_ROTATED: K holds k already rotated (by rotate_kernel); else each K tile is rotated as loaded.
+    # K_ROTATED: K holds k already rotated (by apply_mrope's kernel); else each K tile is rotated as loaded.
     HALF: tl.constexpr = HEAD_DIM // 2
     b = tl.program_id(2)
     h = tl.program_id(1)
@@ -131,21 +132,3 @@ def mcg_attn_fwd_kernel(
     tl.store((O + offs_m * q_tok_stride)[:, None] + dcols[None, :], out.to(dtype),
              mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM))
     tl.store(LSE + offs_m, lse, mask=m_ok)
-
-
-@triton.jit
-def rotate_kernel(X, POS, FREQ, Y, n_tokens, s_t, s_th, H,
-                  HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Y [T_total, H, D] = rope(X) in X's dtype (same math as the in-loop rotation); grid (cdiv(T_total, BLOCK), H)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    h = tl.program_id(1)
-    tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = tok < n_tokens
-    cols = tl.arange(0, HALF_PAD)
-    freq = tl.load(FREQ + cols, mask=cols < HALF, other=0.0)
-    rows = tok.to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM
-    x1, x2 = load_rotated(X + rows, ok, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF)
-    m = ok[:, None] & (cols[None, :] < HALF)
-    ty = Y.dtype.element_ty
-    tl.store((Y + rows)[:, None] + cols[None, :], x1.to(ty), mask=m)
-    tl.store((Y + rows)[:, None] + HALF + cols[None, :], x2.to(ty), mask=m)

@@ -16,10 +16,11 @@ import torch
 import triton
 
 from .._dispatch import empty_output, triton_interpret
-from ..aot import KernelSpec, pointer
+from ..aot import KernelSpec, kernel_arguments, kernel_signature
+from ..rope.launch import mrope_rotate_triton
 from .bwd import (mcg_attn_bwd_dkdv_kernel, mcg_attn_bwd_dq_kernel, mcg_attn_bwd_finish_kernel,
                   mcg_attn_bwd_prep_kernel)
-from .fwd import mcg_attn_fwd_kernel, rotate_kernel
+from .fwd import mcg_attn_fwd_kernel
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, each compiled ahead of time without
 # spills (see aot_specs / tests). Register pressure decides them: D=128 needs fp32 accumulators of
@@ -41,9 +42,9 @@ CONFIGS = {
 # the outer and inner loops differently; tests may swap them.
 INTERPRETER_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 PREP_BLOCK = 16  # rows per program of the element-wise passes: [16, 64] tiles keep them at ~64 registers
-# Forward K rotation: in registers as each K tile is loaded (default), or once up front into a
-# transient [T_total, HKV, D] copy ("prepass"), which removes the per-tile sin/cos from the loop.
-# CLINKD_ATTN_K_ROTATION=prepass selects the latter (compared side by side in the benchmarks).
+# Forward K rotation: in registers as each K tile is loaded (default), or once up front by apply_mrope's
+# kernel into a transient [T_total, HKV, D] copy ("prepass"), which removes the per-tile sin/cos from
+# the loop. CLINKD_ATTN_K_ROTATION=prepass selects the latter (compared side by side in the benchmarks).
 K_ROTATION_MODES = ("in_kernel", "prepass")
 
 
@@ -110,11 +111,8 @@ def attention_forward(q, k, v, pos, inv_freq, mrope_section, mask, cu_seqlens, *
     ints = _common(q, k, mrope_section, seqlen, max_seqlen)
     prepass = k_rotation_mode() == "prepass"
     if prepass:
-        s_t, s_h, _ = mrope_section
         k_in = torch.empty_like(k)
-        rotate_kernel[(triton.cdiv(k.shape[0], PREP_BLOCK), k.shape[1])](
-            k, pos, inv_freq, k_in, k.shape[0], s_t, s_t + s_h, k.shape[1],
-            HEAD_DIM=k.shape[2], HALF_PAD=triton.next_power_of_2(k.shape[2] // 2), BLOCK=PREP_BLOCK)
+        mrope_rotate_triton(None, k[None], None, k_in[None], pos[:, None], inv_freq, mrope_section, 1.0, False)
     else:
         k_in = k
     args = (q, k_in, v, pos, inv_freq, mask, cu_seqlens, out, lse, scale) + ints
@@ -155,25 +153,22 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask
 
 
 def _attn_signature(kind: str, dtype) -> dict:
-    p, f32 = pointer(dtype), pointer(torch.float32)
-    fwd = kind == "fwd"
-    rope = {"POS": pointer(torch.int64), "FREQ": f32} if fwd else {}  # the backward gets rotated q, k
-    head = {**({"Q": p, "K": p} if fwd else {"QR": p, "KR": p}), "V": p, **rope, "MASK": pointer(torch.int8),
-            "CU": pointer(torch.int32)}
-    mid = {"fwd": {"O": p, "LSE": f32},
-           "dkdv": {"DO": p, "LSE": f32, "DELTA": f32, "DKR": f32, "DV": p},
-           "dq": {"DO": p, "LSE": f32, "DELTA": f32, "DQR": f32}}[kind]
-    sections = {"s_t": "i32", "s_th": "i32"} if fwd else {}
-    tail = {"sm_scale": "fp32", "seqlen": "i32", "n_tokens": "i32", **sections, "HQ": "i32", "GROUP": "i32",
-            "seq_bucket": "i32"}
-    return {**head, **mid, **tail}
+    """The runtime arguments of an attention kernel, typed for ``dtype`` q/k/v (read from the kernel)."""
+    f32 = torch.float32
+    types = {"Q": dtype, "K": dtype, "QR": dtype, "KR": dtype, "V": dtype, "O": dtype, "DO": dtype, "DV": dtype,
+             "DQ": dtype, "DK": dtype, "POS": torch.int64, "FREQ": f32, "MASK": torch.int8, "CU": torch.int32,
+             "LSE": f32, "DELTA": f32, "DKR": f32, "DQR": f32}
+    fn = {**_KERNELS, "prep": mcg_attn_bwd_prep_kernel, "finish": mcg_attn_bwd_finish_kernel}[kind]
+    names = {name for name, is_constexpr in kernel_arguments(fn) if not is_constexpr}
+    return kernel_signature(fn, {k: v for k, v in types.items() if k in names},
+                            floats=tuple(n for n in ("sm_scale",) if n in names))
 
 
 def aot_specs() -> list[KernelSpec]:
     """Compile specs: every autotune config of each arch (``spec.archs``) for bf16, D=128, causal, packed;
     the first config of each arch again for fp16, D=80 (half tile padded 40 → 64) with a padding mask,
-    non-causal, and (forward) with K pre-rotated; the element-wise passes (K rotation, backward prep and
-    finish) for both archs."""
+    non-causal, and (forward) with K pre-rotated; the element-wise passes (backward prep and finish)
+    for both archs."""
     specs = []
     for kind, fn in _KERNELS.items():
         for arch in (80, 90):
@@ -195,22 +190,10 @@ def aot_specs() -> list[KernelSpec]:
                         fn, _attn_signature(kind, dtype), consts, num_warps=w, num_stages=s, archs=(arch,),
                         label=f"sm{arch} {kind} D={d} {str(dtype)[6:]} {form} BM={bm} BN={bn} w={w} s={s}"))
     for d, dtype in ((128, torch.bfloat16), (80, torch.float16)):
-        p, f32, i64 = pointer(dtype), pointer(torch.float32), pointer(torch.int64)
         half, dpad = triton.next_power_of_2(d // 2), triton.next_power_of_2(d)
-        ints = {"n_tokens": "i32", "s_t": "i32", "s_th": "i32", "HQ": "i32", "HKV": "i32"}
-        specs.append(KernelSpec(
-            rotate_kernel, {"X": p, "POS": i64, "FREQ": f32, "Y": p, "n_tokens": "i32", "s_t": "i32", "s_th": "i32",
-                            "H": "i32"},
-            {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
-            label=f"rotate D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
-        specs.append(KernelSpec(
-            mcg_attn_bwd_prep_kernel,
-            {"Q": p, "K": p, "O": p, "DO": p, "POS": i64, "FREQ": f32, "QR": p, "KR": p, "DELTA": f32, **ints},
-            {"HEAD_DIM": d, "HALF_PAD": half, "D_PAD": dpad, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
-            label=f"prep D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
-        specs.append(KernelSpec(
-            mcg_attn_bwd_finish_kernel,
-            {"DQR": f32, "DKR": f32, "POS": i64, "FREQ": f32, "DQ": p, "DK": p, **ints},
-            {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK}, num_warps=4, num_stages=1,
-            label=f"finish D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
+        for kind, fn, consts in (("prep", mcg_attn_bwd_prep_kernel, {"D_PAD": dpad}),
+                                 ("finish", mcg_attn_bwd_finish_kernel, {})):
+            specs.append(KernelSpec(
+                fn, _attn_signature(kind, dtype), {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK, **consts},
+                num_warps=4, num_stages=1, label=f"{kind} D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
     return specs

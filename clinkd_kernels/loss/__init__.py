@@ -1,22 +1,16 @@
-"""Fused distillation loss: temperature KL(teacher ‖ student) + cross-entropy (DESIGN.md §3.4).
+"""The distillation loss: temperature KL(teacher ‖ student) + cross-entropy, dense teacher or top-k
+pseudo-labels, from logits (``kd_loss``) or fused with the lm_head (``linear_kd_loss``: no [N, V] logits).
 
-* ``kd_loss(student_logits, labels, ...)`` — from logits; dense teacher logits or top-k PseudoLabels.
-* ``linear_kd_loss(hidden, weight, labels, ...)`` — fused with the lm_head, chunked over tokens.
-* ``clinkd_released_loss`` / ``clinkd_released_linear_loss`` — the released ClinKD trainer's total.
-* ``kd_loss_reference`` / ``linear_kd_loss_reference`` — the plain PyTorch spec.
+Reading order: ``reference.py`` (the math and every reduction, in plain PyTorch: the spec),
+``rows.py`` (the per-row contract both ops share: options, reduction coefficients, the row function
+of each backend), ``checks.py`` (the argument checks), ``op.py`` (``kd_loss``: public function,
+custom op, autograd), ``linear_op.py`` (``linear_kd_loss``: the chunk loop over the lm_head, its custom
+ops and autograd), ``kernels.py`` (the Triton row kernel: both softmax passes and the gradient),
+``launch.py`` (its launcher and ahead-of-time compile specs), ``cpu.py`` (the CPU row path).
 """
 
-from clinkd_kernels.loss.kd_loss import kd_loss
-from clinkd_kernels.loss.linear_kd_loss import linear_kd_loss
-from clinkd_kernels.loss.presets import clinkd_released_linear_loss, clinkd_released_loss
-from clinkd_kernels.loss.reference import kd_loss_reference, linear_kd_loss_reference
+from .linear_op import linear_kd_loss
+from .op import kd_loss
+from .reference import kd_loss_reference, linear_kd_loss_reference
 
-__all__ = ["kd_loss", "linear_kd_loss", "clinkd_released_loss", "clinkd_released_linear_loss",
-           "kd_loss_reference", "linear_kd_loss_reference", "aot_specs"]
-
-
-def aot_specs():
-    """Compile configurations of this op's Triton kernels (imports Triton only when asked)."""
-    from clinkd_kernels.loss.kernels import aot_specs as specs
-
-    return specs()
+__all__ = ["kd_loss", "kd_loss_reference", "linear_kd_loss", "linear_kd_loss_reference"]

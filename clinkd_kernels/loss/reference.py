@@ -1,4 +1,4 @@
-"""Plain PyTorch reference for the distillation loss (DESIGN.md §3.4): the spec the kernels are tested against.
+"""Plain PyTorch reference of the distillation loss: the spec the kernels are tested against.
 
 Written for clarity: it materialises every [N, V] intermediate. Float64 inputs give a float64
 reference; float16/bfloat16 inputs are computed in float32 unless ``compute_dtype`` says otherwise
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clinkd_kernels.topk.pseudo_labels import PseudoLabels
+from ..topk import PseudoLabels
 
 
 def _compute_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:

@@ -1,11 +1,13 @@
-"""Rotary position embedding for Qwen2-VL style 3-D (t, h, w) positions.
+"""``apply_mrope``: the M-RoPE rotation of q and k, angles computed in-kernel from 3-D (t, h, w) positions.
 
-* ``mcg_rope_index``: MCG-RoPE position ids (modality gap λ, vision stride α) and rope deltas.
-* ``mrope_decode_position_ids``: position ids of tokens generated after the prefill.
-* ``apply_mrope``: rotate q and k by M-RoPE angles computed in-kernel from the position ids.
+Reading order: ``reference.py`` (the math, in plain PyTorch: the spec), ``op.py`` (the public
+function, its checks, the custom op and its autograd: the backward is the rotation by −θ),
+``kernels.py`` (the Triton rotary helpers every kernel of the package shares, and the rotation
+kernel), ``launch.py`` (block sizes, the launcher, the ahead-of-time compile specs), ``cpu.py``
+(the CPU path).
 """
 
-from .apply import apply_mrope
-from .index import mcg_rope_index, mrope_decode_position_ids
+from .op import apply_mrope
+from .reference import apply_mrope_reference
 
-__all__ = ["apply_mrope", "mcg_rope_index", "mrope_decode_position_ids"]
+__all__ = ["apply_mrope", "apply_mrope_reference"]

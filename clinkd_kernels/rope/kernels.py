@@ -1,29 +1,135 @@
-"""Triton kernel for the M-RoPE rotation of q and k (forward, and backward as the inverse rotation).
+"""Triton code of the M-RoPE rotation: the one home of the rotary math of every kernel.
 
-One program handles one token (grid axis 0: sequence, axis 1: batch) and a share of its heads
-(axis 2 splits the heads when there are too few tokens to fill the GPU). It loads the token's three
-positions, computes the D/2 angles once in fp32,
+Helpers (``@triton.jit``, inlined where they are called): ``sincos`` (the fp32 sine and cosine),
+``rope_cos_sin`` (angles of a tile of tokens), ``rotate`` / ``unrotate``, and the tile loaders and
+stores the attention forward and backward use. ``mrope_rotate_kernel`` is ``apply_mrope``'s kernel,
+which also rotates the keys the patched model writes to its KV cache; so the cache holds keys
+rotated by the same sin/cos as the keys the fused attention rotates in registers.
 
-    θ_j = pos[axis(j)] · inv_freq[j],   axis(j) = t (j < s_t), h (j < s_t + s_h), w (otherwise)
+A head vector of dim D is handled as two half tiles x1 = x[..., :D/2] and x2 = x[..., D/2:], each
+padded to HALF_PAD = next_pow2(D/2) columns (masked), so the rotate-half convention needs no
+permutation:
 
-and applies them to every q head and every k head of the token, a block of heads at a time:
+    θ_j       = pos[axis(j)] · inv_freq[j]      (fp32; axis(j) = t (j < s_t), h (j < s_t + s_h), w)
+    rotate    (x1, x2) → (x1 cos θ − x2 sin θ,  x2 cos θ + x1 sin θ)
+    unrotate  (y1, y2) → (y1 cos θ + y2 sin θ,  y2 cos θ − y1 sin θ)   (by −θ: the transpose, i.e. the backward)
 
-    (x_j, x_{j+D/2}) → (x_j c − x_{j+D/2} s,  x_{j+D/2} c + x_j s),   c = scale·cos θ_j, s = ±scale·sin θ_j
+and QKᵀ of rotated tiles is q1·k1ᵀ + q2·k2ᵀ.
 
-s takes the minus sign for the backward (the adjoint of a rotation is the rotation by −θ). No
-cos/sin table is read or written: the op moves exactly q, k in and q', k' out.
+``mrope_rotate_kernel``: one program handles one token (grid axis 0: sequence, axis 1: batch) and a
+share of its heads (axis 2 splits the heads when there are too few tokens to fill the GPU). It
+loads the token's three positions, computes the D/2 angles once and applies them to every q head
+and every k head of the token, a block of heads at a time, scaled by ``attention_scaling`` (sin
+negated for the backward). No cos/sin table is read or written: the op moves exactly q, k in and
+q', k' out.
 """
-
-from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..aot import KernelSpec, pointer
+
+@triton.jit
+def sincos(theta):
+    """(cos θ, sin θ) of fp32 θ with one shared range reduction: a third of the work of tl.cos + tl.sin
+    (libdevice), and no slow-path branch to hold registers in the attention loops.
+
+    θ = j·π/2 + r with j = round(θ·2/π), |r| ≤ π/4, by Cody-Waite: π/2 = P1 + P2 + P3 + P4 (+ 6e-17),
+    each part with at most 12 significant bits, and j = jh + jl with jh a multiple of 4096 of j's sign
+    and |jl| < 4096, so every product jh·Pi, jl·Pi is exact in fp32 for |j| < 2^24 even without FMA (in
+    the interpreter too) and the subtractions lose nothing but the last rounding. Then minimax
+    polynomials on [−π/4, π/4] (Cephes sinf/cosf coefficients); j mod 4 picks swaps and signs.
+    Error ≤ 2e-7 against cos/sin of the same fp32 θ for every |θ| < 1.5·10^6 (positions up to 1.5·10^6
+    at inv_freq 1; the tests measure it over that range), ≤ 6e-7 at 3·10^6. Beyond 2^20 the fp32
+    product θ·2/π rounds by up to 1/8, j can be off by one and r leaves [−π/4, π/4], where the
+    polynomials slowly lose accuracy.
+    """
+    j = tl.floor(theta * 0.6366197723675814 + 0.5)
+    jh = (j * 0.000244140625).to(tl.int32).to(tl.float32) * 4096.0  # truncated: jh = 0 for |j| < 4096
+    jl = j - jh
+    r = theta - jh * 1.5703125
+    r = r - jl * 1.5703125
+    r = r - jh * 4.837512969970703125e-4
+    r = r - jl * 4.837512969970703125e-4
+    r = r - jh * 7.549533620476722717e-8
+    r = r - jl * 7.549533620476722717e-8
+    r = r - j * 2.563282919254561421e-12  # j·P4 is below 5e-5: its rounding is far under r's ulp
+    z = r * r
+    sin_r = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
+    quadrant = j.to(tl.int32) & 3
+    swap = (quadrant & 1) != 0
+    cos_v = tl.where(swap, sin_r, cos_r)
+    sin_v = tl.where(swap, cos_r, sin_r)
+    cos_v = tl.where((quadrant == 1) | (quadrant == 2), -cos_v, cos_v)
+    sin_v = tl.where(quadrant >= 2, -sin_v, sin_v)
+    return cos_v, sin_v
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, n_heads, sx_b, sx_s, sx_h, so_b, so_s, so_h, b, s, split, n_split, cos, sin, j, j_ok,
+def rope_cos_sin(POS, tok, tok_ok, n_tokens, freq, cols, s_t, s_th):
+    """cos θ, sin θ as fp32 [BLOCK, HALF_PAD] tiles.
+
+    POS: int positions [3, n_tokens] (rows t, h, w), already offset to the sequence start;
+    tok: [BLOCK] token offsets in the sequence;
+    freq: fp32 [HALF_PAD] inverse frequencies (0 in the padding); cols: [HALF_PAD] column ids;
+    s_t, s_th: first column of the h section and of the w section.
+    """
+    p_t = tl.load(POS + tok, mask=tok_ok, other=0).to(tl.float32)
+    p_h = tl.load(POS + n_tokens + tok, mask=tok_ok, other=0).to(tl.float32)
+    p_w = tl.load(POS + 2 * n_tokens + tok, mask=tok_ok, other=0).to(tl.float32)
+    c = cols[None, :]
+    pos = tl.where(c < s_t, p_t[:, None], tl.where(c < s_th, p_h[:, None], p_w[:, None]))
+    return sincos(pos * freq[None, :])
+
+
+@triton.jit
+def rotate(x1, x2, cos, sin):
+    """Rotate the half tiles (fp32 math) by +θ."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def unrotate(y1, y2, cos, sin):
+    """Rotate the half tiles by −θ: maps gradients w.r.t. rotated vectors to the pre-rotary ones."""
+    return y1 * cos + y2 * sin, y2 * cos - y1 * sin
+
+
+@triton.jit
+def load_halves(ptr_rows, row_ok, cols, HALF: tl.constexpr):
+    """Load x[:, :HALF] and x[:, HALF:2*HALF] for the row pointers ``ptr_rows`` [BLOCK] (0 in the padding)."""
+    ok = row_ok[:, None] & (cols[None, :] < HALF)
+    x1 = tl.load(ptr_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+    x2 = tl.load(ptr_rows[:, None] + HALF + cols[None, :], mask=ok, other=0.0)
+    return x1, x2
+
+
+@triton.jit
+def store_halves(ptr_rows, row_ok, x1, x2, cols, HALF: tl.constexpr):
+    """Store the half tiles x1, x2 (already in the destination's dtype) as x[:, :HALF], x[:, HALF:2*HALF]."""
+    ok = row_ok[:, None] & (cols[None, :] < HALF)
+    tl.store(ptr_rows[:, None] + cols[None, :], x1, mask=ok)
+    tl.store(ptr_rows[:, None] + HALF + cols[None, :], x2, mask=ok)
+
+
+@triton.jit
+def load_rotated(ptr_rows, row_ok, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF: tl.constexpr):
+    """Load the two halves of a Q or K tile and rotate them by their tokens' angles (fp32 tiles)."""
+    x1, x2 = load_halves(ptr_rows, row_ok, cols, HALF)
+    cos, sin = rope_cos_sin(POS, tok, row_ok, n_tokens, freq, cols, s_t, s_th)
+    return rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
+
+
+@triton.jit
+def store_unrotated(ptr_rows, row_ok, g1, g2, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF: tl.constexpr):
+    """Rotate the gradient halves (w.r.t. rotated vectors) by −θ and store them in the output's dtype."""
+    cos, sin = rope_cos_sin(POS, tok, row_ok, n_tokens, freq, cols, s_t, s_th)
+    d1, d2 = unrotate(g1, g2, cos, sin)
+    ty = ptr_rows.dtype.element_ty
+    store_halves(ptr_rows, row_ok, d1.to(ty), d2.to(ty), cols, HALF)
+
+
+@triton.jit
+def rotate_heads(x_ptr, o_ptr, n_heads, sx_b, sx_s, sx_h, so_b, so_s, so_h, b, s, split, n_split, cos, sin, j, j_ok,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rotate heads split, split + n_split, ... (in blocks of BLOCK_H) of token (b, s): x → o."""
     h = tl.arange(0, BLOCK_H)
@@ -34,12 +140,13 @@ def _rotate_heads(x_ptr, o_ptr, n_heads, sx_b, sx_s, sx_h, so_b, so_s, so_h, b, 
         dst = o_ptr + b * so_b + s * so_s + heads.to(tl.int64) * so_h + j[None, :]
         x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-        tl.store(dst, (x1 * cos - x2 * sin).to(o_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(o_ptr.dtype.element_ty), mask=m)
+        y1, y2 = rotate(x1, x2, cos, sin)
+        tl.store(dst, y1.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, y2.to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _mrope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
+def mrope_rotate_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
                   Hq, Hkv,
                   sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
                   sqo_b, sqo_s, sqo_h, sko_b, sko_s, sko_h,
@@ -61,87 +168,13 @@ def _mrope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
     j_ok = j < HALF
     inv_freq = tl.load(inv_freq_ptr + j, mask=j_ok, other=0.0)
     theta = tl.where(j < SEC_T, pos_t, tl.where(j < SEC_TH, pos_h, pos_w)) * inv_freq
-    cos = (tl.cos(theta) * scale)[None, :]
-    sin = (tl.sin(theta) * scale)[None, :]
+    cos, sin = sincos(theta)
+    cos = (cos * scale)[None, :]
+    sin = (sin * scale)[None, :]
     if INVERSE:
         sin = -sin
 
-    _rotate_heads(q_ptr, qo_ptr, Hq, sq_b, sq_s, sq_h, sqo_b, sqo_s, sqo_h, b, s, split, n_split, cos, sin, j, j_ok,
+    rotate_heads(q_ptr, qo_ptr, Hq, sq_b, sq_s, sq_h, sqo_b, sqo_s, sqo_h, b, s, split, n_split, cos, sin, j, j_ok,
                   HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr, ko_ptr, Hkv, sk_b, sk_s, sk_h, sko_b, sko_s, sko_h, b, s, split, n_split, cos, sin, j, j_ok,
+    rotate_heads(k_ptr, ko_ptr, Hkv, sk_b, sk_s, sk_h, sko_b, sko_s, sko_h, b, s, split, n_split, cos, sin, j, j_ok,
                   HALF, BLOCK_HK)
-
-
-_MAX_GRID_YZ = 65535
-
-
-def launch_config(half: int, hq: int, hkv: int) -> dict:
-    """Block sizes: about 1024 elements per half-tile (8 fp32 values per thread at 4 warps)."""
-    half_pad = triton.next_power_of_2(half)
-    cap = max(1, 1024 // half_pad)
-    return dict(HALF_PAD=half_pad, BLOCK_HQ=min(cap, triton.next_power_of_2(hq)),
-                BLOCK_HK=min(cap, triton.next_power_of_2(hkv)), num_warps=4)
-
-
-def mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq, mrope_section, scale: float,
-                        inverse: bool, *, split: int | None = None) -> None:
-    """Write the rotation of q [B,S,Hq,D], k [B,S,Hkv,D] (last dim contiguous) into q_out, k_out.
-
-    position_ids [3,B,S] (any strides, int32/int64); inv_freq [D/2] fp32 contiguous.
-    ``split`` (heads per token spread over that many programs) defaults to 1 when B·S alone gives
-    enough programs, else enough to give each program one block of q heads.
-    """
-    B, S, Hq, D = q.shape
-    Hkv = k.shape[2]
-    half = D // 2
-    s_t, s_h, _ = (int(x) for x in mrope_section)
-    cfg = launch_config(half, Hq, Hkv)
-    if split is None:
-        blocks = max(triton.cdiv(Hq, cfg["BLOCK_HQ"]), triton.cdiv(Hkv, cfg["BLOCK_HK"]))
-        split = 1 if B * S >= 4096 else blocks
-    if B > _MAX_GRID_YZ:   # grid axis 1 holds at most 65535 rows: launch in slices of the batch
-        for b0 in range(0, B, _MAX_GRID_YZ):
-            sl = slice(b0, b0 + _MAX_GRID_YZ)
-            mrope_rotate_triton(q[sl], k[sl], q_out[sl], k_out[sl], position_ids[:, sl], inv_freq, mrope_section,
-                                scale, inverse, split=split)
-        return
-    grid = (S, B, min(split, _MAX_GRID_YZ))
-    _mrope_kernel[grid](
-        q, k, q_out, k_out, position_ids, inv_freq, Hq, Hkv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        position_ids.stride(0), position_ids.stride(1), position_ids.stride(2),
-        float(scale),
-        HALF=half, SEC_T=s_t, SEC_TH=s_t + s_h, INVERSE=bool(inverse),
-        HALF_PAD=cfg["HALF_PAD"], BLOCK_HQ=cfg["BLOCK_HQ"], BLOCK_HK=cfg["BLOCK_HK"], num_warps=cfg["num_warps"],
-    )
-
-
-def aot_specs() -> list[KernelSpec]:
-    """Compile configurations for the AOT report: Qwen2-VL shapes and the edges of the D range."""
-    import torch
-
-    cases = [  # (label, dtype, D, sections, Hq, Hkv, inverse, position dtype)
-        ("qwen2vl-7b bf16 fwd", torch.bfloat16, 128, (16, 24, 24), 28, 4, False, torch.int64),
-        ("qwen2vl-7b bf16 bwd", torch.bfloat16, 128, (16, 24, 24), 28, 4, True, torch.int64),
-        ("qwen2vl-7b fp16 fwd", torch.float16, 128, (16, 24, 24), 28, 4, False, torch.int64),
-        ("D=128 fp32 fwd", torch.float32, 128, (16, 24, 24), 28, 4, False, torch.int64),
-        ("qwen2vl-2b bf16 fwd", torch.bfloat16, 128, (16, 24, 24), 12, 2, False, torch.int32),
-        ("D=64 bf16 fwd", torch.bfloat16, 64, (8, 12, 12), 16, 4, False, torch.int64),
-        ("D=80 bf16 fwd", torch.bfloat16, 80, (8, 16, 16), 16, 16, False, torch.int64),
-        ("D=256 bf16 fwd", torch.bfloat16, 256, (32, 48, 48), 16, 2, False, torch.int64),
-    ]
-    specs = []
-    for label, dtype, D, sec, hq, hkv, inverse, pos_dtype in cases:
-        cfg = launch_config(D // 2, hq, hkv)
-        signature = {"q_ptr": pointer(dtype), "k_ptr": pointer(dtype), "qo_ptr": pointer(dtype),
-                     "ko_ptr": pointer(dtype), "pos_ptr": pointer(pos_dtype), "inv_freq_ptr": pointer(torch.float32),
-                     "scale": "fp32"}
-        for name in ("Hq", "Hkv", "sq_b", "sq_s", "sq_h", "sk_b", "sk_s", "sk_h", "sqo_b", "sqo_s", "sqo_h",
-                     "sko_b", "sko_s", "sko_h", "sp_a", "sp_b", "sp_s"):
-            signature[name] = "i32"
-        constexprs = {"HALF": D // 2, "HALF_PAD": cfg["HALF_PAD"], "SEC_T": sec[0], "SEC_TH": sec[0] + sec[1],
-                      "BLOCK_HQ": cfg["BLOCK_HQ"], "BLOCK_HK": cfg["BLOCK_HK"], "INVERSE": inverse}
-        specs.append(KernelSpec(_mrope_kernel, signature, constexprs, num_warps=cfg["num_warps"], num_stages=1,
-                                label=f"{label} (D={D}, BLOCK_HQ={cfg['BLOCK_HQ']}, BLOCK_HK={cfg['BLOCK_HK']})"))
-    return specs

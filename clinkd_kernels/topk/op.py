@@ -1,4 +1,4 @@
-"""Public entry point of top-k pseudo-label extraction (DESIGN.md §3.5).
+"""``topk_pseudo_labels``: the public function, its checks and the registration of the compiled kernels.
 
 Kernels: ``csrc/topk/topk_cpu.cpp`` (CPU, rows in parallel) and ``csrc/topk/topk_cuda.cu`` (CUDA,
 one thread block per row), both one read of the logits; they are registered with the torch
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from clinkd_kernels._dispatch import extension, resolve_backend
-from clinkd_kernels._validation import FLOAT_DTYPES, check_int, check_positive_float, check_tensor, first_rows
-from clinkd_kernels.topk.pseudo_labels import PseudoLabels
-from clinkd_kernels.topk.reference import topk_pseudo_labels_reference
+from .._dispatch import extension, resolve_backend
+from .._validation import FLOAT_DTYPES, check_int, check_positive_float, check_tensor, first_rows
+from .reference import PseudoLabels, topk_pseudo_labels_reference
 
 MAX_K = 1024
 

@@ -15,7 +15,6 @@ import triton.language as tl
 
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.attention.reference import mcg_rope_attention_reference
-from clinkd_kernels.attention.rotary import sincos
 from tests.numerics import assert_close
 
 from .inputs import SECTIONS, inv_freq, padding_mask, positions
@@ -161,28 +160,6 @@ def test_softmax_scale_and_max_seqlen(interpreter):
     ref = fwd_bwd(reff, t, extra, grad, causal=False, dtype=torch.float64)
     base = fwd_bwd(reff, t, extra, grad, causal=False)
     assert_all_close(got, ref, base)
-
-
-@triton.jit
-def _sincos_kernel(X, C, S, N: tl.constexpr):
-    o = tl.arange(0, N)
-    c, s = sincos(tl.load(X + o))
-    tl.store(C + o, c)
-    tl.store(S + o, s)
-
-
-def test_sincos_matches_float64(interpreter):
-    """The in-kernel shared-reduction sin/cos against float64, over the angle range positions reach."""
-    device = interpreter
-    kernel = _sincos_kernel
-    n = 4096
-    for limit, tol in ((4.0, 2e-7), (1e3, 2e-7), (1e4, 2e-7), (1e5, 2e-6)):
-        x = ((torch.rand(n, dtype=torch.float64) * 2 - 1) * limit).float().to(device)
-        c, s = torch.empty_like(x), torch.empty_like(x)
-        kernel[(1,)](x, c, s, N=n)
-        x64 = x.double()
-        assert (c.double() - x64.cos()).abs().max() < tol, f"cos error too large for |θ| < {limit}"
-        assert (s.double() - x64.sin()).abs().max() < tol, f"sin error too large for |θ| < {limit}"
 
 
 @pytest.mark.gpu

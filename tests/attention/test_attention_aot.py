@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from clinkd_kernels.aot import MAX_SHARED_PER_BLOCK, compile_module_specs
-from clinkd_kernels.attention import aot_specs
+from clinkd_kernels.attention.launch import aot_specs
 
 MATMUL_KERNELS = ("mcg_attn_fwd_kernel", "mcg_attn_bwd_dkdv_kernel", "mcg_attn_bwd_dq_kernel")
 
@@ -16,12 +16,12 @@ MATMUL_KERNELS = ("mcg_attn_fwd_kernel", "mcg_attn_bwd_dkdv_kernel", "mcg_attn_b
 def reports():
     """Every spec compiled for each of its architectures, in a fresh process (the kernels of this one may
     be defined for the interpreter)."""
-    return compile_module_specs("clinkd_kernels.attention")
+    return compile_module_specs("clinkd_kernels.attention.launch")
 
 
 def test_every_kernel_has_specs_for_both_archs():
     names = {(s.fn.__name__, a) for s in aot_specs() for a in s.archs}
-    for name in MATMUL_KERNELS + ("rotate_kernel", "mcg_attn_bwd_prep_kernel", "mcg_attn_bwd_finish_kernel"):
+    for name in MATMUL_KERNELS + ("mcg_attn_bwd_prep_kernel", "mcg_attn_bwd_finish_kernel"):
         assert (name, 80) in names and (name, 90) in names, name
 
 
@@ -39,13 +39,3 @@ def test_tensor_core_instructions(reports):
             assert r.hgmma > 0, f"{r.config}: no HGMMA in the sm_90 SASS"
         else:
             assert r.hmma > 0, f"{r.config}: no HMMA in the sm_80 SASS"
-
-
-def test_print_table(reports, capsys):
-    """The resource table (shown with -s): registers, spills, shared memory and occupancy per config."""
-    with capsys.disabled():
-        print()
-        for r in reports:
-            print(f"{r.config:60s} sm{r.arch} regs={r.registers:3d} spill={r.spill_bytes} "
-                  f"smem={r.shared_bytes:6d} blocks/SM={r.blocks_per_sm} hmma={r.hmma} hgmma={r.hgmma}")
-    assert reports

@@ -17,7 +17,7 @@ from clinkd.data.offline_processor import special_token_ids
 from clinkd.eval.predict import load_model, predict
 from clinkd.train.config import ModelSpec
 from clinkd.train.run import build_model, model_config, write_patch_record
-from clinkd_kernels.rope import mcg_rope_index
+from clinkd_kernels import mcg_rope_index
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clinkd_kernels.loss.reference import kd_loss_reference, linear_kd_loss_reference
-from clinkd_kernels.topk.pseudo_labels import PseudoLabels
+from clinkd_kernels.topk import PseudoLabels
 from tests.numerics import DEFAULT_ATOL, NORM_TOL, assert_close
 
 
@@ -53,11 +53,11 @@ QUIET = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWar
 def small_blocks(monkeypatch):
     """Vocabulary tiles of 128 columns, so V = 301 spans three tiles with a ragged last one; the PyTorch
     row path works through 7 rows at a time at V = 301 (ragged last block too)."""
-    import clinkd_kernels.loss.kernels as kernels
-    import clinkd_kernels.loss.rows_torch as rows_torch
+    import clinkd_kernels.loss.cpu as cpu
+    import clinkd_kernels.loss.launch as launch
 
-    monkeypatch.setattr(kernels, "MAX_BLOCK_V", 128)
-    monkeypatch.setattr(rows_torch, "BLOCK_BYTES", 7 * 8 * 301)
+    monkeypatch.setattr(launch, "MAX_BLOCK_V", 128)
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 7 * 8 * 301)
 
 
 def pseudo_labels(teacher_logits: torch.Tensor, k: int, temperature: float, vocab: int) -> PseudoLabels:

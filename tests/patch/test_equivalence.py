@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
-from clinkd_kernels.rope import mcg_rope_index
+from clinkd_kernels import mcg_rope_index
 from tests.numerics import NORM_TOL, assert_close
 from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, make_batch, qwen2_vl_model
 

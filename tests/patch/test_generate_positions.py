@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
-from clinkd_kernels.rope import mcg_rope_index
+from clinkd_kernels import mcg_rope_index
 from tests.patch.tiny import (EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, make_batch, qwen2_5_vl_model,
                               qwen2_vl_model)
 

@@ -10,7 +10,7 @@ import inspect
 import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
-from clinkd_kernels.rope import mcg_rope_index
+from clinkd_kernels import mcg_rope_index
 from tests.patch.test_equivalence import _as, _step, assert_close_model
 from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, VIDEO, VISION_END, VISION_START, make_batch, qwen2_vl_model
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clinkd_kernels.rope import apply_mrope
-from clinkd_kernels.rope.apply import mrope_rotate
-from clinkd_kernels.rope.reference import apply_mrope_reference, apply_mrope_reference_exact
+from clinkd_kernels.rope import apply_mrope, apply_mrope_reference
+from clinkd_kernels.rope.op import mrope_rotate
 from tests.numerics import assert_close
 
 # (D, sections): D/2 = sum of the sections
@@ -29,7 +28,7 @@ def check_forward(q, k, pos, inv, sec, backend, scale=1.0, name=""):
     q_rot, k_rot = apply_mrope(q, k, pos, inv, sec, attention_scaling=scale, backend=backend)
     assert q_rot.shape == q.shape and k_rot.shape == k.shape
     assert q_rot.dtype == q.dtype and q_rot.is_contiguous() and k_rot.is_contiguous()
-    ref_q, ref_k = apply_mrope_reference_exact(q, k, pos, inv, sec, attention_scaling=scale)
+    ref_q, ref_k = apply_mrope_reference(q.double(), k.double(), pos, inv, sec, attention_scaling=scale)
     base_q, base_k = apply_mrope_reference(q, k, pos, inv, sec, attention_scaling=scale)
     assert_close(f"{name} q", q_rot, ref_q, base_q)
     assert_close(f"{name} k", k_rot, ref_k, base_k)
@@ -42,7 +41,7 @@ def check_backward(q, k, pos, inv, sec, backend, scale=1.0, name=""):
     grads = {}
     for label, fn, cast in (
             ("out", lambda a, b: apply_mrope(a, b, pos, inv, sec, attention_scaling=scale, backend=backend), q.dtype),
-            ("ref", lambda a, b: apply_mrope_reference_exact(a, b, pos, inv, sec, attention_scaling=scale),
+            ("ref", lambda a, b: apply_mrope_reference(a, b, pos, inv, sec, attention_scaling=scale),
              torch.float64),
             ("base", lambda a, b: apply_mrope_reference(a, b, pos, inv, sec, attention_scaling=scale), q.dtype)):
         a = q.detach().to(cast).requires_grad_()
@@ -70,11 +69,11 @@ def test_triton_forward_backward(interpreter, D, sec, dtype):
 
 def test_triton_heads_more_than_a_block_and_split(interpreter):
     # Hq = 19 > BLOCK_HQ (16) so the head loop runs twice; then every split of the heads over programs
-    from clinkd_kernels.rope.kernels import mrope_rotate_triton
+    from clinkd_kernels.rope.launch import mrope_rotate_triton
 
     q, k, pos, inv = make_inputs(1, 3, 19, 3, 128, torch.float32, interpreter, max_pos=10**6)
     sec = (16, 24, 24)
-    ref_q, ref_k = apply_mrope_reference_exact(q, k, pos, inv, sec, attention_scaling=0.7)
+    ref_q, ref_k = apply_mrope_reference(q.double(), k.double(), pos, inv, sec, attention_scaling=0.7)
     base_q, base_k = apply_mrope_reference(q, k, pos, inv, sec, attention_scaling=0.7)
     for split in (1, 2, 3):
         q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
@@ -84,9 +83,9 @@ def test_triton_heads_more_than_a_block_and_split(interpreter):
 
 
 def test_triton_batch_larger_than_grid_axis(interpreter, monkeypatch):
-    import clinkd_kernels.rope.kernels as kernels
+    import clinkd_kernels.rope.launch as launch
 
-    monkeypatch.setattr(kernels, "_MAX_GRID_YZ", 2)   # the real limit is 65535 rows; slices of 2 here
+    monkeypatch.setattr(launch, "_MAX_GRID_YZ", 2)   # the real limit is 65535 rows; slices of 2 here
     q, k, pos, inv = make_inputs(5, 2, 3, 1, 64, torch.float32, interpreter)
     check_forward(q, k, pos, inv, (8, 12, 12), "triton", name="batch slices")
 
@@ -121,7 +120,7 @@ def test_triton_double_backward(interpreter):
     (dq,) = torch.autograd.grad(q_rot, q, gq, create_graph=True)
     v = torch.randn_like(q)
     (dgq,) = torch.autograd.grad(dq, gq, v)
-    want = apply_mrope_reference_exact(v, k, pos, inv, sec)[0]
+    want = apply_mrope_reference(v.double(), k.double(), pos, inv, sec)[0]
     assert_close("double backward", dgq, want, apply_mrope_reference(v, k, pos, inv, sec)[0])
 
 
@@ -139,9 +138,9 @@ def test_cpu_backends(backend, D, sec, dtype):
 
 
 def test_cpu_path_chunks_and_strides(monkeypatch):
-    import clinkd_kernels.rope.apply as apply_mod
+    import clinkd_kernels.rope.cpu as cpu
 
-    monkeypatch.setattr(apply_mod, "_CPU_CHUNK_ELEMS", 3 * 7 * 64)   # 2 tokens per chunk → odd last chunk
+    monkeypatch.setattr(cpu, "_CPU_CHUNK_ELEMS", 3 * 7 * 64)   # 2 tokens per chunk → odd last chunk
     B, S, Hq, Hkv, D, sec = 2, 7, 5, 2, 64, (8, 12, 12)
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D)
     q = qkv[..., :Hq * D].view(B, S, Hq, D)
@@ -159,7 +158,7 @@ def test_default_backend_and_env(monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     monkeypatch.setenv("CLINKD_BACKEND", "torch")
     got = apply_mrope(q, k, pos, inv, sec)
-    assert_close("env torch", got[0], apply_mrope_reference_exact(q, k, pos, inv, sec)[0], want[0])
+    assert_close("env torch", got[0], apply_mrope_reference(q.double(), k.double(), pos, inv, sec)[0], want[0])
     monkeypatch.setenv("CLINKD_BACKEND", "cuda")
     with pytest.raises(ValueError, match="no 'cuda' backend"):
         apply_mrope(q, k, pos, inv, sec)

@@ -13,7 +13,7 @@ import torch
 BLOCK_BYTES = 32 * 2**20  # per [rows, V] temporary
 
 
-def kd_rows_torch(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None, topk=None, inv_t: float,
+def kd_rows_cpu(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None, topk=None, inv_t: float,
                   ignore_index: int, coef_kd: torch.Tensor, coef_ce: torch.Tensor, kd_out: torch.Tensor,
                   ce_out: torch.Tensor, grad_out: torch.Tensor | None) -> None:
     """z [n, V]; teacher_logits [n, >= V] or topk = (indices [n, k], logprobs [n, k], residual [n]) or

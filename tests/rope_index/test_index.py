@@ -8,10 +8,9 @@ import random
 import pytest
 import torch
 
-from clinkd_kernels.rope import mcg_rope_index, mrope_decode_position_ids
-from clinkd_kernels.rope.index import _mcg_rope_index_op
-from clinkd_kernels.rope.index_device import mcg_rope_index_device
-from clinkd_kernels.rope.reference import mcg_rope_index_reference
+from clinkd_kernels.rope_index import mcg_rope_index, mcg_rope_index_reference, mrope_decode_position_ids
+from clinkd_kernels.rope_index.kernels import mcg_rope_index_device
+from clinkd_kernels.rope_index.op import _mcg_rope_index_op
 
 from .batches import IDS, IMG, M, VE, VID, VS, random_batch, text
 

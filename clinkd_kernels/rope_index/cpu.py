@@ -1,6 +1,6 @@
 """MCG-RoPE position indices on the host, vectorised with NumPy (the CPU path of ``mcg_rope_index``).
 
-    ids [B,S] → positions [3,B,S], deltas [B,1]      (NumPy int64; see index.py for the rules)
+    ids [B,S] → positions [3,B,S], deltas [B,1]      (NumPy int64; see op.py for the rules)
 
 The batch is one stream of tokens (padding removed, rows back to back). Segments are found once
 (where the token type changes, or a row begins); everything about them (type, grid, extent, base)
@@ -53,7 +53,7 @@ def _arange(n: int) -> np.ndarray:
     return _ARANGE[:n]
 
 
-def mcg_rope_index_host(ids: np.ndarray, image_grid: np.ndarray | None, video_grid: np.ndarray | None,
+def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_grid: np.ndarray | None,
                         mask: np.ndarray | None, image_token_id: int, video_token_id: int,
                         vision_start_token_id: int | None, m: int, gap: int, stride: int,
                         pad_position: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
-"""The released ClinKD total, (0.5·Σ_valid KL_{T=0.5} + mean_valid CE)/1.5 with no T² (PAPER.md §2),
-written here independently with F.kl_div / F.cross_entropy on full float64 logits."""
+"""The released ClinKD total, (0.5·Σ_valid KL_{T=0.5} + mean_valid CE)/1.5 with no T² (the released
+trainer's loss form), written here independently with F.kl_div / F.cross_entropy on full float64 logits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clinkd_kernels.loss import clinkd_released_linear_loss, clinkd_released_loss
+from clinkd.train.released import released_kd_loss, released_linear_kd_loss, released_loss_reference
 from tests.loss.util import QUIET, labels_with_ignored, small_blocks, value_atol  # noqa: F401
 from tests.numerics import assert_close
 
@@ -37,7 +37,7 @@ def test_released_total(backend, kd_only, request):
     labels = labels_with_ignored(N, V, device=dev)
 
     ours_in = z.clone().requires_grad_()
-    ours = clinkd_released_loss(ours_in, labels, teacher_logits=t, kd_only=kd_only, backend=backend)
+    ours = released_kd_loss(ours_in, labels, teacher_logits=t, kd_only=kd_only, backend=backend)
     ours.backward()
     z64 = z.double().requires_grad_()
     want = released_formula(z64, labels, t.double(), kd_only=kd_only)
@@ -57,7 +57,7 @@ def test_released_linear_matches_logits_form(backend, request):
     th, tw = torch.randn(N, 20, device=dev), torch.randn(V + 3, 20, device=dev) * 0.5
     labels = labels_with_ignored(N, V, device=dev)
     h = hidden.clone().requires_grad_()
-    loss, kl_sum, ce_mean = clinkd_released_linear_loss(h, weight, labels, teacher_hidden=th, teacher_weight=tw,
+    loss, kl_sum, ce_mean = released_linear_kd_loss(h, weight, labels, teacher_hidden=th, teacher_weight=tw,
                                                         return_components=True, chunk_size=8, backend=backend)
     loss.backward()
     h64 = hidden.double().requires_grad_()
@@ -80,7 +80,7 @@ def test_released_linear_matches_logits_form(backend, request):
 
 def test_released_no_valid_rows_is_zero():
     z = torch.randn(4, 50, requires_grad=True)
-    loss = clinkd_released_loss(z, torch.full((4,), -100), teacher_logits=torch.randn(4, 50), backend="cpu")
+    loss = released_kd_loss(z, torch.full((4,), -100), teacher_logits=torch.randn(4, 50), backend="cpu")
     loss.backward()
     assert loss.item() == 0.0 and bool((z.grad == 0).all())
 
@@ -92,7 +92,16 @@ def test_released_with_topk_teacher_close_to_dense_when_k_covers_vocab():
     z = torch.randn(N, V) * 2
     t = torch.randn(N, V) * 2
     labels = labels_with_ignored(N, V)
-    dense = clinkd_released_loss(z, labels, teacher_logits=t, backend="cpu")
-    sparse = clinkd_released_loss(z, labels, teacher=pseudo_labels(t, V, 0.5, V), backend="cpu")
+    dense = released_kd_loss(z, labels, teacher_logits=t, backend="cpu")
+    sparse = released_kd_loss(z, labels, teacher=pseudo_labels(t, V, 0.5, V), backend="cpu")
     assert abs(dense.item() - sparse.item()) <= 1e-5 * abs(dense.item())
 
+
+
+@pytest.mark.parametrize("kd_only", [False, True])
+def test_released_reference_is_the_formula(kd_only):
+    """The plain-PyTorch reference (the benchmark's stock loss) equals the formula written here."""
+    z, t = torch.randn(N, V, dtype=torch.float64) * 2, torch.randn(N, V + 5, dtype=torch.float64) * 2
+    labels = labels_with_ignored(N, V)
+    want = released_formula(z, labels, t, kd_only=kd_only)
+    torch.testing.assert_close(released_loss_reference(z, t, labels, kd_only=kd_only), want, rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""MCG-RoPE position indices (DESIGN.md §3.1): public entry points.
+"""MCG-RoPE position indices: the public functions, their checks and the custom op.
 
     mcg_rope_index(input_ids [B,S], ...)        → position_ids [3,B,S] (rows t, h, w), rope_deltas [B,1]
     mrope_decode_position_ids(cache_position, rope_deltas [B,1]) → position_ids [3,B,S_new]
@@ -17,10 +17,10 @@ seconds per grid is not applied). The segment after a video starts at the video'
 + λ, as Qwen2-VL was trained (transformers 4.x); transformers 5.x restarts at base + max(H, W), which
 differs only for videos with more frames than max(H, W).
 
-Two vectorised implementations, chosen by device: CPU tensors go to NumPy on the host
-(index_host.py: per-op overhead is what costs at these sizes, and NumPy's is lower); CUDA tensors
-stay on the device (index_device.py, one host sync for the checks). The per-row loop in
-reference.py is the spec both are tested against.
+Two vectorised implementations, chosen by device: CPU tensors go to NumPy on the host (``cpu.py``:
+per-op overhead is what costs at these sizes, and NumPy's is lower); CUDA tensors stay on the
+device (``kernels.py``: tensor ops, one host sync for the checks). The per-row loop in
+``reference.py`` is the spec both are tested against.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .._validation import check_int, check_shape, check_tensor
-from .index_device import mcg_rope_index_device
-from .index_host import mcg_rope_index_host
+from .cpu import mcg_rope_index_cpu
+from .kernels import mcg_rope_index_device
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -45,7 +45,7 @@ def mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mas
     """Dispatch by device: CPU → NumPy host path, otherwise the on-device tensor path."""
     if input_ids.device.type == "cpu":
         mask = None if attention_mask is None else attention_mask.numpy() != 0
-        pos, deltas = mcg_rope_index_host(input_ids.numpy(), _host_array(image_grid_thw),
+        pos, deltas = mcg_rope_index_cpu(input_ids.numpy(), _host_array(image_grid_thw),
                                           _host_array(video_grid_thw), mask, image_token_id, video_token_id,
                                           vision_start_token_id, spatial_merge_size, modality_gap, vision_stride,
                                           pad_position)
@@ -97,7 +97,7 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
         modality_gap: λ ≥ 1; a segment starts at (largest position so far) + λ. 1 = stock Qwen2-VL,
             2 = ClinKD's released setting.
         vision_stride: α ≥ 1; spacing of the h and w positions inside a vision run.
-        pad_position: value written at padding positions (DESIGN.md: 1; transformers 5.x writes 0).
+        pad_position: value written at padding positions (default 1; transformers 5.x writes 0).
 
     Returns:
         position_ids [3, B, S] int64 (rows t, h, w) and rope_deltas [B, 1] int64

@@ -1,8 +1,9 @@
-"""MCG-RoPE position indices with PyTorch tensor ops on the tensors' device (used for CUDA tensors).
+"""MCG-RoPE position indices with PyTorch tensor ops on the tensors' device (the path of CUDA tensors).
 
     input_ids [B,S] → position_ids [3,B,S] (rows t, h, w), rope_deltas [B,1]     (int64)
 
-Same rules as index.py. Works per token, all rows at once, so nothing leaves the device except one
+Same rules as ``op.py``. No Triton kernel: the op moves a few bytes per token and is bound by the
+number of launches, which a handful of whole-batch tensor ops keep small. Works per token, all rows at once, so nothing leaves the device except one
 small tensor of check results (one host sync per call):
 
     r      = index of a token inside its segment (a cummax over segment starts)
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .index_host import check_grid
+from .cpu import check_grid
 
 _PAD = 3        # token code of padding after compaction (text 0, image 1, video 2)
 _VSTART = 4     # bit set in the code of a vision_start token

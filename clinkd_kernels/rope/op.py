@@ -1,4 +1,4 @@
-"""``apply_mrope``: rotate q and k by M-RoPE angles (DESIGN.md §3.2), with autograd.
+"""``apply_mrope``: rotate q and k by M-RoPE angles: the public function, its checks, the custom op and autograd.
 
     q [B,S,Hq,D], k [B,S,Hkv,D], position_ids [3,B,S]   (or packed: q [T,Hq,D], k [T,Hkv,D], [3,T])
     inv_freq [D/2] fp32, mrope_section (s_t, s_h, s_w), s_t + s_h + s_w = D/2
@@ -11,8 +11,9 @@ The map is linear in q and k with the orthogonal matrix R(θ) (times scale), so 
 same op with −θ: grad_q = scale · R(−θ) grad_q_rot. One custom op, ``clinkd::mrope_rotate``,
 carries an ``inverse`` flag and is its own derivative (so double backward works too).
 
-Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1 when named), "cpu" (token-chunked torch,
-no [3,B,S,D] cos/sin tensors), "torch" (the reference in reference.py). q and k may be strided views
+Backends: "triton" (``kernels.py`` via ``launch.py``; CUDA, or CPU under TRITON_INTERPRET=1 when
+named), "cpu" (``cpu.py``: token-chunked torch, no [3,B,S,D] cos/sin tensors), "torch" (the
+reference in ``reference.py``). q and k may be strided views
 (e.g. slices of a fused qkv projection): any strides over batch, sequence and heads, but the last
 dim must be contiguous, otherwise it is copied to contiguous first.
 """
@@ -23,10 +24,10 @@ import torch
 
 from .._dispatch import empty_output, resolve_backend
 from .._validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor
-from .reference import apply_mrope_reference, section_axis
+from .cpu import mrope_rotate_cpu
+from .reference import apply_mrope_reference
 
 _BACKENDS = ("triton", "cpu", "torch")
-_CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step on the CPU path: bounds temporaries, few ops
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -34,46 +35,12 @@ _CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step on the CPU path: bounds 
 
 
 def _rotate_triton(q, k, position_ids, inv_freq, section, scale, inverse):
-    from .kernels import mrope_rotate_triton
+    from .launch import mrope_rotate_triton
 
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() or k.numel():
         mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq.contiguous(), section, scale, inverse)
-    return q_out, k_out
-
-
-def _rotate_cpu(q, k, position_ids, inv_freq, section, scale, inverse):
-    """Token-chunked torch: per chunk of tokens, fp32 angles [n, D/2], then each half written in place.
-
-    fp32 halves are written straight into the output (mul, then addcmul in place): no temporaries
-    but the chunk's angles; fp16/bf16 chunks go through one fp32 copy each. Chunks of ~1M elements
-    keep that bounded while keeping the number of (multi-threaded) ops small. No [3,B,S,D] cos/sin.
-    """
-    B, S, Hq, D = q.shape
-    Hkv = k.shape[2]
-    half = D // 2
-    q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
-    k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
-    axis = section_axis(section).to(q.device)
-    pos = position_ids.reshape(3, B * S)
-    qf, kf = q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D)   # views when the strides allow
-    qo, ko = q_out.view(B * S, Hq, D), k_out.view(B * S, Hkv, D)
-    step = max(1, _CPU_CHUNK_ELEMS // max(1, (Hq + Hkv) * D))
-    for t0 in range(0, B * S, step):
-        sl = slice(t0, t0 + step)
-        p = pos[:, sl]
-        theta = p.T.gather(1, axis.expand(p.shape[1], half)).float() * inv_freq     # [n, half] fp32
-        cos = (theta.cos() * scale).unsqueeze(1)
-        sin = (theta.sin() * (-scale if inverse else scale)).unsqueeze(1)
-        for x, out in ((qf[sl], qo[sl]), (kf[sl], ko[sl])):
-            x = x.float()                                    # no copy for fp32
-            o = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
-            x1, x2, o1, o2 = x[..., :half], x[..., half:], o[..., :half], o[..., half:]
-            torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
-            torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
-            if o is not out:
-                out.copy_(o)
     return q_out, k_out
 
 
@@ -84,7 +51,7 @@ def _rotate_torch(q, k, position_ids, inv_freq, section, scale, inverse):
     return q_rot.contiguous(), k_rot.contiguous()
 
 
-_IMPLS = {"triton": _rotate_triton, "cpu": _rotate_cpu, "torch": _rotate_torch}
+_IMPLS = {"triton": _rotate_triton, "cpu": mrope_rotate_cpu, "torch": _rotate_torch}
 
 
 # ---------------------------------------------------------------------------------------------------

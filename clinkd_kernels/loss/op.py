@@ -1,0 +1,182 @@
+"""``kd_loss``: temperature KL(teacher ‖ student) + cross-entropy from student logits: the public function,
+its checks, the custom op and the autograd.
+
+The gradient is computed in the same pass as the loss (the row kernel writes it), so backward only
+scales it by grad_output. The math is written once, in ``reference.py``; the per-row work is the
+Triton kernel (``kernels.py``, launched by ``launch.py``) or the CPU path (``cpu.py``), behind the
+row contract of ``rows.py`` (which also makes the reduction coefficients).
+
+    clinkd::kd_loss  (custom op, no autograd of its own: an opaque node for torch.compile)
+        → loss, kd, ce, grad [N, V] (the gradient of the loss w.r.t. the logits; [0] when not asked)
+    _KDLoss          (the one autograd): forward runs the op, or with ``inplace_grad`` writes the
+                     gradient over the logits (eager only); backward scales the saved gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import empty_output, resolve_backend
+from ..topk import PseudoLabels
+from . import checks
+from .reference import kd_loss_reference
+from .rows import BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function, scale_saved_
+
+def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, grad):
+    """(loss, kd, ce) of logits z [N, V]; writes the gradient into ``grad`` ([N, V], may be z) unless None."""
+    n, vocab = z.shape
+    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk)
+    acc = accumulate_dtype(z)
+    coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
+        labels, token_weights, ignore_index=o.ignore_index, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
+        reduction=o.reduction, t2_scale=o.t2_scale, dtype=acc)
+    kd_rows = empty_output((n,), dtype=acc, device=z.device)
+    ce_rows = empty_output((n,), dtype=acc, device=z.device)
+    rows_function(o.backend)(z, labels, teacher_logits=teacher_logits, topk=topk, inv_t=1.0 / o.temperature,
+                             ignore_index=o.ignore_index, coef_kd=coef_kd, coef_ce=coef_ce, kd_out=kd_rows,
+                             ce_out=ce_rows, grad_out=grad)
+    return assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=o.alpha, beta=o.beta, reduction=o.reduction)
+
+
+def _topk(indices, logprobs, residual):
+    return None if indices is None else (indices, logprobs, residual)
+
+
+@torch.library.custom_op("clinkd::kd_loss", mutates_args=())
+def _kd_loss_op(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                topk_indices: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
+                topk_residual: torch.Tensor | None, token_weights: torch.Tensor | None, temperature: float,
+                alpha: float, beta: float, ignore_index: int, reduction: str, t2_scale: bool, compute_grad: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kd, ce, grad_logits); grad_logits is [N, V] in the logits' dtype (or [0] without compute_grad),
+    the gradient of the loss (per row for "none") w.r.t. student_logits."""
+    o = LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
+    grad = (empty_output(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+            if compute_grad else student_logits.new_empty(0))
+    loss, kd, ce = _forward(student_logits, labels, teacher_logits, _topk(topk_indices, topk_logprobs, topk_residual),
+                            token_weights, o, grad if compute_grad else None)
+    return loss, kd, ce, grad
+
+
+@_kd_loss_op.register_fake
+def _(student_logits, labels, teacher_logits, topk_indices, topk_logprobs, topk_residual, token_weights,
+      temperature, alpha, beta, ignore_index, reduction, t2_scale, compute_grad, backend):
+    acc = accumulate_dtype(student_logits)
+    shape = (student_logits.shape[0],) if reduction == "none" else ()
+    loss, kd, ce = (student_logits.new_empty(shape, dtype=acc) for _ in range(3))
+    return loss, kd, ce, student_logits.new_empty(student_logits.shape if compute_grad else (0,))
+
+
+def _call_op(z, labels, teacher_logits, topk, token_weights, o: LossOptions, *, compute_grad: bool):
+    indices, logprobs, residual = topk if topk is not None else (None, None, None)
+    return _kd_loss_op(z, labels, teacher_logits, indices, logprobs, residual, token_weights, o.temperature, o.alpha,
+                       o.beta, o.ignore_index, o.reduction, o.t2_scale, compute_grad, o.backend)
+
+
+class _KDLoss(torch.autograd.Function):
+    """d loss / d student_logits is made in forward; backward multiplies it by grad_output (per row for
+    "none"), in place: a copy would double the [N, V] buffer. One backward per forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, labels, teacher_logits, topk_indices, topk_logprobs, topk_residual,
+                token_weights, options: LossOptions, inplace: bool):
+        topk = _topk(topk_indices, topk_logprobs, topk_residual)
+        if inplace:
+            loss, kd, ce = _forward(student_logits, labels, teacher_logits, topk, token_weights, options,
+                                    grad=student_logits)
+            # Anything autograd saved that still points at these logits is stale now: using it must fail.
+            torch.autograd.graph.increment_version(student_logits)
+            ctx.inplace_grad = student_logits  # not saved: its version moved on purpose
+        else:
+            loss, kd, ce, grad = _call_op(student_logits, labels, teacher_logits, topk, token_weights, options,
+                                          compute_grad=True)
+            ctx.save_for_backward(grad)
+            ctx.inplace_grad = None
+        ctx.reduction = options.reduction
+        ctx.mark_non_differentiable(kd, ce)
+        ctx.set_materialize_grads(False)  # else backward gets [N, V] zeros for the components' grads
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        no_grads = (None,) * 8  # labels, teachers, token weights, options, inplace
+        if grad_loss is None:
+            return (None,) + no_grads
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError(f"kd_loss: {TWICE}")
+        ctx.scaled = True
+        grad = ctx.inplace_grad if ctx.inplace_grad is not None else ctx.saved_tensors[0]
+        ctx.inplace_grad = None
+        g = grad_loss.to(grad.dtype)
+        return (scale_saved_(grad, g.unsqueeze(1) if ctx.reduction == "none" else g),) + no_grads
+
+
+def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
+            teacher: PseudoLabels | None = None, temperature: float = 1.0, alpha: float = 0.5, beta: float = 1.0,
+            ignore_index: int = -100, token_weights: torch.Tensor | None = None, reduction: str = "mean",
+            t2_scale: bool = False, return_components: bool = False, inplace_grad: bool = False,
+            backend: str | None = None):
+    """Distillation loss (α·KD + β·CE)/(α + β) of student logits against a dense or top-k teacher.
+
+    Args:
+        student_logits: [N, V] fp32/fp16/bf16 (fp64 on the "cpu"/"torch" backends). ``-inf`` entries
+            are allowed (masked vocabulary) as long as each valid row has a finite one. ``+inf`` entries
+            make that row's softmax undefined: its loss and gradient are NaN.
+        labels: [N] int64/int32 targets (already shifted by the caller); ``ignore_index`` marks rows
+            that are not valid (no loss, zero gradient).
+        teacher_logits: dense teacher [N, V_t], V_t >= V; columns beyond V are dropped before the softmax.
+        teacher: sparse ``PseudoLabels`` [N, k] (indices, logprobs extracted at this temperature, residual).
+            Give exactly one of the two teachers (or neither with alpha=0: cross-entropy alone).
+        temperature: T > 0 for the KD softmaxes (the cross-entropy is at T = 1).
+        alpha, beta: weights of KD and CE, >= 0, not both 0; beta=0 is KD alone.
+        token_weights: [N] >= 0, weighting KD_i (not CE).
+        reduction: "mean" | "sum" | "none" (per row, [N]); the formulas are in ``reference.py``.
+        t2_scale: multiply the KD term by T².
+        return_components: also return the KD and CE parts (same reduction, no gradient) at no extra cost.
+        inplace_grad: write the gradient over ``student_logits`` during forward instead of a new [N, V]
+            buffer (saves one [N, V] tensor). ``student_logits`` then holds the gradient and must not be
+            used again; autograd raises if another op saved it for backward. Needs a contiguous tensor
+            and eager mode (not torch.compile).
+        backend: "triton" | "cpu" | "torch" (default: triton on CUDA, cpu on CPU; or CLINKD_BACKEND).
+
+    Returns:
+        loss ([] fp32, or [N] for "none"), or (loss, kd, ce) with ``return_components``. Gradients flow
+        to student_logits only; the gradient is made in forward and scaled in place by backward, so one
+        backward per forward (a second one through the same graph raises).
+    """
+    checks.check_logits("student_logits", student_logits)
+    n, vocab = student_logits.shape
+    temperature, alpha, beta = checks.check_options(temperature, alpha, beta, ignore_index, reduction)
+    checks.check_rows(labels, token_weights, n, "student_logits", student_logits)
+    checks.check_teacher(alpha, teacher_logits is not None, teacher, n_rows=n, vocab=vocab, ref_name="student_logits",
+                         ref=student_logits)
+    if teacher_logits is not None:
+        checks.check_logits("teacher_logits", teacher_logits, n_rows=n, student_vocab=vocab,
+                            ref_name="student_logits", ref=student_logits)
+    backend = resolve_backend("kd_loss", backend, student_logits.device, BACKENDS)
+    topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
+    if backend == "torch":
+        if inplace_grad:
+            raise ValueError("inplace_grad needs the 'triton' or 'cpu' backend, not 'torch'")
+        checks.check_values(labels, vocab, ignore_index, token_weights, topk)
+        return kd_loss_reference(student_logits, labels, teacher_logits=teacher_logits, teacher=teacher,
+                                 temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,
+                                 token_weights=token_weights, reduction=reduction, t2_scale=t2_scale,
+                                 return_components=return_components)
+    if backend == "triton" and student_logits.dtype == torch.float64:
+        raise TypeError("student_logits must be fp32/fp16/bf16 for the triton backend, got float64")
+
+    # The kernels read rows with unit column stride.
+    unit = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    z, t = unit(student_logits), unit(teacher_logits)
+    options = LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
+    if not (student_logits.requires_grad and torch.is_grad_enabled()):
+        loss, kd, ce, _ = _call_op(z, labels, t, topk, token_weights, options, compute_grad=False)
+    else:
+        if inplace_grad and not student_logits.is_contiguous():
+            raise ValueError("inplace_grad needs contiguous student_logits (the gradient is written over them)")
+        if inplace_grad and torch.compiler.is_compiling():
+            raise RuntimeError("inplace_grad is eager-only; use inplace_grad=False under torch.compile")
+        loss, kd, ce = _KDLoss.apply(z, labels, t, *(topk or (None, None, None)), token_weights, options,
+                                     bool(inplace_grad))
+    return (loss, kd, ce) if return_components else loss

@@ -1,0 +1,108 @@
+"""The per-row contract ``kd_loss`` and ``linear_kd_loss`` share: the options, the row function of each
+backend, the reduction coefficients and the assembly of the loss.
+
+Every implementation (Triton kernel: ``launch.kd_rows_triton``; CPU path: ``cpu.kd_rows_cpu``) computes
+per row only the raw KD_i and CE_i and the gradient of  coef_kd_i·KD_i + coef_ce_i·CE_i  w.r.t. the
+row's logits, with one signature:
+
+    z [n, V] logits (last dim contiguous); teacher_logits [n, >= V] or topk = (indices [n, k],
+    logprobs [n, k], residual [n]) or neither; coef_kd, coef_ce [n]
+    → writes kd_out, ce_out [n] (raw KD_i, CE_i) and, when given, grad_out [n, V] (may be z itself).
+ The reduction, token
+weights, T² and α/β all live in the two [N] coefficient vectors made here, before any row is
+processed, so that a mean over the whole batch needs no second pass:
+
+    w_i = token_weights_i·[valid_i],  s = T² if t2_scale else 1
+    mean: kd_scale_i = s·w_i / Σ w,  ce_scale_i = [valid_i] / #valid      (0 when the sum is 0)
+    sum, none: kd_scale_i = s·w_i,  ce_scale_i = [valid_i]
+    coef_kd_i = α·kd_scale_i / (α + β),  coef_ce_i = β·ce_scale_i / (α + β)
+    loss = Σ_i coef_kd_i·KD_i + coef_ce_i·CE_i   (per row for "none")
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+TWICE = ("a second backward through the same graph (retain_graph=True) is not supported: the gradient was "
+         "computed in forward and scaled in place by the first")
+
+
+class LossOptions(NamedTuple):
+    """The scalar arguments of a distillation loss, as the ops and the autograd pass them on."""
+
+    temperature: float
+    alpha: float
+    beta: float
+    ignore_index: int
+    reduction: str
+    t2_scale: bool
+    backend: str
+
+
+def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-row KD/CE and the reductions run in fp32 (fp64 for fp64 inputs)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+BACKENDS = ("triton", "cpu", "torch")
+
+
+def rows_function(backend: str):
+    """The row function of "triton" or "cpu" (the Triton kernel's module is imported only when used)."""
+    if backend == "triton":
+        from .launch import kd_rows_triton
+
+        return kd_rows_triton
+    from .cpu import kd_rows_cpu
+
+    return kd_rows_cpu
+
+
+def coefficients(labels: torch.Tensor, token_weights, *, ignore_index: int, temperature: float, alpha: float,
+                 beta: float, reduction: str, t2_scale: bool, dtype=torch.float32):
+    """(coef_kd [N], coef_ce [N], kd_scale [N], ce_scale [N]) as in the module docstring; no host sync."""
+    valid = labels != ignore_index
+    w = torch.ones(labels.shape, dtype=dtype, device=labels.device) if token_weights is None else token_weights.to(dtype)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    v = valid.to(dtype)
+    kd_scale = w * (temperature ** 2 if t2_scale else 1.0)
+    ce_scale = v
+    if reduction == "mean":
+        w_sum, n_valid = w.sum(), v.sum()
+        kd_scale = torch.where(w_sum > 0, kd_scale / torch.where(w_sum > 0, w_sum, 1.0), 0.0)
+        ce_scale = ce_scale / n_valid.clamp(min=1.0)
+    total = alpha + beta
+    return kd_scale * (alpha / total), ce_scale * (beta / total), kd_scale, ce_scale
+
+
+def assemble(kd_rows: torch.Tensor, ce_rows: torch.Tensor, kd_scale: torch.Tensor, ce_scale: torch.Tensor, *,
+             alpha: float, beta: float, reduction: str):
+    """(loss, kd, ce) from the raw per-row KD_i, CE_i: [] each, or [N] each for "none".
+
+    A row with scale 0 contributes 0 even when its KD_i is infinite (a weight-0 row is dropped).
+    """
+    kd_part = torch.where(kd_scale != 0, kd_scale * kd_rows, 0.0)
+    ce_part = torch.where(ce_scale != 0, ce_scale * ce_rows, 0.0)
+    if reduction != "none":  # sums over rows in float64: one rounding at the end
+        kd_part = kd_part.sum(dtype=torch.float64).to(kd_rows.dtype)
+        ce_part = ce_part.sum(dtype=torch.float64).to(ce_rows.dtype)
+    loss = torch.zeros_like(kd_part)
+    if alpha != 0:
+        loss = loss + alpha * kd_part
+    if beta != 0:
+        loss = loss + beta * ce_part
+    return loss / (alpha + beta), kd_part, ce_part
+
+
+def scale_saved_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """grad·factor for a gradient saved by forward: in place in eager mode (a copy would double a
+    [N, V] or [V, Hd] buffer at the peak of backward), out of place while torch.compile /
+    aot_autograd traces the backward (functionalised graphs must not mutate saved tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if torch.compiler.is_compiling() or isinstance(grad, (FunctionalTensor, FakeTensor)):
+        return grad * factor
+    return grad.mul_(factor)

@@ -1,0 +1,14 @@
+"""MCG-RoPE position indices: 3-D (t, h, w) positions with a modality gap λ and a vision stride α.
+
+* ``mcg_rope_index``: position ids [3,B,S] and rope deltas [B,1] of a batch of token sequences.
+* ``mrope_decode_position_ids``: the position ids of tokens generated after a prefill.
+
+Reading order: ``reference.py`` (one row and one token at a time: the spec), ``op.py`` (the public
+functions, their checks, the custom op), ``cpu.py`` (the NumPy path of CPU tensors), ``kernels.py``
+(the tensor-op path of CUDA tensors).
+"""
+
+from .op import mcg_rope_index, mrope_decode_position_ids
+from .reference import mcg_rope_index_reference
+
+__all__ = ["mcg_rope_index", "mcg_rope_index_reference", "mrope_decode_position_ids"]
