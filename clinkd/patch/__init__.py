@@ -12,12 +12,12 @@ mcg_rope_attention), ``loss`` (causal-LM loss → linear_kd_loss), ``api`` (appl
 """
 
 from ._compat import SUPPORTED_TRANSFORMERS, check_transformers_version
-from .api import (PatchSettings, patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings,
+from .api import (PatchSettings, check_patchable, patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings,
                   unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
 from .attention import MRopePositions
 from .loss import final_hidden_states, lm_head_operands, next_token_targets
 from .positions import MCGRope
 
-__all__ = ["MCGRope", "MRopePositions", "PatchSettings", "SUPPORTED_TRANSFORMERS",
+__all__ = ["MCGRope", "MRopePositions", "PatchSettings", "SUPPORTED_TRANSFORMERS", "check_patchable",
            "check_transformers_version", "final_hidden_states", "lm_head_operands", "next_token_targets",
            "patch_qwen2_vl", "patch_qwen2_vl_classes", "patch_settings", "unpatch_qwen2_vl", "unpatch_qwen2_vl_classes"]

@@ -34,11 +34,12 @@ def check_transformers_version(version: str | None = None) -> None:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: its display name, modeling module and class-name prefix."""
+    """One model family: its display name, modeling module, class-name prefix and config model_type."""
 
     name: str
     module: str
     prefix: str
+    model_type: str
     # Qwen2.5-VL spaces a video's temporal positions by its frame rate (second_per_grid_ts), which
     # MCG-RoPE indices do not model: such a family supports MCG-RoPE for images only.
     timed_video: bool
@@ -61,8 +62,9 @@ class Family:
 
 
 FAMILIES = (
-    Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", timed_video=False),
-    Family("Qwen2.5-VL", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VL", timed_video=True),
+    Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", "qwen2_vl", timed_video=False),
+    Family("Qwen2.5-VL", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VL", "qwen2_5_vl",
+           timed_video=True),
 )
 
 
@@ -79,6 +81,16 @@ def family_of_class(cls: type) -> Family:
     name = cls.__name__ if isinstance(cls, type) else type(cls).__name__
     raise TypeError(f"clinkd.patch supports {supported_names()}; got {name}. Pass the model with the "
                     "language-model head (e.g. unwrap a PEFT model with model.get_base_model()).")
+
+
+def family_of_config(config) -> Family:
+    """The family of a model config (or of its text config) by its ``model_type``; ValueError otherwise."""
+    model_type = str(getattr(config, "model_type", None))
+    for family in FAMILIES:
+        if model_type in (family.model_type, f"{family.model_type}_text"):
+            return family
+    raise ValueError(f"clinkd.patch supports the model types {', '.join(f.model_type for f in FAMILIES)} "
+                     f"({supported_names()}); got {model_type}")
 
 
 def family_by_name(name: str) -> Family:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clinkd_kernels.attention.op import HEAD_DIMS
+from clinkd_kernels.attention import HEAD_DIMS
 
 from . import _compat
 from .attention import make_attention_forward, make_rotary_forward, make_text_forward
@@ -79,8 +79,8 @@ def _check_text_config(text_config, family, settings: PatchSettings) -> None:
                          "which clinkd.patch does not support")
     if settings.attention:
         if head_dim not in HEAD_DIMS:
-            raise ValueError(f"{family.name} config: the fused attention supports head_dim in {HEAD_DIMS}, got "
-                             f"{head_dim}; patch with attention=False")
+            raise ValueError(f"{family.name} config: the fused attention supports head_dim in {tuple(HEAD_DIMS)}, "
+                             f"this model has {head_dim}; patch with attention=False")
         if getattr(text_config, "use_sliding_window", False):
             raise ValueError(f"{family.name} config: use_sliding_window=True is not supported by the fused attention; "
                              "patch with attention=False")
@@ -88,6 +88,20 @@ def _check_text_config(text_config, family, settings: PatchSettings) -> None:
             raise ValueError(f"{family.name} config: attention_dropout={text_config.attention_dropout} is not "
                              "supported by the fused attention (it has no dropout); set it to 0 or patch with "
                              "attention=False")
+
+
+def check_patchable(config, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
+                    backend: str | None = None) -> PatchSettings:
+    """What ``patch_qwen2_vl(model, **options)`` would refuse for a model with this config, checked on
+    the config alone (no model, no weights): ``config`` is a Qwen2-VL / Qwen2.5-VL config (or its text
+    config), the keywords are ``patch_qwen2_vl``'s. Raises ValueError for a config the patch cannot serve
+    (another model type, mrope sections not summing to head_dim/2, head_dim not in HEAD_DIMS with
+    attention=True, sliding window, attention dropout, dynamic rope) or a bad option value, TypeError for
+    an option of the wrong type. Returns the settings the patch would apply."""
+    family = _compat.family_of_config(config)
+    settings = _settings(family, mcg_rope, attention, loss, backend)
+    _check_text_config(getattr(config, "text_config", config), family, settings)
+    return settings
 
 
 def _replacements(family, settings: PatchSettings, previous):

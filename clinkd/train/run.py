@@ -140,16 +140,17 @@ def check_models(configs: dict, processor) -> None:
 
 
 def check_patch(spec: ModelSpec, cfg, where: str) -> None:
-    """The fused attention takes head_dim in {64, 80, 96, 128}: say so before anything runs."""
-    if spec.patch is None or spec.patch.get("attention", True) is False:
+    """The patch's own check of this model config (``clinkd.patch.check_patchable``: head_dim of the
+    fused attention, mrope sections, ...), before anything runs; ConfigError naming ``where.patch``."""
+    if spec.patch is None:
         return
-    from clinkd_kernels.attention.op import HEAD_DIMS
+    from clinkd.patch import check_patchable
 
-    text = getattr(cfg, "text_config", cfg)
-    head_dim = int(text.hidden_size) // int(text.num_attention_heads)
-    if head_dim not in HEAD_DIMS:
-        raise ConfigError(f"{where}.patch: the fused attention supports head_dim in {tuple(HEAD_DIMS)}, this model has "
-                          f"{head_dim}; set {where}.patch.attention: false")
+    try:
+        check_patchable(cfg, **spec.patch)
+    except (TypeError, ValueError) as e:
+        message = str(e).replace("patch with attention=False", f"set {where}.patch.attention: false")
+        raise ConfigError(f"{where}.patch: {message}") from None
 
 
 def build_model(spec: ModelSpec, cfg, *, seed: int):

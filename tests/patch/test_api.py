@@ -10,8 +10,8 @@ import torch
 import transformers
 
 import clinkd
-from clinkd.patch import (MCGRope, final_hidden_states, next_token_targets, patch_qwen2_vl, patch_qwen2_vl_classes,
-                          patch_settings, unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
+from clinkd.patch import (MCGRope, check_patchable, final_hidden_states, next_token_targets, patch_qwen2_vl,
+                          patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
 from clinkd.patch._compat import check_transformers_version
 from clinkd_kernels.loss import linear_kd_loss_reference
 from tests.numerics import assert_close
@@ -94,6 +94,29 @@ def test_transformers_version_outside_the_supported_range(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "5.30.0")
     with pytest.raises(RuntimeError, match="supports transformers"):
         patch_qwen2_vl(qwen2_vl_model())
+
+
+def test_check_patchable_on_a_config_alone():
+    """The config checks of the patch without a model: what patch_qwen2_vl would raise, for the same options."""
+    assert check_patchable(qwen2_vl_config()).attention
+    assert check_patchable(qwen2_vl_config().text_config, mcg_rope=None).mcg_rope is None
+    small = qwen2_vl_config(hidden_size=128, num_attention_heads=8, num_key_value_heads=4,  # head_dim 16
+                            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]))
+    with pytest.raises(ValueError, match=r"supports head_dim in \(64, 80, 96, 128\), this model has 16; "
+                                         "patch with attention=False"):
+        check_patchable(small)
+    assert not check_patchable(small, attention=False).attention
+    with pytest.raises(ValueError, match="mrope_section"):
+        check_patchable(qwen2_vl_config(rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                             mrope_section=[8, 12, 10])), attention=False)
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        check_patchable(qwen2_vl_config(use_sliding_window=True))
+    with pytest.raises(TypeError, match="attention"):
+        check_patchable(qwen2_vl_config(), attention="yes")
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match="model types qwen2_vl, qwen2_5_vl.*got llama"):
+        check_patchable(LlamaConfig())
 
 
 def test_qwen2_5_vl_videos_with_mcg_rope_are_refused():
