@@ -1,4 +1,4 @@
-"""Build script for the ``clinkd_kernels._C`` extension.
+"""Build script for the ``clinkd_kernels._C`` extension and the extras.
 
 The C++ CPU sources are always built. The CUDA sources are added when a CUDA toolkit and a
 CUDA-enabled torch are both present. Environment variables:
@@ -8,9 +8,14 @@ CUDA-enabled torch are both present. Environment variables:
 * ``CLINKD_CUDA_ARCHS``     compute capabilities, ``;``-separated (default ``8.0;9.0``).
 * ``CUDA_HOME``             toolkit root; otherwise ``/usr/local/cuda`` or the ``nvcc`` on PATH.
 
-Build against an installed torch with ``pip install --no-build-isolation .``
+Build against an installed torch with ``pip install --no-build-isolation .`` The extension needs no
+``pybind11`` package (torch ships its headers) and builds without ``ninja`` too (more slowly).
+
+Extras: ``hf`` (the model layer ``clinkd``: transformers in the window ``clinkd/patch/_compat.py``
+states, accelerate, ...); ``demo``, ``eval``, ``test`` and ``bench`` include ``hf``; ``flash``.
 """
 
+import ast
 import glob
 import os
 import shutil
@@ -55,6 +60,32 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _transformers_window(compat_path: str) -> str:
+    """``SUPPORTED_TRANSFORMERS`` of ``clinkd/patch/_compat.py`` as one specifier (">=5.17,<5.25"); read,
+    not imported (the module imports transformers)."""
+    with open(compat_path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_TRANSFORMERS" for t in node.targets):
+            return ",".join(ast.literal_eval(node.value))
+    raise RuntimeError(f"{compat_path} does not set SUPPORTED_TRANSFORMERS")
+
+
+def _extras() -> dict:
+    hf = ["transformers" + _transformers_window(os.path.join(HERE, "clinkd", "patch", "_compat.py")),
+          "accelerate>=1.1", "pillow", "safetensors", "pyyaml", "tqdm"]
+    tests = ["pytest>=8", "pytest-benchmark>=4"]
+    demo = ["pycocoevalcap", "pydicom", "matplotlib"]
+    return {
+        "hf": hf,
+        "test": hf + tests + demo,
+        "eval": hf + ["pycocoevalcap"],
+        "demo": hf + demo,
+        "bench": hf + tests,
+        "flash": ["flash-attn>=2.6"],
+    }
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern), recursive=True))
 
@@ -97,4 +128,5 @@ def _extension():
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+setup(ext_modules=[_extension()], extras_require=_extras(),
+      cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -15,21 +15,26 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-import transformers
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-# Tested: 5.17 and 5.24. The classes and call conventions above are the same over that range.
+# The transformers versions the patch supports, stated here only: setup.py reads this line for the
+# ``hf`` extra. Tested: 5.17 and 5.24; the classes and call conventions above are the same over that range.
 SUPPORTED_TRANSFORMERS = (">=5.17", "<5.25")
-_LOW, _HIGH = Version("5.17"), Version("5.25")
 
 
 def check_transformers_version(version: str | None = None) -> None:
-    """Raise RuntimeError when the installed transformers is outside SUPPORTED_TRANSFORMERS."""
-    found = Version(version or transformers.__version__)
-    if not _LOW <= Version(found.base_version) < _HIGH:
-        raise RuntimeError(
-            f"clinkd.patch supports transformers {','.join(SUPPORTED_TRANSFORMERS)}, but transformers "
-            f"{found} is installed; pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'")
+    """Raise RuntimeError when ``version`` (default: the installed transformers) is outside
+    SUPPORTED_TRANSFORMERS. Pre-releases and dev builds count as their release."""
+    if version is None:
+        import transformers  # the module as sys.modules holds it now (importing its Trainer replaces it)
+
+        version = transformers.__version__
+    found = Version(version)
+    window = ",".join(SUPPORTED_TRANSFORMERS)
+    if Version(found.base_version) not in SpecifierSet(window):
+        raise RuntimeError(f"clinkd.patch supports transformers {window}, but transformers {found} is installed; "
+                           f"pip install 'transformers{window}'")
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,16 @@ passes (num_items_in_batch, shift_labels, return_dict) and the trainer helpers."
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 import transformers
 
 import clinkd
-from clinkd.patch import (MCGRope, check_patchable, final_hidden_states, next_token_targets, patch_qwen2_vl,
-                          patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
+from clinkd.patch import (SUPPORTED_TRANSFORMERS, MCGRope, check_patchable, final_hidden_states, next_token_targets,
+                          patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl,
+                          unpatch_qwen2_vl_classes)
 from clinkd.patch._compat import check_transformers_version
 from clinkd_kernels.loss import linear_kd_loss_reference
 from tests.numerics import assert_close
@@ -86,14 +88,24 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_transformers_version_outside_the_supported_range(monkeypatch):
-    check_transformers_version("5.17.0")
-    check_transformers_version("5.24.0")
-    for bad in ("4.57.1", "5.16.2", "5.25.0", "6.0.0"):
-        with pytest.raises(RuntimeError, match=f"transformers {bad} is installed"):
+    for good in ("5.17.0", "5.20.1", "5.24.0", "5.24.9.dev0", "5.17.0rc1"):
+        check_transformers_version(good)
+    window = ",".join(SUPPORTED_TRANSFORMERS)
+    assert window == ">=5.17,<5.25"
+    for bad in ("4.57.1", "5.16.2", "5.25.0", "5.25.0rc1", "6.0.0"):
+        with pytest.raises(RuntimeError) as info:
             check_transformers_version(bad)
-    monkeypatch.setattr(transformers, "__version__", "5.30.0")
+        message = str(info.value)
+        assert f"supports transformers {window}, but transformers {bad} is installed" in message, message
+        assert f"pip install 'transformers{window}'" in message, message
+    # the installed one, as sys.modules holds it now (importing transformers.Trainer replaces the module)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.30.0")
+    with pytest.raises(RuntimeError, match="supports transformers"):
+        check_transformers_version()
     with pytest.raises(RuntimeError, match="supports transformers"):
         patch_qwen2_vl(qwen2_vl_model())
+    with pytest.raises(RuntimeError, match="supports transformers"):
+        patch_qwen2_vl_classes("Qwen2-VL")
 
 
 def test_check_patchable_on_a_config_alone():
