@@ -51,8 +51,10 @@ def apply_mrope_reference(q: torch.Tensor, k: torch.Tensor, position_ids: torch.
     """Rotate q [B,S,Hq,D] and k [B,S,Hkv,D] by position_ids [3,B,S] (or q [T,H,D] with [3,T]);
     ``inverse``: by −θ (x·cos − rotate_half(x)·sin, the backward of the rotation).
 
-    Computed in the dtype of q, except float16/bfloat16, which are computed in float32 and cast back
-    (as transformers does). Pass float64 tensors for the float64 reference (θ stays the fp32 product).
+    Computed in fp32 for fp32/fp16/bf16 inputs and cast back to their dtype (the kernels' precision;
+    transformers' own rotary instead rounds cos/sin to the activation dtype and rotates in it, which is
+    less accurate in fp16/bf16), in float64 for float64 inputs (the tests' reference; θ stays the fp32
+    product).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     cos, sin = mrope_cos_sin(position_ids, inv_freq, mrope_section, attention_scaling=attention_scaling,

@@ -157,8 +157,10 @@ def mrope_decode_position_ids(cache_position, rope_deltas: torch.Tensor, *, num_
     Returns:
         position_ids [3, B, S_new] int64 on rope_deltas' device.
 
-    Note: cache_position counts padded slots, so a left-padded row's new tokens sit n_pad beyond its
-    largest prefill position + 1; transformers behaves the same way.
+    Note: a shared cache_position counts padded slots, so with it a left-padded row's new tokens sit
+    n_pad beyond its largest prefill position + 1. transformers' ``generate()`` continues every row at
+    its own last position + 1 (its text positions come from the attention mask); to match it, pass
+    per-row positions ``cache_position [B, S_new]`` = the row's unpadded token count + i.
     """
     check_tensor("rope_deltas", rope_deltas, ndim=(1, 2), dtypes=_INT_DTYPES)
     if rope_deltas.dim() == 2:
