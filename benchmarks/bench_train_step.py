@@ -6,17 +6,21 @@ weights, one image per sequence, labels on the text tokens). Two settings, one g
 * ``online``: the teacher runs in the step (no gradients) with its dense distribution.
   - ``stock``  stock transformers (SDPA attention) for both models, full [tokens × vocab] logits of
                both, and the released trainer's loss: (α·KD + CE) / (1 + α), KD = KL(teacher ‖ student)
-               at T = 0.5 *summed* over the label positions, CE the mean (PAPER.md §2; the masking is
-               done on shifted labels here, fixing the released off-by-one, which costs nothing).
-  - ``clinkd`` what ``ClinKDTrainer.compute_loss`` runs: the MCG-RoPE-patched student (fused
-               attention), the teacher's final hidden states (fused attention, stock positions) and
-               ``linear_kd_loss`` with the teacher's lm_head fused. Timed after the curriculum's
-               warm-up, when every token is in the KD term as in the stock loss (during the warm-up the
-               dense teacher's margins add one more pass over its lm_head).
+               at T = 0.5 *summed* over the label positions, CE the mean (docs/method.md), in plain
+               PyTorch (``clinkd.train.released.released_loss_reference``; the masking is done on
+               shifted labels, fixing the released off-by-one, which costs nothing).
+  - ``clinkd`` what ``ClinKDTrainer.compute_loss`` runs for that loss (``KDSettings(form="released")``):
+               the patched student (fused attention, fused loss), the teacher's final hidden states
+               (fused attention) and ``linear_kd_loss`` with the teacher's lm_head fused. Timed after
+               the curriculum's warm-up, when every token is in the KD term as in the stock loss
+               (during the warm-up the dense teacher's margins add one more pass over its lm_head).
 * ``stored``: the teacher's top-64 pseudo-labels come from a ``PseudoLabelStore`` on disk.
-  - ``stock``  stock student, full logits, the same loss written in plain PyTorch
-               (``kd_loss_reference`` on the logits).
+  - ``stock``  stock student, full logits, clinkd's loss written in plain PyTorch (``kd_loss_reference``).
   - ``clinkd`` ``ClinKDTrainer.compute_loss`` with the store.
+
+Both sides compute the same value: the patched student gets MCG-RoPE indices at gap 1 (the stock
+positions, computed by clinkd's index op: the same kernels as any gap), and before a clinkd step is
+timed its loss is checked against the stock step's on the same batch (fp32: relative 1e-4; bf16: 3e-2).
 
 Shapes: on CUDA the real ones in bf16 (2B: hidden 1536, 28 layers, 12/2 heads, vocab 151936, vision
 depth 32 × 1280; 7B: hidden 3584, 28 layers, 28/4 heads, vocab 152064), 2 sequences of 2048 tokens
@@ -35,7 +39,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from benchmarks.conftest import sync
 from benchmarks.floors import compute_floor_s, qwen2_vl_matmul_flops, record
@@ -100,17 +103,6 @@ def _batch(n_seq: int, seq_len: int, side: int, vocab: int, device: str, dtype: 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def released_dense_kd_loss(student_logits, teacher_logits, labels):
-    """The released trainer's loss on full logits [B,S,V] (see the module docstring)."""
-    vocab = student_logits.shape[-1]
-    s, t, y = student_logits[:, :-1].float(), teacher_logits[:, :-1, :vocab].float(), labels[:, 1:]
-    mask = y != -100
-    kd = F.kl_div(F.log_softmax(s / T, dim=-1), F.softmax(t / T, dim=-1), reduction="none").sum(-1)
-    kd = (kd * mask).sum()
-    ce = F.cross_entropy(s.reshape(-1, vocab), y.reshape(-1), ignore_index=-100)
-    return (ALPHA * kd + ce) / (1 + ALPHA)
-
-
 class Setup:
     """The models, the batch and the pseudo-label store of one device (built once: the 7B is slow to make)."""
 
@@ -126,6 +118,7 @@ class Setup:
         self.batch = _batch(n_seq, seq_len, side, s_text["vocab_size"], device, dtype)
         self.ids = [f"sample-{i}" for i in range(n_seq)]
         self.vocab = s_text["vocab_size"]
+        self.stock_values: dict[str, float] = {}
 
         meta = StoreMeta(teacher="random-7b-shaped", k=TOPK, temperature=T, vocab_size=self.vocab,
                          tokenizer_hash="none")
@@ -155,7 +148,8 @@ class Setup:
 
         args = TrainingArguments(output_dir=str(tmp / "trainer"), report_to="none", use_cpu=self.device == "cpu",
                                  per_device_train_batch_size=1)
-        kd = KDSettings(topk=None if teacher else TOPK, temperature=T, alpha=ALPHA, beta=BETA)
+        kd = KDSettings(topk=None if teacher else TOPK, temperature=T, alpha=ALPHA, beta=BETA,
+                        form="released" if teacher else "clinkd")
         extra = dict(teacher=self.teacher) if teacher else dict(store=self.store, sample_ids=self.ids)
         trainer = ClinKDTrainer(model=self.student, args=args, kd=kd, **extra)
         trainer.state.global_step = kd.curriculum.warmup_steps  # past the warm-up: the stock loss's work
@@ -177,11 +171,12 @@ def setup(device, tmp_path_factory):
 
 @contextlib.contextmanager
 def _patched(setup: Setup):
-    """The student with MCG-RoPE + fused attention + fused loss, and the teacher with fused attention
-    (stock positions) for the duration of one benchmark; both restored afterwards."""
-    from clinkd.patch import patch_qwen2_vl, unpatch_qwen2_vl
+    """The student with MCG-RoPE indices (gap 1: the stock positions) + fused attention + fused loss, and
+    the teacher with fused attention (stock positions) for the duration of one benchmark; both restored
+    afterwards."""
+    from clinkd.patch import MCGRope, patch_qwen2_vl, unpatch_qwen2_vl
 
-    patch_qwen2_vl(setup.student)
+    patch_qwen2_vl(setup.student, mcg_rope=MCGRope(modality_gap=1))
     patch_qwen2_vl(setup.teacher, mcg_rope=None)
     try:
         yield
@@ -192,33 +187,46 @@ def _patched(setup: Setup):
 
 def _stock_step(setup: Setup, teacher_mode: str):
     from clinkd.patch import next_token_targets
-    from clinkd_kernels.loss.reference import kd_loss_reference
+    from clinkd.train.released import released_loss_reference
+    from clinkd_kernels.loss import kd_loss_reference
 
     inputs = {k: v for k, v in setup.batch.items() if k not in ("labels", "sample_index")}
-    labels = setup.batch["labels"]
+    rows, targets = next_token_targets(setup.batch["labels"])
 
     def step():
-        student_logits = setup.student(**inputs, use_cache=False).logits
+        student_logits = setup.student(**inputs, use_cache=False).logits.flatten(0, 1)[rows]
         if teacher_mode == "online":
             with torch.no_grad():
-                teacher_logits = setup.teacher(**inputs, use_cache=False).logits
-            return released_dense_kd_loss(student_logits, teacher_logits, labels)
+                teacher_logits = setup.teacher(**inputs, use_cache=False).logits.flatten(0, 1)[rows]
+            return released_loss_reference(student_logits, teacher_logits, targets, temperature=T, alpha=ALPHA)
         pseudo, _ = setup.store.batch(setup.ids)
-        rows, targets = next_token_targets(labels)
-        return kd_loss_reference(student_logits.flatten(0, 1)[rows], targets, teacher=pseudo.to(setup.device),
-                                 temperature=T, alpha=ALPHA, beta=BETA)
+        return kd_loss_reference(student_logits, targets, teacher=pseudo.to(setup.device), temperature=T,
+                                 alpha=ALPHA, beta=BETA)
 
     return step
+
+
+def _stock_value(setup: Setup, teacher_mode: str) -> float:
+    """The stock step's loss on the benchmark batch (once per setting), the value clinkd must reproduce."""
+    if teacher_mode not in setup.stock_values:
+        with torch.no_grad():
+            setup.stock_values[teacher_mode] = float(_stock_step(setup, teacher_mode)())
+    return setup.stock_values[teacher_mode]
 
 
 @pytest.mark.parametrize("teacher_mode", ["online", "stored"])
 @pytest.mark.parametrize("impl", ["clinkd", "stock"])
 def test_train_step(benchmark, setup, device, impl, teacher_mode, tmp_path):
+    want = _stock_value(setup, teacher_mode)  # before patching: the stock models
     patch = _patched(setup) if impl == "clinkd" else contextlib.nullcontext()
     with patch:
         if impl == "clinkd":
             trainer = setup.trainer(teacher_mode == "online", tmp_path)
             loss_fn = lambda: trainer.compute_loss(setup.student, dict(setup.batch))  # noqa: E731
+            with torch.no_grad():
+                got = float(loss_fn())
+            tol = 1e-4 if setup.dtype == torch.float32 else 3e-2
+            assert abs(got - want) <= tol * abs(want), f"clinkd loss {got} vs stock {want}: not the same problem"
         else:
             loss_fn = _stock_step(setup, teacher_mode)
 

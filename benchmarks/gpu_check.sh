@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (see GPU.md in the project's shared notes): build against the device's
+# The one prepared GPU run (docs/benchmarks.md): build against the device's
 # torch, GPU tests (bf16 correctness of every kernel, compute-sanitizer on the CUDA top-k), GPU
 # benchmarks with peers side by side, JSON to $OUT, and a markdown table printed last.
 #

@@ -23,10 +23,10 @@ from ._lazy import lazy_exports  # noqa: E402
 __getattr__, __dir__, _exported = lazy_exports(__name__, {
     "clinkd.data": ("ClinKDDataset", "DataError", "Qwen2VLCollator", "SampleEncoder", "build_dataset",
                     "build_offline_processor", "load_processor", "load_records"),
-    "clinkd.distill": ("PseudoLabelStore", "StoreError", "StoreMeta", "cache_pseudo_labels"),
+    "clinkd.distill": ("PseudoLabelStore", "PseudoLabelWriter", "StoreError", "StoreMeta", "cache_pseudo_labels"),
     "clinkd.train": ("ClinKDTrainer", "ConfigError", "KDSettings", "MarginCurriculum", "load_config", "prepare_run",
                      "register_preset", "run_training"),
-    "clinkd.patch": ("final_hidden_states", "patch_qwen2_vl", "patch_qwen2_vl_classes", "unpatch_qwen2_vl",
-                     "unpatch_qwen2_vl_classes"),
+    "clinkd.patch": ("MCGRope", "final_hidden_states", "next_token_targets", "patch_qwen2_vl", "patch_qwen2_vl_classes",
+                     "patch_settings", "unpatch_qwen2_vl", "unpatch_qwen2_vl_classes"),
 })
 __all__ = _exported

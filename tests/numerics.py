@@ -1,4 +1,4 @@
-"""The comparison rule every kernel test uses (DESIGN.md §4).
+"""The comparison rule every kernel test uses (docs/numerics.md explains it).
 
 An output ``out`` of dtype d is compared with a float64 reference ``ref``. With ``baseline`` being
 what plain PyTorch computes in the same dtype d, each element must satisfy

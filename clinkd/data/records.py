@@ -1,4 +1,4 @@
-"""Med-GRIT-style records: reading, checking and normalising them (PAPER.md §4).
+"""Med-GRIT-style records: reading, checking and normalising them (the data format of docs/method.md).
 
 A record is one image and a conversation about it:
 

@@ -1,6 +1,11 @@
-"""Med-GRIT evaluation: metrics, scoring a predictions file, and greedy prediction."""
+"""Med-GRIT evaluation: metrics, scoring a predictions file, bootstrap intervals, and greedy prediction."""
 
-from .evaluate import evaluate, format_report
+from .._lazy import lazy_exports
+from .evaluate import Row, evaluate, format_report, gather
 from .metrics import box_iou, caption_metrics, parse_box, roc_correct, vg_hit
 
-__all__ = ["box_iou", "caption_metrics", "evaluate", "format_report", "parse_box", "roc_correct", "vg_hit"]
+# prediction needs the model (transformers): imported when first used
+__getattr__, __dir__, _lazy = lazy_exports(__name__, {".predict": ("load_model", "predict"),
+                                                       ".bootstrap": ("bootstrap_intervals",)})
+__all__ = ["Row", "box_iou", "caption_metrics", "evaluate", "format_report", "gather", "parse_box", "roc_correct",
+           "vg_hit", *_lazy]

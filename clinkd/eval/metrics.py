@@ -1,4 +1,4 @@
-"""Med-GRIT metrics (PAPER.md §4): box and answer matching here, caption scores from pycocoevalcap.
+"""Med-GRIT metrics (docs/method.md): box and answer matching here, caption scores from pycocoevalcap.
 
 * VG  — Recall@0.5: a prediction is a hit when the IoU of its first box with the ground-truth box
   is > 0.5. Corners may come in either order (they are sorted); a box with no area, or an answer

@@ -45,7 +45,18 @@ class _Applied:
     changes: list
 
 
-_ABSENT = object()
+class _Absent:
+    """Marks "no instance attribute before the patch"; a copy of it is itself, so a deep copy of a
+    patched model unpatches as the original would."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_ABSENT = _Absent()
 _CLASS_PATCHES: dict[type, _Applied] = {}
 
 
@@ -166,9 +177,7 @@ def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = Tr
         for module in model.modules():
             if isinstance(module, cls):
                 previous = vars(module).get(name, _ABSENT)
-                current = getattr(module, name)  # bound: the class method, or an instance override (hooks)
-                call = (lambda bound: (lambda self, *a, **k: bound(*a, **k)))(current)
-                function = factory(call, getattr(cls, name))
+                function = factory(_previous_call(module, name, previous), getattr(cls, name))
                 setattr(module, name, function.__get__(module, type(module)))
                 changes.append((module, name, previous))
     for module in model.modules():
@@ -176,6 +185,19 @@ def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = Tr
             module.rope_deltas = None  # computed with the previous indices
     object.__setattr__(model, _MARK, _Applied(settings, changes))
     return model
+
+
+def _previous_call(module: nn.Module, name: str, previous):
+    """``call(self, *args, **kwargs)`` running what ``module.name`` was before the patch, for whichever
+    module it is called on: the class's function, or an instance override's function when the override
+    is a bound method. So a deep copy of a patched model runs on the copy's weights (a bound method
+    captured here would keep running the original's). An override that is not a method (a hook's
+    partial, say) stays bound to its module, as it would without the patch."""
+    if previous is _ABSENT:
+        return getattr(type(module), name)
+    if inspect.ismethod(previous) and previous.__self__ is module:
+        return previous.__func__
+    return lambda self, *args, **kwargs: previous(*args, **kwargs)
 
 
 def unpatch_qwen2_vl(model: nn.Module) -> nn.Module:

@@ -1,14 +1,15 @@
 """Run configuration: YAML (or a dict) → checked dataclasses, with presets and ``--set`` overrides.
 
-Schema (every key optional unless marked; unknown keys are errors):
+Schema (every key optional unless marked; unknown keys are errors; docs/config.md explains each and
+docs/examples/run.yaml is a complete example):
 
     preset: NAME                      # start from a registered preset; the keys below override it
     output_dir: runs/x                # required (a preset may give it)
     seed: 42
     processor:                        # one of:
       from_pretrained: PATH           #   AutoProcessor folder or hub id (default: the student's path)
-      offline: {vocab_size: 512, patch_size: 14, merge_size: 2, temporal_patch_size: 2,
-                min_pixels: 3136, max_pixels: 12845056}     # trained on the training texts, no downloads
+      offline: {vocab_size: 512, min_frequency: 2, patch_size: 4, merge_size: 2, temporal_patch_size: 2,
+                min_pixels: 256, max_pixels: 1024}     # trained on the training texts, no downloads (defaults shown)
     models:
       student:                        # required; one of from_pretrained / config
         from_pretrained: PATH
@@ -36,6 +37,7 @@ Schema (every key optional unless marked; unknown keys are errors):
         alpha: 0.5
         beta: 1.0
         t2_scale: false
+        loss_form: clinkd             # clinkd | released (the released trainer's total; see KDSettings)
         curriculum: {start_fraction: 0.5, warmup_steps: 100} | null
         cache_batch_size: 4
         shard_size: 256
@@ -180,12 +182,13 @@ class StageSpec:
     alpha: float = 0.5
     beta: float = 1.0
     t2_scale: bool = False
+    loss_form: str = "clinkd"
     curriculum: MarginCurriculum | None = field(default_factory=MarginCurriculum)
     cache_batch_size: int = 4
     shard_size: int = 256
     training: dict = field(default_factory=dict)
 
-    KD_KEYS = ("teacher", "store", "topk", "temperature", "alpha", "beta", "t2_scale", "curriculum",
+    KD_KEYS = ("teacher", "store", "topk", "temperature", "alpha", "beta", "t2_scale", "loss_form", "curriculum",
                "cache_batch_size", "shard_size")
 
     @classmethod
@@ -224,6 +227,11 @@ class StageSpec:
             if spec.alpha + spec.beta <= 0:
                 raise ConfigError(f"{where}: alpha + beta must be > 0")
             _bool(f"{where}.t2_scale", spec.t2_scale)
+            if spec.loss_form not in ("clinkd", "released"):
+                raise ConfigError(f"{where}.loss_form must be 'clinkd' or 'released', got {spec.loss_form!r}")
+            if spec.loss_form == "released" and (spec.beta not in (0, 1) or spec.t2_scale):
+                raise ConfigError(f"{where}: loss_form released has beta 1 (or 0: KD alone) and no t2_scale, got "
+                                  f"beta {spec.beta}, t2_scale {spec.t2_scale}")
             _number(f"{where}.cache_batch_size", spec.cache_batch_size, low=1, integer=True)
             _number(f"{where}.shard_size", spec.shard_size, low=1, integer=True)
         return spec

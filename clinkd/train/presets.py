@@ -42,7 +42,7 @@ def get_preset(name: str) -> dict:
 
 
 def _released_recipe() -> dict:
-    """The released ClinKD recipe on Qwen2-VL-7B-Instruct (PAPER.md §5): pseudo-label KD then SFT."""
+    """The released ClinKD recipe on Qwen2-VL-7B-Instruct (docs/method.md): pseudo-label KD then SFT."""
     training = dict(per_device_train_batch_size=2, gradient_accumulation_steps=8, learning_rate=5e-5,
                     lr_scheduler_type="cosine", num_train_epochs=3, bf16=True, logging_steps=10, save_steps=500,
                     save_total_limit=2, gradient_checkpointing=True, report_to="none")

@@ -140,14 +140,18 @@ def check_models(configs: dict, processor) -> None:
 
 
 def check_patch(spec: ModelSpec, cfg, where: str) -> None:
-    """The patch's own check of this model config (``clinkd.patch.check_patchable``: head_dim of the
-    fused attention, mrope sections, ...), before anything runs; ConfigError naming ``where.patch``."""
+    """The patch's own checks of this model config (``clinkd.patch.check_patchable``: head_dim of the
+    fused attention, mrope sections, ...) and of the installed transformers, before anything runs;
+    ConfigError naming ``where.patch``."""
     if spec.patch is None:
         return
-    from clinkd.patch import check_patchable
+    from clinkd.patch import check_patchable, check_transformers_version
 
     try:
+        check_transformers_version()
         check_patchable(cfg, **spec.patch)
+    except RuntimeError as e:  # a transformers outside the supported window
+        raise ConfigError(f"{where}.patch: {e}") from None
     except (TypeError, ValueError) as e:
         message = str(e).replace("patch with attention=False", f"set {where}.patch.attention: false")
         raise ConfigError(f"{where}.patch: {message}") from None
@@ -314,7 +318,7 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
         kd, store, online = None, None, None
         if stage.type == "kd":
             kd = KDSettings(topk=stage.topk, temperature=stage.temperature, alpha=stage.alpha, beta=stage.beta,
-                            t2_scale=stage.t2_scale, curriculum=stage.curriculum)
+                            t2_scale=stage.t2_scale, curriculum=stage.curriculum, form=stage.loss_form)
             if stage.teacher == "store":
                 store = ensure_store(prepared, stage, teacher_factory, progress=progress)
             else:

@@ -34,13 +34,22 @@ from ..data.collate import model_inputs
 from ..distill.cache import chunked_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
 from .curriculum import MarginCurriculum
+from .released import released_linear_kd_loss
+
+
+LOSS_FORMS = ("clinkd", "released")
 
 
 @dataclass(frozen=True)
 class KDSettings:
     """The KD term: ``topk`` pseudo-labels per token (None: dense online teacher), ``temperature``,
-    ``alpha`` (KD weight), ``beta`` (CE weight), ``t2_scale``, and the margin ``curriculum`` (None: every
-    token from the start). loss = (alpha·KD + beta·CE) / (alpha + beta)."""
+    ``alpha`` (KD weight), ``beta`` (CE weight), ``t2_scale``, the margin ``curriculum`` (None: every
+    token from the start) and the loss ``form``:
+
+        "clinkd"    loss = (alpha·KD + beta·CE) / (alpha + beta), KD and CE means over the tokens
+        "released"  the released ClinKD trainer's total, (alpha·Σ_tokens KD + mean CE) / (1 + alpha)
+                    (``clinkd.train.released``); beta 1, or 0 for its KD-alone switch; no T²
+    """
 
     topk: int | None = 64
     temperature: float = 0.5
@@ -48,6 +57,14 @@ class KDSettings:
     beta: float = 1.0
     t2_scale: bool = False
     curriculum: MarginCurriculum | None = MarginCurriculum()
+    form: str = "clinkd"
+
+    def __post_init__(self):
+        if self.form not in LOSS_FORMS:
+            raise ValueError(f"KDSettings.form must be one of {LOSS_FORMS}, got {self.form!r}")
+        if self.form == "released" and (self.beta not in (0.0, 1.0) or self.t2_scale):
+            raise ValueError(f"the released loss form has beta 1 (or 0: KD alone) and no T² scaling, got "
+                             f"beta={self.beta}, t2_scale={self.t2_scale}")
 
 
 class ClinKDTrainer(Trainer):
@@ -157,9 +174,14 @@ class ClinKDTrainer(Trainer):
             weights = None
             if ranking:
                 weights = kd.curriculum.weights(margin, self.state.global_step).to(hidden.device)
-            loss, kd_part, ce_part = linear_kd_loss(
-                selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
-                t2_scale=kd.t2_scale, token_weights=weights, **teacher_kw, **common)
+            if kd.form == "released":
+                loss, kd_part, ce_part = released_linear_kd_loss(
+                    selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, kd_only=kd.beta == 0,
+                    token_weights=weights, **teacher_kw, **common)
+            else:
+                loss, kd_part, ce_part = linear_kd_loss(
+                    selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
+                    t2_scale=kd.t2_scale, token_weights=weights, **teacher_kw, **common)
         if model.training:  # summed on the device: read once per log, not synced every micro-batch
             self._parts["kd"] = self._parts["kd"] + kd_part.detach().double()
             self._parts["ce"] = self._parts["ce"] + ce_part.detach().double()

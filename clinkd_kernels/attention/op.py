@@ -1,6 +1,6 @@
 """``mcg_rope_attention``: input checks, backend dispatch and the custom ops (with autograd) of the Triton path.
 
-Contract (DESIGN.md §3.3):
+Contract (docs/api.md):
     padded: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] (≠0 keep, 0 pad) → [B,S,Hq,D]
     packed: q [T,Hq,D],   k/v [T,Hkv,D],   position_ids [3,T],   cu_seqlens int32 [B+1]             → [T,Hq,D]
     out = softmax(rope(q)·rope(k)ᵀ·scale + masks)·v, rope = M-RoPE with angles position·inv_freq (fp32);

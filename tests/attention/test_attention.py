@@ -1,6 +1,6 @@
 """Triton MCG-RoPE attention (interpreter on CPU, compiled on CUDA) against the float64 reference.
 
-Every case checks out, dq, dk, dv with the DESIGN.md §4 rule; the baseline is the same reference run in
+Every case checks out, dq, dk, dv with the rule of tests/numerics.py; the baseline is the same reference run in
 the input dtype. Cases are hand-picked to cover, between them: causal and not, GQA ratios 1/4/7,
 S ∈ {1, 17, 129} (not multiples of the blocks), left and right padding, packed batches of unequal
 lengths (one empty), D ∈ {64, 80, 96, 128}, text-only and image-run positions.

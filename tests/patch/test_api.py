@@ -292,3 +292,26 @@ def test_peak_memory_script_shows_the_logits_saving():
     stock, patched = measure("stock", **options), measure("patched", **options)
     assert abs(stock["loss"] - patched["loss"]) < 1e-3 * abs(stock["loss"])
     assert 0 < patched["peak_step_mib"] < stock["peak_step_mib"] - 297, (stock, patched)
+
+
+def test_a_deep_copy_of_a_patched_model_runs_on_its_own_weights():
+    """copy.deepcopy of a patched model: the copy's forward (fused and stock paths) uses the copy's
+    weights, unpatching the copy leaves the original patched, and each equals a fresh patch of itself."""
+    model = patch_qwen2_vl(qwen2_vl_model(), mcg_rope=MCGRope(modality_gap=2), backend="cpu")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    batch = make_batch(MIXED_ROWS, padding="left")
+    batch.pop("labels")
+    with torch.no_grad():
+        got = twin(**batch, use_cache=False).logits
+        fresh = patch_qwen2_vl(copy.deepcopy(unpatch_qwen2_vl(copy.deepcopy(twin))), mcg_rope=MCGRope(modality_gap=2),
+                               backend="cpu")(**batch, use_cache=False).logits
+        original = model(**batch, use_cache=False).logits
+    torch.testing.assert_close(got, fresh)
+    assert not torch.allclose(got, original)
+    unpatch_qwen2_vl(twin)
+    assert patch_settings(model) is not None and patch_settings(twin) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, use_cache=False).logits, original)

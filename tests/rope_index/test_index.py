@@ -43,7 +43,7 @@ def _ids(*toks):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("gap, expected", [
-    # PAPER.md §1, tokens [T, T, <vs>, 4 image tokens (grid 1x4x4 -> 2x2), <ve>, T, T]
+    # the worked example of docs/method.md: tokens [T, T, <vs>, 4 image tokens (grid 1x4x4 -> 2x2), <ve>, T, T]
     (1, [[0, 1, 2, 3, 3, 3, 3, 5, 6, 7], [0, 1, 2, 3, 3, 4, 4, 5, 6, 7], [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]]),
     (2, [[0, 1, 2, 4, 4, 4, 4, 7, 8, 9], [0, 1, 2, 4, 4, 5, 5, 7, 8, 9], [0, 1, 2, 4, 5, 4, 5, 7, 8, 9]]),
 ])

@@ -1,4 +1,4 @@
-"""topk_pseudo_labels against its float64 reference (DESIGN.md §3.5, §4)."""
+"""topk_pseudo_labels against its float64 reference, under the test rule of tests/numerics.py."""
 
 import math
 

@@ -145,3 +145,14 @@ def test_presets_are_complete_configs(tmp_path):
             mapping["models"] = dict(mapping["models"], teacher={"from_pretrained": "a/teacher"})
         parse_config(mapping)
     assert main(["presets"]) == 0
+
+
+def test_transformers_outside_the_supported_window(run, capsys, no_training, monkeypatch):
+    """A transformers the patch does not support: one line naming the window and the pip command, exit 2,
+    before anything is built (not a traceback from the first patched model)."""
+    import sys
+
+    folder, config, _ = run
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.99.0")
+    err = _fails(capsys, config, "supports transformers >=5.17,<5.25, but transformers 5.99.0 is installed")
+    assert "pip install 'transformers>=5.17,<5.25'" in err and len(err.strip().splitlines()) == 1

@@ -206,3 +206,30 @@ def test_trainer_and_patched_forward_share_the_lm_head_operands(tmp_path, monkey
     assert built == [student.lm_head, patched.lm_head]
     assert dtypes == [(expected, expected)] * 2
     torch.testing.assert_close(losses[0].float(), losses[1].float(), rtol=1e-2 if autocast else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kd_only", [False, True])
+def test_released_form_equals_the_released_total(world, tmp_path, kd_only):
+    """KDSettings(form="released") (config loss_form: released) is the released trainer's total on the
+    student's full logits: (alpha·Σ_tokens KL_T + mean CE) / (1 + alpha), or Σ KL_T alone with beta 0."""
+    from clinkd.train.released import released_loss_reference
+
+    kd = KDSettings(topk=None, temperature=T, alpha=0.6, beta=0.0 if kd_only else 1.0, curriculum=None,
+                    form="released")
+    student, data = setup.student(), world["data"]
+    trainer = setup.trainer(student, tmp_path / "r", data, kd=kd, teacher=world["teacher"])
+    batch = setup.collator()([data[i] for i in (2, 5)])
+    with torch.no_grad():
+        got = trainer.compute_loss(student, dict(batch))
+    rows, targets = _shifted_rows(batch["labels"])
+    want = released_loss_reference(_full_logits(student, batch, torch.float64)[rows],
+                                   _full_logits(world["teacher"], batch, torch.float64)[rows], targets,
+                                   temperature=T, alpha=0.6, kd_only=kd_only)
+    base = released_loss_reference(_full_logits(student, batch, torch.float32)[rows],
+                                   _full_logits(world["teacher"], batch, torch.float32)[rows], targets,
+                                   temperature=T, alpha=0.6, kd_only=kd_only)
+    assert_close("released form", got.reshape(()), want, base, atol=1e-5 * float(want.abs()))
+    with pytest.raises(ValueError, match="released loss form has beta 1"):
+        KDSettings(form="released", beta=0.5)
+    with pytest.raises(ValueError, match="form must be one of"):
+        KDSettings(form="mean")
