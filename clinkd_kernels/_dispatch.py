@@ -50,10 +50,10 @@ def triton_available() -> bool:
 def extension():
     """The compiled ``clinkd_kernels._C`` module, or None when it was not built."""
     try:
-        from clinkd_kernels import _C
+        import clinkd_kernels._C as compiled  # the extension module itself (the package is already imported)
     except ImportError:
         return None
-    return _C
+    return compiled
 
 
 def extension_has_cuda() -> bool:

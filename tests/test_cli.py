@@ -159,3 +159,16 @@ def test_no_import_circles():
     assert {"clinkd.train.cli", "clinkd.eval.cli", "clinkd.demo.cli"} <= graph["clinkd.cli"]
     assert "clinkd.train.run" in graph["clinkd.train"]
     assert _cycle(graph) is None, " → ".join(_cycle(graph))
+
+
+def test_no_import_circles_in_the_kernels():
+    """The kernel package too: every op folder imports its shared parts (rope's rotary helpers, topk's
+    PseudoLabels) one way, and nothing in it imports clinkd or transformers."""
+    graph = _import_graph(ROOT / "clinkd_kernels")
+    assert "clinkd_kernels.rope.kernels" in graph["clinkd_kernels.attention.fwd"]
+    assert _cycle(graph) is None, " → ".join(_cycle(graph))
+    for path in (ROOT / "clinkd_kernels").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] in ("clinkd", "transformers") for n in names), (path, names)
