@@ -78,7 +78,7 @@ def _extras() -> dict:
     demo = ["pycocoevalcap", "pydicom", "matplotlib"]
     return {
         "hf": hf,
-        "test": hf + tests + demo,
+        "test": hf + tests + demo + ["hypothesis>=6.100"],
         "eval": hf + ["pycocoevalcap"],
         "demo": hf + demo,
         "bench": hf + tests,
