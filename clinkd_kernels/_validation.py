@@ -71,6 +71,20 @@ def check_positive_float(name: str, value) -> float:
     return value
 
 
+# Temperatures divide fp32 logits in every kernel: outside this range z/T overflows or underflows fp32
+# for ordinary logits (|z| up to ~1e3), and the distribution the kernels compute is not softmax(z/T).
+TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def check_temperature(name: str, value) -> float:
+    """A temperature: a finite float in TEMPERATURE_RANGE (see there why the range)."""
+    value = check_positive_float(name, value)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}] (the fp32 kernels divide logits by it), got {value!r}")
+    return value
+
+
 def check_nonnegative_float(name: str, value) -> float:
     """A finite float >= 0 (loss weights)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import (FLOAT_DTYPES, check_int, check_nonnegative_float, check_positive_float,
-                           check_same_device, check_shape, check_tensor, first_rows)
+from .._validation import (FLOAT_DTYPES, check_int, check_nonnegative_float, check_same_device, check_shape,
+                           check_temperature, check_tensor, first_rows)
 from ..topk import PseudoLabels
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -18,7 +18,7 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def check_options(temperature, alpha, beta, ignore_index, reduction) -> tuple[float, float, float]:
-    temperature = check_positive_float("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     alpha = check_nonnegative_float("alpha", alpha)
     beta = check_nonnegative_float("beta", beta)
     if alpha + beta == 0:
@@ -108,8 +108,23 @@ def check_teacher(alpha: float, has_dense: bool, teacher, *, n_rows: int, vocab:
                          "teacher.residual": teacher.residual})
 
 
-def check_values(labels: torch.Tensor, vocab: int, ignore_index: int, token_weights, topk) -> None:
-    """Checks that read tensor values (one host sync): labels, token weights, pseudo-labels.
+def bad_teacher_rows(teacher_logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int):
+    """bool [N]: valid rows whose dense teacher logits (first ``vocab`` columns) hold a NaN or a +inf, or
+    are all −inf: no teacher distribution (its softmax is NaN), so no KD term. One reduction (a max
+    propagates NaN and +inf, and is −inf only when every entry is)."""
+    top = teacher_logits[:, :vocab].amax(dim=1) if teacher_logits.shape[0] else teacher_logits.new_zeros(0)
+    return (labels != ignore_index) & ~torch.isfinite(top)
+
+
+def bad_teacher_message(bad: torch.Tensor) -> str:
+    return (f"teacher logits rows must hold no NaN or +inf and at least one finite value (they define the "
+            f"teacher's distribution); rows {first_rows(bad)} do not")
+
+
+def check_values(labels: torch.Tensor, vocab: int, ignore_index: int, token_weights, topk,
+                 teacher_logits: torch.Tensor | None = None) -> None:
+    """Checks that read tensor values (one host sync): labels, token weights, pseudo-labels, dense
+    teacher logits.
 
     ``topk`` is (indices, logprobs, residual) or None. Run inside the ops, so a compiled graph
     keeps them without a graph break. Every check's row mask is built on the device and their
@@ -137,6 +152,12 @@ def check_values(labels: torch.Tensor, vocab: int, ignore_index: int, token_weig
                                    f"rows {first_rows(bad)} are not"))
         checks.append((~(res >= 0) | (res > 1 + 1e-4),
                        lambda bad: f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not"))
+        checks.append((lp.double().exp().sum(1) > 1 + 1e-4,
+                       lambda bad: f"teacher.logprobs must be the log-probabilities of one distribution (their "
+                                   f"probabilities sum to at most 1); rows {first_rows(bad)} sum above 1"))
+    if teacher_logits is not None:
+        bad_teacher = bad_teacher_rows(teacher_logits, labels, vocab, ignore_index)
+        checks.append((bad_teacher, bad_teacher_message))
     failed = torch.stack([bad.any() for bad, _ in checks]).tolist()
     for (bad, message), hit in zip(checks, failed):
         if hit:

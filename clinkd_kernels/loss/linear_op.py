@@ -97,6 +97,7 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     gb = torch.zeros(vocab, dtype=acc_w, device=weight.device) if grad_bias else None
     tw = None if t_weight is None else t_weight[:vocab]
     tb = None if t_bias is None else t_bias[:vocab]
+    bad_teacher = torch.zeros(n, dtype=torch.bool, device=hidden.device) if tw is not None else None
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         h = hidden[a:b]
@@ -105,6 +106,7 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
         if tw is not None:
             th = t_hidden[a:b]
             t_logits = th @ tw.t() if tb is None else torch.addmm(tb, th, tw.t())
+            bad_teacher[a:b] = checks.bad_teacher_rows(t_logits, labels[a:b], vocab, ignore_index)
         rows(logits, labels[a:b], teacher_logits=t_logits,
              topk=None if topk is None else tuple(x[a:b] for x in topk), inv_t=inv_t, ignore_index=ignore_index,
              coef_kd=coef_kd[a:b], coef_ce=coef_ce[a:b], kd_out=kd_rows[a:b], ce_out=ce_rows[a:b],
@@ -117,6 +119,8 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
         if grad_bias:
             gb.add_(logits.sum(0, dtype=acc_w))
         del logits
+    if bad_teacher is not None and bool(bad_teacher.any()):  # one host sync, after every chunk
+        raise ValueError(checks.bad_teacher_message(bad_teacher))
     return kd_rows, ce_rows, gh, gw, gb
 
 
@@ -307,7 +311,14 @@ def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     backend = resolve_backend("linear_kd_loss", backend, hidden.device, BACKENDS)
     topk = (None, None, None) if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
     if backend == "torch":
-        checks.check_values(labels, vocab, ignore_index, token_weights, None if teacher is None else topk)
+        teacher_logits = None
+        if dense:  # the reference forms them again: this backend is the spec, not the fast path
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ teacher_weight[:vocab].t()
+                if teacher_bias is not None:
+                    teacher_logits = teacher_logits + teacher_bias[:vocab]
+        checks.check_values(labels, vocab, ignore_index, token_weights, None if teacher is None else topk,
+                            teacher_logits)
         return linear_kd_loss_reference(
             hidden, weight, labels, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             teacher_bias=teacher_bias, teacher=teacher, temperature=temperature, alpha=alpha, beta=beta,

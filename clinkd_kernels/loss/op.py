@@ -25,7 +25,7 @@ from .rows import BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coef
 def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, grad):
     """(loss, kd, ce) of logits z [N, V]; writes the gradient into ``grad`` ([N, V], may be z) unless None."""
     n, vocab = z.shape
-    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk)
+    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits)
     acc = accumulate_dtype(z)
     coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
         labels, token_weights, ignore_index=o.ignore_index, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
@@ -158,7 +158,7 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
     if backend == "torch":
         if inplace_grad:
             raise ValueError("inplace_grad needs the 'triton' or 'cpu' backend, not 'torch'")
-        checks.check_values(labels, vocab, ignore_index, token_weights, topk)
+        checks.check_values(labels, vocab, ignore_index, token_weights, topk, teacher_logits)
         return kd_loss_reference(student_logits, labels, teacher_logits=teacher_logits, teacher=teacher,
                                  temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,
                                  token_weights=token_weights, reduction=reduction, t2_scale=t2_scale,

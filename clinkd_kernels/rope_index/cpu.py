@@ -36,6 +36,12 @@ def check_grid(name: str, grid: np.ndarray | None, m: int) -> None:
               f"spatial_merge_size={m}")
 
 
+def _tokens(grid_row, m: int) -> int:
+    """t·(h/m)·(w/m) of one grid row (t, h, w), exactly (Python ints): for error messages."""
+    t, h, w = (int(v) for v in grid_row)
+    return t * (h // m) * (w // m)
+
+
 def _frozen_arange(n: int) -> np.ndarray:
     a = np.arange(n)
     a.setflags(write=False)
@@ -113,7 +119,9 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
     if vseg.size:
         vt, vh, vw = grid[:, 0], grid[:, 1] // m, grid[:, 2] // m
         vlen = seg_len[vseg]
-        bad = vlen != vt * vh * vw
+        # in float64: exact up to 2^53 (a run is at most S < 2^53 tokens), and no int64 wrap-around that
+        # could make an absurd grid "need" exactly a run's length
+        bad = vlen != vt.astype(np.float64) * vh * vw
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             s = vseg[i]
@@ -122,7 +130,7 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
             _fail(f"row {int(seg_row[s])}: {name} run at token {int(starts[s] - row_start[seg_row[s]])}"
                   + ("" if mask is None else " (counting unpadded tokens)")
                   + f" has {int(vlen[i])} tokens but {name}_grid_thw[{k}] = {tuple(grid[i].tolist())} needs "
-                  f"t·(h/{m})·(w/{m}) = {int(vt[i] * vh[i] * vw[i])}")
+                  f"t·(h/{m})·(w/{m}) = {_tokens(grid[i], m)}")
         if vision_start_token_id is not None:
             vstart = starts[vseg]
             ok = tok[vstart - 1] == vision_start_token_id      # vstart - 1 = -1 wraps; caught below

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu import check_grid
+from .cpu import _tokens, check_grid
 
 _PAD = 3        # token code of padding after compaction (text 0, image 1, video 2)
 _VSTART = 4     # bit set in the code of a vision_start token
@@ -209,7 +209,7 @@ def _raise_index_error(got, n_img_grid, n_vid_grid, start, typ, r, end, vis, cou
         k = int((start & (typ == kind)).view(-1)[: b * typ.shape[1] + i + 1].sum()) - 1
         raise ValueError(f"row {b}: {name} run at token {i - int(r[b, i])}{where} has {int(r[b, i]) + 1} tokens but "
                          f"{name}_grid_thw[{k}] = {tuple(grid[k].tolist())} needs t·(h/{m})·(w/{m}) = "
-                         f"{int(count[b, i])} tokens")
+                         f"{_tokens(grid[k].tolist(), m)} tokens")
     if is_vs is not None:
         prev_vs = F.pad(is_vs, (1, 0), value=False)[:, :-1]
         b, i = (start & vis & ~prev_vs).nonzero()[0].tolist()

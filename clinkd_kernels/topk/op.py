@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import extension, resolve_backend
-from .._validation import FLOAT_DTYPES, check_int, check_positive_float, check_tensor, first_rows
+from .._validation import FLOAT_DTYPES, check_int, check_temperature, check_tensor, first_rows
 from .reference import PseudoLabels, topk_pseudo_labels_reference
 
 MAX_K = 1024
@@ -34,7 +34,7 @@ def topk_pseudo_labels(logits: torch.Tensor, k: int, *, temperature: float = 1.0
             [B, S, V] viewed as [B·S, V]) as long as the vocabulary dimension has unit stride;
             otherwise the tensor is copied once to make it so.
         k: number of pseudo-labels per row, 1 ≤ k ≤ min(V, 1024).
-        temperature: T > 0; the distribution is softmax(logits / T). Extract at the temperature the
+        temperature: T in [1e-6, 1e6]; the distribution is softmax(logits / T). Extract at the temperature the
             distillation will train at: the loss does not re-temper the stored log-probabilities.
         backend: ``"cuda"`` / ``"cpu"`` (the C++ kernels) or ``"torch"`` (the reference); default by device.
         check: raise ValueError on rows that hold NaN or are entirely −inf (costs one host sync on
@@ -46,8 +46,10 @@ def topk_pseudo_labels(logits: torch.Tensor, k: int, *, temperature: float = 1.0
     """
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     n, v = logits.shape
+    if v == 0:
+        raise ValueError(f"logits must have at least one column (V >= 1), got shape {list(logits.shape)}")
     check_int("k", k, low=1, high=min(v, MAX_K))
-    temperature = check_positive_float("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     if n > 0 and logits.stride(1) != 1:
         logits = logits.contiguous()
 
