@@ -1,7 +1,9 @@
 """Pseudo-label distillation data: the teacher's top-k pseudo-labels, computed once and stored.
 
 * ``store``: ``PseudoLabelWriter`` / ``PseudoLabelStore`` (sharded safetensors + JSON manifest,
-  atomic writes, resume, checksums verified on read, metadata checked against the run).
+  atomic writes, resume; each shard bound to its samples and the store's metadata, its checksum and
+  contents verified on read; the manifest's schema and completeness checked; metadata checked
+  against the run).
 * ``cache``: ``cache_pseudo_labels`` (run a teacher over a data set into a store), ``teacher_pseudo_labels``.
 """
 

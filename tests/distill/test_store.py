@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
+import re
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from clinkd.distill import PseudoLabelStore, PseudoLabelWriter, StoreError, StoreMeta, write_store
+from clinkd.distill.store import _read_manifest
 from tests.distill import fake
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ META = StoreMeta(teacher="fake", k=fake.K, temperature=0.5, vocab_size=fake.VOCA
 
 
 def assert_store_holds(store: PseudoLabelStore, n: int) -> None:
-    """Every sample exactly once, in data-set order, with exactly the rows it was given."""
+    """Exactly the first n samples of the data set, each once, in data-set order, with exactly the rows it was given."""
     assert store.ids == fake.sample_ids(n)
     for i, sid in enumerate(fake.sample_ids(n)):
         labels, targets = store.get(sid)
@@ -45,66 +46,99 @@ def test_round_trip_and_batch_order(tmp_path):
     assert torch.equal(labels.margin, torch.cat([fake.sample_rows(i)[0].margin for i in picked]))
 
 
-def _run_child(folder: Path, n: int, shard: int, crash_at: int, kill_after: float | None = None):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-m", "tests.distill.store_child", str(folder), str(n), str(shard),
-                              str(crash_at)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    if kill_after is not None:
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(kill_after)
-        child.send_signal(signal.SIGKILL)
-    out, err = child.communicate(timeout=120)
-    return child.returncode, out, err
+class _Driver:
+    """tests/distill/store_child.py in a subprocess (the store imported once): one forked writer per run."""
+
+    def __init__(self, folder: Path):
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.stderr = open(folder / "driver.stderr", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.distill.store_child"], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.watchdog = threading.Timer(120, self.proc.kill)  # a hung driver fails the test, never blocks it
+        self.watchdog.start()
+        assert self.proc.stdout.readline().strip() == "ready", self.errors()
+
+    def errors(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def run(self, folder: Path, n: int, shard: int, *, crash_at: int = 0, kill_after: float = -1.0,
+            pace: float = 0.0) -> str:
+        assert " " not in str(folder)
+        self.proc.stdin.write(f"{folder} {n} {shard} {crash_at} {kill_after} {pace}\n")
+        self.proc.stdin.flush()
+        fate = self.proc.stdout.readline().strip()
+        assert fate in ("killed", "complete"), (fate, self.errors())
+        return fate
+
+    def close(self) -> None:
+        self.watchdog.cancel()
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        self.stderr.close()
 
 
-def test_killed_cache_runs_resume_to_a_complete_store(tmp_path):
-    """At least five runs die (SIGKILL) at random points: at a random fsync/rename inside a shard or
-    manifest write, or after a random delay. After each death the store holds only whole shards;
-    a final run completes it with every sample exactly once."""
-    n, shard = 40, 3
-    events_per_shard = 6  # shard: fsync, rename, fsync folder; manifest: the same
-    rng = random.Random(torch.initial_seed())
-    kills, runs = 0, []
+def _committed(folder: Path) -> int | None:
+    """How many samples the store's manifest lists (None: no manifest yet)."""
+    manifest = _read_manifest(folder) if folder.exists() else None
+    return None if manifest is None else sum(len(s["samples"]) for s in manifest["shards"])
 
-    def check_committed_part():
-        listed = set()  # a death before the first manifest write leaves nothing committed
-        if (tmp_path / "manifest.json").exists():
-            store = PseudoLabelStore(tmp_path, allow_incomplete=True, expect=META)
-            store.verify_all()  # whatever the manifest lists is whole and checksum-valid
-            assert store.ids == fake.sample_ids(n)[:len(store)]
-            listed = {s["file"] for s in store.manifest["shards"]}
-        leftovers = {p.name for p in tmp_path.iterdir()} - {"manifest.json"} - listed
-        assert all(name.startswith("shard-") or name.startswith(".tmp-") for name in leftovers)
 
-    for attempt in range(10):
-        if kills >= 5:
-            break
-        committed = 0
-        if (tmp_path / "manifest.json").exists():
-            committed = len(PseudoLabelStore(tmp_path, allow_incomplete=True, expect=META))
-        remaining = -(-(n - committed) // shard) * events_per_shard
-        # Die within the next two shards' writes, so that the store cannot complete before the test
-        # has seen enough deaths, whatever the random draws.
-        last = max(1, min(remaining - 1, 2 * events_per_shard))
-        code, out, err = _run_child(tmp_path, n, shard, rng.randint(1, last))
-        runs.append((attempt, remaining, code, out.split()))
-        if code == -signal.SIGKILL:
-            kills += 1
-        else:
-            assert code == 0, err
-        check_committed_part()
-    # An external kill after a random delay: it may land anywhere, or after the run has finished.
-    code, out, err = _run_child(tmp_path, n, shard, 0, kill_after=rng.uniform(0.0, 0.05))
-    assert code in (0, -signal.SIGKILL), err
-    check_committed_part()
-    assert kills >= 5, runs
-    code, out, err = _run_child(tmp_path, n, shard, 0)
-    assert code == 0 and out.splitlines()[1].startswith("complete"), err
-    store = PseudoLabelStore(tmp_path, expect=META)
+def _check_committed_part(folder: Path, n: int) -> None:
+    """After any death: the manifest lists only whole, valid shards holding the first samples with
+    their own values; any other file is a leftover the next run discards; no shard without a manifest."""
+    names = {p.name for p in folder.iterdir()} if folder.exists() else set()
+    if "manifest.json" not in names:  # died creating the store: at most a temporary file
+        assert all(name.startswith(".tmp-") for name in names), names
+        return
+    store = PseudoLabelStore(folder, allow_incomplete=True, expect=META)
     store.verify_all()
-    assert_store_holds(store, n)
-    assert {p.name for p in tmp_path.iterdir()} == {"manifest.json"} | {s["file"] for s in store.manifest["shards"]}
+    assert store.ids == fake.sample_ids(n)[:len(store)]
+    assert_store_holds(store, len(store))
+    listed = {s["file"] for s in store.manifest["shards"]}
+    leftovers = names - {"manifest.json"} - listed
+    assert all(name.startswith(".tmp-") or re.fullmatch(r"shard-\d{5}\.safetensors", name) for name in leftovers)
+
+
+def test_killed_writers_resume_to_a_complete_store(tmp_path):
+    """Writers die (SIGKILL) at 20+ random points over several stores of random sizes and shard sizes:
+    at a random fsync/rename of a shard or manifest write, or after a random time. After each death
+    the committed part is whole and valid; after the last, a run completes the store with every sample
+    exactly once, holding exactly its own rows."""
+    rng = random.Random(torch.initial_seed())
+    driver = _Driver(tmp_path)
+    kills = {"event": 0, "time": 0}
+    pace = 0.002  # seconds per batch of 2 samples, so that a timed kill lands inside a run
+    try:
+        for scenario in range(12):
+            if scenario >= 3 and sum(kills.values()) >= 24 and min(kills.values()) >= 6:
+                break
+            n, shard = rng.randint(12, 40), rng.randint(1, 5)
+            folder = tmp_path / f"store{scenario}"
+            for _ in range(12):
+                committed = _committed(folder)
+                pending = n - (committed or 0)
+                if pending == 0:
+                    break
+                # fsync + rename + fsync of the folder per atomic write: the new store's manifest, then
+                # per shard the shard and the manifest. Die within the next two shards' writes.
+                events = 3 * (committed is None) + 6 * -(-pending // shard)
+                if rng.random() < 0.5:
+                    kind, fate = "event", driver.run(folder, n, shard, crash_at=rng.randint(1, min(events, 12)))
+                else:  # at most the time its batches sleep: the run cannot have finished
+                    delay = rng.uniform(0.0, pace * -(-pending // 2))
+                    kind, fate = "time", driver.run(folder, n, shard, kill_after=delay, pace=pace)
+                kills[kind] += fate == "killed"
+                _check_committed_part(folder, n)
+            assert driver.run(folder, n, shard) == "complete"
+            store = PseudoLabelStore(folder, expect=META)
+            store.verify_all()
+            assert_store_holds(store, n)
+            listed = {s["file"] for s in store.manifest["shards"]}
+            assert {p.name for p in folder.iterdir()} == {"manifest.json"} | listed  # leftovers discarded
+    finally:
+        driver.close()
+    assert sum(kills.values()) >= 20 and min(kills.values()) >= 5, kills
 
 
 def test_resume_discards_a_shard_the_manifest_does_not_list(tmp_path):
@@ -196,7 +230,7 @@ def test_writer_input_errors(tmp_path):
     writer.add(ids[0], labels, targets)
     with pytest.raises(ValueError, match="already in the store"):
         writer.add(ids[0], labels, targets)
-    with pytest.raises(ValueError, match=r"must be \[R, k=4\]"):
+    with pytest.raises(ValueError, match=r"must be indices \[R, k=4\]"):
         writer.add(ids[1], labels._replace(indices=labels.indices[:, :2]), targets)
     with pytest.raises(ValueError, match="targets"):
-        writer.add(ids[2], labels, targets[:-1] if targets.numel() > 1 else targets.repeat(2))
+        writer.add(ids[1], labels, targets[:-1] if targets.numel() > 1 else targets.repeat(2))
