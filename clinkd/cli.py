@@ -10,7 +10,10 @@
     clinkd eval --pred preds.jsonl [--data test.jsonl] [...]
 
 Each command is ``module``: ``setup(parser)`` adds its arguments, ``run(args)`` returns the exit code.
-Errors in the config or the data (ConfigError, DataError, StoreError) print one message and exit 2.
+A user error prints one line on stderr (``clinkd COMMAND: error: ...``) and exits 2: a bad argument,
+an error in the config or the data (ConfigError, DataError, StoreError), a file or folder the command
+cannot read or write (OSError), text that is not UTF-8 (UnicodeError) or YAML that does not parse. Any
+other exception is a bug of clinkd's and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -56,9 +59,21 @@ def _function(command: Command, name: str):
     return getattr(importlib.import_module(command.module), name)
 
 
+class UsageError(SystemExit):
+    """A bad command line (argparse's error, exit code 2), already reported on stderr."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``clinkd train: error: ... (see clinkd train --help)``."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise UsageError(2)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command name; only ``command``'s arguments are set up (its module imported)."""
-    parser = argparse.ArgumentParser(prog="clinkd", description="ClinKD training of Qwen2-VL on clinkd kernels")
+    parser = _Parser(prog="clinkd", description="ClinKD training of Qwen2-VL on clinkd kernels")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, spec in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=spec.help, description=spec.help)
@@ -75,16 +90,46 @@ def _user_error(error: BaseException) -> bool:
     return False
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line (its lines joined by spaces)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _os_error(error: OSError) -> str:
+    """An OSError as "what: path" (both paths of a rename or copy)."""
+    what = error.strerror or str(error) or type(error).__name__
+    paths = [p for p in (error.filename, getattr(error, "filename2", None)) if p is not None]
+    return f"{what}: {' -> '.join(str(p) for p in paths)}" if paths else what
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix (see the module docstring), or None for a bug."""
+    if _user_error(error):
+        return one_line(str(error))
+    if isinstance(error, OSError):
+        return one_line(_os_error(error))
+    if isinstance(error, UnicodeError):
+        return one_line(f"text that is not UTF-8 ({error})")
+    yaml = sys.modules.get("yaml")
+    if yaml is not None and isinstance(error, yaml.YAMLError):
+        return one_line(f"not valid YAML ({error})")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    try:
+        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    except UsageError:
+        return 2
     spec = COMMANDS[args.command]
     try:
         return int(_function(spec, spec.run)(args) or 0)
     except Exception as e:
-        if not _user_error(e):
+        message = user_error_message(e)
+        if message is None:
             raise
-        print(f"clinkd {args.command}: error: {e}", file=sys.stderr)
+        print(f"clinkd {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

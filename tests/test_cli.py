@@ -82,9 +82,11 @@ def test_demo_arguments(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
     monkeypatch.setattr(report, "score_table", lambda r: "TABLE")
     monkeypatch.setattr(report, "clear_differences", lambda r: "DIFFERENCES")
-    assert main(["demo", "--config", "x.yaml", "--set", "seed=1", "--set", "output_dir=o", "--no-resume",
+    config = tmp_path / "x.yaml"
+    config.write_text("seed: 1\n")
+    assert main(["demo", "--config", str(config), "--set", "seed=1", "--set", "output_dir=o", "--no-resume",
                  "--no-progress"]) == 0
-    assert seen == dict(config="x.yaml", overrides=["seed=1", "output_dir=o"], progress=False, resume=False)
+    assert seen == dict(config=str(config), overrides=["seed=1", "output_dir=o"], progress=False, resume=False)
     out = capsys.readouterr().out
     assert "95 % intervals (m)" in out and "TABLE" in out and "DIFFERENCES" in out
     assert f"demo report: {tmp_path}/report.md" in out

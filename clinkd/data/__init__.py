@@ -1,6 +1,8 @@
 """Data for ClinKD training: Med-GRIT/ShareGPT records → Qwen2-VL batches with masked labels.
 
-* ``records``: reading and checking records (tasks, boxes, image paths inside the data root).
+* ``records``: reading and checking records (tasks, modalities, boxes, image paths inside the data root):
+  ``load_records`` makes every record check, for every command that reads records.
+* ``paths``: checks of files to read (regular files only: a FIFO is never opened) and folders to write.
 * ``encode``: chat template, image placeholders, label masking (``SampleEncoder``).
 * ``dataset``: ``ClinKDDataset`` / ``build_dataset`` (checks every record before training).
 * ``collate``: padded or packed batches (``Qwen2VLCollator``), packed position ids.

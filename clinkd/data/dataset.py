@@ -33,7 +33,8 @@ class ClinKDDataset(torch.utils.data.Dataset):
 
     def validate(self, *, progress: bool = False) -> list[int]:
         """Run every check ``encode`` makes (image readable, placeholders fit, supervised tokens left)
-        without decoding pixels; returns the sequence lengths. DataError lists up to 10 bad records."""
+        without decoding pixels; returns the sequence lengths. DataError lists up to 10 bad records
+        (on one line, separated by "; ")."""
         from tqdm.auto import tqdm
 
         lengths, problems = [], []
@@ -42,10 +43,10 @@ class ClinKDDataset(torch.utils.data.Dataset):
                 lengths.append(self.encoder.check(record))
             except DataError as e:
                 problems.append(str(e))
-        if problems:
-            more = f"\n... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-            raise DataError(f"{len(problems)} of {len(self.records)} records cannot be used:\n  "
-                            + "\n  ".join(problems[:MAX_REPORTED]) + more)
+        if problems:  # one line (the command line prints it as it is), each problem naming its file:line
+            more = f"; ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+            raise DataError(f"{len(problems)} of {len(self.records)} records cannot be used: "
+                            + "; ".join(problems[:MAX_REPORTED]) + more)
         return lengths
 
 

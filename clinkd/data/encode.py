@@ -16,9 +16,18 @@ number of vision features the model's vision tower produces for the image's grid
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
+
 import torch
 
-from .records import DataError, Record
+from .paths import file_problem
+from .records import DataError, Record, short_path
+
+# What a damaged or hostile image file makes PIL raise while opening or decoding it (besides
+# DecompressionBombError, imported with PIL): each becomes a DataError naming the record.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
 
 IMAGE_PAD = "<|image_pad|>"
 END_OF_TURN = "<|im_end|>"
@@ -78,7 +87,8 @@ class SampleEncoder:
         return t * h * w // (self.merge_size ** 2)
 
     def image_tokens_for_size(self, width: int, height: int) -> int:
-        """Placeholder tokens of a width×height image after the processor's resize (no pixels read)."""
+        """Placeholder tokens of a width×height image after the processor's resize (no pixels read);
+        ValueError for a size the processor refuses (e.g. an aspect ratio over 200)."""
         patches = self.image_processor.get_number_of_image_patches(height, width, {})
         return int(patches) // (self.merge_size ** 2)
 
@@ -109,32 +119,47 @@ class SampleEncoder:
 
     # ------------------------------------------------------------------ images
 
-    def load_image(self, record: Record):
+    @staticmethod
+    def _read_image(record: Record, *, decode: bool):
+        """(width, height) from the header, or the decoded RGB image (``decode``). DataError naming the
+        record for a path that is not a regular file (a FIFO is never opened), a file PIL cannot read, or
+        one with more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; its
+        warning counts as the error)."""
         from PIL import Image
 
+        problem = file_problem(record.image)
+        if problem is not None:
+            raise DataError(f"{record.where}: image {short_path(record.image)} {problem}")
         try:
-            with Image.open(record.image) as image:
-                return image.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"{record.where}: image {record.image} does not exist") from None
-        except OSError as e:
-            raise DataError(f"{record.where}: image {record.image} cannot be read ({e})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(record.image) as image:
+                    return image.convert("RGB") if decode else image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(f"{record.where}: image {short_path(record.image)} is too large to decode safely ({e})") from None
+        except IMAGE_ERRORS as e:
+            raise DataError(f"{record.where}: image {short_path(record.image)} cannot be read ({e})") from None
+
+    def load_image(self, record: Record):
+        """The record's image, decoded to RGB (DataError when it cannot be: see ``_read_image``)."""
+        return self._read_image(record, decode=True)
 
     def image_size(self, record: Record) -> tuple[int, int]:
         """(width, height) from the file header, without decoding the pixels."""
-        from PIL import Image
+        return self._read_image(record, decode=False)
 
+    def _vision(self, record: Record) -> dict:
+        """The image processor's pixel_values and image_grid_thw of the record's image."""
+        image = self.load_image(record)
         try:
-            with Image.open(record.image) as image:
-                return image.size
-        except FileNotFoundError:
-            raise DataError(f"{record.where}: image {record.image} does not exist") from None
-        except OSError as e:
-            raise DataError(f"{record.where}: image {record.image} cannot be read ({e})") from None
+            return self.image_processor(images=[image], return_tensors="pt")
+        except ValueError as e:  # e.g. an aspect ratio the Qwen2-VL resize refuses
+            raise DataError(f"{record.where}: image {short_path(record.image)} ({image.width}×{image.height}) cannot be "
+                            f"processed: {e}") from None
 
     def encode(self, record: Record) -> dict:
         """input_ids [L], labels [L], pixel_values [P, D], image_grid_thw [1, 3] (all unpadded)."""
-        vision = self.image_processor(images=[self.load_image(record)], return_tensors="pt")
+        vision = self._vision(record)
         grid = vision["image_grid_thw"]
         input_ids, labels = self.encode_text(record, self.image_tokens(grid[0]))
         return {"input_ids": input_ids, "labels": labels, "pixel_values": vision["pixel_values"],
@@ -146,7 +171,7 @@ class SampleEncoder:
         ``model.generate``; the answer is what the model writes)."""
         if not 0 <= turn < len(record.turns):
             raise ValueError(f"{record.where}: turn {turn} is out of range; the record has {len(record.turns)} turns")
-        vision = self.image_processor(images=[self.load_image(record)], return_tensors="pt")
+        vision = self._vision(record)
         first = 0 if record.system is None else 1
         text = self._render(record.messages()[:first + 2 * turn + 1], generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -160,5 +185,9 @@ class SampleEncoder:
     def check(self, record: Record) -> int:
         """Everything ``encode`` would reject, without decoding pixels; returns the sequence length."""
         width, height = self.image_size(record)
-        input_ids, _ = self.encode_text(record, self.image_tokens_for_size(width, height))
+        try:
+            tokens = self.image_tokens_for_size(width, height)
+        except ValueError as e:
+            raise DataError(f"{record.where}: image {short_path(record.image)} ({width}×{height}) cannot be processed: {e}") from None
+        input_ids, _ = self.encode_text(record, tokens)
         return int(input_ids.numel())

@@ -9,17 +9,86 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+
+# Argument types: a bad value is argparse's one-line error (exit 2) before the command starts.
+
+
+def _integer(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _output_folder(text: str) -> str:
+    from clinkd.data.paths import folder_problem
+
+    problem = folder_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
+    return text
+
+
+def _output_file(text: str) -> str:
+    from clinkd.data.paths import output_file_problem
+
+    problem = output_file_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
+    return text
+
+
+def _input_folder(text: str) -> str:
+    import os
+
+    try:
+        ok = os.path.isdir(text)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return text
+
+
+def _device(text: str) -> str:
+    """A torch device string this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                             "device(s)")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: no MPS device is available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: clinkd predict runs on cpu, cuda or mps")
+    return text
 
 
 def data_arguments(parser):
     sub = parser.add_subparsers(dest="action", required=True)
     demo = sub.add_parser("demo", help="write the generated demo data set (deterministic per seed)")
-    demo.add_argument("--out", required=True, help="folder to write train.jsonl, test.jsonl, images/ into")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-per-modality", type=int, default=16, help="training images per modality (×4 tasks)")
-    demo.add_argument("--test-per-modality", type=int, default=5, help="test images per modality (×4 tasks)")
+    demo.add_argument("--out", required=True, type=_output_folder,
+                      help="folder to write train.jsonl, test.jsonl, images/ into")
+    demo.add_argument("--seed", type=_integer(0), default=0)
+    demo.add_argument("--train-per-modality", type=_integer(1), default=16,
+                      help="training images per modality (×4 tasks)")
+    demo.add_argument("--test-per-modality", type=_integer(1), default=5, help="test images per modality (×4 tasks)")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -39,20 +108,21 @@ def data_command(args) -> int:
 
 
 def predict_arguments(parser):
-    parser.add_argument("--model", required=True, help="a saved model folder: OUTPUT_DIR/<stage>/final of clinkd "
-                        "train (the demo's: runs/demo/{teacher,student,control}/<stage>/final)")
+    parser.add_argument("--model", required=True, type=_input_folder, help="a saved model folder: "
+                        "OUTPUT_DIR/<stage>/final of clinkd train (the demo's: runs/demo/{teacher,student,control}/"
+                        "<stage>/final)")
     parser.add_argument("--data", required=True, help="Med-GRIT records (.json or .jsonl)")
     parser.add_argument("--root", help="image folder (default: the data file's folder)")
-    parser.add_argument("--out", required=True, help="predictions JSONL to write")
-    parser.add_argument("--processor", help="processor folder (default: the model folder)")
+    parser.add_argument("--out", required=True, type=_output_file, help="predictions JSONL to write")
+    parser.add_argument("--processor", type=_input_folder, help="processor folder (default: the model folder)")
     parser.add_argument("--patch", help="JSON keyword arguments of patch_qwen2_vl (e.g. '{\"mcg_rope\": "
                         "{\"modality_gap\": 2}, \"attention\": false}', or null for none); default: the patch "
                         "clinkd train recorded in the model folder (clinkd_patch.json), else none")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--batch-size", type=_integer(1), default=8)
+    parser.add_argument("--max-new-tokens", type=_integer(1), default=64)
+    parser.add_argument("--max-length", type=_integer(8), default=2048)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=_device)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -69,8 +139,8 @@ def predict_command(args) -> int:
         raise DataError("--patch must be a JSON object of patch_qwen2_vl keyword arguments, or null")
     load_records(args.data, root=args.root, check_images=True)  # bad data fails before the model loads
     try:
-        model = load_model(args.model, patch=patch, dtype=args.dtype, device=args.device)
         processor = load_processor(args.processor or args.model)
+        model = load_model(args.model, patch=patch, dtype=args.dtype, device=args.device)
         n = predict(model, processor, args.data, args.out, root=args.root, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, max_length=args.max_length, progress=args.progress)
     except (ValueError, TypeError, OSError) as e:
@@ -85,20 +155,25 @@ def eval_arguments(parser):
     parser.add_argument("--pred", required=True, help="predictions JSONL (clinkd predict writes it)")
     parser.add_argument("--data", help="ground-truth records; without it each line carries annotation and task")
     parser.add_argument("--root", help="image folder of --data (not read; only for path checks)")
-    parser.add_argument("--json", help="also write the full report as JSON here")
+    parser.add_argument("--json", type=_output_file, help="also write the full report as JSON here")
     parser.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
 
 
 def eval_command(args) -> int:
+    from clinkd.data.records import read_text
     from clinkd.eval.evaluate import evaluate, format_report
     from clinkd.io import write_text_atomic
 
+    read_text(args.pred, "predictions file")  # not a regular file, or not UTF-8: one error naming file:line
     try:
         report = evaluate(args.pred, args.data, root=args.root, with_meteor=args.meteor)
     except ImportError as e:  # the caption metrics' optional dependency
         print(f"clinkd eval: error: {e}", file=sys.stderr)
         return 2
     if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(report, indent=1))
     print(format_report(report))
     return 0

@@ -59,6 +59,7 @@ from .errors import ConfigError
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+RESERVED_FOLDERS = ("processor", "pseudo_labels")  # what the run itself keeps in output_dir
 _FORCED_ARGS = ("output_dir", "remove_unused_columns", "label_names", "resume_from_checkpoint")
 
 
@@ -91,7 +92,105 @@ def _bool(where: str, value) -> bool:
     return value
 
 
+def _path(where: str, value, *, required: bool = True) -> str | None:
+    """A path string (non-empty, no NUL character), or None when not ``required`` and absent."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a path string, got {_show(value)}")
+    if "\0" in value:
+        raise ConfigError(f"{where}: the path {_show(value)} holds a NUL character")
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        raise ConfigError(f"{where}: the path {_show(value)} holds a character file names cannot have") from None
+    return value
+
+
+def _show(value) -> str:
+    from ..data.records import show
+
+    return show(value)
+
+
+# Ranges of TrainingArguments values that transformers accepts but training then fails on, or silently
+# misreads: key → (low, high, low_open, high_open); None = unbounded.
+TRAINING_RANGES = {
+    "learning_rate": (0, None, False, False),
+    "weight_decay": (0, None, False, False),
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_epsilon": (0, None, False, False),
+    "max_grad_norm": (0, None, False, False),
+    "num_train_epochs": (0, None, True, False),
+    "per_device_train_batch_size": (1, None, False, False),
+    "per_device_eval_batch_size": (1, None, False, False),
+    "gradient_accumulation_steps": (1, None, False, False),
+    "logging_steps": (0, None, True, False),
+    "save_steps": (0, None, True, False),
+    "eval_steps": (0, None, True, False),
+    "warmup_steps": (0, None, False, False),
+    "dataloader_num_workers": (0, None, False, False),
+    "dataloader_prefetch_factor": (1, None, False, False),
+    "label_smoothing_factor": (0, 1, False, False),
+    "seed": (0, 2**32 - 1, False, False),
+    "data_seed": (0, 2**32 - 1, False, False),
+}
+
+
+def _kinds(annotation) -> tuple[type, ...] | None:
+    """The Python types a TrainingArguments field's annotation allows, or None when it is not a plain
+    one (transformers checks those when the arguments are built)."""
+    import enum
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_kinds(a) for a in typing.get_args(annotation)]
+        return None if any(p is None for p in parts) else tuple(k for p in parts for k in p)
+    if annotation is type(None):
+        return (type(None),)
+    if annotation is float:
+        return (int, float)
+    if annotation in (bool, int, str, dict, list):
+        return (annotation,)
+    if origin in (list, dict):
+        return (origin,)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return (annotation,)
+    return None
+
+
+def _training_value(where: str, value, annotation):
+    """``value`` of a numeric or boolean TrainingArguments field when it has the declared type; the
+    other fields (strings, enums, mappings) TrainingArguments converts and checks itself when built, and
+    some take more than their annotation says (fsdp: a list too)."""
+    kinds = _kinds(annotation)
+    if kinds is None or not set(kinds) <= {int, float, bool, type(None)}:
+        return value
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+                 list: "a list", type(None): "null"}
+        shown = [k for k in kinds if not (k is int and float in kinds)]
+        expected = " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in shown))
+        hint = ""
+        if isinstance(value, str) and (int in kinds or float in kinds):
+            try:
+                float(value)
+                hint = " (a string: write the number unquoted, e.g. 1.0e-5)"
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be {expected}, got {_show(value)}{hint}")
+    return value
+
+
 def _training_args(where: str, value) -> dict:
+    """TrainingArguments keywords: known names, types as TrainingArguments declares them, and the ranges
+    of TRAINING_RANGES (every other value is checked by building the arguments: ``prepare_run``)."""
+    import math
+    import typing
+
     from transformers import TrainingArguments
 
     names = tuple(f.name for f in dataclasses.fields(TrainingArguments))
@@ -100,7 +199,33 @@ def _training_args(where: str, value) -> dict:
     if forced:
         raise ConfigError(f"{where}: {', '.join(forced)} are set by clinkd (output_dir per stage, "
                           "resume with clinkd train --resume)")
+    hints = typing.get_type_hints(TrainingArguments)
+    for key, item in value.items():
+        _training_value(f"{where}.{key}", item, hints.get(key))
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where}.{key} must be a finite number, got {item!r}")
+        if key in TRAINING_RANGES and item is not None:
+            low, high, low_open, high_open = TRAINING_RANGES[key]
+            _number(f"{where}.{key}", item, low=low, low_open=low_open)
+            if high is not None and (item >= high if high_open else item > high):
+                raise ConfigError(f"{where}.{key} must be {'<' if high_open else '<='} {high}, got {item!r}")
     return dict(value)
+
+
+OFFLINE_KEYS = ("vocab_size", "min_frequency", "patch_size", "merge_size", "temporal_patch_size", "min_pixels",
+                "max_pixels")
+
+
+def _offline_processor(where: str, value) -> dict:
+    """processor.offline: positive integers (min_frequency >= 0), min_pixels <= max_pixels (the builder,
+    ``build_offline_processor``, checks the rest when ``prepare_run`` builds it)."""
+    value = dict(_keys(where, value, OFFLINE_KEYS))
+    for key, item in value.items():
+        _number(f"{where}.{key}", item, low=0 if key == "min_frequency" else 1, integer=True)
+    if value.get("min_pixels", 16 * 16) > value.get("max_pixels", 32 * 32):
+        raise ConfigError(f"{where}: min_pixels {value.get('min_pixels', 16 * 16)} is larger than max_pixels "
+                          f"{value.get('max_pixels', 32 * 32)}")
+    return value
 
 
 @dataclass
@@ -120,12 +245,14 @@ class ModelSpec:
         if (spec.from_pretrained is None) == (spec.config is None):
             raise ConfigError(f"{where} needs exactly one of from_pretrained (a path or hub id) or config "
                               "(a Qwen2VLConfig mapping for random init)")
-        if spec.from_pretrained is not None and not isinstance(spec.from_pretrained, str):
-            raise ConfigError(f"{where}.from_pretrained must be a string")
+        if spec.from_pretrained is not None:
+            _path(f"{where}.from_pretrained", spec.from_pretrained)
+        if spec.id is not None and not isinstance(spec.id, str):
+            raise ConfigError(f"{where}.id must be a string, got {_show(spec.id)}")
         if spec.config is not None and not isinstance(spec.config, dict):
             raise ConfigError(f"{where}.config must be a mapping of Qwen2VLConfig fields")
         if spec.dtype not in _DTYPES:
-            raise ConfigError(f"{where}.dtype must be one of {', '.join(_DTYPES)}, got {spec.dtype!r}")
+            raise ConfigError(f"{where}.dtype must be one of {', '.join(_DTYPES)}, got {_show(spec.dtype)}")
         patch = default_patch if "patch" not in value else value["patch"]
         if patch is False or patch is None:
             spec.patch = None
@@ -163,6 +290,8 @@ class DataSpec:
         value = _keys(where, value, ("train", "root", "max_length", "packing", "pad_to_multiple_of"))
         if not isinstance(value.get("train"), str):
             raise ConfigError(f"{where}.train (the training data file) is required")
+        _path(f"{where}.train", value["train"])
+        _path(f"{where}.root", value.get("root"), required=False)
         spec = cls(**value)
         _number(f"{where}.max_length", spec.max_length, low=8, integer=True)
         _bool(f"{where}.packing", spec.packing)
@@ -197,12 +326,18 @@ class StageSpec:
             raise ConfigError(f"{where} must be a mapping with name and type")
         kind = value.get("type")
         if kind not in ("kd", "sft"):
-            raise ConfigError(f"{where}.type must be 'kd' or 'sft', got {kind!r}")
+            raise ConfigError(f"{where}.type must be 'kd' or 'sft', got {_show(kind)}")
         allowed = ("name", "type", "training") + (cls.KD_KEYS if kind == "kd" else ())
         value = dict(_keys(where, value, allowed))
         name = value.get("name", kind)
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"{where}.name must be a plain folder name, got {name!r}")
+            raise ConfigError(f"{where}.name must be a plain folder name, got {_show(name)}")
+        _path(f"{where}.name", name)
+        if name in RESERVED_FOLDERS:
+            raise ConfigError(f"{where}.name {name!r} cannot be a stage folder: the run keeps its "
+                              f"{' and '.join(RESERVED_FOLDERS)} folders in output_dir")
+        if len(os.fsencode(name)) > 255:
+            raise ConfigError(f"{where}.name is longer than a folder name can be (255 bytes)")
         value["name"] = name
         value["training"] = _training_args(f"{where}.training", value.get("training"))
         if "curriculum" in value and value["curriculum"] is not None:
@@ -213,8 +348,9 @@ class StageSpec:
                 raise ConfigError(f"{where}.{e}") from None
         spec = cls(**value)
         if kind == "kd":
+            _path(f"{where}.store", spec.store, required=False)
             if spec.teacher not in ("store", "online"):
-                raise ConfigError(f"{where}.teacher must be 'store' or 'online', got {spec.teacher!r}")
+                raise ConfigError(f"{where}.teacher must be 'store' or 'online', got {_show(spec.teacher)}")
             if spec.topk is None:  # dense teacher (margins from its full distribution)
                 if spec.teacher == "store":
                     raise ConfigError(f"{where}.topk must be an integer for teacher: store (a dense teacher needs "
@@ -228,7 +364,7 @@ class StageSpec:
                 raise ConfigError(f"{where}: alpha + beta must be > 0")
             _bool(f"{where}.t2_scale", spec.t2_scale)
             if spec.loss_form not in ("clinkd", "released"):
-                raise ConfigError(f"{where}.loss_form must be 'clinkd' or 'released', got {spec.loss_form!r}")
+                raise ConfigError(f"{where}.loss_form must be 'clinkd' or 'released', got {_show(spec.loss_form)}")
             if spec.loss_form == "released" and (spec.beta not in (0, 1) or spec.t2_scale):
                 raise ConfigError(f"{where}: loss_form released has beta 1 (or 0: KD alone) and no t2_scale, got "
                                   f"beta {spec.beta}, t2_scale {spec.t2_scale}")
@@ -280,24 +416,73 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def apply_overrides(mapping: dict, overrides: list[str]) -> dict:
-    """``key.path=value`` strings (value parsed as YAML) applied on a copy of ``mapping``."""
+def _yaml_loader():
+    """PyYAML's safe loader, reading numbers the way YAML 1.2 does: ``1e-5`` is a float (YAML 1.1, and so
+    PyYAML, reads an exponent without a dot as a string)."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str, where: str, *, file: bool = False):
+    """``text`` parsed as YAML (YAML 1.2 numbers, see ``_yaml_loader``); a one-line ConfigError naming
+    ``where`` and the line and column of the problem (``where:line`` when ``where`` is a ``file``)."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or str(e).splitlines()[0]).split())
+        mark = getattr(e, "problem_mark", None)
+        if mark is None:
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        if file:
+            raise ConfigError(f"{where}:{mark.line + 1}: not valid YAML ({problem}, column {mark.column + 1})") from None
+        raise ConfigError(f"{where}: not valid YAML ({problem} at line {mark.line + 1}, column {mark.column + 1})") \
+            from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to read") from None
+
+
+def apply_overrides(mapping: dict, overrides: list[str]) -> dict:
+    """``key.path=value`` strings (value parsed as YAML) applied on a copy of ``mapping``. A key path
+    goes through mappings (missing, null or false ones become new mappings: ``patch: false`` then
+    ``--set models.student.patch.attention=true``) and, with an integer key, list items
+    (``stages.0.training.max_steps=10``); ConfigError naming the override for anything else."""
     out = copy.deepcopy(mapping)
     for item in overrides or ():
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {_show(item)} must look like key.path=value")
         path, text = item.split("=", 1)
-        keys = path.strip().split(".")
+        keys = [k.strip() for k in path.strip().split(".")]
         if not all(keys):
-            raise ConfigError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {_show(item)} has an empty key")
+        value = load_yaml(text, f"override {_show(path.strip())}")
         node = out
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[keys[-1]] = yaml.safe_load(text)
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not (key.lstrip("-").isdigit() and -len(node) <= int(key) < len(node)):
+                    raise ConfigError(f"override {_show(path.strip())}: {'.'.join(keys[:depth]) or 'the config'} "
+                                      f"is a list of {len(node)}; {_show(key)} is not an index of it")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {_show(path.strip())}: {'.'.join(keys[:depth])} is "
+                                  f"{_show(node)}, not a mapping")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) in (None, False):  # absent, null or "off": a new mapping
+                    node[key] = {}
+                node = node[key]
     return out
 
 
@@ -313,19 +498,25 @@ def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) ->
         raise ConfigError(f"a run config must be a mapping, got {type(mapping).__name__}")
     _keys("config", mapping, TOP_KEYS)
     preset = mapping.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"config.preset must be a preset name, got {_show(preset)}")
     if preset is not None:
         mapping = deep_merge(get_preset(preset), {k: v for k, v in mapping.items() if k != "preset"})
         mapping["preset"] = preset
     _keys("config", mapping, TOP_KEYS)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
 
-    def resolve(p):
-        return None if p is None else str(p if os.path.isabs(os.path.expanduser(p)) else base / p)
+    def resolve(p):  # ~ expanded, relative paths against the config file's folder
+        if p is None:
+            return None
+        p = os.path.expanduser(p)
+        return str(p if os.path.isabs(p) else base / p)
 
     output_dir = mapping.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError("config.output_dir (where stages, checkpoints and the store go) is required")
-    seed = _number("config.seed", mapping.get("seed", 42), integer=True)
+    _path("config.output_dir", output_dir)
+    seed = _number("config.seed", mapping.get("seed", 42), low=0, high=2**32 - 1, integer=True)
 
     models = _keys("config.models", mapping.get("models"), ("student", "teacher"))
     if "student" not in models:
@@ -346,10 +537,9 @@ def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) ->
     if len(processor) > 1:
         raise ConfigError("config.processor takes one of from_pretrained or offline")
     if "offline" in processor:
-        _keys("config.processor.offline", processor["offline"] or {},
-              ("vocab_size", "min_frequency", "patch_size", "merge_size", "temporal_patch_size", "min_pixels",
-               "max_pixels"))
+        processor = {"offline": _offline_processor("config.processor.offline", processor["offline"])}
     elif "from_pretrained" in processor:
+        _path("config.processor.from_pretrained", processor["from_pretrained"])
         if os.path.exists(resolve(processor["from_pretrained"])):
             processor = {"from_pretrained": resolve(processor["from_pretrained"])}
     elif specs["student"].from_pretrained is None:
@@ -373,20 +563,24 @@ def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) ->
                      training=training, seed=seed, preset=preset, source=mapping)
 
 
+def read_config_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a config file; ConfigError naming the file (and ``file:line`` for bytes that are
+    not UTF-8) when it is missing, not a regular file, unreadable or not UTF-8."""
+    from ..data.records import DataError, read_text
+
+    try:
+        return read_text(path, "config file")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
                 overrides: list[str] | None = None) -> RunConfig:
     """A run config from a YAML file and/or a preset name, with ``key.path=value`` overrides."""
-    import yaml
-
     mapping, base = {}, None
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        mapping = load_yaml(read_config_text(path), str(path), file=True) or {}
         if not isinstance(mapping, dict):
             raise ConfigError(f"{path}: a run config must be a YAML mapping")
         base = path.parent

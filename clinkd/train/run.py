@@ -21,10 +21,12 @@ already holds stages is an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +35,22 @@ import torch
 from clinkd.io import write_bytes_atomic
 
 from ..data.collate import Qwen2VLCollator
-from ..data.dataset import ClinKDDataset, build_dataset
+from ..data.dataset import ClinKDDataset
+from ..data.encode import SampleEncoder
 from ..data.offline_processor import (build_offline_processor, load_processor, special_token_ids,
                                       tokenizer_fingerprint)
-from ..data.records import load_records
+from ..data.paths import folder_problem
+from ..data.records import Record, load_records
 from ..distill.store import PseudoLabelStore, StoreMeta, _check_meta, _read_manifest
 from .config import ConfigError, ModelSpec, RunConfig, StageSpec
 from .trainer import KDSettings
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+try:  # what transformers' configs raise for a field of the wrong type
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs raise TypeError / ValueError
+    _StrictDataclassError = ValueError
 
 
 @dataclass
@@ -59,29 +68,71 @@ class PreparedRun:
 # ------------------------------------------------------------------ processor and models
 
 
-def _processor(config: RunConfig):
+OFFLINE_RECORD = "clinkd_offline.json"  # beside a saved offline processor: the options it was built with
+
+
+def _processor(config: RunConfig, records: list[Record] | None = None):
+    """The run's processor: offline (built from the training texts, saved under output_dir and reused,
+    as long as it was built with the same options) or loaded. ConfigError naming ``config.processor``
+    for options the builder refuses, a processor that does not load, or one that is not Qwen2-VL's.
+    ``records``: the loaded training records (read from ``config.data`` when not given)."""
     spec = config.processor
     if "offline" in spec:
+        options = dict(spec["offline"] or {})
         saved = Path(config.output_dir) / "processor"
         if (saved / "processor_config.json").is_file():
-            return load_processor(str(saved))
-        records = load_records(config.data.train, root=config.data.root, check_images=False)
-        texts = [text for r in records for pair in r.turns for text in pair]
-        processor = build_offline_processor(texts, **(spec["offline"] or {}))
-        # Saved whole or not at all: into a fresh folder beside it, then renamed into place (a killed run
-        # never leaves a processor_config.json next to a half-written tokenizer).
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".processor-"))
-        processor.save_pretrained(str(staging))
-        if saved.exists():
-            shutil.rmtree(saved)  # left by an interrupted save (it has no processor_config.json)
-        os.replace(staging, saved)
-        return processor
-    path = spec.get("from_pretrained") or config.student.from_pretrained
+            _check_saved_options(saved, options)
+            processor = load_processor(str(saved))
+        else:
+            if records is None:
+                records = load_records(config.data.train, root=config.data.root, check_images=False)
+            texts = [text for r in records for pair in r.turns for text in pair]
+            try:
+                processor = build_offline_processor(texts, **options)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config.processor.offline: {e}") from None
+            # Saved whole or not at all: into a fresh folder beside it, then renamed into place (a killed run
+            # never leaves a processor_config.json next to a half-written tokenizer).
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".processor-"))
+            processor.save_pretrained(str(staging))
+            (staging / OFFLINE_RECORD).write_text(json.dumps({"offline": options}, sort_keys=True))
+            if saved.exists():
+                shutil.rmtree(saved)  # left by an interrupted save (it has no processor_config.json)
+            os.replace(staging, saved)
+        where = "config.processor.offline"
+    else:
+        path = spec.get("from_pretrained") or config.student.from_pretrained
+        where = "config.processor.from_pretrained" if spec.get("from_pretrained") else \
+            "config.models.student.from_pretrained (the processor's default)"
+        try:
+            processor = load_processor(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the processor from {path!r}: {e}") from None
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise ConfigError(f"{where}: {type(processor).__name__} is not an image-and-text processor (it needs a "
+                          "tokenizer and an image processor)")
     try:
-        return load_processor(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the processor from {path!r}: {e}") from None
+        special_token_ids(processor.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return processor
+
+
+def _check_saved_options(saved: Path, options: dict) -> None:
+    """A processor saved by an earlier run is reused only when it was built with these options (a
+    processor saved before the options were recorded is reused as it is)."""
+    record = saved / OFFLINE_RECORD
+    if not record.is_file():
+        return
+    try:
+        before = json.loads(record.read_text(encoding="utf-8")).get("offline")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before is not None and before != options:
+        raise ConfigError(f"config.processor.offline {options} differs from the options {before} the processor "
+                          f"saved in {saved} was built with; restore them, or use another output_dir (or delete "
+                          f"{saved} to rebuild it)")
 
 
 def model_config(spec: ModelSpec, tokenizer, where: str):
@@ -97,6 +148,9 @@ def model_config(spec: ModelSpec, tokenizer, where: str):
     mapping = json.loads(json.dumps(spec.config))
     model_type = mapping.pop("model_type", "qwen2_vl")
     ids = special_token_ids(tokenizer)
+    for key in ("text_config", "vision_config"):
+        if mapping.get(key) is not None and not isinstance(mapping[key], dict):
+            raise ConfigError(f"{where}.config.{key} must be a mapping of config fields, got {mapping[key]!r:.80}")
     text = mapping.setdefault("text_config", {})
     text.setdefault("vocab_size", len(tokenizer))
     text.setdefault("pad_token_id", ids["pad_token_id"])
@@ -106,8 +160,104 @@ def model_config(spec: ModelSpec, tokenizer, where: str):
         mapping.setdefault(key, ids[key])
     try:
         return AutoConfig.for_model(model_type, **mapping)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{where}.config is not a valid {model_type} config: {e}") from None
+    except (TypeError, ValueError, KeyError, _StrictDataclassError) as e:  # the last: a field of the wrong type
+        message = " ".join(str(e).split())
+        raise ConfigError(f"{where}.config is not a valid {model_type} config: {message}") from None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_architecture(cfg, where: str) -> None:
+    """The shape rules a Qwen2-VL-style config must follow for its forward pass to run, which building
+    the config (and the model) does not enforce: positive sizes, key/value heads dividing the query
+    heads, an even head_dim, M-RoPE sections summing to head_dim / 2, vision heads dividing the vision width
+    (with a head_dim the 2-D rotary can split), the vision merger's width equal to the text hidden size.
+    Each rule is what the forward pass needs, no more (tests/cli/test_bad_input.py runs what passes).
+    ``where`` names the config (``config.models.student.config``); ConfigError names the field."""
+    text = getattr(cfg, "text_config", None)
+    vision = getattr(cfg, "vision_config", None)
+    if text is None:
+        return  # not a Qwen2-VL-style config: building the model is the check
+    t = f"{where}.text_config"
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads"):
+        value = getattr(text, key, None)
+        if value is not None and not _positive_int(value):
+            raise ConfigError(f"{t}.{key} must be a positive integer, got {value!r}")
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if hidden and heads:
+        if heads % kv:
+            raise ConfigError(f"{t}: num_attention_heads {heads} must be a multiple of num_key_value_heads {kv}")
+        head_dim = getattr(text, "head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{t}: hidden_size {hidden} must be divisible by num_attention_heads {heads}")
+            head_dim = hidden // heads
+        if not _positive_int(head_dim) or head_dim % 2:
+            raise ConfigError(f"{t}: head_dim {head_dim} must be an even positive integer (rotary embedding)")
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+        section = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if section is not None:  # the rotary tables are split into these sections: they must cover head_dim / 2
+            if not (isinstance(section, (list, tuple)) and section
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in section)
+                    and sum(section) == head_dim // 2):
+                raise ConfigError(f"{t}.rope_parameters.mrope_section must be integers >= 0 summing to "
+                                  f"head_dim / 2 = {head_dim // 2} (Qwen2-VL: 3 sections, t, h, w), got {section!r}")
+    if vision is None:
+        return
+    v = f"{where}.vision_config"
+    for key in ("depth", "embed_dim", "hidden_size", "num_heads", "patch_size", "spatial_merge_size",
+                "temporal_patch_size", "in_channels"):
+        value = getattr(vision, key, None)
+        if value is not None and not _positive_int(value):
+            raise ConfigError(f"{v}.{key} must be a positive integer, got {value!r}")
+    ratio = getattr(vision, "mlp_ratio", None)
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
+        raise ConfigError(f"{v}.mlp_ratio must be a positive number, got {ratio!r}")
+    width, vheads = getattr(vision, "embed_dim", None), getattr(vision, "num_heads", None)
+    if width and vheads and (width % vheads or (width // vheads) % 4):
+        raise ConfigError(f"{v}: embed_dim {width} / num_heads {vheads} must be a whole head_dim divisible by 4 "
+                          "(the vision tower's 2-D rotary embedding)")
+    out = getattr(vision, "hidden_size", None)
+    if out is not None and hidden is not None and out != hidden:
+        raise ConfigError(f"{v}.hidden_size {out} must equal text_config.hidden_size {hidden} (the vision "
+                          "merger writes image features into the text model's embedding)")
+
+
+_BUILD_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError, ImportError)
+
+
+def check_buildable(cfg, where: str) -> None:
+    """Build the model of ``cfg`` on the meta device (no memory, no weights): what transformers'
+    constructors refuse is a ConfigError naming ``where`` before any weights load."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        with torch.device("meta"):
+            AutoModelForImageTextToText.from_config(cfg)
+    except _BUILD_ERRORS as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(f"{where}: transformers cannot build this model: {message}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' log warnings and Python warnings silenced while a user's config is checked: what is
+    wrong with it is reported once, as the ConfigError (the command line's one line), not as lines before
+    it. (The real build, after the checks, warns as usual.)"""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _vocab(cfg) -> int:
@@ -229,12 +379,26 @@ def _check_existing_store(config: RunConfig, stage: StageSpec, meta: StoreMeta) 
 
 
 def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
-    """Every check that does not need weights: processor, every record (images, tasks, boxes, supervised
-    tokens after truncation), model/tokenizer agreement, teacher vocabulary, existing stores' metadata."""
-    processor = _processor(config)
-    configs = {"student": model_config(config.student, processor.tokenizer, "config.models.student")}
-    if config.teacher is not None and any(s.type == "kd" for s in config.stages):
-        configs["teacher"] = model_config(config.teacher, processor.tokenizer, "config.models.teacher")
+    """Every check that does not need weights, in the order of their cost: output folders; each stage's
+    training arguments, optimizer and schedule; every record (tasks, boxes, modalities, images); the
+    processor; the model configs (shape rules, built on the meta device), model/tokenizer agreement,
+    teacher vocabulary, the patch; every sample's encoding (images readable, supervised tokens after
+    truncation); existing stores' metadata. ``clinkd check`` and ``clinkd train`` both run it first."""
+    check_output_paths(config)
+    with _quiet():
+        check_training_arguments(config)
+    records = load_records(config.data.train, root=config.data.root, check_images=True)
+    processor = _processor(config, records)
+    with _quiet():
+        configs = {"student": model_config(config.student, processor.tokenizer, "config.models.student")}
+        if config.teacher is not None and any(s.type == "kd" for s in config.stages):
+            configs["teacher"] = model_config(config.teacher, processor.tokenizer, "config.models.teacher")
+        for role, cfg in configs.items():
+            spec = config.models[role]
+            where = f"config.models.{role}" + (".config" if spec.config is not None else
+                                               f" (the config of {spec.from_pretrained})")
+            check_architecture(cfg, where)
+            check_buildable(cfg, where)
     check_models(configs, processor)
     for role, cfg in configs.items():
         check_patch(config.models[role], cfg, f"config.models.{role}")
@@ -242,8 +406,12 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
         if stage.type == "kd" and stage.topk is not None and stage.topk > _vocab(configs["student"]):
             raise ConfigError(f"config.stages[{i}].topk={stage.topk} exceeds the student's vocabulary "
                               f"{_vocab(configs['student'])}")
-    dataset = build_dataset(config.data.train, processor, root=config.data.root, max_length=config.data.max_length,
-                            progress=progress)
+    try:
+        encoder = SampleEncoder(processor, max_length=config.data.max_length)
+    except ValueError as e:
+        raise ConfigError(f"config.processor: {e}") from None
+    dataset = ClinKDDataset(records, encoder)
+    dataset.validate(progress=progress)
     for stage in config.stages:
         if stage.type == "kd" and stage.teacher == "store":
             _check_existing_store(config, stage, store_meta(config, stage, processor, _vocab(configs["student"])))
@@ -253,15 +421,77 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
     return PreparedRun(config, processor, dataset, collator, configs)
 
 
-def _training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool):
+def _training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool, output_dir: str | None = None):
     from transformers import TrainingArguments
 
     kwargs = {"report_to": "none", **config.stage_args(stage)}
     kwargs.setdefault("seed", config.seed)
     if not progress:
         kwargs["disable_tqdm"] = True
-    return TrainingArguments(output_dir=str(Path(config.output_dir) / stage.name), remove_unused_columns=False,
-                             label_names=["labels"], **kwargs)
+    return TrainingArguments(output_dir=output_dir or str(Path(config.output_dir) / stage.name),
+                             remove_unused_columns=False, label_names=["labels"], **kwargs)
+
+
+_NEEDS_MODEL = ("galore", "apollo", "lomo")  # optimizers transformers builds from the model itself
+
+
+def check_training_arguments(config: RunConfig) -> None:
+    """Each stage's TrainingArguments built (in a throwaway folder), then its optimizer and learning-rate
+    schedule built on a stand-in parameter, and its loggers (report_to) looked up: what transformers or
+    torch refuse there is a ConfigError naming the stage, before any data or model is loaded."""
+    from transformers import Trainer
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.optimization import get_scheduler
+
+    with tempfile.TemporaryDirectory(prefix="clinkd-check-") as scratch:
+        for i, stage in enumerate(config.stages):
+            where = f"config.stages[{i}].training (stage {stage.name!r}, over config.training)"
+            try:
+                args = _training_arguments(config, stage, progress=False, output_dir=scratch)
+            except (TypeError, ValueError, ImportError) as e:
+                raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
+            for name in args.report_to or ():
+                if name not in ("none", "all") and name not in get_available_reporting_integrations():
+                    raise ConfigError(f"{where}: report_to {name!r} is not an available logger (installed: "
+                                      f"{', '.join(get_available_reporting_integrations()) or 'none'})")
+            optim = getattr(args.optim, "value", args.optim)
+            if any(n in str(optim) for n in _NEEDS_MODEL):
+                continue
+            try:
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+                optimizer = cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+            except (TypeError, ValueError, ImportError, RuntimeError) as e:
+                raise ConfigError(f"{where}: the optimizer {optim} refuses its settings (learning_rate, "
+                                  f"adam_*, optim_args): {' '.join(str(e).split())}") from None
+            steps = args.max_steps if args.max_steps > 0 else 1000
+            try:
+                get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                              num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+            except (TypeError, ValueError, KeyError) as e:
+                raise ConfigError(f"{where}: the schedule {getattr(args.lr_scheduler_type, 'value', '')} "
+                                  "refuses its settings "
+                                  f"(lr_scheduler_kwargs, warmup_steps): {' '.join(str(e).split())}") from None
+
+
+def check_output_paths(config: RunConfig) -> None:
+    """output_dir, each stage's folder and each store can be written (existing folders, or creatable):
+    ConfigError naming the key before anything is built."""
+    out = Path(config.output_dir)
+    problem = folder_problem(out)
+    if problem is not None:
+        raise ConfigError(f"config.output_dir {out} {problem}")
+    for i, stage in enumerate(config.stages):
+        folder = out / stage.name
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"config.stages[{i}].name: {folder} is a file, not the stage's folder")
+        if stage.type == "kd" and stage.teacher == "store":
+            store = config.store_path(stage)
+            problem = folder_problem(store)
+            if problem is not None:
+                key = f"config.stages[{i}].store" if stage.store else "config.output_dir (its pseudo_labels store)"
+                raise ConfigError(f"{key}: {store} {problem}")
+    if "offline" in config.processor and (out / "processor").exists() and not (out / "processor").is_dir():
+        raise ConfigError(f"config.output_dir: {out / 'processor'} is a file, not the processor's folder")
 
 
 def ensure_store(prepared: PreparedRun, stage: StageSpec, teacher_factory, *, progress: bool = True) -> PseudoLabelStore:
@@ -342,5 +572,6 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
     return results
 
 
-__all__ = ["PATCH_RECORD", "PreparedRun", "build_model", "check_models", "check_patch", "ensure_store", "model_config",
+__all__ = ["PATCH_RECORD", "PreparedRun", "build_model", "check_architecture", "check_buildable", "check_models",
+           "check_output_paths", "check_patch", "check_training_arguments", "ensure_store", "model_config",
            "patch_positions", "prepare_run", "read_patch_record", "run_training", "store_meta", "write_patch_record"]
