@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from ..data.records import TASKS, DataError, check_modality, load_records, parse_jsonl
+from ..data.records import TASKS, DataError, check_modality, load_records, parse_jsonl, read_text
 from . import metrics
 
 SPICE_NOTE = "unavailable: SPICE needs Stanford CoreNLP model downloads"
@@ -48,10 +48,8 @@ def read_predictions(path: str | os.PathLike) -> list[tuple[dict, str]]:
     """(object, "file:line") for each non-empty line; DataError for a line that is not a JSON object
     with a string ``id`` and a string ``response``."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"predictions file {path} does not exist")
     out = []
-    for obj, where in parse_jsonl(path.read_text(encoding="utf-8"), path):
+    for obj, where in parse_jsonl(read_text(path, "predictions file"), path):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: a prediction must be a JSON object, got {type(obj).__name__}")
         for key in ("id", "response"):
@@ -72,8 +70,7 @@ def gather(predictions: str | os.PathLike, data: str | os.PathLike | None = None
     """[Row] in the predictions' order and the number of data samples with no prediction."""
     truth = {}
     if data is not None:
-        for record in load_records(data, root=root, check_images=False):
-            check_modality(record.modality, record.where)
+        for record in load_records(data, root=root, check_images=False):  # modality checked there
             for turn, (question, answer) in enumerate(record.turns):
                 truth[(record.id, turn)] = (record.task, record.modality, answer)
     rows, seen = [], {}

@@ -22,7 +22,7 @@ from clinkd.io import write_text_atomic
 
 from ..data.encode import SampleEncoder
 from ..data.offline_processor import special_token_ids
-from ..data.records import check_modality, load_records
+from ..data.records import load_records
 
 
 def _batch(prompts: list[dict], pad_id: int, image_token_id: int) -> dict:
@@ -53,9 +53,7 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    records = load_records(data, root=root, check_images=True)
-    for record in records:
-        check_modality(record.modality, record.where)
+    records = load_records(data, root=root, check_images=True)  # every record and image checked there
     encoder = SampleEncoder(processor, max_length=max_length)
     ids = special_token_ids(processor.tokenizer)
     device = next(model.parameters()).device

@@ -357,7 +357,7 @@ class StageSpec:
                                       "teacher: online)")
             else:
                 _number(f"{where}.topk", spec.topk, low=1, high=1024, integer=True)
-            _number(f"{where}.temperature", spec.temperature, low=0, low_open=True)
+            _number(f"{where}.temperature", spec.temperature, low=1e-6, high=1e6)  # the kernels' range
             _number(f"{where}.alpha", spec.alpha, low=0)
             _number(f"{where}.beta", spec.beta, low=0)
             if spec.alpha + spec.beta <= 0:
