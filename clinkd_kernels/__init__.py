@@ -22,6 +22,7 @@ Importing this package imports torch, triton and numpy only.
 
 import torch  # noqa: F401  (loads libtorch before the compiled extension)
 
+from clinkd_kernels._validation import TEMPERATURE_RANGE
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.loss import kd_loss, linear_kd_loss
 from clinkd_kernels.rope import apply_mrope
@@ -30,5 +31,5 @@ from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
 
 __version__ = "0.1.0"
 
-__all__ = ["PseudoLabels", "apply_mrope", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index",
+__all__ = ["PseudoLabels", "TEMPERATURE_RANGE", "apply_mrope", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index",
            "mrope_decode_position_ids", "topk_pseudo_labels"]

@@ -16,13 +16,8 @@ def demo_arguments(parser):
 
 
 def demo_command(args) -> int:
-    from clinkd.train.config import load_yaml, read_config_text
-
     from .pipeline import run_demo
     from .report import clear_differences, score_table
-
-    if args.config is not None:  # a missing, non-UTF-8 or non-YAML file: one error naming it (file:line)
-        load_yaml(read_config_text(args.config), str(args.config), file=True)
 
     report = run_demo(args.config, overrides=args.overrides, progress=args.progress, resume=args.resume)
     ci = report["intervals"]

@@ -124,18 +124,12 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
 
 
 def _user_config(path) -> dict:
-    """The mapping of a ``--config`` YAML file; ConfigError when it is missing or not a YAML mapping."""
-    import yaml
-
+    """The mapping of a ``--config`` YAML file, read as ``clinkd train`` reads its configs (YAML 1.2
+    numbers; ConfigError naming file:line when it is missing, not UTF-8, not YAML or not a mapping)."""
+    from clinkd.train.config import load_yaml, read_config_text
     from clinkd.train.errors import ConfigError
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        user = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    user = load_yaml(read_config_text(path), str(path), file=True) or {}
     if not isinstance(user, dict):
         raise ConfigError(f"{path}: a run config must be a YAML mapping")
     return user

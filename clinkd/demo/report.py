@@ -94,8 +94,9 @@ def loss_curves(results: dict) -> dict:
     """{"series": {"<model>/<part>": [[step, value], ...]}, "boundaries": {model: [[step, "kd → sft"]]}} from
     ``run_training``'s results per model. Steps count optimizer steps over all of a model's stages (a
     later stage continues where the previous one ended), so the student and the control, trained for
-    as many epochs, share one axis. Parts: ``ce`` (next-token cross-entropy), ``kd`` (the KD term) and
-    ``objective`` (what a KD stage minimises: (α·KD + β·CE)/(α + β)); an SFT stage's objective is its CE."""
+    as many epochs, share one axis. Parts: ``ce`` (next-token cross-entropy), ``kd`` (the KD term, as the
+    stage's loss form defines it) and ``objective`` (what a KD stage minimises: (α·KD + β·CE)/(α + β), or
+    the released form's total); an SFT stage's objective is its CE."""
     series, boundaries = {}, {}
     for model, stages in results.items():
         offset = 0

@@ -429,10 +429,12 @@ class PseudoLabelWriter:
         if not isinstance(labels, tuple) or len(labels) != len(_FIELDS):
             raise ValueError(f"pseudo-labels of {sample_id!r} must be a PseudoLabels ({', '.join(_FIELDS)})")
         fields = dict(zip(_FIELDS, labels), targets=targets)
+        # On the host, where the shard is written from: the value checks then cost no device syncs.
+        fields = {name: t.detach().to("cpu") if isinstance(t, torch.Tensor) else t for name, t in fields.items()}
         problems = _row_problems(fields, self.meta.k, self.meta.vocab_size)
         if problems:
             raise ValueError(f"pseudo-labels of {sample_id!r}: " + "; ".join(problems))
-        rows = {name: t.detach().to("cpu", _DTYPES[name][1], copy=True) for name, t in fields.items()}
+        rows = {name: t.to(_DTYPES[name][1], copy=True) for name, t in fields.items()}
         self._buffer.append((sample_id, rows))
         if len(self._buffer) >= self.shard_size:
             self.flush()

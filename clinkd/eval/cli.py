@@ -138,15 +138,15 @@ def predict_command(args) -> int:
     if patch is not None and patch is not SAVED and not isinstance(patch, dict):
         raise DataError("--patch must be a JSON object of patch_qwen2_vl keyword arguments, or null")
     load_records(args.data, root=args.root, check_images=True)  # bad data fails before the model loads
-    try:
+    try:  # a folder without a model or processor, a patch the model refuses: user errors
         processor = load_processor(args.processor or args.model)
         model = load_model(args.model, patch=patch, dtype=args.dtype, device=args.device)
-        n = predict(model, processor, args.data, args.out, root=args.root, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, max_length=args.max_length, progress=args.progress)
     except (ValueError, TypeError, OSError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(str(e)) from None
+    n = predict(model, processor, args.data, args.out, root=args.root, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, max_length=args.max_length, progress=args.progress)
     print(f"{args.out}: {n} predictions")
     return 0
 

@@ -120,34 +120,45 @@ class MeteorScorer:
     The jar scores a corpus in two steps: a SCORE request per segment returns its statistics (matches,
     lengths, chunks), then one EVAL request aggregates them into the corpus score — what
     pycocoevalcap's ``Meteor.compute_score`` sends. The statistics of a (hypothesis, references) pair
-    never change, so they are kept: a bootstrap that rescores resampled corpora sends only the EVAL."""
+    never change, so they are kept: a bootstrap that rescores resampled corpora sends only the EVAL.
+
+    The jar answers line by line; a failure part way through a request would leave lines unread and
+    every later answer shifted. So the first failure marks the scorer broken: it returns None from
+    then on (METEOR unavailable) rather than a score read from the wrong line."""
 
     def __init__(self):
         from pycocoevalcap.meteor.meteor import Meteor
 
         self._meteor = Meteor()
         self._stats: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._broken = False
 
     def _segment_stats(self, hyp: str, refs: list[str]) -> str:
         key = (hyp, tuple(refs))
         if key not in self._stats:
-            self._stats[key] = self._meteor._stat(hyp, list(refs))
+            stats = self._meteor._stat(hyp, list(refs))
+            float(stats.split()[0])  # a statistics line starts with numbers; anything else is an error
+            self._stats[key] = stats
         return self._stats[key]
 
     def __call__(self, hyps: list[str], refs: list[list[str]]) -> float | None:
-        """Corpus METEOR; None when the process fails."""
+        """Corpus METEOR; None when the process fails (then for every later call too)."""
         if len(hyps) != len(refs) or not hyps:
             raise ValueError(f"need as many hypotheses as reference lists (>0), got {len(hyps)} and {len(refs)}")
-        try:
-            stats = [self._segment_stats(h, rs) for h, rs in zip(hyps, refs)]
-            process = self._meteor.meteor_p
-            process.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-            process.stdin.flush()
-            for _ in stats:  # the segment scores, then the corpus score
-                process.stdout.readline()
-            return float(process.stdout.readline().strip())
-        except (OSError, ValueError):
+        if self._broken:
             return None
+        with self._meteor.lock:
+            try:
+                stats = [self._segment_stats(h, rs) for h, rs in zip(hyps, refs)]
+                process = self._meteor.meteor_p
+                process.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+                process.stdin.flush()
+                for _ in stats:  # the segment scores, then the corpus score
+                    process.stdout.readline()
+                return float(process.stdout.readline().strip())
+            except (OSError, ValueError, IndexError):
+                self._broken = True
+                return None
 
     def close(self) -> None:
         self._meteor.meteor_p.kill()

@@ -120,7 +120,8 @@ def _replacements(family, settings: PatchSettings, previous):
     ``previous(cls, name)`` gives the function whose signature the replacement keeps.
     Whatever ``settings`` say, both callers of ``get_rope_index`` complete a missing
     ``mm_token_type_ids`` (``positions``): a patched model never decodes with 1-D positions."""
-    out = [(family.cls("Model"), "compute_3d_position_ids", make_compute_3d_position_ids),
+    out = [(family.cls("Model"), "compute_3d_position_ids", lambda call, wrapped: make_compute_3d_position_ids(
+                call, wrapped, types_decide=settings.mcg_rope is None)),
            (family.cls("ForConditionalGeneration"), "_prepare_position_ids_for_generation",
             make_prepare_position_ids_for_generation)]
     if settings.mcg_rope is not None:

@@ -17,8 +17,9 @@ Both callers of ``get_rope_index`` call it only when ``mm_token_type_ids`` [B,S]
 token, image placeholders included, and Qwen2.5-VL's forward does the same — silently wrong for any
 model trained with 3-D positions. So every patched model also wraps both callers: a missing
 ``mm_token_type_ids`` is derived from ``input_ids`` (the image/video placeholder ids, padding 0),
-a given one must agree with it, and multimodal inputs without ``input_ids`` (``inputs_embeds``
-alone) need explicit ``position_ids``. With ``mm_token_type_ids`` given and consistent, the stock
+a given one must agree with it (checked once per ``generate()``, and in every forward of a model with
+stock indices, whose positions the types decide; MCG-RoPE indices read the ids, not the types), and
+multimodal inputs without ``input_ids`` (``inputs_embeds`` alone) need explicit ``position_ids``. With ``mm_token_type_ids`` given and consistent, the stock
 callers run unchanged.
 """
 
@@ -136,9 +137,13 @@ def _bind(signature: inspect.Signature, args, kwargs) -> dict:
     return arguments
 
 
-def make_compute_3d_position_ids(call, wrapped):
+def make_compute_3d_position_ids(call, wrapped, *, types_decide: bool = True):
     """``<P>Model.compute_3d_position_ids(input_ids, inputs_embeds, image_grid_thw, ..., mm_token_type_ids)``
-    that completes ``mm_token_type_ids`` from ``input_ids`` before the stock logic runs."""
+    that completes ``mm_token_type_ids`` from ``input_ids`` before the stock logic runs.
+
+    types_decide: the model's ``get_rope_index`` reads the types (stock indices). With MCG-RoPE indices
+    it reads the placeholder ids instead, so given types cannot move a position and are passed on
+    unchecked: no host sync per training step for a check that cannot change the result."""
     signature = inspect.signature(wrapped)
 
     @functools.wraps(wrapped)
@@ -146,11 +151,11 @@ def make_compute_3d_position_ids(call, wrapped):
         arguments = _bind(signature, (self, *args), kwargs)
         arguments.pop("self")
         if _has_vision(arguments):
-            input_ids = arguments.get("input_ids")
-            if input_ids is not None:
-                arguments["mm_token_type_ids"] = complete_token_types(
-                    input_ids, arguments.get("mm_token_type_ids"), arguments.get("attention_mask"), self.config)
-            elif self.rope_deltas is None or _cache_length(arguments) == 0:
+            input_ids, given = arguments.get("input_ids"), arguments.get("mm_token_type_ids")
+            if input_ids is not None and (given is None or types_decide):
+                arguments["mm_token_type_ids"] = complete_token_types(input_ids, given, arguments.get("attention_mask"),
+                                                                      self.config)
+            elif input_ids is None and (self.rope_deltas is None or _cache_length(arguments) == 0):
                 raise ValueError("image_grid_thw/video_grid_thw were passed with inputs_embeds but without input_ids: "
                                  "the 3-D positions of the vision tokens cannot be found; pass input_ids, or "
                                  "position_ids [3,B,S] (e.g. from clinkd_kernels.mcg_rope_index)")

@@ -300,6 +300,20 @@ class DataSpec:
         return spec
 
 
+LOSS_FORMS = ("clinkd", "released")
+
+
+def loss_form_problem(form, beta: float, t2_scale: bool) -> str | None:
+    """What is wrong with a KD loss form and the options beside it, or None (KDSettings and the config
+    both ask this)."""
+    if form not in LOSS_FORMS:
+        return f"the loss form must be one of {LOSS_FORMS}, got {form!r}"
+    if form == "released" and (beta not in (0, 1) or t2_scale):
+        return (f"the released loss form has beta 1 (or 0: KD alone) and no T² scaling, got beta={beta}, "
+                f"t2_scale={t2_scale}")
+    return None
+
+
 @dataclass
 class StageSpec:
     name: str
@@ -357,17 +371,17 @@ class StageSpec:
                                       "teacher: online)")
             else:
                 _number(f"{where}.topk", spec.topk, low=1, high=1024, integer=True)
-            _number(f"{where}.temperature", spec.temperature, low=1e-6, high=1e6)  # the kernels' range
+            from clinkd_kernels import TEMPERATURE_RANGE  # the range the kernels take
+
+            _number(f"{where}.temperature", spec.temperature, low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1])
             _number(f"{where}.alpha", spec.alpha, low=0)
             _number(f"{where}.beta", spec.beta, low=0)
             if spec.alpha + spec.beta <= 0:
                 raise ConfigError(f"{where}: alpha + beta must be > 0")
             _bool(f"{where}.t2_scale", spec.t2_scale)
-            if spec.loss_form not in ("clinkd", "released"):
-                raise ConfigError(f"{where}.loss_form must be 'clinkd' or 'released', got {_show(spec.loss_form)}")
-            if spec.loss_form == "released" and (spec.beta not in (0, 1) or spec.t2_scale):
-                raise ConfigError(f"{where}: loss_form released has beta 1 (or 0: KD alone) and no t2_scale, got "
-                                  f"beta {spec.beta}, t2_scale {spec.t2_scale}")
+            problem = loss_form_problem(spec.loss_form, spec.beta, spec.t2_scale)
+            if problem is not None:
+                raise ConfigError(f"{where}.loss_form: {problem}")
             _number(f"{where}.cache_batch_size", spec.cache_batch_size, low=1, integer=True)
             _number(f"{where}.shard_size", spec.shard_size, low=1, integer=True)
         return spec

@@ -95,11 +95,15 @@ def _processor(config: RunConfig, records: list[Record] | None = None):
             # never leaves a processor_config.json next to a half-written tokenizer).
             saved.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".processor-"))
-            processor.save_pretrained(str(staging))
-            (staging / OFFLINE_RECORD).write_text(json.dumps({"offline": options}, sort_keys=True))
-            if saved.exists():
-                shutil.rmtree(saved)  # left by an interrupted save (it has no processor_config.json)
-            os.replace(staging, saved)
+            try:
+                processor.save_pretrained(str(staging))
+                (staging / OFFLINE_RECORD).write_text(json.dumps({"offline": options}, sort_keys=True))
+                if saved.exists():
+                    shutil.rmtree(saved)  # left by an interrupted save (it has no processor_config.json)
+                os.replace(staging, saved)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # no half-written staging folder is left behind
+                raise
         where = "config.processor.offline"
     else:
         path = spec.get("from_pretrained") or config.student.from_pretrained
@@ -126,10 +130,11 @@ def _check_saved_options(saved: Path, options: dict) -> None:
     if not record.is_file():
         return
     try:
-        before = json.loads(record.read_text(encoding="utf-8")).get("offline")
-    except (OSError, ValueError, AttributeError):
-        before = None
-    if before is not None and before != options:
+        before = json.loads(record.read_text(encoding="utf-8"))["offline"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{record} is unreadable, so the processor saved in {saved} cannot be matched to "
+                          f"config.processor.offline; delete {saved} to rebuild it") from None
+    if before != options:
         raise ConfigError(f"config.processor.offline {options} differs from the options {before} the processor "
                           f"saved in {saved} was built with; restore them, or use another output_dir (or delete "
                           f"{saved} to rebuild it)")
@@ -562,9 +567,11 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
         trainer.train(resume_from_checkpoint=checkpoint)
         final = stage_dir / "final"
         trainer.save_model(str(final))
-        write_patch_record(final, config.student.patch)
         result = {"final": str(final), "log_history": trainer.state.log_history}
-        write_bytes_atomic(done, json.dumps(result, indent=1).encode())
+        if trainer.is_world_process_zero():  # the process that saved the model writes what goes with it
+            write_patch_record(final, config.student.patch)
+            write_bytes_atomic(done, json.dumps(result, indent=1).encode())
+        trainer.accelerator.wait_for_everyone()
         results[stage.name] = result
         if stage.type == "kd" and teacher is not None and not any(
                 s.type == "kd" for s in config.stages[config.stages.index(stage) + 1:]):

@@ -33,11 +33,9 @@ from clinkd_kernels.topk import PseudoLabels
 from ..data.collate import model_inputs
 from ..distill.cache import chunked_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
+from .config import loss_form_problem
 from .curriculum import MarginCurriculum
 from .released import released_linear_kd_loss
-
-
-LOSS_FORMS = ("clinkd", "released")
 
 
 @dataclass(frozen=True)
@@ -60,11 +58,9 @@ class KDSettings:
     form: str = "clinkd"
 
     def __post_init__(self):
-        if self.form not in LOSS_FORMS:
-            raise ValueError(f"KDSettings.form must be one of {LOSS_FORMS}, got {self.form!r}")
-        if self.form == "released" and (self.beta not in (0.0, 1.0) or self.t2_scale):
-            raise ValueError(f"the released loss form has beta 1 (or 0: KD alone) and no T² scaling, got "
-                             f"beta={self.beta}, t2_scale={self.t2_scale}")
+        problem = loss_form_problem(self.form, self.beta, self.t2_scale)
+        if problem is not None:
+            raise ValueError(f"KDSettings: {problem}")
 
 
 class ClinKDTrainer(Trainer):

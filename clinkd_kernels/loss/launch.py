@@ -47,6 +47,7 @@ def kd_rows_triton(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None
     n, vocab = z.shape
     if n == 0:
         return
+    labels = labels.contiguous()  # read as labels_ptr + row (likewise the [n] outputs and coefficients)
     block_v = _block_v(vocab)
     dummy = z
     t, stride_t = dummy, 0
@@ -59,7 +60,7 @@ def kd_rows_triton(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None
     elif topk is not None:
         mode = SPARSE
         idx, lp, res = topk
-        idx, lp = idx.contiguous(), lp.contiguous()
+        idx, lp, res = idx.contiguous(), lp.contiguous(), res.contiguous()
         k = idx.shape[1]
         stride_k = k
         block_k = triton.next_power_of_2(k)

@@ -5,7 +5,7 @@ Tokens are processed in chunks of ``chunk_size`` rows. Per chunk (h = hidden[chu
 
     logits   = h Wᵀ + b                       [chunk, V]   (torch matmul: cuBLAS / CPU BLAS)
     teacher  = h_t W_t[:V]ᵀ + b_t[:V]          [chunk, V]   (dense teacher; no gradient)
-    KD_i, CE_i, dlogits  ← the row function (``launch.rows_function``), dlogits written over the logits
+    KD_i, CE_i, dlogits  ← the row function (``rows.rows_function``), dlogits written over the logits
     grad_hidden[chunk] = dlogits W,  grad_W += dlogitsᵀ h,  grad_b += Σ_rows dlogits
 
 For mean/sum the gradients are complete after forward and backward only scales them, in place, by
@@ -30,7 +30,8 @@ from .._validation import check_int
 from ..topk import PseudoLabels
 from . import checks
 from .reference import linear_kd_loss_reference
-from .rows import BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function, scale_saved_
+from .rows import (BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function,
+                   scale_saved_, topk_fields)
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -97,7 +98,6 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     gb = torch.zeros(vocab, dtype=acc_w, device=weight.device) if grad_bias else None
     tw = None if t_weight is None else t_weight[:vocab]
     tb = None if t_bias is None else t_bias[:vocab]
-    bad_teacher = torch.zeros(n, dtype=torch.bool, device=hidden.device) if tw is not None else None
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         h = hidden[a:b]
@@ -106,7 +106,6 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
         if tw is not None:
             th = t_hidden[a:b]
             t_logits = th @ tw.t() if tb is None else torch.addmm(tb, th, tw.t())
-            bad_teacher[a:b] = checks.bad_teacher_rows(t_logits, labels[a:b], vocab, ignore_index)
         rows(logits, labels[a:b], teacher_logits=t_logits,
              topk=None if topk is None else tuple(x[a:b] for x in topk), inv_t=inv_t, ignore_index=ignore_index,
              coef_kd=coef_kd[a:b], coef_ce=coef_ce[a:b], kd_out=kd_rows[a:b], ce_out=ce_rows[a:b],
@@ -119,13 +118,25 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
         if grad_bias:
             gb.add_(logits.sum(0, dtype=acc_w))
         del logits
-    if bad_teacher is not None and bool(bad_teacher.any()):  # one host sync, after every chunk
-        raise ValueError(checks.bad_teacher_message(bad_teacher))
     return kd_rows, ce_rows, gh, gw, gb
 
 
-def _topk(indices, logprobs, residual):
-    return None if indices is None else (indices, logprobs, residual)
+def _check_dense_teacher(kd_rows, labels, ignore_index, teacher_hidden, teacher_weight, teacher_bias, vocab):
+    """A valid row whose dense teacher has no distribution (NaN, +inf, all −inf logits) has a NaN KD_i, and
+    so has a row whose student logits hold NaN or +inf (an undefined softmax, reported as NaN as by
+    kd_loss). One host sync on the [N] KD values, no pass over the logits; only on that error path are
+    the teacher logits of the NaN rows formed again, to tell the two apart."""
+    nan_rows = (labels != ignore_index) & torch.isnan(kd_rows)
+    if not bool(nan_rows.any()):
+        return
+    rows = nan_rows.nonzero().squeeze(1)
+    t_logits = teacher_hidden[rows] @ teacher_weight[:vocab].t()
+    if teacher_bias is not None:
+        t_logits = t_logits + teacher_bias[:vocab]
+    bad = torch.zeros_like(nan_rows)
+    bad[rows] = checks.bad_teacher_rows(t_logits, labels[rows], vocab, ignore_index)
+    if bool(bad.any()):
+        raise ValueError(checks.bad_teacher_message(bad))
 
 
 def _or_empty(grad, like, dtype=None):
@@ -144,7 +155,7 @@ def _linear_kd_loss_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kd, ce, grad_hidden, grad_weight fp32, grad_bias fp32); a gradient not asked for is [0].
     With reduction="none" no gradient is computed here (backward recomputes)."""
-    topk = _topk(topk_indices, topk_logprobs, topk_residual)
+    topk = topk_fields(topk_indices, topk_logprobs, topk_residual)
     checks.check_values(labels, weight.shape[0], ignore_index, token_weights, topk)
     coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
         labels, token_weights, ignore_index=ignore_index, temperature=temperature, alpha=alpha, beta=beta,
@@ -155,6 +166,9 @@ def _linear_kd_loss_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         coef_ce=coef_ce, inv_t=1.0 / temperature, ignore_index=ignore_index, chunk=chunk_size, backend=backend,
         grad_hidden=keep and grad_hidden, grad_weight=keep and grad_weight,
         grad_bias=keep and grad_bias and bias is not None)
+    if teacher_weight is not None:
+        _check_dense_teacher(kd_rows, labels, ignore_index, teacher_hidden, teacher_weight, teacher_bias,
+                             weight.shape[0])
     loss, kd, ce = assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=alpha, beta=beta, reduction=reduction)
     return loss, kd, ce, _or_empty(gh, hidden), _or_empty(gw, kd_rows), _or_empty(gb, kd_rows)
 
@@ -194,7 +208,7 @@ def _linear_backward_rows_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weig
     g = grad_loss.to(acc)
     _, _, gh, gw, gb = _run_chunks(
         hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias,
-        _topk(topk_indices, topk_logprobs, topk_residual), coef_kd=coef_kd * g, coef_ce=coef_ce * g,
+        topk_fields(topk_indices, topk_logprobs, topk_residual), coef_kd=coef_kd * g, coef_ce=coef_ce * g,
         inv_t=1.0 / temperature, ignore_index=ignore_index, chunk=chunk_size, backend=backend,
         grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias and bias is not None)
     return _or_empty(gh, hidden), _or_empty(gw, hidden, acc), _or_empty(gb, hidden, acc)

@@ -20,7 +20,8 @@ from .._dispatch import empty_output, resolve_backend
 from ..topk import PseudoLabels
 from . import checks
 from .reference import kd_loss_reference
-from .rows import BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function, scale_saved_
+from .rows import (BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function,
+                   scale_saved_, topk_fields)
 
 def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, grad):
     """(loss, kd, ce) of logits z [N, V]; writes the gradient into ``grad`` ([N, V], may be z) unless None."""
@@ -38,10 +39,6 @@ def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, gra
     return assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=o.alpha, beta=o.beta, reduction=o.reduction)
 
 
-def _topk(indices, logprobs, residual):
-    return None if indices is None else (indices, logprobs, residual)
-
-
 @torch.library.custom_op("clinkd::kd_loss", mutates_args=())
 def _kd_loss_op(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
                 topk_indices: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
@@ -53,8 +50,9 @@ def _kd_loss_op(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logi
     o = LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
     grad = (empty_output(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
             if compute_grad else student_logits.new_empty(0))
-    loss, kd, ce = _forward(student_logits, labels, teacher_logits, _topk(topk_indices, topk_logprobs, topk_residual),
-                            token_weights, o, grad if compute_grad else None)
+    topk = topk_fields(topk_indices, topk_logprobs, topk_residual)
+    loss, kd, ce = _forward(student_logits, labels, teacher_logits, topk, token_weights, o,
+                            grad if compute_grad else None)
     return loss, kd, ce, grad
 
 
@@ -80,7 +78,7 @@ class _KDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, labels, teacher_logits, topk_indices, topk_logprobs, topk_residual,
                 token_weights, options: LossOptions, inplace: bool):
-        topk = _topk(topk_indices, topk_logprobs, topk_residual)
+        topk = topk_fields(topk_indices, topk_logprobs, topk_residual)
         if inplace:
             loss, kd, ce = _forward(student_logits, labels, teacher_logits, topk, token_weights, options,
                                     grad=student_logits)

@@ -49,6 +49,11 @@ def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
 BACKENDS = ("triton", "cpu", "torch")
 
 
+def topk_fields(indices, logprobs, residual):
+    """The sparse teacher as the row functions take it: (indices, logprobs, residual), or None."""
+    return None if indices is None else (indices, logprobs, residual)
+
+
 def rows_function(backend: str):
     """The row function of "triton" or "cpu" (the Triton kernel's module is imported only when used)."""
     if backend == "triton":

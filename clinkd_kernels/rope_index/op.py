@@ -127,9 +127,11 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
         check_int("modality_gap", modality_gap, low=1)
         check_int("vision_stride", vision_stride, low=1)
         check_int("pad_position", pad_position)
-    if S * (modality_gap + vision_stride) >= 2**62:  # positions grow by at most gap + stride per token
+    # Positions grow by at most gap + stride per token; the device path computes them in float64, exact
+    # below 2^53 (and int64 holds them).
+    if S * (modality_gap + vision_stride) >= 2**53:
         raise ValueError(f"modality_gap={modality_gap} and vision_stride={vision_stride} over {S} tokens give "
-                         "positions beyond int64: S·(modality_gap + vision_stride) must be < 2^62")
+                         "positions beyond 2^53: S·(modality_gap + vision_stride) must be < 2^53")
     if image_token_id == video_token_id:
         raise ValueError(f"image_token_id and video_token_id must differ, both are {image_token_id}")
     if vision_start_token_id is not None:

@@ -61,28 +61,43 @@ def test_opcheck_linear_kd_loss(reduction, sparse):
     torch.library.opcheck(_linear_kd_loss_op, _linear_args(reduction, sparse))
 
 
-def test_torch_compile_fullgraph():
-    """kd_loss and linear_kd_loss trace into one graph (no graph breaks) and give the eager result."""
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_compile_fullgraph(reduction, sparse):
+    """kd_loss and linear_kd_loss (with a bias, components returned) trace into one graph (no graph
+    breaks) and give the eager values and gradients, for a dense and a top-k teacher, reduced or per row."""
     n, hd, v = 9, 8, 53
     h = torch.randn(n, hd, requires_grad=True)
     w = torch.randn(v, hd, requires_grad=True)
+    b = torch.randn(v, requires_grad=True)
     labels = torch.randint(0, v, (n,))
+    labels[2] = -100
     th, tw = torch.randn(n, 4), torch.randn(v, 4)
+    if sparse:
+        teacher = dict(teacher=pseudo_labels(th @ tw.t(), 5, 0.5, v))
+        linear_teacher = teacher
+    else:
+        teacher = dict(teacher_logits=th @ tw.t())
+        linear_teacher = dict(teacher_hidden=th, teacher_weight=tw)
 
-    def step(h, w):
-        logits = h @ w.t()
-        a = kd_loss(logits, labels, teacher_logits=th @ tw.t(), temperature=0.5, backend="cpu")
-        b = linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=0.5, chunk_size=4,
-                           backend="cpu")
-        return a + b
+    def step(h, w, b):
+        logits = h @ w.t() + b
+        a, kd_a, ce_a = kd_loss(logits, labels, temperature=0.5, reduction=reduction, return_components=True,
+                                backend="cpu", **teacher)
+        c, kd_c, ce_c = linear_kd_loss(h, w, labels, bias=b, temperature=0.5, chunk_size=4, reduction=reduction,
+                                       return_components=True, backend="cpu", **linear_teacher)
+        return (a + c).sum(), kd_a + kd_c, ce_a + ce_c
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    out = compiled(h, w)
+    out, kd_out, ce_out = compiled(h, w, b)
     out.backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    want = step(h, w)
+    grads = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    want, kd_want, ce_want = step(h, w, b)
     want.backward()
     torch.testing.assert_close(out, want)
-    torch.testing.assert_close(gh, h.grad)
-    torch.testing.assert_close(gw, w.grad)
+    torch.testing.assert_close(kd_out, kd_want)
+    torch.testing.assert_close(ce_out, ce_want)
+    for got, t in zip(grads, (h, w, b)):
+        torch.testing.assert_close(got, t.grad)

@@ -223,12 +223,24 @@ def test_contradictory_or_incomplete_inputs_raise():
     wrong = types.clone()
     row, col = (types == 1).nonzero()[0].tolist()
     wrong[row, col] = 0
+    stock_indices = patch_qwen2_vl(qwen2_vl_model(), mcg_rope=None, backend="cpu")
+    # Stock indices are computed from the types: a forward checks them (and generate() once per call).
     with pytest.raises(ValueError, match=rf"mm_token_type_ids disagrees with input_ids at row {row}, token {col}"):
-        model(**batch, mm_token_type_ids=wrong)
-    with pytest.raises(ValueError, match="mm_token_type_ids disagrees"):
-        model.generate(**batch, mm_token_type_ids=wrong, max_new_tokens=2, pad_token_id=PAD)
+        stock_indices(**batch, mm_token_type_ids=wrong)
     with pytest.raises(ValueError, match=r"mm_token_type_ids must be a tensor of the shape of input_ids"):
-        model(**batch, mm_token_type_ids=types[:, 1:])
+        stock_indices(**batch, mm_token_type_ids=types[:, 1:])
+    for m in (model, stock_indices):
+        with pytest.raises(ValueError, match="mm_token_type_ids disagrees"):
+            m.generate(**batch, mm_token_type_ids=wrong, max_new_tokens=2, pad_token_id=PAD)
+    # MCG-RoPE indices read the placeholder ids: a forward's types cannot move a position (not checked,
+    # no host sync per training step), the positions are the ids' own.
+    seen, handle = _record_positions(model)
+    with torch.no_grad():
+        model(**batch, mm_token_type_ids=wrong, use_cache=False)
+    handle.remove()
+    want, _ = _index(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], 2)
+    keep = batch["attention_mask"].bool()
+    assert torch.equal(seen[0][:, keep], want[:, keep])
     embeds = model.get_input_embeddings()(batch["input_ids"])
     vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
     with pytest.raises(ValueError, match="without input_ids.*position_ids"):

@@ -231,5 +231,5 @@ def test_released_form_equals_the_released_total(world, tmp_path, kd_only):
     assert_close("released form", got.reshape(()), want, base, atol=1e-5 * float(want.abs()))
     with pytest.raises(ValueError, match="released loss form has beta 1"):
         KDSettings(form="released", beta=0.5)
-    with pytest.raises(ValueError, match="form must be one of"):
+    with pytest.raises(ValueError, match="loss form must be one of"):
         KDSettings(form="mean")
