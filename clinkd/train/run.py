@@ -13,6 +13,8 @@ Folder layout under ``output_dir``:
                                   and clinkd_patch.json: the patch it was trained with, which
                                   ``clinkd predict`` applies)
     <stage>/stage.json            written when the stage is complete (its log history)
+    <rct stage>/round-r/          an rct stage's rounds: corrections.jsonl, checkpoints, final/, round.json
+                                  (clinkd.train.rct_stage); the stage's final is its last round's
 
 ``run_training(resume=True)`` skips complete stages (loading the student from their ``final``) and
 resumes the interrupted one from its last checkpoint; with ``resume=False`` an output folder that
@@ -365,6 +367,21 @@ def patch_positions(patch: dict | None) -> str:
     return f"MCG-RoPE gap {rope.modality_gap}, stride {rope.vision_stride}"
 
 
+def check_similarity(stage: StageSpec, where: str) -> None:
+    """The similarity model of an rct stage can be found (a folder, or an installed package shipping one),
+    unless it is ROUGE-L or a ROUGE-L fallback is allowed: ConfigError naming ``where.similarity.model``."""
+    from clinkd.rct.similarity import DEFAULT_MODEL, LEXICAL, SimilarityError, model_folder
+
+    spec = stage.rct.similarity
+    model = spec.get("model", DEFAULT_MODEL)
+    if model == LEXICAL or spec.get("fallback") == LEXICAL:
+        return
+    try:
+        model_folder(model)
+    except SimilarityError as e:
+        raise ConfigError(f"{where}.similarity.model: {e}") from None
+
+
 # ------------------------------------------------------------------ stores
 
 
@@ -408,6 +425,9 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
     for role, cfg in configs.items():
         check_patch(config.models[role], cfg, f"config.models.{role}")
     for i, stage in enumerate(config.stages):
+        if stage.type == "rct":
+            check_similarity(stage, f"config.stages[{i}]")
+    for i, stage in enumerate(config.stages):
         if stage.type == "kd" and stage.topk is not None and stage.topk > _vocab(configs["student"]):
             raise ConfigError(f"config.stages[{i}].topk={stage.topk} exceeds the student's vocabulary "
                               f"{_vocab(configs['student'])}")
@@ -426,10 +446,11 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
     return PreparedRun(config, processor, dataset, collator, configs)
 
 
-def _training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool, output_dir: str | None = None):
+def _training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool, output_dir: str | None = None,
+                        overrides: dict | None = None):
     from transformers import TrainingArguments
 
-    kwargs = {"report_to": "none", **config.stage_args(stage)}
+    kwargs = {"report_to": "none", **config.stage_args(stage), **(overrides or {})}
     kwargs.setdefault("seed", config.seed)
     if not progress:
         kwargs["disable_tqdm"] = True
@@ -514,6 +535,16 @@ def ensure_store(prepared: PreparedRun, stage: StageSpec, teacher_factory, *, pr
     return PseudoLabelStore(path, expect=meta)
 
 
+def _world_process_zero() -> bool:
+    """This process writes the run's records (rank 0, or the only process)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _wait_for_everyone() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def run_training(config: RunConfig, *, resume: bool = True, progress: bool = True, callbacks=None,
                  prepared: PreparedRun | None = None) -> dict:
     """Run every stage of ``config`` (after ``prepare_run``'s checks). Returns {stage: {"final": path,
@@ -539,17 +570,39 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
 
     student = None
     results = {}
+
+    def load_student(path):  # a saved student (an earlier stage's or round's final), or the run's own
+        spec = student_spec if path is None else ModelSpec(from_pretrained=str(path), dtype=config.student.dtype,
+                                                            patch=config.student.patch)
+        return build_model(spec, prepared.model_configs["student"], seed=seed)
+
+    def stage_arguments(stage, output_dir, overrides):
+        return _training_arguments(config, stage, progress=progress, output_dir=output_dir, overrides=overrides)
+
     for stage in config.stages:
         stage_dir = out / stage.name
         done = stage_dir / "stage.json"
         if resume and done.is_file():
-            student_spec = ModelSpec(from_pretrained=str(stage_dir / "final"), dtype=config.student.dtype,
-                                     patch=config.student.patch)
-            student = None
             results[stage.name] = json.loads(done.read_text())
+            student_spec = ModelSpec(from_pretrained=results[stage.name].get("final", str(stage_dir / "final")),
+                                     dtype=config.student.dtype, patch=config.student.patch)
+            student = None
+            continue
+        if stage.type == "rct":
+            from .rct_stage import run_rct_stage
+
+            student, result = run_rct_stage(prepared, stage, student, load_student=load_student,
+                                            training_arguments=stage_arguments, write_patch_record=write_patch_record,
+                                            resume=resume, progress=progress, callbacks=callbacks)
+            if _world_process_zero():
+                write_bytes_atomic(done, json.dumps(result, indent=1).encode())
+            _wait_for_everyone()
+            results[stage.name] = result
+            student_spec = ModelSpec(from_pretrained=result["final"], dtype=config.student.dtype,
+                                     patch=config.student.patch)
             continue
         if student is None:
-            student = build_model(student_spec, prepared.model_configs["student"], seed=seed)
+            student = load_student(None)
         kd, store, online = None, None, None
         if stage.type == "kd":
             kd = KDSettings(topk=stage.topk, temperature=stage.temperature, alpha=stage.alpha, beta=stage.beta,
@@ -580,5 +633,5 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
 
 
 __all__ = ["PATCH_RECORD", "PreparedRun", "build_model", "check_architecture", "check_buildable", "check_models",
-           "check_output_paths", "check_patch", "check_training_arguments", "ensure_store", "model_config",
+           "check_output_paths", "check_patch", "check_similarity", "check_training_arguments", "ensure_store", "model_config",
            "patch_positions", "prepare_run", "read_patch_record", "run_training", "store_meta", "write_patch_record"]
