@@ -8,6 +8,7 @@
     clinkd data demo --out DIR [...]              write the generated demo data set
     clinkd predict --model FOLDER --data test.jsonl --out preds.jsonl [...]
     clinkd eval --pred preds.jsonl [--data test.jsonl] [...]
+    clinkd rct-report FOLDER [--json report.json]   what each RCT round of a run did
 
 Each command is ``module``: ``setup(parser)`` adds its arguments, ``run(args)`` returns the exit code.
 A user error prints one line on stderr (``clinkd COMMAND: error: ...``) and exits 2: a bad argument,
@@ -47,12 +48,15 @@ COMMANDS: dict[str, Command] = {
                        "greedy, batched answers of a model → predictions JSONL"),
     "eval": Command("clinkd.eval.cli", "eval_arguments", "eval_command",
                     "Med-GRIT metrics of a predictions file, per modality and macro"),
+    "rct-report": Command("clinkd.rct.cli", "rct_report_arguments", "rct_report_command",
+                          "what each RCT round of a run did: wrong answers, corrections, score gain, cost"),
 }
 
 # The errors a user fixes in the config or the data: (module, class). An error of a module that was
 # never imported cannot have been raised, so only the imported ones are looked at.
 USER_ERRORS = (("clinkd.train.errors", "ConfigError"), ("clinkd.data.records", "DataError"),
-               ("clinkd.distill.store", "StoreError"))
+               ("clinkd.distill.store", "StoreError"), ("clinkd.rct.round", "RCTError"),
+               ("clinkd.rct.similarity", "SimilarityError"))
 
 
 def _function(command: Command, name: str):

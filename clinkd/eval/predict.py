@@ -121,7 +121,7 @@ def load_model(path: str, *, patch: dict | None | str = SAVED, dtype: str = "flo
     ones is a ValueError: the model would answer with positions it was not trained on."""
     from transformers import AutoModelForImageTextToText
 
-    from clinkd.train.run import patch_positions, read_patch_record
+    from clinkd.patch.record import patch_positions, read_patch_record
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:

@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 from clinkd.io import write_bytes_atomic
+from clinkd.patch.record import write_patch_record
 
 from ..data.dataset import ClinKDDataset
 from .trainer import ClinKDTrainer
 
 
-def run_rct_stage(prepared, stage, student, *, load_student, training_arguments, write_patch_record,
-                  resume: bool, progress: bool, callbacks=None, similarity=None) -> tuple[object, dict]:
+def run_rct_stage(prepared, stage, student, *, load_student, training_arguments, resume: bool, progress: bool,
+                  callbacks=None, similarity=None) -> tuple[object, dict]:
     """Run (or resume) the rounds of ``stage`` → (the student after the last round, the stage result
     {"final", "log_history", "rounds": [round.json of each]}).
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from clinkd.io import write_bytes_atomic
+from clinkd.patch.record import PATCH_RECORD, patch_positions, read_patch_record, write_patch_record
 
 from ..data.collate import Qwen2VLCollator
 from ..data.dataset import ClinKDDataset
@@ -334,39 +335,6 @@ def build_model(spec: ModelSpec, cfg, *, seed: int):
     return model
 
 
-PATCH_RECORD = "clinkd_patch.json"
-
-
-def write_patch_record(folder: str | os.PathLike, patch: dict | None) -> None:
-    """Record beside saved weights the ``patch_qwen2_vl`` keywords they were trained with (None: unpatched)."""
-    write_bytes_atomic(Path(folder) / PATCH_RECORD, json.dumps({"patch": patch}, indent=1).encode())
-
-
-def read_patch_record(folder: str | os.PathLike) -> dict:
-    """{"patch": dict | None} as ``write_patch_record`` wrote it, or {} when the folder records nothing.
-    ValueError for a record that is not that JSON."""
-    path = Path(folder) / PATCH_RECORD
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(record, dict) or "patch" not in record or not isinstance(record["patch"], (dict, type(None))):
-        raise ValueError(f"{path} must hold {{\"patch\": {{...}} or null}}, got {str(record)[:80]}")
-    return record
-
-
-def patch_positions(patch: dict | None) -> str:
-    """The position indices a patch gives: "stock", or "MCG-RoPE gap λ, stride α" (λ = α = 1 is stock)."""
-    from clinkd.patch.positions import MCGRope, as_mcg_rope
-
-    rope = None if patch is None else as_mcg_rope(patch.get("mcg_rope", MCGRope()))
-    if rope is None or (rope.modality_gap, rope.vision_stride) == (1, 1):
-        return "stock"
-    return f"MCG-RoPE gap {rope.modality_gap}, stride {rope.vision_stride}"
-
-
 def check_similarity(stage: StageSpec, where: str) -> None:
     """The similarity model of an rct stage can be found (a folder, or an installed package shipping one),
     unless it is ROUGE-L or a ROUGE-L fallback is allowed: ConfigError naming ``where.similarity.model``."""
@@ -592,8 +560,7 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
             from .rct_stage import run_rct_stage
 
             student, result = run_rct_stage(prepared, stage, student, load_student=load_student,
-                                            training_arguments=stage_arguments, write_patch_record=write_patch_record,
-                                            resume=resume, progress=progress, callbacks=callbacks)
+                                            training_arguments=stage_arguments, resume=resume, progress=progress, callbacks=callbacks)
             if _world_process_zero():
                 write_bytes_atomic(done, json.dumps(result, indent=1).encode())
             _wait_for_everyone()
