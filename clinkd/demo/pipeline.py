@@ -9,14 +9,20 @@ Steps (each resumable through ``run_training``, unless ``resume=False``; progres
 2. teacher: the config's ``models.teacher`` (a larger random-init Qwen2-VL, stock positions) trained by
    SFT on the training data → ``OUT/teacher``. Its offline processor is shared by every later run.
 3. student: ``models.student`` (small, MCG-RoPE patch) with the config's stages — KD from the
-   teacher's pseudo-label store with the confidence-margin curriculum, then SFT → ``OUT/student``.
-4. control: the same student architecture trained by SFT alone, for as many epochs as the KD and SFT
-   stages together → ``OUT/control``.
-5. greedy predictions of all three on ``test.jsonl`` (``OUT/predictions/<model>.jsonl``), Med-GRIT
+   teacher's pseudo-label store with the confidence-margin curriculum, then SFT, then RCT (rounds of
+   correction with SASG, each followed by an epoch of SFT on the corrected data) → ``OUT/student``.
+   Evaluated twice: after SFT (``student``) and after RCT (``student_rct``).
+4. RCT's ablation: the student after SFT trained for as many more epochs, in as many segments, on the
+   ground truth alone → ``OUT/student_sft`` (``student_rct`` − ``student_sft`` is what the corrections do).
+5. control: the same student architecture trained by SFT alone, for as many epochs as the KD and SFT
+   stages together → ``OUT/control`` (``student`` − ``control`` is what distillation does).
+6. greedy predictions of every model on ``test.jsonl`` (``OUT/predictions/<model>.jsonl``), Med-GRIT
    scores (``clinkd.eval``) with 95 % intervals from a paired bootstrap over the test questions
    (``clinkd.eval.bootstrap``), then the report in ``OUT``: ``report.md`` (scores with intervals, the
-   differences between the models that exceed their intervals, wall times), ``loss_curves.png``
-   (every model's losses along its whole run), ``report.json`` (all of it, every score per modality).
+   differences between the models that exceed their intervals, what each RCT round did and cost,
+   wall times), ``loss_curves.png`` (every model's losses along its whole run), ``report.json`` (all of
+   it, every score per modality).
+   Without an rct stage in the config, steps 3 and 4 have no RCT part.
    A resumed run keeps the wall times of the steps it skips from the report of the run that did them.
 """
 
@@ -32,6 +38,7 @@ from pathlib import Path
 
 TEACHER_EPOCHS = 4
 BOOTSTRAP_RESAMPLES = 1000
+ORDER = ("teacher", "student", "student_rct", "student_sft", "control")  # the report's rows
 
 
 def demo_preset() -> dict:
@@ -64,6 +71,8 @@ def demo_preset() -> dict:
              "curriculum": {"start_fraction": 0.5, "warmup_steps": 30}, "cache_batch_size": 16,
              "training": {"num_train_epochs": 3}},
             {"name": "sft", "type": "sft", "training": {"num_train_epochs": 3}},
+            {"name": "rct", "type": "rct", "rounds": 2, "every": "epoch", "batch_size": 32, "max_new_tokens": 48,
+             "candidates": 4, "temperature": 0.7, "top_p": 0.9, "similarity_threshold": 0.8, "iou_threshold": 0.5},
         ],
     }
 
@@ -97,8 +106,14 @@ def _epochs(mapping: dict, stage: dict) -> float:
     return float(stage.get("training", {}).get("num_train_epochs", mapping["training"].get("num_train_epochs", 1)))
 
 
+def _rct_index(stages: list[dict]) -> int | None:
+    """The position of the first rct stage of a run mapping's stages, or None."""
+    return next((i for i, s in enumerate(stages) if isinstance(s, dict) and s.get("type") == "rct"), None)
+
+
 def derive_configs(mapping: dict) -> dict[str, dict]:
-    """{"teacher", "student", "control"} run mappings from the demo mapping (absolute paths)."""
+    """{"teacher", "student", "student_sft" (with an rct stage), "control"} run mappings from the demo
+    mapping (absolute paths)."""
     from clinkd.train.config import ConfigError
 
     out = Path(mapping["output_dir"]).resolve()
@@ -115,12 +130,29 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
     student["output_dir"] = str(out / "student")
     student["processor"] = shared_processor
     student["models"]["teacher"] = {"from_pretrained": str(out / "teacher" / "sft" / "final"), "id": "demo-teacher"}
+    rct = _rct_index(student["stages"])
+    before_rct = student["stages"][:rct] if rct is not None else student["stages"]
+    configs = {"teacher": teacher, "student": student}
+    if rct is not None:
+        if rct == 0:
+            raise ConfigError("the demo's rct stage needs a stage before it (the student it corrects)")
+        stage = student["stages"][rct]
+        rounds, every = stage.get("rounds", 2), stage.get("every", "epoch")
+        segment = {"num_train_epochs": 1} if every == "epoch" else {"max_steps": stage.get("steps")}
+        ablation = copy.deepcopy(student)
+        ablation["output_dir"] = str(out / "student_sft")
+        ablation["models"] = {"student": {"from_pretrained": str(out / "student" / before_rct[-1]["name"] / "final"),
+                                          "patch": student["models"]["student"].get("patch", {})}}
+        ablation["stages"] = [{"name": f"sft-{r}", "type": "sft", "training": {**stage.get("training", {}), **segment}}
+                              for r in range(1, rounds + 1)]
+        configs["student_sft"] = ablation
     control = copy.deepcopy(student)
     control["output_dir"] = str(out / "control")
     del control["models"]["teacher"]
     control["stages"] = [{"name": "sft", "type": "sft",
-                          "training": {"num_train_epochs": sum(_epochs(student, s) for s in student["stages"])}}]
-    return {"teacher": teacher, "student": student, "control": control}
+                          "training": {"num_train_epochs": sum(_epochs(student, s) for s in before_rct)}}]
+    configs["control"] = control
+    return configs
 
 
 def _user_config(path) -> dict:
@@ -175,7 +207,7 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
 
     configs = derive_configs(mapping)
     results, models = {}, {}
-    for name in ("teacher", "student", "control"):
+    for name in configs:
         t = time.perf_counter()
         config = parse_config(configs[name])
         if resume and all((Path(config.output_dir) / s.name / "stage.json").is_file() for s in config.stages):
@@ -183,9 +215,18 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
         elif progress:
             print(f"[demo] training the {name} ({', '.join(s.name for s in config.stages)})", flush=True)
         results[name] = run_training(config, resume=resume, progress=progress)
-        last = config.stages[-1].name
-        models[name] = (results[name][last]["final"], config.student.patch)
+        if name == "student" and "student_sft" in configs:  # evaluated after SFT and after RCT
+            before = config.stages[_rct_index(configs[name]["stages"]) - 1].name
+            models["student"] = (results[name][before]["final"], config.student.patch)
+            models["student_rct"] = (results[name][config.stages[-1].name]["final"], config.student.patch)
+        else:
+            models[name] = (results[name][config.stages[-1].name]["final"], config.student.patch)
         timings[f"train_{name}"] = time.perf_counter() - t
+    rct = _rct_summary(results["student"])
+    start = {}
+    if "student_sft" in results:  # its curve continues the student's run before RCT
+        start["student_sft"] = sum(max((int(e["step"]) for e in r["log_history"] if "step" in e), default=0)
+                                   for r in results["student"].values() if "rounds" not in r)
 
     scores, rows = {}, {}
     t = time.perf_counter()
@@ -198,7 +239,7 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     timings["meteor_start"] = time.perf_counter() - t
     processor = load_processor(str(Path(configs["teacher"]["output_dir"]) / "processor"))  # shared by all three
     try:
-        for name, (path, patch) in models.items():
+        for name, (path, patch) in sorted(models.items(), key=lambda item: ORDER.index(item[0])):
             t = time.perf_counter()
             model = load_model(path, patch=patch)
             preds = out / "predictions" / f"{name}.jsonl"
@@ -226,12 +267,19 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     for step in skipped:
         if step in previous:
             timings[step] = previous[step]
-    report = {"scores": scores, "intervals": intervals, "timings_s": timings, "skipped": skipped,
+    report = {"scores": scores, "intervals": intervals, "timings_s": timings, "skipped": skipped, "rct": rct,
               "load_average": load, "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
               "machine": platform.platform(), "commit": _commit(), "config": mapping,
-              "loss_curves": loss_curves(results)}
+              "loss_curves": loss_curves(results, start)}
     write_report(out, report)
     return report
+
+
+def _rct_summary(stages: dict) -> list[dict]:
+    """What each RCT round of the student's run did and cost (``clinkd rct-report``'s rounds)."""
+    from clinkd.rct.cli import round_report
+
+    return [round_report(Path(r["final"]).parent) for result in stages.values() for r in result.get("rounds", ())]
 
 
 def _torch_threads() -> int:

@@ -18,7 +18,13 @@ from clinkd.io import write_bytes_atomic, write_text_atomic
 COLUMNS = (("VG", "Recall@0.5"), ("ROC", "Accuracy"), ("RC", "BLEU-4"), ("RC", "ROUGE-L"), ("RC", "CIDEr"),
            ("MIA", "BLEU-1"), ("MIA", "ROUGE-L"), ("MIA", "METEOR"), ("MIA", "mBMR"))
 NAMES = {"teacher": "teacher (SFT)", "student": "student MCG-RoPE (KD + curriculum → SFT)",
+         "student_rct": "student MCG-RoPE (KD + curriculum → SFT → RCT)",
+         "student_sft": "student MCG-RoPE (KD + curriculum → SFT → SFT, RCT's epochs on the ground truth)",
          "control": "student MCG-RoPE (SFT only)"}
+SHORT = {"student_rct": "student+RCT", "student_sft": "student+SFT"}
+# the differences the report shows (report.json keeps every pair): distillation, RCT against its ablation
+PAIRS = (("teacher", "student"), ("teacher", "control"), ("student", "control"), ("student_rct", "student_sft"),
+         ("student_rct", "student"), ("student_rct", "control"))
 
 
 def _number(value) -> str:
@@ -33,6 +39,30 @@ def _with_interval(block: dict | None) -> str:
     return _number(block["value"]) + ("" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]")
 
 
+def _short(name: str) -> str:
+    return SHORT.get(name, name)
+
+
+def shown_differences(report: dict) -> list[tuple[str, dict]]:
+    """(label "a − b", {task: {metric: block}}) of the PAIRS present in the report, each as a − b (the
+    bootstrap's b − a negated where it holds that order); every pair when the models are others."""
+    differences = report["intervals"]["differences"]
+    pairs = [(a, b) for a, b in PAIRS if f"{a} - {b}" in differences or f"{b} - {a}" in differences]
+    if not pairs:
+        pairs = [tuple(key.split(" - ")) for key in differences]
+    out = []
+    for a, b in pairs:
+        if f"{a} - {b}" in differences:
+            by_task = differences[f"{a} - {b}"]
+        else:
+            by_task = {t: {m: dict(block, value=None if block["value"] is None else 0.0 - block["value"] + 0.0,
+                                   interval=None if block["interval"] is None else
+                                   [0.0 - block["interval"][1] + 0.0, 0.0 - block["interval"][0] + 0.0])
+                           for m, block in metrics.items()} for t, metrics in differences[f"{b} - {a}"].items()}
+        out.append((f"{_short(a)} − {_short(b)}", by_task))
+    return out
+
+
 def score_table(report: dict) -> str:
     """The markdown table of each model's macro scores with their intervals, and of each difference."""
     intervals = report["intervals"]
@@ -43,38 +73,54 @@ def score_table(report: dict) -> str:
         lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     lines += ["", "Differences (paired: the same resampled questions for both models; **bold**: the interval "
               "excludes 0):", ""] + header
-    for pair, by_task in intervals["differences"].items():
+    for label, by_task in shown_differences(report):
         cells = []
         for t, m in COLUMNS:
             block = by_task.get(t, {}).get(m)
             cell = _with_interval(block)
             cells.append(f"**{cell}**" if block and block["clear"] else cell)
-        lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def clear_differences(report: dict) -> str:
     """One sentence per pair of models: the metrics whose difference interval excludes 0, or none."""
     out = []
-    for pair, by_task in report["intervals"]["differences"].items():
+    for label, by_task in shown_differences(report):
         clear = [f"{t} {m} ({block['value']:+.2f})" for t, m in COLUMNS
                  if (block := by_task.get(t, {}).get(m)) is not None and block["clear"]]
-        a, b = pair.split(" - ")
-        out.append(f"- {a} vs {b}: " + (", ".join(clear) if clear else "no difference larger than its interval"))
+        out.append(f"- {label.replace(' − ', ' vs ')}: " + (", ".join(clear) if clear else
+                                                           "no difference larger than its interval"))
     return "\n".join(out)
+
+
+def rct_section(report: dict) -> list[str]:
+    """What each RCT round did (``clinkd rct-report``'s tables) and its share of the demo's time."""
+    rounds = report.get("rct") or []
+    if not rounds:
+        return []
+    from clinkd.rct.cli import format_rounds
+
+    correction = sum(r["cost"]["wall_s"] for r in rounds)
+    training = sum(r["cost"].get("training_s") or 0.0 for r in rounds)
+    total = report["timings_s"].get("total")
+    share = f" of the demo's {total:.0f} s ({100 * correction / total:.0f} %)" if total else ""
+    return ["## RCT rounds of the student", "",
+            f"Correction (answers, candidates, scoring) took {correction:.1f} s{share}; the rounds' training "
+            f"epochs {training:.1f} s.", "", format_rounds(rounds).replace("## ", "### ")]
 
 
 def markdown(report: dict) -> str:
     first = next(iter(report["scores"].values()))
     ci = report["intervals"]
     lines = ["# ClinKD demo report", "",
-             f"Scores of the three models on the demo test split ({first['n']} questions), macro-averaged over "
+             f"Scores of the models on the demo test split ({first['n']} questions), macro-averaged over "
              f"modalities, ×100, with {round(100 * ci['confidence'])} % confidence intervals: {ci['method']} "
              f"({ci['resamples']} resamples, seed {ci['seed']}).", "", score_table(report), "",
              "Differences larger than their intervals:", "", clear_differences(report), "",
              f"METEOR: {first['meteor']}. SPICE: {first['spice']}.", "",
              "Predictions: `predictions/<model>.jsonl`; models: `<model>/<stage>/final` (`clinkd predict --model "
-             "...` applies the patch each was trained with).", "", "## Wall time (s)", ""]
+             "...` applies the patch each was trained with).", "", *rct_section(report), "## Wall time (s)", ""]
     skipped = set(report.get("skipped", ()))
     for step, seconds in report["timings_s"].items():
         note = " (skipped on resume: the time of the run that did it)" if step in skipped else ""
@@ -90,16 +136,17 @@ def markdown(report: dict) -> str:
 # loss curves
 
 
-def loss_curves(results: dict) -> dict:
+def loss_curves(results: dict, start: dict | None = None) -> dict:
     """{"series": {"<model>/<part>": [[step, value], ...]}, "boundaries": {model: [[step, "kd → sft"]]}} from
     ``run_training``'s results per model. Steps count optimizer steps over all of a model's stages (a
     later stage continues where the previous one ended), so the student and the control, trained for
     as many epochs, share one axis. Parts: ``ce`` (next-token cross-entropy), ``kd`` (the KD term, as the
     stage's loss form defines it) and ``objective`` (what a KD stage minimises: (α·KD + β·CE)/(α + β), or
-    the released form's total); an SFT stage's objective is its CE."""
+    the released form's total); an SFT stage's objective is its CE. ``start``: {model: the step its run
+    starts from} for a model that continues another's (default 0)."""
     series, boundaries = {}, {}
     for model, stages in results.items():
-        offset = 0
+        offset = (start or {}).get(model, 0)
         names = list(stages)
         for i, stage in enumerate(names):
             history = stages[stage]["log_history"]

@@ -61,6 +61,18 @@ def _released_recipe() -> dict:
     }
 
 
+def _released_recipe_with_rct() -> dict:
+    """The released recipe, then RCT with SASG (the paper's third part; clinkd's defaults, docs/method.md):
+    two rounds of one epoch, each checking a quarter of the training questions, 4 candidates per wrong
+    answer, at a lower learning rate than SFT."""
+    recipe = _released_recipe()
+    recipe["stages"].append({"name": "rct", "type": "rct", "rounds": 2, "every": "epoch", "sample": 0.25,
+                             "batch_size": 16, "max_new_tokens": 128, "candidates": 4, "temperature": 0.7,
+                             "top_p": 0.9, "similarity_threshold": 0.8, "iou_threshold": 0.5, "mode": "replace",
+                             "training": {"learning_rate": 1e-5}})
+    return recipe
+
+
 def _tiny() -> dict:
     """Random-init tiny teacher and student with an offline processor: a CPU smoke run of the pipeline."""
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -90,6 +102,9 @@ def _tiny() -> dict:
 
 register_preset("clinkd-qwen2-vl-7b", _released_recipe,
                 "the released ClinKD recipe on Qwen2-VL-7B-Instruct: give models.teacher, data.train, output_dir")
+register_preset("clinkd-qwen2-vl-7b-rct", _released_recipe_with_rct,
+                "the released recipe, then two rounds of Reflective Correction Training (RCT + SASG): give "
+                "models.teacher, data.train, output_dir")
 register_preset("tiny", _tiny, "random-init tiny models and an offline processor: a CPU smoke run; give data.train "
                 "and output_dir")
 
