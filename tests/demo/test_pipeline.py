@@ -12,15 +12,24 @@ from clinkd.train.config import ConfigError, parse_config
 def test_derived_configs(tmp_path):
     mapping = dict(demo_preset(), output_dir=str(tmp_path / "out"))
     configs = derive_configs(mapping)
-    teacher, student, control = (parse_config(configs[k]) for k in ("teacher", "student", "control"))
+    assert list(configs) == ["teacher", "student", "student_sft", "control"]
+    teacher, student, ablation, control = (parse_config(configs[k]) for k in configs)
     assert teacher.student.patch is None and [s.type for s in teacher.stages] == ["sft"]
     assert teacher.student.config == mapping["models"]["teacher"]["config"]
-    assert [s.type for s in student.stages] == ["kd", "sft"]
+    assert [s.type for s in student.stages] == ["kd", "sft", "rct"]
     assert student.stages[0].curriculum is not None and student.student.patch["mcg_rope"]
     assert student.teacher.from_pretrained == str(tmp_path / "out" / "teacher" / "sft" / "final")
     assert control.teacher is None and control.student.patch == student.student.patch
-    epochs = [student.stage_args(s)["num_train_epochs"] for s in student.stages]
-    assert control.stage_args(control.stages[0])["num_train_epochs"] == sum(epochs)
+    epochs = [student.stage_args(s)["num_train_epochs"] for s in student.stages[:2]]
+    assert control.stage_args(control.stages[0])["num_train_epochs"] == sum(epochs)  # matched to KD → SFT
+    # RCT's ablation: from the student after SFT, as many one-epoch segments of SFT as RCT has rounds
+    rct = student.stages[2].rct
+    assert ablation.student.from_pretrained == str(tmp_path / "out" / "student" / "sft" / "final")
+    assert ablation.student.patch == student.student.patch and ablation.teacher is None
+    assert [s.type for s in ablation.stages] == ["sft"] * rct.rounds
+    assert all(ablation.stage_args(s)["num_train_epochs"] == 1 for s in ablation.stages)
+    without = derive_configs(dict(mapping, stages=mapping["stages"][:2]))
+    assert list(without) == ["teacher", "student", "control"]
 
 
 def test_bad_demo_config_fails_before_running(tmp_path):
@@ -79,23 +88,29 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
                  "training.per_device_train_batch_size=8",
                  "stages=[{name: kd, type: kd, teacher: store, topk: 8, curriculum: {start_fraction: 0.5, "
                  "warmup_steps: 2}, training: {num_train_epochs: 1}}, {name: sft, type: sft, "
-                 "training: {num_train_epochs: 1}}]"]
+                 "training: {num_train_epochs: 1}}, {name: rct, type: rct, rounds: 1, batch_size: 8, "
+                 "max_new_tokens: 8, candidates: 2}]"]
     monkeypatch.setattr(pipeline, "BOOTSTRAP_RESAMPLES", 30)
     assert main(["demo", "--no-progress"] + [a for o in overrides for a in ("--set", o)]) == 0
     printed = capsys.readouterr().out
     assert "| teacher (SFT) |" in printed and "| student − control |" in printed
+    assert "| student+RCT − student+SFT |" in printed
     assert "Differences larger than their intervals:" in printed and "predictions in" in printed
     out = tmp_path / "out"
     first = json.loads((out / "report.json").read_text())
-    for name in ("teacher", "student", "control"):
+    for name in ("teacher", "student", "student_rct", "student_sft", "control"):
         assert set(first["scores"][name]["tasks"]) == {"VG", "ROC", "RC", "MIA"}
         assert first["intervals"]["models"][name]["MIA"]["mBMR"]["interval"] is not None or \
             first["scores"][name]["meteor"] != "available"
     assert first["skipped"] == ["data"]  # the data set was given
     assert (out / "student" / "pseudo_labels").is_dir()
+    assert [r["round"] for r in first["rct"]] == ["round-1"] and first["rct"][0]["summary"]["all"]["checked"] == 40  # 5 modalities × 2 images × 4 tasks
+    report_md = (out / "report.md").read_text()
+    assert "## RCT rounds of the student" in report_md and "### rct / round-1" in report_md
 
     again = run_demo(overrides=overrides, progress=False, max_new_tokens=8, resamples=10)
-    assert again["skipped"] == ["data", "train_teacher", "train_student", "train_control"]
+    assert again["skipped"] == ["data", "train_teacher", "train_student", "train_student_sft", "train_control"]
+    assert again["rct"] == first["rct"]
     for step in again["skipped"][1:]:
         assert again["timings_s"][step] == first["timings_s"][step]
 
