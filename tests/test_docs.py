@@ -127,6 +127,7 @@ def test_example_config_names_every_key():
     text = EXAMPLE.read_text(encoding="utf-8")
     kd = next(i for i, s in enumerate(mapping["stages"]) if s["type"] == "kd")
     sft = next(i for i, s in enumerate(mapping["stages"]) if s["type"] == "sft")
+    rct = next(i for i, s in enumerate(mapping["stages"]) if s["type"] == "rct")
     locations = [([], "config:"), (["models"], "config.models:"), (["models", "student"], "config.models.student:"),
                  (["models", "teacher"], "config.models.teacher:"),
                  (["models", "student", "patch"], "config.models.student.patch:"),
@@ -134,7 +135,9 @@ def test_example_config_names_every_key():
                  (["data"], "config.data:"), (["processor"], "config.processor:"),
                  (["processor", "offline"], "config.processor.offline:"),
                  (["stages", kd], f"config.stages[{kd}]:"), (["stages", sft], f"config.stages[{sft}]:"),
-                 (["stages", kd, "curriculum"], f"config.stages[{kd}].curriculum:")]
+                 (["stages", kd, "curriculum"], f"config.stages[{kd}].curriculum:"),
+                 (["stages", rct], f"config.stages[{rct}]:"),
+                 (["stages", rct, "similarity"], f"config.stages[{rct}].similarity:")]
     for where, message_where in locations:
         for key in _allowed_keys(mapping, where, message_where):
             # as a block or flow-mapping key, or as a commented-out alternative ("# from_pretrained: ...")
@@ -149,7 +152,8 @@ def test_example_config_parses_and_passes_the_checks(tmp_path):
     data = build_demo_data(tmp_path / "data", train_per_modality=1, test_per_modality=1)
     config = load_config(EXAMPLE, overrides=[f"data.train={data / 'train.jsonl'}", f"data.root={data}",
                                              f"output_dir={tmp_path / 'run'}"])
-    assert [s.type for s in config.stages] == ["kd", "sft"]
+    assert [s.type for s in config.stages] == ["kd", "sft", "rct"]
+    assert config.stages[2].rct.template == config.stages[2].rct.template.replace("\\n", "\n")  # real newlines
     assert config.student.patch is not None and config.teacher is not None
     assert Path(config.output_dir) == tmp_path / "run"
     prepared = prepare_run(config)  # what `clinkd check` runs: processor, every record, model configs
@@ -158,8 +162,9 @@ def test_example_config_parses_and_passes_the_checks(tmp_path):
 
 
 def test_example_config_runs_end_to_end(tmp_path):
-    """The example, copied beside a tiny data set (its relative paths then resolve there), trains both
-    stages for one optimizer step each: pseudo-label store, KD with the curriculum, then SFT."""
+    """The example, copied beside a tiny data set (its relative paths then resolve there), trains every
+    stage: pseudo-label store, KD with the curriculum (one step), SFT (one step), then two RCT rounds
+    (an epoch each)."""
     import json
 
     from clinkd.demo import build_demo_data
@@ -169,8 +174,9 @@ def test_example_config_runs_end_to_end(tmp_path):
     shutil.copy(EXAMPLE, tmp_path / "run.yaml")
     config = load_config(tmp_path / "run.yaml", overrides=["training.max_steps=1", "training.save_steps=1000"])
     results = run_training(config, progress=False)
-    assert list(results) == ["kd", "sft"]
-    for stage in ("kd", "sft"):
+    assert list(results) == ["kd", "sft", "rct"]
+    assert [r["round"] for r in results["rct"]["rounds"]] == [1, 2]
+    for stage in ("kd", "sft", "rct"):
         assert (Path(results[stage]["final"]) / "config.json").is_file()
     manifest = json.loads((Path(config.store_path(config.stages[0])) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["meta"]["k"] == config.stages[0].topk

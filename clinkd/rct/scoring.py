@@ -43,7 +43,7 @@ class Thresholds:
     """similarity: τ, an RC/MIA answer below it is wrong and a candidate needs at least it; iou: a grounded
     answer at or below it is wrong and a candidate needs more (Med-GRIT's Recall@0.5 rule)."""
 
-    similarity: float = 0.8
+    similarity: float = 0.9
     iou: float = 0.5
 
     def __post_init__(self):

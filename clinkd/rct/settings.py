@@ -1,6 +1,6 @@
 """The settings of an rct stage, each checked where it is made (ValueError naming the key).
 
-    RCTSettings(rounds=2, candidates=4, thresholds=Thresholds(similarity=0.8, iou=0.5))
+    RCTSettings(rounds=2, candidates=4, thresholds=Thresholds(similarity=0.9, iou=0.5))
 
 Per round, ``sample`` training questions (all, a count, or a fraction; drawn with the run's seed and
 the round) are answered greedily; each wrong one gets ``candidates`` sampled corrections

@@ -54,7 +54,7 @@ docs/examples/run.yaml is a complete example):
         candidates: 4                 # N sampled corrections per wrong answer
         temperature: 0.7              # their sampling temperature and top-p
         top_p: 0.9
-        similarity_threshold: 0.8     # τ in [0, 1]: RC/MIA answers below it are wrong; candidates need it
+        similarity_threshold: 0.9     # τ in [0, 1]: RC/MIA answers below it are wrong; candidates need it
         iou_threshold: 0.5            # grounded answers at or below it are wrong; candidates need more
         template: "{question} ... {answer} ... {ground_truth} ..."   # the reflection prompt
         mode: replace                 # replace | join: the selected answers replace or join the wrong ones

@@ -68,7 +68,7 @@ def _released_recipe_with_rct() -> dict:
     recipe = _released_recipe()
     recipe["stages"].append({"name": "rct", "type": "rct", "rounds": 2, "every": "epoch", "sample": 0.25,
                              "batch_size": 16, "max_new_tokens": 128, "candidates": 4, "temperature": 0.7,
-                             "top_p": 0.9, "similarity_threshold": 0.8, "iou_threshold": 0.5, "mode": "replace",
+                             "top_p": 0.9, "similarity_threshold": 0.9, "iou_threshold": 0.5, "mode": "replace",
                              "training": {"learning_rate": 1e-5}})
     return recipe
 

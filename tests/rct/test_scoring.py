@@ -122,7 +122,7 @@ def test_select_picks_the_best_passing_candidate():
     scores = score_answers(["RC"] * 3, candidates, ["truth"] * 3, sims)
     choice = select("RC", "truth", candidates, scores, t)
     assert (choice["choice"], choice["index"], choice["text"]) == ("candidate", 1, "c1")
-    assert choice["passes"] == [True, True, False] and choice["reasons"][2] == ["similarity 0.500 < 0.8"]
+    assert choice["passes"] == [True, True, False] and choice["reasons"][2] == ["similarity 0.500 < 0.9"]
 
 
 def test_select_breaks_ties_by_order_and_needs_every_judged_component():
