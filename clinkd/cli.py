@@ -41,7 +41,7 @@ COMMANDS: dict[str, Command] = {
                        "pseudo-label store commands (cache)"),
     "presets": Command("clinkd.train.cli", "presets_arguments", "presets_command", "list the named presets"),
     "demo": Command("clinkd.demo.cli", "demo_arguments", "demo_command",
-                    "the embedded CPU demo: data, teacher, KD + SFT student, control, evaluation, report"),
+                    "the embedded CPU demo: data, teacher, KD → SFT → RCT student, ablation, control, evaluation, report"),
     "data": Command("clinkd.eval.cli", "data_arguments", "data_command",
                     "data sets (demo: write the generated demo data set)"),
     "predict": Command("clinkd.eval.cli", "predict_arguments", "predict_command",
