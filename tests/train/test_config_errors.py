@@ -117,7 +117,7 @@ def test_store_written_for_other_settings(run, capsys, no_training):
 @pytest.mark.parametrize("edit, message", [
     ({"stages": [{"name": "kd", "type": "kd", "temperature": 0}]}, "config.stages[0].temperature must be >= 1e-06"),
     ({"stages": [{"name": "kd", "type": "kd", "curriculum": {"start_fraction": 0}}]}, "start_fraction must be in"),
-    ({"stages": [{"name": "x", "type": "distill"}]}, "config.stages[0].type must be 'kd' or 'sft'"),
+    ({"stages": [{"name": "x", "type": "distill"}]}, "config.stages[0].type must be one of kd, sft, rct"),
     ({"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "sft"}]}, "stage names must be unique"),
     ({"stages": [{"name": "s", "type": "sft", "training": {"learning_rat": 1}}]}, "unknown key(s) learning_rat"),
     ({"stages": [{"name": "s", "type": "sft", "training": {"output_dir": "x"}}]}, "are set by clinkd"),
