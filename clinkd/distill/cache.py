@@ -57,17 +57,37 @@ def rows_per_sample(batch: dict, ignore_index: int = -100) -> list[int]:
 
 @torch.no_grad()
 def teacher_rows(teacher, batch: dict, rows: torch.Tensor, vocab_size: int):
-    """The teacher's final hidden states at ``rows`` of the flattened [B·S] batch and its lm_head:
-    (hidden [N, Hd_t], weight [V_t, Hd_t], bias [V_t] or None). ValueError if V_t < vocab_size."""
-    from clinkd.patch import final_hidden_states
-
+    """The teacher's final hidden states at ``rows`` of the flattened [B·S] batch and its lm_head module:
+    (hidden [N, Hd_t], head). Through the teacher's own forward (logits for one position only), so an
+    engine that shards it (FSDP2, ZeRO-3) gathers what that forward needs; read the head's weight inside
+    its forward (``clinkd.patch.call_in_forward``). ValueError if V_t < vocab_size."""
     from ..data.collate import model_inputs
 
-    hidden, head = final_hidden_states(teacher, **model_inputs(teacher, batch))
-    weight, bias = head.weight, head.bias
-    if weight.shape[0] < vocab_size:
-        raise ValueError(f"the teacher's vocabulary ({weight.shape[0]}) is smaller than the student's ({vocab_size})")
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device)), weight, bias
+    inputs = {k: v for k, v in model_inputs(_unwrapped(teacher), batch).items() if k not in ("labels", "shift_labels")}
+    inputs.update(output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = teacher(**inputs).hidden_states[-1]
+    head = _unwrapped(teacher).get_output_embeddings()
+    if head.out_features < vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({head.out_features}) is smaller than the student's ({vocab_size})")
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device)), head
+
+
+def _unwrapped(model):
+    """The model inside an engine's wrapper (DeepSpeed's engine keeps it as ``.module``)."""
+    return getattr(model, "module", model)
+
+
+def head_pseudo_labels(head, hidden: torch.Tensor, *, k: int, temperature: float, vocab_size: int,
+                       chunk_rows: int = 1024, backend: str | None = None) -> PseudoLabels:
+    """``chunked_pseudo_labels`` of ``head``'s logits on ``hidden``, run inside the head's forward."""
+    from clinkd.patch.head import call_in_forward, check_full_weight
+
+    def inside(head, hidden):
+        check_full_weight(head.weight, "the teacher's lm_head.weight")
+        return chunked_pseudo_labels(hidden, head.weight, head.bias, k=k, temperature=temperature,
+                                     vocab_size=vocab_size, chunk_rows=chunk_rows, backend=backend)
+
+    return call_in_forward(head, inside, hidden)
 
 
 @torch.no_grad()
@@ -98,9 +118,9 @@ def teacher_pseudo_labels(teacher, batch: dict, *, k: int, temperature: float, v
     from clinkd.patch import next_token_targets
 
     rows, targets = next_token_targets(batch["labels"])
-    hidden, weight, bias = teacher_rows(teacher, batch, rows, vocab_size)
-    labels = chunked_pseudo_labels(hidden, weight, bias, k=k, temperature=temperature, vocab_size=vocab_size,
-                                   chunk_rows=chunk_rows, backend=backend)
+    hidden, head = teacher_rows(teacher, batch, rows, vocab_size)
+    labels = head_pseudo_labels(head, hidden, k=k, temperature=temperature, vocab_size=vocab_size,
+                                chunk_rows=chunk_rows, backend=backend)
     return labels, targets.to(labels.indices.device)
 
 

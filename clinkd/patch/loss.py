@@ -24,6 +24,8 @@ from torch import nn
 
 from clinkd_kernels.loss import linear_kd_loss
 
+from .head import call_in_forward, check_full_weight
+
 
 def next_token_targets(labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
                        ignore_index: int = -100, drop_ignored: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +80,11 @@ def lm_head_operands(hidden: torch.Tensor, head: nn.Linear):
     """(hidden, weight, bias) of ``linear_kd_loss`` for the lm_head ``head``, in one dtype, as
     ``head(hidden)`` would compute: the autocast dtype under autocast on hidden's device (fp32 master
     weights, bf16 matmuls), else the weight's dtype. bias is None when the head has none. The patched
-    forward and ``ClinKDTrainer`` both build their operands here."""
+    forward and ``ClinKDTrainer`` both build their operands here, inside the head's forward
+    (``clinkd.patch.call_in_forward``); a ZeRO-3 placeholder or an FSDP2 shard is a ValueError naming the
+    cause (``check_full_weight``)."""
     weight, bias = head.weight, head.bias
+    check_full_weight(weight)
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -120,10 +125,14 @@ def make_lm_forward(call, wrapped, *, output_class: type, backend: str | None):
         rows, targets = next_token_targets(labels, shift_labels=shift_labels, ignore_index=ignore_index)
         rows, targets = rows.to(hidden.device), targets.to(hidden.device)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        selected, weight, bias = lm_head_operands(selected, head)
-        loss = linear_kd_loss(selected, weight, targets, bias=bias, alpha=0.0, beta=1.0,
-                              ignore_index=ignore_index, reduction="mean" if num_items is None else "sum",
-                              backend=backend)
+
+        def head_loss(head, selected):  # run as the head's forward: the engine hands it the full weight
+            selected, weight, bias = lm_head_operands(selected, head)
+            return linear_kd_loss(selected, weight, targets, bias=bias, alpha=0.0, beta=1.0,
+                                  ignore_index=ignore_index, reduction="mean" if num_items is None else "sum",
+                                  backend=backend)
+
+        loss = call_in_forward(head, head_loss, selected)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
 

@@ -503,6 +503,22 @@ def ensure_store(prepared: PreparedRun, stage: StageSpec, teacher_factory, *, pr
     return PseudoLabelStore(path, expect=meta)
 
 
+def _distributed_state():
+    """accelerate's process state (the one Trainer uses). Launched as several processes (WORLD_SIZE > 1)
+    that did not join one process group — e.g. ``accelerate launch --multi_gpu`` on a machine without
+    GPUs and without ``ACCELERATE_USE_CPU=true`` — they would train apart, each on all the data: a
+    RuntimeError says so instead."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE), but they did not join one process group "
+                           f"(accelerate sees {state.num_processes}): they would train apart. On CPUs launch with "
+                           "ACCELERATE_USE_CPU=true (torchrun or accelerate launch)")
+    return state
+
+
 def _world_process_zero() -> bool:
     """This process writes the run's records (rank 0, or the only process)."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -521,8 +537,14 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
 
     from .trainer import ClinKDTrainer
 
-    prepared = prepared or prepare_run(config, progress=progress)
+    state = _distributed_state()
+    if prepared is None:
+        with state.main_process_first():  # the main process builds what is shared (the offline processor)
+            prepared = prepare_run(config, progress=progress and state.is_main_process)
     out = Path(config.output_dir)
+    if state.num_processes > 1 and any(s.type == "rct" for s in config.stages):
+        raise ConfigError(f"the rct stage runs in one process; this run has {state.num_processes} (train the kd and sft "
+                          "stages distributed, then the rct stage alone)")
     if not resume:
         existing = [s.name for s in config.stages if (out / s.name).exists()]
         if existing:
@@ -575,7 +597,8 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
             kd = KDSettings(topk=stage.topk, temperature=stage.temperature, alpha=stage.alpha, beta=stage.beta,
                             t2_scale=stage.t2_scale, curriculum=stage.curriculum, form=stage.loss_form)
             if stage.teacher == "store":
-                store = ensure_store(prepared, stage, teacher_factory, progress=progress)
+                with state.main_process_first():  # built by the main process; the others open it after
+                    store = ensure_store(prepared, stage, teacher_factory, progress=progress and state.is_main_process)
             else:
                 online = teacher_factory()
         args = _training_arguments(config, stage, progress=progress)

@@ -11,7 +11,10 @@ rows — from the store (``PseudoLabelStore``, looked up by the batch's ``sample
 online teacher (eval mode, no gradients; top-k pseudo-labels, or its dense distribution when topk is
 None) — with temperature, alpha, beta, optional T², and the confidence-margin curriculum weights
 (``clinkd.train.curriculum``) as ``token_weights`` (none once its warm-up is over: every token counts,
-and the dense online teacher then skips the extra lm_head pass its margins need). Everything else (optimizer, schedule,
+and the dense online teacher then skips the extra lm_head pass its margins need). The curriculum ranks
+the tokens of each micro-batch on its own process (so its fraction holds per rank). The loss runs inside
+the student's lm_head forward (``clinkd.patch.call_in_forward``), where DeepSpeed ZeRO-3 and FSDP2 hand
+out the full weight and take its gradient back. Everything else (optimizer, schedule,
 accumulation, mixed precision, checkpoints, resume, logging, accelerate/DeepSpeed) is Trainer's; the
 loss is a per-micro-batch mean, which Trainer divides by the accumulation steps. Logged besides
 ``loss``: ``kd_loss`` and ``ce_loss`` (means over the micro-batches since the last log) and
@@ -31,7 +34,7 @@ from clinkd_kernels.loss import linear_kd_loss
 from clinkd_kernels.topk import PseudoLabels
 
 from ..data.collate import model_inputs
-from ..distill.cache import chunked_pseudo_labels, teacher_rows
+from ..distill.cache import chunked_pseudo_labels, head_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
 from .config import loss_form_problem
 from .curriculum import MarginCurriculum
@@ -118,25 +121,27 @@ class ClinKDTrainer(Trainer):
                                  f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
                                  "changed since it was built; rebuild it")
             return labels.to(device)
-        hidden, weight, bias = teacher_rows(self.teacher, inputs, rows, vocab)
-        return chunked_pseudo_labels(hidden, weight, bias, k=kd.topk, temperature=kd.temperature, vocab_size=vocab,
-                                     backend=self.kernel_backend).to(device)
+        with torch.no_grad():
+            hidden, head = teacher_rows(self.teacher, inputs, rows, vocab)
+            return head_pseudo_labels(head, hidden, k=kd.topk, temperature=kd.temperature, vocab_size=vocab,
+                                      backend=self.kernel_backend).to(device)
 
     @torch.no_grad()
     def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int, *, margins: bool):
-        """Online dense teacher: (teacher hidden [N, Hd_t], lm_head weight [V_t, Hd_t], bias, margins [N] or
-        None). The margins cost one more pass over the teacher's lm_head (chunked): only with ``margins``."""
-        selected, weight, bias = teacher_rows(self.teacher, inputs, rows, vocab)
+        """Online dense teacher: (teacher hidden [N, Hd_t], its lm_head module, margins [N] or None). The
+        margins cost one more pass over the teacher's lm_head (chunked): only with ``margins``."""
+        selected, head = teacher_rows(self.teacher, inputs, rows, vocab)
         if not margins:
-            return selected, weight, bias, None
-        top2 = chunked_pseudo_labels(selected, weight, bias, k=min(2, vocab), temperature=self.kd.temperature,
-                                     vocab_size=vocab, backend=self.kernel_backend)
-        return selected, weight, bias, top2.margin
+            return selected, head, None
+        top2 = head_pseudo_labels(head, selected, k=min(2, vocab), temperature=self.kd.temperature,
+                                  vocab_size=vocab, backend=self.kernel_backend)
+        return selected, head, top2.margin
 
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from clinkd.patch import lm_head_operands, next_token_targets
+        from clinkd.patch.head import call_in_forward, check_full_weight
 
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -150,34 +155,48 @@ class ClinKDTrainer(Trainer):
         rows, targets = next_token_targets(labels)
         rows, targets = rows.to(hidden.device), targets.to(hidden.device)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        selected, weight, bias = lm_head_operands(selected, student.get_output_embeddings())
-        vocab = weight.shape[0]
+        head = student.get_output_embeddings()
+        vocab = head.out_features
 
-        common = dict(bias=bias, return_components=True, backend=self.kernel_backend)
-        if self.kd is None:
-            loss, kd_part, ce_part = linear_kd_loss(selected, weight, targets, alpha=0.0, beta=1.0, **common)
-        else:
+        teacher_kw, weights, t_head = {}, None, None
+        if self.kd is not None:
             kd = self.kd
             # After its warm-up the curriculum keeps every token (weight 1): no margins, no weights.
             ranking = kd.curriculum is not None and kd.curriculum.fraction(self.state.global_step) < 1.0
             if kd.topk is None:
-                t_hidden, t_weight, t_bias, margin = self._dense_teacher(inputs, rows, vocab, margins=ranking)
-                teacher_kw = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+                t_hidden, t_head, margin = self._dense_teacher(inputs, rows, vocab, margins=ranking)
+                teacher_kw = dict(teacher_hidden=t_hidden)
             else:
                 pseudo = self._pseudo_labels(inputs, rows, targets, vocab, hidden.device)
                 margin = pseudo.margin
                 teacher_kw = dict(teacher=pseudo)
-            weights = None
             if ranking:
                 weights = kd.curriculum.weights(margin, self.state.global_step).to(hidden.device)
+
+        def loss_in_head(head, selected):
+            """The loss, run as the student's lm_head forward (clinkd.patch.call_in_forward): an engine
+            that shards the head hands it the full weight and takes its gradient back."""
+            selected, weight, bias = lm_head_operands(selected, head)
+            common = dict(bias=bias, return_components=True, backend=self.kernel_backend)
+            if self.kd is None:
+                return linear_kd_loss(selected, weight, targets, alpha=0.0, beta=1.0, **common)
+            if t_head is not None:  # the dense teacher's head, read inside its own forward too
+                return call_in_forward(t_head, lambda t, s: kd_terms(s, weight, common, t.weight, t.bias), selected)
+            return kd_terms(selected, weight, common)
+
+        def kd_terms(selected, weight, common, t_weight=None, t_bias=None):
+            kd = self.kd
+            extra = dict(teacher_kw)
+            if t_weight is not None:
+                check_full_weight(t_weight, "the teacher's lm_head.weight")
+                extra.update(teacher_weight=t_weight, teacher_bias=t_bias)
             if kd.form == "released":
-                loss, kd_part, ce_part = released_linear_kd_loss(
-                    selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, kd_only=kd.beta == 0,
-                    token_weights=weights, **teacher_kw, **common)
-            else:
-                loss, kd_part, ce_part = linear_kd_loss(
-                    selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
-                    t2_scale=kd.t2_scale, token_weights=weights, **teacher_kw, **common)
+                return released_linear_kd_loss(selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha,
+                                               kd_only=kd.beta == 0, token_weights=weights, **extra, **common)
+            return linear_kd_loss(selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
+                                  t2_scale=kd.t2_scale, token_weights=weights, **extra, **common)
+
+        loss, kd_part, ce_part = call_in_forward(head, loss_in_head, selected)
         if model.training:  # summed on the device: read once per log, not synced every micro-batch
             self._parts["kd"] = self._parts["kd"] + kd_part.detach().double()
             self._parts["ce"] = self._parts["ce"] + ce_part.detach().double()
@@ -210,12 +229,18 @@ class ClinKDTrainer(Trainer):
         super()._issue_warnings_after_load(load_result)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Adds ``kd_loss`` and ``ce_loss``: means over the micro-batches since the last log, and over the
+        processes (Trainer calls ``log`` on every process: the mean is one all-reduce per log)."""
         if "loss" in logs and self._parts["n"]:
-            n = self._parts["n"]
+            parts = torch.stack([torch.as_tensor(self._parts[k], dtype=torch.float64) for k in ("kd", "ce")])
+            parts = parts.to(self.args.device) / self._parts["n"]
+            if self.accelerator.num_processes > 1:
+                parts = self.accelerator.reduce(parts, reduction="mean")
+            kd_mean, ce_mean = parts.tolist()
             if self.kd is not None:
-                logs["kd_loss"] = float(self._parts["kd"]) / n
+                logs["kd_loss"] = kd_mean
                 if self.kd.curriculum is not None:
                     logs["kd_fraction"] = self.kd.curriculum.fraction(self.state.global_step)
-            logs["ce_loss"] = float(self._parts["ce"]) / n
+            logs["ce_loss"] = ce_mean
             self._parts = {"kd": 0.0, "ce": 0.0, "n": 0}
         super().log(logs, start_time)

@@ -1,0 +1,150 @@
+"""``clinkd train`` in 2 processes (torchrun, DDP over gloo on the CPU): the KD stage from the pseudo-label
+store (built once, by the main process) and the SFT stage give the loss curve and the weights of one
+process with the same global batch (2 per process × 2 processes = 2 × 2 accumulation steps), within the
+tolerance of the reduction order; killed mid-stage (SIGKILL) it resumes to the same curve and weights;
+the online dense teacher and gradient checkpointing run too; ``clinkd train`` as typed under torchrun
+joins one process group even without ACCELERATE_USE_CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clinkd.train import load_config, run_training
+from tests.train import setup
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(folder: Path, data_file: Path, *, processes: int, **training) -> Path:
+    """KD (store, curriculum) 3 steps then SFT 3 steps, global batch 4 in either layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = setup.run_config(folder, data_file, kd_steps=STEPS, sft_steps=STEPS, save_steps=2)
+    mapping = yaml.safe_load(path.read_text())
+    mapping["training"].update(per_device_train_batch_size=2, gradient_accumulation_steps=2 // processes,
+                               max_grad_norm=1.0, **training)
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+def _torchrun(config: Path, *kill, expect_kill: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+               "-m", "tests.distributed.child", str(config), *map(str, kill)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if expect_kill:
+        assert done.returncode != 0, done.stdout[-2000:]
+    else:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        assert "rank 0 finished" in done.stdout and "rank 1 finished" in done.stdout
+    return done
+
+
+def _history(out: Path, stage: str) -> list[dict]:
+    return [e for e in json.loads((out / stage / "stage.json").read_text())["log_history"] if "loss" in e]
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "sft" / "final" / "model.safetensors"))
+
+
+def _same_run(a: Path, b: Path, *, tol: float = 2e-4) -> None:
+    for stage in ("kd", "sft"):
+        ha, hb = _history(a, stage), _history(b, stage)
+        assert [e["step"] for e in ha] == [e["step"] for e in hb] == list(range(1, STEPS + 1))
+        for ea, eb in zip(ha, hb):
+            for key in ("loss", "ce_loss") + (("kd_loss",) if stage == "kd" else ()):
+                assert ea[key] == pytest.approx(eb[key], rel=tol, abs=tol), (stage, ea["step"], key, ea[key], eb[key])
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=tol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    data_file = setup.tiny.make_data(folder / "data", 8, seed=11)
+    single = folder / "single"
+    run_training(load_config(_config(single, data_file, processes=1)), progress=False)
+    double = folder / "double"
+    _torchrun(_config(double, data_file, processes=2))
+    return data_file, single / "out", double / "out"
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    _, single, double = runs
+    _same_run(single, double)
+    manifest = json.loads((double / "pseudo_labels" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == 3  # written once (8 samples, shards of 3)
+
+
+def test_a_killed_run_resumes_to_the_same_curve(runs, tmp_path):
+    data_file, _, double = runs
+    config = _config(tmp_path, data_file, processes=2)
+    _torchrun(config, "kd", 3, expect_kill=True)  # after the step-2 checkpoint of the kd stage
+    out = tmp_path / "out"
+    assert (out / "kd" / "checkpoint-2").is_dir() and not (out / "kd" / "stage.json").exists()
+    _torchrun(config)
+    _same_run(double, out, tol=1e-6)
+
+
+def test_online_dense_teacher_and_gradient_checkpointing(runs, tmp_path):
+    data_file, _, _ = runs
+    path = _config(tmp_path / "double", data_file, processes=2, gradient_checkpointing=True)
+    mapping = yaml.safe_load(path.read_text())
+    mapping["stages"][0].update(teacher="online", topk=None)
+    path.write_text(yaml.safe_dump(mapping))
+    _torchrun(path)
+    single = _config(tmp_path / "single", data_file, processes=1, gradient_checkpointing=True)
+    mapping["output_dir"] = "out"
+    mapping["training"]["gradient_accumulation_steps"] = 2
+    single.write_text(yaml.safe_dump(mapping))
+    run_training(load_config(single), progress=False)
+    _same_run(tmp_path / "single" / "out", tmp_path / "double" / "out")
+
+
+def test_clinkd_train_as_typed_without_the_cpu_switch_joins_one_group(runs, tmp_path):
+    """``torchrun ... -m clinkd train`` on a machine without GPUs and without ACCELERATE_USE_CPU: accelerate
+    alone would leave each process on its own (two trainings on all the data, no error); clinkd's run
+    asks for the CPU process group itself, so the run is the DDP one."""
+    data_file, _, double = runs
+    config = _config(tmp_path, data_file, processes=2)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+               "-m", "clinkd", "train", "--config", str(config), "--no-progress"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    _same_run(double, tmp_path / "out", tol=1e-6)
+
+
+def test_launched_processes_outside_one_group_are_refused(tmp_path, monkeypatch):
+    """This process's accelerate state holds one process; told (WORLD_SIZE) that it is one of two, the
+    run refuses to start rather than train apart."""
+    from accelerate import PartialState
+
+    PartialState()
+    data_file = setup.tiny.make_data(tmp_path / "data", 4, seed=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="did not join one process group"):
+        run_training(load_config(_config(tmp_path, data_file, processes=2)), progress=False)
+    assert not (tmp_path / "out").exists()
