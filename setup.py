@@ -81,7 +81,8 @@ def _extras() -> dict:
     demo = ["pycocoevalcap", "pydicom", "matplotlib"] + rct
     return {
         "hf": hf,
-        "test": hf + tests + demo + ["hypothesis>=6.100"],
+        "test": hf + tests + demo + ["hypothesis>=6.100", "deepspeed>=0.16"],
+        "deepspeed": hf + ["deepspeed>=0.16"],
         "eval": hf + ["pycocoevalcap"],
         "rct": hf + rct + ["pycocoevalcap"],
         "demo": hf + demo,

@@ -8,16 +8,19 @@
     model = Qwen2VLForConditionalGeneration.from_pretrained(...)
 
 Parts: ``positions`` (get_rope_index → mcg_rope_index), ``attention`` (decoder attention →
-mcg_rope_attention), ``loss`` (causal-LM loss → linear_kd_loss), ``api`` (applying and undoing).
+mcg_rope_attention), ``loss`` (causal-LM loss → linear_kd_loss), ``head`` (the lm_head's full weight under
+ZeRO-3 and FSDP2), ``record`` (the patch recorded beside saved weights), ``api`` (applying and undoing).
 """
 
 from ._compat import SUPPORTED_TRANSFORMERS, check_transformers_version
 from .api import (PatchSettings, check_patchable, patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings,
                   unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
 from .attention import MRopePositions
+from .head import call_in_forward, check_full_weight
 from .loss import final_hidden_states, lm_head_operands, next_token_targets
 from .positions import MCGRope
 
-__all__ = ["MCGRope", "MRopePositions", "PatchSettings", "SUPPORTED_TRANSFORMERS", "check_patchable",
+__all__ = ["MCGRope", "MRopePositions", "PatchSettings", "SUPPORTED_TRANSFORMERS", "call_in_forward", "check_full_weight",
+           "check_patchable",
            "check_transformers_version", "final_hidden_states", "lm_head_operands", "next_token_targets",
            "patch_qwen2_vl", "patch_qwen2_vl_classes", "patch_settings", "unpatch_qwen2_vl", "unpatch_qwen2_vl_classes"]

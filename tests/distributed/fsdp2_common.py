@@ -1,0 +1,43 @@
+"""What the FSDP2 test's processes and its single-process reference share: the model and the batches."""
+
+import torch
+
+from clinkd.data import build_dataset
+from clinkd.patch import patch_qwen2_vl
+from tests.data import tiny
+from tests.train import setup
+
+
+def model():
+    """The tiny student (seeded), patched: MCG-RoPE positions, fused loss (attention unfused: head_dim 16)."""
+    return patch_qwen2_vl(setup.student(seed=3), attention=False)
+
+
+def batches(data_file, world: int):
+    """Every step's batch of 2·world samples, cut into ``world`` halves (forward inputs with labels)."""
+    data = build_dataset(data_file, tiny.processor(), max_length=512)
+    collate = tiny.collator()
+    per = 2
+    step = 0
+    while True:
+        index = [(step * per * world + i) % len(data) for i in range(per * world)]
+        halves = []
+        for r in range(world):
+            batch = collate([data[i] for i in index[r * per:(r + 1) * per]])
+            halves.append({k: v for k, v in batch.items() if k != "sample_index"})
+        yield halves
+        step += 1
+
+
+def reference(data_file, steps: int, world: int = 2) -> tuple[dict, list[float]]:
+    """One process: the same model and steps, the loss the mean of the halves' losses."""
+    student = model()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses = []
+    for _, halves in zip(range(steps), batches(data_file, world)):
+        parts = [student(**h).loss for h in halves]
+        (sum(parts) / len(parts)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append([float(p) for p in parts])
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}, losses
