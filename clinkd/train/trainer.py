@@ -92,9 +92,11 @@ class ClinKDTrainer(Trainer):
                              f"stage asks for topk={kd.topk}")
         self.kd, self.store, self.kernel_backend = kd, store, kernel_backend
         self.teacher = teacher
+        self._teacher_ready = False
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-            teacher.to(self.args.device)
+            if not self.is_deepspeed_enabled:  # DeepSpeed places (and partitions) it at the first step
+                teacher.to(self.args.device)
         if sample_ids is None and store is not None:
             sample_ids = getattr(self.train_dataset, "ids", None)
             if sample_ids is None:
@@ -105,6 +107,28 @@ class ClinKDTrainer(Trainer):
         self._parts = {"kd": 0.0, "ce": 0.0, "n": 0}
 
     # ------------------------------------------------------------------ teacher side
+
+    def _prepare_teacher(self) -> None:
+        """Under DeepSpeed the online teacher gets an inference engine of its own, from the student's
+        finished config (so after Trainer filled its "auto" values): partitioned like the student under
+        ZeRO-3, a plain replica otherwise (stage 0: there are no gradients or optimizer states to shard);
+        no optimizer, no gradients. Elsewhere (DDP, FSDP2, one process) it stays a replica on the device."""
+        self._teacher_ready = True
+        if not self.is_deepspeed_enabled or self.teacher is None:
+            return
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        zero = dict(config.get("zero_optimization", {}))
+        if zero.get("stage") != 3:
+            zero = {"stage": 0}
+        config["zero_optimization"] = zero
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        self.teacher, *_ = deepspeed.initialize(model=self.teacher, config=config)
+        self.teacher.eval()
 
     def _pseudo_labels(self, inputs: dict, rows: torch.Tensor, targets: torch.Tensor, vocab: int,
                        device) -> PseudoLabels:
@@ -121,6 +145,8 @@ class ClinKDTrainer(Trainer):
                                  f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
                                  "changed since it was built; rebuild it")
             return labels.to(device)
+        if not self._teacher_ready:
+            self._prepare_teacher()
         with torch.no_grad():
             hidden, head = teacher_rows(self.teacher, inputs, rows, vocab)
             return head_pseudo_labels(head, hidden, k=kd.topk, temperature=kd.temperature, vocab_size=vocab,
@@ -130,6 +156,8 @@ class ClinKDTrainer(Trainer):
     def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int, *, margins: bool):
         """Online dense teacher: (teacher hidden [N, Hd_t], its lm_head module, margins [N] or None). The
         margins cost one more pass over the teacher's lm_head (chunked): only with ``margins``."""
+        if not self._teacher_ready:
+            self._prepare_teacher()
         selected, head = teacher_rows(self.teacher, inputs, rows, vocab)
         if not margins:
             return selected, head, None

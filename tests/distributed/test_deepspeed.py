@@ -57,6 +57,7 @@ def test_zero_trains_like_one_process(data_file, single, extensions, tmp_path, s
                "-m", "tests.distributed.zero_child", str(data_file), str(out), str(STEPS), str(stage)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    assert ("misuse refused: " in done.stdout) == (stage == 3)  # a clear error, not a kernel's shape error
     line = next(x for x in done.stdout.splitlines() if x.startswith("losses "))
     per_rank = ast.literal_eval(line[len("losses "):])
     want_state, want_losses = single

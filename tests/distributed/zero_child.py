@@ -26,6 +26,14 @@ engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, confi
 head = engine.module.lm_head
 if stage == 3:
     assert head.weight.numel() == 0, "ZeRO-3 keeps a placeholder outside the forward"
+    from clinkd.patch import lm_head_operands
+
+    try:  # the misuse: the fused loss's operands read outside the head's forward
+        lm_head_operands(torch.zeros(2, 64), head)
+        raise SystemExit("a partitioned lm_head weight was accepted outside its forward")
+    except ValueError as e:
+        assert "0 elements" in str(e) and "ZeRO-3" in str(e) and "call_in_forward" in str(e), e
+        print("misuse refused:", str(e)[:80], flush=True)
 losses = []
 for step, halves in zip(range(steps), batches(data_file, world)):
     loss = engine(**halves[rank]).loss
