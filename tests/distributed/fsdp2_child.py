@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from tests.distributed.fsdp2_common import batches, model
+from tests.distributed.common import batches, model
 
 data_file, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 head_unit = len(sys.argv) > 4 and sys.argv[4] == "head"

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,16 +16,10 @@ import torch
 import yaml
 
 from clinkd.train import load_config, run_training
+from tests.distributed.common import REPO, torchrun
 from tests.train import setup
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(folder: Path, data_file: Path, *, processes: int, **training) -> Path:
@@ -43,11 +33,9 @@ def _config(folder: Path, data_file: Path, *, processes: int, **training) -> Pat
     return path
 
 
-def _torchrun(config: Path, *kill, expect_kill: bool = False) -> subprocess.CompletedProcess:
+def _torchrun(config: Path, *kill, expect_kill: bool = False):
     env = dict(os.environ, PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-               "-m", "tests.distributed.child", str(config), *map(str, kill)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = torchrun("-m", "tests.distributed.child", config, *kill, env=env)
     if expect_kill:
         assert done.returncode != 0, done.stdout[-2000:]
     else:
@@ -130,9 +118,7 @@ def test_clinkd_train_as_typed_without_the_cpu_switch_joins_one_group(runs, tmp_
     config = _config(tmp_path, data_file, processes=2)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-               "-m", "clinkd", "train", "--config", str(config), "--no-progress"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = torchrun("-m", "clinkd", "train", "--config", config, "--no-progress", env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     _same_run(double, tmp_path / "out", tol=1e-6)
 

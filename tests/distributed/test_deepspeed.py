@@ -5,29 +5,16 @@ the gathered weight and hands its gradient back through DeepSpeed's hooks."""
 
 from __future__ import annotations
 
-import ast
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import deepspeed  # noqa: F401  (installed by the test extra; the test fails without it)
 import pytest
 import torch
 
-from tests.distributed.fsdp2_common import reference
+from tests.distributed.common import REPO, rank_losses, reference, torchrun
 from tests.train import setup
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
-
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +40,10 @@ def test_zero_trains_like_one_process(data_file, single, extensions, tmp_path, s
     out = tmp_path / "weights.safetensors"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                TORCH_EXTENSIONS_DIR=str(extensions))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-               "-m", "tests.distributed.zero_child", str(data_file), str(out), str(STEPS), str(stage)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = torchrun("-m", "tests.distributed.zero_child", data_file, out, STEPS, stage, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     assert ("misuse refused: " in done.stdout) == (stage == 3)  # a clear error, not a kernel's shape error
-    line = next(x for x in done.stdout.splitlines() if x.startswith("losses "))
-    per_rank = ast.literal_eval(line[len("losses "):])
+    per_rank = rank_losses(done.stdout)
     want_state, want_losses = single
     for step in range(STEPS):
         assert [per_rank[r][step] for r in range(2)] == pytest.approx(want_losses[step], rel=1e-5), step

@@ -5,27 +5,13 @@ group, and as its own sharded unit (outside its forward its weight is then a DTe
 
 from __future__ import annotations
 
-import ast
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.distributed.fsdp2_common import reference
+from tests.distributed.common import rank_losses, reference, torchrun
 from tests.train import setup
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +29,9 @@ def test_fsdp2_trains_like_one_process(data_file, single, tmp_path, layout):
     from safetensors.torch import load_file
 
     out = tmp_path / "weights.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-               "-m", "tests.distributed.fsdp2_child", str(data_file), str(out), str(STEPS)] + (
-        ["head"] if layout == "head" else [])
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = torchrun("-m", "tests.distributed.fsdp2_child", data_file, out, STEPS, *(["head"] if layout == "head" else []))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("losses "))
-    per_rank = ast.literal_eval(line[len("losses "):])
+    per_rank = rank_losses(done.stdout)
     want_state, want_losses = single
     for step in range(STEPS):
         got = [per_rank[r][step] for r in range(2)]

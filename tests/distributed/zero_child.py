@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from tests.distributed.fsdp2_common import batches, model  # noqa: E402
+from tests.distributed.common import batches, model  # noqa: E402
 
 data_file, out, steps, stage = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 deepspeed.init_distributed(dist_backend="gloo")

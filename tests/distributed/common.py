@@ -1,4 +1,11 @@
-"""What the FSDP2 test's processes and its single-process reference share: the model and the batches."""
+"""What the multi-process tests share: a free port, the torchrun command, and for the FSDP2 and DeepSpeed
+tests the model, the batches and the single-process reference."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -6,6 +13,24 @@ from clinkd.data import build_dataset
 from clinkd.patch import patch_qwen2_vl
 from tests.data import tiny
 from tests.train import setup
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node 2 ARGS`` from the repository root (one thread per
+    process: two processes share the CPU)."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1") if env is None else env
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def model():
@@ -41,3 +66,11 @@ def reference(data_file, steps: int, world: int = 2) -> tuple[dict, list[float]]
         optimizer.zero_grad()
         losses.append([float(p) for p in parts])
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, losses
+
+
+def rank_losses(stdout: str) -> list[list[float]]:
+    """The per-rank losses a child printed (``losses [[...], [...]]``)."""
+    import ast
+
+    line = next(x for x in stdout.splitlines() if x.startswith("losses "))
+    return ast.literal_eval(line[len("losses "):])
