@@ -448,6 +448,7 @@ def check_training_arguments(config: RunConfig) -> None:
                 if name not in ("none", "all") and name not in get_available_reporting_integrations():
                     raise ConfigError(f"{where}: report_to {name!r} is not an available logger (installed: "
                                       f"{', '.join(get_available_reporting_integrations()) or 'none'})")
+            _check_deepspeed(args.deepspeed, where)
             optim = getattr(args.optim, "value", args.optim)
             if any(n in str(optim) for n in _NEEDS_MODEL):
                 continue
@@ -465,6 +466,23 @@ def check_training_arguments(config: RunConfig) -> None:
                 raise ConfigError(f"{where}: the schedule {getattr(args.lr_scheduler_type, 'value', '')} "
                                   "refuses its settings "
                                   f"(lr_scheduler_kwargs, warmup_steps): {' '.join(str(e).split())}") from None
+
+
+def _check_deepspeed(value, where: str) -> None:
+    """A ZeRO-3 DeepSpeed config must gather the weights when a model is saved: without
+    ``stage3_gather_16bit_weights_on_model_save`` every stage's ``final`` folder would hold no weights."""
+    if value is None:
+        return
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            value = json.loads(Path(value).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}.deepspeed: cannot read the DeepSpeed config {value}: {e}") from None
+    zero = value.get("zero_optimization", {}) if isinstance(value, dict) else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise ConfigError(f"{where}.deepspeed: a ZeRO-3 config needs zero_optimization."
+                          "stage3_gather_16bit_weights_on_model_save: true, or the stages' final folders hold no "
+                          "weights (docs/examples/distributed/zero3.json has it)")
 
 
 def check_output_paths(config: RunConfig) -> None:
@@ -503,19 +521,27 @@ def ensure_store(prepared: PreparedRun, stage: StageSpec, teacher_factory, *, pr
     return PseudoLabelStore(path, expect=meta)
 
 
-def _distributed_state():
-    """accelerate's process state (the one Trainer uses). Launched as several processes (WORLD_SIZE > 1)
-    that did not join one process group — e.g. ``accelerate launch --multi_gpu`` on a machine without
-    GPUs and without ``ACCELERATE_USE_CPU=true`` — they would train apart, each on all the data: a
-    RuntimeError says so instead."""
+def _distributed_state(config: RunConfig):
+    """accelerate's process state (the one Trainer uses). Without GPUs, several launched processes join
+    one gloo group (accelerate alone would leave each on its own). A DeepSpeed run takes its state from
+    its training arguments, which put accelerate in DeepSpeed's mode. Launched as several processes
+    (WORLD_SIZE > 1) that still did not join one group — DeepSpeed in several CPU processes, say — they
+    would train apart, each on all the data: a RuntimeError says so instead."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = next((s for s in config.stages if config.stage_args(s).get("deepspeed")), None)
+    if deepspeed is not None:
+        with tempfile.TemporaryDirectory(prefix="clinkd-state-") as scratch:
+            _training_arguments(config, deepspeed, progress=False, output_dir=scratch).device  # sets the state up
+        state = PartialState()
+    else:
+        state = PartialState(cpu=not torch.cuda.is_available() and launched > 1)
     if launched > 1 and state.num_processes != launched:
+        hint = ("DeepSpeed through clinkd train needs GPUs for more than one process" if deepspeed is not None else
+                "on CPUs launch with ACCELERATE_USE_CPU=true")
         raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE), but they did not join one process group "
-                           f"(accelerate sees {state.num_processes}): they would train apart. On CPUs launch with "
-                           "ACCELERATE_USE_CPU=true (torchrun or accelerate launch)")
+                           f"(accelerate sees {state.num_processes}): they would train apart; {hint}")
     return state
 
 
@@ -537,7 +563,7 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
 
     from .trainer import ClinKDTrainer
 
-    state = _distributed_state()
+    state = _distributed_state(config)
     if prepared is None:
         with state.main_process_first():  # the main process builds what is shared (the offline processor)
             prepared = prepare_run(config, progress=progress and state.is_main_process)

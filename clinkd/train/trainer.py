@@ -82,6 +82,7 @@ class ClinKDTrainer(Trainer):
     def __init__(self, *args, kd: KDSettings | None = None, teacher=None, store: PseudoLabelStore | None = None,
                  sample_ids: list[str] | None = None, kernel_backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_engine()
         self.args.remove_unused_columns = False
         if kd is not None and (teacher is None) == (store is None):
             raise ValueError("a KD stage needs exactly one of teacher= (online) or store= (pseudo-label store)")
@@ -105,6 +106,21 @@ class ClinKDTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self.model_accepts_loss_kwargs = False
         self._parts = {"kd": 0.0, "ce": 0.0, "n": 0}
+
+    def _check_engine(self) -> None:
+        """The engine asked for (``deepspeed=``/``fsdp=`` or accelerate's launch config) is the one set up:
+        accelerate turns FSDP into DDP on CPUs, and DeepSpeed into plain processes when the state was made
+        without it — a run would then train, silently, with another engine."""
+        import os
+
+        asked = {"DeepSpeed": bool(self.args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true",
+                 "FSDP": bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP") == "true"}
+        got = {"DeepSpeed": self.is_deepspeed_enabled, "FSDP": self.is_fsdp_enabled}
+        for engine, wanted in asked.items():
+            if wanted and not got[engine]:
+                kind = getattr(self.accelerator.state.distributed_type, "value", self.accelerator.state.distributed_type)
+                raise RuntimeError(f"{engine} was asked for, but accelerate set up {kind} (FSDP needs GPUs; DeepSpeed "
+                                   "needs its config in the training arguments before anything else starts)")
 
     # ------------------------------------------------------------------ teacher side
 

@@ -21,5 +21,29 @@ if len(sys.argv) > 3:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks.append(Kill())
+if os.environ.get("CLINKD_TEST_SHOW_TEACHER"):  # say how the online teacher was placed
+    from clinkd.train.trainer import ClinKDTrainer
+
+    prepare = ClinKDTrainer._prepare_teacher
+
+    def show(self):
+        prepare(self)
+        head = getattr(self.teacher, "module", self.teacher).get_output_embeddings()
+        print(f"teacher {type(self.teacher).__name__} lm_head elements {head.weight.numel()}; student "
+              f"{type(self.model_wrapped).__name__}, deepspeed {self.is_deepspeed_enabled}", flush=True)
+
+    ClinKDTrainer._prepare_teacher = show
+if os.environ.get("CLINKD_TEST_SHOW_ENGINE"):  # say which engine wraps the student when training starts
+    from clinkd.train.trainer import ClinKDTrainer
+
+    compute = ClinKDTrainer.compute_loss
+
+    def compute_and_show(self, model, inputs, *a, **k):
+        if not getattr(self, "_shown", False):
+            self._shown = True
+            print(f"student {type(self.model_wrapped).__name__}", flush=True)
+        return compute(self, model, inputs, *a, **k)
+
+    ClinKDTrainer.compute_loss = compute_and_show
 run_training(load_config(config_path), progress=False, callbacks=callbacks)
 print(f"rank {os.environ.get('RANK')} finished", flush=True)

@@ -24,11 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node 2 ARGS`` from the repository root (one thread per
-    process: two processes share the CPU)."""
+def torchrun(*args, env: dict | None = None, processes: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node PROCESSES ARGS`` from the repository root (one thread
+    per process: the processes share the CPU)."""
     environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1") if env is None else env
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                str(free_port()), *map(str, args)]
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
