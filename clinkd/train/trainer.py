@@ -34,7 +34,7 @@ from clinkd_kernels.loss import linear_kd_loss
 from clinkd_kernels.topk import PseudoLabels
 
 from ..data.collate import model_inputs
-from ..distill.cache import chunked_pseudo_labels, head_pseudo_labels, teacher_rows
+from ..distill.cache import head_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
 from .config import loss_form_problem
 from .curriculum import MarginCurriculum
