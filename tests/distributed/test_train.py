@@ -213,3 +213,12 @@ def test_a_zero3_config_that_saves_no_weights_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config.training.deepspeed" in err or ".deepspeed: a ZeRO-3 config needs" in err, err
     assert "stage3_gather_16bit_weights_on_model_save" in err and err.count("\n") == 1
+
+
+def test_fsdp_on_cpu_processes_is_refused_not_replaced(runs, tmp_path):
+    """accelerate would run FSDP as DDP on CPUs: the run stops with the engine it would have used."""
+    data_file, _, _ = runs
+    path = _config(tmp_path, data_file, processes=2, fsdp="full_shard")
+    done = _torchrun(path, expect_kill=True)
+    assert "FSDP was asked for, but accelerate set up MULTI_CPU" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "kd" / "stage.json").exists()
