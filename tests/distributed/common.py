@@ -16,6 +16,7 @@ from tests.train import setup
 
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 3  # optimizer steps of the FSDP2 and DeepSpeed runs
 
 
 def free_port() -> int:

@@ -11,26 +11,7 @@ import deepspeed  # noqa: F401  (installed by the test extra; the test fails wit
 import pytest
 import torch
 
-from tests.distributed.common import REPO, rank_losses, reference, torchrun
-from tests.train import setup
-
-STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return setup.tiny.make_data(tmp_path_factory.mktemp("zero") / "data", 8, seed=5)
-
-
-@pytest.fixture(scope="module")
-def extensions(tmp_path_factory):
-    """DeepSpeed compiles its CPU communication module once per folder: one folder for both stages."""
-    return tmp_path_factory.mktemp("torch_extensions")
-
-
-@pytest.fixture(scope="module")
-def single(data_file):
-    return reference(data_file, STEPS)
+from tests.distributed.common import REPO, STEPS, rank_losses, torchrun
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -8,20 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.common import rank_losses, reference, torchrun
-from tests.train import setup
-
-STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return setup.tiny.make_data(tmp_path_factory.mktemp("fsdp2") / "data", 8, seed=5)
-
-
-@pytest.fixture(scope="module")
-def single(data_file):
-    return reference(data_file, STEPS)
+from tests.distributed.common import STEPS, rank_losses, torchrun
 
 
 @pytest.mark.parametrize("layout", ["root", "head"])

@@ -150,12 +150,6 @@ def test_launched_processes_outside_one_group_are_refused(tmp_path, monkeypatch)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture(scope="module")
-def extensions(tmp_path_factory):
-    """DeepSpeed compiles its CPU communication module once per folder: one for every DeepSpeed run."""
-    return str(tmp_path_factory.mktemp("torch_extensions"))
-
-
 def _plain(path: Path, out: Path) -> Path:
     """The config at ``path`` without DeepSpeed, writing to ``out``."""
     mapping = yaml.safe_load(path.read_text())
