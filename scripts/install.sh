@@ -83,7 +83,7 @@ for line in md.requires("clinkd") or []:
         requirement.marker = None
         print(requirement)
 PY
-    python -m pip install --quiet -r "$requirements"
+    python -m pip install --quiet --no-build-isolation -r "$requirements"  # as the full install builds (deepspeed is an sdist)
     rm -f "$requirements"
   fi
 else
