@@ -18,23 +18,28 @@ import re
 import shutil
 
 _NUM = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
-_PAIR = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)")
-_TAG = re.compile(r"<\|?[a-z_]+\|?>|</?[a-z_]+>")
+CORNERS = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)")
+TAGS = re.compile(r"<\|?[a-z_]+\|?>|</?[a-z_]+>")
 _WORD = re.compile(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*")
 
 
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """The first ``(x1,y1),(x2,y2)`` in ``text`` (tagged or not) as a normalised box with sorted corners,
-    or None when there is none. Corners above 1 are read on Qwen2-VL's 0..1000 grid (divided by 1000)."""
-    if not isinstance(text, str):
-        return None
-    match = _PAIR.search(text)
-    if match is None:
-        return None
+def _box(match: re.Match) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = (float(v) for v in match.groups())
     if max(x1, y1, x2, y2) > 1.0:
         x1, y1, x2, y2 = x1 / 1000.0, y1 / 1000.0, x2 / 1000.0, y2 / 1000.0
     return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+
+def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
+    """Every ``(x1,y1),(x2,y2)`` in ``text`` (tagged or not) as a normalised box with sorted corners;
+    corners above 1 are read on Qwen2-VL's 0..1000 grid (divided by 1000)."""
+    return [_box(match) for match in CORNERS.finditer(text)] if isinstance(text, str) else []
+
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """The first box of ``parse_boxes``, or None when there is none."""
+    match = CORNERS.search(text) if isinstance(text, str) else None
+    return None if match is None else _box(match)
 
 
 def box_iou(a, b) -> float:
@@ -60,7 +65,7 @@ def vg_hit(prediction: str, reference: str, threshold: float = 0.5) -> bool:
 
 def tokenize(text: str) -> list[str]:
     """Lower-case words, tags and punctuation dropped (the role of COCO's PTB tokenizer)."""
-    return _WORD.findall(_TAG.sub(" ", text.lower()))
+    return _WORD.findall(TAGS.sub(" ", text.lower()))
 
 
 def roc_correct(prediction: str, reference: str) -> bool:

@@ -129,23 +129,21 @@ def _batch_lines(model, processor, encoder, records, chunk, settings: RCTSetting
     answers = [t[0] for t in texts]
     tasks = [records[i].task for i, _ in chunk]
     truths = [records[i].turns[t][1] for i, t in chunk]
-    generated = time.perf_counter()
+    t = time.perf_counter()
     scores = score_answers(tasks, answers, truths, similarity)
     reasons = [problems(task, truth, s, settings.thresholds) for task, truth, s in zip(tasks, truths, scores)]
     wrong = [j for j, r in enumerate(reasons) if r]
-    scoring = time.perf_counter() - generated
+    scoring = time.perf_counter() - t
     candidate_tokens, candidates = 0, {}
     if wrong:
         torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{round_index}:{batch_index}".encode()).digest()[:8],
                                          "little") & (2**63 - 1))
         prompts = [_reflection_prompt(encoder, records[chunk[j][0]], chunk[j][1], answers[j], settings.template)
                    for j in wrong]
-        t = time.perf_counter()
         drafts, candidate_tokens = generate_texts(
             model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
             num_return_sequences=settings.candidates, do_sample=True, temperature=settings.temperature,
             top_p=settings.top_p)
-        generated += time.perf_counter() - t
         t = time.perf_counter()
         flat = [(j, text) for j, texts_j in zip(wrong, drafts) for text in texts_j]
         flat_scores = score_answers([tasks[j] for j, _ in flat], [text for _, text in flat],

@@ -15,8 +15,8 @@ VG is judged by ``iou`` alone, ROC by ``words`` (its similarity only ranks candi
 Box score with several boxes: the predicted and ground-truth boxes are matched one to one so that the
 sum of IoUs is largest (``scipy.optimize.linear_sum_assignment``), and the sum is divided by the larger
 of the two counts. A missing box and an extra box both cost one box's worth; with one box on each side
-it is their IoU; no predicted box scores 0. Boxes are read leniently (``clinkd.eval.metrics``: either
-corner order, Qwen2-VL's 0..1000 grid).
+it is their IoU; no predicted box scores 0. Boxes are read as the metrics read them
+(``clinkd.eval.metrics.parse_boxes``: either corner order, Qwen2-VL's 0..1000 grid).
 
 Selection: a candidate passes when none of its judged components is wrong and its text can be a
 training target (its boxes well formed, no chat control tokens); among the passing candidates the one
@@ -30,12 +30,10 @@ import re
 from dataclasses import dataclass
 
 from clinkd.data.records import CONTROL_TOKENS, DataError, parse_boxes
-from clinkd.eval.metrics import box_iou, roc_correct, tokenize
+from clinkd.eval.metrics import CORNERS, TAGS, box_iou, roc_correct, tokenize
+from clinkd.eval.metrics import parse_boxes as boxes
 
-_PAIR = re.compile(r"\(\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*,\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)\s*,\s*"
-                   r"\(\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*,\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)")
-_BOX_SPAN = re.compile(r"<\|?box_start\|?>.*?<\|?box_end\|?>|<box>.*?</box>|" + _PAIR.pattern, re.S)
-_TAGS = re.compile(r"<\|?[a-z_]+\|?>|</?[a-z_]+>")
+_BOX_SPAN = re.compile(r"<\|?box_start\|?>.*?<\|?box_end\|?>|<box>.*?</box>|" + CORNERS.pattern, re.S)
 
 
 @dataclass(frozen=True)
@@ -51,17 +49,6 @@ class Thresholds:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} threshold must be a number in [0, 1], got {value!r}")
-
-
-def boxes(text: str) -> list[tuple[float, float, float, float]]:
-    """Every ``(x1,y1),(x2,y2)`` in ``text`` (tagged or not), corners sorted, 0..1000 grid values scaled."""
-    out = []
-    for match in _PAIR.finditer(text):
-        x1, y1, x2, y2 = (float(v) for v in match.groups())
-        if max(x1, y1, x2, y2) > 1.0:
-            x1, y1, x2, y2 = x1 / 1000.0, y1 / 1000.0, x2 / 1000.0, y2 / 1000.0
-        out.append((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
-    return out
 
 
 def box_score(answer: str, reference: str) -> float | None:
@@ -82,7 +69,7 @@ def box_score(answer: str, reference: str) -> float | None:
 
 def text_part(text: str) -> str:
     """``text`` without its boxes and tags, whitespace collapsed: what similarity compares."""
-    return " ".join(_TAGS.sub(" ", _BOX_SPAN.sub(" ", text)).split())
+    return " ".join(TAGS.sub(" ", _BOX_SPAN.sub(" ", text)).split())
 
 
 def components(task: str, reference: str) -> tuple[str, ...]:

@@ -96,9 +96,12 @@ class LexicalSimilarity:
 
         _check_pairs(texts, references)
         scores = torch.zeros(len(texts))
-        scored = [i for i, (t, r) in enumerate(zip(texts, references)) if tokenize(t) and tokenize(r)]
+        scored = []
         for i, (t, r) in enumerate(zip(texts, references)):
-            if not tokenize(t) and not tokenize(r):
+            words = bool(tokenize(t)), bool(tokenize(r))
+            if all(words):
+                scored.append(i)
+            elif not any(words):
                 scores[i] = 1.0
         if scored:
             values = rouge_l_per_sample([texts[i] for i in scored], [[references[i]] for i in scored])

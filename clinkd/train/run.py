@@ -545,16 +545,6 @@ def _distributed_state(config: RunConfig):
     return state
 
 
-def _world_process_zero() -> bool:
-    """This process writes the run's records (rank 0, or the only process)."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _wait_for_everyone() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def run_training(config: RunConfig, *, resume: bool = True, progress: bool = True, callbacks=None,
                  prepared: PreparedRun | None = None) -> dict:
     """Run every stage of ``config`` (after ``prepare_run``'s checks). Returns {stage: {"final": path,
@@ -609,9 +599,9 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
 
             student, result = run_rct_stage(prepared, stage, student, load_student=load_student,
                                             training_arguments=stage_arguments, resume=resume, progress=progress, callbacks=callbacks)
-            if _world_process_zero():
+            if state.is_main_process:
                 write_bytes_atomic(done, json.dumps(result, indent=1).encode())
-            _wait_for_everyone()
+            state.wait_for_everyone()
             results[stage.name] = result
             student_spec = ModelSpec(from_pretrained=result["final"], dtype=config.student.dtype,
                                      patch=config.student.patch)

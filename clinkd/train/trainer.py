@@ -124,6 +124,12 @@ class ClinKDTrainer(Trainer):
 
     # ------------------------------------------------------------------ teacher side
 
+    def _ready_teacher(self):
+        """The online teacher, placed by ``_prepare_teacher`` at its first use."""
+        if not self._teacher_ready:
+            self._prepare_teacher()
+        return self.teacher
+
     def _prepare_teacher(self) -> None:
         """Under DeepSpeed the online teacher gets an inference engine of its own, from the student's
         finished config (so after Trainer filled its "auto" values): partitioned like the student under
@@ -161,10 +167,8 @@ class ClinKDTrainer(Trainer):
                                  f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
                                  "changed since it was built; rebuild it")
             return labels.to(device)
-        if not self._teacher_ready:
-            self._prepare_teacher()
         with torch.no_grad():
-            hidden, head = teacher_rows(self.teacher, inputs, rows, vocab)
+            hidden, head = teacher_rows(self._ready_teacher(), inputs, rows, vocab)
             return head_pseudo_labels(head, hidden, k=kd.topk, temperature=kd.temperature, vocab_size=vocab,
                                       backend=self.kernel_backend).to(device)
 
@@ -172,9 +176,7 @@ class ClinKDTrainer(Trainer):
     def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int, *, margins: bool):
         """Online dense teacher: (teacher hidden [N, Hd_t], its lm_head module, margins [N] or None). The
         margins cost one more pass over the teacher's lm_head (chunked): only with ``margins``."""
-        if not self._teacher_ready:
-            self._prepare_teacher()
-        selected, head = teacher_rows(self.teacher, inputs, rows, vocab)
+        selected, head = teacher_rows(self._ready_teacher(), inputs, rows, vocab)
         if not margins:
             return selected, head, None
         top2 = head_pseudo_labels(head, selected, k=min(2, vocab), temperature=self.kd.temperature,

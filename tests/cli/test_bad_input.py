@@ -281,6 +281,13 @@ def fake_model(project):
     return folder
 
 
+def _options(base: dict, args: list[str], fill: dict) -> list[str]:
+    """The command line of ``base`` options with ``args`` (``[option, value, ...]``, values formatted with
+    ``fill``) put over them."""
+    given = dict(zip(args[::2], [a.format(**fill) for a in args[1::2]]))
+    return [x for k, v in {**base, **given}.items() for x in (k, v)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "{dir}"], "argument --out: {dir} is a folder, not a file"),
     (["--out", "{file}/p.jsonl"], "its folder {file} is not a folder"),
@@ -298,8 +305,7 @@ def test_predict_arguments(capsys, project, fake_model, args, message):
     --batch-size failed after the model loaded, as a RuntimeError traceback for the device."""
     fill = {k: v for k, v in project.items()}
     base = {"--model": str(fake_model), "--data": str(project["data"]), "--out": str(project["folder"] / "p.jsonl")}
-    given_args = dict(zip(args[::2], [a.format(**fill) for a in args[1::2]]))
-    argv = ["predict"] + [x for k, v in {**base, **given_args}.items() for x in (k, v)]
+    argv = ["predict"] + _options(base, args, fill)
     user_error(cli(capsys, *argv), message.format(**fill))
 
 
@@ -322,8 +328,7 @@ def test_eval_arguments(capsys, project, args, message):
     preds = project["folder"] / "preds.jsonl"
     preds.write_text(json.dumps({"id": "ct_0000_x", "response": "r", "annotation": "a", "task": "MIA"}) + "\n")
     base = {"--pred": str(preds)}
-    given_args = dict(zip(args[::2], [a.format(**fill) for a in args[1::2]]))
-    argv = ["eval", "--no-meteor"] + [x for k, v in {**base, **given_args}.items() for x in (k, v)]
+    argv = ["eval", "--no-meteor"] + _options(base, args, fill)
     user_error(cli(capsys, *argv), message.format(**fill))
 
 
@@ -345,8 +350,7 @@ def test_eval_json_into_a_new_folder(capsys, project):
 def test_data_demo_arguments(capsys, project, args, message):
     fill = dict(project)
     base = {"--out": str(project["folder"] / "demo-data")}
-    given_args = dict(zip(args[::2], [a.format(**fill) for a in args[1::2]]))
-    argv = ["data", "demo", "--no-progress"] + [x for k, v in {**base, **given_args}.items() for x in (k, v)]
+    argv = ["data", "demo", "--no-progress"] + _options(base, args, fill)
     user_error(cli(capsys, *argv), message.format(**fill))
     assert not (project["folder"] / "demo-data").exists()
 
