@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 from .fwd import mm as _mm, seq_bounds
-from ..rope.kernels import load_halves, load_rotated, store_halves, store_unrotated
+from ..rope.kernels import load_freq_axis, load_halves, load_rotated, store_halves, store_unrotated
 
 
 @triton.jit
-def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, QR, KR, DELTA, n_tokens, s_t, s_th, HQ, HKV,
+def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, AXIS, QR, KR, DELTA, n_tokens, HQ, HKV,
                              HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
                              BLOCK: tl.constexpr):
     """Grid (cdiv(T_total, BLOCK), HQ + HKV). Programs h < HQ: QR[:, h] = rope(q[:, h]) and
@@ -37,7 +37,7 @@ def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, QR, KR, DELTA, n_tokens, s_
     tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = tok < n_tokens
     cols = tl.arange(0, HALF_PAD)
-    freq = tl.load(FREQ + cols, mask=cols < HALF, other=0.0)
+    freq, axis = load_freq_axis(FREQ, AXIS, cols, HALF)
     row = tok.to(tl.int64)
     if h < HQ:
         src = Q + row * (HQ * HEAD_DIM) + h * HEAD_DIM
@@ -50,7 +50,7 @@ def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, QR, KR, DELTA, n_tokens, s_
     else:
         src = K + row * (HKV * HEAD_DIM) + (h - HQ) * HEAD_DIM
         dst = KR + row * (HKV * HEAD_DIM) + (h - HQ) * HEAD_DIM
-    x1, x2 = load_rotated(src, ok, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF)
+    x1, x2 = load_rotated(src, ok, POS, tok, n_tokens, freq, axis, cols, HALF)
     ty = QR.dtype.element_ty
     store_halves(dst, ok, x1.to(ty), x2.to(ty), cols, HALF)
 
@@ -210,7 +210,7 @@ def mcg_attn_bwd_dq_kernel(
 
 
 @triton.jit
-def mcg_attn_bwd_finish_kernel(DQR, DKR, POS, FREQ, DQ, DK, n_tokens, s_t, s_th, HQ, HKV,
+def mcg_attn_bwd_finish_kernel(DQR, DKR, POS, FREQ, AXIS, DQ, DK, n_tokens, HQ, HKV,
                                HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (cdiv(T_total, BLOCK), HQ + HKV): dq = rope⁻¹(dq_rot), dk = rope⁻¹(dk_rot) in the input dtype."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -218,7 +218,7 @@ def mcg_attn_bwd_finish_kernel(DQR, DKR, POS, FREQ, DQ, DK, n_tokens, s_t, s_th,
     tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = tok < n_tokens
     cols = tl.arange(0, HALF_PAD)
-    freq = tl.load(FREQ + cols, mask=cols < HALF, other=0.0)
+    freq, axis = load_freq_axis(FREQ, AXIS, cols, HALF)
     row = tok.to(tl.int64)
     if h < HQ:
         src = DQR + row * (HQ * HEAD_DIM) + h * HEAD_DIM
@@ -227,4 +227,4 @@ def mcg_attn_bwd_finish_kernel(DQR, DKR, POS, FREQ, DQ, DK, n_tokens, s_t, s_th,
         src = DKR + row * (HKV * HEAD_DIM) + (h - HQ) * HEAD_DIM
         dst = DK + row * (HKV * HEAD_DIM) + (h - HQ) * HEAD_DIM
     g1, g2 = load_halves(src, ok, cols, HALF)
-    store_unrotated(dst, ok, g1, g2, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF)
+    store_unrotated(dst, ok, g1, g2, POS, tok, n_tokens, freq, axis, cols, HALF)

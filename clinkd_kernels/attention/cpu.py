@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from ..rope import apply_mrope, apply_mrope_reference
 
 
-def _rotate(q, k, position_ids, inv_freq, mrope_section):
+def _rotate(q, k, position_ids, inv_freq, mrope_section, interleaved):
     if q.dtype == torch.float64:
-        return apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section)
-    return apply_mrope(q, k, position_ids, inv_freq.float(), mrope_section, backend="cpu")
+        return apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section, mrope_interleaved=interleaved)
+    return apply_mrope(q, k, position_ids, inv_freq.float(), mrope_section, mrope_interleaved=interleaved,
+                       backend="cpu")
 
 
 def _sdpa(q, k, v, *, mask, causal, scale):
@@ -31,10 +32,10 @@ def _sdpa(q, k, v, *, mask, causal, scale):
     return out.transpose(1, 2)
 
 
-def mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, mrope_section, *, causal, scale, attention_mask,
-                           cu_seqlens):
+def mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, mrope_section, interleaved, *, causal, scale,
+                           attention_mask, cu_seqlens):
     """Same contract as ``mcg_rope_attention_reference``; ``scale`` is already resolved."""
-    q_rot, k_rot = _rotate(q, k, position_ids, inv_freq, mrope_section)
+    q_rot, k_rot = _rotate(q, k, position_ids, inv_freq, mrope_section, interleaved)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         out = [_sdpa(q_rot[None, lo:hi], k_rot[None, lo:hi], v[None, lo:hi], mask=None, causal=causal, scale=scale)[0]

@@ -2,7 +2,7 @@
 
 Layout (all contiguous): tokens are flattened, T_total = B·S (padded form) or T (packed form).
     Q [T_total, HQ, D], K/V [T_total, HKV, D], O [T_total, HQ, D], LSE fp32 [HQ, T_total],
-    POS int [3, T_total], MASK int8 [T_total] (padded form, 1 keep / 0 pad), CU int32 [B+1] (packed).
+    POS int [3, T_total], FREQ fp32 [D/2] and AXIS int32 [D/2] (the rotary layout), MASK int8 [T_total] (padded form, 1 keep / 0 pad), CU int32 [B+1] (packed).
 One program = BLOCK_M query rows of one head of one sequence; grid (cdiv(max_len, BLOCK_M), HQ, B).
 Q is rotated once per program as it is loaded; K tiles are rotated in registers as they are loaded
 (default), or read from a copy of k rotated once up front by ``apply_mrope``'s kernel (K_ROTATED, see
@@ -20,7 +20,7 @@ makes every backward term of theirs exactly 0.
 import triton
 import triton.language as tl
 
-from ..rope.kernels import load_halves, load_rotated
+from ..rope.kernels import load_freq_axis, load_halves, load_rotated
 
 
 @triton.jit
@@ -46,8 +46,8 @@ def mm(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def mcg_attn_fwd_kernel(
-    Q, K, V, POS, FREQ, MASK, CU, O, LSE,
-    sm_scale, seqlen, n_tokens, s_t, s_th, HQ, GROUP, seq_bucket,
+    Q, K, V, POS, FREQ, AXIS, MASK, CU, O, LSE,
+    sm_scale, seqlen, n_tokens, HQ, GROUP, seq_bucket,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
@@ -80,10 +80,9 @@ def mcg_attn_fwd_kernel(
     m_ok = offs_m < length
     cols = tl.arange(0, HALF_PAD)
     dcols = tl.arange(0, D_PAD)
-    freq = tl.load(FREQ + cols, mask=cols < HALF, other=0.0)
+    freq, axis = load_freq_axis(FREQ, AXIS, cols, HALF)
 
-    q1, q2 = load_rotated(Q + offs_m * q_tok_stride, m_ok, POS, offs_m, n_tokens, freq, cols,
-                          s_t, s_th, HALF)
+    q1, q2 = load_rotated(Q + offs_m * q_tok_stride, m_ok, POS, offs_m, n_tokens, freq, axis, cols, HALF)
     dtype = Q.dtype.element_ty
     q1 = q1.to(dtype)
     q2 = q2.to(dtype)
@@ -104,7 +103,7 @@ def mcg_attn_fwd_kernel(
         if K_ROTATED:
             k1, k2 = load_halves(k_rows, n_ok, cols, HALF)
         else:
-            k1, k2 = load_rotated(k_rows, n_ok, POS, offs_n, n_tokens, freq, cols, s_t, s_th, HALF)
+            k1, k2 = load_rotated(k_rows, n_ok, POS, offs_n, n_tokens, freq, axis, cols, HALF)
         s = mm(q1, tl.trans(k1.to(dtype)), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         s = mm(q2, tl.trans(k2.to(dtype)), s, IEEE)
         keep = n_ok[None, :]

@@ -94,51 +94,49 @@ def _meta(q, causal, mask, cu_seqlens):
     }
 
 
-def _common(q, k, mrope_section, seqlen, max_seqlen):
-    """The kernels' int arguments: seqlen, n_tokens, s_t, s_th, HQ, GROUP, seq_bucket."""
-    s_t, s_h, _ = mrope_section
+def _common(q, k, seqlen, max_seqlen):
+    """The kernels' int arguments: seqlen, n_tokens, HQ, GROUP, seq_bucket."""
     group = q.shape[1] // k.shape[1]
-    return (seqlen, q.shape[0], s_t, s_t + s_h, q.shape[1], group, triton.next_power_of_2(max(max_seqlen, 1)))
+    return (seqlen, q.shape[0], q.shape[1], group, triton.next_power_of_2(max(max_seqlen, 1)))
 
 
-def attention_forward(q, k, v, pos, inv_freq, mrope_section, mask, cu_seqlens, *, causal: bool, scale: float,
+def attention_forward(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, *, causal: bool, scale: float,
                       batch: int, seqlen: int, max_seqlen: int):
-    """out [T_total, HQ, D] (q's dtype), lse fp32 [HQ, T_total] (base-2, +inf on padded rows)."""
+    """out [T_total, HQ, D] (q's dtype), lse fp32 [HQ, T_total] (base-2, +inf on padded rows);
+    axis: int32 [D/2], the rotary layout (``clinkd_kernels.rope.layout``)."""
     out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     lse = empty_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     if q.shape[0] == 0 or max_seqlen == 0:
         return out, lse
-    ints = _common(q, k, mrope_section, seqlen, max_seqlen)
+    ints = _common(q, k, seqlen, max_seqlen)
     prepass = k_rotation_mode() == "prepass"
     if prepass:
         k_in = torch.empty_like(k)
-        mrope_rotate_triton(None, k[None], None, k_in[None], pos[:, None], inv_freq, mrope_section, 1.0, False)
+        mrope_rotate_triton(None, k[None], None, k_in[None], pos[:, None], inv_freq, axis, 1.0, False)
     else:
         k_in = k
-    args = (q, k_in, v, pos, inv_freq, mask, cu_seqlens, out, lse, scale) + ints
+    args = (q, k_in, v, pos, inv_freq, axis, mask, cu_seqlens, out, lse, scale) + ints
     _launch("fwd", max_seqlen, q.shape[1], batch, args, {**_meta(q, causal, mask, cu_seqlens), "K_ROTATED": prepass})
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask, cu_seqlens, *, causal: bool,
+def attention_backward(do, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens, *, causal: bool,
                        scale: float, batch: int, seqlen: int, max_seqlen: int):
     """(dq, dk, dv) shaped like (q, k, v), for the pre-rotary q and k."""
     n_tokens, hq, d = q.shape
     hkv = k.shape[1]
     if n_tokens == 0 or max_seqlen == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    s_t, s_h, _ = mrope_section
     delta = empty_output((hq, n_tokens), dtype=torch.float32, device=q.device)
     q_rot = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_rot = empty_output(k.shape, dtype=k.dtype, device=k.device)
     mcg_attn_bwd_prep_kernel[(triton.cdiv(n_tokens, PREP_BLOCK), hq + hkv)](
-        q, k, out, do, pos, inv_freq, q_rot, k_rot, delta, n_tokens, s_t, s_t + s_h, hq, hkv,
+        q, k, out, do, pos, inv_freq, axis, q_rot, k_rot, delta, n_tokens, hq, hkv,
         HEAD_DIM=d, HALF_PAD=triton.next_power_of_2(d // 2), D_PAD=triton.next_power_of_2(d), BLOCK=PREP_BLOCK)
     dq_rot = empty_output(q.shape, dtype=torch.float32, device=q.device)
     dk_rot = empty_output(k.shape, dtype=torch.float32, device=k.device)
     dv = empty_output(v.shape, dtype=v.dtype, device=v.device)
-    seqlen_, n_tokens_, _, _, hq_, group, bucket = _common(q, k, mrope_section, seqlen, max_seqlen)
-    ints = (seqlen_, n_tokens_, hq_, group, bucket)  # the matmul kernels see rotated q, k: no rope sections
+    ints = _common(q, k, seqlen, max_seqlen)  # the matmul kernels see rotated q, k: no rotary layout
     meta = _meta(q, causal, mask, cu_seqlens)
     head = (q_rot, k_rot, v, mask, cu_seqlens, do, lse, delta)
     _launch("dkdv", max_seqlen, hkv, batch, head + (dk_rot, dv, scale) + ints, meta)
@@ -147,7 +145,7 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, mrope_section, mask
     dq = empty_output(q.shape, dtype=q.dtype, device=q.device)
     dk = empty_output(k.shape, dtype=k.dtype, device=k.device)
     mcg_attn_bwd_finish_kernel[(triton.cdiv(n_tokens, PREP_BLOCK), hq + hkv)](
-        dq_rot, dk_rot, pos, inv_freq, dq, dk, n_tokens, s_t, s_t + s_h, hq, hkv,
+        dq_rot, dk_rot, pos, inv_freq, axis, dq, dk, n_tokens, hq, hkv,
         HEAD_DIM=d, HALF_PAD=triton.next_power_of_2(d // 2), BLOCK=PREP_BLOCK)
     return dq, dk, dv
 
@@ -156,7 +154,7 @@ def _attn_signature(kind: str, dtype) -> dict:
     """The runtime arguments of an attention kernel, typed for ``dtype`` q/k/v (read from the kernel)."""
     f32 = torch.float32
     types = {"Q": dtype, "K": dtype, "QR": dtype, "KR": dtype, "V": dtype, "O": dtype, "DO": dtype, "DV": dtype,
-             "DQ": dtype, "DK": dtype, "POS": torch.int64, "FREQ": f32, "MASK": torch.int8, "CU": torch.int32,
+             "DQ": dtype, "DK": dtype, "POS": torch.int64, "FREQ": f32, "AXIS": torch.int32, "MASK": torch.int8, "CU": torch.int32,
              "LSE": f32, "DELTA": f32, "DKR": f32, "DQR": f32}
     fn = {**_KERNELS, "prep": mcg_attn_bwd_prep_kernel, "finish": mcg_attn_bwd_finish_kernel}[kind]
     names = {name for name, is_constexpr in kernel_arguments(fn) if not is_constexpr}

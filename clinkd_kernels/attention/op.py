@@ -4,7 +4,8 @@ Contract (docs/api.md):
     padded: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] (≠0 keep, 0 pad) → [B,S,Hq,D]
     packed: q [T,Hq,D],   k/v [T,Hkv,D],   position_ids [3,T],   cu_seqlens int32 [B+1]             → [T,Hq,D]
     out = softmax(rope(q)·rope(k)ᵀ·scale + masks)·v, rope = M-RoPE with angles position·inv_freq (fp32);
-    Hq % Hkv == 0, D ∈ {64, 80, 96, 128}; gradients for the pre-rotary q, k and for v.
+    Hq % Hkv == 0, D ∈ {64, 80, 96, 128}; gradients for the pre-rotary q, k and for v; the rotary layout
+    (contiguous or interleaved sections) reaches the kernels as an int32 [D/2] axis vector.
 
 The Triton path works on flattened tokens (T_total = B·S or T); the two custom ops
 ``clinkd::mcg_rope_attention_fwd`` / ``_bwd`` take those flat views, so the reshapes around them stay
@@ -21,6 +22,7 @@ import torch
 
 from .._dispatch import resolve_backend, triton_interpret
 from .._validation import FLOAT_DTYPES, check_int, check_positive_float, check_same_device, check_shape, check_tensor
+from ..rope.layout import axis_tensor, check_mrope_layout
 
 HEAD_DIMS = (64, 80, 96, 128)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -31,8 +33,8 @@ _MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 # --------------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, causal, softmax_scale, attention_mask,
-                  cu_seqlens, max_seqlen):
+def _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, mrope_interleaved, causal, softmax_scale,
+                  attention_mask, cu_seqlens, max_seqlen):
     """Shape/dtype/device checks (no tensor values read). Returns (mrope_section tuple, scale)."""
     check_tensor("q", q, ndim=(3, 4), dtypes=_QKV_DTYPES)
     check_tensor("k", k, ndim=q.dim(), dtypes=_QKV_DTYPES)
@@ -84,10 +86,9 @@ def _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, causal, softma
     check_shape("inv_freq", inv_freq, [d // 2])
     if isinstance(mrope_section, (str, bytes)) or not isinstance(mrope_section, Sequence) or len(mrope_section) != 3:
         raise ValueError(f"mrope_section must be 3 ints (t, h, w), got {mrope_section!r}")
-    section = tuple(check_int(f"mrope_section[{i}]", int(s) if isinstance(s, torch.Tensor) else s, low=0)
-                    for i, s in enumerate(mrope_section))
-    if sum(section) != d // 2:
-        raise ValueError(f"mrope_section must sum to D/2 = {d // 2}, got {section} (sum {sum(section)})")
+    for i, s in enumerate(mrope_section):
+        check_int(f"mrope_section[{i}]", int(s) if isinstance(s, torch.Tensor) else s, low=0)
+    section = check_mrope_layout(mrope_section, mrope_interleaved, d // 2)
     check_same_device(q=q, k=k, v=v, position_ids=position_ids, inv_freq=inv_freq, attention_mask=attention_mask,
                       cu_seqlens=cu_seqlens)
     return section, scale
@@ -127,59 +128,60 @@ def _grid_len(q, cu_seqlens, seqlen: int, max_seqlen: int) -> int:
 
 @torch.library.custom_op("clinkd::mcg_rope_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
-            mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, mrope_section: list[int], causal: bool,
+            axis: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, causal: bool,
             scale: float, batch: int, seqlen: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [N,Hq,D], lse fp32 [Hq,N]); max_seqlen ≤ 0 means "read it from cu_seqlens"."""
+    """(out [N,Hq,D], lse fp32 [Hq,N]); axis int32 [D/2] (the rotary layout); max_seqlen ≤ 0 means "read
+    it from cu_seqlens"."""
     from .launch import attention_forward
 
     longest = _check_values(cu_seqlens, q.shape[0], max_seqlen if max_seqlen > 0 else None)
     longest = _grid_len(q, cu_seqlens, seqlen, longest or 0)
-    return attention_forward(q, k, v, pos, inv_freq, mrope_section, mask, cu_seqlens, causal=causal, scale=scale,
+    return attention_forward(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, causal=causal, scale=scale,
                              batch=batch, seqlen=seqlen, max_seqlen=longest)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pos, inv_freq, mask, cu_seqlens, mrope_section, causal, scale, batch, seqlen, max_seqlen):
+def _(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, causal, scale, batch, seqlen, max_seqlen):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("clinkd::mcg_rope_attention_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, mask: torch.Tensor | None,
-            cu_seqlens: torch.Tensor | None, mrope_section: list[int], causal: bool, scale: float, batch: int,
+            lse: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor,
+            mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, causal: bool, scale: float, batch: int,
             seqlen: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the pre-rotary q, k and for v."""
     from .launch import attention_backward
 
     longest = _grid_len(q, cu_seqlens, seqlen, max_seqlen)
-    return attention_backward(grad_out.contiguous(), q, k, v, out, lse, pos, inv_freq, mrope_section, mask,
+    return attention_backward(grad_out.contiguous(), q, k, v, out, lse, pos, inv_freq, axis, mask,
                               cu_seqlens, causal=causal, scale=scale, batch=batch, seqlen=seqlen, max_seqlen=longest)
 
 
 @_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens, mrope_section, causal, scale, batch, seqlen,
+def _(grad_out, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens, causal, scale, batch, seqlen,
       max_seqlen):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos, inv_freq, mask, cu_seqlens, mrope_section, causal, scale, batch, seqlen, max_seqlen = inputs
+    q, k, v, pos, inv_freq, axis, mask, cu_seqlens, causal, scale, batch, seqlen, max_seqlen = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens)
-    ctx.args = (list(mrope_section), causal, scale, batch, seqlen, max_seqlen)
+    ctx.save_for_backward(q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens)
+    ctx.args = (causal, scale, batch, seqlen, max_seqlen)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, pos, inv_freq, mask, cu_seqlens, *ctx.args)
+    q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_attention(q, k, v, position_ids, inv_freq, section, *, causal, scale, attention_mask, cu_seqlens,
-                      max_seqlen):
+def _triton_attention(q, k, v, position_ids, inv_freq, section, interleaved, *, causal, scale, attention_mask,
+                      cu_seqlens, max_seqlen):
     if q.dtype == torch.float64:
         raise TypeError("q is float64, which the Triton kernels do not support; use backend='torch' or 'cpu'")
     if triton_interpret() and q.device.type == "cpu" and q.dtype == torch.bfloat16:
@@ -196,8 +198,9 @@ def _triton_attention(q, k, v, position_ids, inv_freq, section, *, causal, scale
         grid_len = max_seqlen if max_seqlen is not None else 0
     flat = lambda t: t.contiguous().reshape(-1, t.shape[-2], t.shape[-1])  # noqa: E731
     pos = position_ids.reshape(3, -1).to(torch.int64).contiguous()
-    out, _ = _fwd_op(flat(q), flat(k), flat(v), pos, inv_freq.to(torch.float32).contiguous(), mask, cu_seqlens,
-                     list(section), causal, scale, batch, seqlen, grid_len)
+    axis = axis_tensor(section, interleaved, q.device)
+    out, _ = _fwd_op(flat(q), flat(k), flat(v), pos, inv_freq.to(torch.float32).contiguous(), axis, mask, cu_seqlens,
+                     causal, scale, batch, seqlen, grid_len)
     return out.view(q.shape)
 
 
@@ -205,7 +208,7 @@ def _triton_attention(q, k, v, position_ids, inv_freq, section, *, causal, scale
 # public function
 # --------------------------------------------------------------------------------------------------
 def mcg_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
-                       inv_freq: torch.Tensor, mrope_section, *, causal: bool = True,
+                       inv_freq: torch.Tensor, mrope_section, *, mrope_interleaved: bool = False, causal: bool = True,
                        softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
                        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                        backend: str | None = None) -> torch.Tensor:
@@ -217,26 +220,29 @@ def mcg_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     Packed form: q [T,Hq,D], k/v [T,Hkv,D], position_ids [3,T], cu_seqlens int32 [B+1] (0 = first,
     T = last; non-decreasing), optional max_seqlen (longest sequence; read from cu_seqlens if omitted)
     → out [T,Hq,D]; no attention across sequences.
-    inv_freq [D/2] (used in fp32), mrope_section (s_t, s_h, s_w) summing to D/2; Hq % Hkv == 0 (GQA);
+    inv_freq [D/2] (used in fp32), mrope_section (s_t, s_h, s_w) summing to D/2, in three contiguous
+    blocks (Qwen2-VL, Qwen2.5-VL) or interleaved t h w t h w … (``mrope_interleaved=True``, Qwen3-VL);
+    Hq % Hkv == 0 (GQA);
     D ∈ {64, 80, 96, 128}; softmax_scale defaults to 1/sqrt(D).
 
     Equals ``apply_mrope`` followed by ``softmax(QKᵀ·scale + masks)·V``; differentiable in q, k, v.
     backend: "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1), "cpu" (rotation + SDPA) or "torch"
     (the reference); default from CLINKD_BACKEND, else by device.
     """
-    section, scale = _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, causal, softmax_scale,
-                                   attention_mask, cu_seqlens, max_seqlen)
+    section, scale = _check_inputs(q, k, v, position_ids, inv_freq, mrope_section, mrope_interleaved, causal,
+                                   softmax_scale, attention_mask, cu_seqlens, max_seqlen)
     chosen = resolve_backend("mcg_rope_attention", backend, q.device, ("triton", "cpu", "torch"))
     if chosen == "triton":
-        return _triton_attention(q, k, v, position_ids, inv_freq, section, causal=causal, scale=scale,
+        return _triton_attention(q, k, v, position_ids, inv_freq, section, mrope_interleaved, causal=causal, scale=scale,
                                  attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     _check_values(cu_seqlens, q.shape[0], max_seqlen)
     if chosen == "cpu":
         from .cpu import mcg_rope_attention_cpu
 
-        return mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, section, causal=causal, scale=scale,
-                                      attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        return mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, section, mrope_interleaved, causal=causal,
+                                      scale=scale, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
     from .reference import mcg_rope_attention_reference
 
-    return mcg_rope_attention_reference(q, k, v, position_ids, inv_freq, section, causal=causal,
-                                        softmax_scale=scale, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+    return mcg_rope_attention_reference(q, k, v, position_ids, inv_freq, section, mrope_interleaved=mrope_interleaved,
+                                        causal=causal, softmax_scale=scale, attention_mask=attention_mask,
+                                        cu_seqlens=cu_seqlens)

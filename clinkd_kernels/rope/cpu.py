@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import empty_output
-from .reference import section_axis
+from .layout import axis_tensor
 
 _CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step: bounds temporaries, few ops
 
 
-def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, scale, inverse):
+def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
     """Token-chunked torch: per chunk of tokens, fp32 angles [n, D/2], then each half written in place.
 
     fp32 halves are written straight into the output (mul, then addcmul in place): no temporaries
@@ -27,7 +27,7 @@ def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, scale, inverse):
     half = D // 2
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
-    axis = section_axis(section).to(q.device)
+    axis = axis_tensor(section, interleaved, q.device).long()
     pos = position_ids.reshape(3, B * S)
     qf, kf = q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D)   # views when the strides allow
     qo, ko = q_out.view(B * S, Hq, D), k_out.view(B * S, Hkv, D)

@@ -10,11 +10,14 @@ A head vector of dim D is handled as two half tiles x1 = x[..., :D/2] and x2 = x
 padded to HALF_PAD = next_pow2(D/2) columns (masked), so the rotate-half convention needs no
 permutation:
 
-    θ_j       = pos[axis(j)] · inv_freq[j]      (fp32; axis(j) = t (j < s_t), h (j < s_t + s_h), w)
+    θ_j       = pos[axis(j)] · inv_freq[j]      (fp32; axis(j) ∈ {0 t, 1 h, 2 w} read from the int32
+                                                  [D/2] layout vector: contiguous or interleaved sections)
     rotate    (x1, x2) → (x1 cos θ − x2 sin θ,  x2 cos θ + x1 sin θ)
     unrotate  (y1, y2) → (y1 cos θ + y2 sin θ,  y2 cos θ − y1 sin θ)   (by −θ: the transpose, i.e. the backward)
 
-and QKᵀ of rotated tiles is q1·k1ᵀ + q2·k2ᵀ.
+and QKᵀ of rotated tiles is q1·k1ᵀ + q2·k2ᵀ. The layout vector is loaded once per program, like
+inv_freq (``load_freq_axis``), and picks each column's position with two selects, the cost the
+section bounds had; so one compiled kernel serves every layout.
 
 ``mrope_rotate_kernel``: one program handles one token (grid axis 0: sequence, axis 1: batch) and a
 share of its heads (axis 2 splits the heads when there are too few tokens to fill the GPU). It
@@ -66,20 +69,31 @@ def sincos(theta):
 
 
 @triton.jit
-def rope_cos_sin(POS, tok, tok_ok, n_tokens, freq, cols, s_t, s_th):
+def load_freq_axis(FREQ, AXIS, cols, HALF: tl.constexpr):
+    """inv_freq fp32 [HALF_PAD] (0 in the padding) and the position row of each column, int32 [HALF_PAD]."""
+    ok = cols < HALF
+    return tl.load(FREQ + cols, mask=ok, other=0.0), tl.load(AXIS + cols, mask=ok, other=0)
+
+
+@triton.jit
+def select_axis(axis, p_t, p_h, p_w):
+    """[BLOCK, HALF_PAD] positions: column j takes row axis[j] of the [BLOCK] positions p_t, p_h, p_w."""
+    a = axis[None, :]
+    return tl.where(a == 0, p_t[:, None], tl.where(a == 1, p_h[:, None], p_w[:, None]))
+
+
+@triton.jit
+def rope_cos_sin(POS, tok, tok_ok, n_tokens, freq, axis):
     """cos θ, sin θ as fp32 [BLOCK, HALF_PAD] tiles.
 
     POS: int positions [3, n_tokens] (rows t, h, w), already offset to the sequence start;
     tok: [BLOCK] token offsets in the sequence;
-    freq: fp32 [HALF_PAD] inverse frequencies (0 in the padding); cols: [HALF_PAD] column ids;
-    s_t, s_th: first column of the h section and of the w section.
+    freq, axis: [HALF_PAD] inverse frequencies and position rows (``load_freq_axis``).
     """
     p_t = tl.load(POS + tok, mask=tok_ok, other=0).to(tl.float32)
     p_h = tl.load(POS + n_tokens + tok, mask=tok_ok, other=0).to(tl.float32)
     p_w = tl.load(POS + 2 * n_tokens + tok, mask=tok_ok, other=0).to(tl.float32)
-    c = cols[None, :]
-    pos = tl.where(c < s_t, p_t[:, None], tl.where(c < s_th, p_h[:, None], p_w[:, None]))
-    return sincos(pos * freq[None, :])
+    return sincos(select_axis(axis, p_t, p_h, p_w) * freq[None, :])
 
 
 @triton.jit
@@ -112,17 +126,17 @@ def store_halves(ptr_rows, row_ok, x1, x2, cols, HALF: tl.constexpr):
 
 
 @triton.jit
-def load_rotated(ptr_rows, row_ok, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF: tl.constexpr):
+def load_rotated(ptr_rows, row_ok, POS, tok, n_tokens, freq, axis, cols, HALF: tl.constexpr):
     """Load the two halves of a Q or K tile and rotate them by their tokens' angles (fp32 tiles)."""
     x1, x2 = load_halves(ptr_rows, row_ok, cols, HALF)
-    cos, sin = rope_cos_sin(POS, tok, row_ok, n_tokens, freq, cols, s_t, s_th)
+    cos, sin = rope_cos_sin(POS, tok, row_ok, n_tokens, freq, axis)
     return rotate(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
 
 
 @triton.jit
-def store_unrotated(ptr_rows, row_ok, g1, g2, POS, tok, n_tokens, freq, cols, s_t, s_th, HALF: tl.constexpr):
+def store_unrotated(ptr_rows, row_ok, g1, g2, POS, tok, n_tokens, freq, axis, cols, HALF: tl.constexpr):
     """Rotate the gradient halves (w.r.t. rotated vectors) by −θ and store them in the output's dtype."""
-    cos, sin = rope_cos_sin(POS, tok, row_ok, n_tokens, freq, cols, s_t, s_th)
+    cos, sin = rope_cos_sin(POS, tok, row_ok, n_tokens, freq, axis)
     d1, d2 = unrotate(g1, g2, cos, sin)
     ty = ptr_rows.dtype.element_ty
     store_halves(ptr_rows, row_ok, d1.to(ty), d2.to(ty), cols, HALF)
@@ -146,13 +160,13 @@ def rotate_heads(x_ptr, o_ptr, n_heads, sx_b, sx_s, sx_h, so_b, so_s, so_h, b, s
 
 
 @triton.jit
-def mrope_rotate_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
+def mrope_rotate_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr, axis_ptr,
                   Hq, Hkv,
                   sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
                   sqo_b, sqo_s, sqo_h, sko_b, sko_s, sko_h,
                   sp_a, sp_b, sp_s,
                   scale,
-                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
+                  HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, INVERSE: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -166,8 +180,8 @@ def mrope_rotate_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
     pos_w = tl.load(p + 2 * sp_a).to(tl.float32)
     j = tl.arange(0, HALF_PAD)
     j_ok = j < HALF
-    inv_freq = tl.load(inv_freq_ptr + j, mask=j_ok, other=0.0)
-    theta = tl.where(j < SEC_T, pos_t, tl.where(j < SEC_TH, pos_h, pos_w)) * inv_freq
+    inv_freq, axis = load_freq_axis(inv_freq_ptr, axis_ptr, j, HALF)
+    theta = tl.where(axis == 0, pos_t, tl.where(axis == 1, pos_h, pos_w)) * inv_freq
     cos, sin = sincos(theta)
     cos = (cos * scale)[None, :]
     sin = (sin * scale)[None, :]

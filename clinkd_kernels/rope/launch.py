@@ -22,11 +22,12 @@ def launch_config(half: int, hq: int, hkv: int) -> dict:
                 BLOCK_HK=min(cap, triton.next_power_of_2(max(hkv, 1))), num_warps=4)
 
 
-def mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq, mrope_section, scale: float,
+def mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq, axis, scale: float,
                         inverse: bool, *, split: int | None = None) -> None:
     """Write the rotation of q [B,S,Hq,D], k [B,S,Hkv,D] (last dim contiguous) into q_out, k_out.
 
-    position_ids [3,B,S] (any strides, int32/int64); inv_freq [D/2] fp32 contiguous. q and q_out may
+    position_ids [3,B,S] (any strides, int32/int64); inv_freq [D/2] fp32 contiguous; axis int32 [D/2], the
+    rotary layout (``layout.py``). q and q_out may
     be None: then only k is rotated (the fused attention's pre-rotated keys).
     ``split`` (heads per token spread over that many programs) defaults to 1 when B·S alone gives
     enough programs, else enough to give each program one block of q heads.
@@ -36,7 +37,6 @@ def mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq, mrope_sectio
         q, q_out = k[:, :, :0], k_out[:, :, :0]
     Hq = q.shape[2]
     half = D // 2
-    s_t, s_h, _ = (int(x) for x in mrope_section)
     cfg = launch_config(half, Hq, Hkv)
     if split is None:
         blocks = max(triton.cdiv(Hq, cfg["BLOCK_HQ"]), triton.cdiv(Hkv, cfg["BLOCK_HK"]))
@@ -44,42 +44,47 @@ def mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq, mrope_sectio
     if B > _MAX_GRID_YZ:   # grid axis 1 holds at most 65535 rows: launch in slices of the batch
         for b0 in range(0, B, _MAX_GRID_YZ):
             sl = slice(b0, b0 + _MAX_GRID_YZ)
-            mrope_rotate_triton(q[sl], k[sl], q_out[sl], k_out[sl], position_ids[:, sl], inv_freq, mrope_section,
+            mrope_rotate_triton(q[sl], k[sl], q_out[sl], k_out[sl], position_ids[:, sl], inv_freq, axis,
                                 scale, inverse, split=split)
         return
     grid = (S, B, min(split, _MAX_GRID_YZ))
     mrope_rotate_kernel[grid](
-        q, k, q_out, k_out, position_ids, inv_freq, Hq, Hkv,
+        q, k, q_out, k_out, position_ids, inv_freq, axis, Hq, Hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         position_ids.stride(0), position_ids.stride(1), position_ids.stride(2),
         float(scale),
-        HALF=half, SEC_T=s_t, SEC_TH=s_t + s_h, INVERSE=bool(inverse),
+        HALF=half, INVERSE=bool(inverse),
         HALF_PAD=cfg["HALF_PAD"], BLOCK_HQ=cfg["BLOCK_HQ"], BLOCK_HK=cfg["BLOCK_HK"], num_warps=cfg["num_warps"],
     )
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Compile configurations for the AOT report: Qwen2-VL shapes and the edges of the D range."""
+    """Compile configurations for the AOT report: Qwen2-VL / Qwen2.5-VL and Qwen3-VL shapes and the
+    edges of the D range. The rotary layout (contiguous or interleaved sections) is data, read from the
+    axis vector: one compiled kernel per shape serves every layout."""
     import torch
 
-    cases = [  # (label, dtype, D, sections, Hq, Hkv, inverse, position dtype)
-        ("qwen2vl-7b bf16 fwd", torch.bfloat16, 128, (16, 24, 24), 28, 4, False, torch.int64),
-        ("qwen2vl-7b bf16 bwd", torch.bfloat16, 128, (16, 24, 24), 28, 4, True, torch.int64),
-        ("qwen2vl-7b fp16 fwd", torch.float16, 128, (16, 24, 24), 28, 4, False, torch.int64),
-        ("D=128 fp32 fwd", torch.float32, 128, (16, 24, 24), 28, 4, False, torch.int64),
-        ("qwen2vl-2b bf16 fwd", torch.bfloat16, 128, (16, 24, 24), 12, 2, False, torch.int32),
-        ("D=64 bf16 fwd", torch.bfloat16, 64, (8, 12, 12), 16, 4, False, torch.int64),
-        ("D=80 bf16 fwd", torch.bfloat16, 80, (8, 16, 16), 16, 16, False, torch.int64),
-        ("D=256 bf16 fwd", torch.bfloat16, 256, (32, 48, 48), 16, 2, False, torch.int64),
+    cases = [  # (label, dtype, D, Hq, Hkv, inverse, position dtype)
+        ("qwen2vl-7b bf16 fwd", torch.bfloat16, 128, 28, 4, False, torch.int64),
+        ("qwen2vl-7b bf16 bwd", torch.bfloat16, 128, 28, 4, True, torch.int64),
+        ("qwen2vl-7b fp16 fwd", torch.float16, 128, 28, 4, False, torch.int64),
+        ("D=128 fp32 fwd", torch.float32, 128, 28, 4, False, torch.int64),
+        ("qwen2vl-2b bf16 fwd", torch.bfloat16, 128, 12, 2, False, torch.int32),
+        ("qwen3vl-8b bf16 fwd", torch.bfloat16, 128, 32, 8, False, torch.int64),
+        ("qwen3vl-8b bf16 bwd", torch.bfloat16, 128, 32, 8, True, torch.int64),
+        ("qwen3vl-2b bf16 fwd", torch.bfloat16, 128, 16, 8, False, torch.int64),
+        ("D=64 bf16 fwd", torch.bfloat16, 64, 16, 4, False, torch.int64),
+        ("D=80 bf16 fwd", torch.bfloat16, 80, 16, 16, False, torch.int64),
+        ("D=256 bf16 fwd", torch.bfloat16, 256, 16, 2, False, torch.int64),
     ]
     specs = []
-    for label, dtype, D, sec, hq, hkv, inverse, pos_dtype in cases:
+    for label, dtype, D, hq, hkv, inverse, pos_dtype in cases:
         cfg = launch_config(D // 2, hq, hkv)
         signature = kernel_signature(mrope_rotate_kernel, {
             "q_ptr": dtype, "k_ptr": dtype, "qo_ptr": dtype, "ko_ptr": dtype, "pos_ptr": pos_dtype,
-            "inv_freq_ptr": torch.float32}, floats=("scale",))
-        constexprs = {"HALF": D // 2, "HALF_PAD": cfg["HALF_PAD"], "SEC_T": sec[0], "SEC_TH": sec[0] + sec[1],
+            "inv_freq_ptr": torch.float32, "axis_ptr": torch.int32}, floats=("scale",))
+        constexprs = {"HALF": D // 2, "HALF_PAD": cfg["HALF_PAD"],
                       "BLOCK_HQ": cfg["BLOCK_HQ"], "BLOCK_HK": cfg["BLOCK_HK"], "INVERSE": inverse}
         specs.append(KernelSpec(mrope_rotate_kernel, signature, constexprs, num_warps=cfg["num_warps"], num_stages=1,
                                 label=f"{label} (D={D}, BLOCK_HQ={cfg['BLOCK_HQ']}, BLOCK_HK={cfg['BLOCK_HK']})"))

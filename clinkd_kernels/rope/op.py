@@ -4,8 +4,13 @@
     inv_freq [D/2] fp32, mrope_section (s_t, s_h, s_w), s_t + s_h + s_w = D/2
     → q_rot, k_rot: new contiguous tensors, same shapes and dtypes
 
-    θ_j = position_ids[axis(j)] · inv_freq[j] in fp32;  axis(j) = t | h | w by section
+    θ_j = position_ids[axis(j)] · inv_freq[j] in fp32;  axis(j) = t | h | w by section, in three
+          contiguous blocks (Qwen2-VL, Qwen2.5-VL) or interleaved t h w t h w … (Qwen3-VL)
     (x_j, x_{j+D/2}) → scale · (x_j cos θ_j − x_{j+D/2} sin θ_j,  x_{j+D/2} cos θ_j + x_j sin θ_j)
+
+The frequency-to-axis assignment is data: ``rope_axis`` turns (sections, layout) into an int32 [D/2]
+vector (made once per sections, layout and device), which the kernels read; no kernel is
+specialised on the sections or the layout.
 
 The map is linear in q and k with the orthogonal matrix R(θ) (times scale), so the backward is the
 same op with −θ: grad_q = scale · R(−θ) grad_q_rot. One custom op, ``clinkd::mrope_rotate``,
@@ -25,29 +30,33 @@ import torch
 from .._dispatch import empty_output, resolve_backend
 from .._validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor
 from .cpu import mrope_rotate_cpu
+from .layout import axis_tensor, check_mrope_layout
 from .reference import apply_mrope_reference
 
 _BACKENDS = ("triton", "cpu", "torch")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Implementations. All take 4-D q/k ([B,S,H,D]) and [3,B,S] positions and return new contiguous tensors.
+# ---------------------------------------------------------------------------------------------------
+# Implementations. All take 4-D q/k ([B,S,H,D]), [3,B,S] positions, the sections and the layout flag,
+# and return new contiguous tensors.
 
 
-def _rotate_triton(q, k, position_ids, inv_freq, section, scale, inverse):
+def _rotate_triton(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
     from .launch import mrope_rotate_triton
 
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() or k.numel():
-        mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq.contiguous(), section, scale, inverse)
+        mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq.contiguous(),
+                            axis_tensor(section, interleaved, q.device), scale, inverse)
     return q_out, k_out
 
 
-def _rotate_torch(q, k, position_ids, inv_freq, section, scale, inverse):
+def _rotate_torch(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
     """The reference (the inverse rotates by −θ, computed in fp32 like the forward)."""
     q_rot, k_rot = apply_mrope_reference(q, k, position_ids, inv_freq, section, attention_scaling=scale,
-                                         inverse=inverse)
+                                         inverse=inverse, mrope_interleaved=interleaved)
     return q_rot.contiguous(), k_rot.contiguous()
 
 
@@ -60,33 +69,35 @@ _IMPLS = {"triton": _rotate_triton, "cpu": mrope_rotate_cpu, "torch": _rotate_to
 
 @torch.library.custom_op("clinkd::mrope_rotate", mutates_args=())
 def mrope_rotate(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                 mrope_section: list[int], attention_scaling: float, inverse: bool,
+                 mrope_section: list[int], mrope_interleaved: bool, attention_scaling: float, inverse: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """scale·R(±θ) applied to q [B,S,Hq,D] and k [B,S,Hkv,D]; inputs already validated."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    return _IMPLS[backend](q, k, position_ids, inv_freq, mrope_section, attention_scaling, inverse)
+    return _IMPLS[backend](q, k, position_ids, inv_freq, mrope_section, mrope_interleaved, attention_scaling,
+                           inverse)
 
 
 @mrope_rotate.register_fake
-def _(q, k, position_ids, inv_freq, mrope_section, attention_scaling, inverse, backend):
+def _(q, k, position_ids, inv_freq, mrope_section, mrope_interleaved, attention_scaling, inverse, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, position_ids, inv_freq, section, scale, inverse, backend = inputs
+    _, _, position_ids, inv_freq, section, interleaved, scale, inverse, backend = inputs
     ctx.save_for_backward(position_ids, inv_freq)
-    ctx.args = (section, scale, inverse, backend)
+    ctx.args = (section, interleaved, scale, inverse, backend)
 
 
 def _backward(ctx, grad_q, grad_k):
     position_ids, inv_freq = ctx.saved_tensors
-    section, scale, inverse, backend = ctx.args
-    grad_q, grad_k = mrope_rotate(grad_q, grad_k, position_ids, inv_freq, section, scale, not inverse, backend)
-    return grad_q, grad_k, None, None, None, None, None, None
+    section, interleaved, scale, inverse, backend = ctx.args
+    grad_q, grad_k = mrope_rotate(grad_q, grad_k, position_ids, inv_freq, section, interleaved, scale, not inverse,
+                                  backend)
+    return grad_q, grad_k, None, None, None, None, None, None, None
 
 
 mrope_rotate.register_autograd(_backward, setup_context=_setup_context)
@@ -96,7 +107,7 @@ mrope_rotate.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point.
 
 
-def _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling):
+def _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved):
     check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=(3, 4), dtypes=FLOAT_DTYPES)
     if k.dim() != q.dim():
@@ -121,22 +132,13 @@ def _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,))
     if inv_freq.shape[0] != D // 2:
         raise ValueError(f"inv_freq must have shape [{D // 2}] (D/2), got {list(inv_freq.shape)}")
-    if isinstance(mrope_section, torch.Tensor):
-        mrope_section = mrope_section.tolist()
-    try:
-        section = [int(s) for s in mrope_section]
-    except TypeError:
-        raise TypeError(f"mrope_section must be a sequence of 3 ints, got {mrope_section!r}") from None
-    if len(section) != 3 or any(s < 0 for s in section) or any(int(s) != s for s in mrope_section):
-        raise ValueError(f"mrope_section must be 3 non-negative ints, got {list(mrope_section)}")
-    if sum(section) != D // 2:
-        raise ValueError(f"mrope_section must sum to D/2 = {D // 2}, got {section} (sum {sum(section)})")
+    section = check_mrope_layout(mrope_section, mrope_interleaved, D // 2)
     check_same_device(q=q, k=k, position_ids=position_ids, inv_freq=inv_freq)
     return section, check_positive_float("attention_scaling", attention_scaling)
 
 
 def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                mrope_section, *, attention_scaling: float = 1.0,
+                mrope_section, *, attention_scaling: float = 1.0, mrope_interleaved: bool = False,
                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by multimodal rotary angles (Qwen2-VL M-RoPE, rotate-half convention).
 
@@ -147,18 +149,20 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, in
         inv_freq: [D/2] fp32 rotary frequencies.
         mrope_section: (s_t, s_h, s_w), summing to D/2 (Qwen2-VL-7B: (16, 24, 24) for D = 128).
         attention_scaling: multiplies cos and sin (1.0 for Qwen2-VL).
+        mrope_interleaved: False: sections in three contiguous blocks t…t h…h w…w (Qwen2-VL,
+            Qwen2.5-VL); True: interleaved t h w t h w … t…t (Qwen3-VL, e.g. (24, 20, 20) for D = 128).
         backend: "triton" | "cpu" | "torch" (default: triton on CUDA, cpu on CPU; or CLINKD_BACKEND).
 
     Returns:
         (q_rot, k_rot), new contiguous tensors shaped like q and k. Differentiable in q and k
         (position_ids and inv_freq get no gradient).
     """
-    section, scale = _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling)
+    section, scale = _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved)
     backend = resolve_backend("apply_mrope", backend, q.device, _BACKENDS)
     packed = q.dim() == 3
     if packed:
         q, k, position_ids = q.unsqueeze(0), k.unsqueeze(0), position_ids.unsqueeze(1)
-    q_rot, k_rot = mrope_rotate(q, k, position_ids, inv_freq, section, scale, False, backend)
+    q_rot, k_rot = mrope_rotate(q, k, position_ids, inv_freq, list(section), mrope_interleaved, scale, False, backend)
     if packed:
         q_rot, k_rot = q_rot.squeeze(0), k_rot.squeeze(0)
     return q_rot, k_rot

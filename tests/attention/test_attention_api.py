@@ -8,6 +8,7 @@ import torch
 
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.attention.reference import mcg_rope_attention_reference
+from clinkd_kernels.rope.layout import axis_tensor
 from tests.numerics import assert_close
 
 from .inputs import SECTIONS, inv_freq
@@ -91,7 +92,8 @@ def test_opcheck(interpreter):
     k = t["k"].reshape(5, 1, 64).requires_grad_()
     v = t["v"].reshape(5, 1, 64).requires_grad_()
     pos = t["position_ids"].reshape(3, 5)
-    args = (q, k, v, pos, t["inv_freq"], None, None, list(t["mrope_section"]), True, 0.125, 1, 5, 5)
+    axis = axis_tensor(tuple(t["mrope_section"]), False, q.device)
+    args = (q, k, v, pos, t["inv_freq"], axis, None, None, True, 0.125, 1, 5, 5)
     torch.library.opcheck(torch.ops.clinkd.mcg_rope_attention_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))

@@ -70,6 +70,7 @@ def test_triton_forward_backward(interpreter, D, sec, dtype):
 def test_triton_heads_more_than_a_block_and_split(interpreter):
     # Hq = 19 > BLOCK_HQ (16) so the head loop runs twice; then every split of the heads over programs
     from clinkd_kernels.rope.launch import mrope_rotate_triton
+    from clinkd_kernels.rope.layout import axis_tensor
 
     q, k, pos, inv = make_inputs(1, 3, 19, 3, 128, torch.float32, interpreter, max_pos=10**6)
     sec = (16, 24, 24)
@@ -77,7 +78,7 @@ def test_triton_heads_more_than_a_block_and_split(interpreter):
     base_q, base_k = apply_mrope_reference(q, k, pos, inv, sec, attention_scaling=0.7)
     for split in (1, 2, 3):
         q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
-        mrope_rotate_triton(q, k, q_out, k_out, pos, inv, sec, 0.7, False, split=split)
+        mrope_rotate_triton(q, k, q_out, k_out, pos, inv, axis_tensor(sec, False, q.device), 0.7, False, split=split)
         assert_close(f"q split={split}", q_out, ref_q, base_q)
         assert_close(f"k split={split}", k_out, ref_k, base_k)
 
@@ -170,12 +171,15 @@ def test_opcheck_and_compile(interpreter):
     k.requires_grad_()
     for backend, device in (("cpu", "cpu"), ("triton", interpreter)):
         qq, kk, pp, ii = (t.detach().to(device).requires_grad_(t.requires_grad) for t in (q, k, pos, inv))
-        torch.library.opcheck(mrope_rotate, (qq, kk, pp, ii, [8, 12, 12], 1.0, False, backend),
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    compiled = torch.compile(lambda a, b: apply_mrope(a, b, pos, inv, (8, 12, 12), backend="cpu"), fullgraph=True)
-    got = compiled(q, k)
-    want = apply_mrope(q, k, pos, inv, (8, 12, 12), backend="cpu")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for sec, interleaved in (([8, 12, 12], False), ([12, 10, 10], True)):
+            torch.library.opcheck(mrope_rotate, (qq, kk, pp, ii, sec, interleaved, 1.0, False, backend),
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for sec, interleaved in (((8, 12, 12), False), ((12, 10, 10), True)):
+        compiled = torch.compile(lambda a, b: apply_mrope(a, b, pos, inv, sec, mrope_interleaved=interleaved,
+                                                          backend="cpu"), fullgraph=True)
+        got = compiled(q, k)
+        want = apply_mrope(q, k, pos, inv, sec, mrope_interleaved=interleaved, backend="cpu")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # --------------------------------------------------------------------------------------------------
