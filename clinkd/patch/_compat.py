@@ -6,8 +6,16 @@ A family is a ``*ForConditionalGeneration`` class and its parts, all in one mode
     <P>ForConditionalGeneration.forward   causal-LM loss            (loss=True)
     <P>Model.get_rope_index                3-D position ids          (mcg_rope)
     <P>TextModel.forward                   records the padding mask  (attention=True)
-    <P>RotaryEmbedding.forward             hands on position ids     (attention=True)
-    <P>Attention.forward                   fused attention           (attention=True)
+    <T>RotaryEmbedding.forward             hands on position ids     (attention=True)
+    <T>Attention.forward                   fused attention           (attention=True)
+
+(<T> is <P>, or <P>Text for Qwen3-VL.) What differs between the families, as transformers 5.x
+computes it (its modeling files are the spec):
+
+    family      video temporal positions                        rotary frequency layout
+    Qwen2-VL    frame grid index                                contiguous sections (16, 24, 24)
+    Qwen2.5-VL  index · tokens_per_second · second_per_grid_ts   contiguous sections (16, 24, 24)
+    Qwen3-VL    one grid per frame, timestamp text between      interleaved sections (24, 20, 20)
 """
 
 from __future__ import annotations
@@ -45,16 +53,18 @@ class Family:
     module: str
     prefix: str
     model_type: str
-    # Qwen2.5-VL spaces a video's temporal positions by its frame rate (second_per_grid_ts), which
-    # MCG-RoPE indices do not model: such a family supports MCG-RoPE for images only.
-    timed_video: bool
+    text_prefix: str            # of the rotary embedding and the attention classes
+    video: str                  # "frames" | "timed" (Qwen2.5-VL) | "split" (Qwen3-VL): the table above
+    mrope_interleaved: bool     # the rotary frequency layout
+    default_section: tuple[int, int, int]   # mrope_section when the config does not give one
 
     def modeling(self):
         return importlib.import_module(self.module)
 
     def cls(self, part: str) -> type:
         """part: "ForConditionalGeneration", "Model", "TextModel", "RotaryEmbedding" or "Attention"."""
-        return getattr(self.modeling(), f"{self.prefix}{part}")
+        prefix = self.text_prefix if part in ("RotaryEmbedding", "Attention") else self.prefix
+        return getattr(self.modeling(), f"{prefix}{part}")
 
     def output_class(self) -> type:
         """The output class the stock causal-LM forward returns (its name changed across versions)."""
@@ -67,9 +77,12 @@ class Family:
 
 
 FAMILIES = (
-    Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", "qwen2_vl", timed_video=False),
+    Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", "qwen2_vl", "Qwen2VL",
+           video="frames", mrope_interleaved=False, default_section=(16, 24, 24)),
     Family("Qwen2.5-VL", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VL", "qwen2_5_vl",
-           timed_video=True),
+           "Qwen2_5_VL", video="timed", mrope_interleaved=False, default_section=(16, 24, 24)),
+    Family("Qwen3-VL", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VL", "qwen3_vl", "Qwen3VLText",
+           video="split", mrope_interleaved=True, default_section=(24, 20, 20)),
 )
 
 

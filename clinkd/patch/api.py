@@ -3,6 +3,8 @@
 Both replace methods (never weights or modules); the vision tower is not touched. An instance patch
 sets instance attributes that shadow the class methods; a class patch replaces the class methods.
 Both are reversible (``unpatch_qwen2_vl`` / ``unpatch_qwen2_vl_classes``) and refuse to apply twice.
+The names say Qwen2-VL for history; every family of ``_compat.FAMILIES`` is served (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL), each by its own position rule and rotary layout.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from clinkd_kernels.attention import HEAD_DIMS
+from clinkd_kernels.rope.layout import check_mrope_layout
 
 from . import _compat
 from .attention import make_attention_forward, make_rotary_forward, make_text_forward
@@ -77,13 +80,20 @@ def _cache_kw(attention_cls: type) -> str:
 def _check_text_config(text_config, family, settings: PatchSettings) -> None:
     """Errors for configs the patch cannot serve, raised before anything is changed."""
     num_heads, hidden = text_config.num_attention_heads, text_config.hidden_size
-    head_dim = hidden // num_heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // num_heads
     rope = dict(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {})
-    section = rope.get("mrope_section", [16, 24, 24])
+    section = rope.get("mrope_section", list(family.default_section))
     if len(section) != 3 or sum(int(s) for s in section) != head_dim // 2:
         raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} must be 3 sections "
-                         f"summing to head_dim/2 = {head_dim // 2} (head_dim = hidden_size {hidden} / "
-                         f"num_attention_heads {num_heads} = {head_dim})")
+                         f"summing to head_dim/2 = {head_dim // 2} (head_dim {head_dim}: the config's head_dim, or "
+                         f"hidden_size {hidden} / num_attention_heads {num_heads})")
+    if family.mrope_interleaved:
+        try:
+            check_mrope_layout(section, True, head_dim // 2)
+        except ValueError:
+            raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} does not fit the "
+                             f"interleaved frequency layout of {family.name} (h and w on every third of the "
+                             f"{head_dim // 2} frequencies: s_h, s_w at most head_dim/6)") from None
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in _DYNAMIC_ROPE:
         raise ValueError(f"{family.name} config: rope_type {rope_type!r} updates the frequencies during the forward, "
@@ -104,7 +114,7 @@ def _check_text_config(text_config, family, settings: PatchSettings) -> None:
 def check_patchable(config, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
                     backend: str | None = None) -> PatchSettings:
     """What ``patch_qwen2_vl(model, **options)`` would refuse for a model with this config, checked on
-    the config alone (no model, no weights): ``config`` is a Qwen2-VL / Qwen2.5-VL config (or its text
+    the config alone (no model, no weights): ``config`` is a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config (or its text
     config), the keywords are ``patch_qwen2_vl``'s. Raises ValueError for a config the patch cannot serve
     (another model type, mrope sections not summing to head_dim/2, head_dim not in HEAD_DIMS with
     attention=True, sliding window, attention dropout, dynamic rope) or a bad option value, TypeError for
@@ -127,11 +137,12 @@ def _replacements(family, settings: PatchSettings, previous):
     if settings.mcg_rope is not None:
         cls = family.cls("Model")
         out.append((cls, "get_rope_index", lambda call, wrapped: make_get_rope_index(
-            wrapped, settings.mcg_rope, timed_video=family.timed_video, family_name=family.name)))
+            wrapped, settings.mcg_rope, family=family)))
     if settings.attention:
         text, rotary, attn = family.cls("TextModel"), family.cls("RotaryEmbedding"), family.cls("Attention")
         out.append((text, "forward", make_text_forward))
-        out.append((rotary, "forward", lambda call, wrapped: make_rotary_forward(previous(rotary, "forward"))))
+        out.append((rotary, "forward", lambda call, wrapped: make_rotary_forward(
+            previous(rotary, "forward"), mrope_interleaved=family.mrope_interleaved)))
         out.append((attn, "forward", lambda call, wrapped: make_attention_forward(
             call, wrapped, backend=settings.backend, cache_kw=_cache_kw(attn))))
     if settings.loss:
@@ -146,13 +157,14 @@ def _replacements(family, settings: PatchSettings, previous):
 
 def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
                    backend: str | None = None) -> nn.Module:
-    """Patch one Qwen2-VL (or Qwen2.5-VL) ``*ForConditionalGeneration`` model in place; returns it.
+    """Patch one Qwen2-VL, Qwen2.5-VL or Qwen3-VL ``*ForConditionalGeneration`` model in place; returns it.
 
     Args:
-        model: ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` instance.
+        model: ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration`` instance.
         mcg_rope: MCG-RoPE position indices, ``MCGRope(modality_gap, vision_stride)`` or a dict of those
-            (default: the paper's gap 2, stride 1); None keeps the stock indices. Qwen2.5-VL: images only
-            (a forward with videos raises).
+            (default: the paper's gap 2, stride 1); None keeps the stock indices. Images and videos of
+            every family, by its rule (Qwen2.5-VL's timed video positions, Qwen3-VL's per-frame grids).
         attention: text-decoder attention on ``mcg_rope_attention`` for training and prefill
             (decoding with a KV cache keeps the stock layer).
         loss: with labels, causal-LM cross-entropy by ``linear_kd_loss`` without [tokens × vocab] logits
@@ -230,7 +242,7 @@ def patch_settings(model_or_class) -> PatchSettings | None:
 
 def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), attention: bool = True,
                            loss: bool = True, backend: str | None = None) -> PatchSettings:
-    """Patch the transformers classes of a family ("Qwen2-VL" or "Qwen2.5-VL"), so that every model
+    """Patch the transformers classes of a family ("Qwen2-VL", "Qwen2.5-VL" or "Qwen3-VL"), so that every model
     created afterwards (``from_pretrained`` included) is patched; same options as ``patch_qwen2_vl``.
     Undo with ``unpatch_qwen2_vl_classes(family)``. RuntimeError if the family is already patched."""
     _compat.check_transformers_version()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 
 import torch
 
@@ -40,13 +41,16 @@ _PADDING_MASK = contextvars.ContextVar("clinkd_padding_mask", default=UNKNOWN)
 class MRopePositions:
     """What the patched rotary embedding returns instead of (cos, sin).
 
-    position_ids [3,B,S] (t, h, w), ``inv_freq`` [D/2] fp32, ``mrope_section`` (s_t, s_h, s_w),
-    ``attention_scaling`` (multiplies cos and sin), ``padding_mask`` ([B,S] tensor, None, or UNKNOWN).
+    position_ids [3,B,S] (t, h, w), ``inv_freq`` [D/2] fp32, ``mrope_section`` (s_t, s_h, s_w) and
+    ``mrope_interleaved`` (the family's frequency layout), ``attention_scaling`` (multiplies cos and
+    sin), ``padding_mask`` ([B,S] tensor, None, or UNKNOWN).
     Unpacking it (``cos, sin = positions``) yields the stock cos/sin [B,S,D], computed once on demand.
     """
 
-    def __init__(self, position_ids, rotary, stock_forward, padding_mask, like: torch.Tensor):
+    def __init__(self, position_ids, rotary, stock_forward, padding_mask, like: torch.Tensor, *,
+                 mrope_interleaved: bool = False):
         self.position_ids = position_ids
+        self.mrope_interleaved = mrope_interleaved
         self.padding_mask = padding_mask
         self._rotary, self._stock_forward = rotary, stock_forward
         self._dtype, self._device = like.dtype, like.device
@@ -117,9 +121,10 @@ def make_text_forward(call, wrapped):
     return forward
 
 
-def make_rotary_forward(stock_forward):
-    """``<P>RotaryEmbedding.forward(x, position_ids [3,B,S])`` → MRopePositions (no cos/sin computed).
-    Text positions ([B,S], or [1,B,S] as generate() continues a cache) are the same on rows t, h, w."""
+def make_rotary_forward(stock_forward, *, mrope_interleaved: bool = False):
+    """``<T>RotaryEmbedding.forward(x, position_ids [3,B,S])`` → MRopePositions (no cos/sin computed).
+    Text positions ([B,S], or [1,B,S] as generate() continues a cache) are the same on rows t, h, w.
+    ``mrope_interleaved``: the family's frequency layout (Qwen3-VL's rotary always interleaves)."""
 
     @functools.wraps(stock_forward)
     def forward(self, x, position_ids):
@@ -127,7 +132,8 @@ def make_rotary_forward(stock_forward):
             position_ids = position_ids.unsqueeze(0)
         if position_ids.shape[0] == 1:
             position_ids = position_ids.expand(3, -1, -1)
-        return MRopePositions(position_ids, self, stock_forward, _PADDING_MASK.get(), x)
+        return MRopePositions(position_ids, self, stock_forward, _PADDING_MASK.get(), x,
+                              mrope_interleaved=mrope_interleaved)
 
     return forward
 
@@ -152,50 +158,63 @@ def _packed_cu_seqlens(position_ids, kwargs, batch: int, seqlen: int):
 
 
 def make_attention_forward(call, wrapped, *, backend: str | None, cache_kw: str):
-    """``<P>Attention.forward`` on the fused kernel (see the module docstring for the path rules).
+    """``<T>Attention.forward`` on the fused kernel (see the module docstring for the path rules).
 
-    cache_kw: the name under which this transformers version passes the KV cache ("cache" or
-    "past_key_values"); it also tells how ``Cache.update`` is called.
+    The arguments are read by the stock signature (Qwen2-VL and Qwen2.5-VL take ``hidden_states,
+    attention_mask, position_ids, cache, position_embeddings``; Qwen3-VL ``hidden_states,
+    position_embeddings, attention_mask, cache``), and the stock path gets them exactly as given.
+    Qwen3-VL's per-head RMSNorm of q and k (``q_norm``, ``k_norm``) runs before the rotation, as in
+    the stock layer. cache_kw: the name under which this transformers version passes the KV cache
+    ("cache" or "past_key_values"); it also tells how ``Cache.update`` is called.
     """
     update_kwargs = cache_kw == "cache"
+    signature = inspect.signature(wrapped)
 
     @functools.wraps(wrapped)
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, *args, **kwargs):
-        positions = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-        cache = kwargs.get(cache_kw, args[0] if args else None)
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        extra = arguments.get("kwargs", {})
+        positions = arguments.get("position_embeddings")
+        cache = arguments.get(cache_kw, extra.get(cache_kw))
         if cache is None:
-            cache = kwargs.get("past_key_values" if cache_kw == "cache" else "cache")
+            cache = arguments.get("past_key_values" if cache_kw == "cache" else "cache", extra.get("past_key_values"))
+        hidden_states = arguments["hidden_states"]
         stock = (not isinstance(positions, MRopePositions) or positions.padding_mask is UNKNOWN
                  or (cache is not None and cache.get_seq_length(self.layer_idx) > 0))
         if not stock and isinstance(positions.padding_mask, torch.Tensor):
             stock = positions.padding_mask.shape != hidden_states.shape[:2]
         if stock:
-            return call(self, hidden_states, attention_mask, position_ids, *args, **kwargs)
+            return call(self, *args, **kwargs)
 
         batch, seqlen, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, seqlen, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, seqlen, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seqlen, -1, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3-VL: RMSNorm over each head's D, before the rotary
+            q, k = self.q_norm(q), self.k_norm(k)
         pos, inv_freq, section = positions.position_ids, positions.inv_freq, positions.mrope_section
+        layout = {"mrope_interleaved": positions.mrope_interleaved}
         scaling = positions.attention_scaling
 
         if cache is not None:  # prefill: the cache keeps rotated keys, as the stock layer stores them
             with torch.no_grad():
-                _, k_rot = apply_mrope(k, k, pos, inv_freq, section, attention_scaling=scaling, backend=backend)
-            extra = {"kwargs": kwargs} if update_kwargs else {}
-            cache.update(k_rot.transpose(1, 2), v.detach().transpose(1, 2), self.layer_idx, **extra)
+                _, k_rot = apply_mrope(k, k, pos, inv_freq, section, attention_scaling=scaling, backend=backend,
+                                       **layout)
+            update = {"kwargs": extra} if update_kwargs else {}
+            cache.update(k_rot.transpose(1, 2), v.detach().transpose(1, 2), self.layer_idx, **update)
 
         # cos and sin both scale by s, so the logits scale by s²: fold it into the softmax scale.
         scale = self.scaling * scaling * scaling
         mask = positions.padding_mask
-        cu_seqlens = None if mask is not None else positions.packed_cu_seqlens(position_ids, kwargs, batch, seqlen)
+        position_ids = arguments.get("position_ids", extra.get("position_ids"))
+        cu_seqlens = None if mask is not None else positions.packed_cu_seqlens(position_ids, extra, batch, seqlen)
         if cu_seqlens is not None:
             flat = lambda t: t.reshape(batch * seqlen, t.shape[2], t.shape[3])  # noqa: E731
             out = mcg_rope_attention(flat(q), flat(k), flat(v), pos.reshape(3, batch * seqlen), inv_freq, section,
-                                     causal=True, softmax_scale=scale, cu_seqlens=cu_seqlens, backend=backend)
+                                     causal=True, softmax_scale=scale, cu_seqlens=cu_seqlens, backend=backend, **layout)
         else:
             out = mcg_rope_attention(q, k, v, pos, inv_freq, section, causal=True, softmax_scale=scale,
-                                     attention_mask=mask, backend=backend)
+                                     attention_mask=mask, backend=backend, **layout)
         return self.o_proj(out.reshape(batch, seqlen, -1)), None
 
     return forward

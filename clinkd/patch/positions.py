@@ -9,7 +9,8 @@ prefill and decoding use the same indices:
     position_ids [3,B,S], rope_deltas [B,1] = mcg_rope_index(input_ids, grids, attention_mask,
                                                              modality_gap=λ, vision_stride=α)
 
-λ = α = 1 is stock Qwen2-VL M-RoPE for images; the ClinKD paper's released setting is λ = 2, α = 1.
+λ = α = 1 is each family's stock M-RoPE (images and videos: Qwen2.5-VL's timed video positions and
+Qwen3-VL's per-frame grids included); the ClinKD paper's released setting is λ = 2, α = 1.
 Padding positions get 0, as transformers writes them.
 
 Both callers of ``get_rope_index`` call it only when ``mm_token_type_ids`` [B,S] (0 text, 1 image,
@@ -66,27 +67,44 @@ def as_mcg_rope(value) -> MCGRope | None:
                     f"got {type(value).__name__}")
 
 
-def make_get_rope_index(original, settings: MCGRope, *, timed_video: bool, family_name: str):
+def _video_time_interval(second_per_grid_ts, video_grid_thw: torch.Tensor, tokens_per_second) -> torch.Tensor:
+    """fp32 [N_vid]: Qwen2.5-VL's temporal step per frame grid, ``tokens_per_second · second_per_grid_ts[i]``
+    (1 second per grid when none is given), multiplied as the stock ``get_rope_index`` multiplies it (an int
+    times each element, a 0-d tensor or a float), so the fp32 step is the stock one to the bit."""
+    n = video_grid_thw.shape[0]
+    seconds = [1] * n if second_per_grid_ts is None else list(second_per_grid_ts)
+    if len(seconds) < n:
+        raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {n} videos (video_grid_thw rows)")
+    steps = [tokens_per_second * s for s in seconds[:n]]
+    return torch.stack([torch.as_tensor(x).float().reshape(()) for x in steps]).to(video_grid_thw.device)
+
+
+def make_get_rope_index(original, settings: MCGRope, *, family):
     """A ``get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, ...,
-    attention_mask, **kwargs) -> (position_ids [3,B,S], rope_deltas [B,1])`` computing MCG-RoPE indices.
-    ``original`` is the stock function (its signature is kept, so callers may pass any of its arguments)."""
+    attention_mask, **kwargs) -> (position_ids [3,B,S], rope_deltas [B,1])`` computing MCG-RoPE indices
+    by the rule of ``family`` (``_compat.Family.video``: Qwen2.5-VL's timed video positions from
+    ``second_per_grid_ts``, Qwen3-VL's one grid per frame). ``original`` is the stock function (its
+    signature is kept, so callers may pass any of its arguments)."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def get_rope_index(self, *args, **kwargs):
-        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments = _bind(signature, (self, *args), kwargs)
         input_ids = arguments["input_ids"]
         image_grid_thw = arguments.get("image_grid_thw")
         video_grid_thw = arguments.get("video_grid_thw")
-        if timed_video and video_grid_thw is not None:
-            raise ValueError(f"MCG-RoPE indices for {family_name} videos are not supported (their temporal "
-                             "positions are spaced by frame timing); patch with mcg_rope=None for video inputs")
         config = self.config
+        video = {}
+        if family.video == "timed" and video_grid_thw is not None:
+            video["video_time_interval"] = _video_time_interval(
+                arguments.get("second_per_grid_ts"), video_grid_thw, config.vision_config.tokens_per_second)
+        elif family.video == "split":
+            video["split_video_frames"] = True
         return mcg_rope_index(
             input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             attention_mask=arguments.get("attention_mask"), image_token_id=config.image_token_id,
             video_token_id=config.video_token_id, spatial_merge_size=config.vision_config.spatial_merge_size,
-            modality_gap=settings.modality_gap, vision_stride=settings.vision_stride, pad_position=0)
+            modality_gap=settings.modality_gap, vision_stride=settings.vision_stride, pad_position=0, **video)
 
     return get_rope_index
 

@@ -73,6 +73,33 @@ def _released_recipe_with_rct() -> dict:
     return recipe
 
 
+def _released_recipe_on(model_id: str) -> Callable[[], dict]:
+    """The released recipe with another student base (the same stages and settings)."""
+    def build() -> dict:
+        recipe = _released_recipe()
+        recipe["models"]["student"]["from_pretrained"] = model_id
+        return recipe
+    return build
+
+
+def _tiny_qwen3_vl() -> dict:
+    """``tiny`` on Qwen3-VL: random-init Qwen3-VL teacher and student (interleaved M-RoPE, per-head q/k
+    norms, deepstack vision features); the same processor, data and stages."""
+    recipe = _tiny()
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                     mrope_interleaved=True))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    models = recipe["models"]
+    models["student"]["config"] = {"model_type": "qwen3_vl", "text_config": text, "vision_config": vision}
+    models["teacher"]["config"] = {"model_type": "qwen3_vl", "text_config": dict(text, num_hidden_layers=3),
+                                   "vision_config": vision}
+    return recipe
+
+
 def _tiny() -> dict:
     """Random-init tiny teacher and student with an offline processor: a CPU smoke run of the pipeline."""
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -105,6 +132,14 @@ register_preset("clinkd-qwen2-vl-7b", _released_recipe,
 register_preset("clinkd-qwen2-vl-7b-rct", _released_recipe_with_rct,
                 "the released recipe, then two rounds of Reflective Correction Training (RCT + SASG): give "
                 "models.teacher, data.train, output_dir")
+register_preset("clinkd-qwen2.5-vl-7b", _released_recipe_on("Qwen/Qwen2.5-VL-7B-Instruct"),
+                "the released recipe with a Qwen2.5-VL-7B-Instruct student: give models.teacher, data.train, "
+                "output_dir")
+register_preset("clinkd-qwen3-vl-8b", _released_recipe_on("Qwen/Qwen3-VL-8B-Instruct"),
+                "the released recipe with a Qwen3-VL-8B-Instruct student (interleaved M-RoPE): give models.teacher, "
+                "data.train, output_dir")
+register_preset("tiny-qwen3-vl", _tiny_qwen3_vl, "tiny on Qwen3-VL: random-init Qwen3-VL models, a CPU smoke run; "
+                "give data.train and output_dir")
 register_preset("tiny", _tiny, "random-init tiny models and an offline processor: a CPU smoke run; give data.train "
                 "and output_dir")
 

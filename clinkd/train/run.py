@@ -225,13 +225,17 @@ def check_architecture(cfg, where: str) -> None:
     ratio = getattr(vision, "mlp_ratio", None)
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
         raise ConfigError(f"{v}.mlp_ratio must be a positive number, got {ratio!r}")
-    width, vheads = getattr(vision, "embed_dim", None), getattr(vision, "num_heads", None)
+    # Qwen2-VL names the tower's width embed_dim and the merger's output hidden_size; Qwen2.5-VL and
+    # Qwen3-VL name them hidden_size and out_hidden_size.
+    merged = hasattr(vision, "out_hidden_size")
+    width_key, out_key = ("hidden_size", "out_hidden_size") if merged else ("embed_dim", "hidden_size")
+    width, vheads = getattr(vision, width_key, None), getattr(vision, "num_heads", None)
     if width and vheads and (width % vheads or (width // vheads) % 4):
-        raise ConfigError(f"{v}: embed_dim {width} / num_heads {vheads} must be a whole head_dim divisible by 4 "
+        raise ConfigError(f"{v}: {width_key} {width} / num_heads {vheads} must be a whole head_dim divisible by 4 "
                           "(the vision tower's 2-D rotary embedding)")
-    out = getattr(vision, "hidden_size", None)
+    out = getattr(vision, out_key, None)
     if out is not None and hidden is not None and out != hidden:
-        raise ConfigError(f"{v}.hidden_size {out} must equal text_config.hidden_size {hidden} (the vision "
+        raise ConfigError(f"{v}.{out_key} {out} must equal text_config.hidden_size {hidden} (the vision "
                           "merger writes image features into the text model's embedding)")
 
 

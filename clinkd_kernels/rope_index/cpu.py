@@ -7,9 +7,13 @@ The batch is one stream of tokens (padding removed, rows back to back). Segments
 is then a small array over segments, and tokens are filled from it:
 
     text token at stream index i of segment s:  i + (base_s − start_s)        (all three rows)
-    vision token r of segment s:                base_s + (ti, hi·α, wi·α),   r = (ti·H + hi)·W + wi
+    vision token r of segment s:                base_s + (T(ti), hi·α, wi·α),   r = (ti·H + hi)·W + wi
 
-base_s is an exclusive prefix sum of (extent + gap) over the segments of the row. No Python loop
+T(ti) = ti, or int(float32(ti)·float32(interval)) for a video with a time interval. base_s is an
+exclusive prefix sum of (extent + gap) over the segments of the row, the extent of a vision run
+being spatial only, (max(H, W) − 1)·α. A row's largest position is a max over its segments (one
+``maximum.reduceat``): every segment has its largest t, h and w at its last token. With
+split_video_frames the video grid is expanded to one (1, h, w) row per frame first. No Python loop
 runs over tokens, segments or rows. At training shapes this is per-op-cost bound; NumPy's small-array
 overhead is several times lower than PyTorch's, which is why the CPU path lives here.
 """
@@ -62,11 +66,22 @@ def _arange(n: int) -> np.ndarray:
 def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_grid: np.ndarray | None,
                         mask: np.ndarray | None, image_token_id: int, video_token_id: int,
                         vision_start_token_id: int | None, m: int, gap: int, stride: int,
-                        pad_position: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions [3,B,S] and deltas [B,1] (int64) for ids [B,S]; grids [n,3] int64; mask [B,S] bool."""
+                        pad_position: int, video_interval: np.ndarray | None = None,
+                        split: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Positions [3,B,S] and deltas [B,1] (int64) for ids [B,S]; grids [n,3] int64; mask [B,S] bool.
+
+    video_interval: float32 [n_vid] time interval per video grid row, or None (interval 1);
+    split: each video grid row (t, h, w) is t rows (1, h, w), one per video run (Qwen3-VL).
+    """
     B, S = ids.shape
     n_img_grid = 0 if image_grid is None else image_grid.shape[0]
     n_vid_grid = 0 if video_grid is None else video_grid.shape[0]
+    if video_interval is not None:
+        check_interval(video_interval)
+        if video_interval.size != n_vid_grid:
+            _fail(f"video_time_interval has {video_interval.size} values but video_grid_thw has {n_vid_grid} rows")
+        if n_vid_grid == 0:
+            video_interval = None
 
     # The token stream: kept tokens, row after row.
     if mask is None:
@@ -78,7 +93,17 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
         lengths = mask.sum(1, dtype=np.int64)
         row_start = np.cumsum(lengths) - lengths
     N = tok.size
+    frames = None                                          # with split: (t per grid row, their sum)
+    if split and n_vid_grid:
+        check_grid("video_grid_thw", video_grid, m)        # t >= 1 before t counts runs
+        frames = (video_grid[:, 0], sum(video_grid[:, 0].tolist()))
+        n_vid_grid = frames[1]
+        if n_vid_grid <= N:                                # else too many runs: reported below
+            video_grid = np.repeat(video_grid, frames[0], axis=0)
+            video_grid[:, 0] = 1
     if N == 0:
+        if n_img_grid or n_vid_grid:
+            _count_error(np.zeros(0, np.int8), np.zeros(0, np.int64), B, 0, 0, n_img_grid, n_vid_grid, frames)
         return np.full((3, B, S), pad_position, dtype=np.int64), np.zeros((B, 1), dtype=np.int64)
 
     # Segments: a new one begins where the token type changes or a row begins.
@@ -102,7 +127,7 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
     n_img = int(np.count_nonzero(kinds == 1))
     n_vid = vseg.size - n_img
     if n_img != n_img_grid or n_vid != n_vid_grid:
-        _count_error(seg_typ, seg_row, B, n_img, n_vid, n_img_grid, n_vid_grid)
+        _count_error(seg_typ, seg_row, B, n_img, n_vid, n_img_grid, n_vid_grid, frames)
     if n_vid == 0:
         grid = image_grid
         check_grid("image_grid_thw", grid, m)
@@ -129,8 +154,8 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
             k = int(np.count_nonzero(kinds[:i] == kinds[i]))
             _fail(f"row {int(seg_row[s])}: {name} run at token {int(starts[s] - row_start[seg_row[s]])}"
                   + ("" if mask is None else " (counting unpadded tokens)")
-                  + f" has {int(vlen[i])} tokens but {name}_grid_thw[{k}] = {tuple(grid[i].tolist())} needs "
-                  f"t·(h/{m})·(w/{m}) = {_tokens(grid[i], m)}")
+                  + f" has {int(vlen[i])} tokens but {grid_name(name, k, frames)} = {tuple(grid[i].tolist())} "
+                  f"needs t·(h/{m})·(w/{m}) = {_tokens(grid[i], m)}")
         if vision_start_token_id is not None:
             vstart = starts[vseg]
             ok = tok[vstart - 1] == vision_start_token_id      # vstart - 1 = -1 wraps; caught below
@@ -143,12 +168,28 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
                 _fail(f"row {int(seg_row[s])}: vision run at token {int(starts[s] - row_start[seg_row[s]])}"
                       + ("" if mask is None else " (counting unpadded tokens)")
                       + " does not follow vision_start_token_id")
-        extent[vseg] = np.maximum(vt - 1, np.maximum(vh - 1, vw - 1) * stride)
+        # a vision run's extent is spatial only: the next segment starts at base + (max(H, W) − 1)·α + gap
+        extent[vseg] = np.maximum(vh - 1, vw - 1) * stride
+        top = extent.copy()                                # largest offset of each segment, t included
+        if video_interval is None:
+            top[vseg] = np.maximum(extent[vseg], vt - 1)
+        else:
+            is_v = kinds == 2
+            iv = np.ones(vseg.size, dtype=np.float32)
+            iv[is_v] = video_interval
+            # stock: (torch.arange(t) * time_interval).long(): the float32 product (one rounding, the
+            # same on every device), truncated. T(ti) grows with ti, so frame t−1 holds the largest.
+            t_top = np.where(is_v, (vt - 1).astype(np.float32) * iv, vt - 1)
+            check_time_offsets(t_top[is_v], vt[is_v], video_interval)
+            top[vseg] = np.maximum(extent[vseg], t_top.astype(np.int64))
+    else:
+        top = extent
 
     # Bases: exclusive prefix sum of (extent + gap) over each row's segments.
     step = extent + gap
     excl = np.cumsum(step) - step
-    base = excl - excl[np.searchsorted(starts, row_start)[seg_row]]
+    row_first = np.searchsorted(starts, row_start)        # first segment of each row
+    base = excl - excl[row_first[seg_row]]
 
     # Tokens: the text rule everywhere (base + index inside the segment), then vision tokens.
     pos = np.empty((3, N), dtype=np.int64)
@@ -165,17 +206,22 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
         ti = r // hw
         rem = r - ti * hw
         hi = rem // w_cnt
+        if video_interval is not None:
+            vid = np.repeat(kinds == 2, vlen)
+            ti[vid] = (ti[vid].astype(np.float32) * np.repeat(iv, vlen)[vid]).astype(np.int64)  # as t_top
         rows[0][at] = b + ti
         rows[1][at] = b + hi * stride
         rows[2][at] = b + (rem - hi * w_cnt) * stride
 
-    # rope_deltas: the largest position of a row sits at its last token (end of its last segment).
+    # rope_deltas: the largest position of a row, the max over its segments of base + largest offset (a
+    # video's frames can reach past the segments after it).
     deltas = np.zeros((B, 1), dtype=np.int64)
+    seg_top = base + top
     if mask is None:
-        deltas[:, 0] = pos[:, S - 1::S].max(0) + 1 - S
+        deltas[:, 0] = np.maximum.reduceat(seg_top, row_first) + 1 - S
         return pos.reshape(3, B, S), deltas
     filled = lengths > 0
-    deltas[filled, 0] = pos[:, (row_start + lengths - 1)[filled]].max(0) + 1 - lengths[filled]
+    deltas[filled, 0] = np.maximum.reduceat(seg_top, row_first[filled]) + 1 - lengths[filled]
     out = np.full((3, B * S), pad_position, dtype=np.int64)
     flat_mask = mask.reshape(-1)
     for row in range(3):   # one boolean assignment per position row (2-D fancy indexing is slower)
@@ -183,11 +229,46 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
     return out.reshape(3, B, S), deltas
 
 
-def _count_error(seg_typ, seg_row, B, n_img, n_vid, n_img_grid, n_vid_grid):
+def _count_error(seg_typ, seg_row, B, n_img, n_vid, n_img_grid, n_vid_grid, frames=None):
     for kind, name, n_runs, n_grid in ((1, "image", n_img, n_img_grid), (2, "video", n_vid, n_vid_grid)):
         if n_runs != n_grid:
             per_row = np.bincount(seg_row[seg_typ == kind], minlength=B)
             row = int(np.flatnonzero(np.cumsum(per_row) > n_grid)[0]) if n_runs > n_grid else B - 1
-            _fail(f"input_ids has {n_runs} {name} runs but {name}_grid_thw has {n_grid} rows; {name} runs per "
-                  f"row: {per_row.tolist()}; the mismatch shows at row {row} ({int(per_row[row])} {name} "
-                  f"run(s) there)")
+            _fail(f"input_ids has {n_runs} {name} runs but {grid_count(name, n_grid, kind == 2 and frames)}; "
+                  f"{name} runs per row: {per_row.tolist()}; the mismatch shows at row {row} "
+                  f"({int(per_row[row])} {name} run(s) there)")
+
+
+def grid_count(name: str, n_grid: int, frames) -> str:
+    """'video_grid_thw has 3 rows', or with split frames how many frames they hold."""
+    if frames:
+        return (f"{name}_grid_thw has {len(frames[0])} rows of {n_grid} frames in all (split_video_frames: "
+                "one video run per frame)")
+    return f"{name}_grid_thw has {n_grid} rows"
+
+
+def grid_name(name: str, k: int, frames) -> str:
+    """'image_grid_thw[k]' of the k-th run; with split frames the row and frame of the k-th video run."""
+    if name == "video" and frames:
+        ends = np.cumsum(frames[0])
+        row = int(np.searchsorted(ends, k, side="right"))
+        return f"video_grid_thw[{row}] frame {k - int(ends[row] - frames[0][row])} (split_video_frames)"
+    return f"{name}_grid_thw[{k}]"
+
+
+def check_interval(interval: np.ndarray) -> None:
+    """Time intervals finite and >= 0, else ValueError naming the first bad one."""
+    bad = ~np.isfinite(interval) | (interval < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        _fail(f"video_time_interval[{i}] = {float(interval[i]):.8g}: time intervals must be finite and >= 0")
+
+
+def check_time_offsets(t_top: np.ndarray, t: np.ndarray, interval: np.ndarray) -> None:
+    """The last frame's temporal offset float32(t − 1)·interval of every video below 2^53 (positions stay
+    exact in int64 and the device path's float64), else ValueError naming the video."""
+    bad = t_top >= 2.0**53
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        _fail(f"video_time_interval[{i}] = {float(interval[i]):.8g} puts frame {int(t[i]) - 1} of video_grid_thw[{i}] "
+              f"at temporal offset {float(t_top[i]):.4g}, beyond 2^53")

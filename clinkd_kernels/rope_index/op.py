@@ -8,14 +8,25 @@ tokens of one image/video, t·(h/m)·(w/m) of them, m = spatial_merge_size). Wit
 token inside its segment and b the segment's base:
 
     text token   → (b + r, b + r, b + r)
-    vision token → (b + ti, b + hi·α, b + wi·α),   r = (ti·H + hi)·W + wi,  H = h/m, W = w/m
-    b_0 = 0,  b_{s+1} = (largest position so far) + λ = b_s + extent_s + λ
+    vision token → (b + T(ti), b + hi·α, b + wi·α),   r = (ti·H + hi)·W + wi,  H = h/m, W = w/m
+    b_0 = 0
+    after a text run of n tokens:  b_{s+1} = b_s + (n − 1) + λ                (its last position + λ)
+    after a vision run:            b_{s+1} = b_s + (max(H, W) − 1)·α + λ      (its largest spatial position + λ)
+    T(ti) = ti; for a video with a time interval (Qwen2.5-VL) T(ti) = int(float32(ti)·float32(interval))
+    rope_deltas = largest position of the row (any of t, h, w) + 1 − number of unpadded tokens
 
-λ = modality_gap, α = vision_stride; λ = α = 1 is stock Qwen2-VL M-RoPE. Rows are independent.
-Videos follow the same rule with ti the frame index (Qwen2-VL; Qwen2.5-VL's scaling of t by
-seconds per grid is not applied). The segment after a video starts at the video's largest position
-+ λ, as Qwen2-VL was trained (transformers 4.x); transformers 5.x restarts at base + max(H, W), which
-differs only for videos with more frames than max(H, W).
+λ = modality_gap, α = vision_stride; at λ = α = 1 this is transformers 5.x's ``get_rope_index`` of
+all three Qwen-VL families: the segment after a vision run starts at base + max(h, w)/m whatever
+the number of frames (transformers 4.x restarted after a video's largest position, its last frame:
+that differs where a video's last temporal position exceeds its spatial extent). So a video's
+temporal positions may run past the segments after it; rope_deltas counts them (the max is over all
+positions). Rows are independent. The families differ in how videos are laid out:
+
+* Qwen2-VL: one run per video, frame ti at temporal position b + ti (no time interval).
+* Qwen2.5-VL: as Qwen2-VL, temporal positions spaced by ``video_time_interval`` (stock:
+  tokens_per_second · second_per_grid_ts[i]); images always use interval 1; α does not apply to t.
+* Qwen3-VL: ``split_video_frames``: each frame is its own run (timestamp text and vision_end /
+  vision_start tokens between frames), so a grid row (t, h, w) counts as t rows (1, h, w).
 
 Two vectorised implementations, chosen by device: CPU tensors go to NumPy on the host (``cpu.py``:
 per-op overhead is what costs at these sizes, and NumPy's is lower); CUDA tensors stay on the
@@ -28,11 +39,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._validation import check_int, check_shape, check_tensor
+from .._validation import check_int, check_nonnegative_float, check_shape, check_tensor
 from .cpu import mcg_rope_index_cpu
 from .kernels import mcg_rope_index_device
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _host_array(x: torch.Tensor | None) -> np.ndarray | None:
@@ -41,18 +53,43 @@ def _host_array(x: torch.Tensor | None) -> np.ndarray | None:
 
 def mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id: int,
                         video_token_id: int, vision_start_token_id: int | None, spatial_merge_size: int,
-                        modality_gap: int, vision_stride: int, pad_position: int):
+                        modality_gap: int, vision_stride: int, pad_position: int,
+                        video_time_interval: torch.Tensor | None = None, split_video_frames: bool = False):
     """Dispatch by device: CPU → NumPy host path, otherwise the on-device tensor path."""
     if input_ids.device.type == "cpu":
         mask = None if attention_mask is None else attention_mask.numpy() != 0
+        interval = None if video_time_interval is None else video_time_interval.cpu().numpy()
         pos, deltas = mcg_rope_index_cpu(input_ids.numpy(), _host_array(image_grid_thw),
                                           _host_array(video_grid_thw), mask, image_token_id, video_token_id,
                                           vision_start_token_id, spatial_merge_size, modality_gap, vision_stride,
-                                          pad_position)
+                                          pad_position, interval, split_video_frames)
         return torch.from_numpy(pos), torch.from_numpy(deltas)
     return mcg_rope_index_device(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
                                  video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                                 vision_stride, pad_position)
+                                 vision_stride, pad_position, video_time_interval, split_video_frames)
+
+
+def _interval_tensor(value, n_videos: int, split_video_frames: bool) -> torch.Tensor | None:
+    """``video_time_interval`` as float32 [n_videos] (a float is every video's), or None.
+
+    A tensor keeps its device; its values (finite, >= 0) are checked by the implementations, on the
+    host or inside the device path's one sync. float64 values are rounded to float32, the precision
+    stock computes in (``torch.arange(t) * interval`` of a float32 interval).
+    """
+    if value is None:
+        return None
+    if split_video_frames:
+        raise ValueError("video_time_interval with split_video_frames=True: no Qwen-VL family spaces split "
+                         "frames by a time interval (Qwen2.5-VL: interval, one run per video; Qwen3-VL: split "
+                         "frames, interval 1)")
+    if not isinstance(value, torch.Tensor):
+        value = check_nonnegative_float("video_time_interval", value)
+        return torch.full((n_videos,), value, dtype=torch.float32)
+    check_tensor("video_time_interval", value, ndim=1, dtypes=_FLOAT_DTYPES)
+    if value.shape[0] != n_videos:
+        raise ValueError(f"video_time_interval has {value.shape[0]} values but video_grid_thw has {n_videos} rows "
+                         "(one time interval per video grid row)")
+    return value.detach().to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,15 +101,17 @@ def _mcg_rope_index_op(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
                        video_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
                        image_token_id: int, video_token_id: int, vision_start_token_id: int | None,
                        spatial_merge_size: int, modality_gap: int, vision_stride: int,
-                       pad_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       pad_position: int, video_time_interval: torch.Tensor | None,
+                       split_video_frames: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
                                video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                               vision_stride, pad_position)
+                               vision_stride, pad_position, video_time_interval, split_video_frames)
 
 
 @_mcg_rope_index_op.register_fake
 def _(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
-      vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position):
+      vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position,
+      video_time_interval, split_video_frames):
     B, S = input_ids.shape
     return (input_ids.new_empty((3, B, S), dtype=torch.long), input_ids.new_empty((B, 1), dtype=torch.long))
 
@@ -81,8 +120,9 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
                    video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                    image_token_id: int, video_token_id: int, vision_start_token_id: int | None = None,
                    spatial_merge_size: int = 2, modality_gap: int = 2, vision_stride: int = 1,
-                   pad_position: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """MCG-RoPE 3-D position ids for a batch of multimodal token sequences.
+                   pad_position: int = 1, video_time_interval: float | torch.Tensor | None = None,
+                   split_video_frames: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MCG-RoPE 3-D position ids for a batch of multimodal token sequences (rules: module docstring).
 
     Args:
         input_ids: [B, S] int64/int32 token ids.
@@ -94,17 +134,25 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
             image/video.
         vision_start_token_id: if given, every vision run must follow this token (ValueError if not).
         spatial_merge_size: m; a run has t·(h/m)·(w/m) tokens.
-        modality_gap: λ ≥ 1; a segment starts at (largest position so far) + λ. 1 = stock Qwen2-VL,
-            2 = ClinKD's released setting.
-        vision_stride: α ≥ 1; spacing of the h and w positions inside a vision run.
+        modality_gap: λ ≥ 1; a segment starts λ after the previous one's last text position or
+            largest spatial position. 1 = stock Qwen-VL, 2 = ClinKD's released setting.
+        vision_stride: α ≥ 1; spacing of the h and w positions inside a vision run (not of t).
         pad_position: value written at padding positions (default 1; transformers 5.x writes 0).
+        video_time_interval: None (interval 1: Qwen2-VL, Qwen3-VL), a float ≥ 0 (every video's), or a
+            float tensor [N_vid] (one per video_grid_thw row, in order; CPU or input_ids' device):
+            frame ti of a video at base b gets temporal position b + int(float32(ti)·float32(interval)),
+            as Qwen2.5-VL with interval = tokens_per_second · second_per_grid_ts[i]. Images: interval 1.
+        split_video_frames: each video_grid_thw row (t, h, w) feeds t video runs (1, h, w), one per
+            frame, as Qwen3-VL lays videos out (timestamp text between frames). Not with an interval.
 
     Returns:
         position_ids [3, B, S] int64 (rows t, h, w) and rope_deltas [B, 1] int64
         (largest position + 1 − number of unpadded tokens; 0 for a row without tokens).
 
-    Raises ValueError naming the row and counts when runs and grids disagree, or when a grid's h/w is
-    not a multiple of ``spatial_merge_size``. Rows are independent (any batch size).
+    Raises ValueError naming the row and counts when runs and grids disagree, when a grid's h/w is
+    not a multiple of ``spatial_merge_size``, or when ``video_time_interval`` has the wrong length, a
+    value that is not finite and ≥ 0, or puts a last frame at 2^53 or beyond. Rows are independent
+    (any batch size).
     """
     check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
     B, S = input_ids.shape
@@ -127,8 +175,9 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
         check_int("modality_gap", modality_gap, low=1)
         check_int("vision_stride", vision_stride, low=1)
         check_int("pad_position", pad_position)
-    # Positions grow by at most gap + stride per token; the device path computes them in float64, exact
-    # below 2^53 (and int64 holds them).
+    # Bases and spatial positions grow by at most gap + stride per token; the device path computes them in
+    # float64, exact below 2^53 (and int64 holds them). Temporal offsets are checked below 2^53 apart
+    # (by the implementations: they need the grids), so every position stays below 2^54.
     if S * (modality_gap + vision_stride) >= 2**53:
         raise ValueError(f"modality_gap={modality_gap} and vision_stride={vision_stride} over {S} tokens give "
                          "positions beyond 2^53: S·(modality_gap + vision_stride) must be < 2^53")
@@ -138,6 +187,12 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
         check_int("vision_start_token_id", vision_start_token_id)
         if vision_start_token_id in (image_token_id, video_token_id):
             raise ValueError(f"vision_start_token_id={vision_start_token_id} equals a placeholder id")
+    if type(split_video_frames) is not bool:
+        raise TypeError(f"split_video_frames must be a bool, got {type(split_video_frames).__name__}")
+    interval = _interval_tensor(video_time_interval, 0 if video_grid_thw is None else video_grid_thw.shape[0],
+                                split_video_frames)
+    if interval is not None and interval.device.type != "cpu" and interval.device != input_ids.device:
+        raise ValueError(f"video_time_interval is on {interval.device} but input_ids is on {input_ids.device}")
     if input_ids.device.type == "cpu":
         input_ids = input_ids.contiguous()
         if attention_mask is not None:
@@ -147,7 +202,8 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
     # The custom op is what torch.compile sees; eager calls skip its dispatch (~10 µs, a tenth of the op).
     call = _mcg_rope_index_op if torch.compiler.is_compiling() else mcg_rope_index_impl
     return call(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
-                vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position)
+                vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position, interval,
+                split_video_frames)
 
 
 def mrope_decode_position_ids(cache_position, rope_deltas: torch.Tensor, *, num_tokens: int = 1) -> torch.Tensor:

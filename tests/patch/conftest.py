@@ -5,7 +5,7 @@ import pytest
 
 import clinkd.patch.attention as attention_mod
 import clinkd.patch.loss as loss_mod
-from clinkd.patch import api
+from clinkd.patch import _compat, api
 
 
 @pytest.fixture
@@ -28,5 +28,5 @@ def no_leaked_class_patch():
     yield
     leaked = list(api._CLASS_PATCHES)
     for cls in leaked:
-        api.unpatch_qwen2_vl_classes("Qwen2.5-VL" if "2_5" in cls.__name__ else "Qwen2-VL")
+        api.unpatch_qwen2_vl_classes(_compat.family_of_class(cls).name)
     assert not leaked, f"a test left class patches on {leaked}"

@@ -18,7 +18,7 @@ from clinkd.patch._compat import check_transformers_version
 from clinkd_kernels.loss import linear_kd_loss_reference
 from tests.numerics import assert_close
 from tests.patch.test_equivalence import assert_close_model
-from tests.patch.tiny import MIXED_ROWS, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model
+from tests.patch.tiny import MIXED_ROWS, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model, qwen3_vl_model
 
 GAP1 = MCGRope(modality_gap=1, vision_stride=1)
 
@@ -127,16 +127,49 @@ def test_check_patchable_on_a_config_alone():
         check_patchable(qwen2_vl_config(), attention="yes")
     from transformers import LlamaConfig
 
-    with pytest.raises(ValueError, match="model types qwen2_vl, qwen2_5_vl.*got llama"):
+    with pytest.raises(ValueError, match="model types qwen2_vl, qwen2_5_vl, qwen3_vl.*got llama"):
         check_patchable(LlamaConfig())
 
 
-def test_qwen2_5_vl_videos_with_mcg_rope_are_refused():
+def test_qwen3_vl_sections_that_do_not_fit_the_interleaved_layout_are_refused_before_any_change():
+    model = qwen3_vl_model()
+    rope = dict(model.config.text_config.rope_parameters, mrope_section=[8, 12, 12])  # sums to 32, h/w too wide
+    model.config.text_config.rope_parameters = rope
+    before = {n: type(m).forward for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"Qwen3-VL config: .*mrope_section.*\[8, 12, 12\].*interleaved"):
+        patch_qwen2_vl(model)
+    assert patch_settings(model) is None and {n: type(m).forward for n, m in model.named_modules()} == before
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(ValueError, match="interleaved"):
+        check_patchable(model.config)
+
+
+def test_qwen2_5_vl_video_seconds_must_cover_every_video():
     model = patch_qwen2_vl(qwen2_5_vl_model(), backend="cpu")
-    ids = torch.tensor([[5, 292] + [291] * 4 + [293, 6]])
-    with pytest.raises(ValueError, match="videos are not supported"):
-        model.model.get_rope_index(ids, mm_token_type_ids=(ids == 291).long() * 2,
-                                   video_grid_thw=torch.tensor([[1, 4, 4]]))
+    ids = torch.tensor([[5, 292] + [291] * 4 + [293, 292] + [291] * 4 + [293, 6]])
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    with pytest.raises(ValueError, match="second_per_grid_ts has 1 entries for 2 videos"):
+        model.model.get_rope_index(ids, mm_token_type_ids=(ids == 291).long() * 2, video_grid_thw=grids,
+                                   second_per_grid_ts=torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("family", ["Qwen2.5-VL", "Qwen3-VL"])
+def test_class_patch_of_the_newer_families_is_undone(family, fused_calls):
+    make = qwen2_5_vl_model if family == "Qwen2.5-VL" else qwen3_vl_model
+    batch = make_batch(MIXED_ROWS)
+    torch.manual_seed(3)
+    want = make()(**batch, use_cache=False).loss
+    patch_qwen2_vl_classes(family, mcg_rope=MCGRope(modality_gap=1), backend="cpu")
+    try:
+        torch.manual_seed(3)  # the same weights: the patched constructor draws as the stock one
+        model = make()
+        assert patch_settings(model).family == family
+        loss = model(**batch, use_cache=False).loss
+    finally:
+        unpatch_qwen2_vl_classes(family)
+    assert fused_calls == {"attention": 2, "loss": 1}
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)  # fp32 both: equivalence is test_families.py's
+    assert patch_settings(make()) is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Tiny random-weight Qwen2-VL models and multimodal batches for the patch tests (no downloads).
+"""Tiny random-weight Qwen2-VL, Qwen2.5-VL and Qwen3-VL models and multimodal batches for the patch
+tests (no downloads).
 
 Text decoder: hidden 256, 2 layers, 4 query / 2 KV heads (GQA), head_dim 64 (the smallest the fused
-attention takes), mrope_section (8, 12, 12) = head_dim / 2. Vision tower: depth 1, patch 2, merge 2,
-so an image of grid (1, h, w) patches becomes h·w/4 placeholder tokens.
+attention takes), mrope_section (8, 12, 12) = head_dim / 2 (Qwen3-VL: (12, 10, 10), interleaved).
+Vision tower: depth 1, patch 2, temporal patch 1, merge 2, so an image of grid (1, h, w) patches
+becomes h·w/4 placeholder tokens and a video of grid (t, h, w) t·h·w/4 (Qwen3-VL: t frames of h·w/4,
+each after its timestamp text).
 """
 
 from __future__ import annotations
@@ -60,11 +63,18 @@ def _vision(grid, token: int) -> list[int]:
     return [VISION_START] + [token] * (t * h * w // 4) + [VISION_END]
 
 
-def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32) -> dict:
+def _video_frames(grid) -> list[int]:
+    """Qwen3-VL's video layout: per frame, timestamp text ("<t seconds>", 3 tokens here), then the frame."""
+    t, h, w = grid
+    return [tok for _ in range(t) for tok in _text(3) + _vision((1, h, w), VIDEO)]
+
+
+def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32, frames: bool = False) -> dict:
     """rows: per sample a list of parts: an int n (n text tokens), a tuple (t, h, w) (an image grid) or
     ("video", t, h, w). Returns input_ids, attention_mask, mm_token_type_ids, labels (the text tokens;
     padding and placeholders -100) and, when present, pixel_values/image_grid_thw and
-    pixel_values_videos/video_grid_thw; padded on ``padding``."""
+    pixel_values_videos/video_grid_thw; padded on ``padding``. ``frames``: videos laid out frame by
+    frame with timestamps (Qwen3-VL), else as one run (Qwen2-VL, Qwen2.5-VL)."""
     seqs, grids, video_grids = [], [], []
     for parts in rows:
         ids = []
@@ -72,7 +82,7 @@ def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32)
             if isinstance(part, int):
                 ids += _text(part)
             elif part[0] == "video":
-                ids += _vision(part[1:], VIDEO)
+                ids += _video_frames(part[1:]) if frames else _vision(part[1:], VIDEO)
                 video_grids.append(part[1:])
             else:
                 ids += _vision(part, IMAGE)
@@ -117,3 +127,27 @@ def qwen2_5_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_override
             if p.dim() > 1 and "visual" not in name:
                 p.normal_(0.0, init_std)
     return model.to(dtype).eval()
+
+
+def qwen3_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides):
+    """A random-weight Qwen3VLForConditionalGeneration: the same decoder sizes with head_dim 64 and
+    interleaved sections (12, 10, 10), per-head q/k RMSNorm; a one-block vision tower with one
+    deepstack feature."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[12, 10, 10], mrope_interleaved=True)
+    text = text_config(**{"head_dim": 64, "rope_parameters": rope, **text_overrides})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=1, in_channels=3, out_hidden_size=text["hidden_size"],
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    model = Qwen3VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "visual" not in name:
+                p.normal_(0.0, init_std)
+    return model.to(dtype).eval()
+
+
+MODELS = {"Qwen2-VL": qwen2_vl_model, "Qwen2.5-VL": qwen2_5_vl_model, "Qwen3-VL": qwen3_vl_model}

@@ -1,32 +1,51 @@
-"""MCG-RoPE position indices: the paper's table, hand-derived cases, transformers at gap 1, the per-row
-reference on random batches (both vectorised paths), batch independence, errors, decode positions."""
+"""MCG-RoPE position indices: the paper's table, hand-derived cases (the 5.x advance rule after videos,
+time intervals, split frames), transformers' Qwen2-VL at gap 1, the per-row reference on random batches
+(both vectorised paths), batch independence, errors, decode positions. The other families against
+transformers: test_families.py."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from clinkd_kernels.rope_index import mcg_rope_index, mcg_rope_index_reference, mrope_decode_position_ids
+from clinkd_kernels.rope_index import kernels
 from clinkd_kernels.rope_index.kernels import mcg_rope_index_device
 from clinkd_kernels.rope_index.op import _mcg_rope_index_op
 
-from .batches import IDS, IMG, M, VE, VID, VS, random_batch, text
+from .batches import IDS, IMG, M, VE, VID, VS, mm_token_types, random_batch, random_intervals, text
 
 T = 7  # a text token
 
 
 def _device_path(input_ids, *, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
                  image_token_id, video_token_id, vision_start_token_id=None, spatial_merge_size=2,
-                 modality_gap=2, vision_stride=1, pad_position=1):
-    """The on-device (CUDA) implementation, run here on CPU tensors."""
+                 modality_gap=2, vision_stride=1, pad_position=1, video_time_interval=None,
+                 split_video_frames=False):
+    """The on-device (CUDA) implementation, run here on CPU tensors (a float interval made a tensor, as
+    the public op does)."""
+    if video_time_interval is not None and not isinstance(video_time_interval, torch.Tensor):
+        n = 0 if video_grid_thw is None else video_grid_thw.shape[0]
+        video_time_interval = torch.full((n,), video_time_interval, dtype=torch.float32)
     return mcg_rope_index_device(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
                                  video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                                 vision_stride, pad_position)
+                                 vision_stride, pad_position, video_time_interval, split_video_frames)
+
+
+def _device_grids_path(input_ids, **kw):
+    """The device path with grids and intervals handled as device tensors (as CUDA ones are), on CPU."""
+    kernels.READ_CPU_GRIDS = False
+    try:
+        return _device_path(input_ids, **kw)
+    finally:
+        kernels.READ_CPU_GRIDS = True
 
 
 IMPLS = {"host": mcg_rope_index, "device": _device_path}
+ALL_IMPLS = dict(IMPLS, device_grids=_device_grids_path)
 
 
 def _grid(*rows):
@@ -80,18 +99,117 @@ def test_vision_stride_by_hand(impl, gap, stride, expected):
     assert deltas.tolist() == [[expected[2][-1] + 1 - 9]]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("gap, expected", [
-    # video grid (3, 2, 2): 3 frames of 1x1 tokens; the text after it starts at its largest position
-    # (the last frame) + gap, as the rule says (and as transformers 4.x did; 5.x restarts at base + max(h, w)/m)
-    (1, [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 2, 2, 5, 6], [0, 1, 2, 2, 2, 5, 6]]),
-    (2, [[0, 1, 3, 4, 5, 7, 8], [0, 1, 3, 3, 3, 7, 8], [0, 1, 3, 3, 3, 7, 8]]),
+    # video grid (3, 2, 2): 3 frames of 1x1 tokens (H = W = 1) at base b = 1 + gap: t = b, b+1, b+2, h = w = b.
+    # The text after it starts at its largest spatial position + gap = b + (max(H, W) - 1) + gap = b + gap
+    # (transformers 5.x: current_pos += max(h, w) // m), not after its last frame.
+    # gap 1: [T, <vs>] 0 1 | video b=2: t 2 3 4, h w 2 2 2 | [<ve>, T] from 2+0+1 = 3: 3 4
+    (1, [[0, 1, 2, 3, 4, 3, 4], [0, 1, 2, 2, 2, 3, 4], [0, 1, 2, 2, 2, 3, 4]]),
+    # gap 2: [T, <vs>] 0 1 | video b=3: t 3 4 5, h w 3 3 3 | [<ve>, T] from 3+0+2 = 5: 5 6
+    (2, [[0, 1, 3, 4, 5, 5, 6], [0, 1, 3, 3, 3, 5, 6], [0, 1, 3, 3, 3, 5, 6]]),
 ])
 def test_long_video_by_hand(impl, gap, expected):
     ids = _ids(T, VS, VID, VID, VID, VE, T)
-    pos, deltas = IMPLS[impl](ids, video_grid_thw=_grid((3, 2, 2)), modality_gap=gap, **IDS)
+    pos, deltas = ALL_IMPLS[impl](ids, video_grid_thw=_grid((3, 2, 2)), modality_gap=gap, **IDS)
     assert pos[:, 0].tolist() == expected
-    assert deltas.tolist() == [[expected[0][-1] + 1 - 7]]
+    assert deltas.tolist() == [[max(map(max, expected)) + 1 - 7]]   # gap 1: 4+1-7; gap 2: 6+1-7
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_long_video_with_stride_by_hand(impl):
+    # [T, <vs>, video (4, 4, 4): 4 frames of 2x2, <ve>, T], gap 2, stride 2; t - 1 = 3 > (max(H, W) - 1)·α = 2
+    # [T, <vs>] 0 1 | video b = 1+2 = 3: t 3,4,5,6 per frame; h 3 3 5 5; w 3 5 3 5
+    # | [<ve>, T] from b + (2-1)·2 + 2 = 7: 7 8   (the 4.x rule restarted after t = 6: at 8)
+    ids = _ids(T, VS, *[VID] * 16, VE, T)
+    pos, deltas = ALL_IMPLS[impl](ids, video_grid_thw=_grid((4, 4, 4)), modality_gap=2, vision_stride=2, **IDS)
+    assert pos[:, 0].tolist() == [
+        [0, 1] + [3] * 4 + [4] * 4 + [5] * 4 + [6] * 4 + [7, 8],
+        [0, 1] + [3, 3, 5, 5] * 4 + [7, 8],
+        [0, 1] + [3, 5, 3, 5] * 4 + [7, 8],
+    ]
+    assert deltas.tolist() == [[8 + 1 - 20]]
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("gap, expected, largest", [
+    # [<vs>, video (4, 2, 2): 4 frames of 1 token, <ve>]: the row's largest position is the last frame's t,
+    # not the last token's. gap 1: <vs> 0 | video b=1: t 1..4, h w 1 | <ve> at 1+0+1 = 2
+    (1, [[0, 1, 2, 3, 4, 2], [0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 2]], 4),
+    # gap 2: <vs> 0 | video b=2: t 2..5, h w 2 | <ve> at 2+0+2 = 4
+    (2, [[0, 2, 3, 4, 5, 4], [0, 2, 2, 2, 2, 4], [0, 2, 2, 2, 2, 4]], 5),
+])
+def test_deltas_count_frames_past_the_end(impl, gap, expected, largest):
+    ids = _ids(VS, *[VID] * 4, VE)
+    pos, deltas = ALL_IMPLS[impl](ids, video_grid_thw=_grid((4, 2, 2)), modality_gap=gap, **IDS)
+    assert pos[:, 0].tolist() == expected
+    assert deltas.tolist() == [[largest + 1 - 6]]
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("gap, stride, expected, largest", [
+    # [T, <vs>, video (3, 2, 4): 3 frames of 1x2, <ve>, T, <vs>, image (1, 4, 4), <ve>], interval float32(3.4):
+    # T(ti) = int(ti·3.4) = 0, 3 (3.4), 6 (6.8). Images keep interval 1.
+    # gap 1: [T, <vs>] 0 1 | video b=2: t 2 2 5 5 8 8, h 2, w 2 3 2 3 2 3 | [<ve>, T, <vs>] from 2+1+1 = 4: 4 5 6
+    #        | image b=7: t 7, h 7 7 8 8, w 7 8 7 8 | <ve> at 7+1+1 = 9
+    (1, 1, [[0, 1, 2, 2, 5, 5, 8, 8, 4, 5, 6, 7, 7, 7, 7, 9],
+            [0, 1, 2, 2, 2, 2, 2, 2, 4, 5, 6, 7, 7, 8, 8, 9],
+            [0, 1, 2, 3, 2, 3, 2, 3, 4, 5, 6, 7, 8, 7, 8, 9]], 9),
+    # gap 2, stride 2 (α not applied to t): [T, <vs>] 0 1 | video b=3: t 3 3 6 6 9 9, h 3, w 3 5 ...
+    #        | text from 3+(2-1)·2+2 = 7: 7 8 9 | image b=11: h 11 11 13 13, w 11 13 11 13 | <ve> at 11+2+2 = 15
+    (2, 2, [[0, 1, 3, 3, 6, 6, 9, 9, 7, 8, 9, 11, 11, 11, 11, 15],
+            [0, 1, 3, 3, 3, 3, 3, 3, 7, 8, 9, 11, 11, 13, 13, 15],
+            [0, 1, 3, 5, 3, 5, 3, 5, 7, 8, 9, 11, 13, 11, 13, 15]], 15),
+])
+def test_time_interval_by_hand(impl, gap, stride, expected, largest):
+    ids = _ids(T, VS, *[VID] * 6, VE, T, VS, *[IMG] * 4, VE)
+    for interval in (3.4, torch.tensor([3.4]), 2 * torch.tensor([1.7])):   # 2·float32(1.7) == float32(3.4)
+        pos, deltas = ALL_IMPLS[impl](ids, image_grid_thw=_grid((1, 4, 4)), video_grid_thw=_grid((3, 2, 4)),
+                                      video_time_interval=interval, modality_gap=gap, vision_stride=stride, **IDS)
+        assert pos[:, 0].tolist() == expected
+        assert deltas.tolist() == [[largest + 1 - 16]]
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_time_interval_truncates_the_float32_product(impl):
+    # video (11, 2, 2): 11 frames of 1 token after <vs> (base 1), interval 0.7. ti·0.7 = 0, .7, 1.4, 2.1, 2.8,
+    # 3.5, 4.2, 4.9, 5.6, 6.3, 7.0, truncated: 0 0 1 2 2 3 4 4 5 6 7. The last one is the float32 product:
+    # float32(0.7) = 0.699999988..., times 10 = 6.99999988... exactly, which rounds to 7.0 in float32 (stock
+    # computes in float32), though a float64 product of the same value would truncate to 6.
+    assert int(10 * float(np.float32(0.7))) == 6
+    ids = _ids(VS, *[VID] * 11, VE)
+    pos, deltas = ALL_IMPLS[impl](ids, video_grid_thw=_grid((11, 2, 2)), video_time_interval=0.7, modality_gap=1,
+                                  **IDS)
+    want_t = [0] + [1 + v for v in (0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 7)] + [2]   # <ve> at 1 + 0 + 1
+    assert pos[0, 0].tolist() == want_t
+    assert pos[1, 0].tolist() == pos[2, 0].tolist() == [0] + [1] * 11 + [2]
+    assert deltas.tolist() == [[8 + 1 - 13]]
+    # interval 0: every frame at the base; 0.5: 0 0 1 1 2 ...
+    for interval, offsets in ((0.0, [0] * 11), (0.5, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5])):
+        pos, _ = ALL_IMPLS[impl](ids, video_grid_thw=_grid((11, 2, 2)), video_time_interval=interval,
+                                 modality_gap=1, **IDS)
+        assert pos[0, 0].tolist() == [0] + [1 + v for v in offsets] + [2]
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("gap, expected", [
+    # Qwen3-VL layout: [T, <t0>, <vs>, frame 0 (1x2), <ve>, <t1>, <vs>, frame 1, <ve>, T], grid (2, 2, 4) split
+    # into two (1, 2, 4) runs. gap 1: text 0 1 2 | frame b=3: t h 3, w 3 4 | text from 3+1+1 = 5: 5 6 7
+    # | frame b=8: w 8 9 | text from 8+1+1 = 10: 10 11
+    (1, [[0, 1, 2, 3, 3, 5, 6, 7, 8, 8, 10, 11], [0, 1, 2, 3, 3, 5, 6, 7, 8, 8, 10, 11],
+         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]),
+    # gap 2: text 0 1 2 | frame b=4: w 4 5 | text from 4+1+2 = 7: 7 8 9 | frame b=11: w 11 12 | text 14 15
+    (2, [[0, 1, 2, 4, 4, 7, 8, 9, 11, 11, 14, 15], [0, 1, 2, 4, 4, 7, 8, 9, 11, 11, 14, 15],
+         [0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14, 15]]),
+])
+def test_split_video_frames_by_hand(impl, gap, expected):
+    ids = _ids(T, T, VS, VID, VID, VE, T, VS, VID, VID, VE, T)
+    pos, deltas = ALL_IMPLS[impl](ids, video_grid_thw=_grid((2, 2, 4)), split_video_frames=True, modality_gap=gap,
+                                  **IDS)
+    assert pos[:, 0].tolist() == expected
+    assert deltas.tolist() == [[expected[0][-1] + 1 - 12]]
+    with pytest.raises(ValueError, match=r"2 video runs but video_grid_thw has 1 rows"):
+        ALL_IMPLS[impl](ids, video_grid_thw=_grid((2, 2, 4)), modality_gap=gap, **IDS)   # not split: one run
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,8 +262,7 @@ def hf_model():
 
 
 def _hf_rope_index(model, ids, mask, grid, vgrid):
-    types = (ids == IMG).int() + 2 * (ids == VID).int()
-    return model.get_rope_index(ids, types, image_grid_thw=grid if len(grid) else None,
+    return model.get_rope_index(ids, mm_token_types(ids), image_grid_thw=grid if len(grid) else None,
                                 video_grid_thw=vgrid if len(vgrid) else None, attention_mask=mask)
 
 
@@ -153,7 +270,7 @@ def _hf_rope_index(model, ids, mask, grid, vgrid):
 @pytest.mark.parametrize("padding", ["left", "right", "random"])
 def test_matches_transformers_at_gap_1(hf_model, impl, padding):
     for _ in range(4):
-        ids, mask, grid, vgrid, _ = random_batch(random.randint(2, 6), padding=padding, video_t_le_hw=True)
+        ids, mask, grid, vgrid, _ = random_batch(random.randint(2, 6), padding=padding)   # long videos too
         want_pos, want_deltas = _hf_rope_index(hf_model, ids, mask, grid, vgrid)
         pos, deltas = IMPLS[impl](ids, image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask,
                                   modality_gap=1, vision_stride=1, pad_position=0, **IDS)
@@ -175,10 +292,12 @@ def test_matches_transformers_without_mask(hf_model):
 # Random batches against the per-row reference
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_random_batches_match_reference(impl):
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("videos", ["plain", "interval", "split"])
+def test_random_batches_match_reference(impl, videos):
     for _ in range(25):
-        ids, mask, grid, vgrid, _ = random_batch(random.randint(1, 7), extra=random.randint(0, 3))
+        ids, mask, grid, vgrid, _ = random_batch(random.randint(1, 7), extra=random.randint(0, 3),
+                                                 p_video=0.35, split_frames=videos == "split")
         u = random.random()
         if u < 0.25:   # holes inside rows too (never inside a vision run or before it)
             hole = (torch.rand(mask.shape) < 0.2) & ~torch.isin(ids, torch.tensor([IMG, VID, VS]))
@@ -187,8 +306,12 @@ def test_random_batches_match_reference(impl):
             ids, mask = torch.where(mask.bool(), ids, T), None
         kw = dict(image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask,
                   modality_gap=random.randint(1, 3), vision_stride=random.randint(1, 3), **IDS)
+        if videos == "interval":
+            kw["video_time_interval"] = random_intervals(len(vgrid)) if random.random() < 0.8 else random.uniform(0, 5)
+        elif videos == "split":
+            kw["split_video_frames"] = True
         want = mcg_rope_index_reference(ids, **kw)
-        got = IMPLS[impl](ids, **kw)
+        got = ALL_IMPLS[impl](ids, **kw)
         assert torch.equal(got[0], want[0]), (ids, kw)
         assert torch.equal(got[1], want[1]), (ids, kw)
 
@@ -208,14 +331,18 @@ def test_rows_are_independent(impl):
         assert torch.equal(deltas[b:b + 1], alone[1])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_large_positions(impl):
-    # stride 2^20 puts positions past float32's exact range (the device path switches to float64)
-    ids, mask, grid, vgrid, _ = random_batch(3)
-    kw = dict(image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask, modality_gap=5, vision_stride=2**20,
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("stride, intervals", [(2**20, False), (2**20, True), (1, True)])
+def test_large_positions(impl, stride, intervals):
+    # stride 2^20 puts positions past float32's exact range (the device path switches to float64); intervals
+    # of 3e7 and 1e9 put temporal offsets past 2^24 (integers a float32 holds, added to the bases in int64)
+    ids, mask, grid, vgrid, _ = random_batch(3, p_video=0.5)
+    kw = dict(image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask, modality_gap=5, vision_stride=stride,
               **IDS)
+    if intervals:
+        kw["video_time_interval"] = torch.tensor([random.choice([3e7, 1e9, 0.7]) for _ in range(len(vgrid))])
     want = mcg_rope_index_reference(ids, **kw)
-    got = IMPLS[impl](ids, **kw)
+    got = ALL_IMPLS[impl](ids, **kw)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -242,7 +369,22 @@ def test_input_forms():
 
 def test_custom_op_opcheck():
     ids, mask, grid, vgrid, _ = random_batch(3)
-    torch.library.opcheck(_mcg_rope_index_op, (ids, grid, vgrid, mask, IMG, VID, VS, M, 2, 1, 1))
+    torch.library.opcheck(_mcg_rope_index_op, (ids, grid, vgrid, mask, IMG, VID, VS, M, 2, 1, 1, None, False))
+    interval = random_intervals(len(vgrid))
+    torch.library.opcheck(_mcg_rope_index_op, (ids, grid, vgrid, mask, IMG, VID, VS, M, 2, 1, 0, interval, False))
+    ids, mask, grid, vgrid, _ = random_batch(3, split_frames=True)
+    torch.library.opcheck(_mcg_rope_index_op, (ids, grid, vgrid, mask, IMG, VID, VS, M, 1, 2, 1, None, True))
+
+
+def test_compiled_matches_eager():
+    ids, mask, grid, vgrid, _ = random_batch(3, p_video=0.5)
+    kw = dict(image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask, **IDS)
+    interval = random_intervals(len(vgrid))
+    fn = torch.compile(lambda i, iv: mcg_rope_index(i, video_time_interval=iv, **kw), fullgraph=True,
+                       backend="eager")
+    want = mcg_rope_index(ids, video_time_interval=interval, **kw)
+    got = fn(ids, interval)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +402,18 @@ def test_error_run_count_names_row(impl):
         IMPLS[impl](ids, **IDS)
     with pytest.raises(ValueError, match=r"1 video runs but video_grid_thw has 0 rows.*row 0"):
         IMPLS[impl](_ids(VS, VID, VE), **IDS)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_error_grids_for_a_batch_of_padding(impl):
+    # no unpadded token, one grid row: both paths refuse (the host path used to ignore the grid)
+    ids, mask = _ids(VS, *[IMG] * 4, VE), torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"0 image runs but image_grid_thw has 1 rows"):
+        ALL_IMPLS[impl](ids, image_grid_thw=_grid((1, 4, 4)), attention_mask=mask, **IDS)
+    with pytest.raises(ValueError, match=r"0 video runs but video_grid_thw has 1 rows of 2 frames"):
+        ALL_IMPLS[impl](ids, video_grid_thw=_grid((2, 4, 4)), attention_mask=mask, split_video_frames=True, **IDS)
+    pos, deltas = ALL_IMPLS[impl](ids, attention_mask=mask, **IDS)
+    assert pos.eq(1).all() and deltas.tolist() == [[0]]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -284,6 +438,65 @@ def test_error_missing_vision_start(impl):
         IMPLS[impl](ids, image_grid_thw=_grid((1, 4, 4), (1, 4, 4)), **IDS)
     kw = dict(IDS, vision_start_token_id=None)
     IMPLS[impl](ids, image_grid_thw=_grid((1, 4, 4), (1, 4, 4)), **kw)   # not checked without the id
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_error_time_interval_values(impl):
+    ids = _ids(VS, VID, VID, VE, VS, *[VID] * 4, VE)            # videos (2, 2, 2) and (1, 4, 4)
+    kw = dict(video_grid_thw=_grid((2, 2, 2), (1, 4, 4)), **IDS)
+    for bad, i, shown in (([1.0, float("nan")], 1, "nan"), ([-1.0, 1.0], 0, "-1"), ([float("inf"), 1.0], 0, "inf")):
+        with pytest.raises(ValueError, match=rf"video_time_interval\[{i}\] = {shown}: .*finite and >= 0"):
+            ALL_IMPLS[impl](ids, video_time_interval=torch.tensor(bad), **kw)
+    # the last frame's offset 1·1e20 is beyond 2^53; a one-frame video may have any finite interval (0·1e30 = 0)
+    with pytest.raises(ValueError, match=r"video_time_interval\[0\] = 1e\+20 puts frame 1 of video_grid_thw\[0\].*2\^53"):
+        ALL_IMPLS[impl](ids, video_time_interval=torch.tensor([1e20, 1.0]), **kw)
+    pos, _ = ALL_IMPLS[impl](ids, video_time_interval=torch.tensor([1.0, 1e30]), modality_gap=1, **kw)
+    # <vs> 0 | video (2, 2, 2) b=1: t 1 2 | <ve> <vs> from 1+0+1: 2 3 | video (1, 4, 4) b=4: t 4 (x4) | <ve> 4+1+1
+    assert pos[0, 0].tolist() == [0, 1, 2, 2, 3, 4, 4, 4, 4, 6]
+
+
+def test_error_time_interval_arguments():
+    ids = _ids(VS, VID, VID, VE, VS, *[VID] * 4, VE)
+    kw = dict(video_grid_thw=_grid((2, 2, 2), (1, 4, 4)), **IDS)
+    with pytest.raises(ValueError, match=r"video_time_interval has 1 values but video_grid_thw has 2 rows"):
+        mcg_rope_index(ids, video_time_interval=torch.tensor([1.0]), **kw)
+    with pytest.raises(ValueError, match=r"video_time_interval has 1 values but video_grid_thw has 0 rows"):
+        mcg_rope_index(_ids(T, T), video_time_interval=torch.tensor([1.0]), **IDS)
+    with pytest.raises(ValueError, match=r"video_time_interval must be 1-D"):
+        mcg_rope_index(ids, video_time_interval=torch.ones(2, 1), **kw)
+    with pytest.raises(TypeError, match=r"video_time_interval must have dtype"):
+        mcg_rope_index(ids, video_time_interval=torch.tensor([1, 2]), **kw)
+    for bad in (float("nan"), -0.5, float("inf")):
+        with pytest.raises(ValueError, match=r"video_time_interval must be a finite number >= 0"):
+            mcg_rope_index(ids, video_time_interval=bad, **kw)
+    with pytest.raises(TypeError, match=r"video_time_interval must be a float"):
+        mcg_rope_index(ids, video_time_interval=True, **kw)
+    for interval in (1.0, torch.tensor([1.0, 1.0])):
+        with pytest.raises(ValueError, match=r"video_time_interval with split_video_frames=True"):
+            mcg_rope_index(ids, video_time_interval=interval, split_video_frames=True, **kw)
+    with pytest.raises(TypeError, match=r"split_video_frames must be a bool"):
+        mcg_rope_index(ids, split_video_frames=1, **kw)
+    # float64 intervals are rounded to float32 (stock's precision), ints are floats: same positions
+    a = mcg_rope_index(ids, video_time_interval=torch.tensor([0.7, 2.0], dtype=torch.float64), **kw)
+    b = mcg_rope_index(ids, video_time_interval=torch.tensor([0.7, 2.0]), **kw)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(mcg_rope_index(ids, video_time_interval=2, **kw)[0],
+                       mcg_rope_index(ids, video_time_interval=torch.tensor([2.0, 2.0]), **kw)[0])
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_error_split_frames(impl):
+    ids = _ids(VS, VID, VID, VE, T, VS, VID, VID, VE, T, VS, VID, VID, VE)   # three frame runs of 2 tokens
+    with pytest.raises(ValueError, match=r"3 video runs but video_grid_thw has 1 rows of 2 frames in all \(split"):
+        ALL_IMPLS[impl](ids, video_grid_thw=_grid((2, 2, 4)), split_video_frames=True, **IDS)
+    with pytest.raises(ValueError, match=r"1 rows of 1099511627776 frames"):   # not expanded: no batch matches
+        ALL_IMPLS[impl](ids, video_grid_thw=_grid((2**40, 2, 4)), split_video_frames=True, **IDS)
+    with pytest.raises(ValueError, match=r"video_grid_thw\[0\].*t must be >= 1"):
+        ALL_IMPLS[impl](ids, video_grid_thw=_grid((0, 2, 4), (3, 2, 4)), split_video_frames=True, **IDS)
+    ids = _ids(VS, VID, VID, VE, T, VS, VID, VID, VID, VE)                   # frame 1 has 3 tokens
+    with pytest.raises(ValueError, match=r"row 0: video run at token 6 has 3 tokens but video_grid_thw\[1\] frame 0 "
+                                         r"\(split_video_frames\) = \(1, 2, 4\) needs .* = 2"):
+        ALL_IMPLS[impl](ids, video_grid_thw=_grid((1, 2, 4), (1, 2, 4)), split_video_frames=True, **IDS)
 
 
 def test_error_arguments():
@@ -354,20 +567,28 @@ def test_decode_positions_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("grids_on", ["cpu", "cuda"])
-def test_cuda_matches_host_with_one_sync(grids_on):
+@pytest.mark.parametrize("videos", ["plain", "interval", "split"])
+def test_cuda_matches_host_with_one_sync(grids_on, videos):
     import warnings
 
-    ids, mask, grid, vgrid, _ = random_batch(9, extra=2)
-    want = mcg_rope_index(ids, image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask, **IDS)
+    ids, mask, grid, vgrid, _ = random_batch(9, extra=2, p_video=0.4, split_frames=videos == "split")
+    extra = {}
+    if videos == "interval":
+        extra["video_time_interval"] = random_intervals(len(vgrid))
+    elif videos == "split":
+        extra["split_video_frames"] = True
+    want = mcg_rope_index(ids, image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask, **IDS, **extra)
+    extra = {k: v.to(grids_on) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     args = (ids.cuda(), grid.to(grids_on), vgrid.to(grids_on), mask.cuda())
-    mcg_rope_index(args[0], image_grid_thw=args[1], video_grid_thw=args[2], attention_mask=args[3], **IDS)  # warm
+    mcg_rope_index(args[0], image_grid_thw=args[1], video_grid_thw=args[2], attention_mask=args[3], **IDS,
+                   **extra)  # warm
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = mcg_rope_index(args[0], image_grid_thw=args[1], video_grid_thw=args[2], attention_mask=args[3],
-                                 **IDS)
+                                 **IDS, **extra)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -375,3 +596,7 @@ def test_cuda_matches_host_with_one_sync(grids_on):
     assert got[0].is_cuda and torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
     with pytest.raises(ValueError, match=r"1 image runs but image_grid_thw has 2 rows"):
         mcg_rope_index(_ids(T, VS, IMG, IMG, IMG, IMG, VE).cuda(), image_grid_thw=_grid((1, 4, 4), (1, 4, 4)), **IDS)
+    if videos == "interval":   # a bad interval on the device is caught inside the one sync
+        with pytest.raises(ValueError, match=r"video_time_interval\[0\] = nan"):
+            mcg_rope_index(_ids(VS, VID, VE).cuda(), video_grid_thw=_grid((1, 2, 2)).to(grids_on),
+                           video_time_interval=torch.tensor([float("nan")], device="cuda"), **IDS)

@@ -1,0 +1,118 @@
+"""Every Qwen-VL family the patch serves (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), with images and videos:
+
+* positions at gap 1 equal the family's stock ``get_rope_index`` (Qwen2.5-VL's timed video positions,
+  Qwen3-VL's per-frame grids with timestamp text between frames);
+* a patched training step (loss, logits, every gradient) equals the stock model under the float64
+  rule, on the CPU path and on the Triton path under the interpreter;
+* greedy ``generate()`` gives the stock model's tokens;
+* at gap 2 the patched model equals the stock model fed ``mcg_rope_index``'s positions (same rule).
+
+Batches: left padding, several images and videos per row, a text-only row, a video with more frames
+than its spatial extent (where transformers 5.x's rule for the next segment matters).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from clinkd.patch import MCGRope, patch_qwen2_vl
+from clinkd_kernels import mcg_rope_index
+from tests.patch.test_equivalence import _as, _compare, _step, assert_close_model
+from tests.patch.tiny import EOS, IMAGE, MODELS, PAD, VIDEO, VISION_END, VISION_START, make_batch
+
+GAP1 = MCGRope(modality_gap=1, vision_stride=1)
+GAP2 = MCGRope(modality_gap=2, vision_stride=1)
+FAMILIES = list(MODELS)
+ROWS = [[3, (1, 4, 6), 5, ("video", 2, 4, 4), 2], [7], [2, ("video", 3, 4, 4), 3, (1, 4, 4), 4]]
+SMALL_ROWS = [[2, ("video", 3, 4, 4), 1, (1, 4, 6), 2], [5]]   # for the interpreter
+SUPPRESSED = [IMAGE, VIDEO, VISION_START, VISION_END, EOS]
+SECONDS = torch.tensor([0.5, 1.7])  # Qwen2.5-VL: seconds per temporal grid of each video
+
+
+def _batch(family: str, rows=ROWS, *, padding: str = "left") -> dict:
+    batch = make_batch(rows, padding=padding, frames=family == "Qwen3-VL")
+    if family == "Qwen2.5-VL":
+        batch["second_per_grid_ts"] = SECONDS[:batch["video_grid_thw"].shape[0]]
+    return batch
+
+
+def _rule(family: str, model, batch: dict) -> dict:
+    """The family's video keywords of ``mcg_rope_index``, written from the transformers sources."""
+    if family == "Qwen2.5-VL":
+        return {"video_time_interval": model.config.vision_config.tokens_per_second * batch["second_per_grid_ts"]}
+    if family == "Qwen3-VL":
+        return {"split_video_frames": True}
+    return {}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_positions_at_gap_1_equal_the_stock_rope_index(family, padding):
+    stock = MODELS[family]()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
+    batch = _batch(family, padding=padding)
+    keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
+    args = {k: batch[k] for k in keys}
+    if family == "Qwen2.5-VL":
+        args["second_per_grid_ts"] = batch["second_per_grid_ts"]
+    want, want_deltas = stock.model.get_rope_index(**args)
+    got, deltas = patched.model.get_rope_index(**args)
+    keep = batch["attention_mask"].bool()
+    assert torch.equal(got[:, keep], want[:, keep]) and torch.equal(deltas, want_deltas)
+    assert torch.equal(got, want)  # padding too: both write 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_training_step_matches_stock(family, backend, fused_calls, request):
+    if backend == "triton":
+        request.getfixturevalue("interpreter")
+    stock = MODELS[family]().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend=backend)
+    batch = _batch(family, ROWS if backend == "cpu" else SMALL_ROWS)
+    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}  # 2 layers, one loss: the fused path ran
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_greedy_generate_matches_stock(family, backend, fused_calls, request):
+    if backend == "triton":
+        request.getfixturevalue("interpreter")
+    stock = MODELS[family]()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend=backend)
+    batch = _batch(family, ROWS if backend == "cpu" else SMALL_ROWS)
+    batch.pop("labels")
+    kwargs = dict(do_sample=False, max_new_tokens=6, pad_token_id=PAD, suppress_tokens=SUPPRESSED)
+    want = stock.generate(**batch, **kwargs)
+    got = patched.generate(**batch, **kwargs)
+    assert torch.equal(got, want)
+    assert fused_calls["attention"] == 2  # the prefill ran on the fused kernel (decoding: the stock layer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gap_2_equals_stock_fed_the_family_rule(family, fused_calls):
+    stock = MODELS[family]().train()
+    patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP2, backend="cpu")
+    batch = _batch(family)
+    want, _ = mcg_rope_index(batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
+                             video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"],
+                             image_token_id=IMAGE, video_token_id=VIDEO, modality_gap=2, pad_position=0,
+                             **_rule(family, stock, batch))
+    gap1, _ = stock.model.get_rope_index(**{k: batch[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw",
+                                                                  "video_grid_thw", "attention_mask")})
+    assert not torch.equal(want, gap1)  # gap 2 moves positions here
+
+    out, grads = _step(patched, batch, return_logits=True, use_cache=False)
+    assert fused_calls == {"attention": 2, "loss": 1}
+    fed = dict(batch, position_ids=want)
+    ref, ref_grads = _step(copy.deepcopy(stock).double(), _as(fed, torch.float64), use_cache=False)
+    base, base_grads = _step(stock, fed, use_cache=False)
+    keep = batch["attention_mask"].bool()
+    assert_close_model("loss", out.loss, ref.loss, base.loss)
+    assert_close_model("logits", out.logits[keep], ref.logits[keep], base.logits[keep])
+    for name, ref_grad in ref_grads.items():
+        assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
