@@ -9,7 +9,9 @@ Peers, each given the same un-rotated q, k, v and positions:
 * ``rope+flash-attn``: rotation then ``flash_attn_func`` (when flash-attn is installed);
 * ``sdpa-no-rope`` (GPU): SDPA's flash backend with no rotation at all (K/V heads expanded once,
   outside the timing) — the target to reach.
-Head shapes of Qwen2-VL-7B (Hq=28, Hkv=4, D=128) and 2B (Hq=12, Hkv=2, D=128), causal, B=1.
+Head shapes of Qwen2-VL-7B (Hq=28, Hkv=4, D=128) and 2B (Hq=12, Hkv=2, D=128) with contiguous sections
+(16, 24, 24), and Qwen3-VL-8B (Hq=32, Hkv=8, D=128) with its interleaved sections (24, 20, 20), causal,
+B=1. Before a peer is timed, its output is checked against clinkd's on the same inputs.
 Floor: the attention matmul FLOPs (causal: half of 4·S²·D per head forward; backward 2.5× forward)
 at the measured bf16 matmul rate; ``tflops`` in extra_info is the rate each implementation reaches.
 GPU sequence lengths: CLINKD_BENCH_ATTN_S (comma list, default 512,2048,8192; the full sweep is
@@ -31,8 +33,9 @@ from benchmarks.floors import compute_floor_s, record
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.rope.reference import mrope_cos_sin, rotate_half
 
-MODELS = {"7B": (28, 4, 128), "2B": (12, 2, 128)}
-SECTION = (16, 24, 24)
+# name: (Hq, Hkv, D, mrope_section, interleaved)
+MODELS = {"7B": (28, 4, 128, (16, 24, 24), False), "2B": (12, 2, 128, (16, 24, 24), False),
+          "qwen3vl-8B": (32, 8, 128, (24, 20, 20), True)}
 GPU_S = [int(s) for s in os.environ.get("CLINKD_BENCH_ATTN_S", "512,2048,8192").split(",")]
 
 try:
@@ -74,8 +77,8 @@ def _positions(s: int, device) -> torch.Tensor:
     return pos[:, None, :s].contiguous().to(device)
 
 
-def _rope_transformers(q, k, pos, inv_freq):
-    cos, sin = mrope_cos_sin(pos, inv_freq, SECTION, dtype=q.dtype)
+def _rope_transformers(q, k, pos, inv_freq, section, interleaved):
+    cos, sin = mrope_cos_sin(pos, inv_freq, section, dtype=q.dtype, interleaved=interleaved)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -100,28 +103,31 @@ def _expanded(x, heads):
     return _EXPANDED[key]
 
 
-def _impl_fn(impl: str, device: str):
+def _impl_fn(impl: str, device: str, section, interleaved: bool):
+    layout = dict(mrope_interleaved=interleaved)
     if impl == "clinkd":
         backend = "triton" if device == "cuda" else "cpu"
-        return lambda q, k, v, pos, f: mcg_rope_attention(q, k, v, pos, f, SECTION, causal=True, backend=backend)
+        return lambda q, k, v, pos, f: mcg_rope_attention(q, k, v, pos, f, section, causal=True, backend=backend,
+                                                          **layout)
     if impl == "clinkd-k-prepass":  # forward K rotated once up front instead of per tile (launch.py)
         if device != "cuda":
             pytest.skip("a Triton-only variant")
 
         def run(q, k, v, pos, f):
             with _env("CLINKD_ATTN_K_ROTATION", "prepass"):
-                return mcg_rope_attention(q, k, v, pos, f, SECTION, causal=True, backend="triton")
+                return mcg_rope_attention(q, k, v, pos, f, section, causal=True, backend="triton", **layout)
         return run
     if impl == "rope+sdpa":
-        return lambda q, k, v, pos, f: _sdpa(*_rope_transformers(q, k, pos, f), v)
+        return lambda q, k, v, pos, f: _sdpa(*_rope_transformers(q, k, pos, f, section, interleaved), v)
     if impl == "apply_mrope+sdpa":
         if apply_mrope is None:
             pytest.skip("clinkd_kernels.rope.apply_mrope is not available")
-        return lambda q, k, v, pos, f: _sdpa(*apply_mrope(q, k, pos, f, SECTION), v)
+        return lambda q, k, v, pos, f: _sdpa(*apply_mrope(q, k, pos, f, section, **layout), v)
     if impl == "rope+flash-attn":
         if flash_attn_func is None or device != "cuda":
             pytest.skip("flash-attn is not installed (or no GPU)")
-        return lambda q, k, v, pos, f: flash_attn_func(*_rope_transformers(q, k, pos, f), v, causal=True)
+        return lambda q, k, v, pos, f: flash_attn_func(*_rope_transformers(q, k, pos, f, section, interleaved), v,
+                                                       causal=True)
     if impl == "sdpa-no-rope":
         if device != "cuda":
             pytest.skip("the no-rotation target is a GPU case")
@@ -147,10 +153,22 @@ def _inputs(device: str, dtype: torch.dtype, hq: int, hkv: int, d: int, s: int):
     return q, k, v, _positions(s, device), inv_freq
 
 
+def _check_same_value(impl, fn, ours, q, k, v, pos, inv_freq):
+    """A peer must compute clinkd's attention on these inputs (the no-rotation target excepted)."""
+    if impl in ("clinkd", "sdpa-no-rope"):
+        return
+    with torch.no_grad():
+        got, want = fn(q, k, v, pos, inv_freq).float(), ours(q, k, v, pos, inv_freq).float()
+    tol = 1e-4 if q.dtype == torch.float32 else 3e-2
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < tol, f"{impl} differs from clinkd on the same inputs: relative error {err:.2e}"
+
+
 def _run(benchmark, *, impl, device, dtype, model, s, mode, rounds, warmup):
-    hq, hkv, d = MODELS[model]
-    fn = _impl_fn(impl, device)
+    hq, hkv, d, section, interleaved = MODELS[model]
+    fn = _impl_fn(impl, device, section, interleaved)
     q, k, v, pos, inv_freq = _inputs(device, dtype, hq, hkv, d, s)
+    _check_same_value(impl, fn, _impl_fn("clinkd", device, section, interleaved), q, k, v, pos, inv_freq)
     flops = 4 * s * s * d * hq / 2  # causal forward: QKᵀ and PV over the lower triangle
     if mode == "fwd+bwd":
         flops *= 3.5
@@ -167,20 +185,22 @@ def _run(benchmark, *, impl, device, dtype, model, s, mode, rounds, warmup):
                 fn(q, k, v, pos, inv_freq)
             sync(device)
 
-    benchmark.group = f"mcg_rope_attention {mode} {device} {str(dtype)[6:]} {model}-heads S={s} causal"
+    layout = "interleaved" if interleaved else "contiguous"
+    benchmark.group = f"mcg_rope_attention {mode} {device} {str(dtype)[6:]} {model}-heads {layout} S={s} causal"
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup)
     median = benchmark.stats.stats.median
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), impl=impl, op="mcg_rope_attention",
-           device=device, shape=f"B=1,S={s},Hq={hq},Hkv={hkv},D={d}", mode=mode, flops=flops,
+           device=device, shape=f"B=1,S={s},Hq={hq},Hkv={hkv},D={d},{layout}", mode=mode, flops=flops,
            tflops=flops / median / 1e12)
 
 
+@pytest.mark.parametrize("model", ["2B", "qwen3vl-8B"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", ["clinkd", "rope+sdpa", "apply_mrope+sdpa"])
-def test_attention_cpu(benchmark, impl, mode):
+def test_attention_cpu(benchmark, impl, mode, model):
     if "cpu" not in DEVICES:
         pytest.skip("CPU cases deselected by CLINKD_BENCH_DEVICES")
-    _run(benchmark, impl=impl, device="cpu", dtype=torch.float32, model="2B", s=256, mode=mode, rounds=15, warmup=2)
+    _run(benchmark, impl=impl, device="cpu", dtype=torch.float32, model=model, s=256, mode=mode, rounds=15, warmup=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,8 +1,10 @@
 """MCG-RoPE indices and the M-RoPE rotation against transformers' Qwen2-VL code.
 
 Indices: ``mcg_rope_index`` vs ``Qwen2VLModel.get_rope_index`` (a Python loop over each row's tokens)
-at B=8, S=2048, one 448x448 image per row (grid (1, 32, 32) → 256 tokens after the 2x2 merge); on CPU
-(NumPy path) and, with a GPU, on CUDA tensors (on-device path, one host sync).
+at B=8, S=2048, one 448x448 image per row (grid (1, 32, 32) → 256 tokens after the 2x2 merge); and vs
+``Qwen3VLModel.get_rope_index`` on Qwen3-VL's video layout (8 frames of 256 tokens per row, each after
+its timestamp text), checked equal first; on CPU (NumPy path) and, with a GPU, on CUDA tensors
+(on-device path, one host sync).
 Floor: the token ids (and mask) read once and the [3, B, S] int64 positions written once, at the
 measured copy bandwidth; the work is a few integer passes over 16k tokens, so the ratio to
 transformers is the figure of merit and the floor says how far from free the call is.
@@ -80,6 +82,70 @@ def test_rope_index(benchmark, device, impl, padded):
         fn = functools.partial(mcg_rope_index, ids, image_grid_thw=grid, attention_mask=mask, image_token_id=IMG,
                                video_token_id=VID, vision_start_token_id=VS, modality_gap=gap)
         rounds = 300
+
+    def run():
+        fn()
+        sync(device)
+
+    with torch.no_grad():
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=5)
+
+
+@functools.cache
+def _hf_qwen3_vl_model():
+    import transformers
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    transformers.logging.set_verbosity_error()
+    config = Qwen3VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=8, vocab_size=160000,
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[2, 1, 1],
+                                              mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2, spatial_merge_size=2,
+                           out_hidden_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS)
+    return Qwen3VLModel(config).eval()
+
+
+def _qwen3_vl_video_batch(B=4, frames=8, side=32):
+    """Qwen3-VL's video layout: per row some text, then ``frames`` frames, each "<t seconds>" (4 text
+    tokens), vision_start, (side/2)² placeholders, vision_end; then text. Left padding on odd rows."""
+    g = torch.Generator().manual_seed(0)
+    per_frame = (side // 2) ** 2
+    rows = []
+    for b in range(B):
+        row = torch.randint(0, 150000, (20 + b,), generator=g).tolist()
+        for _ in range(frames):
+            row += torch.randint(0, 150000, (4,), generator=g).tolist() + [VS] + [VID] * per_frame + [VE]
+        rows.append(row + torch.randint(0, 150000, (30,), generator=g).tolist())
+    S = max(len(r) for r in rows)
+    ids, mask = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, S - len(row):], mask[b, S - len(row):] = torch.tensor(row), 1
+    return ids, mask, torch.tensor([[frames, side, side]] * B)
+
+
+@pytest.mark.parametrize("impl", ["clinkd", "transformers"])
+def test_rope_index_qwen3_vl_video(benchmark, device, impl):
+    """Qwen3-VL: one grid per frame, timestamp text between frames (``split_video_frames``), gap 1."""
+    ids, mask, grid = (t.to(device) for t in _qwen3_vl_video_batch())
+    B, S = ids.shape
+    benchmark.group = f"mcg_rope_index {device} Qwen3-VL B={B} S={S} 8-frame video/row left-pad"
+    moved = ids.numel() * 8 * (1 + 1 + 3)
+    record(benchmark, floor_s=memory_floor_s(moved, device), bytes=moved, op="mcg_rope_index", impl=impl,
+           device=device, shape=f"B={B},S={S},video=(8,32,32) per frame")
+    model = _hf_qwen3_vl_model()
+    types = 2 * (ids == VID).int()
+    stock = functools.partial(model.get_rope_index, ids, types, video_grid_thw=grid, attention_mask=mask)
+    ours = functools.partial(mcg_rope_index, ids, video_grid_thw=grid, attention_mask=mask, image_token_id=IMG,
+                             video_token_id=VID, vision_start_token_id=VS, modality_gap=1, pad_position=0,
+                             split_video_frames=True)
+    with torch.no_grad():
+        want, got = stock(), ours()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "not the stock Qwen3-VL positions"
+    fn, rounds = (stock, 20) if impl == "transformers" else (ours, 300)
 
     def run():
         fn()

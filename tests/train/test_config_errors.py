@@ -138,16 +138,18 @@ def test_config_errors_name_the_key(run, edit, message):
 def test_presets_are_complete_configs(tmp_path):
     from clinkd.train import parse_config
 
-    assert {"tiny", "clinkd-qwen2-vl-7b", "clinkd-qwen2-vl-7b-rct"} <= set(preset_names())
+    assert {"tiny", "tiny-qwen3-vl", "clinkd-qwen2-vl-7b", "clinkd-qwen2-vl-7b-rct", "clinkd-qwen2.5-vl-7b",
+            "clinkd-qwen3-vl-8b"} <= set(preset_names())
     for name in preset_names():
         mapping = dict(get_preset(name), output_dir=str(tmp_path), data={"train": str(tmp_path / "t.json")})
-        if name.startswith("clinkd-qwen2-vl-7b"):
+        if name.startswith("clinkd-"):
             mapping["models"] = dict(mapping["models"], teacher={"from_pretrained": "a/teacher"})
         parse_config(mapping)
     assert [s.type for s in parse_config(dict(get_preset("clinkd-qwen2-vl-7b-rct"), output_dir=str(tmp_path),
                                               data={"train": "t.json"}, models={"student": {"from_pretrained": "s"},
                                                                                 "teacher": {"from_pretrained": "t"}})
                                          ).stages] == ["kd", "sft", "rct"]
+    assert get_preset("clinkd-qwen3-vl-8b")["models"]["student"]["from_pretrained"] == "Qwen/Qwen3-VL-8B-Instruct"
     assert main(["presets"]) == 0
 
 
