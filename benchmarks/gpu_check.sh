@@ -72,7 +72,12 @@ torch.cuda.synchronize(); print('sanitizer run done')" 2>&1 | tail -5
 
 step "GPU benchmarks: kernels"
 CLINKD_BENCH_DEVICES=cuda timeout 200 "$PY" -m pytest benchmarks/ --ignore=benchmarks/bench_train_step.py \
-  --benchmark-only -q --benchmark-json="$OUT/bench-gpu.json" --benchmark-columns=min,median,rounds 2>&1 | tail -15
+  --ignore=benchmarks/bench_vision.py --benchmark-only -q --benchmark-json="$OUT/bench-gpu.json" --benchmark-columns=min,median,rounds 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "GPU benchmark: the Qwen2-VL-7B vision tower, 4 images of 1024px and 16 of 448px"
+CLINKD_BENCH_DEVICES=cuda timeout 120 "$PY" -m pytest benchmarks/bench_vision.py --benchmark-only -q \
+  --benchmark-json="$OUT/bench-gpu-vision.json" --benchmark-columns=min,median,rounds 2>&1 | tail -10
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "GPU benchmark: ClinKD training step, 2B student / 7B teacher"

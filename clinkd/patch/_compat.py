@@ -8,6 +8,8 @@ A family is a ``*ForConditionalGeneration`` class and its parts, all in one mode
     <P>TextModel.forward                   records the padding mask  (attention=True)
     <T>RotaryEmbedding.forward             hands on position ids     (attention=True)
     <T>Attention.forward                   fused attention           (attention=True)
+    <V>VisionRotaryEmbedding.forward       hands on (h, w) coords    (vision_attention)
+    <V>VisionAttention.forward             fused vision attention    (vision_attention)
 
 (<T> is <P>, or <P>Text for Qwen3-VL.) What differs between the families, as transformers 5.x
 computes it (its modeling files are the spec):
@@ -57,6 +59,8 @@ class Family:
     video: str                  # "frames" | "timed" (Qwen2.5-VL) | "split" (Qwen3-VL): the table above
     mrope_interleaved: bool     # the rotary frequency layout
     default_section: tuple[int, int, int]   # mrope_section when the config does not give one
+    vision_attention: str       # class names in the modeling module: the vision tower's attention
+    vision_rotary: str          # and its 2-D rotary embedding
 
     def modeling(self):
         return importlib.import_module(self.module)
@@ -65,6 +69,10 @@ class Family:
         """part: "ForConditionalGeneration", "Model", "TextModel", "RotaryEmbedding" or "Attention"."""
         prefix = self.text_prefix if part in ("RotaryEmbedding", "Attention") else self.prefix
         return getattr(self.modeling(), f"{prefix}{part}")
+
+    def vision_cls(self, part: str) -> type:
+        """part: "attention" or "rotary"."""
+        return getattr(self.modeling(), self.vision_attention if part == "attention" else self.vision_rotary)
 
     def output_class(self) -> type:
         """The output class the stock causal-LM forward returns (its name changed across versions)."""
@@ -78,11 +86,14 @@ class Family:
 
 FAMILIES = (
     Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", "qwen2_vl", "Qwen2VL",
-           video="frames", mrope_interleaved=False, default_section=(16, 24, 24)),
+           video="frames", mrope_interleaved=False, default_section=(16, 24, 24),
+           vision_attention="VisionAttention", vision_rotary="Qwen2VLVisionRotaryEmbedding"),
     Family("Qwen2.5-VL", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VL", "qwen2_5_vl",
-           "Qwen2_5_VL", video="timed", mrope_interleaved=False, default_section=(16, 24, 24)),
+           "Qwen2_5_VL", video="timed", mrope_interleaved=False, default_section=(16, 24, 24),
+           vision_attention="Qwen2_5_VLVisionAttention", vision_rotary="Qwen2_5_VLVisionRotaryEmbedding"),
     Family("Qwen3-VL", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VL", "qwen3_vl", "Qwen3VLText",
-           video="split", mrope_interleaved=True, default_section=(24, 20, 20)),
+           video="split", mrope_interleaved=True, default_section=(24, 20, 20),
+           vision_attention="Qwen3VLVisionAttention", vision_rotary="Qwen3VLVisionRotaryEmbedding"),
 )
 
 

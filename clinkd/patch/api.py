@@ -9,6 +9,7 @@ Qwen2.5-VL, Qwen3-VL), each by its own position rule and rotary layout.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from .attention import make_attention_forward, make_rotary_forward, make_text_fo
 from .loss import make_lm_forward
 from .positions import (MCGRope, as_mcg_rope, make_compute_3d_position_ids, make_get_rope_index,
                         make_prepare_position_ids_for_generation)
+from .vision import make_vision_attention_forward, make_vision_rotary_forward
 
 _MARK = "_clinkd_patch"
 _BACKENDS = (None, "triton", "cpu", "torch")
@@ -38,6 +40,7 @@ class PatchSettings:
     loss: bool
     backend: str | None
     family: str
+    vision_attention: bool = False
 
 
 @dataclass
@@ -63,13 +66,38 @@ _ABSENT = _Absent()
 _CLASS_PATCHES: dict[type, _Applied] = {}
 
 
-def _settings(family, mcg_rope, attention, loss, backend) -> PatchSettings:
+def _settings(family, mcg_rope, attention, loss, backend, vision_attention, vision_config) -> PatchSettings:
+    """The settings, with ``vision_attention=None`` resolved: on when the tower's config is served."""
     for name, value in (("attention", attention), ("loss", loss)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if vision_attention is not None and not isinstance(vision_attention, bool):
+        raise TypeError(f"vision_attention must be a bool or None (on where the tower is served), got "
+                        f"{type(vision_attention).__name__}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
-    return PatchSettings(as_mcg_rope(mcg_rope), attention, loss, backend, family.name)
+    refusal = None if vision_config is None else _vision_refusal(vision_config, family)
+    if vision_attention is None:
+        vision_attention = vision_config is not None and refusal is None
+    elif vision_attention and refusal is not None:
+        raise ValueError(f"{family.name} vision config: {refusal}; patch with vision_attention=False (or None: "
+                         "fused where served)")
+    return PatchSettings(as_mcg_rope(mcg_rope), attention, loss, backend, family.name, vision_attention)
+
+
+def _vision_refusal(vision_config, family) -> str | None:
+    """Why the fused attention cannot serve this vision tower, or None."""
+    width = getattr(vision_config, "embed_dim", None) if family.name == "Qwen2-VL" else None
+    width = width or vision_config.hidden_size
+    heads = vision_config.num_heads
+    head_dim = width // heads
+    if head_dim not in HEAD_DIMS or head_dim % 4:
+        return (f"head_dim {head_dim} (width {width} / num_heads {heads}) is not one the fused attention takes "
+                f"({', '.join(map(str, HEAD_DIMS))}, and a multiple of 4 for the 2-D rotary)")
+    rope = dict(getattr(vision_config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "axial") != "axial":
+        return f"rope_type {rope.get('rope_type')!r} is not the axial 2-D rotary"
+    return None
 
 
 def _cache_kw(attention_cls: type) -> str:
@@ -112,15 +140,17 @@ def _check_text_config(text_config, family, settings: PatchSettings) -> None:
 
 
 def check_patchable(config, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
-                    backend: str | None = None) -> PatchSettings:
+                    backend: str | None = None, vision_attention: bool | None = None) -> PatchSettings:
     """What ``patch_qwen2_vl(model, **options)`` would refuse for a model with this config, checked on
     the config alone (no model, no weights): ``config`` is a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config (or its text
     config), the keywords are ``patch_qwen2_vl``'s. Raises ValueError for a config the patch cannot serve
     (another model type, mrope sections not summing to head_dim/2, head_dim not in HEAD_DIMS with
-    attention=True, sliding window, attention dropout, dynamic rope) or a bad option value, TypeError for
-    an option of the wrong type. Returns the settings the patch would apply."""
+    attention=True, sliding window, attention dropout, dynamic rope; a vision tower the fused attention
+    cannot serve with vision_attention=True) or a bad option value, TypeError for an option of the wrong
+    type. Returns the settings the patch would apply."""
     family = _compat.family_of_config(config)
-    settings = _settings(family, mcg_rope, attention, loss, backend)
+    settings = _settings(family, mcg_rope, attention, loss, backend, vision_attention,
+                         getattr(config, "vision_config", None))
     _check_text_config(getattr(config, "text_config", config), family, settings)
     return settings
 
@@ -145,6 +175,11 @@ def _replacements(family, settings: PatchSettings, previous):
             previous(rotary, "forward"), mrope_interleaved=family.mrope_interleaved)))
         out.append((attn, "forward", lambda call, wrapped: make_attention_forward(
             call, wrapped, backend=settings.backend, cache_kw=_cache_kw(attn))))
+    if settings.vision_attention:
+        rotary, attn = family.vision_cls("rotary"), family.vision_cls("attention")
+        out.append((rotary, "forward", lambda call, wrapped: make_vision_rotary_forward(previous(rotary, "forward"))))
+        out.append((attn, "forward", lambda call, wrapped: make_vision_attention_forward(
+            call, wrapped, rotary_cls=rotary, backend=settings.backend)))
     if settings.loss:
         out.append((family.cls("ForConditionalGeneration"), "forward", lambda call, wrapped: make_lm_forward(
             call, wrapped, output_class=family.output_class(), backend=settings.backend)))
@@ -156,7 +191,7 @@ def _replacements(family, settings: PatchSettings, previous):
 
 
 def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
-                   backend: str | None = None) -> nn.Module:
+                   backend: str | None = None, vision_attention: bool | None = None) -> nn.Module:
     """Patch one Qwen2-VL, Qwen2.5-VL or Qwen3-VL ``*ForConditionalGeneration`` model in place; returns it.
 
     Args:
@@ -170,10 +205,14 @@ def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = Tr
         loss: with labels, causal-LM cross-entropy by ``linear_kd_loss`` without [tokens × vocab] logits
             (logits only with ``return_logits=True`` or in eval mode).
         backend: kernel backend ("triton", "cpu", "torch"; None = by device / CLINKD_BACKEND).
+        vision_attention: the vision tower's attention on ``mcg_rope_attention`` (packed, non-causal, the
+            2-D rotary in the kernel; Qwen2.5-VL's window layers too). None (default): on where the
+            tower's head_dim is served (Qwen2-VL and Qwen2.5-VL: 80, Qwen3-VL: 72), else off; True: on,
+            ValueError where not served; False: the stock tower.
 
     Raises RuntimeError (transformers outside SUPPORTED_TRANSFORMERS, or already patched), TypeError
     (not a supported model class), ValueError (a config the kernels cannot serve: mrope sections not
-    summing to head_dim/2, head_dim not in {64, 80, 96, 128} with attention=True, sliding window,
+    summing to head_dim/2, head_dim not in {64, 72, 80, 96, 128} with attention=True, sliding window,
     attention dropout, dynamic rope). Undo with ``unpatch_qwen2_vl(model)``.
     """
     _compat.check_transformers_version()
@@ -182,7 +221,7 @@ def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = Tr
         how = "its class was patched" if _MARK not in vars(model) else "it was patched before"
         raise RuntimeError(f"{type(model).__name__} is already patched by clinkd ({how}); "
                            "unpatch it first to change the settings")
-    settings = _settings(family, mcg_rope, attention, loss, backend)
+    settings = _settings(family, mcg_rope, attention, loss, backend, vision_attention, model.config.vision_config)
     _check_text_config(model.config.text_config, family, settings)
 
     changes = []
@@ -241,7 +280,8 @@ def patch_settings(model_or_class) -> PatchSettings | None:
 
 
 def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), attention: bool = True,
-                           loss: bool = True, backend: str | None = None) -> PatchSettings:
+                           loss: bool = True, backend: str | None = None,
+                           vision_attention: bool | None = None) -> PatchSettings:
     """Patch the transformers classes of a family ("Qwen2-VL", "Qwen2.5-VL" or "Qwen3-VL"), so that every model
     created afterwards (``from_pretrained`` included) is patched; same options as ``patch_qwen2_vl``.
     Undo with ``unpatch_qwen2_vl_classes(family)``. RuntimeError if the family is already patched."""
@@ -250,7 +290,11 @@ def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), atte
     top = fam.cls("ForConditionalGeneration")
     if top in _CLASS_PATCHES:
         raise RuntimeError(f"{top.__name__} classes are already patched by clinkd; call unpatch_qwen2_vl_classes first")
-    settings = _settings(fam, mcg_rope, attention, loss, backend)
+    # No model config yet: None patches the vision classes, which serve what they can per call (a tower
+    # whose head_dim the kernel does not take runs its stock attention); True is checked per model built.
+    settings = _settings(fam, mcg_rope, attention, loss, backend, vision_attention, None)
+    if vision_attention is not False:
+        settings = dataclasses.replace(settings, vision_attention=True)
     changes = []
     for cls, name, factory in _replacements(fam, settings, lambda c, n: vars(c)[n]):
         original = vars(cls)[name]
@@ -259,16 +303,18 @@ def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), atte
     applied = _Applied(settings, changes)
     setattr(top, _MARK, applied)
     _CLASS_PATCHES[top] = applied
-    _install_config_check(fam, top, settings)
+    _install_config_check(fam, top, settings, explicit_vision=vision_attention is True)
     return settings
 
 
-def _install_config_check(family, top: type, settings: PatchSettings) -> None:
+def _install_config_check(family, top: type, settings: PatchSettings, explicit_vision: bool = False) -> None:
     """Config errors can only be raised when a model is built: check in ``__init__``."""
     original = vars(top)["__init__"]
 
     def __init__(self, config, *args, **kwargs):
         _check_text_config(config.text_config, family, settings)
+        if explicit_vision:
+            _settings(family, None, False, False, None, True, config.vision_config)  # raises if not served
         original(self, config, *args, **kwargs)
 
     __init__.__wrapped__ = original

@@ -17,7 +17,7 @@ docs/examples/run.yaml is a complete example):
                                       # Missing vocab_size / special token ids come from the tokenizer.
         dtype: float32 | bfloat16 | float16
         patch: {mcg_rope: {modality_gap: 2, vision_stride: 1} | null, attention: true, loss: true,
-                backend: null} | false
+                backend: null, vision_attention: null} | false   # null: the tower fused where served
         id: NAME                      # how the store names the model (default: the path, or a config hash)
       teacher: {same keys}            # required by kd stages; patch defaults to false
     data:
@@ -274,10 +274,13 @@ class ModelSpec:
         if patch is False or patch is None:
             spec.patch = None
         else:
-            patch = dict(_keys(f"{where}.patch", patch, ("mcg_rope", "attention", "loss", "backend")))
+            patch = dict(_keys(f"{where}.patch", patch, ("mcg_rope", "attention", "loss", "backend",
+                                                         "vision_attention")))
             for key in ("attention", "loss"):
                 if key in patch:
                     _bool(f"{where}.patch.{key}", patch[key])
+            if patch.get("vision_attention") is not None:
+                _bool(f"{where}.patch.vision_attention", patch["vision_attention"])
             if patch.get("mcg_rope") is not None and patch.get("mcg_rope") is not True:
                 _keys(f"{where}.patch.mcg_rope", patch["mcg_rope"], ("modality_gap", "vision_stride"))
             spec.patch = patch

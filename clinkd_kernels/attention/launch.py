@@ -38,6 +38,17 @@ CONFIGS = {
         "dq": [(128, 64, 8, 2), (64, 64, 4, 2)],
     },
 }
+# Configs a head dim cannot take without spilling (ptxas of triton 3.8): the autotuner never tries them
+# for that head dim. sm_90 dK/dV at 64x64, 8 warps, 2 stages sits at the 255-register ceiling for every
+# D; D = 72 (its masked 36-column half tiles) tips it over by 8 bytes.
+SPILLING = {(90, "dkdv", 72): {(64, 64, 8, 2)}}
+
+
+def configs_for(kind: str, arch: int, head_dim: int) -> list[tuple[int, int, int, int]]:
+    """The autotune configs of ``kind`` on ``arch`` that ``head_dim`` compiles without spills."""
+    return [c for c in CONFIGS[arch][kind] if c not in SPILLING.get((arch, kind, head_dim), ())]
+
+
 # Fixed blocks in the interpreter. BLOCK_M ≠ BLOCK_N on purpose, so the tests cross the block edges of
 # the outer and inner loops differently; tests may swap them.
 INTERPRETER_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
@@ -69,7 +80,13 @@ def _arch(device: torch.device) -> int:
 def _tuned(kind: str, arch: int):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in CONFIGS[arch][kind]]
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY + _EXTRA_KEY[kind])(_KERNELS[kind])
+
+    def prune(configs, named_args, **kwargs):
+        allowed = set(configs_for(kind, arch, kwargs["HEAD_DIM"]))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY + _EXTRA_KEY[kind],
+                           prune_configs_by={"early_config_prune": prune})(_KERNELS[kind])
 
 
 def _launch(kind: str, grid_rows: int, n_programs_1: int, batch: int, args: tuple, meta: dict) -> None:
@@ -165,8 +182,9 @@ def _attn_signature(kind: str, dtype) -> dict:
 def aot_specs() -> list[KernelSpec]:
     """Compile specs: every autotune config of each arch (``spec.archs``) for bf16, D=128, causal, packed;
     the first config of each arch again for fp16, D=80 (half tile padded 40 → 64) with a padding mask,
-    non-causal, and (forward) with K pre-rotated; the element-wise passes (backward prep and finish)
-    for both archs."""
+    non-causal; for bf16, D=80 and D=72, non-causal, packed (the vision towers of Qwen2-VL / Qwen2.5-VL and
+    of Qwen3-VL); and
+    (forward) with K pre-rotated; the element-wise passes (backward prep and finish) for both archs."""
     specs = []
     for kind, fn in _KERNELS.items():
         for arch in (80, 90):
@@ -174,8 +192,11 @@ def aot_specs() -> list[KernelSpec]:
                 variants = [(128, torch.bfloat16, True, False, True, False)]
                 if i == 0:
                     variants.append((80, torch.float16, False, True, False, False))
+                    variants.append((80, torch.bfloat16, False, False, True, False))  # vision towers:
                     if kind == "fwd":
                         variants.append((128, torch.bfloat16, True, False, True, True))
+                if (bm, bn, w, s) == configs_for(kind, arch, 72)[0]:  # Qwen3-VL's: its first allowed config
+                    variants.append((72, torch.bfloat16, False, False, True, False))
                 for d, dtype, causal, has_mask, varlen, k_rotated in variants:
                     consts = {"HEAD_DIM": d, "HALF_PAD": triton.next_power_of_2(d // 2),
                               "D_PAD": triton.next_power_of_2(d), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal,
@@ -187,7 +208,7 @@ def aot_specs() -> list[KernelSpec]:
                     specs.append(KernelSpec(
                         fn, _attn_signature(kind, dtype), consts, num_warps=w, num_stages=s, archs=(arch,),
                         label=f"sm{arch} {kind} D={d} {str(dtype)[6:]} {form} BM={bm} BN={bn} w={w} s={s}"))
-    for d, dtype in ((128, torch.bfloat16), (80, torch.float16)):
+    for d, dtype in ((128, torch.bfloat16), (80, torch.float16), (72, torch.bfloat16)):
         half, dpad = triton.next_power_of_2(d // 2), triton.next_power_of_2(d)
         for kind, fn, consts in (("prep", mcg_attn_bwd_prep_kernel, {"D_PAD": dpad}),
                                  ("finish", mcg_attn_bwd_finish_kernel, {})):

@@ -4,7 +4,7 @@ Contract (docs/api.md):
     padded: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] (≠0 keep, 0 pad) → [B,S,Hq,D]
     packed: q [T,Hq,D],   k/v [T,Hkv,D],   position_ids [3,T],   cu_seqlens int32 [B+1]             → [T,Hq,D]
     out = softmax(rope(q)·rope(k)ᵀ·scale + masks)·v, rope = M-RoPE with angles position·inv_freq (fp32);
-    Hq % Hkv == 0, D ∈ {64, 80, 96, 128}; gradients for the pre-rotary q, k and for v; the rotary layout
+    Hq % Hkv == 0, D ∈ {64, 72, 80, 96, 128}; gradients for the pre-rotary q, k and for v; the rotary layout
     (contiguous or interleaved sections) reaches the kernels as an int32 [D/2] axis vector.
 
 The Triton path works on flattened tokens (T_total = B·S or T); the two custom ops
@@ -24,7 +24,7 @@ from .._dispatch import resolve_backend, triton_interpret
 from .._validation import FLOAT_DTYPES, check_int, check_positive_float, check_same_device, check_shape, check_tensor
 from ..rope.layout import axis_tensor, check_mrope_layout
 
-HEAD_DIMS = (64, 80, 96, 128)
+HEAD_DIMS = (64, 72, 80, 96, 128)  # 72: Qwen3-VL's vision tower (half tile padded 36 → 64)
 _INT_DTYPES = (torch.int32, torch.int64)
 _QKV_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: "cpu" and "torch" backends only
 _MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
@@ -223,7 +223,7 @@ def mcg_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     inv_freq [D/2] (used in fp32), mrope_section (s_t, s_h, s_w) summing to D/2, in three contiguous
     blocks (Qwen2-VL, Qwen2.5-VL) or interleaved t h w t h w … (``mrope_interleaved=True``, Qwen3-VL);
     Hq % Hkv == 0 (GQA);
-    D ∈ {64, 80, 96, 128}; softmax_scale defaults to 1/sqrt(D).
+    D ∈ {64, 72, 80, 96, 128}; softmax_scale defaults to 1/sqrt(D).
 
     Equals ``apply_mrope`` followed by ``softmax(QKᵀ·scale + masks)·V``; differentiable in q, k, v.
     backend: "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1), "cpu" (rotation + SDPA) or "torch"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-SECTIONS = {64: (8, 12, 12), 80: (8, 16, 16), 96: (12, 18, 18), 128: (16, 24, 24)}
+SECTIONS = {64: (8, 12, 12), 72: (0, 18, 18), 80: (8, 16, 16), 96: (12, 18, 18), 128: (16, 24, 24)}
 
 
 def inv_freq(d: int, base: float = 1e6) -> torch.Tensor:

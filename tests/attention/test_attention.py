@@ -3,7 +3,8 @@
 Every case checks out, dq, dk, dv with the rule of tests/numerics.py; the baseline is the same reference run in
 the input dtype. Cases are hand-picked to cover, between them: causal and not, GQA ratios 1/4/7,
 S ∈ {1, 17, 129} (not multiples of the blocks), left and right padding, packed batches of unequal
-lengths (one empty), D ∈ {64, 80, 96, 128}, text-only and image-run positions.
+lengths (one empty), D ∈ {64, 72, 80, 96, 128} (72 and 80 also as non-causal packed vision layers),
+text-only and image-run positions.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ CASES = [
     ("fp16-causal-packed-gqa4-d128-image", "fp16", True, dict(lengths=[1, 17, 50], hq=4, hkv=1, d=128, pos="image")),
     ("fp32-full-packed-mha-d64-empty-seq", "fp32", False, dict(lengths=[33, 0, 9], hq=3, hkv=3, d=64)),
     ("fp32-causal-packed-gqa4-S129-d80-image", "fp32", True, dict(lengths=[129, 20], hq=4, hkv=1, d=80, pos="image")),
+    # a vision tower's layer: not causal, packed per image, D = 72 (Qwen3-VL's, half tile padded 36 → 64)
+    ("fp32-full-packed-mha-d72-image", "fp32", False, dict(lengths=[40, 7, 65], hq=2, hkv=2, d=72, pos="image")),
+    ("fp16-full-packed-mha-d80-image", "fp16", False, dict(lengths=[64, 33], hq=2, hkv=2, d=80, pos="image")),
 ]
 
 
@@ -164,7 +168,7 @@ def test_softmax_scale_and_max_seqlen(interpreter):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("d", [64, 72, 80, 96, 128])
 def test_bf16_cuda(causal, d):
     """bf16 on a GPU (the interpreter cannot multiply bf16): padded with left padding, and packed."""
     device = torch.device("cuda")

@@ -39,3 +39,14 @@ def test_tensor_core_instructions(reports):
             assert r.hgmma > 0, f"{r.config}: no HGMMA in the sm_90 SASS"
         else:
             assert r.hmma > 0, f"{r.config}: no HMMA in the sm_80 SASS"
+
+
+def test_the_autotuner_never_tries_a_config_that_spills_for_the_head_dim():
+    from clinkd_kernels.attention import launch
+
+    for (arch, kind, head_dim), spilling in launch.SPILLING.items():
+        tuned = launch._tuned(kind, arch)
+        kept = tuned.early_config_prune(tuned.configs, {}, HEAD_DIM=head_dim)
+        got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        assert got and not got & spilling and got | spilling == set(launch.CONFIGS[arch][kind])
+        assert len(tuned.early_config_prune(tuned.configs, {}, HEAD_DIM=128)) == len(launch.CONFIGS[arch][kind])

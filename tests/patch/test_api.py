@@ -114,7 +114,7 @@ def test_check_patchable_on_a_config_alone():
     assert check_patchable(qwen2_vl_config().text_config, mcg_rope=None).mcg_rope is None
     small = qwen2_vl_config(hidden_size=128, num_attention_heads=8, num_key_value_heads=4,  # head_dim 16
                             rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]))
-    with pytest.raises(ValueError, match=r"supports head_dim in \(64, 80, 96, 128\), this model has 16; "
+    with pytest.raises(ValueError, match=r"supports head_dim in \(64, 72, 80, 96, 128\), this model has 16; "
                                          "patch with attention=False"):
         check_patchable(small)
     assert not check_patchable(small, attention=False).attention

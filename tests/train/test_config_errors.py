@@ -86,7 +86,7 @@ def test_teacher_vocabulary_smaller_than_the_students(run, capsys, no_training):
 
 def test_patch_the_model_cannot_take(run, capsys, no_training):
     folder, config, _ = run
-    _fails(capsys, config, "supports head_dim in (64, 80, 96, 128), this model has 16",
+    _fails(capsys, config, "supports head_dim in (64, 72, 80, 96, 128), this model has 16",
            "--set", "models.student.patch.attention=true")
 
 
