@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
+BACKENDS = ("triton", "cuda", "cpu", "portable", "torch")
 
 
 def triton_interpret() -> bool:
@@ -63,7 +63,7 @@ def extension_has_cuda() -> bool:
 
 def _why_unavailable(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on ``device``; else the reason it cannot."""
-    if backend == "torch":
+    if backend in ("torch", "portable"):  # PyTorch ops: any device
         return None
     if backend == "triton":
         if not triton_available():

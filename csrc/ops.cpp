@@ -3,15 +3,23 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "loss/kd_rows.h"
 #include "topk/topk.h"
 
 TORCH_LIBRARY_FRAGMENT(clinkd, m) {
   m.def(
       "topk_pseudo_labels_ext(Tensor logits, int k, float temperature) -> "
       "(Tensor indices, Tensor logprobs, Tensor lse, Tensor margin, Tensor residual)");
+  m.def(
+      "kd_rows_ext(Tensor z, Tensor labels, Tensor? teacher_logits, Tensor? topk_indices, Tensor? topk_logprobs, "
+      "Tensor? topk_residual, float inv_temperature, int ignore_index, Tensor coef_kd, Tensor coef_ce, "
+      "Tensor(a!) kd_out, Tensor(b!) ce_out, Tensor(c!)? grad_out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(clinkd, CPU, m) { m.impl("topk_pseudo_labels_ext", &clinkd::topk_pseudo_labels_cpu); }
+TORCH_LIBRARY_IMPL(clinkd, CPU, m) {
+  m.impl("topk_pseudo_labels_ext", &clinkd::topk_pseudo_labels_cpu);
+  m.impl("kd_rows_ext", &clinkd::kd_rows_cpu);
+}
 
 #ifdef CLINKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(clinkd, CUDA, m) { m.impl("topk_pseudo_labels_ext", &clinkd::topk_pseudo_labels_cuda); }

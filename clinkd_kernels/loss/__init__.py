@@ -6,7 +6,8 @@ Reading order: ``reference.py`` (the math and every reduction, in plain PyTorch:
 of each backend), ``checks.py`` (the argument checks), ``op.py`` (``kd_loss``: public function,
 custom op, autograd), ``linear_op.py`` (``linear_kd_loss``: the chunk loop over the lm_head, its custom
 ops and autograd), ``kernels.py`` (the Triton row kernel: both softmax passes and the gradient),
-``launch.py`` (its launcher and ahead-of-time compile specs), ``cpu.py`` (the CPU row path).
+``launch.py`` (its launcher and ahead-of-time compile specs), ``cpu.py`` (the CPU rows: the C++ kernel of
+csrc/loss/), ``portable.py`` (the rows in PyTorch, any device).
 """
 
 from .linear_op import linear_kd_loss

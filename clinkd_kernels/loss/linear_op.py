@@ -61,22 +61,29 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, dtype: tor
 _ADDMM_OUT_DTYPE_OK: dict = {}  # device type → whether addmm(out_dtype=fp32, out=acc) works there
 
 
-def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """acc [V, Hd] += dlogitsᵀ h, with acc in fp32 and dlogits, h possibly fp16/bf16."""
+def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, *, first: bool) -> None:
+    """acc [V, Hd] += dlogitsᵀ h (``first``: acc = dlogitsᵀ h, whatever acc held), with acc in fp32 and
+    dlogits, h possibly fp16/bf16. The first chunk writes the accumulator (beta = 0 ignores its contents,
+    NaN included), so it is never zero-filled: that fill was a tenth of the CPU loss at Qwen's V."""
+    beta = 0.0 if first else 1.0
     if dlogits.dtype == acc.dtype:
-        acc.addmm_(dlogits.t(), h)
+        acc.addmm_(dlogits.t(), h, beta=beta)
         return
     key = acc.device.type
     if _ADDMM_OUT_DTYPE_OK.get(key, key == "cuda"):
         try:  # cuBLAS accumulates the low-precision product straight into fp32
-            torch.addmm(acc, dlogits.t(), h, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, dlogits.t(), h, beta=beta, out_dtype=acc.dtype, out=acc)
             _ADDMM_OUT_DTYPE_OK[key] = True
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _ADDMM_OUT_DTYPE_OK[key] = False
     step = 8192  # vocabulary slices bound the low-precision temporary
     for a in range(0, acc.shape[0], step):
-        acc[a:a + step].add_(dlogits[:, a:a + step].t() @ h)
+        part = dlogits[:, a:a + step].t() @ h
+        if first:
+            acc[a:a + step].copy_(part)
+        else:
+            acc[a:a + step].add_(part)
 
 
 def _weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -94,8 +101,10 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     need_grad = grad_hidden or grad_weight or grad_bias
     gh = empty_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None
     acc_w = _weight_grad_dtype(weight)
-    gw = torch.zeros(weight.shape, dtype=acc_w, device=weight.device) if grad_weight else None
-    gb = torch.zeros(vocab, dtype=acc_w, device=weight.device) if grad_bias else None
+    # Accumulators the first chunk writes (no zero fill); zeros only when there is no chunk at all.
+    make = torch.zeros if n == 0 else empty_output
+    gw = make(weight.shape, dtype=acc_w, device=weight.device) if grad_weight else None
+    gb = make((vocab,), dtype=acc_w, device=weight.device) if grad_bias else None
     tw = None if t_weight is None else t_weight[:vocab]
     tb = None if t_bias is None else t_bias[:vocab]
     for a in range(0, n, chunk):
@@ -114,9 +123,12 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
         if grad_hidden:
             torch.mm(logits, weight, out=gh[a:b])
         if grad_weight:
-            _accumulate_wgrad(gw, logits, h)
+            _accumulate_wgrad(gw, logits, h, first=a == 0)
         if grad_bias:
-            gb.add_(logits.sum(0, dtype=acc_w))
+            if a == 0:
+                torch.sum(logits, 0, dtype=acc_w, out=gb)
+            else:
+                gb.add_(logits.sum(0, dtype=acc_w))
         del logits
     return kd_rows, ce_rows, gh, gw, gb
 
@@ -293,7 +305,7 @@ def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """``kd_loss`` of the lm_head logits hidden·Wᵀ + b, computed chunk by chunk (no [N, V] logits).
 
     Args:
-        hidden: [N, Hd] student hidden states (fp32/fp16/bf16; fp64 on "cpu"/"torch").
+        hidden: [N, Hd] student hidden states (fp32/fp16/bf16; fp64 on "cpu"/"portable"/"torch").
         weight: [V, Hd] student lm_head weight, same dtype and device; bias: [V] or None.
         labels: [N] targets (already shifted), ``ignore_index`` marks rows without loss.
         teacher_hidden: [N, Hd_t] and teacher_weight: [V_t, Hd_t] (V_t >= V, rows beyond V unused),
@@ -322,7 +334,7 @@ def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         chunk_size = default_chunk_size(n, vocab, hidden.device, hidden.dtype)
     check_int("chunk_size", chunk_size, low=1)
 
-    backend = resolve_backend("linear_kd_loss", backend, hidden.device, BACKENDS)
+    backend = resolve_backend("linear_kd_loss", backend, hidden.device, BACKENDS, needs_extension_on_cpu=True)
     topk = (None, None, None) if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
     if backend == "torch":
         teacher_logits = None

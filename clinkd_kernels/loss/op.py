@@ -117,7 +117,7 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
     """Distillation loss (α·KD + β·CE)/(α + β) of student logits against a dense or top-k teacher.
 
     Args:
-        student_logits: [N, V] fp32/fp16/bf16 (fp64 on the "cpu"/"torch" backends). ``-inf`` entries
+        student_logits: [N, V] fp32/fp16/bf16 (fp64 on the "cpu"/"portable"/"torch" backends). ``-inf`` entries
             are allowed (masked vocabulary) as long as each valid row has a finite one. ``+inf`` entries
             make that row's softmax undefined: its loss and gradient are NaN.
         labels: [N] int64/int32 targets (already shifted by the caller); ``ignore_index`` marks rows
@@ -135,7 +135,8 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
             buffer (saves one [N, V] tensor). ``student_logits`` then holds the gradient and must not be
             used again; autograd raises if another op saved it for backward. Needs a contiguous tensor
             and eager mode (not torch.compile).
-        backend: "triton" | "cpu" | "torch" (default: triton on CUDA, cpu on CPU; or CLINKD_BACKEND).
+        backend: "triton" | "cpu" (C++ rows) | "portable" (chunked PyTorch rows, any device) | "torch" (the
+            reference) (default: triton on CUDA, cpu on CPU; or CLINKD_BACKEND).
 
     Returns:
         loss ([] fp32, or [N] for "none"), or (loss, kd, ce) with ``return_components``. Gradients flow
@@ -151,11 +152,11 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
     if teacher_logits is not None:
         checks.check_logits("teacher_logits", teacher_logits, n_rows=n, student_vocab=vocab,
                             ref_name="student_logits", ref=student_logits)
-    backend = resolve_backend("kd_loss", backend, student_logits.device, BACKENDS)
+    backend = resolve_backend("kd_loss", backend, student_logits.device, BACKENDS, needs_extension_on_cpu=True)
     topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
     if backend == "torch":
         if inplace_grad:
-            raise ValueError("inplace_grad needs the 'triton' or 'cpu' backend, not 'torch'")
+            raise ValueError("inplace_grad needs the 'triton', 'cpu' or 'portable' backend, not 'torch'")
         checks.check_values(labels, vocab, ignore_index, token_weights, topk, teacher_logits)
         return kd_loss_reference(student_logits, labels, teacher_logits=teacher_logits, teacher=teacher,
                                  temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,

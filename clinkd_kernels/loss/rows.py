@@ -1,7 +1,8 @@
 """The per-row contract ``kd_loss`` and ``linear_kd_loss`` share: the options, the row function of each
 backend, the reduction coefficients and the assembly of the loss.
 
-Every implementation (Triton kernel: ``launch.kd_rows_triton``; CPU path: ``cpu.kd_rows_cpu``) computes
+Every implementation (Triton kernel: ``launch.kd_rows_triton``; C++ CPU kernel: ``cpu.kd_rows_cpu``;
+PyTorch on any device: ``portable.kd_rows_portable``) computes
 per row only the raw KD_i and CE_i and the gradient of  coef_kd_i·KD_i + coef_ce_i·CE_i  w.r.t. the
 row's logits, with one signature:
 
@@ -46,7 +47,7 @@ def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-BACKENDS = ("triton", "cpu", "torch")
+BACKENDS = ("triton", "cpu", "portable", "torch")
 
 
 def topk_fields(indices, logprobs, residual):
@@ -55,14 +56,18 @@ def topk_fields(indices, logprobs, residual):
 
 
 def rows_function(backend: str):
-    """The row function of "triton" or "cpu" (the Triton kernel's module is imported only when used)."""
+    """The row function of "triton", "cpu" or "portable" (each module is imported only when used)."""
     if backend == "triton":
         from .launch import kd_rows_triton
 
         return kd_rows_triton
-    from .cpu import kd_rows_cpu
+    if backend == "cpu":
+        from .cpu import kd_rows_cpu
 
-    return kd_rows_cpu
+        return kd_rows_cpu
+    from .portable import kd_rows_portable
+
+    return kd_rows_portable
 
 
 def coefficients(labels: torch.Tensor, token_weights, *, ignore_index: int, temperature: float, alpha: float,

@@ -27,7 +27,7 @@ def _teacher(kind, n, vocab, temperature, device, *, k=11, scale=2.0, extra_cols
     return {"teacher": pseudo_labels(t, k, temperature, vocab)}
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -43,7 +43,7 @@ def test_matches_reference_fp32(backend, teacher, temperature, reduction, reques
                   what=f"{backend} {teacher} T={temperature} {reduction}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_matches_reference_fp16(backend, teacher, reduction, request):
@@ -57,7 +57,7 @@ def test_matches_reference_fp16(backend, teacher, reduction, request):
                   what=f"{backend} fp16 {teacher} {reduction}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_kd_only_beta_zero(backend, teacher, request):
     dev = device_for(backend, request)
@@ -67,7 +67,7 @@ def test_kd_only_beta_zero(backend, teacher, request):
                   dict(temperature=2.0, alpha=1.0, beta=0.0), what=f"{backend} beta=0")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_ce_only_without_teacher(backend, request):
     dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
@@ -77,7 +77,7 @@ def test_ce_only_without_teacher(backend, request):
     assert abs(loss.item() - ce.item()) < 1e-5 * max(1.0, abs(ce.item()))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("k", [1, 2, 64, 256])
 @pytest.mark.parametrize("mass", ["residual~0", "flat"])
 def test_sparse_topk_sizes_and_residual_extremes(backend, k, mass, request):
@@ -104,7 +104,7 @@ def test_sparse_topk_sizes_and_residual_extremes(backend, k, mass, request):
                   what=f"{backend} k={k} {mass}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_sparse_student_mass_all_on_topk(backend, request):
     """The student puts all but ~e^-40 of its mass on the teacher's top k (Σ q_idx → 1): the residual
     bucket's log(1 − Σ q_idx) must come out right, not from a cancelling 1 − Σ."""
@@ -119,7 +119,7 @@ def test_sparse_student_mass_all_on_topk(backend, request):
                   what=f"{backend} Σq_idx→1")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_negative_infinite_student_logits(backend, teacher, request):
     """-inf student logits (masked vocabulary): a whole 128-wide tile, scattered columns, the last column.
@@ -140,7 +140,7 @@ def test_negative_infinite_student_logits(backend, teacher, request):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_teacher_mass_on_masked_student_column_is_infinite(backend, grad, request):
     """Documented behaviour: KL is +inf when the teacher gives mass where the student has -inf (also when
     the gradient is computed in the same pass)."""
@@ -155,7 +155,7 @@ def test_teacher_mass_on_masked_student_column_is_infinite(backend, grad, reques
     assert torch.isfinite(ce).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_all_rows_ignored(backend, reduction, teacher, request):
@@ -172,7 +172,7 @@ def test_all_rows_ignored(backend, reduction, teacher, request):
     assert torch.isfinite(z.grad).all() and (z.grad == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_zero_token_weights_drop_kd(backend, request):
     """All token weights 0 under "mean": the KD part is 0 (not 0/0) and the loss is β·CE/(α+β)."""
     dev = device_for(backend, request)
@@ -182,7 +182,7 @@ def test_zero_token_weights_drop_kd(backend, request):
                   dict(token_weights=torch.zeros(N, device=dev)), what=f"{backend} w=0")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_inplace_grad_overwrites_logits(backend, teacher, dtype, request):
@@ -212,7 +212,7 @@ def test_inplace_grad_refuses_saved_logits():
         loss.backward()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_no_grad_needed_skips_gradient(backend, request):
     dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
@@ -247,7 +247,7 @@ def test_cpu_path_in_float64():
                   dict(temperature=0.5, reduction="sum"), what="cpu fp64")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_sparse_k_equals_vocab(backend, request):
     """k = V: no column is left for the residual bucket; a rounding residual > 0 must not make KD infinite."""
     dev = device_for(backend, request)

@@ -38,7 +38,7 @@ def _teacher(kind, dev, temperature, dtype=torch.float32, *, teacher_bias=True):
     return {"teacher": pseudo_labels(logits, 13, temperature, V)}
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference_fp32(backend, teacher, reduction, request):
@@ -50,7 +50,7 @@ def test_matches_reference_fp32(backend, teacher, reduction, request):
                  _teacher(teacher, dev, 0.5), opts, what=f"{backend} {teacher} {reduction}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_temperatures_no_bias(backend, temperature, request):
     dev = device_for(backend, request)
@@ -60,7 +60,7 @@ def test_temperatures_no_bias(backend, temperature, request):
                  dict(temperature=temperature, chunk_size=8), what=f"{backend} T={temperature} no bias")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_matches_reference_fp16(backend, teacher, request):
     dev = device_for(backend, request)
@@ -70,7 +70,7 @@ def test_matches_reference_fp16(backend, teacher, request):
                  what=f"{backend} fp16 {teacher}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_kd_only_default_chunk(backend, request):
     """beta = 0 and the default chunk size (one chunk at this size)."""
     dev = device_for(backend, request)
@@ -79,7 +79,7 @@ def test_kd_only_default_chunk(backend, request):
                  _teacher("sparse", dev, 1.0), dict(alpha=1.0, beta=0.0), what=f"{backend} beta=0")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_all_rows_ignored(backend, reduction, request):
     dev = device_for(backend, request)
@@ -93,7 +93,7 @@ def test_all_rows_ignored(backend, reduction, request):
         assert torch.isfinite(x).all() and (x == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_only_weight_needs_grad(backend, request):
     """Frozen hidden states and bias (e.g. tuning the lm_head alone): only grad_W is made, and it is right."""
     dev = device_for(backend, request)

@@ -53,7 +53,7 @@ QUIET = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWar
 def small_blocks(monkeypatch):
     """Vocabulary tiles of 128 columns, so V = 301 spans three tiles with a ragged last one; the PyTorch
     row path works through 7 rows at a time at V = 301 (ragged last block too)."""
-    import clinkd_kernels.loss.cpu as cpu
+    import clinkd_kernels.loss.portable as cpu
     import clinkd_kernels.loss.launch as launch
 
     monkeypatch.setattr(launch, "MAX_BLOCK_V", 128)

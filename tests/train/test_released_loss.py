@@ -49,7 +49,7 @@ def test_released_total(backend, kd_only, request):
     assert_close("released grad", ours_in.grad, z64.grad, zb.grad)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_released_linear_matches_logits_form(backend, request):
     """The lm_head-fused preset equals the formula on the full logits hidden·Wᵀ, components included."""
     dev = request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
