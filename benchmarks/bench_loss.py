@@ -6,13 +6,22 @@ Implementations, side by side per shape:
                    the chunked PyTorch path on CPU)
 * ``clinkd-topk``  the same with top-64 pseudo-labels instead of the teacher's lm_head
 * ``naive``        what a trainer writes: full student and teacher logits, F.kl_div + F.cross_entropy
-* ``liger``        Liger-Kernel's chunked LigerFusedLinearJSDLoss (skipped unless importable). Its JSD
-                   with beta = 1 is KL(teacher ‖ student) in the versions we read; the shape of the work
-                   (chunked lm_head + full-vocabulary softmaxes) is what is compared.
+* ``compiled``     ``torch.compile`` of ``naive`` (the plain formula, fused by Inductor)
+* ``liger``        Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (skipped unless importable) with
+                   beta = 0, which in Liger is the forward KL(teacher ‖ student) — ours; beta = 1 is the
+                   reverse KL(student ‖ teacher), a different loss. Weights mapped: weight_soft_loss =
+                   α/(α+β), weight_hard_loss = β/(α+β); its hard loss is the CE at T = 1, as ours.
+
+Every peer's loss is asserted equal to clinkd's on the same inputs (relative 1e-4 in fp32, 3e-2 in
+bf16) before it is timed; ``clinkd-topk`` distils from a sparse teacher, a different value on purpose.
+CE only (α = 0, ``test_linear_ce_loss``): clinkd's ``linear_kd_loss`` vs ``naive`` F.cross_entropy on
+full logits, its ``compiled`` form and Cut Cross-Entropy's ``linear_cross_entropy`` (``cce``: its Triton
+kernel on CUDA; on CPU its ``torch_compile`` implementation, as it labels it).
 
 Shapes: Liger's distillation benchmark (N=8192, Hd=2048, teacher Hd=4096, V=128256) and Qwen2-VL
-2B-student / 7B-teacher (Hd=1536, teacher Hd=3584, V=151936) in bf16 on CUDA; a scaled-down fp32
-shape on CPU. Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
+2B-student / 7B-teacher (Hd=1536, teacher Hd=3584, V=151936) in bf16 on CUDA; on CPU in fp32 a small
+shape (N=512, Hd=256, teacher Hd=512, V=16384) and the Qwen2-VL vocabulary with fewer tokens (N=128,
+Hd=1536, teacher Hd=3584, V=151936). Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
 matmuls, teacher forward) at the device's measured matmul rate. ``extra_info["peak_bytes"]``: the most
 memory one forward+backward held above its inputs (CUDA: max_memory_allocated; CPU: the peak-RSS
 counter reset before the run, see benchmarks/memory.py).
@@ -35,11 +44,12 @@ from clinkd_kernels.topk import PseudoLabels
 T, ALPHA, BETA = 0.5, 0.5, 1.0
 SHAPES = {
     # name: (N, Hd, Hd_t, V, dtype)
-    "cpu": [("cpu-small", 512, 256, 512, 16384, torch.float32)],
+    "cpu": [("cpu-small", 512, 256, 512, 16384, torch.float32),
+            ("cpu-qwen2vl", 128, 1536, 3584, 151936, torch.float32)],
     "cuda": [("liger", 8192, 2048, 4096, 128256, torch.bfloat16),
              ("qwen2vl-2b/7b", 8192, 1536, 3584, 151936, torch.bfloat16)],
 }
-IMPLS = ["clinkd", "clinkd-topk", "naive", "liger"]
+IMPLS = ["clinkd", "clinkd-topk", "naive", "compiled", "liger"]
 
 
 def naive_loss(hidden, weight, labels, th, tw):
@@ -68,10 +78,20 @@ def _topk_from_teacher(th, tw, vocab, k=64, rows=1024):
     return PseudoLabels(idx, lp, zeros, zeros, res)
 
 
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """torch.compile of a plain formula, made once per process (its compile is the warm-up's)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
 def _liger_fn():
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
     loss_fn = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=BETA / (ALPHA + BETA),
-                                              weight_soft_loss=ALPHA / (ALPHA + BETA), beta=1.0, temperature=T)
+                                              weight_soft_loss=ALPHA / (ALPHA + BETA), beta=0.0, temperature=T)
 
     def run(hidden, weight, labels, th, tw):
         tw = tw[: weight.shape[0]]
@@ -109,9 +129,16 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
                                          alpha=ALPHA, beta=BETA)
     elif impl == "naive":
         loss_fn = lambda: naive_loss(hidden, weight, labels, th, tw)  # noqa: E731
+    elif impl == "compiled":
+        compiled = _compiled(naive_loss)
+        loss_fn = lambda: compiled(hidden, weight, labels, th, tw)  # noqa: E731
     else:
         liger = _liger_fn()
         loss_fn = lambda: liger(hidden, weight, labels, th, tw)  # noqa: E731
+    if impl not in ("clinkd", "clinkd-topk"):  # a peer must compute clinkd's loss on these inputs
+        _check_same_value(impl, loss_fn, lambda: linear_kd_loss(hidden, weight, labels, teacher_hidden=th,
+                                                                teacher_weight=tw, temperature=T, alpha=ALPHA,
+                                                                beta=BETA), dtype)
 
     def run():
         hidden.grad = weight.grad = None
@@ -128,4 +155,59 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,
            device=device, shape=f"N={n},Hd={hd},Hd_t={hd_t},V={vocab}", peak_bytes=peak,
            peak_gib=None if peak is None else round(peak / 2**30, 3))
-    benchmark.pedantic(run, rounds=9 if device == "cpu" else 10, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 5) if device == "cpu" else 10, warmup_rounds=0,
+                       iterations=1)
+
+
+def _check_same_value(impl, peer, ours, dtype):
+    with torch.no_grad():
+        got, want = float(peer()), float(ours())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert abs(got - want) <= tol * abs(want), f"{impl} computes {got} where clinkd computes {want}: another loss"
+
+
+def naive_ce(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("shape_index", [0, 1])
+@pytest.mark.parametrize("impl", ["clinkd", "naive", "compiled", "cce"])
+def test_linear_ce_loss(benchmark, device, impl, shape_index):
+    """Cross-entropy alone through the lm_head (α = 0): the case Cut Cross-Entropy is built for."""
+    if shape_index >= len(SHAPES[device]):
+        pytest.skip("no such shape on this device")
+    name, n, hd, _, vocab, dtype = SHAPES[device][shape_index]
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, hd, device=device, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.randn(vocab, hd, device=device, dtype=dtype, generator=g) * hd ** -0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device=device, generator=g)
+    labels[::9] = -100
+    ours = lambda: linear_kd_loss(hidden, weight, labels, alpha=0.0, beta=1.0)  # noqa: E731
+    if impl == "clinkd":
+        loss_fn = ours
+    elif impl == "naive":
+        loss_fn = lambda: naive_ce(hidden, weight, labels)  # noqa: E731
+    elif impl == "compiled":
+        compiled = _compiled(naive_ce)
+        loss_fn = lambda: compiled(hidden, weight, labels)  # noqa: E731
+    else:
+        cce = pytest.importorskip("cut_cross_entropy")
+        how = "cce" if device == "cuda" else "torch_compile"  # its Triton kernel needs CUDA
+        loss_fn = lambda: cce.linear_cross_entropy(hidden, weight, labels, impl=how)  # noqa: E731
+    if impl != "clinkd":
+        _check_same_value(impl, loss_fn, ours, dtype)
+
+    def run():
+        hidden.grad = weight.grad = None
+        loss_fn().backward()
+        sync(device)
+
+    flops = 2 * n * vocab * 3 * hd
+    run()
+    peak = peak_bytes(run, device)
+    benchmark.group = f"linear_ce_loss {device} {name} N={n} Hd={hd} V={vocab} {str(dtype).replace('torch.', '')} fwd+bwd"
+    record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_ce_loss",
+           impl=impl if impl != "cce" or device == "cuda" else "cce-torch_compile", device=device,
+           shape=f"N={n},Hd={hd},V={vocab}", peak_bytes=peak, peak_gib=None if peak is None else round(peak / 2**30, 3))
+    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 5) if device == "cpu" else 10, warmup_rounds=0,
+                       iterations=1)

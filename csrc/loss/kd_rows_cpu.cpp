@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "../cpu_math.h"
@@ -37,144 +36,120 @@ constexpr int64_t kBlock = 64;
 template <typename acc_t>
 constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
-template <typename acc_t>
-inline acc_t exp_le0(acc_t x) {  // exp(x) for x <= 0 (-inf → 0)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return exp_nonpositive(x);
-  } else {
-    return std::exp(x);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
-// The passes, as inline templates; the fp32 instantiations are compiled per CPU target below.
+// The passes. One body (a macro) is defined twice: for fp32 as functions compiled per CPU target
+// (CLINKD_CPU_CLONES) around the vectorisable exp_nonpositive, for fp64 with std::exp. (The simd loops
+// are plain functions, not templates: GCC vectorises an `omp simd` reduction inside a target clone,
+// not one inlined into it from a template, which ran 4-8x slower here.)
 
+#define CLINKD_ROW_PASSES(T, EXP, ATTR, SUFFIX)                                                              \
+  ATTR T row_max_##SUFFIX(const T* x, int64_t n, int* bad) {                                                \
+    constexpr T inf = std::numeric_limits<T>::infinity();                                                   \
+    T m = -inf;                                                                                             \
+    int b = 0;                                                                                              \
+    _Pragma("omp simd reduction(max : m) reduction(| : b)") for (int64_t i = 0; i < n; ++i) {               \
+      const T v = x[i];                                                                                     \
+      b |= (v != v) | (v == inf);                                                                           \
+      m = std::max(m, v < inf ? v : -inf); /* NaN compares false */                                         \
+    }                                                                                                       \
+    *bad |= b;                                                                                              \
+    return m;                                                                                               \
+  }                                                                                                         \
+  /* Σ_i [skip[i] == 0] exp(scale·x[i] − shift), every exponent <= 0 by the caller's shift; skip may be null */ \
+  ATTR double exp_sum_##SUFFIX(const T* x, const uint8_t* skip, int64_t n, T scale, T shift) {              \
+    double total = 0.0;                                                                                     \
+    for (int64_t a = 0; a < n; a += kBlock) {                                                               \
+      const int64_t len = std::min(kBlock, n - a);                                                          \
+      const T* xa = x + a;                                                                                  \
+      T sum = 0;                                                                                            \
+      if (skip == nullptr) {                                                                                \
+        _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < len; ++i) sum += EXP(scale * xa[i] - shift); \
+      } else {                                                                                              \
+        const uint8_t* sa = skip + a;                                                                       \
+        _Pragma("omp simd reduction(+ : sum)") for (int64_t i = 0; i < len; ++i) sum +=                     \
+            sa[i] ? T(0) : EXP(scale * xa[i] - shift);                                                      \
+      }                                                                                                     \
+      total += static_cast<double>(sum);                                                                    \
+    }                                                                                                       \
+    return total;                                                                                           \
+  }                                                                                                         \
+  /* dense teacher: KD = Σ p (log p − log q), p = 0 adding 0 even where log q = −inf;                      \
+     g = c_ce·softmax(z) + c_kd_s·(q − p) (label column set by the caller); g may be z itself */          \
+  ATTR double dense_last_pass_##SUFFIX(const T* z, const T* t, int64_t n, T s, T mq, T lsq, T mp, T lsp,    \
+                                       T m1, T ls1, bool s_is_1, T c_ce, T c_kd_s, T* g) {                 \
+    double total = 0.0;                                                                                     \
+    for (int64_t a = 0; a < n; a += kBlock) {                                                               \
+      const int64_t len = std::min(kBlock, n - a);                                                          \
+      const T *za = z + a, *ta = t + a;                                                                     \
+      T kd = 0;                                                                                             \
+      if (g == nullptr) {                                                                                   \
+        _Pragma("omp simd reduction(+ : kd)") for (int64_t i = 0; i < len; ++i) {                           \
+          const T lq = (s * za[i] - mq) - lsq, lp = (s * ta[i] - mp) - lsp;                                 \
+          const T p = EXP(lp);                                                                              \
+          kd += p > 0 ? p * (lp - lq) : T(0);                                                               \
+        }                                                                                                   \
+      } else if (s_is_1) { /* softmax(z) is q: one exp fewer (a select of two exps does not vectorise) */   \
+        T* ga = g + a;                                                                                      \
+        _Pragma("omp simd reduction(+ : kd)") for (int64_t i = 0; i < len; ++i) {                           \
+          const T lq = (s * za[i] - mq) - lsq, lp = (s * ta[i] - mp) - lsp; /* za[i] read before ga[i] */   \
+          const T q = EXP(lq), p = EXP(lp);                                                                 \
+          kd += p > 0 ? p * (lp - lq) : T(0);                                                               \
+          ga[i] = c_ce * q + c_kd_s * (q - p);                                                              \
+        }                                                                                                   \
+      } else {                                                                                              \
+        T* ga = g + a;                                                                                      \
+        _Pragma("omp simd reduction(+ : kd)") for (int64_t i = 0; i < len; ++i) {                           \
+          const T zi = za[i];                                                                               \
+          const T lq = (s * zi - mq) - lsq, lp = (s * ta[i] - mp) - lsp;                                    \
+          const T q = EXP(lq), p = EXP(lp);                                                                 \
+          kd += p > 0 ? p * (lp - lq) : T(0);                                                               \
+          ga[i] = c_ce * EXP((zi - m1) - ls1) + c_kd_s * (q - p);                                           \
+        }                                                                                                   \
+      }                                                                                                     \
+      total += static_cast<double>(kd);                                                                     \
+    }                                                                                                       \
+    return total;                                                                                           \
+  }                                                                                                         \
+  /* top-k teacher or none, off the top columns: g = c_ce·softmax(z) + factor·q; g may be z itself */      \
+  ATTR void sparse_last_pass_##SUFFIX(const T* z, int64_t n, T s, T mq, T lsq, T m1, T ls1, bool s_is_1,    \
+                                      T c_ce, T factor, T* g) {                                             \
+    if (s_is_1) {                                                                                           \
+      _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) g[i] = (c_ce + factor) * EXP((s * z[i] - mq) - lsq); \
+    } else {                                                                                                \
+      _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                 \
+        const T zi = z[i];                                                                                  \
+        g[i] = c_ce * EXP((zi - m1) - ls1) + factor * EXP((s * zi - mq) - lsq);                             \
+      }                                                                                                     \
+    }                                                                                                       \
+  }
+
+inline double exp_f64(double x) { return std::exp(x); }
+
+CLINKD_ROW_PASSES(float, exp_nonpositive, CLINKD_CPU_CLONES, f32)
+CLINKD_ROW_PASSES(double, exp_f64, , f64)
+#undef CLINKD_ROW_PASSES
+
+// The passes of a compute type, by name.
 template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t n, int* bad) {
-  acc_t m = -kInf<acc_t>;
-  int b = 0;
-#pragma omp simd reduction(max : m) reduction(| : b)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = x[i];
-    b |= (v != v) | (v == kInf<acc_t>);
-    m = std::max(m, v < kInf<acc_t> ? v : -kInf<acc_t>);  // NaN compares false
-  }
-  *bad |= b;
-  return m;
-}
-
-// Σ_i [skip[i] == 0] exp(scale·x[i] − shift); scale·x[i] − shift <= 0 for every i by the caller's choice
-// of shift. skip may be null.
-template <typename acc_t>
-inline double exp_sum(const acc_t* x, const uint8_t* skip, int64_t n, acc_t scale, acc_t shift) {
-  double total = 0.0;
-  for (int64_t a = 0; a < n; a += kBlock) {
-    const int64_t b = std::min(n, a + kBlock);
-    acc_t sum = 0;
-    if (skip == nullptr) {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = a; i < b; ++i) sum += exp_le0<acc_t>(scale * x[i] - shift);
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = a; i < b; ++i) sum += skip[i] ? acc_t(0) : exp_le0<acc_t>(scale * x[i] - shift);
-    }
-    total += static_cast<double>(sum);
-  }
-  return total;
-}
-
-// The log-probabilities are formed as log_softmax does, (s·x − m) − log S with m the row's max: the first
-// difference is exact for the large entries, so only log S's rounding is added (never that of m + log S).
-// Dense teacher: KD = Σ p (log p − log q); g = c_ce·softmax(z) + c_kd·s·(q − p) (label column later).
-// q: (m, log S) of s·z; p: of s·t; one: of z (used when s ≠ 1).
-template <typename acc_t>
-inline double dense_last_pass(const acc_t* z, const acc_t* t, int64_t n, acc_t s, acc_t mq, acc_t lsq, acc_t mp,
-                              acc_t lsp, acc_t m1, acc_t ls1, bool s_is_1, acc_t c_ce, acc_t c_kd_s, acc_t* g) {
-  double total = 0.0;
-  for (int64_t a = 0; a < n; a += kBlock) {
-    const int64_t b = std::min(n, a + kBlock);
-    acc_t kd = 0;
-    if (g == nullptr) {
-#pragma omp simd reduction(+ : kd)
-      for (int64_t i = a; i < b; ++i) {
-        const acc_t lq = (s * z[i] - mq) - lsq, lp = (s * t[i] - mp) - lsp;
-        const acc_t p = exp_le0<acc_t>(lp);
-        kd += p > 0 ? p * (lp - lq) : acc_t(0);  // p = 0 adds 0, even where log q = −inf
-      }
-    } else {
-#pragma omp simd reduction(+ : kd)
-      for (int64_t i = a; i < b; ++i) {
-        const acc_t zi = z[i];  // read before g[i] is written: g may be z itself
-        const acc_t lq = (s * zi - mq) - lsq, lp = (s * t[i] - mp) - lsp;
-        const acc_t q = exp_le0<acc_t>(lq), p = exp_le0<acc_t>(lp);
-        kd += p > 0 ? p * (lp - lq) : acc_t(0);
-        const acc_t s1 = s_is_1 ? q : exp_le0<acc_t>((zi - m1) - ls1);
-        g[i] = c_ce * s1 + c_kd_s * (q - p);
-      }
-    }
-    total += static_cast<double>(kd);
-  }
-  return total;
-}
-
-// Top-k teacher or none, off the top columns: g = c_ce·softmax(z) + c_kd·s·factor·q.
-template <typename acc_t>
-inline void sparse_last_pass(const acc_t* z, int64_t n, acc_t s, acc_t mq, acc_t lsq, acc_t m1, acc_t ls1,
-                             bool s_is_1, acc_t c_ce, acc_t c_kd_s_factor, acc_t* g) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t zi = z[i];  // g may be z itself
-    const acc_t q = exp_le0<acc_t>((s * zi - mq) - lsq);
-    const acc_t s1 = s_is_1 ? q : exp_le0<acc_t>((zi - m1) - ls1);
-    g[i] = c_ce * s1 + c_kd_s_factor * q;
-  }
-}
-
-CLINKD_CPU_CLONES float row_max_f(const float* x, int64_t n, int* bad) { return row_max<float>(x, n, bad); }
-CLINKD_CPU_CLONES double exp_sum_f(const float* x, const uint8_t* skip, int64_t n, float scale, float shift) {
-  return exp_sum<float>(x, skip, n, scale, shift);
-}
-CLINKD_CPU_CLONES double dense_last_pass_f(const float* z, const float* t, int64_t n, float s, float mq, float lsq,
-                                           float mp, float lsp, float m1, float ls1, bool s_is_1, float c_ce,
-                                           float c_kd_s, float* g) {
-  return dense_last_pass<float>(z, t, n, s, mq, lsq, mp, lsp, m1, ls1, s_is_1, c_ce, c_kd_s, g);
-}
-CLINKD_CPU_CLONES void sparse_last_pass_f(const float* z, int64_t n, float s, float mq, float lsq, float m1, float ls1,
-                                          bool s_is_1, float c_ce, float c_kd_s_factor, float* g) {
-  sparse_last_pass<float>(z, n, s, mq, lsq, m1, ls1, s_is_1, c_ce, c_kd_s_factor, g);
-}
-
-// fp32 → the clones; fp64 → the templates.
-template <typename acc_t>
-struct Passes {
-  static acc_t max(const acc_t* x, int64_t n, int* bad) { return row_max<acc_t>(x, n, bad); }
-  static double sum(const acc_t* x, const uint8_t* skip, int64_t n, acc_t sc, acc_t sh) {
-    return exp_sum<acc_t>(x, skip, n, sc, sh);
-  }
-  static double dense(const acc_t* z, const acc_t* t, int64_t n, acc_t s, acc_t mq, acc_t lsq, acc_t mp, acc_t lsp,
-                      acc_t m1, acc_t ls1, bool s1, acc_t cce, acc_t ckd, acc_t* g) {
-    return dense_last_pass<acc_t>(z, t, n, s, mq, lsq, mp, lsp, m1, ls1, s1, cce, ckd, g);
-  }
-  static void sparse(const acc_t* z, int64_t n, acc_t s, acc_t mq, acc_t lsq, acc_t m1, acc_t ls1, bool s1, acc_t cce,
-                     acc_t f, acc_t* g) {
-    sparse_last_pass<acc_t>(z, n, s, mq, lsq, m1, ls1, s1, cce, f, g);
-  }
-};
-template <>
-struct Passes<float> {
-  static float max(const float* x, int64_t n, int* bad) { return row_max_f(x, n, bad); }
-  static double sum(const float* x, const uint8_t* skip, int64_t n, float sc, float sh) {
-    return exp_sum_f(x, skip, n, sc, sh);
-  }
-  static double dense(const float* z, const float* t, int64_t n, float s, float mq, float lsq, float mp, float lsp,
-                      float m1, float ls1, bool s1, float cce, float ckd, float* g) {
-    return dense_last_pass_f(z, t, n, s, mq, lsq, mp, lsp, m1, ls1, s1, cce, ckd, g);
-  }
-  static void sparse(const float* z, int64_t n, float s, float mq, float lsq, float m1, float ls1, bool s1, float cce,
-                     float f, float* g) {
-    sparse_last_pass_f(z, n, s, mq, lsq, m1, ls1, s1, cce, f, g);
-  }
-};
+struct Passes;
+#define CLINKD_PASSES_OF(T, SUFFIX)                                                                         \
+  template <>                                                                                               \
+  struct Passes<T> {                                                                                        \
+    static T max(const T* x, int64_t n, int* bad) { return row_max_##SUFFIX(x, n, bad); }                   \
+    static double sum(const T* x, const uint8_t* skip, int64_t n, T sc, T sh) {                             \
+      return exp_sum_##SUFFIX(x, skip, n, sc, sh);                                                          \
+    }                                                                                                       \
+    static double dense(const T* z, const T* t, int64_t n, T s, T mq, T lsq, T mp, T lsp, T m1, T ls1,      \
+                        bool s1, T cce, T ckd, T* g) {                                                      \
+      return dense_last_pass_##SUFFIX(z, t, n, s, mq, lsq, mp, lsp, m1, ls1, s1, cce, ckd, g);              \
+    }                                                                                                       \
+    static void sparse(const T* z, int64_t n, T s, T mq, T lsq, T m1, T ls1, bool s1, T cce, T f, T* g) {   \
+      sparse_last_pass_##SUFFIX(z, n, s, mq, lsq, m1, ls1, s1, cce, f, g);                                  \
+    }                                                                                                       \
+  };
+CLINKD_PASSES_OF(float, f32)
+CLINKD_PASSES_OF(double, f64)
+#undef CLINKD_PASSES_OF
 
 // ---------------------------------------------------------------------------------------------------
 // Row access: a pointer into the tensor when its dtype is acc_t, else a converted copy in `buf`.
