@@ -42,6 +42,19 @@ def _compare(stock, patched, batch, *, keep=None, **kwargs):
         assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
 
 
+def compare_with_stock_fed(stock, out, grads, batch, position_ids):
+    """A patched step's (output, grads) against the stock model given ``position_ids`` explicitly:
+    the reference in float64, the baseline in float32; logits on the unpadded tokens."""
+    fed = dict(batch, position_ids=position_ids)
+    ref, ref_grads = _step(copy.deepcopy(stock).double(), _as(fed, torch.float64), use_cache=False)
+    base, base_grads = _step(stock, fed, use_cache=False)
+    keep = batch["attention_mask"].bool()
+    assert_close_model("loss", out.loss, ref.loss, base.loss)
+    assert_close_model("logits", out.logits[keep], ref.logits[keep], base.logits[keep])
+    for name, ref_grad in ref_grads.items():
+        assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
+
+
 def assert_close_model(name, out, ref, base):
     """§4 rule for quantities computed through a whole model (logits, gradients): rounding accumulates
     over every layer, so the absolute slack scales with the tensor (tol·max|ref|) and the norm bound is

@@ -11,7 +11,7 @@ import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
-from tests.patch.test_equivalence import _as, _step, assert_close_model
+from tests.patch.test_equivalence import _as, _step, assert_close_model, compare_with_stock_fed
 from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, VIDEO, VISION_END, VISION_START, make_batch, qwen2_vl_model
 
 GAP2 = MCGRope(modality_gap=2, vision_stride=1)
@@ -48,14 +48,7 @@ def test_forward_uses_mcg_positions_and_matches_stock_fed_them(fused_calls):
     assert fused_calls == {"attention": 2, "loss": 1}
 
     # The stock model given the same positions explicitly is the reference (fp64) and baseline (fp32).
-    fed = dict(batch, position_ids=want)
-    ref, ref_grads = _step(copy.deepcopy(stock).double(), _as(fed, torch.float64), use_cache=False)
-    base, base_grads = _step(stock, fed, use_cache=False)
-    keep = batch["attention_mask"].bool()
-    assert_close_model("loss", out.loss, ref.loss, base.loss)
-    assert_close_model("logits", out.logits[keep], ref.logits[keep], base.logits[keep])
-    for name, ref_grad in ref_grads.items():
-        assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
+    compare_with_stock_fed(stock, out, grads, batch, want)
 
 
 def test_generate_continues_from_mcg_positions():

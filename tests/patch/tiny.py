@@ -47,11 +47,17 @@ def qwen2_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides)
     from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration(qwen2_vl_config(**text_overrides))
+    return _random_text_weights(model, init_std).to(dtype).eval()
+
+
+def _random_text_weights(model, init_std: float):
+    """Draw the language model's matrices from N(0, init_std²): wider than HF's 0.02, so greedy decoding
+    does not hinge on near-ties (the vision tower keeps its initialisation)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1 and "visual" not in name:
                 p.normal_(0.0, init_std)
-    return model.to(dtype).eval()
+    return model
 
 
 def _text(n: int) -> list[int]:
@@ -122,11 +128,7 @@ def qwen2_5_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_override
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                               vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1 and "visual" not in name:
-                p.normal_(0.0, init_std)
-    return model.to(dtype).eval()
+    return _random_text_weights(model, init_std).to(dtype).eval()
 
 
 def qwen3_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides):
@@ -143,11 +145,7 @@ def qwen3_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides)
     config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen3VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1 and "visual" not in name:
-                p.normal_(0.0, init_std)
-    return model.to(dtype).eval()
+    return _random_text_weights(model, init_std).to(dtype).eval()
 
 
 MODELS = {"Qwen2-VL": qwen2_vl_model, "Qwen2.5-VL": qwen2_5_vl_model, "Qwen3-VL": qwen3_vl_model}
