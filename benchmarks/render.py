@@ -90,6 +90,28 @@ def rows(benchmarks: list[dict]) -> list[dict]:
     return out
 
 
+def every_peer(benchmarks: list[dict]) -> str:
+    """A second table: per group, clinkd's time beside every peer's (not only the fastest), with the
+    ratio and peak memory of each."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for b in benchmarks:
+        groups[b.get("group") or b["name"]].append(b)
+    lines = ["| benchmark | clinkd | peer | peer time | peer/clinkd | peak memory clinkd / peer |", "|---|---|---|---|---|---|"]
+    for group, members in sorted(groups.items()):
+        by_impl = {m["extra_info"].get("impl", m["name"]): m for m in members}
+        ours = by_impl.get("clinkd")
+        peers = sorted(((k, v) for k, v in by_impl.items() if not k.startswith("clinkd")),
+                       key=lambda kv: kv[1]["stats"]["median"])
+        if ours is None or not peers:
+            continue
+        t_ours = ours["stats"]["median"]
+        for name, peer in peers:
+            t_peer = peer["stats"]["median"]
+            lines.append(f"| {group} | {_fmt_time(t_ours)} | {name} | {_fmt_time(t_peer)} | {t_peer / t_ours:.2f}× | "
+                         f"{_pair(_info(ours, 'peak_bytes'), _info(peer, 'peak_bytes'), _fmt_bytes)} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(benchmarks: list[dict], machine: dict) -> str:
     header = ("| benchmark | ours | best peer | peer time | peer/ours | floor | ours/floor | peak memory ours / peer "
               "| tokens/s ours / peer |\n|---|---|---|---|---|---|---|---|---|")
@@ -128,12 +150,16 @@ def main(argv=None) -> int:
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--out", help="write the markdown here (atomically) instead of stdout")
     parser.add_argument("--plot", help="also write a PNG bar chart of the speed-ups (needs matplotlib)")
+    parser.add_argument("--every-peer", action="store_true",
+                        help="also a table of clinkd beside every peer of each benchmark, not only the fastest")
     args = parser.parse_args(argv)
     for path in args.json:
         if not os.path.isfile(path):
             parser.error(f"json: no such file {path!r}")
     benchmarks, machine = load(args.json)
     text = markdown(benchmarks, machine)
+    if args.every_peer:
+        text += "\nEvery peer:\n\n" + every_peer(benchmarks)
     if args.out:
         write_text_atomic(args.out, text)
     else:

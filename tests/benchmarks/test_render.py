@@ -55,3 +55,19 @@ def test_out_file_and_plot(tmp_path):
     assert render.main([str(path), "--out", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png")]) == 0
     assert "| g | 1 s | torch | 3 s | 3.00× |" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_peer_table(tmp_path, capsys):
+    path = _write(tmp_path, [
+        _bench("clinkd", "loss", 2.0, peak_bytes=2**20), _bench("liger", "loss", 3.0, peak_bytes=2 * 2**20),
+        _bench("naive", "loss", 5.0), _bench("clinkd-topk", "loss", 1.0), _bench("torch", "lonely", 1.0),
+    ])
+    assert render.main([str(path), "--every-peer"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Every peer:"):]
+    assert "| loss | 2 s | liger | 3 s | 1.50× | 1 MiB / 2 MiB |" in table
+    assert "| loss | 2 s | naive | 5 s | 2.50× | 1 MiB / — |" in table
+    assert table.index("liger") < table.index("naive")          # fastest peer first
+    assert "clinkd-topk |" not in table and "lonely" not in table  # variants are not peers; no clinkd, no row
+    assert render.main([str(path)]) == 0
+    assert "Every peer" not in capsys.readouterr().out
