@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "loss/kd_rows.h"
+#include "rope/mrope_rotate.h"
 #include "topk/topk.h"
 
 TORCH_LIBRARY_FRAGMENT(clinkd, m) {
@@ -14,11 +15,15 @@ TORCH_LIBRARY_FRAGMENT(clinkd, m) {
       "kd_rows_ext(Tensor z, Tensor labels, Tensor? teacher_logits, Tensor? topk_indices, Tensor? topk_logprobs, "
       "Tensor? topk_residual, float inv_temperature, int ignore_index, Tensor coef_kd, Tensor coef_ce, "
       "Tensor(a!) kd_out, Tensor(b!) ce_out, Tensor(c!)? grad_out) -> ()");
+  m.def(
+      "mrope_rotate_ext(Tensor q, Tensor k, Tensor(a!) q_out, Tensor(b!) k_out, Tensor position_ids, "
+      "Tensor inv_freq, Tensor axis, float scale, bool inverse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(clinkd, CPU, m) {
   m.impl("topk_pseudo_labels_ext", &clinkd::topk_pseudo_labels_cpu);
   m.impl("kd_rows_ext", &clinkd::kd_rows_cpu);
+  m.impl("mrope_rotate_ext", &clinkd::mrope_rotate_cpu);
 }
 
 #ifdef CLINKD_WITH_CUDA

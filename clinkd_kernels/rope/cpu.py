@@ -1,22 +1,30 @@
-"""CPU path of ``apply_mrope`` (backend ``"cpu"``): token-chunked PyTorch, no [3,B,S,D] cos/sin tables.
+"""CPU path of ``apply_mrope`` (backend ``"cpu"``): the C++ kernel ``clinkd::mrope_rotate_ext``
+(csrc/rope/mrope_rotate_cpu.cpp), or token-chunked PyTorch where the extension is not built; no
+[3,B,S,D] cos/sin tables either way.
 
 Same contract as the Triton launcher (``launch.py``): q [B,S,Hq,D], k [B,S,Hkv,D] (last dim
 contiguous), position_ids [3,B,S], inv_freq fp32 [D/2] → new contiguous q', k'. Angles in fp32 as
-in the kernel; cos and sin from torch (CPU libm), the rotation in fp32 (fp16/bf16 cast back).
+in the kernel; cos and sin from libm, the rotation in fp32 (fp16/bf16 cast back).
+
+The C++ kernel is one parallel region per call. The PyTorch version runs about thirty multi-threaded
+elementwise ops per call, each a fork/join: on a machine shared with other work every join waits for
+a core the scheduler gave away (measured here: 320 ms against 12 ms quiet, with a matmul loop in a
+second process); the C++ kernel waits once.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._dispatch import empty_output
+from .._dispatch import empty_output, extension
 from .layout import axis_tensor
 
 _CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step: bounds temporaries, few ops
 
 
 def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
-    """Token-chunked torch: per chunk of tokens, fp32 angles [n, D/2], then each half written in place.
+    """The C++ kernel; without the extension, token-chunked torch: per chunk of tokens, fp32 angles
+    [n, D/2], then each half written in place.
 
     fp32 halves are written straight into the output (mul, then addcmul in place): no temporaries
     but the chunk's angles; fp16/bf16 chunks go through one fp32 copy each. Chunks of ~1M elements
@@ -27,6 +35,10 @@ def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, interleaved, scale, 
     half = D // 2
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
+    if extension() is not None:
+        torch.ops.clinkd.mrope_rotate_ext(q, k, q_out, k_out, position_ids, inv_freq.contiguous(),
+                                          axis_tensor(section, interleaved, q.device), float(scale), bool(inverse))
+        return q_out, k_out
     axis = axis_tensor(section, interleaved, q.device).long()
     pos = position_ids.reshape(3, B * S)
     qf, kf = q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D)   # views when the strides allow
