@@ -9,7 +9,6 @@ Qwen2.5-VL, Qwen3-VL), each by its own position rule and rotary layout.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -76,13 +75,21 @@ def _settings(family, mcg_rope, attention, loss, backend, vision_attention, visi
                         f"{type(vision_attention).__name__}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
-    refusal = None if vision_config is None else _vision_refusal(vision_config, family)
-    if vision_attention is None:
-        vision_attention = vision_config is not None and refusal is None
-    elif vision_attention and refusal is not None:
+    if vision_config is None:  # the class patch: no config yet; towers are served per call
+        vision_attention = vision_attention is not False
+    elif vision_attention is None:
+        vision_attention = _vision_refusal(vision_config, family) is None
+    elif vision_attention:
+        _check_vision_config(vision_config, family)
+    return PatchSettings(as_mcg_rope(mcg_rope), attention, loss, backend, family.name, vision_attention)
+
+
+def _check_vision_config(vision_config, family) -> None:
+    """ValueError when ``vision_attention=True`` asks for a tower the fused attention cannot serve."""
+    refusal = _vision_refusal(vision_config, family)
+    if refusal is not None:
         raise ValueError(f"{family.name} vision config: {refusal}; patch with vision_attention=False (or None: "
                          "fused where served)")
-    return PatchSettings(as_mcg_rope(mcg_rope), attention, loss, backend, family.name, vision_attention)
 
 
 def _vision_refusal(vision_config, family) -> str | None:
@@ -293,8 +300,6 @@ def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), atte
     # No model config yet: None patches the vision classes, which serve what they can per call (a tower
     # whose head_dim the kernel does not take runs its stock attention); True is checked per model built.
     settings = _settings(fam, mcg_rope, attention, loss, backend, vision_attention, None)
-    if vision_attention is not False:
-        settings = dataclasses.replace(settings, vision_attention=True)
     changes = []
     for cls, name, factory in _replacements(fam, settings, lambda c, n: vars(c)[n]):
         original = vars(cls)[name]
@@ -314,7 +319,7 @@ def _install_config_check(family, top: type, settings: PatchSettings, explicit_v
     def __init__(self, config, *args, **kwargs):
         _check_text_config(config.text_config, family, settings)
         if explicit_vision:
-            _settings(family, None, False, False, None, True, config.vision_config)  # raises if not served
+            _check_vision_config(config.vision_config, family)
         original(self, config, *args, **kwargs)
 
     __init__.__wrapped__ = original

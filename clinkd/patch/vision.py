@@ -20,7 +20,7 @@ registers. Two methods are replaced:
         causal=False, cu_seqlens of the layer: images/frames, or Qwen2.5-VL's windows) → proj.
 
 No cos/sin table and no rotated copy of q or k is made; the frequencies are the stock rotary's own
-(``compute_axial_rope_parameters`` of the layer's config). A layer that receives real (cos, sin) tables
+(its ``compute_axial_rope_parameters`` on the layer's rope theta and head dim, made once per device). A layer that receives real (cos, sin) tables
 (a caller's own) runs the stock code, and so does a tower whose head_dim the kernel does not take
 (served: 64, 72 (Qwen3-VL), 80 (Qwen2-VL, Qwen2.5-VL), 96, 128), fed the stock tables made from the
 coordinates.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 
 import torch
 
@@ -62,6 +63,16 @@ def stock_tables(coords: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
     return emb.cos() * scaling, emb.sin() * scaling
 
 
+@functools.lru_cache(maxsize=32)
+def _axial_frequencies(rotary_cls, theta: float, head_dim: int, device: torch.device):
+    """(inv_freq fp32 [D/4], the kernel's [f | f] fp32 [D/2], attention scaling) on ``device``, by the stock
+    rotary's own formula, made once per (family, rope theta, head dim, device), not in every layer."""
+    config = types.SimpleNamespace(rope_parameters={"rope_theta": theta}, head_dim=head_dim)
+    inv_freq, scaling = rotary_cls.compute_axial_rope_parameters(config)
+    f = inv_freq.to(device=device, dtype=torch.float32)
+    return f, torch.cat([f, f]), float(scaling)
+
+
 def served(head_dim: int) -> bool:
     """Whether the fused attention takes this vision head_dim (the 2-D rotary needs a multiple of 4)."""
     return head_dim in HEAD_DIMS and head_dim % 4 == 0
@@ -80,20 +91,20 @@ def make_vision_attention_forward(call, wrapped, *, rotary_cls, backend: str | N
         if not is_coordinates(coords):
             return call(self, *args, **kwargs)
         hw = coords[0]
-        inv_freq, scaling = rotary_cls.compute_axial_rope_parameters(self.config)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
+        inv_freq, kernel_freq, scaling = _axial_frequencies(rotary_cls, float(self.config.rope_parameters["rope_theta"]), head_dim,
+                                               hw.device)
         if not served(head_dim):
             arguments = {**arguments, **arguments.pop("kwargs", {})}
-            arguments["position_embeddings"] = stock_tables(hw, inv_freq.to(hw.device), float(scaling))
+            arguments["position_embeddings"] = stock_tables(hw, inv_freq, scaling)
             return call(**arguments)
         hidden_states, cu_seqlens = arguments["hidden_states"], arguments["cu_seqlens"]
         tokens = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, head_dim).unbind(1)   # [T, H, D]
-        freq = inv_freq.to(device=hidden_states.device, dtype=torch.float32)
         pos = torch.stack([torch.zeros_like(hw[:, 0]), hw[:, 0], hw[:, 1]])                 # [3, T]: (0, h, w)
         max_seqlen = arguments.get("max_seqlen")
-        out = mcg_rope_attention(q, k, v, pos, torch.cat([freq, freq]), (0, head_dim // 4, head_dim // 4),
-                                 causal=False, softmax_scale=self.scaling * float(scaling) ** 2,
+        out = mcg_rope_attention(q, k, v, pos, kernel_freq, (0, head_dim // 4, head_dim // 4),
+                                 causal=False, softmax_scale=self.scaling * scaling ** 2,
                                  cu_seqlens=cu_seqlens.to(torch.int32),
                                  max_seqlen=max_seqlen if isinstance(max_seqlen, int) else None, backend=backend)
         return self.proj(out.reshape(tokens, -1))
