@@ -23,8 +23,10 @@ Shapes: Liger's distillation benchmark (N=8192, Hd=2048, teacher Hd=4096, V=1282
 shape (N=512, Hd=256, teacher Hd=512, V=16384) and the Qwen2-VL vocabulary with fewer tokens (N=128,
 Hd=1536, teacher Hd=3584, V=151936). Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
 matmuls, teacher forward) at the device's measured matmul rate. ``extra_info["peak_bytes"]``: the most
-memory one forward+backward held above its inputs (CUDA: max_memory_allocated; CPU: the peak-RSS
-counter reset before the run, see benchmarks/memory.py).
+memory one forward+backward held above its inputs, the gradients it makes included (CUDA:
+max_memory_allocated; CPU: the peak-RSS counter reset before the run, see benchmarks/memory.py). The
+previous gradients are freed before the count starts, and clinkd's CPU buffer cache is emptied, so its
+weight gradient is a fresh buffer there as every peer's is (timed runs reuse it, as a training loop does).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from benchmarks.conftest import sync
 from benchmarks.floors import compute_floor_s, record
 from benchmarks.memory import peak_bytes
+from clinkd_kernels import empty_cpu_cache
 from clinkd_kernels.loss import linear_kd_loss
 from clinkd_kernels.topk import PseudoLabels
 
@@ -149,7 +152,7 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     if impl == "clinkd-topk":
         flops = 2 * n * vocab * 3 * hd  # no teacher lm_head
     run()  # warm-up (Triton compile, torch.compile for Liger)
-    peak = peak_bytes(run, device)
+    peak = _peak_with_gradients(hidden, weight, loss_fn, device)
     benchmark.group = f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} " \
                       f"{str(dtype).replace('torch.', '')} fwd+bwd"
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,
@@ -157,6 +160,18 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
            peak_gib=None if peak is None else round(peak / 2**30, 3))
     benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 5) if device == "cpu" else 10, warmup_rounds=0,
                        iterations=1)
+
+
+def _peak_with_gradients(hidden, weight, loss_fn, device):
+    """Peak memory of one forward+backward above its inputs, its gradients included (see the module doc)."""
+    hidden.grad = weight.grad = None
+    empty_cpu_cache()
+
+    def call():
+        loss_fn().backward()
+        sync(device)
+
+    return peak_bytes(call, device)
 
 
 def _check_same_value(impl, peer, ours, dtype):
@@ -204,7 +219,7 @@ def test_linear_ce_loss(benchmark, device, impl, shape_index):
 
     flops = 2 * n * vocab * 3 * hd
     run()
-    peak = peak_bytes(run, device)
+    peak = _peak_with_gradients(hidden, weight, loss_fn, device)
     benchmark.group = f"linear_ce_loss {device} {name} N={n} Hd={hd} V={vocab} {str(dtype).replace('torch.', '')} fwd+bwd"
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_ce_loss",
            impl=impl if impl != "cce" or device == "cuda" else "cce-torch_compile", device=device,

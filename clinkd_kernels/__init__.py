@@ -14,6 +14,9 @@ ahead-of-time compile specs), ``cpu.py`` (the CPU path). The folder's ``__init__
 * :func:`kd_loss`, :func:`linear_kd_loss` (``loss/``) – temperature KL + cross-entropy, dense or top-k
   teacher, optionally fused with the lm_head.
 
+Memory: :func:`empty_cpu_cache` unmaps the CPU buffers kept for reuse (``_memory.py``: the lm_head
+weight gradient's, on 2 MiB pages), as ``torch.cuda.empty_cache`` does on CUDA.
+
 Shared: ``_dispatch.py`` (which backend runs a call), ``_validation.py`` (argument checks),
 ``aot.py`` (ahead-of-time compilation for sm_80/sm_90 without a GPU; ``python -m clinkd_kernels.report``),
 ``info.py`` (``python -m clinkd_kernels.info``: versions, backends, a self-check of every op).
@@ -22,6 +25,7 @@ Importing this package imports torch, triton and numpy only.
 
 import torch  # noqa: F401  (loads libtorch before the compiled extension)
 
+from clinkd_kernels._memory import cpu_cache_bytes, empty_cpu_cache
 from clinkd_kernels._validation import TEMPERATURE_RANGE
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.loss import kd_loss, linear_kd_loss
@@ -31,5 +35,5 @@ from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
 
 __version__ = "0.1.0"
 
-__all__ = ["PseudoLabels", "TEMPERATURE_RANGE", "apply_mrope", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index",
+__all__ = ["PseudoLabels", "TEMPERATURE_RANGE", "apply_mrope", "cpu_cache_bytes", "empty_cpu_cache", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index",
            "mrope_decode_position_ids", "topk_pseudo_labels"]

@@ -31,7 +31,7 @@ inline float exp_nonpositive(float x) {
 // The hot loops of the CPU kernels are also compiled for AVX2+FMA on x86-64, and the loader picks that
 // version on CPUs that have it (the portable build is SSE2).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLINKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define CLINKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLINKD_CPU_CLONES
 #endif

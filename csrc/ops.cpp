@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "loss/kd_rows.h"
+#include "memory/cpu_buffers.h"
 #include "rope/mrope_rotate.h"
 #include "topk/topk.h"
 
@@ -32,6 +33,11 @@ TORCH_LIBRARY_IMPL(clinkd, CUDA, m) { m.impl("topk_pseudo_labels_ext", &clinkd::
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "clinkd C++/CUDA kernels (ops are registered under torch.ops.clinkd)";
+  module.def("cpu_buffer_empty", &clinkd::cpu_buffer_empty, "A CPU tensor on 2 MiB pages (cached: its mapping is kept for reuse).",
+             pybind11::arg("sizes"), pybind11::arg("dtype"), pybind11::arg("cached"));
+  module.def("cpu_buffer_cache_clear", &clinkd::cpu_buffer_cache_clear,
+             "Unmaps the cached CPU buffers not in use; returns the bytes released.");
+  module.def("cpu_buffer_cache_bytes", &clinkd::cpu_buffer_cache_bytes, "Bytes held by cached CPU buffers not in use.");
   module.def("has_cuda", [] {
 #ifdef CLINKD_WITH_CUDA
     return true;

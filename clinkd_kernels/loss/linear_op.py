@@ -1,7 +1,8 @@
 """``linear_kd_loss``: the distillation loss fused with the lm_head, without [N, V] logits for the batch:
 the public function, its checks, the chunk loop, the custom ops and the autograd.
 
-Tokens are processed in chunks of ``chunk_size`` rows. Per chunk (h = hidden[chunk]):
+Rows labelled ignore_index are dropped first (their loss and gradient are zero: ``_run_valid_rows``);
+the others are processed in chunks of ``chunk_size`` rows. Per chunk (h = hidden[chunk]):
 
     logits   = h Wᵀ + b                       [chunk, V]   (torch matmul: cuBLAS / CPU BLAS)
     teacher  = h_t W_t[:V]ᵀ + b_t[:V]          [chunk, V]   (dense teacher; no gradient)
@@ -89,6 +90,13 @@ def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor,
             acc[a:a + step].add_(part)
 
 
+def _lm_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, out: torch.Tensor) -> torch.Tensor:
+    """out [rows, V] = h Wᵀ (+ b), written into the chunk buffer; returns out."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
 def _weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -105,24 +113,41 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     gh = empty_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None
     acc_w = _weight_grad_dtype(weight)
     # Accumulators the first chunk writes (no zero fill); zeros only when there is no chunk at all.
-    make = torch.zeros if n == 0 else empty_output
-    gw = make(weight.shape, dtype=acc_w, device=weight.device) if grad_weight else None
-    gb = make((vocab,), dtype=acc_w, device=weight.device) if grad_bias else None
+    if n == 0:
+        gw = torch.zeros(weight.shape, dtype=acc_w, device=weight.device) if grad_weight else None
+        gb = torch.zeros((vocab,), dtype=acc_w, device=weight.device) if grad_bias else None
+    else:
+        # grad_W from the CPU buffer cache: a training loop frees and needs it again every step (_memory.py)
+        gw = empty_output(weight.shape, dtype=acc_w, device=weight.device, cached=True) if grad_weight else None
+        gb = empty_output((vocab,), dtype=acc_w, device=weight.device) if grad_bias else None
     tw = None if t_weight is None else t_weight[:vocab]
     tb = None if t_bias is None else t_bias[:vocab]
+    # One [chunk, V] buffer each for the logits (then their gradient) and the teacher's logits, reused by
+    # every chunk: a fresh buffer per chunk paid its page faults again each time (on the CPU a fresh
+    # 78 MiB buffer at Qwen's V cost more than a tenth of the matmul that fills it).
+    rows_max = min(chunk, n)
+    logits_buf = empty_output((rows_max, vocab), dtype=hidden.dtype, device=hidden.device, huge_pages=True)
+    t_buf = None
+    if tw is not None:
+        if n <= chunk and gw is not None and gw.dtype == t_hidden.dtype and rows_max <= weight.shape[1]:
+            # One chunk: grad_W is not written before the teacher's logits are spent, so they live in
+            # its buffer (rows·V <= V·Hd elements). Peak memory is then grad_W + one [rows, V] buffer,
+            # the least a chunk needs, also when grad_W's buffer is a cached one resident before the call.
+            t_buf = gw.view(-1)[:rows_max * vocab].view(rows_max, vocab)
+        else:
+            t_buf = empty_output((rows_max, vocab), dtype=t_hidden.dtype, device=hidden.device, huge_pages=True)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         h = hidden[a:b]
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        t_logits = None
-        if tw is not None:
-            th = t_hidden[a:b]
-            t_logits = th @ tw.t() if tb is None else torch.addmm(tb, th, tw.t())
+        logits = _lm_head(h, weight, bias, out=logits_buf[:b - a])
+        t_logits = None if tw is None else _lm_head(t_hidden[a:b], tw, tb, out=t_buf[:b - a])
         rows(logits, labels[a:b], teacher_logits=t_logits,
              topk=None if topk is None else tuple(x[a:b] for x in topk), inv_t=inv_t, ignore_index=ignore_index,
              coef_kd=coef_kd[a:b], coef_ce=coef_ce[a:b], kd_out=kd_rows[a:b], ce_out=ce_rows[a:b],
              grad_out=logits if need_grad else None)  # the gradient overwrites the chunk's logits
         del t_logits
+        if b == n:  # the teacher's buffer is done: free it before the gradient matmuls touch grad_W
+            t_buf = None
         if grad_hidden:
             torch.mm(logits, weight, out=gh[a:b])
         if grad_weight:
@@ -133,6 +158,33 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
             else:
                 gb.add_(logits.sum(0, dtype=acc_w))
         del logits
+    return kd_rows, ce_rows, gh, gw, gb
+
+
+def _run_valid_rows(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, *, coef_kd, coef_ce,
+                    ignore_index, **kw):
+    """``_run_chunks`` over the rows that have a loss only: an ignore_index row has KD_i = CE_i = 0 and a
+    zero gradient row, so its lm_head products (student and teacher, forward and backward) are skipped,
+    not computed and then multiplied by zero. In instruction tuning most rows are ignored (the prompt,
+    the image tokens, padding), and every lm_head matmul shrinks by their share. One host sync (the
+    count of valid rows); the inputs of the valid rows are gathered ([rows, Hd], small beside the
+    matmuls) and the per-row outputs scattered back. An ignored row whose hidden state holds NaN or inf
+    no longer reaches grad_W through 0·NaN."""
+    n = hidden.shape[0]
+    valid = labels != ignore_index
+    n_valid = int(valid.sum())
+    if n_valid == n:
+        return _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, coef_kd=coef_kd,
+                           coef_ce=coef_ce, ignore_index=ignore_index, **kw)
+    rows = valid.nonzero().squeeze(1)
+    pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+    kd_v, ce_v, gh_v, gw, gb = _run_chunks(
+        pick(hidden), weight, pick(labels), bias, pick(t_hidden), t_weight, t_bias,
+        None if topk is None else tuple(pick(x) for x in topk), coef_kd=pick(coef_kd), coef_ce=pick(coef_ce),
+        ignore_index=ignore_index, **kw)
+    kd_rows = kd_v.new_zeros(n).index_copy_(0, rows, kd_v)
+    ce_rows = ce_v.new_zeros(n).index_copy_(0, rows, ce_v)
+    gh = None if gh_v is None else gh_v.new_zeros(hidden.shape).index_copy_(0, rows, gh_v)
     return kd_rows, ce_rows, gh, gw, gb
 
 
@@ -176,7 +228,7 @@ def _linear_kd_loss_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         labels, token_weights, ignore_index=ignore_index, temperature=temperature, alpha=alpha, beta=beta,
         reduction=reduction, t2_scale=t2_scale, dtype=accumulate_dtype(hidden))
     keep = reduction != "none"
-    kd_rows, ce_rows, gh, gw, gb = _run_chunks(
+    kd_rows, ce_rows, gh, gw, gb = _run_valid_rows(
         hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk, coef_kd=coef_kd,
         coef_ce=coef_ce, inv_t=1.0 / temperature, ignore_index=ignore_index, chunk=chunk_size, backend=backend,
         grad_hidden=keep and grad_hidden, grad_weight=keep and grad_weight,
@@ -221,7 +273,7 @@ def _linear_backward_rows_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weig
     coef_kd, coef_ce, _, _ = coefficients(labels, token_weights, ignore_index=ignore_index, temperature=temperature,
                                           alpha=alpha, beta=beta, reduction="none", t2_scale=t2_scale, dtype=acc)
     g = grad_loss.to(acc)
-    _, _, gh, gw, gb = _run_chunks(
+    _, _, gh, gw, gb = _run_valid_rows(
         hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias,
         topk_fields(topk_indices, topk_logprobs, topk_residual), coef_kd=coef_kd * g, coef_ce=coef_ce * g,
         inv_t=1.0 / temperature, ignore_index=ignore_index, chunk=chunk_size, backend=backend,

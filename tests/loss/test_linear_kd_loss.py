@@ -94,6 +94,56 @@ def test_all_rows_ignored(backend, reduction, request):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
+@pytest.mark.parametrize("teacher", ["dense", "sparse"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ignored_rows_are_never_read(backend, teacher, reduction, request):
+    """An ignore_index row skips the lm_head: NaN / inf in its hidden states (student or teacher) change
+    nothing, bit for bit, against the same call with finite values there, and its grad_hidden row is 0."""
+    dev = device_for(backend, request)
+    labels = labels_with_ignored(N, V, n_ignored=11, device=dev)
+    ignored = labels == -100
+    clean, tkw = _inputs(dev), _teacher(teacher, dev, 0.5)
+    dirty = dict(clean, hidden=clean["hidden"].clone())
+    dirty["hidden"][ignored] = float("nan")
+    dirty_t = dict(tkw)
+    if teacher == "dense":
+        dirty_t["teacher_hidden"] = tkw["teacher_hidden"].clone()
+        dirty_t["teacher_hidden"][ignored] = float("inf")
+    results = []
+    for inp, t in ((clean, tkw), (dirty, dirty_t)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+        loss, kd, ce = linear_kd_loss(leaves["hidden"], leaves["weight"], labels, bias=leaves["bias"],
+                                      temperature=0.5, reduction=reduction, return_components=True, chunk_size=16,
+                                      backend=backend, **t)
+        loss.sum().backward()
+        results.append((loss, kd, ce, leaves["hidden"].grad, leaves["weight"].grad, leaves["bias"].grad))
+    for name, a, b in zip(("loss", "kd", "ce", "grad hidden", "grad weight", "grad bias"), *results):
+        assert torch.isfinite(b).all(), f"{name}: an ignored row's NaN reached the result"
+        assert torch.equal(a, b), f"{name} differs when the ignored rows hold NaN"
+    assert (results[1][3][ignored] == 0).all()
+    assert results[0][3][~ignored].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
+@pytest.mark.parametrize(("dtype", "reduction"), [(torch.float32, "mean"), (torch.float32, "none"),
+                                                  (torch.float16, "mean")])
+def test_dense_teacher_in_one_chunk(backend, dtype, reduction, request):
+    """One chunk whose rows fit in Hd: the teacher's logits are formed in grad_W's buffer before the
+    gradient is written there (fp32; fp16 weights keep them apart, grad_W being fp32)."""
+    dev = device_for(backend, request)
+    n, hd, vocab = 21, 40, 257
+    inputs = {"hidden": torch.randn(n, hd, device=dev).to(dtype),
+              "weight": (torch.randn(vocab, hd, device=dev) * 0.3).to(dtype),
+              "bias": (torch.randn(vocab, device=dev) * 0.5).to(dtype)}
+    tkw = {"teacher_hidden": torch.randn(n, 48, device=dev).to(dtype),
+           "teacher_weight": (torch.randn(vocab + 5, 48, device=dev) * 0.3).to(dtype)}
+    labels = labels_with_ignored(n, vocab, n_ignored=4, device=dev)
+    check_linear(functools.partial(linear_kd_loss, backend=backend), inputs, labels, tkw,
+                 dict(temperature=0.7, reduction=reduction, chunk_size=32),
+                 what=f"{backend} one chunk {dtype} {reduction}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
 def test_only_weight_needs_grad(backend, request):
     """Frozen hidden states and bias (e.g. tuning the lm_head alone): only grad_W is made, and it is right."""
     dev = device_for(backend, request)

@@ -1,0 +1,88 @@
+"""Large CPU buffers on 2 MiB pages, and a cache that keeps the lm_head weight gradient's for reuse.
+
+A fresh buffer costs its first touch: the kernel maps and zeroes each page the first time it is written.
+At Qwen's vocabulary the weight gradient of ``linear_kd_loss`` is a fresh [151936, 1536] fp32 buffer
+(0.9 GiB) every step. Measured on a 2-core VM: the matmul that first writes it ran 0.47-0.60 s against
+0.26 s into a buffer already touched; on 2 MiB pages 0.3-0.6 s (a fault per 2 MiB instead of per 4 KiB,
+but the kernel's zeroing of each 2 MiB page still evicts the matmul's cache-blocked panels). So:
+
+* ``empty_huge_pages(shape, dtype=)``: an anonymous private mapping advised ``MADV_HUGEPAGE`` (Linux
+  backs it with 2 MiB pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
+  ``madvise``, the usual default; PyTorch's allocator asks for them only when the process started with
+  ``THP_MEM_ALLOC_ENABLE=1``), unmapped when the tensor's storage dies. For the [chunk, V] logits buffers.
+* ``cached=True``: the mapping is kept when the storage dies, still resident, for the next cached
+  request of the same size (C++ cache of ``csrc/memory/cpu_buffers.cpp``; at most
+  ``CLINKD_CPU_CACHE_MB`` MiB kept, default 4096, 0 turns it off). This is what PyTorch's CUDA caching
+  allocator does for every CUDA tensor; here it is for the weight gradient alone, the buffer a training
+  loop frees (``zero_grad()``) and needs again each step. ``empty_cpu_cache()`` unmaps what is kept.
+
+Elsewhere (not Linux, THP off, a buffer under ``MIN_BYTES``) both are ``torch.empty``. The tensors are
+ordinary contiguous CPU tensors, except that their storage cannot be resized.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import sys
+
+import torch
+
+# Below this a mapping would hold too few 2 MiB pages to matter, and the allocator's reuse of freed
+# blocks (no fault at all) is the better deal.
+MIN_BYTES = 8 * 2**20
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@functools.cache
+def huge_pages_available() -> bool:
+    """True on Linux with transparent huge pages not set to ``never``."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        with open(_THP_SETTING) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@functools.cache
+def _buffers():
+    """The extension's buffer functions, or None when it was not built (then mappings come from Python)."""
+    try:
+        import clinkd_kernels._C as compiled
+    except ImportError:
+        return None
+    return compiled
+
+
+def empty_huge_pages(shape, *, dtype: torch.dtype, cached: bool = False) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor of ``shape``; on 2 MiB pages (and, if ``cached``, from and
+    back to the cache) when that is available and it holds at least ``MIN_BYTES``."""
+    shape = tuple(int(s) for s in shape)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes < MIN_BYTES or not huge_pages_available():
+        return torch.empty(shape, dtype=dtype)
+    compiled = _buffers()
+    if compiled is not None:
+        return compiled.cpu_buffer_empty(list(shape), dtype, cached)
+    try:  # without the extension: an uncached mapping that torch.frombuffer keeps alive
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):  # no memory for the mapping or the advice refused: the allocator's way
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(region, dtype=dtype).view(shape)
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes held by cached buffers not in use."""
+    compiled = _buffers()
+    return 0 if compiled is None else int(compiled.cpu_buffer_cache_bytes())
+
+
+def empty_cpu_cache() -> int:
+    """Unmap the cached buffers not in use (as ``torch.cuda.empty_cache`` does on CUDA); returns the bytes
+    released. Buffers in use stay, and return to the cache when their tensors die."""
+    compiled = _buffers()
+    return 0 if compiled is None else int(compiled.cpu_buffer_cache_clear())
