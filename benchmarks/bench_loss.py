@@ -22,7 +22,9 @@ Shapes: Liger's distillation benchmark (N=8192, Hd=2048, teacher Hd=4096, V=1282
 2B-student / 7B-teacher (Hd=1536, teacher Hd=3584, V=151936) in bf16 on CUDA; on CPU in fp32 a small
 shape (N=512, Hd=256, teacher Hd=512, V=16384) and the Qwen2-VL vocabulary with fewer tokens (N=128,
 Hd=1536, teacher Hd=3584, V=151936). Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
-matmuls, teacher forward) at the device's measured matmul rate. ``extra_info["peak_bytes"]``: the most
+matmuls, teacher forward) at the device's measured matmul rate, N counting the rows that have a label
+(one in nine is ignore_index here; those need no lm_head product: clinkd skips them, the peers compute
+them). ``extra_info["peak_bytes"]``: the most
 memory one forward+backward held above its inputs, the gradients it makes included (CUDA:
 max_memory_allocated; CPU: the peak-RSS counter reset before the run, see benchmarks/memory.py). The
 previous gradients are freed before the count starts, and clinkd's CPU buffer cache is emptied, so its
@@ -148,9 +150,9 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
         loss_fn().backward()
         sync(device)
 
-    flops = 2 * n * vocab * (3 * hd + hd_t)
+    flops = 2 * int((labels != -100).sum()) * vocab * (3 * hd + hd_t)
     if impl == "clinkd-topk":
-        flops = 2 * n * vocab * 3 * hd  # no teacher lm_head
+        flops = 2 * int((labels != -100).sum()) * vocab * 3 * hd  # no teacher lm_head
     run()  # warm-up (Triton compile, torch.compile for Liger)
     peak = _peak_with_gradients(hidden, weight, loss_fn, device)
     benchmark.group = f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} " \
@@ -217,7 +219,7 @@ def test_linear_ce_loss(benchmark, device, impl, shape_index):
         loss_fn().backward()
         sync(device)
 
-    flops = 2 * n * vocab * 3 * hd
+    flops = 2 * int((labels != -100).sum()) * vocab * 3 * hd
     run()
     peak = _peak_with_gradients(hidden, weight, loss_fn, device)
     benchmark.group = f"linear_ce_loss {device} {name} N={n} Hd={hd} V={vocab} {str(dtype).replace('torch.', '')} fwd+bwd"
