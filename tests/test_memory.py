@@ -131,3 +131,33 @@ def test_linear_kd_loss_weight_grad_is_cached_and_accumulates():
     torch.testing.assert_close(weight.grad, first, rtol=0, atol=0)
     linear_kd_loss(hidden, weight, labels, alpha=0.0, backend="cpu").backward()
     torch.testing.assert_close(weight.grad, 2 * first)
+
+
+@needs_extension
+def test_bad_sizes_are_refused_in_cpp():
+    with pytest.raises(ValueError, match="sizes must be >= 0"):
+        _memory._buffers().cpu_buffer_empty([-1, 3], torch.float32, True)
+
+
+def _run_with_cache_setting(value: str, code: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CLINKD_CPU_CACHE_MB=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@needs_thp
+@needs_extension
+def test_cache_cap_from_the_environment():
+    code = ("import gc, torch; from clinkd_kernels._memory import empty_huge_pages, cpu_cache_bytes, MIN_BYTES\n"
+            "x = empty_huge_pages((MIN_BYTES // 4,), dtype=torch.float32, cached=True); x.fill_(1); del x; gc.collect()\n"
+            "print(cpu_cache_bytes())")
+    off = _run_with_cache_setting("0", code)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split()[-1] == "0"  # nothing kept
+    on = _run_with_cache_setting("64", code)
+    assert on.returncode == 0 and int(on.stdout.split()[-1]) >= MIN_BYTES, on.stderr
+    bad = _run_with_cache_setting("lots", code)
+    assert bad.returncode != 0 and "CLINKD_CPU_CACHE_MB must be a whole number of MiB" in bad.stderr

@@ -79,6 +79,7 @@ at::Tensor cpu_buffer_empty(at::IntArrayRef sizes, at::ScalarType dtype, bool ca
   const size_t bytes = (used + kPage - 1) / kPage * kPage;
   void* p = nullptr;
   if (cached) {
+    cache_cap_bytes();  // a bad CLINKD_CPU_CACHE_MB raises here, never in the deleter (which must not throw)
     Cache& c = cache();
     std::lock_guard<std::mutex> lock(c.mu);
     auto it = c.idle.find(bytes);
