@@ -160,7 +160,7 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,
            device=device, shape=f"N={n},Hd={hd},Hd_t={hd_t},V={vocab}", peak_bytes=peak,
            peak_gib=None if peak is None else round(peak / 2**30, 3))
-    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 5) if device == "cpu" else 10, warmup_rounds=0,
+    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 7) if device == "cpu" else 10, warmup_rounds=0,
                        iterations=1)
 
 
@@ -226,5 +226,5 @@ def test_linear_ce_loss(benchmark, device, impl, shape_index):
     record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_ce_loss",
            impl=impl if impl != "cce" or device == "cuda" else "cce-torch_compile", device=device,
            shape=f"N={n},Hd={hd},V={vocab}", peak_bytes=peak, peak_gib=None if peak is None else round(peak / 2**30, 3))
-    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 5) if device == "cpu" else 10, warmup_rounds=0,
+    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 7) if device == "cpu" else 10, warmup_rounds=0,
                        iterations=1)
