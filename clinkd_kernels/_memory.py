@@ -13,10 +13,10 @@ but the kernel's zeroing of each 2 MiB page still evicts the matmul's cache-bloc
 * ``cached=True``: the mapping is kept when the storage dies, still resident, for the next cached
   request of the same size (C++ cache of ``csrc/memory/cpu_buffers.cpp``; at most
   ``CLINKD_CPU_CACHE_MB`` MiB kept, default 4096, 0 turns it off). This is what PyTorch's CUDA caching
-  allocator does for every CUDA tensor; here it is for ``linear_kd_loss``'s weight gradient, the buffer a
-  training loop frees (``zero_grad()``) and needs again each step, and its [chunk, V] buffers. The price:
-  between steps those pages stay resident (0.9 GiB + 2 x 74 MiB at Qwen's vocabulary and 128-row chunks)
-  where, without the cache, the freed gradient would leave room for the next forward's activations.
+  allocator does for every CUDA tensor; here it is for ``linear_kd_loss``'s weight gradient alone, the buffer a
+  training loop frees (``zero_grad()``) and needs again each step; within a step it costs nothing (the
+  gradient lives through the backward anyway). The price: between steps its pages stay resident (0.9 GiB
+  at Qwen's vocabulary) where the freed gradient would leave room for the next forward's activations.
   ``empty_cpu_cache()`` unmaps what is kept.
 
 Elsewhere (not Linux, THP off, a buffer under ``MIN_BYTES``) both are ``torch.empty``. The tensors are

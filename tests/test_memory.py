@@ -162,21 +162,3 @@ def test_cache_cap_from_the_environment():
     bad = _run_with_cache_setting("lots", code)
     assert bad.returncode != 0 and "CLINKD_CPU_CACHE_MB must be a whole number of MiB" in bad.stderr
 
-
-@needs_thp
-@needs_extension
-def test_chunk_buffers_reused_when_the_labelled_row_count_changes():
-    """The [rows, V] buffers come in rows rounded up to chunk/8, so batches with different numbers of
-    labelled rows share a few cached buffers instead of each leaving its own size in the cache."""
-    vocab, hd, n = 65536, 32, 64  # one 64-row chunk: buffers of 40..64 rows are 10..16 MiB
-    hidden = torch.randn(n, hd, requires_grad=True)
-    weight = (torch.randn(vocab, hd) * hd ** -0.5).requires_grad_()
-    for labelled in (33, 36, 39, 42, 45, 49, 52, 55, 58, 61, 64):  # 11 counts, 4 buffer sizes
-        labels = torch.randint(0, vocab, (n,))
-        labels[labelled:] = -100
-        hidden.grad = weight.grad = None
-        linear_kd_loss(hidden, weight, labels, alpha=0.0, chunk_size=64, backend="cpu").backward()
-    weight.grad = hidden.grad = None
-    gc.collect()
-    row_bytes = vocab * 4
-    assert cpu_cache_bytes() <= vocab * hd * 4 + (40 + 48 + 56 + 64) * row_bytes + 16 * 2**20

@@ -97,17 +97,6 @@ def _lm_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _buffer_rows(rows: int, chunk: int, device: torch.device) -> int:
-    """Rows of the [rows, V] chunk buffers. On the CPU, ``rows`` rounded up to a multiple of chunk/8
-    (at most ``chunk``): the count of labelled rows changes every batch, and the buffer cache reuses a
-    buffer only for the same size, so the buffers come in at most eight sizes (the rows beyond ``rows``
-    are never touched, so never resident). Elsewhere ``rows``."""
-    if device.type != "cpu":
-        return rows
-    step = max(1, chunk // 8)
-    return min(chunk, -(-rows // step) * step)
-
-
 def _weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -134,10 +123,12 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     tw = None if t_weight is None else t_weight[:vocab]
     tb = None if t_bias is None else t_bias[:vocab]
     # One [chunk, V] buffer each for the logits (then their gradient) and the teacher's logits, reused by
-    # every chunk and, on the CPU, by the next call (the buffer cache): a fresh buffer paid its page
-    # faults each time (a fresh 78 MiB buffer at Qwen's V cost a tenth of the matmul that fills it).
-    rows_max = _buffer_rows(min(chunk, n), chunk, hidden.device)
-    logits_buf = empty_output((rows_max, vocab), dtype=hidden.dtype, device=hidden.device, cached=True)
+    # every chunk: a fresh buffer per chunk paid its page faults again each time (on the CPU a fresh
+    # 78 MiB buffer at Qwen's V cost a tenth of the matmul that fills it). Not kept after the call: held
+    # in the buffer cache they stayed resident through the model's backward (+157 MiB, a third of a
+    # scaled-down training step's peak) for no time measurably saved.
+    rows_max = min(chunk, n)
+    logits_buf = empty_output((rows_max, vocab), dtype=hidden.dtype, device=hidden.device, huge_pages=True)
     t_buf = None
     if tw is not None:
         if n <= chunk and gw is not None and gw.dtype == t_hidden.dtype and rows_max <= weight.shape[1]:
@@ -146,7 +137,7 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
             # the least a chunk needs, also when grad_W's buffer is a cached one resident before the call.
             t_buf = gw.view(-1)[:rows_max * vocab].view(rows_max, vocab)
         else:
-            t_buf = empty_output((rows_max, vocab), dtype=t_hidden.dtype, device=hidden.device, cached=True)
+            t_buf = empty_output((rows_max, vocab), dtype=t_hidden.dtype, device=hidden.device, huge_pages=True)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         h = hidden[a:b]
