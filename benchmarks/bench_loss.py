@@ -150,9 +150,8 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
         loss_fn().backward()
         sync(device)
 
-    flops = 2 * int((labels != -100).sum()) * vocab * (3 * hd + hd_t)
-    if impl == "clinkd-topk":
-        flops = 2 * int((labels != -100).sum()) * vocab * 3 * hd  # no teacher lm_head
+    labelled = int((labels != -100).sum())
+    flops = 2 * labelled * vocab * (3 * hd + (0 if impl == "clinkd-topk" else hd_t))  # top-k: no teacher lm_head
     run()  # warm-up (Triton compile, torch.compile for Liger)
     peak = _peak_with_gradients(hidden, weight, loss_fn, device)
     benchmark.group = f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} " \

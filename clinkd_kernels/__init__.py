@@ -14,8 +14,9 @@ ahead-of-time compile specs), ``cpu.py`` (the CPU path). The folder's ``__init__
 * :func:`kd_loss`, :func:`linear_kd_loss` (``loss/``) – temperature KL + cross-entropy, dense or top-k
   teacher, optionally fused with the lm_head.
 
-Memory: :func:`empty_cpu_cache` unmaps the CPU buffers kept for reuse (``_memory.py``: the lm_head
-weight gradient's, on 2 MiB pages), as ``torch.cuda.empty_cache`` does on CUDA.
+Memory: ``_memory.py`` makes the kernels' output buffers; :func:`empty_cpu_cache` unmaps the CPU buffers
+it keeps for reuse (the lm_head weight gradient's, on 2 MiB pages), as ``torch.cuda.empty_cache`` does
+on CUDA.
 
 Shared: ``_dispatch.py`` (which backend runs a call), ``_validation.py`` (argument checks),
 ``aot.py`` (ahead-of-time compilation for sm_80/sm_90 without a GPU; ``python -m clinkd_kernels.report``),

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ._memory import empty_huge_pages
-
 BACKENDS = ("triton", "cuda", "cpu", "portable", "torch")
 
 
@@ -124,22 +122,3 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, suppor
         if _why_unavailable(candidate, device) is None:
             return candidate
     return "torch"
-
-
-def empty_output(shape, *, dtype: torch.dtype, device: torch.device, huge_pages: bool = False,
-                 cached: bool = False) -> torch.Tensor:
-    """``torch.empty`` for kernel outputs; filled with NaN (or -1 for integers) when ``CLINKD_POISON=1``.
-
-    ``huge_pages``: a large CPU buffer goes on 2 MiB pages where the OS offers them; ``cached`` also
-    keeps its mapping for the next such request when it dies (``_memory.py``).
-
-    The test suite sets ``CLINKD_POISON=1`` so that an element a kernel forgot to write cannot pass
-    by holding a plausible leftover value.
-    """
-    if (huge_pages or cached) and torch.device(device).type == "cpu":
-        out = empty_huge_pages(shape, dtype=dtype, cached=cached)
-    else:
-        out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("CLINKD_POISON", "0") == "1":
-        out.fill_(float("nan") if dtype.is_floating_point else -1)
-    return out

@@ -1,4 +1,5 @@
-"""Large CPU buffers on 2 MiB pages, and a cache that keeps the lm_head weight gradient's for reuse.
+"""Output buffers of the kernels: ``empty_output``, and large CPU buffers on 2 MiB pages with a cache that
+keeps the lm_head weight gradient's for reuse.
 
 A fresh buffer costs its first touch: the kernel maps and zeroes each page the first time it is written.
 At Qwen's vocabulary the weight gradient of ``linear_kd_loss`` is a fresh [151936, 1536] fp32 buffer
@@ -19,7 +20,8 @@ but the kernel's zeroing of each 2 MiB page still evicts the matmul's cache-bloc
   at Qwen's vocabulary) where the freed gradient would leave room for the next forward's activations.
   ``empty_cpu_cache()`` unmaps what is kept.
 
-Elsewhere (not Linux, THP off, a buffer under ``MIN_BYTES``) both are ``torch.empty``. The tensors are
+Elsewhere (not Linux, THP off, no compiled extension, a buffer under ``MIN_BYTES``) both are
+``torch.empty``. The tensors are
 ordinary contiguous CPU tensors, except that their storage cannot be resized.
 """
 
@@ -28,9 +30,12 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+import os
 import sys
 
 import torch
+
+from ._dispatch import extension
 
 # Below this a mapping would hold too few 2 MiB pages to matter, and the allocator's reuse of freed
 # blocks (no fault at all) is the better deal.
@@ -50,42 +55,44 @@ def huge_pages_available() -> bool:
         return False
 
 
-@functools.cache
-def _buffers():
-    """The extension's buffer functions, or None when it was not built (then mappings come from Python)."""
-    try:
-        import clinkd_kernels._C as compiled
-    except ImportError:
-        return None
-    return compiled
-
-
 def empty_huge_pages(shape, *, dtype: torch.dtype, cached: bool = False) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor of ``shape``; on 2 MiB pages (and, if ``cached``, from and
     back to the cache) when that is available and it holds at least ``MIN_BYTES``."""
     shape = tuple(int(s) for s in shape)
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    if nbytes < MIN_BYTES or not huge_pages_available():
+    nbytes = math.prod(shape) * dtype.itemsize
+    compiled = extension()
+    if nbytes < MIN_BYTES or compiled is None or not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
-    compiled = _buffers()
-    if compiled is not None:
-        return compiled.cpu_buffer_empty(list(shape), dtype, cached)
-    try:  # without the extension: an uncached mapping that torch.frombuffer keeps alive
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError):  # no memory for the mapping or the advice refused: the allocator's way
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(region, dtype=dtype).view(shape)
+    return compiled.cpu_buffer_empty(list(shape), dtype, cached)
 
 
 def cpu_cache_bytes() -> int:
     """Bytes held by cached buffers not in use."""
-    compiled = _buffers()
+    compiled = extension()
     return 0 if compiled is None else int(compiled.cpu_buffer_cache_bytes())
 
 
 def empty_cpu_cache() -> int:
     """Unmap the cached buffers not in use (as ``torch.cuda.empty_cache`` does on CUDA); returns the bytes
     released. Buffers in use stay, and return to the cache when their tensors die."""
-    compiled = _buffers()
+    compiled = extension()
     return 0 if compiled is None else int(compiled.cpu_buffer_cache_clear())
+
+
+def empty_output(shape, *, dtype: torch.dtype, device: torch.device, huge_pages: bool = False,
+                 cached: bool = False) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; filled with NaN (or -1 for integers) when ``CLINKD_POISON=1``.
+
+    ``huge_pages``: a large CPU buffer goes on 2 MiB pages where the OS offers them; ``cached`` also
+    keeps its mapping for the next such request when it dies (``empty_huge_pages``).
+
+    The test suite sets ``CLINKD_POISON=1`` so that an element a kernel forgot to write cannot pass
+    by holding a plausible leftover value.
+    """
+    if (huge_pages or cached) and torch.device(device).type == "cpu":
+        out = empty_huge_pages(shape, dtype=dtype, cached=cached)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("CLINKD_POISON", "0") == "1":
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clinkd_kernels._dispatch import empty_output, resolve_backend
+from clinkd_kernels._dispatch import resolve_backend
 
 CPU = torch.device("cpu")
 
@@ -39,8 +39,3 @@ def test_environment_variable_forces_too(monkeypatch):
     # The argument wins over the environment.
     assert resolve_backend("op", "cpu", CPU, ("cuda", "cpu", "torch")) == "cpu"
 
-
-def test_poisoned_outputs(monkeypatch):
-    monkeypatch.setenv("CLINKD_POISON", "1")
-    assert torch.isnan(empty_output((3, 4), dtype=torch.float16, device=CPU)).all()
-    assert (empty_output((5,), dtype=torch.int32, device=CPU) == -1).all()

@@ -8,8 +8,8 @@ import gc
 import pytest
 import torch
 
-from clinkd_kernels import _memory, cpu_cache_bytes, empty_cpu_cache
-from clinkd_kernels._memory import MIN_BYTES, empty_huge_pages, huge_pages_available
+from clinkd_kernels import _dispatch, _memory, cpu_cache_bytes, empty_cpu_cache
+from clinkd_kernels._memory import MIN_BYTES, empty_huge_pages, empty_output, huge_pages_available
 from clinkd_kernels.loss import linear_kd_loss
 
 
@@ -28,8 +28,9 @@ def _mapping_of(ptr: int) -> dict | None:
     return None
 
 
+CPU = torch.device("cpu")
 needs_thp = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages on this machine")
-needs_extension = pytest.mark.skipif(_memory._buffers() is None, reason="the C++ extension is not built")
+needs_extension = pytest.mark.skipif(_dispatch.extension() is None, reason="the C++ extension is not built")
 
 
 @pytest.fixture(autouse=True)
@@ -102,12 +103,20 @@ def test_small_buffer_and_no_thp_fall_back_to_torch_empty(monkeypatch):
     assert big.untyped_storage().resizable() and big.numel() == MIN_BYTES // 4
 
 
-def test_without_the_extension_buffers_come_from_python_mappings(monkeypatch):
-    monkeypatch.setattr(_memory, "_buffers", lambda: None)
+def test_without_the_extension_buffers_come_from_torch_empty(monkeypatch):
+    monkeypatch.setattr(_memory, "extension", lambda: None)
     x = empty_huge_pages((MIN_BYTES // 4,), dtype=torch.float32, cached=True)
+    assert x.untyped_storage().resizable()  # torch's allocator
     x.fill_(2.0)
     assert float(x.sum()) == 2.0 * (MIN_BYTES // 4)
     assert cpu_cache_bytes() == 0 and empty_cpu_cache() == 0
+
+def test_poisoned_outputs(monkeypatch):
+    monkeypatch.setenv("CLINKD_POISON", "1")
+    assert torch.isnan(empty_output((3, 4), dtype=torch.float16, device=CPU)).all()
+    assert (empty_output((5,), dtype=torch.int32, device=CPU) == -1).all()
+    huge = empty_output((MIN_BYTES // 2,), dtype=torch.float16, device=CPU, cached=True)
+    assert torch.isnan(huge).all()
 
 
 @needs_thp
@@ -136,7 +145,7 @@ def test_linear_kd_loss_weight_grad_is_cached_and_accumulates():
 @needs_extension
 def test_bad_sizes_are_refused_in_cpp():
     with pytest.raises(ValueError, match="sizes must be >= 0"):
-        _memory._buffers().cpu_buffer_empty([-1, 3], torch.float32, True)
+        _dispatch.extension().cpu_buffer_empty([-1, 3], torch.float32, True)
 
 
 def _run_with_cache_setting(value: str, code: str):

@@ -15,7 +15,8 @@ import os
 import torch
 import triton
 
-from .._dispatch import empty_output, triton_interpret
+from .._dispatch import triton_interpret
+from .._memory import empty_output
 from ..aot import KernelSpec, kernel_arguments, kernel_signature
 from ..rope.launch import mrope_rotate_triton
 from .bwd import (mcg_attn_bwd_dkdv_kernel, mcg_attn_bwd_dq_kernel, mcg_attn_bwd_finish_kernel,

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import empty_output, resolve_backend
+from .._dispatch import resolve_backend
+from .._memory import empty_output
 from .._validation import check_int
 from ..topk import PseudoLabels
 from . import checks
@@ -131,7 +132,7 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     logits_buf = empty_output((rows_max, vocab), dtype=hidden.dtype, device=hidden.device, huge_pages=True)
     t_buf = None
     if tw is not None:
-        if n <= chunk and gw is not None and gw.dtype == t_hidden.dtype and rows_max <= weight.shape[1]:
+        if n <= chunk and gw is not None and gw.dtype == t_hidden.dtype and rows_max * vocab <= gw.numel():
             # One chunk: grad_W is not written before the teacher's logits are spent, so they live in
             # its buffer (rows·V <= V·Hd elements). Peak memory is then grad_W + one [rows, V] buffer,
             # the least a chunk needs, also when grad_W's buffer is a cached one resident before the call.

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import empty_output, resolve_backend
+from .._dispatch import resolve_backend
+from .._memory import empty_output
 from ..topk import PseudoLabels
 from . import checks
 from .reference import kd_loss_reference

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import empty_output, extension
+from .._dispatch import extension
+from .._memory import empty_output
 from .layout import axis_tensor
 
 _CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step: bounds temporaries, few ops

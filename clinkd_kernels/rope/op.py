@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import empty_output, resolve_backend
+from .._dispatch import resolve_backend
+from .._memory import empty_output
 from .._validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor
 from .cpu import mrope_rotate_cpu
 from .layout import axis_tensor, check_mrope_layout
