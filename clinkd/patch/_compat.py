@@ -23,6 +23,7 @@ computes it (its modeling files are the spec):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from packaging.specifiers import SpecifierSet
@@ -30,7 +31,7 @@ from packaging.version import Version
 
 # The transformers versions the patch supports, stated here only: setup.py reads this line for the
 # ``hf`` extra. Tested: 5.17 and 5.24; the classes and call conventions above are the same over that range.
-SUPPORTED_TRANSFORMERS = (">=5.17", "<5.25")
+SUPPORTED_TRANSFORMERS = (">=5.0", "<5.26")
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -64,6 +65,10 @@ class Family:
 
     def modeling(self):
         return importlib.import_module(self.module)
+
+    def available(self) -> bool:
+        """Whether the installed transformers has this family."""
+        return importlib.util.find_spec(self.module) is not None
 
     def cls(self, part: str) -> type:
         """part: "ForConditionalGeneration", "Model", "TextModel", "RotaryEmbedding" or "Attention"."""

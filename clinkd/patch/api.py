@@ -337,3 +337,45 @@ def unpatch_qwen2_vl_classes(family: str = "Qwen2-VL") -> None:
     for cls, name, original in reversed(applied.changes):
         setattr(cls, name, original)
     delattr(top, _MARK)
+
+
+# --------------------------------------------------------------------------------------------------
+# every family at once: the entry point inside other trainers
+
+
+def apply_to_transformers(*, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
+                          backend: str | None = None, vision_attention: bool | None = None,
+                          families: tuple[str, ...] | None = None) -> dict[str, PatchSettings]:
+    """Patch the classes of every supported family (or of ``families``) so that any Qwen-VL model built
+    afterwards, by any framework (LLaMA-Factory, TRL, PEFT, your own loop), runs on clinkd; options as
+    ``patch_qwen2_vl``. Call it before the framework builds the model. Families the installed
+    transformers does not have are left out; a family already patched is an error (nothing is changed).
+    Returns {family name: the settings applied}; undo with ``revert_transformers()``."""
+    _compat.check_transformers_version()
+    names = [f.name for f in _compat.FAMILIES if f.available()] if families is None else list(families)
+    chosen = [_compat.family_by_name(name) for name in names]
+    patched = [f.name for f in chosen if f.cls("ForConditionalGeneration") in _CLASS_PATCHES]
+    if patched:
+        raise RuntimeError(f"{', '.join(patched)} classes are already patched by clinkd; call revert_transformers() "
+                           "first to change the settings")
+    settings = {}
+    try:
+        for family in chosen:
+            settings[family.name] = patch_qwen2_vl_classes(family.name, mcg_rope=mcg_rope, attention=attention, loss=loss,
+                                              backend=backend, vision_attention=vision_attention)
+    except BaseException:
+        revert_transformers()
+        raise
+    return settings
+
+
+def revert_transformers() -> list[str]:
+    """Undo every class patch (``apply_to_transformers`` and ``patch_qwen2_vl_classes``); returns the
+    families restored. Models built while patched keep running patched methods only if they were
+    instance-patched; class-patched ones run stock again."""
+    restored = []
+    for family in _compat.FAMILIES:
+        if family.available() and family.cls("ForConditionalGeneration") in _CLASS_PATCHES:
+            unpatch_qwen2_vl_classes(family.name)
+            restored.append(family.name)
+    return restored
