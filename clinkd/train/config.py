@@ -27,6 +27,12 @@ docs/examples/run.yaml is a complete example):
       packing: false                  # pack each batch's samples into one row
       pad_to_multiple_of: null
     training: {TrainingArguments fields}       # defaults for every stage
+    lora:                             # LoRA adapters (PEFT) on the student's text decoder instead of
+      r: 8                            #   full fine-tuning (default: null, every weight trains); each
+      alpha: 16                       #   stage's final holds the merged weights, <stage>/adapter the adapter
+      dropout: 0.0
+      target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+      rslora: false
     stages:                           # run in order (default: one sft stage)
       - name: kd                      # unique; the stage's folder under output_dir
         type: kd                      # kd | sft
@@ -42,6 +48,8 @@ docs/examples/run.yaml is a complete example):
         cache_batch_size: 4
         shard_size: 256
         training: {TrainingArguments fields}   # this stage's overrides
+        lora: {...} | true | false    # every stage: its own LoRA keys over config.lora | config.lora (or the
+                                      # defaults) | full fine-tuning; absent: config.lora
       - {name: sft, type: sft, training: {...}}
       - name: rct                     # Reflective Correction Training (clinkd.rct; defaults shown)
         type: rct
@@ -320,6 +328,69 @@ class DataSpec:
         return spec
 
 
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "rslora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (PEFT) on the student's text decoder: rank ``r``; the adapter's output scaled by
+    ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``); ``dropout`` on the adapters' input;
+    ``target_modules``: names of the decoder's linear layers, each of which gets an adapter in every
+    decoder layer (the vision tower and the lm_head never get one). ``clinkd.train.lora`` applies it."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    rslora: bool = False
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), target_modules=list(self.target_modules))
+
+
+def _lora_mapping(where: str, value) -> dict | None:
+    """A ``lora`` value checked: None for null or false (full fine-tuning), {} for true (the defaults, or
+    the run's settings in a stage), else the mapping with each key's value checked."""
+    import math
+    import re
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of LoRA settings ({', '.join(LORA_KEYS)}), true (the "
+                          f"defaults) or null (full fine-tuning), got {_show(value)}")
+    value = dict(_keys(where, value, LORA_KEYS))
+    if "r" in value:
+        _number(f"{where}.r", value["r"], low=1, integer=True)
+    if "alpha" in value:
+        _number(f"{where}.alpha", value["alpha"], low=0, low_open=True)
+        if not math.isfinite(value["alpha"]):
+            raise ConfigError(f"{where}.alpha must be a finite number, got {value['alpha']!r}")
+    if "dropout" in value:
+        _number(f"{where}.dropout", value["dropout"], low=0)
+        if not value["dropout"] < 1:
+            raise ConfigError(f"{where}.dropout must be < 1, got {value['dropout']!r}")
+    if "rslora" in value:
+        _bool(f"{where}.rslora", value["rslora"])
+    if "target_modules" in value:
+        targets = value["target_modules"]
+        if not isinstance(targets, list) or not targets:
+            raise ConfigError(f"{where}.target_modules must be a non-empty list of layer names (e.g. "
+                              f"[{', '.join(LORA_TARGETS)}]), got {_show(targets)}")
+        for i, name in enumerate(targets):
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ConfigError(f"{where}.target_modules[{i}] must be the name of a linear layer (like q_proj), "
+                                  f"got {_show(name)}")
+        repeated = sorted({name for name in targets if targets.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"{where}.target_modules names {', '.join(repeated)} more than once")
+        value["target_modules"] = tuple(targets)
+    return value
+
+
 LOSS_FORMS = ("clinkd", "released")
 
 
@@ -382,6 +453,8 @@ class StageSpec:
     shard_size: int = 256
     training: dict = field(default_factory=dict)
     rct: Any = None  # clinkd.rct.RCTSettings of an rct stage
+    lora: LoraSpec | None = None  # LoRA settings of the stage (its own over config.lora); None: full fine-tuning
+    lora_key: str = "config.lora"  # the key that set them (for errors)
 
     KD_KEYS = ("teacher", "store", "topk", "temperature", "alpha", "beta", "t2_scale", "loss_form", "curriculum",
                "cache_batch_size", "shard_size")
@@ -395,8 +468,9 @@ class StageSpec:
         kind = value.get("type")
         if kind not in STAGE_TYPES:
             raise ConfigError(f"{where}.type must be one of {', '.join(STAGE_TYPES)}, got {_show(kind)}")
-        allowed = ("name", "type", "training") + {"kd": cls.KD_KEYS, "rct": cls.RCT_KEYS}.get(kind, ())
+        allowed = ("name", "type", "training", "lora") + {"kd": cls.KD_KEYS, "rct": cls.RCT_KEYS}.get(kind, ())
         value = dict(_keys(where, value, allowed))
+        value.pop("lora", None)  # resolved against config.lora by parse_config
         rct = _rct_settings(where, {k: value.pop(k) for k in cls.RCT_KEYS if k in value}) if kind == "rct" else None
         name = value.get("name", kind)
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
@@ -452,6 +526,7 @@ class RunConfig:
     training: dict
     seed: int = 42
     preset: str | None = None
+    lora: LoraSpec | None = None  # config.lora (each stage's own settings: stages[].lora)
     source: dict = field(default_factory=dict)  # the merged mapping this was parsed from
 
     @property
@@ -555,7 +630,7 @@ def apply_overrides(mapping: dict, overrides: list[str]) -> dict:
     return out
 
 
-TOP_KEYS = ("preset", "output_dir", "seed", "processor", "models", "data", "training", "stages")
+TOP_KEYS = ("preset", "output_dir", "seed", "processor", "models", "data", "training", "lora", "stages")
 
 
 def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) -> RunConfig:
@@ -616,10 +691,18 @@ def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) ->
                           "(processor.from_pretrained: PATH, or processor.offline: {...})")
 
     training = _training_args("config.training", mapping.get("training"))
+    run_lora = _lora_mapping("config.lora", mapping.get("lora"))
     raw_stages = mapping.get("stages", [{"name": "sft", "type": "sft"}])
     if not isinstance(raw_stages, list) or not raw_stages:
         raise ConfigError("config.stages must be a non-empty list of stages")
     stages = [StageSpec.parse(f"config.stages[{i}]", s) for i, s in enumerate(raw_stages)]
+    for i, (stage, raw) in enumerate(zip(stages, raw_stages)):
+        if "lora" not in raw:  # the run's LoRA settings (or full fine-tuning)
+            stage.lora = None if run_lora is None else LoraSpec(**run_lora)
+            continue
+        own = _lora_mapping(f"config.stages[{i}].lora", raw["lora"])
+        stage.lora = None if own is None else LoraSpec(**{**(run_lora or {}), **own})
+        stage.lora_key = f"config.stages[{i}].lora"
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"config.stages: stage names must be unique, got {names}")
@@ -629,7 +712,8 @@ def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) ->
         if stage.store:
             stage.store = resolve(stage.store)
     return RunConfig(output_dir=resolve(output_dir), models=specs, data=data, stages=stages, processor=processor,
-                     training=training, seed=seed, preset=preset, source=mapping)
+                     training=training, seed=seed, preset=preset,
+                     lora=None if run_lora is None else LoraSpec(**run_lora), source=mapping)
 
 
 def read_config_text(path: str | os.PathLike) -> str:

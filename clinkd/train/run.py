@@ -12,6 +12,8 @@ Folder layout under ``output_dir``:
     <stage>/final/                the student after the stage (from_pretrained-able, with the processor,
                                   and clinkd_patch.json: the patch it was trained with, which
                                   ``clinkd predict`` applies)
+    <stage>/adapter/              a LoRA stage's adapter (PEFT's adapter_config.json, adapter_model.safetensors);
+                                  its final then holds the adapter merged into the weights (clinkd.train.lora)
     <stage>/stage.json            written when the stage is complete (its log history)
     <rct stage>/round-r/          an rct stage's rounds: corrections.jsonl, checkpoints, final/, round.json
                                   (clinkd.train.rct_stage); the stage's final is its last round's
@@ -319,6 +321,32 @@ def check_patch(spec: ModelSpec, cfg, where: str) -> None:
         raise ConfigError(f"{where}.patch: {message}") from None
 
 
+def check_lora(config: RunConfig, cfg) -> None:
+    """The LoRA settings of the run and its stages: peft installed, every target a linear layer of the
+    student's text decoder (on the model built on the meta device). ConfigError naming the key."""
+    specs = ([("config.lora", config.lora)] if config.lora is not None else []) + \
+        [(stage.lora_key, stage.lora) for stage in config.stages if stage.lora is not None]
+    if not specs:
+        return
+    from transformers import AutoModelForImageTextToText
+
+    from .lora import decoder_linears, peft_problem, target_problem
+
+    problem = peft_problem()
+    if problem is not None:
+        raise ConfigError(f"{specs[0][0]}: {problem}")
+    with _quiet(), torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    try:
+        _, names = decoder_linears(model)
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"{specs[0][0]}: {e}") from None
+    for key, spec in specs:
+        problem = target_problem(spec, names)
+        if problem is not None:
+            raise ConfigError(f"{key}.target_modules: {problem}")
+
+
 def build_model(spec: ModelSpec, cfg, *, seed: int):
     """Load (from_pretrained) or randomly initialise (config, seeded) a model, then apply its patch."""
     from transformers import AutoModelForImageTextToText, set_seed
@@ -396,6 +424,7 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
     check_models(configs, processor)
     for role, cfg in configs.items():
         check_patch(config.models[role], cfg, f"config.models.{role}")
+    check_lora(config, configs["student"])
     for i, stage in enumerate(config.stages):
         if stage.type == "rct":
             check_similarity(stage, f"config.stages[{i}]")
@@ -453,6 +482,8 @@ def check_training_arguments(config: RunConfig) -> None:
                     raise ConfigError(f"{where}: report_to {name!r} is not an available logger (installed: "
                                       f"{', '.join(get_available_reporting_integrations()) or 'none'})")
             _check_deepspeed(args.deepspeed, where)
+            if stage.lora is not None:
+                _check_lora_engine(args, stage, i)
             optim = getattr(args.optim, "value", args.optim)
             if any(n in str(optim) for n in _NEEDS_MODEL):
                 continue
@@ -472,17 +503,35 @@ def check_training_arguments(config: RunConfig) -> None:
                                   f"(lr_scheduler_kwargs, warmup_steps): {' '.join(str(e).split())}") from None
 
 
-def _check_deepspeed(value, where: str) -> None:
-    """A ZeRO-3 DeepSpeed config must gather the weights when a model is saved: without
-    ``stage3_gather_16bit_weights_on_model_save`` every stage's ``final`` folder would hold no weights."""
+def _deepspeed_zero(value, where: str) -> dict:
+    """The zero_optimization mapping of a DeepSpeed config (a mapping or a JSON file), {} when none."""
     if value is None:
-        return
+        return {}
     if isinstance(value, (str, os.PathLike)):
         try:
             value = json.loads(Path(value).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{where}.deepspeed: cannot read the DeepSpeed config {value}: {e}") from None
     zero = value.get("zero_optimization", {}) if isinstance(value, dict) else {}
+    return zero if isinstance(zero, dict) else {}
+
+
+def _check_lora_engine(args, stage: StageSpec, index: int) -> None:
+    """A LoRA stage merges its adapter into the full weights: not under DeepSpeed ZeRO-3 or FSDP, which
+    shard them."""
+    where = f"config.stages[{index}].training (stage {stage.name!r}, over config.training)"
+    engine = ("DeepSpeed ZeRO-3" if _deepspeed_zero(args.deepspeed, where).get("stage") == 3 else
+              "FSDP" if args.fsdp else None)
+    if engine is not None:
+        raise ConfigError(f"{stage.lora_key}: stage {stage.name!r} trains LoRA adapters, which cannot run under "
+                          f"{engine}: merging the adapter into the stage's final weights needs the full weights on "
+                          "every process (use DeepSpeed ZeRO-1/2 or DDP, or full fine-tuning)")
+
+
+def _check_deepspeed(value, where: str) -> None:
+    """A ZeRO-3 DeepSpeed config must gather the weights when a model is saved: without
+    ``stage3_gather_16bit_weights_on_model_save`` every stage's ``final`` folder would hold no weights."""
+    zero = _deepspeed_zero(value, where)
     if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
         raise ConfigError(f"{where}.deepspeed: a ZeRO-3 config needs zero_optimization."
                           "stage3_gather_16bit_weights_on_model_save: true, or the stages' final folders hold no "
@@ -589,26 +638,28 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
     def stage_arguments(stage, output_dir, overrides):
         return _training_arguments(config, stage, progress=progress, output_dir=output_dir, overrides=overrides)
 
-    for stage in config.stages:
+    base = config.student.from_pretrained  # the folder the next stage's student comes from (None: random init)
+    for index, stage in enumerate(config.stages):
         stage_dir = out / stage.name
         done = stage_dir / "stage.json"
         if resume and done.is_file():
             results[stage.name] = json.loads(done.read_text())
-            student_spec = ModelSpec(from_pretrained=results[stage.name].get("final", str(stage_dir / "final")),
-                                     dtype=config.student.dtype, patch=config.student.patch)
+            base = results[stage.name].get("final", str(stage_dir / "final"))
+            student_spec = ModelSpec(from_pretrained=base, dtype=config.student.dtype, patch=config.student.patch)
             student = None
             continue
         if stage.type == "rct":
             from .rct_stage import run_rct_stage
 
             student, result = run_rct_stage(prepared, stage, student, load_student=load_student,
-                                            training_arguments=stage_arguments, resume=resume, progress=progress, callbacks=callbacks)
+                                            training_arguments=stage_arguments, resume=resume, progress=progress,
+                                            callbacks=callbacks, base=base)
             if state.is_main_process:
                 write_bytes_atomic(done, json.dumps(result, indent=1).encode())
             state.wait_for_everyone()
             results[stage.name] = result
-            student_spec = ModelSpec(from_pretrained=result["final"], dtype=config.student.dtype,
-                                     patch=config.student.patch)
+            base = result["final"]
+            student_spec = ModelSpec(from_pretrained=base, dtype=config.student.dtype, patch=config.student.patch)
             continue
         if student is None:
             student = load_student(None)
@@ -622,26 +673,44 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
             else:
                 online = teacher_factory()
         args = _training_arguments(config, stage, progress=progress)
-        trainer = ClinKDTrainer(model=student, args=args, train_dataset=prepared.dataset,
+        model = student
+        if stage.lora is not None:  # the patched student wrapped with LoRA adapters (clinkd.train.lora)
+            from .lora import wrap_lora
+
+            model = wrap_lora(student, stage.lora, base=base)
+        trainer = ClinKDTrainer(model=model, args=args, train_dataset=prepared.dataset,
                                 data_collator=prepared.collator, processing_class=prepared.processor, kd=kd,
                                 teacher=online, store=store, callbacks=callbacks,
                                 kernel_backend=(config.student.patch or {}).get("backend"))
+        if stage.lora is not None:
+            from .lora import check_engine
+
+            check_engine(trainer, f"config.stages[{index}] ({stage.name})")
         checkpoint = get_last_checkpoint(str(stage_dir)) if resume and stage_dir.is_dir() else None
         trainer.train(resume_from_checkpoint=checkpoint)
         final = stage_dir / "final"
-        trainer.save_model(str(final))
         result = {"final": str(final), "log_history": trainer.state.log_history}
+        if stage.lora is not None:  # the adapter, then the merged weights in final (with the patch record)
+            from .lora import save_lora_stage
+
+            student = save_lora_stage(trainer, final, stage_dir / "adapter", patch=config.student.patch)
+            result.update(adapter=str(stage_dir / "adapter"), lora=stage.lora.as_dict())
+        else:
+            trainer.save_model(str(final))
         if trainer.is_world_process_zero():  # the process that saved the model writes what goes with it
-            write_patch_record(final, config.student.patch)
+            if stage.lora is None:
+                write_patch_record(final, config.student.patch)
             write_bytes_atomic(done, json.dumps(result, indent=1).encode())
         trainer.accelerator.wait_for_everyone()
         results[stage.name] = result
+        base = str(final)
         if stage.type == "kd" and teacher is not None and not any(
                 s.type == "kd" for s in config.stages[config.stages.index(stage) + 1:]):
             teacher = None  # no later kd stage: free its memory
     return results
 
 
-__all__ = ["PATCH_RECORD", "PreparedRun", "build_model", "check_architecture", "check_buildable", "check_models",
+__all__ = ["PATCH_RECORD", "PreparedRun", "build_model", "check_architecture", "check_buildable", "check_lora",
+           "check_models",
            "check_output_paths", "check_patch", "check_similarity", "check_training_arguments", "ensure_store", "model_config",
            "patch_positions", "prepare_run", "read_patch_record", "run_training", "store_meta", "write_patch_record"]

@@ -18,7 +18,8 @@ out the full weight and take its gradient back. Everything else (optimizer, sche
 accumulation, mixed precision, checkpoints, resume, logging, accelerate/DeepSpeed) is Trainer's; the
 loss is a per-micro-batch mean, which Trainer divides by the accumulation steps. Logged besides
 ``loss``: ``kd_loss`` and ``ce_loss`` (means over the micro-batches since the last log) and
-``kd_fraction`` (the curriculum's current fraction).
+``kd_fraction`` (the curriculum's current fraction). The model may be a ``peft.PeftModel`` (a LoRA stage,
+``clinkd.train.lora``): its forward runs the adapters, the loss reads the frozen lm_head of the model inside.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..distill.cache import head_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
 from .config import loss_form_problem
 from .curriculum import MarginCurriculum
+from .lora import base_of
 from .released import released_linear_kd_loss
 
 
@@ -191,7 +193,7 @@ class ClinKDTrainer(Trainer):
 
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        student = self.accelerator.unwrap_model(model)
+        student = base_of(self.accelerator.unwrap_model(model))  # a LoRA student: the model inside the PeftModel
         forward_inputs = model_inputs(student, inputs)
         # Through the (possibly wrapped) model's forward, so DDP sees the parameters used; logits for
         # one position only: the loss computes the rest chunk by chunk.
