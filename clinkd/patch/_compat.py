@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 # The transformers versions the patch supports, stated here only: setup.py reads this line for the
-# ``hf`` extra. Tested: 5.17 and 5.24; the classes and call conventions above are the same over that range.
+# ``hf`` extra. Every minor release in it is run through the patch equivalence suite (docs/frameworks.md:
+# the support table). Where the layouts differ, the adapters below find what the installed
+# transformers has by looking at its classes, never by its version string.
 SUPPORTED_TRANSFORMERS = (">=5.0", "<5.26")
 
 
@@ -79,6 +82,10 @@ class Family:
         """part: "attention" or "rotary"."""
         return getattr(self.modeling(), self.vision_attention if part == "attention" else self.vision_rotary)
 
+    def has(self, part: str, name: str) -> bool:
+        """Whether the installed transformers' class ``part`` defines the method ``name``."""
+        return hasattr(self.cls(part), name)
+
     def output_class(self) -> type:
         """The output class the stock causal-LM forward returns (its name changed across versions)."""
         legacy = getattr(self.modeling(), f"{self.prefix}CausalLMOutputWithPast", None)
@@ -100,6 +107,96 @@ FAMILIES = (
            video="split", mrope_interleaved=True, default_section=(24, 20, 20),
            vision_attention="Qwen3VLVisionAttention", vision_rotary="Qwen3VLVisionRotaryEmbedding"),
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout adapters: one small function per difference between transformers releases of the window.
+#
+#   where the 3-D positions are computed      5.0-5.1: inside <P>Model.forward and prepare_inputs_for_generation
+#                                             5.2+:    <P>Model.compute_3d_position_ids (and generate()'s
+#                                                      _prepare_position_ids_for_generation)
+#   what get_rope_index reads                 5.0-5.2: the placeholder ids in input_ids
+#                                             5.3+:    mm_token_type_ids (0 text, 1 image, 2 video)
+#   the text rotary's output                  5.0-5.16: cos/sin per axis [3,B,S,D], the attention picks the
+#                                                      sections (apply_multimodal_rotary_pos_emb)
+#                                             5.17+:   cos/sin recomposed [B,S,D], sections on the rotary
+#   get_rope_index's conventions              5.0-5.2: the segment after a video starts after its last frame;
+#                                             5.0-5.1: rope_deltas over the padded length, padding at 1
+#                                             5.3+:    after its largest spatial position; deltas over
+#                                                      the unpadded tokens; padding at 0
+#   Qwen2.5-VL video seconds per grid         5.0-5.17: truncated to an integer before the product
+#                                             5.18+:   multiplied as given
+#   the vision rotary                         5.0-5.16: a frequency table per patch, cos/sin made by the tower
+#                                             5.17+:   the axial 2-D rotary module, fed (h, w) coordinates
+#
+# The first two decide which methods the patch wraps (positions.py); the rotary's output never matters to
+# the fused path (it reads the position ids and inv_freq) and the stock path is fed the stock output.
+
+
+def takes_token_types(family: Family) -> bool:
+    """Whether the stock position callers read ``mm_token_type_ids`` (5.3+): then the patch completes a
+    missing one from ``input_ids``. Before, ``get_rope_index`` finds the vision runs from the ids itself."""
+    if not family.has("Model", "compute_3d_position_ids"):
+        return False
+    return "mm_token_type_ids" in inspect.signature(family.cls("Model").compute_3d_position_ids).parameters
+
+
+def text_mrope_section(rotary) -> list[int]:
+    """(s_t, s_h, s_w) of a text rotary embedding module: kept on the module (5.17+, and Qwen3-VL), or read
+    by the attention from the config (before 5.17)."""
+    section = getattr(rotary, "mrope_section", None)
+    if section is None:
+        rope = getattr(rotary.config, "rope_parameters", None) or {}
+        section = rope["mrope_section"]
+    return [int(s) for s in section]
+
+
+@dataclass(frozen=True)
+class IndexConventions:
+    """What the installed transformers expects of ``get_rope_index`` besides the positions clinkd's index
+    computes: the value at padding, what rope_deltas count, and the rule after a video."""
+
+    pad_position: int = 0
+    deltas_over_padded_length: bool = False  # rope_deltas = largest + 1 - S (else - unpadded tokens)
+    restart_after_last_frame: bool = False   # the segment after a video starts after its last frame
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(inspect.unwrap(function))
+    except (OSError, TypeError):
+        return ""
+
+
+def index_conventions(model_cls: type) -> IndexConventions:
+    """The conventions of a ``<P>Model`` class, read from its stock ``get_rope_index`` (the per-row loop of
+    releases before 5.3: ``llm_pos_ids_list[-1].max() + 1``, ``position_ids = torch.ones(``) and from
+    who consumes rope_deltas: 5.0-5.1's forward continues a cache at ``cache length + rope_deltas``
+    (deltas over the padded length, as its index writes them); from 5.2 ``compute_3d_position_ids``
+    continues at ``unpadded count + rope_deltas`` (deltas over the unpadded tokens; 5.2's own index still
+    wrote padded-length deltas, clamped at 0 for Qwen2-VL, which its decoding then misplaces: the
+    deltas its decoding needs are written instead)."""
+    source = _source(vars(model_cls).get("get_rope_index", getattr(model_cls, "get_rope_index")))
+    if "len(total_input_ids[i])" not in source:
+        return IndexConventions()
+    return IndexConventions(
+        pad_position=1 if "position_ids = torch.ones(" in source else 0,
+        deltas_over_padded_length=not hasattr(model_cls, "compute_3d_position_ids"),
+        restart_after_last_frame="llm_pos_ids_list[-1].max() + 1" in source)
+
+
+def video_seconds_truncated(get_rope_index) -> bool:
+    """Whether a stock Qwen2.5-VL ``get_rope_index`` truncates ``second_per_grid_ts`` to whole seconds before
+    multiplying by ``tokens_per_second`` (``int(...)``, or a cast to the int64 frame range: releases before
+    5.18), read from its source. 5.18+ multiplies the given seconds (``tokens_per_second * next(...)``)."""
+    return "tokens_per_second * next(second_per_grid_ts)" not in _source(get_rope_index)
+
+
+def axial_vision_rotary(family: Family) -> bool:
+    """Whether the vision tower's rotary is the axial 2-D module fed (h, w) coordinates (5.17+), the form
+    the fused vision attention replaces. Before, the tower builds cos/sin from a frequency table itself."""
+    rotary = getattr(family.modeling(), family.vision_rotary, None)
+    return rotary is not None and hasattr(rotary, "compute_axial_rope_parameters")
 
 
 def supported_names() -> str:

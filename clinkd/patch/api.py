@@ -75,7 +75,15 @@ def _settings(family, mcg_rope, attention, loss, backend, vision_attention, visi
                         f"{type(vision_attention).__name__}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
-    if vision_config is None:  # the class patch: no config yet; towers are served per call
+    if not _compat.axial_vision_rotary(family):
+        if vision_attention:
+            import transformers
+
+            raise ValueError(f"vision_attention=True: the fused vision attention replaces the axial 2-D rotary of "
+                             f"transformers 5.17+, and transformers {transformers.__version__} builds the vision "
+                             "tower's cos/sin itself; patch with vision_attention=None or False (the stock tower)")
+        vision_attention = False
+    elif vision_config is None:  # the class patch: no config yet; towers are served per call
         vision_attention = vision_attention is not False
     elif vision_attention is None:
         vision_attention = _vision_refusal(vision_config, family) is None
@@ -165,12 +173,15 @@ def check_patchable(config, *, mcg_rope=MCGRope(), attention: bool = True, loss:
 def _replacements(family, settings: PatchSettings, previous):
     """[(class, method name, factory(call, wrapped) -> function)] for what ``settings`` turns on.
     ``previous(cls, name)`` gives the function whose signature the replacement keeps.
-    Whatever ``settings`` say, both callers of ``get_rope_index`` complete a missing
-    ``mm_token_type_ids`` (``positions``): a patched model never decodes with 1-D positions."""
-    out = [(family.cls("Model"), "compute_3d_position_ids", lambda call, wrapped: make_compute_3d_position_ids(
-                call, wrapped, types_decide=settings.mcg_rope is None)),
-           (family.cls("ForConditionalGeneration"), "_prepare_position_ids_for_generation",
-            make_prepare_position_ids_for_generation)]
+    Whatever ``settings`` say, where the stock callers of ``get_rope_index`` read ``mm_token_type_ids``
+    (transformers 5.3+) both complete a missing one (``positions``): a patched model never decodes with
+    1-D positions. Before 5.3 ``get_rope_index`` reads the placeholder ids and needs no help."""
+    out = []
+    if _compat.takes_token_types(family):
+        out += [(family.cls("Model"), "compute_3d_position_ids", lambda call, wrapped: make_compute_3d_position_ids(
+                    call, wrapped, types_decide=settings.mcg_rope is None)),
+                (family.cls("ForConditionalGeneration"), "_prepare_position_ids_for_generation",
+                 make_prepare_position_ids_for_generation)]
     if settings.mcg_rope is not None:
         cls = family.cls("Model")
         out.append((cls, "get_rope_index", lambda call, wrapped: make_get_rope_index(

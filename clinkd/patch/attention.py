@@ -34,6 +34,8 @@ import torch
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels import apply_mrope
 
+from ._compat import text_mrope_section
+
 UNKNOWN = "unknown"  # padding-mask marker: the fused path cannot express the mask, use the stock layer
 _PADDING_MASK = contextvars.ContextVar("clinkd_padding_mask", default=UNKNOWN)
 
@@ -63,7 +65,7 @@ class MRopePositions:
 
     @property
     def mrope_section(self) -> list[int]:
-        return [int(s) for s in self._rotary.mrope_section]
+        return text_mrope_section(self._rotary)
 
     @property
     def attention_scaling(self) -> float:

@@ -34,6 +34,8 @@ import torch
 
 from clinkd_kernels import mcg_rope_index
 
+from ._compat import index_conventions, video_seconds_truncated
+
 
 @dataclass(frozen=True)
 class MCGRope:
@@ -67,14 +69,19 @@ def as_mcg_rope(value) -> MCGRope | None:
                     f"got {type(value).__name__}")
 
 
-def _video_time_interval(second_per_grid_ts, video_grid_thw: torch.Tensor, tokens_per_second) -> torch.Tensor:
+def _video_time_interval(second_per_grid_ts, video_grid_thw: torch.Tensor, tokens_per_second, *,
+                         whole_seconds: bool = False) -> torch.Tensor:
     """fp32 [N_vid]: Qwen2.5-VL's temporal step per frame grid, ``tokens_per_second · second_per_grid_ts[i]``
     (1 second per grid when none is given), multiplied as the stock ``get_rope_index`` multiplies it (an int
-    times each element, a 0-d tensor or a float), so the fp32 step is the stock one to the bit."""
+    times each element, a 0-d tensor or a float), so the fp32 step is the stock one to the bit.
+    whole_seconds: the installed transformers truncates each ``second_per_grid_ts`` to an integer first
+    (``_compat.video_seconds_truncated``), as releases before 5.18 do."""
     n = video_grid_thw.shape[0]
     seconds = [1] * n if second_per_grid_ts is None else list(second_per_grid_ts)
     if len(seconds) < n:
         raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {n} videos (video_grid_thw rows)")
+    if whole_seconds:
+        seconds = [int(s) for s in seconds]
     steps = [tokens_per_second * s for s in seconds[:n]]
     return torch.stack([torch.as_tensor(x).float().reshape(()) for x in steps]).to(video_grid_thw.device)
 
@@ -84,8 +91,11 @@ def make_get_rope_index(original, settings: MCGRope, *, family):
     attention_mask, **kwargs) -> (position_ids [3,B,S], rope_deltas [B,1])`` computing MCG-RoPE indices
     by the rule of ``family`` (``_compat.Family.video``: Qwen2.5-VL's timed video positions from
     ``second_per_grid_ts``, Qwen3-VL's one grid per frame). ``original`` is the stock function (its
-    signature is kept, so callers may pass any of its arguments)."""
+    signature is kept, so callers may pass any of its arguments); the conventions of the installed
+    release (``_compat.IndexConventions``: padding value, what rope_deltas count) are read from it."""
     signature = inspect.signature(original)
+    whole_seconds = family.video == "timed" and video_seconds_truncated(original)
+    conventions = index_conventions(family.cls("Model"))
 
     @functools.wraps(original)
     def get_rope_index(self, *args, **kwargs):
@@ -93,20 +103,46 @@ def make_get_rope_index(original, settings: MCGRope, *, family):
         input_ids = arguments["input_ids"]
         image_grid_thw = arguments.get("image_grid_thw")
         video_grid_thw = arguments.get("video_grid_thw")
+        attention_mask = arguments.get("attention_mask")
         config = self.config
         video = {}
         if family.video == "timed" and video_grid_thw is not None:
             video["video_time_interval"] = _video_time_interval(
-                arguments.get("second_per_grid_ts"), video_grid_thw, config.vision_config.tokens_per_second)
+                arguments.get("second_per_grid_ts"), video_grid_thw, config.vision_config.tokens_per_second,
+                whole_seconds=whole_seconds)
         elif family.video == "split":
             video["split_video_frames"] = True
-        return mcg_rope_index(
+        merge = config.vision_config.spatial_merge_size
+        if conventions.restart_after_last_frame and video_grid_thw is not None and family.video != "split":
+            _check_restart_rule_agrees(video_grid_thw, video.get("video_time_interval"), merge, settings)
+        positions, deltas = mcg_rope_index(
             input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-            attention_mask=arguments.get("attention_mask"), image_token_id=config.image_token_id,
-            video_token_id=config.video_token_id, spatial_merge_size=config.vision_config.spatial_merge_size,
-            modality_gap=settings.modality_gap, vision_stride=settings.vision_stride, pad_position=0, **video)
+            attention_mask=attention_mask, image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id, spatial_merge_size=merge,
+            modality_gap=settings.modality_gap, vision_stride=settings.vision_stride,
+            pad_position=conventions.pad_position, **video)
+        if conventions.deltas_over_padded_length:
+            tokens = input_ids.shape[1] if attention_mask is None else (attention_mask != 0).sum(1, keepdim=True)
+            deltas = deltas + tokens - input_ids.shape[1]
+        return positions, deltas
 
     return get_rope_index
+
+
+def _check_restart_rule_agrees(video_grid_thw: torch.Tensor, interval, merge: int, settings: MCGRope) -> None:
+    """transformers < 5.3 starts the segment after a video at its largest position, the last frame's
+    temporal one included; clinkd's index (and 5.3+) at its largest spatial position. The two agree
+    unless a video's last temporal offset exceeds its spatial extent: refuse that video there."""
+    for i, (t, h, w) in enumerate(video_grid_thw.tolist()):
+        last_frame = (t - 1) if interval is None else int(float(interval[i]) * (t - 1))
+        spatial = (max(h, w) // merge - 1) * settings.vision_stride
+        if last_frame > spatial:
+            import transformers
+
+            raise ValueError(f"video {i} (grid {t}x{h}x{w}): transformers {transformers.__version__} positions the "
+                             f"text after it from its last frame ({last_frame}), clinkd's index from its largest "
+                             f"spatial position ({spatial}), as transformers 5.3+ does; upgrade transformers to "
+                             ">=5.3 for videos with more frames than their spatial extent")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from clinkd.patch._compat import check_transformers_version
 from clinkd_kernels.loss import linear_kd_loss_reference
 from tests.numerics import assert_close
 from tests.patch.test_equivalence import assert_close_model
-from tests.patch.tiny import MIXED_ROWS, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model, qwen3_vl_model
+from tests.patch.tiny import (MIXED_ROWS, TOKEN_TYPES, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model,
+                              qwen3_vl_model)
 
 GAP1 = MCGRope(modality_gap=1, vision_stride=1)
 
@@ -88,11 +89,11 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_transformers_version_outside_the_supported_range(monkeypatch):
-    for good in ("5.17.0", "5.20.1", "5.24.0", "5.24.9.dev0", "5.17.0rc1"):
+    for good in ("5.0.0", "5.0.0rc1", "5.6.0", "5.17.0", "5.24.0", "5.25.0", "5.25.9.dev0"):
         check_transformers_version(good)
     window = ",".join(SUPPORTED_TRANSFORMERS)
-    assert window == ">=5.17,<5.25"
-    for bad in ("4.57.1", "5.16.2", "5.25.0", "5.25.0rc1", "6.0.0"):
+    assert window == ">=5.0,<5.26"
+    for bad in ("4.57.6", "4.99.0", "5.26.0", "5.26.0rc1", "6.0.0"):
         with pytest.raises(RuntimeError) as info:
             check_transformers_version(bad)
         message = str(info.value)
@@ -149,8 +150,8 @@ def test_qwen2_5_vl_video_seconds_must_cover_every_video():
     ids = torch.tensor([[5, 292] + [291] * 4 + [293, 292] + [291] * 4 + [293, 6]])
     grids = torch.tensor([[1, 4, 4], [1, 4, 4]])
     with pytest.raises(ValueError, match="second_per_grid_ts has 1 entries for 2 videos"):
-        model.model.get_rope_index(ids, mm_token_type_ids=(ids == 291).long() * 2, video_grid_thw=grids,
-                                   second_per_grid_ts=torch.tensor([1.0]))
+        types = {"mm_token_type_ids": (ids == 291).long() * 2} if TOKEN_TYPES else {}
+        model.model.get_rope_index(ids, **types, video_grid_thw=grids, second_per_grid_ts=torch.tensor([1.0]))
 
 
 @pytest.mark.parametrize("family", ["Qwen2.5-VL", "Qwen3-VL"])

@@ -99,7 +99,8 @@ def _packed_batch(parts_per_sequence):
         text = torch.arange(piece["input_ids"].shape[1]).view(1, 1, -1)
         pos.append(torch.cat([text, p3]))
         piece["labels"][:, 0] = -100
-    batch = {k: torch.cat([p[k] for p in pieces], dim=1) for k in ("input_ids", "mm_token_type_ids", "labels")}
+    batch = {k: torch.cat([p[k] for p in pieces], dim=1) for k in ("input_ids", "mm_token_type_ids", "labels")
+             if k in pieces[0]}
     grids = [p["image_grid_thw"] for p in pieces if "image_grid_thw" in p]
     batch["image_grid_thw"] = torch.cat(grids)
     batch["pixel_values"] = torch.cat([p["pixel_values"] for p in pieces if "pixel_values" in p])

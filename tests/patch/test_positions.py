@@ -12,7 +12,8 @@ import torch
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
 from tests.patch.test_equivalence import _as, _step, assert_close_model, compare_with_stock_fed
-from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, VIDEO, VISION_END, VISION_START, make_batch, qwen2_vl_model
+from tests.patch.tiny import (IMAGE, MIXED_ROWS, PAD, PAD_POSITION, VIDEO, VISION_END, VISION_START, make_batch,
+                              qwen2_vl_model, stock_deltas)
 
 GAP2 = MCGRope(modality_gap=2, vision_stride=1)
 
@@ -20,7 +21,7 @@ GAP2 = MCGRope(modality_gap=2, vision_stride=1)
 def _mcg_positions(batch, gap=2):
     return mcg_rope_index(batch["input_ids"], image_grid_thw=batch.get("image_grid_thw"),
                           attention_mask=batch["attention_mask"], image_token_id=IMAGE, video_token_id=VIDEO,
-                          modality_gap=gap, pad_position=0)
+                          modality_gap=gap, pad_position=PAD_POSITION)
 
 
 def _record_positions(model):
@@ -44,7 +45,7 @@ def test_forward_uses_mcg_positions_and_matches_stock_fed_them(fused_calls):
     out, grads = _step(patched, batch, return_logits=True, use_cache=False)
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], want)
-    assert torch.equal(patched.model.rope_deltas, deltas)
+    assert torch.equal(patched.model.rope_deltas, stock_deltas(deltas, batch["attention_mask"]))
     assert fused_calls == {"attention": 2, "loss": 1}
 
     # The stock model given the same positions explicitly is the reference (fp64) and baseline (fp32).

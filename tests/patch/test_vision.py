@@ -1,7 +1,9 @@
 """The vision tower on the fused kernel: patched towers of Qwen2-VL, Qwen2.5-VL (window attention) and
 Qwen3-VL equal the stock towers — outputs and every parameter's gradient under the float64 rule —
 on several images of different grids and a video, on the CPU path and on the Triton path under the
-interpreter; the option's defaults and refusals; a tower whose head_dim the kernel does not take."""
+interpreter; the option's defaults and refusals; a tower whose head_dim the kernel does not take.
+Before transformers 5.17 the tower builds its cos/sin itself (no axial rotary module to hand on the
+coordinates): there the fused tower is not offered, and the last test holds the refusal instead."""
 
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ import torch
 
 import clinkd.patch.vision as vision_mod
 from clinkd.patch import patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl_classes
+from clinkd.patch._compat import axial_vision_rotary, family_by_name
 from tests.patch.test_equivalence import assert_close_model
 from tests.patch.tiny import PATCH_DIM, qwen2_5_vl_model, qwen2_vl_model, qwen3_vl_model
 
 # Images of different grids (h, w before the 2x2 merge) and a 2-frame video, as the processor packs them.
 GRIDS = torch.tensor([[1, 8, 12], [1, 4, 4], [2, 8, 8]])
 SMALL_GRIDS = torch.tensor([[1, 8, 8], [2, 4, 8]])  # for the interpreter
+AXIAL = all(axial_vision_rotary(family_by_name(f)) for f in ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"))
+served_here = pytest.mark.skipif(not AXIAL, reason="transformers < 5.17 has no axial vision rotary: the fused "
+                                                   "tower is refused there (test_older_towers_stay_stock)")
 
 
 def _tower_model(family: str):
@@ -66,6 +72,7 @@ def vision_calls(monkeypatch):
     return calls
 
 
+@served_here
 @pytest.mark.parametrize("family", ["Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_patched_tower_equals_stock(family, backend, vision_calls, request):
@@ -89,6 +96,7 @@ def test_patched_tower_equals_stock(family, backend, vision_calls, request):
         assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
 
 
+@served_here
 def test_whole_model_with_the_fused_tower_equals_stock(vision_calls):
     """The tower inside a full training step (Qwen2.5-VL, windows): loss and gradients as stock."""
     from tests.patch.test_equivalence import _compare
@@ -101,6 +109,7 @@ def test_whole_model_with_the_fused_tower_equals_stock(vision_calls):
     assert len(vision_calls) == 2
 
 
+@served_here
 def test_defaults_and_refusals():
     tiny = qwen3_vl_model()  # vision head_dim 16: not served
     assert patch_settings(patch_qwen2_vl(copy.deepcopy(tiny), backend="cpu")).vision_attention is False
@@ -114,6 +123,7 @@ def test_defaults_and_refusals():
     assert not any("forward" in vars(m) for m in served.model.visual.modules())
 
 
+@served_here
 def test_class_patch_serves_what_it_can(vision_calls):
     """Class-patched: a tower the kernel takes runs fused, one it does not (head_dim 16) runs the stock
     layer on the stock tables made from the coordinates; both equal stock."""
@@ -136,6 +146,7 @@ def test_class_patch_serves_what_it_can(vision_calls):
             assert ((o - r).norm() <= tol * r.norm()).item(), f"{name}: {((o - r).norm() / r.norm()).item():.2e}"
 
 
+@served_here
 def test_class_patch_with_vision_attention_true_refuses_a_tower_it_cannot_serve():
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -147,3 +158,28 @@ def test_class_patch_with_vision_attention_true_refuses_a_tower_it_cannot_serve(
         assert patch_settings(Qwen3VLForConditionalGeneration(served)).vision_attention
     finally:
         unpatch_qwen2_vl_classes("Qwen3-VL")
+
+
+@pytest.mark.skipif(AXIAL, reason="transformers 5.17+ serves the fused tower (the tests above)")
+def test_older_towers_stay_stock():
+    """transformers < 5.17: vision_attention=None leaves the tower stock, True is refused by name before
+    anything changes, and the class patch leaves the vision classes alone."""
+    grids = torch.tensor([[1, 4, 8], [1, 4, 4]])
+    pixels = torch.randn(int(grids.prod(-1).sum()), PATCH_DIM)
+    for family, build in (("Qwen2-VL", qwen2_vl_model), ("Qwen3-VL", qwen3_vl_model)):
+        stock = build().train()
+        patched = patch_qwen2_vl(copy.deepcopy(stock), backend="cpu")
+        assert patch_settings(patched).vision_attention is False
+        assert not any("forward" in vars(m) for m in patched.model.visual.modules())
+        (out, _), (ref, _) = _run_tower(patched, pixels, grids), _run_tower(stock, pixels, grids)
+        assert all(torch.equal(o, r) for o, r in zip(out, ref))
+        with pytest.raises(ValueError, match=r"vision_attention=True: .*transformers 5\.17\+.*vision_attention=None"):
+            patch_qwen2_vl(stock, vision_attention=True)
+        assert patch_settings(stock) is None and not any("forward" in vars(m) for m in stock.modules())
+        fam = family_by_name(family)
+        before = {n: vars(fam.modeling())[n].forward for n in (fam.vision_attention,) if n in vars(fam.modeling())}
+        patch_qwen2_vl_classes(family, backend="cpu")
+        try:
+            assert all(vars(fam.modeling())[n].forward is f for n, f in before.items())
+        finally:
+            unpatch_qwen2_vl_classes(family)

@@ -20,6 +20,35 @@ PAD, EOS = 0, 2
 PATCH_DIM = 3 * 1 * 2 * 2  # channels · temporal patch · patch²
 
 
+def _takes_token_types() -> bool:
+    from clinkd.patch._compat import FAMILIES, takes_token_types
+
+    return takes_token_types(FAMILIES[0])
+
+
+TOKEN_TYPES = _takes_token_types()  # the installed transformers reads mm_token_type_ids (5.3+)
+
+
+def _index_conventions():
+    from transformers import Qwen2VLModel
+
+    from clinkd.patch._compat import index_conventions
+
+    return index_conventions(Qwen2VLModel)
+
+
+CONVENTIONS = _index_conventions()  # padding value and rope_deltas of the installed get_rope_index
+PAD_POSITION = CONVENTIONS.pad_position
+
+
+def stock_deltas(deltas: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``mcg_rope_index``'s rope_deltas [B,1] (over the unpadded tokens) as the installed transformers
+    counts them (5.0-5.1: over the padded length)."""
+    if not CONVENTIONS.deltas_over_padded_length:
+        return deltas
+    return deltas + attention_mask.sum(1, keepdim=True) - attention_mask.shape[1]
+
+
 def text_config(**overrides) -> dict:
     cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
@@ -77,7 +106,8 @@ def _video_frames(grid) -> list[int]:
 
 def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32, frames: bool = False) -> dict:
     """rows: per sample a list of parts: an int n (n text tokens), a tuple (t, h, w) (an image grid) or
-    ("video", t, h, w). Returns input_ids, attention_mask, mm_token_type_ids, labels (the text tokens;
+    ("video", t, h, w). Returns input_ids, attention_mask, mm_token_type_ids (where the installed
+    transformers takes them), labels (the text tokens;
     padding and placeholders -100) and, when present, pixel_values/image_grid_thw and
     pixel_values_videos/video_grid_thw; padded on ``padding``. ``frames``: videos laid out frame by
     frame with timestamps (Qwen3-VL), else as one run (Qwen2-VL, Qwen2.5-VL)."""
@@ -104,6 +134,8 @@ def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32,
     labels = input_ids.masked_fill((mask == 0) | (input_ids == IMAGE) | (input_ids == VIDEO), -100)
     types = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
     batch = dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=types, labels=labels)
+    if not TOKEN_TYPES:  # as the processor of transformers < 5.3 returns it: models there take no types
+        del batch["mm_token_type_ids"]
     for found, key, pixels in ((grids, "image_grid_thw", "pixel_values"),
                                (video_grids, "video_grid_thw", "pixel_values_videos")):
         if found:
