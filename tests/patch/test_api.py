@@ -349,3 +349,38 @@ def test_a_deep_copy_of_a_patched_model_runs_on_its_own_weights():
     assert patch_settings(model) is not None and patch_settings(twin) is None
     with torch.no_grad():
         torch.testing.assert_close(model(**batch, use_cache=False).logits, original)
+
+
+def test_apply_to_transformers_patches_every_family_and_reverts(fused_calls):
+    """The entry point inside other trainers: every family's classes patched at once (models built
+    afterwards run fused and, at gap 1, equal stock), refusing a second call, reverted by one call."""
+    import clinkd
+    from clinkd.patch._compat import FAMILIES
+
+    stock = qwen2_vl_model().train()
+    batch = make_batch(MIXED_ROWS, padding="right")
+    want = stock(**batch, use_cache=False).loss
+    applied = clinkd.apply_to_transformers(mcg_rope=GAP1, backend="cpu")
+    try:
+        assert set(applied) == {f.name for f in FAMILIES if f.available()}
+        assert all(s.mcg_rope == GAP1 and s.attention and s.loss for s in applied.values())
+        for family in FAMILIES:
+            assert patch_settings(family.cls("ForConditionalGeneration")) == applied[family.name]
+        with pytest.raises(RuntimeError, match="already patched by clinkd; call revert_transformers"):
+            clinkd.apply_to_transformers()
+        model = transformers.Qwen2VLForConditionalGeneration(stock.config)
+        model.load_state_dict(stock.state_dict())
+        got = model.train()(**batch, use_cache=False).loss
+        assert fused_calls == {"attention": 2, "loss": 1}
+        assert_close_model("loss", got, want.double(), want)
+    finally:
+        restored = clinkd.revert_transformers()
+    assert set(restored) == set(applied)
+    assert all(patch_settings(f.cls("ForConditionalGeneration")) is None for f in FAMILIES)
+    assert clinkd.revert_transformers() == []
+    # a bad option changes nothing
+    with pytest.raises(ValueError, match="backend must be one of"):
+        clinkd.apply_to_transformers(backend="cuda-please")
+    assert all(patch_settings(f.cls("ForConditionalGeneration")) is None for f in FAMILIES)
+    with pytest.raises(ValueError, match="unknown model family"):
+        clinkd.apply_to_transformers(families=("Llama",))
