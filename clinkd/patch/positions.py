@@ -104,6 +104,8 @@ def make_get_rope_index(original, settings: MCGRope, *, family):
         image_grid_thw = arguments.get("image_grid_thw")
         video_grid_thw = arguments.get("video_grid_thw")
         attention_mask = arguments.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point():
+            attention_mask = attention_mask != 0  # stock takes float masks (LLaMA-Factory's collator passes one)
         config = self.config
         video = {}
         if family.video == "timed" and video_grid_thw is not None:

@@ -126,43 +126,6 @@ def _report_callback(report: dict, path: str | None):
     return ClinkdReport()
 
 
-# LLaMA-Factory's collator computes the 3-D positions itself, with
-# ``model.model.get_rope_index(..., attention_mask=(mask >= 1).float())``. Stock transformers takes a
-# float mask (it keeps the tokens where ``mask.bool()``); clinkd's patched get_rope_index hands it
-# to ``mcg_rope_index``, which refuses float masks (TypeError). Until clinkd takes them, float masks
-# are turned into the boolean mask stock transformers derives from them, before clinkd sees them.
-_ROPE_INDEX_CLASSES = ("Qwen2VLModel", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLModel",
-                       "Qwen2_5_VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLForConditionalGeneration")
-
-
-def _bool_float_masks() -> list[str]:
-    """Wrap the (patched) ``get_rope_index`` of each class that defines one; returns their names.
-    ``clinkd.revert_transformers()`` puts the stock methods back, dropping these wrappers too."""
-    import functools
-    import inspect
-
-    import transformers
-
-    wrapped = []
-    for name in _ROPE_INDEX_CLASSES:
-        cls = getattr(transformers, name, None)
-        method = None if cls is None else vars(cls).get("get_rope_index")
-        if method is None:
-            continue
-        signature = inspect.signature(method)
-
-        def get_rope_index(self, *args, _method=method, _signature=signature, **kwargs):
-            bound = _signature.bind(self, *args, **kwargs)
-            mask = bound.arguments.get("attention_mask")
-            if mask is not None and mask.is_floating_point():
-                bound.arguments["attention_mask"] = mask != 0
-            return _method(*bound.args, **bound.kwargs)
-
-        cls.get_rope_index = functools.wraps(method)(get_rope_index)
-        wrapped.append(name)
-    return wrapped
-
-
 def _torchrun_needed(command: str) -> bool:
     if command != "train" or "LOCAL_RANK" in os.environ:  # a torchrun worker already
         return False
@@ -207,13 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return _torchrun(own, rest)
 
     applied = clinkd.apply_to_transformers(**kwargs)
-    float_masks = _bool_float_masks()
     import llamafactory
 
     report = {"clinkd": clinkd.__version__, "transformers": transformers.__version__,
               "llamafactory": llamafactory.__version__, "command": rest,
-              "applied": {family: _plain(s) for family, s in applied.items()},
-              "float_masks_to_bool": float_masks}
+              "applied": {family: _plain(s) for family, s in applied.items()}}
     _write(opts.report, report)
 
     if command != "train":

@@ -81,6 +81,8 @@ def test_positions_at_gap_1_equal_the_stock_rope_index(family, padding):
     got, deltas = patched.model.get_rope_index(**args)
     keep = batch["attention_mask"].bool()
     assert torch.equal(got[:, keep], want[:, keep])
+    floats = patched.model.get_rope_index(**{**args, "attention_mask": args["attention_mask"].float()})
+    assert all(torch.equal(a, b) for a, b in zip(floats, (got, deltas)))  # a float mask, as stock takes it
     # rope_deltas as the installed release's decoding continues from them, derived from stock's positions.
     # 5.2's own get_rope_index writes deltas its decoding misplaces (_compat.index_conventions): only
     # there are stock's deltas not the reference.
