@@ -26,7 +26,8 @@ __getattr__, __dir__, _exported = lazy_exports(__name__, {
     "clinkd.distill": ("PseudoLabelStore", "PseudoLabelWriter", "StoreError", "StoreMeta", "cache_pseudo_labels"),
     "clinkd.train": ("ClinKDTrainer", "ConfigError", "KDSettings", "MarginCurriculum", "load_config", "prepare_run",
                      "register_preset", "run_training"),
-    "clinkd.patch": ("MCGRope", "apply_to_transformers", "revert_transformers", "final_hidden_states", "next_token_targets", "patch_qwen2_vl", "patch_qwen2_vl_classes",
+    "clinkd.patch": ("MCGRope", "apply_to_transformers", "final_hidden_states", "next_token_targets", "patch_qwen2_vl",
+                     "patch_qwen2_vl_classes", "revert_transformers",
                      "patch_settings", "unpatch_qwen2_vl", "unpatch_qwen2_vl_classes"),
 })
 __all__ = _exported

@@ -84,10 +84,6 @@ class Family:
         """part: "attention" or "rotary"."""
         return getattr(self.modeling(), self.vision_attention if part == "attention" else self.vision_rotary)
 
-    def has(self, part: str, name: str) -> bool:
-        """Whether the installed transformers' class ``part`` defines the method ``name``."""
-        return hasattr(self.cls(part), name)
-
     def output_class(self) -> type:
         """The output class the stock causal-LM forward returns (its name changed across versions)."""
         legacy = getattr(self.modeling(), f"{self.prefix}CausalLMOutputWithPast", None)
@@ -138,9 +134,8 @@ FAMILIES = (
 def takes_token_types(family: Family) -> bool:
     """Whether the stock position callers read ``mm_token_type_ids`` (5.3+): then the patch completes a
     missing one from ``input_ids``. Before, ``get_rope_index`` finds the vision runs from the ids itself."""
-    if not family.has("Model", "compute_3d_position_ids"):
-        return False
-    return "mm_token_type_ids" in inspect.signature(family.cls("Model").compute_3d_position_ids).parameters
+    compute = getattr(family.cls("Model"), "compute_3d_position_ids", None)
+    return compute is not None and "mm_token_type_ids" in inspect.signature(compute).parameters
 
 
 def text_mrope_section(rotary) -> list[int]:
@@ -178,7 +173,7 @@ def index_conventions(model_cls: type) -> IndexConventions:
     continues at ``unpadded count + rope_deltas`` (deltas over the unpadded tokens; 5.2's own index still
     wrote padded-length deltas, clamped at 0 for Qwen2-VL, which its decoding then misplaces: the
     deltas its decoding needs are written instead)."""
-    source = _source(vars(model_cls).get("get_rope_index", getattr(model_cls, "get_rope_index")))
+    source = _source(model_cls.get_rope_index)  # unwrapped: a patched one reads as the stock one
     if "len(total_input_ids[i])" not in source:
         return IndexConventions()
     return IndexConventions(

@@ -372,10 +372,12 @@ def apply_to_transformers(*, mcg_rope=MCGRope(), attention: bool = True, loss: b
     settings = {}
     try:
         for family in chosen:
-            settings[family.name] = patch_qwen2_vl_classes(family.name, mcg_rope=mcg_rope, attention=attention, loss=loss,
-                                              backend=backend, vision_attention=vision_attention)
+            settings[family.name] = patch_qwen2_vl_classes(family.name, mcg_rope=mcg_rope, attention=attention,
+                                                           loss=loss, backend=backend,
+                                                           vision_attention=vision_attention)
     except BaseException:
-        revert_transformers()
+        for name in settings:  # only what this call patched: earlier class patches of other families stay
+            unpatch_qwen2_vl_classes(name)
         raise
     return settings
 
