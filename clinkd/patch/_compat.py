@@ -34,9 +34,10 @@ from packaging.version import Version
 # ``hf`` extra. Every minor release in it is run through the patch equivalence suite (docs/frameworks.md:
 # the support table). Where the layouts differ, the adapters below find what the installed
 # transformers has by looking at its classes, never by its version string.
-# 5.3-5.5 are left out: their stock video positions (get_vision_position_ids before 5.6) crash or differ
-# from every other release's on the patch suite's video rows, so gap 1 = stock cannot be shown there.
-SUPPORTED_TRANSFORMERS = (">=5.0", "!=5.3.*", "!=5.4.*", "!=5.5.*", "<5.26")
+# On 5.3-5.5 the stock positions of multi-frame grids are wrong (``get_vision_position_ids``, rewritten
+# in 5.6) and clinkd's index keeps the rule of every other release; the equivalence suite compares with
+# stock given upstream's fix there (tests/patch/stock_fix.py).
+SUPPORTED_TRANSFORMERS = (">=5.0", "<5.26")
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -122,6 +123,11 @@ FAMILIES = (
 #                                             5.0-5.1: rope_deltas over the padded length, padding at 1
 #                                             5.3+:    after its largest spatial position; deltas over
 #                                                      the unpadded tokens; padding at 0
+#   the vision runs' positions                5.3-5.5: stock's get_vision_position_ids places every frame of a
+#                                                      grid at the first (and Qwen2.5-VL 5.3-5.4 spends a
+#                                                      second_per_grid_ts entry on each image, Qwen3-VL 5.3
+#                                                      leaves video grids unsplit): not followed, clinkd
+#                                                      positions them as 5.2 and 5.6+ do
 #   Qwen2.5-VL video seconds per grid         5.0-5.17: truncated to an integer before the product
 #                                             5.18+:   multiplied as given
 #   the vision rotary                         5.0-5.16: a frequency table per patch, cos/sin made by the tower

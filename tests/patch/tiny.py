@@ -5,7 +5,8 @@ Text decoder: hidden 256, 2 layers, 4 query / 2 KV heads (GQA), head_dim 64 (the
 attention takes), mrope_section (8, 12, 12) = head_dim / 2 (Qwen3-VL: (12, 10, 10), interleaved).
 Vision tower: depth 1, patch 2, temporal patch 1, merge 2, so an image of grid (1, h, w) patches
 becomes h·w/4 placeholder tokens and a video of grid (t, h, w) t·h·w/4 (Qwen3-VL: t frames of h·w/4,
-each after its timestamp text).
+each after its timestamp text). On transformers 5.3-5.5 each model carries the upstream fix of its
+vision positions (stock_fix.py: stock there positions multi-frame grids wrongly).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import random
 
 import torch
+
+from tests.patch.stock_fix import with_fixed_vision_positions
 
 VOCAB = 300
 IMAGE, VIDEO, VISION_START, VISION_END = 290, 291, 292, 293
@@ -76,7 +79,7 @@ def qwen2_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides)
     from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration(qwen2_vl_config(**text_overrides))
-    return _random_text_weights(model, init_std).to(dtype).eval()
+    return with_fixed_vision_positions(_random_text_weights(model, init_std).to(dtype).eval())
 
 
 def _random_text_weights(model, init_std: float):
@@ -160,7 +163,7 @@ def qwen2_5_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_override
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                               vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    return _random_text_weights(model, init_std).to(dtype).eval()
+    return with_fixed_vision_positions(_random_text_weights(model, init_std).to(dtype).eval())
 
 
 def qwen3_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides):
@@ -177,7 +180,7 @@ def qwen3_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides)
     config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen3VLForConditionalGeneration(config)
-    return _random_text_weights(model, init_std).to(dtype).eval()
+    return with_fixed_vision_positions(_random_text_weights(model, init_std).to(dtype).eval())
 
 
 MODELS = {"Qwen2-VL": qwen2_vl_model, "Qwen2.5-VL": qwen2_5_vl_model, "Qwen3-VL": qwen3_vl_model}
