@@ -7,6 +7,8 @@
 * Every dotted ``clinkd…`` / ``clinkd_kernels…`` name written in backticks in the docs exists, and every
   link between the pages (file and heading) resolves.
 * The docs index lists every page, and no tracked file refers to documents users never see.
+* Every name a package exports (``__all__`` of ``clinkd`` and ``clinkd_kernels``) is described in
+  docs/api.md, and README.md stays a short read that keeps the two quick-start commands and valid links.
 """
 
 from __future__ import annotations
@@ -73,9 +75,13 @@ def _anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors of the headings of a Markdown file."""
+    return {_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", page.read_text(encoding="utf-8"), re.M)}
+
+
 def test_links_between_pages_resolve():
-    anchors = {page.name: {_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", page.read_text(encoding="utf-8"), re.M)}
-               for page in PAGES}
+    anchors = {page.name: _anchors(page) for page in PAGES}
     broken = []
     for page in PAGES:
         for target in LINK.findall(page.read_text(encoding="utf-8")):
@@ -87,6 +93,54 @@ def test_links_between_pages_resolve():
                 broken.append(f"{page.name}: {target} (no such file)")
             elif anchor and name.endswith(".md") and anchor not in anchors.get(name, ()):
                 broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the API reference and the README
+
+API = DOCS / "api.md"
+README = ROOT / "README.md"
+README_LIMIT = 10 * 1024  # bytes: a newcomer reads it in five minutes; everything else is in docs/
+# The two quick-start commands, exactly as users type them and CI runs them (.ci/run).
+QUICK_START = ("bash scripts/install.sh demo && .venv/bin/clinkd demo",
+               "bash scripts/install.sh test && .venv/bin/python -m pytest tests/ -q")
+
+
+def _written_in_backticks(name: str, package: str, text: str) -> bool:
+    """``name`` in backticks in ``text``: bare (`name`) or dotted (`package.name`, `package.sub.name`)."""
+    dotted = re.escape(package) + r"(?:\.[A-Za-z_][A-Za-z0-9_]*)*\."
+    return re.search(rf"`(?:{dotted})?{re.escape(name)}`", text) is not None
+
+
+@pytest.mark.parametrize("package", ["clinkd", "clinkd_kernels"])
+def test_every_exported_name_is_documented(package):
+    exported = importlib.import_module(package).__all__
+    text = API.read_text(encoding="utf-8")
+    missing = [name for name in exported if not _written_in_backticks(name, package, text)]
+    assert not missing, f"docs/api.md does not describe these names of {package}.__all__: {missing}"
+
+
+def test_readme_is_a_five_minute_read():
+    data = README.read_bytes()
+    assert len(data) <= README_LIMIT, (f"README.md is {len(data)} bytes, over {README_LIMIT}: move details into "
+                                       "docs/ and link them")
+    lines = data.decode("utf-8").splitlines()
+    for command in QUICK_START:
+        assert command in lines, f"README.md no longer has the quick-start command line {command!r}"
+
+
+def test_readme_links_resolve():
+    broken = []
+    for target in LINK.findall(README.read_text(encoding="utf-8")):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        file = ROOT / path if path else README
+        if not file.exists():
+            broken.append(f"README.md: {target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+            broken.append(f"README.md: {target} (no such heading)")
     assert not broken, "\n".join(broken)
 
 
