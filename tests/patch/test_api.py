@@ -17,7 +17,7 @@ from clinkd.patch import (SUPPORTED_TRANSFORMERS, MCGRope, check_patchable, fina
 from clinkd.patch._compat import check_transformers_version
 from clinkd_kernels.loss import linear_kd_loss_reference
 from tests.numerics import assert_close
-from tests.patch.test_equivalence import assert_close_model
+from tests.patch.compare import assert_close_model
 from tests.patch.tiny import (MIXED_ROWS, TOKEN_TYPES, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model,
                               qwen3_vl_model)
 

@@ -10,61 +10,10 @@ import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
-from tests.numerics import NORM_TOL, assert_close
+from tests.patch.compare import compare_with_stock
 from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, make_batch, qwen2_vl_model
 
 GAP1 = MCGRope(modality_gap=1, vision_stride=1)
-
-
-def _as(batch: dict, dtype, device=None) -> dict:
-    return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in batch.items()}
-
-
-def _step(model, batch, **kwargs):
-    """One training step's outputs: (output, {name: grad}) of loss.backward()."""
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _compare(stock, patched, batch, *, keep=None, **kwargs):
-    """Loss, logits (on ``keep`` tokens) and every parameter gradient of ``patched`` vs stock fp64/fp32."""
-    ref, ref_grads = _step(copy.deepcopy(stock).double(), _as(batch, torch.float64, batch["input_ids"].device),
-                           **kwargs)
-    base, base_grads = _step(stock, batch, **kwargs)
-    out, grads = _step(patched, batch, return_logits=True, **kwargs)
-    assert_close_model("loss", out.loss, ref.loss, base.loss)  # through the whole model, like the logits
-    keep = torch.ones_like(batch["input_ids"], dtype=torch.bool) if keep is None else keep
-    assert_close_model("logits", out.logits[keep], ref.logits[keep], base.logits[keep])
-    assert set(grads) == set(ref_grads), "patched and stock models have gradients for different parameters"
-    for name, ref_grad in ref_grads.items():
-        assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
-
-
-def compare_with_stock_fed(stock, out, grads, batch, position_ids):
-    """A patched step's (output, grads) against the stock model given ``position_ids`` explicitly:
-    the reference in float64, the baseline in float32; logits on the unpadded tokens."""
-    fed = dict(batch, position_ids=position_ids)
-    ref, ref_grads = _step(copy.deepcopy(stock).double(), _as(fed, torch.float64), use_cache=False)
-    base, base_grads = _step(stock, fed, use_cache=False)
-    keep = batch["attention_mask"].bool()
-    assert_close_model("loss", out.loss, ref.loss, base.loss)
-    assert_close_model("logits", out.logits[keep], ref.logits[keep], base.logits[keep])
-    for name, ref_grad in ref_grads.items():
-        assert_close_model(f"grad {name}", grads[name], ref_grad, base_grads[name])
-
-
-def assert_close_model(name, out, ref, base):
-    """§4 rule for quantities computed through a whole model (logits, gradients): rounding accumulates
-    over every layer, so the absolute slack scales with the tensor (tol·max|ref|) and the norm bound is
-    tol or twice the stock model's own relative error in that dtype, whichever is larger
-    (tol = 1e-5 fp32, 1e-2 bf16)."""
-    tol = NORM_TOL[out.dtype]
-    ref64 = ref.double()
-    scale = ref64.abs().max().item()
-    base_rel = ((base.double() - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
-    assert_close(name, out, ref, base, atol=tol * scale, norm_tol=max(tol, 2 * base_rel))
 
 
 # use_cache=None is the config default (True): training then prefills a cache, which the fused path fills too.
@@ -76,7 +25,7 @@ def test_training_step_matches_stock(backend, padding, use_cache, fused_calls):
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend=backend)
     batch = make_batch(MIXED_ROWS, padding=padding)
     # Padded query rows have no defined output (the fused kernel writes 0): compare real tokens only.
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=use_cache)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=use_cache)
     assert fused_calls == {"attention": 2, "loss": 1}  # 2 layers, one loss: the fused path ran
 
 
@@ -84,7 +33,7 @@ def test_training_step_matches_stock_triton_interpreter(fused_calls):
     stock = qwen2_vl_model().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="triton")
     batch = make_batch([[2, (1, 4, 6), 3], [5]], padding="left")
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}
 
 
@@ -117,7 +66,7 @@ def test_packed_batch_matches_stock(described_by, fused_calls):
         starts = (batch["position_ids"][0, 0] == 0).nonzero().squeeze(1)
         cu = torch.cat([starts, torch.tensor([batch["input_ids"].shape[1]])]).int()
         batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-    _compare(stock, patched, batch, use_cache=False)
+    compare_with_stock(stock, patched, batch, use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}
 
 
@@ -148,7 +97,7 @@ def test_video_rows_match_stock(fused_calls):
     stock = qwen2_vl_model().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
     batch = make_batch([[3, ("video", 2, 4, 4), 4], [2, (1, 4, 6), 3, ("video", 2, 6, 4), 2]], padding="left")
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}
 
 
@@ -169,7 +118,7 @@ def test_qwen2_5_vl_images_match_stock(fused_calls):
     stock = qwen2_5_vl_model().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
     batch = make_batch([[3, (1, 4, 6), 5], [7]], padding="right")
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}
 
 
@@ -179,7 +128,7 @@ def test_gradient_checkpointing_matches_stock(fused_calls):
     enable()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
     batch = make_batch(MIXED_ROWS, padding="left")
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert fused_calls["attention"] >= 2  # recomputation in backward runs the fused layer again
 
 
@@ -189,15 +138,15 @@ def test_bf16_cuda_training_step_matches_stock(padding, fused_calls):
     """The Triton kernels on a GPU in bf16 (the interpreter cannot run bf16 dot products)."""
     stock = qwen2_vl_model(dtype=torch.bfloat16).cuda().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="triton")
-    batch = _as(make_batch(MIXED_ROWS, padding=padding), torch.bfloat16, "cuda")
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    batch = as_dtype(make_batch(MIXED_ROWS, padding=padding), torch.bfloat16, "cuda")
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}
 
 
 @pytest.mark.gpu
 def test_bf16_cuda_generate_runs_on_the_fused_prefill(fused_calls):
     model = patch_qwen2_vl(qwen2_vl_model(dtype=torch.bfloat16).cuda(), backend="triton")
-    batch = _as(make_batch(MIXED_ROWS, padding="left"), torch.bfloat16, "cuda")
+    batch = as_dtype(make_batch(MIXED_ROWS, padding="left"), torch.bfloat16, "cuda")
     batch.pop("labels")
     out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     assert out.shape == (3, batch["input_ids"].shape[1] + 4) and fused_calls["attention"] == 2

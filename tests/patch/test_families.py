@@ -22,7 +22,7 @@ import torch
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd.patch._compat import video_seconds_truncated
 from clinkd_kernels import mcg_rope_index
-from tests.patch.test_equivalence import _compare, _step, compare_with_stock_fed
+from tests.patch.compare import compare_with_stock, compare_with_stock_fed, training_step
 from tests.patch.tiny import CONVENTIONS, EOS, IMAGE, MODELS, PAD, VIDEO, VISION_END, VISION_START, make_batch
 
 GAP1 = MCGRope(modality_gap=1, vision_stride=1)
@@ -102,7 +102,7 @@ def test_training_step_matches_stock(family, backend, fused_calls, request):
     stock = MODELS[family]().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend=backend)
     batch = _batch(family, ROWS if backend == "cpu" else SMALL_ROWS)
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}  # 2 layers, one loss: the fused path ran
 
 
@@ -136,7 +136,7 @@ def test_gap_2_equals_stock_fed_the_family_rule(family, fused_calls):
                                                                   "video_grid_thw", "attention_mask") if k in batch})
     assert not torch.equal(want, gap1)  # gap 2 moves positions here
 
-    out, grads = _step(patched, batch, return_logits=True, use_cache=False)
+    out, grads = training_step(patched, batch, return_logits=True, use_cache=False)
     assert fused_calls == {"attention": 2, "loss": 1}
     compare_with_stock_fed(stock, out, grads, batch, want)
 

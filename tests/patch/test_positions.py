@@ -11,7 +11,7 @@ import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
-from tests.patch.test_equivalence import _as, _step, assert_close_model, compare_with_stock_fed
+from tests.patch.compare import as_dtype, assert_close_model, compare_with_stock_fed, training_step
 from tests.patch.tiny import (IMAGE, MIXED_ROWS, PAD, PAD_POSITION, VIDEO, VISION_END, VISION_START, make_batch,
                               qwen2_vl_model, stock_deltas)
 
@@ -42,7 +42,7 @@ def test_forward_uses_mcg_positions_and_matches_stock_fed_them(fused_calls):
     assert not torch.equal(want, _mcg_positions(batch, gap=1)[0])  # gap 2 does move positions here
 
     seen, handle = _record_positions(patched)
-    out, grads = _step(patched, batch, return_logits=True, use_cache=False)
+    out, grads = training_step(patched, batch, return_logits=True, use_cache=False)
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], want)
     assert torch.equal(patched.model.rope_deltas, stock_deltas(deltas, batch["attention_mask"]))
@@ -80,7 +80,7 @@ def test_generate_continues_from_mcg_positions():
     fed = dict(full, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                mm_token_type_ids=(full["input_ids"] == IMAGE).long(), position_ids=full_pos)
     with torch.no_grad():
-        ref = copy.deepcopy(stock).double()(**_as(fed, torch.float64), use_cache=False).logits
+        ref = copy.deepcopy(stock).double()(**as_dtype(fed, torch.float64), use_cache=False).logits
         base = stock(**fed, use_cache=False).logits
     S = batch["input_ids"].shape[1]
     got = torch.stack(gen.logits, dim=1)  # [B, new, V]: step i predicts token S + i from position S - 1 + i

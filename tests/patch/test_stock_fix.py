@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from tests.patch.stock_fix import vision_positions, vision_positions_wrong
-from tests.patch.tiny import MODELS
+from tests.patch.tiny import MODELS, make_batch
+
+# Two-frame and three-frame videos, one after an image: each fault of stock_fix.py shows on these rows.
+ROWS = [[3, (1, 4, 6), 5, ("video", 2, 4, 4), 2], [7], [2, ("video", 3, 4, 4), 3, (1, 4, 4), 4]]
 
 
 def _classes():
@@ -49,11 +52,11 @@ def test_each_fix_is_for_a_fault_of_the_installed_stock(family):
     """Where a fix is on, the stock model without it positions an image-and-videos batch otherwise (or
     fails on it). Qwen3-VL's split grids have one frame each: there the fixed get_vision_position_ids
     alone changes nothing."""
-    from tests.patch.test_families import _batch
-
     model = MODELS[family]().model
     fixed = {"get_vision_position_ids", "get_rope_index"} & set(vars(model))
-    batch = _batch(family)
+    batch = make_batch(ROWS, padding="left", frames=family == "Qwen3-VL")
+    if family == "Qwen2.5-VL":
+        batch["second_per_grid_ts"] = torch.tensor([0.5, 1.7])
     keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
             "second_per_grid_ts")
     args = {k: batch[k] for k in keys if k in batch}

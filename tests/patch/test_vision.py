@@ -15,7 +15,7 @@ import torch
 import clinkd.patch.vision as vision_mod
 from clinkd.patch import patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl_classes
 from clinkd.patch._compat import axial_vision_rotary, family_by_name
-from tests.patch.test_equivalence import assert_close_model
+from tests.patch.compare import assert_close_model
 from tests.patch.tiny import PATCH_DIM, qwen2_5_vl_model, qwen2_vl_model, qwen3_vl_model
 
 # Images of different grids (h, w before the 2x2 merge) and a 2-frame video, as the processor packs them.
@@ -99,13 +99,13 @@ def test_patched_tower_equals_stock(family, backend, vision_calls, request):
 @served_here
 def test_whole_model_with_the_fused_tower_equals_stock(vision_calls):
     """The tower inside a full training step (Qwen2.5-VL, windows): loss and gradients as stock."""
-    from tests.patch.test_equivalence import _compare
+    from tests.patch.compare import compare_with_stock
     from tests.patch.tiny import make_batch
 
     stock = _tower_model("Qwen2.5-VL")
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope={"modality_gap": 1}, backend="cpu")
     batch = make_batch([[3, (1, 8, 12), 2], [2, (1, 4, 4), 3, (1, 8, 8), 1]], padding="left")
-    _compare(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
+    compare_with_stock(stock, patched, batch, keep=batch["attention_mask"].bool(), use_cache=False)
     assert len(vision_calls) == 2
 
 
