@@ -10,7 +10,7 @@ import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
-from tests.patch.compare import compare_with_stock
+from tests.patch.compare import as_dtype, compare_with_stock
 from tests.patch.tiny import IMAGE, MIXED_ROWS, PAD, make_batch, qwen2_vl_model
 
 GAP1 = MCGRope(modality_gap=1, vision_stride=1)
