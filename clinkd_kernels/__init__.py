@@ -1,9 +1,13 @@
 """clinkd_kernels: fused Triton / CUDA / C++ ops for ClinKD training of multimodal LLMs.
 
-One folder per op, each read in the same order: ``reference.py`` (the math in plain PyTorch, the spec
-the kernels are tested against), ``op.py`` (the public function: checks, dispatch, custom op,
-autograd), ``kernels.py`` (or ``fwd.py`` / ``bwd.py``), ``launch.py`` (block sizes, launches,
-ahead-of-time compile specs), ``cpu.py`` (the CPU path). The folder's ``__init__`` says what is where.
+One folder per op; a file name has one role in every folder, read in this order: ``reference.py``
+(the math in plain PyTorch, the spec the kernels are tested against), ``op.py`` (the public function:
+dispatch, custom op, autograd), ``checks.py`` (its argument checks), ``kernels.py`` (the Triton
+kernels; attention's are ``fwd.py`` / ``bwd.py``), ``launch.py`` (block sizes, launches, ahead-of-time
+compile specs), ``cpu.py`` (the CPU path). A folder has only the files of the roles it has (topk's
+kernels are C++ in ``csrc/``, rope_index has none); its ``__init__`` says what is where, including
+its own extra files (rope's ``layout.py``, rope_index's ``device.py``, loss's ``rows.py``,
+``portable.py`` and ``linear_op.py``).
 
 * :func:`topk_pseudo_labels` (``topk/``) – teacher logits → top-k pseudo-labels in one read
   (C++ and CUDA C++ kernels in ``csrc/topk``).
@@ -18,7 +22,8 @@ Memory: ``_memory.py`` makes the kernels' output buffers; :func:`empty_cpu_cache
 it keeps for reuse (the lm_head weight gradient's, on 2 MiB pages), as ``torch.cuda.empty_cache`` does
 on CUDA.
 
-Shared: ``_dispatch.py`` (which backend runs a call), ``_validation.py`` (argument checks),
+Shared: ``_dispatch.py`` (``OP_BACKENDS``, the one table of the backends each op serves, and which
+backend runs a call), ``_validation.py`` (argument checks),
 ``aot.py`` (ahead-of-time compilation for sm_80/sm_90 without a GPU; ``python -m clinkd_kernels.report``),
 ``info.py`` (``python -m clinkd_kernels.info``: versions, backends, a self-check of every op).
 Importing this package imports torch, triton and numpy only.

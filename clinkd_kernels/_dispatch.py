@@ -2,26 +2,64 @@
 
 Backends:
 
-* ``"triton"`` – Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
+* ``"triton"``   – Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
   before the kernel modules were imported (how the test suite runs them without a GPU).
-* ``"cuda"``   – CUDA C++ kernels of the ``clinkd_kernels._C`` extension (CUDA tensors).
-* ``"cpu"``    – C++ CPU kernels of the extension, or a memory-efficient PyTorch path (CPU tensors).
-* ``"torch"``  – the plain PyTorch reference (any device): the spec, written for clarity.
+* ``"cuda"``     – CUDA C++ kernels of the ``clinkd_kernels._C`` extension (CUDA tensors).
+* ``"cpu"``      – C++ CPU kernels of the extension, or a memory-efficient PyTorch path (CPU tensors).
+* ``"portable"`` – the loss rows in chunked PyTorch (any device): what runs where neither the Triton
+  kernel nor the extension can.
+* ``"torch"``    – the plain PyTorch reference (any device): the spec, written for clarity.
 
-A backend is chosen per call: the ``backend=`` argument, else the ``CLINKD_BACKEND`` environment
-variable, else the op's default for the tensor's device. A backend the user asked for that cannot run
-raises an error; nothing silently falls back.
+``OP_BACKENDS`` is the one declaration of which op serves which of them; every public op and
+``resolve_backend`` read it. A backend is chosen per call: the ``backend=`` argument, else the
+``CLINKD_BACKEND`` environment variable, else the op's default for the tensor's device (the first
+backend of its row that can run there, the interpreter and the reference excepted). A backend the
+user asked for that the op does not serve, or that cannot run, raises an error; nothing silently
+falls back.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "portable", "torch")
+
+
+class OpBackends(NamedTuple):
+    """One op's row of ``OP_BACKENDS``.
+
+    ``serves``: the backends the op implements, in order of preference for a device's default.
+    ``cpu_needs_extension``: its ``"cpu"`` backend is a C++ kernel, so it runs only where the
+    extension is built (by default the next backend of the row is taken instead).
+    """
+
+    serves: tuple[str, ...]
+    cpu_needs_extension: bool = False
+
+
+# mcg_rope_index has no row: it takes no backend and picks its path by device (NumPy on the host,
+# tensor ops on the device).
+OP_BACKENDS: dict[str, OpBackends] = {
+    "topk_pseudo_labels": OpBackends(("cuda", "cpu", "torch"), cpu_needs_extension=True),
+    "apply_mrope": OpBackends(("triton", "cpu", "torch")),
+    "mcg_rope_attention": OpBackends(("triton", "cpu", "torch")),
+    "kd_loss": OpBackends(("triton", "cpu", "portable", "torch"), cpu_needs_extension=True),
+    "linear_kd_loss": OpBackends(("triton", "cpu", "portable", "torch"), cpu_needs_extension=True),
+}
+
+
+def served_by_all(*ops: str) -> tuple[str, ...]:
+    """The backends every one of ``ops`` serves, in ``BACKENDS`` order."""
+    return tuple(b for b in BACKENDS if all(b in OP_BACKENDS[op].serves for op in ops))
+
+
+# What one backend= for a whole model forward can name: the backends of every op a patched model
+# passes its backend to (the rotation, the fused attention, the fused loss); None picks by device.
+MODEL_BACKENDS = (None, *served_by_all("apply_mrope", "mcg_rope_attention", "linear_kd_loss"))
 
 
 def triton_interpret() -> bool:
@@ -88,13 +126,12 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}"
 
 
-def resolve_backend(op: str, requested: str | None, device: torch.device, supported: Sequence[str],
-                    *, needs_extension_on_cpu: bool = False) -> str:
-    """Pick the backend for one call of ``op`` on ``device``.
-
-    ``supported`` lists the backends the op implements, in order of preference for the device's
-    default. ``needs_extension_on_cpu`` says the op's ``"cpu"`` backend is a C++ kernel.
-    """
+def resolve_backend(op: str, requested: str | None, device: torch.device) -> str:
+    """Pick the backend for one call of ``op`` (a key of ``OP_BACKENDS``) on ``device``."""
+    try:
+        row = OP_BACKENDS[op]
+    except KeyError:
+        raise KeyError(f"{op!r} has no row in OP_BACKENDS (ops: {sorted(OP_BACKENDS)})") from None
     source = "backend="
     if requested is None:
         env = os.environ.get("CLINKD_BACKEND") or None
@@ -103,21 +140,21 @@ def resolve_backend(op: str, requested: str | None, device: torch.device, suppor
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{source}{requested!r} is not a backend; choose one of {BACKENDS}")
-        if requested not in supported:
-            raise ValueError(f"{op} has no {requested!r} backend; it supports {tuple(supported)}")
+        if requested not in row.serves:
+            raise ValueError(f"{op} has no {requested!r} backend; it supports {row.serves}")
         why = _why_unavailable(requested, device)
-        if why is None and requested == "cpu" and needs_extension_on_cpu and extension() is None:
+        if why is None and requested == "cpu" and row.cpu_needs_extension and extension() is None:
             why = "the clinkd_kernels._C extension is not built"
         if why is not None:
             raise RuntimeError(f"{op}: {source}{requested!r} cannot run: {why}")
         return requested
 
-    for candidate in supported:
+    for candidate in row.serves:
         if candidate == "torch":
             continue
         if candidate == "triton" and device.type == "cpu":
             continue  # the interpreter is for tests: it runs only when asked for by name
-        if candidate == "cpu" and needs_extension_on_cpu and extension() is None:
+        if candidate == "cpu" and row.cpu_needs_extension and extension() is None:
             continue
         if _why_unavailable(candidate, device) is None:
             return candidate

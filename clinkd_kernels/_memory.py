@@ -3,9 +3,10 @@ keeps the lm_head weight gradient's for reuse.
 
 A fresh buffer costs its first touch: the kernel maps and zeroes each page the first time it is written.
 At Qwen's vocabulary the weight gradient of ``linear_kd_loss`` is a fresh [151936, 1536] fp32 buffer
-(0.9 GiB) every step. Measured on a 2-core VM: the matmul that first writes it ran 0.47-0.60 s against
-0.26 s into a buffer already touched; on 2 MiB pages 0.3-0.6 s (a fault per 2 MiB instead of per 4 KiB,
-but the kernel's zeroing of each 2 MiB page still evicts the matmul's cache-blocked panels). So:
+(0.9 GiB) every step, and the matmul that first writes a buffer runs markedly slower than one writing a
+buffer already touched. 2 MiB pages take a fault per 2 MiB instead of per 4 KiB, but the kernel still
+zeroes each page on first touch, which evicts the matmul's cache-blocked panels: only a buffer that was
+touched before avoids the cost. So:
 
 * ``empty_huge_pages(shape, dtype=)``: an anonymous private mapping advised ``MADV_HUGEPAGE`` (Linux
   backs it with 2 MiB pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or

@@ -207,7 +207,7 @@ def _main(argv: list[str]) -> int:
     module, archs = argv[0], [int(a) for a in argv[1:]] or list(ARCHS)
     specs = importlib.import_module(module).aot_specs()
     jobs = [(module, i, arch) for i, spec in enumerate(specs) for arch in archs if arch in spec.archs]
-    # Independent, CPU-bound compiles (ptxas): two processes halve the wall time on a 2-core machine.
+    # Independent, CPU-bound compiles (ptxas): one process per core, at most two.
     with ProcessPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         json.dump(list(pool.map(_compile_job, jobs)), sys.stdout)
     return 0

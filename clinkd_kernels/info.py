@@ -12,7 +12,7 @@ import traceback
 
 import torch
 
-from clinkd_kernels import _dispatch
+from clinkd_kernels._dispatch import extension, extension_has_cuda, triton_available
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -28,13 +28,13 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _backends() -> list[tuple[str, str]]:
-    ext = _dispatch.extension()
+    ext = extension()
     rows = [("C++ CPU kernels", "built" if ext is not None else "NOT BUILT (pip install --no-build-isolation .)")]
     if ext is not None and ext.has_cuda():
         rows.append(("CUDA kernels", f"built for compute capabilities {ext.cuda_archs()}"))
     else:
         rows.append(("CUDA kernels", "not built"))
-    rows.append(("Triton", "available" if _dispatch.triton_available() else "not installed"))
+    rows.append(("Triton", "available" if triton_available() else "not installed"))
     if torch.cuda.is_available():
         rows.append(("CUDA device", f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"))
     else:
@@ -132,14 +132,14 @@ def _self_checks() -> list[tuple[str, str, str, str]]:
              ("apply_mrope", "cpu", "cpu", _check_apply_mrope),
              ("mcg_rope_attention", "cpu", "cpu", _check_attention),
              ("linear_kd_loss", "cpu", "cpu", _check_kd_loss)]
-    if _dispatch.extension() is not None:
+    if extension() is not None:
         plans.append(("topk_pseudo_labels", "cpu", "cpu", _check_topk))
     if torch.cuda.is_available():
         plans += [("mcg_rope_index", "default", "cuda", _check_rope_index),
                   ("apply_mrope", "triton", "cuda", _check_apply_mrope),
                   ("mcg_rope_attention", "triton", "cuda", _check_attention),
                   ("linear_kd_loss", "triton", "cuda", _check_kd_loss)]
-        if _dispatch.extension_has_cuda():
+        if extension_has_cuda():
             plans.append(("topk_pseudo_labels", "cuda", "cuda", _check_topk))
     rows = []
     for op, backend, device, check in plans:

@@ -27,7 +27,7 @@ from clinkd_kernels.attention import mcg_rope_attention_reference
 from clinkd_kernels.loss import kd_loss_reference
 from clinkd_kernels.rope import apply_mrope_reference
 from clinkd_kernels.rope_index import mcg_rope_index_reference
-from clinkd_kernels.rope_index.kernels import mcg_rope_index_device
+from clinkd_kernels.rope_index.device import mcg_rope_index_device
 from clinkd_kernels.topk import topk_pseudo_labels_reference
 
 ROOT = Path(__file__).resolve().parent.parent

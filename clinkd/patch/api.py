@@ -25,7 +25,7 @@ from .positions import (MCGRope, as_mcg_rope, make_compute_3d_position_ids, make
 from .vision import make_vision_attention_forward, make_vision_rotary_forward
 
 _MARK = "_clinkd_patch"
-_BACKENDS = (None, "triton", "cpu", "torch")
+from clinkd_kernels._dispatch import MODEL_BACKENDS as _BACKENDS  # noqa: E402  (the kernels declare them)
 # Rope types whose inv_freq changes during the forward (dynamic_rope_update): the kernels would not see it.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 

@@ -22,7 +22,7 @@ bytes per token (bf16/fp16), freed when the backward returns.
 import triton
 import triton.language as tl
 
-from .fwd import mm as _mm, seq_bounds
+from .fwd import mm, seq_bounds
 from ..rope.kernels import load_freq_axis, load_halves, load_rotated, store_halves, store_unrotated
 
 
@@ -121,17 +121,17 @@ def mcg_attn_bwd_dkdv_kernel(
             lse = tl.load(LSE_h + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA_h + offs_m, mask=m_ok, other=0.0)
             # Transposed scores sT [BLOCK_N, BLOCK_M], so dK/dV accumulate without a transpose.
-            st = _mm(k1, tl.trans(q1), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-            st = _mm(k2, tl.trans(q2), st, IEEE)
+            st = mm(k1, tl.trans(q1), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+            st = mm(k2, tl.trans(q2), st, IEEE)
             keep = key_ok[:, None]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pt = tl.where(keep, tl.exp2(st * qk_scale - lse[None, :]), 0.0)
-            dv = _mm(pt.to(dtype), do, dv, IEEE)
-            dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+            dv = mm(pt.to(dtype), do, dv, IEEE)
+            dpt = mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
             dst = (pt * (dpt - delta[None, :])).to(dtype)
-            dk1 = _mm(dst, q1, dk1, IEEE)
-            dk2 = _mm(dst, q2, dk2, IEEE)
+            dk1 = mm(dst, q1, dk1, IEEE)
+            dk2 = mm(dst, q2, dk2, IEEE)
 
     store_halves(DKR + offs_n * kv_tok_stride, n_ok, dk1 * sm_scale, dk2 * sm_scale, cols, HALF)
     tl.store((DV + offs_n * kv_tok_stride)[:, None] + dcols[None, :], dv.to(dtype),
@@ -193,18 +193,18 @@ def mcg_attn_bwd_dq_kernel(
         k1, k2 = load_halves(KR + offs_n * kv_tok_stride, n_ok, cols, HALF)
         v = tl.load((V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
                     mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM), other=0.0)
-        s = _mm(q1, tl.trans(k1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        s = _mm(q2, tl.trans(k2), s, IEEE)
+        s = mm(q1, tl.trans(k1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        s = mm(q2, tl.trans(k2), s, IEEE)
         keep = n_ok[None, :]
         if HAS_MASK:
             keep = keep & (tl.load(MASK + offs_n, mask=n_ok, other=0) != 0)[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(keep, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        dp = mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         ds = (p * (dp - delta[:, None])).to(dtype)
-        dq1 = _mm(ds, k1, dq1, IEEE)
-        dq2 = _mm(ds, k2, dq2, IEEE)
+        dq1 = mm(ds, k1, dq1, IEEE)
+        dq2 = mm(ds, k2, dq2, IEEE)
 
     store_halves(DQR + offs_m * q_tok_stride, m_ok, dq1 * sm_scale, dq2 * sm_scale, cols, HALF)
 

@@ -17,6 +17,8 @@ from ..rope import apply_mrope, apply_mrope_reference
 
 
 def _rotate(q, k, position_ids, inv_freq, mrope_section, interleaved):
+    """q [..., Hq, D], k [..., Hkv, D] rotated by position_ids [3, ...]: apply_mrope's CPU path (the
+    reference for float64)."""
     if q.dtype == torch.float64:
         return apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section, mrope_interleaved=interleaved)
     return apply_mrope(q, k, position_ids, inv_freq.float(), mrope_section, mrope_interleaved=interleaved,

@@ -2,13 +2,15 @@
 
 Layout (all contiguous): tokens are flattened, T_total = B·S (padded form) or T (packed form).
     Q [T_total, HQ, D], K/V [T_total, HKV, D], O [T_total, HQ, D], LSE fp32 [HQ, T_total],
-    POS int [3, T_total], FREQ fp32 [D/2] and AXIS int32 [D/2] (the rotary layout), MASK int8 [T_total] (padded form, 1 keep / 0 pad), CU int32 [B+1] (packed).
-One program = BLOCK_M query rows of one head of one sequence; grid (cdiv(max_len, BLOCK_M), HQ, B).
+    POS int [3, T_total], FREQ fp32 [D/2] and AXIS int32 [D/2] (the rotary layout),
+    MASK int8 [T_total] (padded form, 1 keep / 0 pad), CU int32 [B+1] (packed).
+One program = BLOCK_M query rows of one head of one sequence; grid (cdiv(max_len, BLOCK_M), HQ, B);
+``seq_bucket`` (the next power of two of the longest sequence) only keys the autotuner.
 Q is rotated once per program as it is loaded; K tiles are rotated in registers as they are loaded
-(default), or read from a copy of k rotated once up front by ``apply_mrope``'s kernel (K_ROTATED, see
-launch.py): the in-loop rotation costs per-element sin/cos on every key tile of every query block
-and head, fp32 work of the order of the tile's matmuls. Both use the rotary helpers of
-``clinkd_kernels/rope/kernels.py``.
+(default), or read from a copy of k rotated once up front by ``apply_mrope``'s kernel (K_ROTATED: K
+holds k already rotated; see launch.py): the in-loop rotation costs per-element sin/cos on every key
+tile of every query block and head, fp32 work of the order of the tile's matmuls. Both use the rotary
+helpers of ``clinkd_kernels/rope/kernels.py``.
 
 Math per query row i (scores in base 2, c = softmax_scale·log2 e):
     s_j = c · q_rot,i · k_rot,j                masked to −inf (causal j > i, padded key, j ≥ len)
@@ -53,8 +55,6 @@ def mcg_attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
     K_ROTATED: tl.constexpr,
 ):
-    # seq_bucket only keys the autotuner (next power of two of the longest sequence).
-    # K_ROTATED: K holds k already rotated (by apply_mrope's kernel); else each K tile is rotated as loaded.
     HALF: tl.constexpr = HEAD_DIM // 2
     b = tl.program_id(2)
     h = tl.program_id(1)
@@ -84,18 +84,14 @@ def mcg_attn_fwd_kernel(
 
     q1, q2 = load_rotated(Q + offs_m * q_tok_stride, m_ok, POS, offs_m, n_tokens, freq, axis, cols, HALF)
     dtype = Q.dtype.element_ty
-    q1 = q1.to(dtype)
-    q2 = q2.to(dtype)
+    q1, q2 = q1.to(dtype), q2.to(dtype)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 is the native instruction
 
     # The running max starts finite, so a fully masked block gives 2^(-inf - m) = 0 rather than NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    if CAUSAL:
-        n_end = tl.minimum(length, m_start + BLOCK_M)
-    else:
-        n_end = length
+    n_end = tl.minimum(length, m_start + BLOCK_M) if CAUSAL else length
     for n_start in range(0, n_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < length

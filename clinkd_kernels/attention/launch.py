@@ -41,7 +41,7 @@ CONFIGS = {
 }
 # Configs a head dim cannot take without spilling (ptxas of triton 3.8): the autotuner never tries them
 # for that head dim. sm_90 dK/dV at 64x64, 8 warps, 2 stages sits at the 255-register ceiling for every
-# D; D = 72 (its masked 36-column half tiles) tips it over by 8 bytes.
+# D; D = 72 (its masked 36-column half tiles) tips it over into spills.
 SPILLING = {(90, "dkdv", 72): {(64, 64, 8, 2)}}
 
 
@@ -53,7 +53,7 @@ def configs_for(kind: str, arch: int, head_dim: int) -> list[tuple[int, int, int
 # Fixed blocks in the interpreter. BLOCK_M ≠ BLOCK_N on purpose, so the tests cross the block edges of
 # the outer and inner loops differently; tests may swap them.
 INTERPRETER_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
-PREP_BLOCK = 16  # rows per program of the element-wise passes: [16, 64] tiles keep them at ~64 registers
+PREP_BLOCK = 16  # rows per program of the element-wise passes: [16, 64] tiles keep their registers few
 # Forward K rotation: in registers as each K tile is loaded (default), or once up front by apply_mrope's
 # kernel into a transient [T_total, HKV, D] copy ("prepass"), which removes the per-tile sin/cos from
 # the loop. CLINKD_ATTN_K_ROTATION=prepass selects the latter (compared side by side in the benchmarks).
@@ -61,6 +61,7 @@ K_ROTATION_MODES = ("in_kernel", "prepass")
 
 
 def k_rotation_mode() -> str:
+    """How the forward rotates K: ``CLINKD_ATTN_K_ROTATION`` (one of K_ROTATION_MODES), "in_kernel" by default."""
     mode = os.environ.get("CLINKD_ATTN_K_ROTATION", "in_kernel")
     if mode not in K_ROTATION_MODES:
         raise ValueError(f"CLINKD_ATTN_K_ROTATION must be one of {K_ROTATION_MODES}, got {mode!r}")
@@ -79,6 +80,7 @@ def _arch(device: torch.device) -> int:
 
 @functools.cache
 def _tuned(kind: str, arch: int):
+    """Kernel ``kind`` autotuned over CONFIGS[arch][kind], less the configs the head dim would spill in."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in CONFIGS[arch][kind]]
 
@@ -104,6 +106,7 @@ def _launch(kind: str, grid_rows: int, n_programs_1: int, batch: int, args: tupl
 
 
 def _meta(q, causal, mask, cu_seqlens):
+    """The constexprs every attention kernel takes, for flat q [T_total, HQ, D]."""
     d = q.shape[-1]
     return {
         "HEAD_DIM": d, "HALF_PAD": triton.next_power_of_2(d // 2), "D_PAD": triton.next_power_of_2(d),

@@ -18,6 +18,7 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def check_options(temperature, alpha, beta, ignore_index, reduction) -> tuple[float, float, float]:
+    """The scalar options of both losses; returns (temperature, alpha, beta) as floats."""
     temperature = check_temperature("temperature", temperature)
     alpha = check_nonnegative_float("alpha", alpha)
     beta = check_nonnegative_float("beta", beta)

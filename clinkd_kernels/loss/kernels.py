@@ -26,6 +26,11 @@ Each lse is kept as (max m, log Σ e^{x−m}) and log-probabilities are formed a
 order torch's log_softmax rounds in. With k = V the bucket has no columns and r is ignored.
 Rows whose label is ignore_index skip both passes: KD = CE = 0 and a zero gradient. −inf logits are
 masked columns; a +inf logit makes its row's softmax undefined (NaN loss and gradient).
+
+``kd_rows_kernel`` reads as its steps, each a ``@triton.jit`` helper inlined where it is called (the
+compiled kernel is the same machine code as one function body): ``_zero_row`` (an ignored row),
+``_lse_pass`` (pass 1), ``_sparse_kd`` (the top-k KD), ``_grad_pass`` (pass 2), ``_topk_grad`` (the
+top-k columns of the gradient).
 """
 
 import triton
@@ -71,47 +76,12 @@ def kd_rows_kernel(
     neg_inf = float("-inf")
 
     if label == ignore_index:
-        tl.store(kd_ptr + row, 0.0)
-        tl.store(ce_ptr + row, 0.0)
-        if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=g_ptr.dtype.element_ty), mask=offs < V)
+        _zero_row(kd_ptr + row, ce_ptr + row, g_row, cols, V, WRITE_GRAD, BLOCK_V)
     else:
         t_row = t_ptr + row * stride_t
         bits_row = bits_ptr + row * stride_bits
-        m_s = neg_inf
-        d_s = 0.0
-        m_1 = neg_inf
-        d_1 = 0.0
-        m_t = neg_inf
-        d_t = 0.0
-        acc_t = 0.0
-        m_r = neg_inf
-        d_r = 0.0
-        # ---- pass 1: log-sum-exps (and the dense teacher's Σ p (u − z/T)) in one read
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            z = tl.load(z_row + offs, mask=mask, other=neg_inf).to(tl.float32)
-            s = z * inv_t
-            m_s, d_s = _lse_update(m_s, d_s, s)
-            if not T_IS_ONE:
-                m_1, d_1 = _lse_update(m_1, d_1, z)
-            if TEACHER == 1:
-                u = tl.load(t_row + offs, mask=mask, other=neg_inf).to(tl.float32) * inv_t
-                m_new = tl.maximum(m_t, tl.max(u, axis=0))
-                m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
-                rescale = tl.exp(m_t - m_ref)
-                e = tl.exp(u - m_ref)
-                d_t = d_t * rescale + tl.sum(e, axis=0)
-                # p = 0 columns add nothing (also where the student has −inf and u − s would be +inf).
-                acc_t = acc_t * rescale + tl.sum(tl.where(e > 0, e * (u - s), 0.0), axis=0)
-                m_t = m_new
-            if TEACHER == 2:
-                top = _in_topk(bits_row, offs, mask)
-                m_r, d_r = _lse_update(m_r, d_r, tl.where(top != 0, neg_inf, s))
-
+        m_s, d_s, m_1, d_1, m_t, d_t, acc_t, m_r, d_r = _lse_pass(z_row, t_row, bits_row, cols, V, inv_t, TEACHER,
+                                                                  T_IS_ONE, BLOCK_V)
         # Log-sum-exps stay split as (max m, log Σ e^{x−m}) and log-probabilities are formed as
         # (x − m) − log Σ, the order torch's log_softmax rounds in; m + log Σ would round to ulp(|lse|).
         ld_s = tl.log(d_s)
@@ -125,21 +95,13 @@ def kd_rows_kernel(
         if TEACHER == 1:
             ld_t = tl.log(d_t)
             kd = acc_t / d_t - (m_t - m_s) - (ld_t - ld_s)
+        else:
+            ld_t = kd  # unused: only the dense teacher's pass 2 reads it
         if TEACHER == 2:
             koffs = tl.arange(0, BLOCK_K)
             kmask = koffs < K
-            idx = tl.load(idx_ptr + row * stride_k + koffs, mask=kmask, other=0).to(tl.int64)
-            lp = tl.load(lp_ptr + row * stride_k + koffs, mask=kmask, other=neg_inf).to(tl.float32)
-            z_k = tl.load(z_row + idx, mask=kmask, other=neg_inf).to(tl.float32)
-            s_k = z_k * inv_t
-            p = tl.exp(lp)
-            r = tl.load(res_ptr + row).to(tl.float32)
-            r = tl.where(K < V, r, 0.0)  # k = V: the bucket has no columns, r is extraction rounding
-            ld_r = tl.log(d_r)
-            log_rest = (m_r - m_s) + (ld_r - ld_s)  # log(1 − Σ_j q_idx_j); −inf when no column is left
-            r_safe = tl.where(r > 0, r, 1.0)
-            kd = tl.sum(tl.where(p > 0, p * (lp - ((s_k - m_s) - ld_s)), 0.0), axis=0)
-            kd += tl.where(r > 0, r * (tl.log(r_safe) - log_rest), 0.0)  # r log r → 0 as r → 0
+            kd, p, r, ld_r = _sparse_kd(z_row, idx_ptr + row * stride_k + koffs, lp_ptr + row * stride_k + koffs,
+                                        res_ptr + row, kmask, K, V, inv_t, m_s, ld_s, m_r, d_r)
         tl.store(ce_ptr + row, ce)
 
         # ---- pass 2: the gradient of coef_kd·KD + coef_ce·CE w.r.t. the logits
@@ -150,53 +112,149 @@ def kd_rows_kernel(
             kd_on = ckd != 0
             ce_on = cce != 0
             ckd_t = ckd * inv_t
-            kd_acc = kd * 0.0
+            kd_acc = kd * 0.0   # NaN where pass 1's KD is: a NaN row stays NaN
             if TEACHER == 2:
                 mass = tl.sum(p, axis=0) + r
                 rest_on = (r > 0) & (d_r > 0)
                 m_r_ref = tl.where(d_r > 0, m_r, 0.0)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                z = tl.load(z_row + offs, mask=mask, other=neg_inf).to(tl.float32)
-                s = z * inv_t
-                log_q = (s - m_s) - ld_s
-                q = tl.exp(log_q)
-                if T_IS_ONE:
-                    sm = q
-                else:
-                    sm = tl.exp((z - m_1) - ld_1)
-                g = tl.where(ce_on, cce * (sm - tl.where(offs == label, 1.0, 0.0)), 0.0)
-                smask = mask
-                if TEACHER == 1:
-                    u = tl.load(t_row + offs, mask=mask, other=neg_inf).to(tl.float32) * inv_t
-                    log_p = (u - m_t) - ld_t
-                    p_v = tl.exp(log_p)
-                    g += tl.where(kd_on, ckd_t * (q - p_v), 0.0)
-                    # KD again, as Σ p (log p − log q) term by term: rounds like torch's kl_div, where
-                    # pass 1's A/Σe − (m_t − m_s) − (ld_t − ld_s) cancels O(|lse|) terms.
-                    kd_acc += tl.sum(tl.where(p_v > 0, p_v * (log_p - log_q), 0.0), axis=0)
-                if TEACHER == 2:
-                    rest = tl.where(rest_on, r * tl.exp((s - m_r_ref) - ld_r), 0.0)
-                    g += tl.where(kd_on, ckd_t * (mass * q - rest), 0.0)
-                    smask = mask & (_in_topk(bits_row, offs, mask) == 0)
-                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=smask)
+            else:  # unused: only the sparse teacher's pass 2 reads them
+                mass, rest_on, m_r_ref, r, ld_r = kd, kd, kd, kd, kd
+            kd_acc = _grad_pass(z_row, t_row, bits_row, g_row, cols, label, V, inv_t, kd_on, ce_on, ckd_t, cce, kd_acc,
+                                m_s, ld_s, m_1, ld_1, m_t, ld_t, mass, rest_on, m_r_ref, r, ld_r, TEACHER, T_IS_ONE,
+                                BLOCK_V)
             if TEACHER == 2:
                 # Reloaded rather than kept live through pass 2 (registers): pass 2 never stores to
                 # the top-k columns, so z there still holds the logits even when g_ptr == z_ptr.
-                idx = tl.load(idx_ptr + row * stride_k + koffs, mask=kmask, other=0).to(tl.int64)
-                p = tl.exp(tl.load(lp_ptr + row * stride_k + koffs, mask=kmask, other=neg_inf).to(tl.float32))
-                z_k = tl.load(z_row + idx, mask=kmask, other=neg_inf).to(tl.float32)
-                s_k = z_k * inv_t
-                q_k = tl.exp((s_k - m_s) - ld_s)
-                if T_IS_ONE:
-                    sm_k = q_k
-                else:
-                    sm_k = tl.exp((z_k - m_1) - ld_1)
-                g_k = tl.where(ce_on, cce * (sm_k - tl.where(idx == label, 1.0, 0.0)), 0.0)
-                g_k += tl.where(kd_on, ckd_t * (mass * q_k - p), 0.0)
-                tl.store(g_row + idx, g_k.to(g_ptr.dtype.element_ty), mask=kmask)
+                _topk_grad(z_row, g_row, idx_ptr + row * stride_k + koffs, lp_ptr + row * stride_k + koffs, kmask,
+                           label, inv_t, kd_on, ce_on, ckd_t, cce, m_s, ld_s, m_1, ld_1, mass, T_IS_ONE)
             if TEACHER == 1:
                 # pass 1's +inf (teacher mass where the student has −inf) stands: kd_acc is NaN there
                 kd = tl.where(kd == float("inf"), kd, kd_acc)
         tl.store(kd_ptr + row, kd)
+
+
+@triton.jit
+def _zero_row(kd_out, ce_out, g_row, cols, V, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A row labelled ignore_index: KD = CE = 0 and, with WRITE_GRAD, a zero gradient row [V]."""
+    tl.store(kd_out, 0.0)
+    tl.store(ce_out, 0.0)
+    if WRITE_GRAD:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _lse_pass(z_row, t_row, bits_row, cols, V, inv_t, TEACHER: tl.constexpr, T_IS_ONE: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """Pass 1 over the row's [V] logits in tiles of BLOCK_V: running (max, Σ exp) pairs of z/T (m_s, d_s),
+    of z (m_1, d_1; skipped when T == 1), of the dense teacher u = t/T (m_t, d_t, with
+    acc_t = Σ e^{u − m_t}(u − z/T)) and of z/T outside the top k (m_r, d_r)."""
+    neg_inf = float("-inf")
+    m_s = neg_inf
+    d_s = 0.0
+    m_1 = neg_inf
+    d_1 = 0.0
+    m_t = neg_inf
+    d_t = 0.0
+    acc_t = 0.0
+    m_r = neg_inf
+    d_r = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        z = tl.load(z_row + offs, mask=mask, other=neg_inf).to(tl.float32)
+        s = z * inv_t
+        m_s, d_s = _lse_update(m_s, d_s, s)
+        if not T_IS_ONE:
+            m_1, d_1 = _lse_update(m_1, d_1, z)
+        if TEACHER == 1:
+            u = tl.load(t_row + offs, mask=mask, other=neg_inf).to(tl.float32) * inv_t
+            m_new = tl.maximum(m_t, tl.max(u, axis=0))
+            m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
+            rescale = tl.exp(m_t - m_ref)
+            e = tl.exp(u - m_ref)
+            d_t = d_t * rescale + tl.sum(e, axis=0)
+            # p = 0 columns add nothing (also where the student has −inf and u − s would be +inf).
+            acc_t = acc_t * rescale + tl.sum(tl.where(e > 0, e * (u - s), 0.0), axis=0)
+            m_t = m_new
+        if TEACHER == 2:
+            top = _in_topk(bits_row, offs, mask)
+            m_r, d_r = _lse_update(m_r, d_r, tl.where(top != 0, neg_inf, s))
+    return m_s, d_s, m_1, d_1, m_t, d_t, acc_t, m_r, d_r
+
+
+@triton.jit
+def _sparse_kd(z_row, idx_row, lp_row, res, kmask, K, V, inv_t, m_s, ld_s, m_r, d_r):
+    """KD of the top-k teacher (indices idx_row [BLOCK_K], log-probs lp_row, residual res, kmask the k
+    real lanes): Σ_j p_j (lp_j − log q_idx_j) + r (log r − log(1 − Σ_j q_idx_j)). Returns (kd, p, r, ld_r)."""
+    neg_inf = float("-inf")
+    idx = tl.load(idx_row, mask=kmask, other=0).to(tl.int64)
+    lp = tl.load(lp_row, mask=kmask, other=neg_inf).to(tl.float32)
+    z_k = tl.load(z_row + idx, mask=kmask, other=neg_inf).to(tl.float32)
+    s_k = z_k * inv_t
+    p = tl.exp(lp)
+    r = tl.load(res).to(tl.float32)
+    r = tl.where(K < V, r, 0.0)  # k = V: the bucket has no columns, r is extraction rounding
+    ld_r = tl.log(d_r)
+    log_rest = (m_r - m_s) + (ld_r - ld_s)  # log(1 − Σ_j q_idx_j); −inf when no column is left
+    r_safe = tl.where(r > 0, r, 1.0)
+    kd = tl.sum(tl.where(p > 0, p * (lp - ((s_k - m_s) - ld_s)), 0.0), axis=0)
+    kd += tl.where(r > 0, r * (tl.log(r_safe) - log_rest), 0.0)  # r log r → 0 as r → 0
+    return kd, p, r, ld_r
+
+
+@triton.jit
+def _grad_pass(z_row, t_row, bits_row, g_row, cols, label, V, inv_t, kd_on, ce_on, ckd_t, cce, kd_acc, m_s, ld_s,
+               m_1, ld_1, m_t, ld_t, mass, rest_on, m_r_ref, r, ld_r, TEACHER: tl.constexpr, T_IS_ONE: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Pass 2 over the row's [V] logits: writes the gradient of coef_kd·KD + coef_ce·CE into g_row (every
+    column but the top-k ones, which ``_topk_grad`` writes); returns kd_acc plus KD re-summed term by
+    term (dense teacher)."""
+    neg_inf = float("-inf")
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        z = tl.load(z_row + offs, mask=mask, other=neg_inf).to(tl.float32)
+        s = z * inv_t
+        log_q = (s - m_s) - ld_s
+        q = tl.exp(log_q)
+        if T_IS_ONE:
+            sm = q
+        else:
+            sm = tl.exp((z - m_1) - ld_1)
+        g = tl.where(ce_on, cce * (sm - tl.where(offs == label, 1.0, 0.0)), 0.0)
+        smask = mask
+        if TEACHER == 1:
+            u = tl.load(t_row + offs, mask=mask, other=neg_inf).to(tl.float32) * inv_t
+            log_p = (u - m_t) - ld_t
+            p_v = tl.exp(log_p)
+            g += tl.where(kd_on, ckd_t * (q - p_v), 0.0)
+            # KD again, as Σ p (log p − log q) term by term: rounds like torch's kl_div, where
+            # pass 1's A/Σe − (m_t − m_s) − (ld_t − ld_s) cancels O(|lse|) terms.
+            kd_acc += tl.sum(tl.where(p_v > 0, p_v * (log_p - log_q), 0.0), axis=0)
+        if TEACHER == 2:
+            rest = tl.where(rest_on, r * tl.exp((s - m_r_ref) - ld_r), 0.0)
+            g += tl.where(kd_on, ckd_t * (mass * q - rest), 0.0)
+            smask = mask & (_in_topk(bits_row, offs, mask) == 0)
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=smask)
+    return kd_acc
+
+
+@triton.jit
+def _topk_grad(z_row, g_row, idx_row, lp_row, kmask, label, inv_t, kd_on, ce_on, ckd_t, cce, m_s, ld_s, m_1, ld_1,
+               mass, T_IS_ONE: tl.constexpr):
+    """The gradient at the top-k columns idx_row [BLOCK_K]: coef_ce·(softmax(z) − onehot) + coef_kd/T·(P q − p)."""
+    neg_inf = float("-inf")
+    idx = tl.load(idx_row, mask=kmask, other=0).to(tl.int64)
+    p = tl.exp(tl.load(lp_row, mask=kmask, other=neg_inf).to(tl.float32))
+    z_k = tl.load(z_row + idx, mask=kmask, other=neg_inf).to(tl.float32)
+    s_k = z_k * inv_t
+    q_k = tl.exp((s_k - m_s) - ld_s)
+    if T_IS_ONE:
+        sm_k = q_k
+    else:
+        sm_k = tl.exp((z_k - m_1) - ld_1)
+    g_k = tl.where(ce_on, cce * (sm_k - tl.where(idx == label, 1.0, 0.0)), 0.0)
+    g_k += tl.where(kd_on, ckd_t * (mass * q_k - p), 0.0)
+    tl.store(g_row + idx, g_k.to(g_row.dtype.element_ty), mask=kmask)

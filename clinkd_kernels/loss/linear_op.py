@@ -1,5 +1,6 @@
 """``linear_kd_loss``: the distillation loss fused with the lm_head, without [N, V] logits for the batch:
-the public function, its checks, the chunk loop, the custom ops and the autograd.
+the public function, the chunk loop, the custom ops and the autograd (the checks are ``checks.py``'s,
+the preamble ``rows.prepare_call``; the ops' 22 arguments are written once, as ``LinearArgs``).
 
 Rows labelled ignore_index are dropped first (their loss and gradient are zero: ``_run_valid_rows``);
 the others are processed in chunks of ``chunk_size`` rows. Per chunk (h = hidden[chunk]):
@@ -24,16 +25,17 @@ fp32 [V, Hd]). The [chunk, V] logits (and teacher logits) buffers are the only v
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .._dispatch import resolve_backend
 from .._memory import empty_output
 from .._validation import check_int
 from ..topk import PseudoLabels
 from . import checks
 from .reference import linear_kd_loss_reference
-from .rows import (BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function,
-                   scale_saved_, topk_fields)
+from .rows import (TWICE, LossOptions, accumulate_dtype, assemble, coefficients, op_signature, prepare_call,
+                   rows_function, scale_saved_, topk_fields)
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -41,8 +43,9 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, dtype: tor
     path's own temporaries are bounded separately) or 512 MiB on CUDA (logits in ``dtype``), capped by
     1/16 of the free GPU memory; a power of two in [16, 4096], never above n_rows rounded up to a power of two.
 
-    The lm_head matmuls want many rows: below ~1024 rows a GPU matmul against a Qwen-size vocabulary
-    turns weight-bandwidth-bound, and CPU BLAS here ran 3-4x slower at 32 rows than at 1024.
+    The lm_head matmuls want many rows: with few rows a matmul against a Qwen-size vocabulary is bound by
+    reading the weight (GPU) and CPU BLAS runs far below its peak, so a chunk is as large as the memory
+    budget allows.
     """
     budget = 128 * 2**20
     element = 8 if dtype == torch.float64 else 4
@@ -66,10 +69,10 @@ _ADDMM_OUT_DTYPE_OK: dict = {}  # device type → whether addmm(out_dtype=fp32, 
 def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, *, first: bool) -> None:
     """acc [V, Hd] += dlogitsᵀ h (``first``: acc = dlogitsᵀ h, whatever acc held), with acc in fp32 and
     dlogits, h possibly fp16/bf16. The first chunk writes the accumulator (beta = 0 ignores its contents,
-    NaN included), so it is never zero-filled: that fill was a tenth of the CPU loss at Qwen's V."""
+    NaN included), so it is never zero-filled: a fill would be one more pass over the [V, Hd] buffer."""
     beta = 0.0 if first else 1.0
     if dlogits.dtype == acc.dtype:
-        if first:  # mm into the buffer: addmm_ with beta = 0 ran 1.4-1.8x slower on CPU BLAS at [152k, 1536]
+        if first:  # mm into the buffer, not addmm_ with beta = 0: CPU BLAS runs that one slower
             torch.mm(dlogits.t(), h, out=acc)
         else:
             acc.addmm_(dlogits.t(), h)
@@ -124,10 +127,9 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     tw = None if t_weight is None else t_weight[:vocab]
     tb = None if t_bias is None else t_bias[:vocab]
     # One [chunk, V] buffer each for the logits (then their gradient) and the teacher's logits, reused by
-    # every chunk: a fresh buffer per chunk paid its page faults again each time (on the CPU a fresh
-    # 78 MiB buffer at Qwen's V cost a tenth of the matmul that fills it). Not kept after the call: held
-    # in the buffer cache they stayed resident through the model's backward (+157 MiB, a third of a
-    # scaled-down training step's peak) for no time measurably saved.
+    # every chunk, so the page faults of a fresh buffer (first touch: map and zero every page) are paid
+    # once per call, not once per chunk. Not kept after the call: held in the buffer cache they would stay
+    # resident through the model's backward and raise the step's peak memory, for no time saved.
     rows_max = min(chunk, n)
     logits_buf = empty_output((rows_max, vocab), dtype=hidden.dtype, device=hidden.device, huge_pages=True)
     t_buf = None
@@ -214,115 +216,150 @@ def _or_empty(grad, like, dtype=None):
     return grad if grad is not None else like.new_empty(0, dtype=dtype)
 
 
-@torch.library.custom_op("clinkd::linear_kd_loss", mutates_args=())
-def _linear_kd_loss_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-                       teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
-                       teacher_bias: torch.Tensor | None, topk_indices: torch.Tensor | None,
-                       topk_logprobs: torch.Tensor | None, topk_residual: torch.Tensor | None,
-                       token_weights: torch.Tensor | None, temperature: float, alpha: float, beta: float,
-                       ignore_index: int, reduction: str, t2_scale: bool, chunk_size: int, grad_hidden: bool,
-                       grad_weight: bool, grad_bias: bool, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class LinearArgs(NamedTuple):
+    """The arguments of the custom op ``clinkd::linear_kd_loss``, in its schema's order: the one place they
+    are written. ``clinkd::linear_kd_loss_backward_rows`` takes grad_loss [N] and then the same, and the
+    autograd ``_LinearKDLoss`` takes the same (its backward returns one gradient per field)."""
+
+    hidden: torch.Tensor                    # [N, Hd]
+    weight: torch.Tensor                    # [V, Hd]
+    labels: torch.Tensor                    # [N]
+    bias: torch.Tensor | None               # [V]
+    teacher_hidden: torch.Tensor | None     # [N, Hd_t]
+    teacher_weight: torch.Tensor | None     # [V_t >= V, Hd_t]
+    teacher_bias: torch.Tensor | None       # [V_t]
+    topk_indices: torch.Tensor | None       # [N, k]
+    topk_logprobs: torch.Tensor | None      # [N, k]
+    topk_residual: torch.Tensor | None      # [N]
+    token_weights: torch.Tensor | None      # [N]
+    temperature: float
+    alpha: float
+    beta: float
+    ignore_index: int
+    reduction: str
+    t2_scale: bool
+    chunk_size: int
+    grad_hidden: bool
+    grad_weight: bool
+    grad_bias: bool
+    backend: str
+
+    @classmethod
+    def of(cls, tensors: tuple, o: LossOptions, *, chunk_size: int, wanted: tuple[bool, bool, bool]) -> LinearArgs:
+        """The op's arguments from its tensors (hidden … token_weights, in field order), the options and the
+        gradients wanted (hidden, weight, bias)."""
+        return cls(*tensors, o.temperature, o.alpha, o.beta, o.ignore_index, o.reduction, o.t2_scale, chunk_size,
+                   *wanted, o.backend)
+
+    @property
+    def options(self) -> LossOptions:
+        return LossOptions(self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction,
+                           self.t2_scale, self.backend)
+
+    @property
+    def topk(self):
+        return topk_fields(self.topk_indices, self.topk_logprobs, self.topk_residual)
+
+    @property
+    def wanted(self) -> tuple[bool, bool, bool]:
+        """(hidden, weight, bias): which gradients to compute (bias only where there is one)."""
+        return self.grad_hidden, self.grad_weight, self.grad_bias and self.bias is not None
+
+
+_TENSORS = LinearArgs._fields[:LinearArgs._fields.index("token_weights") + 1]   # the tensor fields
+_GRADS = tuple[(torch.Tensor,) * 3]
+
+
+def _chunk_loop(a: LinearArgs, grad_loss: torch.Tensor | None = None):
+    """The chunk loop of one call: (kd_rows [N], ce_rows [N], kd_scale [N], ce_scale [N], grad_hidden
+    [N, Hd], grad_weight fp32 [V, Hd], grad_bias fp32 [V]), each gradient None unless wanted and made
+    here: in forward for mean/sum; for "none" only in the backward, which passes the per-row grad_loss
+    [N] that scales the row coefficients."""
+    acc = accumulate_dtype(a.hidden)
+    reduction = a.reduction if grad_loss is None else "none"
+    coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
+        a.labels, a.token_weights, ignore_index=a.ignore_index, temperature=a.temperature, alpha=a.alpha,
+        beta=a.beta, reduction=reduction, t2_scale=a.t2_scale, dtype=acc)
+    if grad_loss is not None:
+        g = grad_loss.to(acc)
+        coef_kd, coef_ce = coef_kd * g, coef_ce * g
+    keep = grad_loss is not None or reduction != "none"
+    want_h, want_w, want_b = (keep and w for w in a.wanted)
+    kd_rows, ce_rows, gh, gw, gb = _run_valid_rows(
+        a.hidden, a.weight, a.labels, a.bias, a.teacher_hidden, a.teacher_weight, a.teacher_bias, a.topk,
+        coef_kd=coef_kd, coef_ce=coef_ce, inv_t=1.0 / a.temperature, ignore_index=a.ignore_index, chunk=a.chunk_size,
+        backend=a.backend, grad_hidden=want_h, grad_weight=want_w, grad_bias=want_b)
+    return kd_rows, ce_rows, kd_scale, ce_scale, gh, gw, gb
+
+
+def _linear_kd_loss_impl(*args):
     """(loss, kd, ce, grad_hidden, grad_weight fp32, grad_bias fp32); a gradient not asked for is [0].
     With reduction="none" no gradient is computed here (backward recomputes)."""
-    topk = topk_fields(topk_indices, topk_logprobs, topk_residual)
-    checks.check_values(labels, weight.shape[0], ignore_index, token_weights, topk)
-    coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
-        labels, token_weights, ignore_index=ignore_index, temperature=temperature, alpha=alpha, beta=beta,
-        reduction=reduction, t2_scale=t2_scale, dtype=accumulate_dtype(hidden))
-    keep = reduction != "none"
-    kd_rows, ce_rows, gh, gw, gb = _run_valid_rows(
-        hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk, coef_kd=coef_kd,
-        coef_ce=coef_ce, inv_t=1.0 / temperature, ignore_index=ignore_index, chunk=chunk_size, backend=backend,
-        grad_hidden=keep and grad_hidden, grad_weight=keep and grad_weight,
-        grad_bias=keep and grad_bias and bias is not None)
-    if teacher_weight is not None:
-        _check_dense_teacher(kd_rows, labels, ignore_index, teacher_hidden, teacher_weight, teacher_bias,
-                             weight.shape[0])
-    loss, kd, ce = assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=alpha, beta=beta, reduction=reduction)
-    return loss, kd, ce, _or_empty(gh, hidden), _or_empty(gw, kd_rows), _or_empty(gb, kd_rows)
+    a = LinearArgs(*args)
+    checks.check_values(a.labels, a.weight.shape[0], a.ignore_index, a.token_weights, a.topk)
+    kd_rows, ce_rows, kd_scale, ce_scale, gh, gw, gb = _chunk_loop(a)
+    if a.teacher_weight is not None:
+        _check_dense_teacher(kd_rows, a.labels, a.ignore_index, a.teacher_hidden, a.teacher_weight, a.teacher_bias,
+                             a.weight.shape[0])
+    loss, kd, ce = assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=a.alpha, beta=a.beta, reduction=a.reduction)
+    return loss, kd, ce, _or_empty(gh, a.hidden), _or_empty(gw, kd_rows), _or_empty(gb, kd_rows)
 
 
-def _grad_shapes(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_bias):
-    keep = reduction != "none"
-    acc, wacc = accumulate_dtype(hidden), _weight_grad_dtype(weight)
-    with_bias = keep and grad_bias and bias is not None
-    gh = hidden.new_empty(hidden.shape if keep and grad_hidden else (0,))
-    gw = weight.new_empty(weight.shape if keep and grad_weight else (0,), dtype=wacc if keep and grad_weight else acc)
-    gb = weight.new_empty((weight.shape[0],) if with_bias else (0,), dtype=wacc if with_bias else acc)
+def _backward_rows_impl(grad_loss, *args):
+    """Backward of reduction="none": recompute the chunks with coefficients scaled by grad_loss [N]."""
+    a = LinearArgs(*args)
+    acc = accumulate_dtype(a.hidden)
+    *_, gh, gw, gb = _chunk_loop(a, grad_loss)
+    return _or_empty(gh, a.hidden), _or_empty(gw, a.hidden, acc), _or_empty(gb, a.hidden, acc)
+
+
+_linear_kd_loss_impl.__signature__ = op_signature(LinearArgs, returns=tuple[(torch.Tensor,) * 6])
+_backward_rows_impl.__signature__ = op_signature(LinearArgs, leading=(("grad_loss", torch.Tensor),), returns=_GRADS)
+_linear_kd_loss_op = torch.library.custom_op("clinkd::linear_kd_loss", _linear_kd_loss_impl, mutates_args=())
+_linear_backward_rows_op = torch.library.custom_op("clinkd::linear_kd_loss_backward_rows", _backward_rows_impl,
+                                                   mutates_args=())
+
+
+def _grad_shapes(a: LinearArgs, *, keep: bool):
+    """Fake (grad_hidden, grad_weight, grad_bias): [0] where not computed (``keep`` False: none is)."""
+    acc, wacc = accumulate_dtype(a.hidden), _weight_grad_dtype(a.weight)
+    want_h, want_w, want_b = (keep and w for w in a.wanted)
+    gh = a.hidden.new_empty(a.hidden.shape if want_h else (0,))
+    gw = a.weight.new_empty(a.weight.shape if want_w else (0,), dtype=wacc if want_w else acc)
+    gb = a.weight.new_empty((a.weight.shape[0],) if want_b else (0,), dtype=wacc if want_b else acc)
     return gh, gw, gb
 
 
 @_linear_kd_loss_op.register_fake
-def _(hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logprobs,
-      topk_residual, token_weights, temperature, alpha, beta, ignore_index, reduction, t2_scale, chunk_size,
-      grad_hidden, grad_weight, grad_bias, backend):
-    shape = (hidden.shape[0],) if reduction == "none" else ()
-    loss, kd, ce = (hidden.new_empty(shape, dtype=accumulate_dtype(hidden)) for _ in range(3))
-    return (loss, kd, ce) + _grad_shapes(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_bias)
-
-
-@torch.library.custom_op("clinkd::linear_kd_loss_backward_rows", mutates_args=())
-def _linear_backward_rows_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                             labels: torch.Tensor, bias: torch.Tensor | None, teacher_hidden: torch.Tensor | None,
-                             teacher_weight: torch.Tensor | None, teacher_bias: torch.Tensor | None,
-                             topk_indices: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
-                             topk_residual: torch.Tensor | None, token_weights: torch.Tensor | None,
-                             temperature: float, alpha: float, beta: float, ignore_index: int, t2_scale: bool,
-                             chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool, backend: str
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of reduction="none": recompute the chunks with coefficients scaled by grad_loss [N]."""
-    acc = accumulate_dtype(hidden)
-    coef_kd, coef_ce, _, _ = coefficients(labels, token_weights, ignore_index=ignore_index, temperature=temperature,
-                                          alpha=alpha, beta=beta, reduction="none", t2_scale=t2_scale, dtype=acc)
-    g = grad_loss.to(acc)
-    _, _, gh, gw, gb = _run_valid_rows(
-        hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias,
-        topk_fields(topk_indices, topk_logprobs, topk_residual), coef_kd=coef_kd * g, coef_ce=coef_ce * g,
-        inv_t=1.0 / temperature, ignore_index=ignore_index, chunk=chunk_size, backend=backend,
-        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias and bias is not None)
-    return _or_empty(gh, hidden), _or_empty(gw, hidden, acc), _or_empty(gb, hidden, acc)
+def _(*args):
+    a = LinearArgs(*args)
+    shape = (a.hidden.shape[0],) if a.reduction == "none" else ()
+    loss, kd, ce = (a.hidden.new_empty(shape, dtype=accumulate_dtype(a.hidden)) for _ in range(3))
+    return (loss, kd, ce) + _grad_shapes(a, keep=a.reduction != "none")
 
 
 @_linear_backward_rows_op.register_fake
-def _(grad_loss, hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk_indices,
-      topk_logprobs, topk_residual, token_weights, temperature, alpha, beta, ignore_index, t2_scale, chunk_size,
-      grad_hidden, grad_weight, grad_bias, backend):
-    return _grad_shapes(hidden, weight, bias, "sum", grad_hidden, grad_weight, grad_bias)
-
-
-# The inputs of _LinearKDLoss.forward after ctx, in order: backward returns one gradient (or None) each.
-_INPUTS = ("hidden", "weight", "bias", "labels", "teacher_hidden", "teacher_weight", "teacher_bias", "topk_indices",
-           "topk_logprobs", "topk_residual", "token_weights", "options", "chunk_size", "wanted")
-
-
-def _gradients(**grads) -> tuple:
-    """Backward's return value: the given gradients by input name, None for every other input."""
-    return tuple(grads.get(name) for name in _INPUTS)
+def _(grad_loss, *args):
+    return _grad_shapes(LinearArgs(*args), keep=True)
 
 
 class _LinearKDLoss(torch.autograd.Function):
-    """mean/sum: the gradients are made in forward and scaled in place by grad_output (one backward per
-    forward). none: forward keeps the inputs and backward recomputes with the per-row grad_output."""
+    """Takes the op's arguments (``LinearArgs``). mean/sum: the gradients are made in forward and scaled in
+    place by grad_output (one backward per forward). none: forward keeps the inputs and backward
+    recomputes with the per-row grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, topk_indices,
-                topk_logprobs, topk_residual, token_weights, options: LossOptions, chunk_size: int,
-                wanted: tuple[bool, bool, bool]):
-        o = options
-        loss, kd, ce, gh, gw, gb = _linear_kd_loss_op(
-            hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logprobs,
-            topk_residual, token_weights, o.temperature, o.alpha, o.beta, o.ignore_index, o.reduction, o.t2_scale,
-            chunk_size, *wanted, o.backend)
-        ctx.options, ctx.chunk_size, ctx.wanted = o, chunk_size, wanted
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        if o.reduction == "none":
-            inputs = (hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk_indices,
-                      topk_logprobs, topk_residual, token_weights)
+    def forward(ctx, *args):
+        a = LinearArgs(*args)
+        loss, kd, ce, gh, gw, gb = _linear_kd_loss_op(*a)
+        ctx.dtypes = (a.hidden.dtype, a.weight.dtype)
+        if a.reduction == "none":
+            inputs = [getattr(a, name) for name in _TENSORS]
             ctx.present = tuple(t is not None for t in inputs)
             ctx.save_for_backward(*(t for t in inputs if t is not None))
         else:
             ctx.save_for_backward(gh, gw, gb)
+        ctx.args = a._replace(**dict.fromkeys(_TENSORS))   # the scalars; the tensors go through saved_tensors
         ctx.mark_non_differentiable(kd, ce)
         ctx.set_materialize_grads(False)  # else backward gets zero tensors for the components' grads
         return loss, kd, ce
@@ -330,31 +367,32 @@ class _LinearKDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         if grad_loss is None:
-            return _gradients()
-        o = ctx.options
-        want_h, want_w, want_b = ctx.wanted
+            return _by_field()
+        a = ctx.args
+        want_h, want_w, want_b = a.grad_hidden, a.grad_weight, a.grad_bias   # as ``wanted``: bias checked
         hidden_dtype, weight_dtype = ctx.dtypes
-        if o.reduction != "none":
+        if a.reduction != "none":
             if getattr(ctx, "scaled", False):
                 raise RuntimeError(f"linear_kd_loss: {TWICE}")
             ctx.scaled = True
             gh, gw, gb = ctx.saved_tensors
             # grad_output 1 (loss.backward()) leaves the gradients as they are: on the CPU that is known
-            # without a device sync, and skips a pass over [V, Hd] (a tenth of the step at Qwen's V).
+            # without a device sync, and skips a pass over the [V, Hd] weight gradient.
             unit = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_loss == 1)
             scaled = lambda grad, dtype: (grad if unit else scale_saved_(grad, grad_loss.to(grad.dtype))).to(dtype)  # noqa: E731
-            return _gradients(hidden=scaled(gh, hidden_dtype) if want_h else None,
-                              weight=scaled(gw, weight_dtype) if want_w else None,
-                              bias=scaled(gb, weight_dtype) if want_b else None)
+            return _by_field(hidden=scaled(gh, hidden_dtype) if want_h else None,
+                             weight=scaled(gw, weight_dtype) if want_w else None,
+                             bias=scaled(gb, weight_dtype) if want_b else None)
         saved = iter(ctx.saved_tensors)
-        (hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_logprobs,
-         topk_residual, token_weights) = (next(saved) if present else None for present in ctx.present)
-        gh, gw, gb = _linear_backward_rows_op(
-            grad_loss, hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, topk_indices,
-            topk_logprobs, topk_residual, token_weights, o.temperature, o.alpha, o.beta, o.ignore_index,
-            o.t2_scale, ctx.chunk_size, want_h, want_w, want_b, o.backend)
-        return _gradients(hidden=gh if want_h else None, weight=gw.to(weight_dtype) if want_w else None,
-                          bias=gb.to(weight_dtype) if want_b else None)
+        a = a._replace(**{name: next(saved) for name, present in zip(_TENSORS, ctx.present) if present})
+        gh, gw, gb = _linear_backward_rows_op(grad_loss, *a)
+        return _by_field(hidden=gh if want_h else None, weight=gw.to(weight_dtype) if want_w else None,
+                         bias=gb.to(weight_dtype) if want_b else None)
+
+
+def _by_field(**grads) -> tuple:
+    """Backward's return value: the given gradients by field name of ``LinearArgs``, None for every other."""
+    return tuple(grads.get(name) for name in LinearArgs._fields)
 
 
 def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -382,49 +420,55 @@ def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """
     checks.check_lm_head("", hidden, weight, bias, ref_name="hidden", ref=hidden)
     n, vocab = hidden.shape[0], weight.shape[0]
-    temperature, alpha, beta = checks.check_options(temperature, alpha, beta, ignore_index, reduction)
-    checks.check_rows(labels, token_weights, n, "hidden", hidden)
     dense = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
-    checks.check_teacher(alpha, dense, teacher, n_rows=n, vocab=vocab, ref_name="hidden", ref=hidden)
-    if dense:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("a dense teacher needs both teacher_hidden and teacher_weight")
-        checks.check_lm_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, n_rows=n, student_vocab=vocab,
-                             ref_name="hidden", ref=hidden)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, hidden.device, hidden.dtype)
-    check_int("chunk_size", chunk_size, low=1)
 
-    backend = resolve_backend("linear_kd_loss", backend, hidden.device, BACKENDS, needs_extension_on_cpu=True)
+    def check_own():
+        if dense:
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError("a dense teacher needs both teacher_hidden and teacher_weight")
+            checks.check_lm_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, n_rows=n,
+                                 student_vocab=vocab, ref_name="hidden", ref=hidden)
+        check_int("chunk_size", chunk_size, low=1)
+
+    options = prepare_call("linear_kd_loss", "hidden", hidden, vocab=vocab, labels=labels, token_weights=token_weights,
+                           teacher=teacher, has_dense=dense, check_own=check_own, temperature=temperature, alpha=alpha,
+                           beta=beta, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale,
+                           backend=backend)
     topk = (None, None, None) if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
-    if backend == "torch":
-        teacher_logits = None
-        if dense:  # the reference forms them again: this backend is the spec, not the fast path
-            with torch.no_grad():
-                teacher_logits = teacher_hidden @ teacher_weight[:vocab].t()
-                if teacher_bias is not None:
-                    teacher_logits = teacher_logits + teacher_bias[:vocab]
-        checks.check_values(labels, vocab, ignore_index, token_weights, None if teacher is None else topk,
-                            teacher_logits)
-        return linear_kd_loss_reference(
-            hidden, weight, labels, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-            teacher_bias=teacher_bias, teacher=teacher, temperature=temperature, alpha=alpha, beta=beta,
-            ignore_index=ignore_index, token_weights=token_weights, reduction=reduction, t2_scale=t2_scale,
-            return_components=return_components)
-    if backend == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("hidden must be fp32/fp16/bf16 for the triton backend, got float64")
+    if options.backend == "torch":
+        return _reference(hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, teacher,
+                          token_weights, options, return_components)
 
     grad_on = torch.is_grad_enabled()
     wanted = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
               grad_on and bias is not None and bias.requires_grad)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731  (the teacher gets no gradient)
-    options = LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
-    args = (hidden, weight, bias, labels, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
-            *topk, token_weights)
+    tensors = (hidden, weight, labels, bias, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
+               *topk, token_weights)
+    args = LinearArgs.of(tensors, options, chunk_size=chunk_size, wanted=wanted)
     if any(wanted):
-        loss, kd, ce = _LinearKDLoss.apply(*args, options, chunk_size, wanted)
+        loss, kd, ce = _LinearKDLoss.apply(*args)
     else:
-        loss, kd, ce, *_ = _linear_kd_loss_op(
-            hidden, weight, labels, bias, *args[4:], temperature, alpha, beta, ignore_index, reduction, t2_scale,
-            chunk_size, False, False, False, backend)
+        loss, kd, ce, *_ = _linear_kd_loss_op(*args)
     return (loss, kd, ce) if return_components else loss
+
+
+def _reference(hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, teacher, token_weights,
+               o: LossOptions, return_components: bool):
+    """The "torch" backend: the value checks, then ``linear_kd_loss_reference`` (full [N, V] logits)."""
+    vocab = weight.shape[0]
+    teacher_logits = None
+    if teacher_weight is not None:  # the reference forms them again: this backend is the spec, not the fast path
+        with torch.no_grad():
+            teacher_logits = teacher_hidden @ teacher_weight[:vocab].t()
+            if teacher_bias is not None:
+                teacher_logits = teacher_logits + teacher_bias[:vocab]
+    topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
+    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits)
+    return linear_kd_loss_reference(
+        hidden, weight, labels, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias, teacher=teacher, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
+        ignore_index=o.ignore_index, token_weights=token_weights, reduction=o.reduction, t2_scale=o.t2_scale,
+        return_components=return_components)

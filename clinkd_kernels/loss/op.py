@@ -1,5 +1,5 @@
 """``kd_loss``: temperature KL(teacher ‖ student) + cross-entropy from student logits: the public function,
-its checks, the custom op and the autograd.
+the custom op and the autograd (the checks are ``checks.py``'s, the preamble ``rows.prepare_call``).
 
 The gradient is computed in the same pass as the loss (the row kernel writes it), so backward only
 scales it by grad_output. The math is written once, in ``reference.py``; the per-row work is the
@@ -14,15 +14,54 @@ row contract of ``rows.py`` (which also makes the reduction coefficients).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .._dispatch import resolve_backend
 from .._memory import empty_output
 from ..topk import PseudoLabels
 from . import checks
 from .reference import kd_loss_reference
-from .rows import (BACKENDS, TWICE, LossOptions, accumulate_dtype, assemble, coefficients, rows_function,
-                   scale_saved_, topk_fields)
+from .rows import (TWICE, LossOptions, accumulate_dtype, assemble, coefficients, op_signature, prepare_call,
+                   rows_function, scale_saved_, topk_fields)
+
+
+class KDArgs(NamedTuple):
+    """The arguments of the custom op ``clinkd::kd_loss``, in its schema's order: the one place they are
+    written (the op, its fake kernel and its callers read them from here)."""
+
+    student_logits: torch.Tensor            # [N, V]
+    labels: torch.Tensor                    # [N]
+    teacher_logits: torch.Tensor | None     # [N, V_t >= V]
+    topk_indices: torch.Tensor | None       # [N, k]
+    topk_logprobs: torch.Tensor | None      # [N, k]
+    topk_residual: torch.Tensor | None      # [N]
+    token_weights: torch.Tensor | None      # [N]
+    temperature: float
+    alpha: float
+    beta: float
+    ignore_index: int
+    reduction: str
+    t2_scale: bool
+    compute_grad: bool
+    backend: str
+
+    @classmethod
+    def of(cls, z, labels, teacher_logits, topk, token_weights, o: LossOptions, *, compute_grad: bool) -> KDArgs:
+        """The op's arguments from the row functions' form (``topk`` a triple or None) and the options."""
+        indices, logprobs, residual = topk if topk is not None else (None, None, None)
+        return cls(z, labels, teacher_logits, indices, logprobs, residual, token_weights, o.temperature, o.alpha,
+                   o.beta, o.ignore_index, o.reduction, o.t2_scale, compute_grad, o.backend)
+
+    @property
+    def options(self) -> LossOptions:
+        return LossOptions(self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction,
+                           self.t2_scale, self.backend)
+
+    @property
+    def topk(self):
+        return topk_fields(self.topk_indices, self.topk_logprobs, self.topk_residual)
+
 
 def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, grad):
     """(loss, kd, ce) of logits z [N, V]; writes the gradient into ``grad`` ([N, V], may be z) unless None."""
@@ -40,36 +79,28 @@ def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, gra
     return assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=o.alpha, beta=o.beta, reduction=o.reduction)
 
 
-@torch.library.custom_op("clinkd::kd_loss", mutates_args=())
-def _kd_loss_op(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-                topk_indices: torch.Tensor | None, topk_logprobs: torch.Tensor | None,
-                topk_residual: torch.Tensor | None, token_weights: torch.Tensor | None, temperature: float,
-                alpha: float, beta: float, ignore_index: int, reduction: str, t2_scale: bool, compute_grad: bool,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kd_loss_impl(*args):
     """(loss, kd, ce, grad_logits); grad_logits is [N, V] in the logits' dtype (or [0] without compute_grad),
     the gradient of the loss (per row for "none") w.r.t. student_logits."""
-    o = LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
-    grad = (empty_output(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
-            if compute_grad else student_logits.new_empty(0))
-    topk = topk_fields(topk_indices, topk_logprobs, topk_residual)
-    loss, kd, ce = _forward(student_logits, labels, teacher_logits, topk, token_weights, o,
-                            grad if compute_grad else None)
+    a = KDArgs(*args)
+    z = a.student_logits
+    grad = empty_output(z.shape, dtype=z.dtype, device=z.device) if a.compute_grad else z.new_empty(0)
+    loss, kd, ce = _forward(z, a.labels, a.teacher_logits, a.topk, a.token_weights, a.options,
+                            grad if a.compute_grad else None)
     return loss, kd, ce, grad
 
 
+_kd_loss_impl.__signature__ = op_signature(KDArgs, returns=tuple[(torch.Tensor,) * 4])
+_kd_loss_op = torch.library.custom_op("clinkd::kd_loss", _kd_loss_impl, mutates_args=())
+
+
 @_kd_loss_op.register_fake
-def _(student_logits, labels, teacher_logits, topk_indices, topk_logprobs, topk_residual, token_weights,
-      temperature, alpha, beta, ignore_index, reduction, t2_scale, compute_grad, backend):
-    acc = accumulate_dtype(student_logits)
-    shape = (student_logits.shape[0],) if reduction == "none" else ()
-    loss, kd, ce = (student_logits.new_empty(shape, dtype=acc) for _ in range(3))
-    return loss, kd, ce, student_logits.new_empty(student_logits.shape if compute_grad else (0,))
-
-
-def _call_op(z, labels, teacher_logits, topk, token_weights, o: LossOptions, *, compute_grad: bool):
-    indices, logprobs, residual = topk if topk is not None else (None, None, None)
-    return _kd_loss_op(z, labels, teacher_logits, indices, logprobs, residual, token_weights, o.temperature, o.alpha,
-                       o.beta, o.ignore_index, o.reduction, o.t2_scale, compute_grad, o.backend)
+def _(*args):
+    a = KDArgs(*args)
+    z = a.student_logits
+    shape = (z.shape[0],) if a.reduction == "none" else ()
+    loss, kd, ce = (z.new_empty(shape, dtype=accumulate_dtype(z)) for _ in range(3))
+    return loss, kd, ce, z.new_empty(z.shape if a.compute_grad else (0,))
 
 
 class _KDLoss(torch.autograd.Function):
@@ -87,8 +118,8 @@ class _KDLoss(torch.autograd.Function):
             torch.autograd.graph.increment_version(student_logits)
             ctx.inplace_grad = student_logits  # not saved: its version moved on purpose
         else:
-            loss, kd, ce, grad = _call_op(student_logits, labels, teacher_logits, topk, token_weights, options,
-                                          compute_grad=True)
+            loss, kd, ce, grad = _kd_loss_op(*KDArgs.of(student_logits, labels, teacher_logits, topk, token_weights,
+                                                        options, compute_grad=True))
             ctx.save_for_backward(grad)
             ctx.inplace_grad = None
         ctx.reduction = options.reduction
@@ -146,32 +177,32 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
     """
     checks.check_logits("student_logits", student_logits)
     n, vocab = student_logits.shape
-    temperature, alpha, beta = checks.check_options(temperature, alpha, beta, ignore_index, reduction)
-    checks.check_rows(labels, token_weights, n, "student_logits", student_logits)
-    checks.check_teacher(alpha, teacher_logits is not None, teacher, n_rows=n, vocab=vocab, ref_name="student_logits",
-                         ref=student_logits)
-    if teacher_logits is not None:
-        checks.check_logits("teacher_logits", teacher_logits, n_rows=n, student_vocab=vocab,
-                            ref_name="student_logits", ref=student_logits)
-    backend = resolve_backend("kd_loss", backend, student_logits.device, BACKENDS, needs_extension_on_cpu=True)
+
+    def check_own():
+        if teacher_logits is not None:
+            checks.check_logits("teacher_logits", teacher_logits, n_rows=n, student_vocab=vocab,
+                                ref_name="student_logits", ref=student_logits)
+
+    options = prepare_call("kd_loss", "student_logits", student_logits, vocab=vocab, labels=labels,
+                           token_weights=token_weights, teacher=teacher, has_dense=teacher_logits is not None,
+                           check_own=check_own, temperature=temperature, alpha=alpha, beta=beta,
+                           ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale, backend=backend)
     topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
-    if backend == "torch":
+    if options.backend == "torch":
         if inplace_grad:
             raise ValueError("inplace_grad needs the 'triton', 'cpu' or 'portable' backend, not 'torch'")
         checks.check_values(labels, vocab, ignore_index, token_weights, topk, teacher_logits)
+        o = options
         return kd_loss_reference(student_logits, labels, teacher_logits=teacher_logits, teacher=teacher,
-                                 temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,
+                                 temperature=o.temperature, alpha=o.alpha, beta=o.beta, ignore_index=ignore_index,
                                  token_weights=token_weights, reduction=reduction, t2_scale=t2_scale,
                                  return_components=return_components)
-    if backend == "triton" and student_logits.dtype == torch.float64:
-        raise TypeError("student_logits must be fp32/fp16/bf16 for the triton backend, got float64")
 
     # The kernels read rows with unit column stride.
     unit = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # noqa: E731
     z, t = unit(student_logits), unit(teacher_logits)
-    options = LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
     if not (student_logits.requires_grad and torch.is_grad_enabled()):
-        loss, kd, ce, _ = _call_op(z, labels, t, topk, token_weights, options, compute_grad=False)
+        loss, kd, ce, _ = _kd_loss_op(*KDArgs.of(z, labels, t, topk, token_weights, options, compute_grad=False))
     else:
         if inplace_grad and not student_logits.is_contiguous():
             raise ValueError("inplace_grad needs contiguous student_logits (the gradient is written over them)")

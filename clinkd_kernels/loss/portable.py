@@ -35,6 +35,7 @@ def kd_rows_portable(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=No
 
 def _rows_block(z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd, coef_ce, kd_out, ce_out,
                 grad_out) -> None:
+    """``kd_rows_portable`` on one block of rows z [n, V] (its temporaries are [n, V] each)."""
     n, vocab = z.shape
     if n == 0:
         return

@@ -1,5 +1,7 @@
-"""The per-row contract ``kd_loss`` and ``linear_kd_loss`` share: the options, the row function of each
-backend, the reduction coefficients and the assembly of the loss.
+"""What ``kd_loss`` and ``linear_kd_loss`` share: the preamble both open with (``prepare_call``: argument
+checks, backend resolution, options), the per-row contract (the options, the row function of each
+backend, the reduction coefficients and the assembly of the loss) and the custom ops' signatures
+(``op_signature``: the schema read from one NamedTuple of the op's arguments).
 
 Every implementation (Triton kernel: ``launch.kd_rows_triton``; C++ CPU kernel: ``cpu.kd_rows_cpu``;
 PyTorch on any device: ``portable.kd_rows_portable``) computes
@@ -22,9 +24,15 @@ processed, so that a mean over the whole batch needs no second pass:
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+from .._dispatch import resolve_backend
+from . import checks
 
 TWICE = ("a second backward through the same graph (retain_graph=True) is not supported: the gradient was "
          "computed in forward and scaled in place by the first")
@@ -47,12 +55,41 @@ def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-BACKENDS = ("triton", "cpu", "portable", "torch")
-
-
 def topk_fields(indices, logprobs, residual):
-    """The sparse teacher as the row functions take it: (indices, logprobs, residual), or None."""
+    """The sparse teacher as the row functions take it: (indices [N, k], logprobs [N, k], residual [N]),
+    or None."""
     return None if indices is None else (indices, logprobs, residual)
+
+
+def prepare_call(op: str, ref_name: str, ref: torch.Tensor, *, vocab: int, labels, token_weights, teacher,
+                 has_dense: bool, check_own: Callable[[], None], temperature, alpha, beta, ignore_index,
+                 reduction, t2_scale: bool, backend: str | None) -> LossOptions:
+    """The preamble of ``kd_loss`` and ``linear_kd_loss``, after each checked its student tensor ``ref``
+    ([N, V] logits or [N, Hd] hidden states, named ``ref_name``; ``vocab`` = V).
+
+    Checks the scalar options, labels [N] and token_weights [N], which teacher is given (``has_dense``:
+    the op's dense teacher tensors; ``teacher``: PseudoLabels [N, k]), then runs ``check_own`` (the op's
+    own checks: its dense teacher's tensors, its chunk size), then resolves the backend
+    (``OP_BACKENDS[op]``). Returns the validated options with the backend chosen.
+    """
+    temperature, alpha, beta = checks.check_options(temperature, alpha, beta, ignore_index, reduction)
+    n = ref.shape[0]
+    checks.check_rows(labels, token_weights, n, ref_name, ref)
+    checks.check_teacher(alpha, has_dense, teacher, n_rows=n, vocab=vocab, ref_name=ref_name, ref=ref)
+    check_own()
+    backend = resolve_backend(op, backend, ref.device)
+    if backend == "triton" and ref.dtype == torch.float64:
+        raise TypeError(f"{ref_name} must be fp32/fp16/bf16 for the triton backend, got float64")
+    return LossOptions(temperature, alpha, beta, ignore_index, reduction, t2_scale, backend)
+
+
+def op_signature(fields: type, *, leading: tuple[tuple[str, type], ...] = (), returns) -> inspect.Signature:
+    """The Python signature ``torch.library.custom_op`` infers an op's schema from: the ``leading``
+    (name, type) parameters, then one per field of the NamedTuple ``fields`` (its annotations)."""
+    hints = typing.get_type_hints(fields)
+    params = [*leading, *((name, hints[name]) for name in fields._fields)]
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann)
+                              for name, ann in params], return_annotation=returns)
 
 
 def rows_function(backend: str):

@@ -1,4 +1,4 @@
-"""``apply_mrope``: rotate q and k by M-RoPE angles: the public function, its checks, the custom op and autograd.
+"""``apply_mrope``: rotate q and k by M-RoPE angles: the public function, the custom op and its autograd.
 
     q [B,S,Hq,D], k [B,S,Hkv,D], position_ids [3,B,S]   (or packed: q [T,Hq,D], k [T,Hkv,D], [3,T])
     inv_freq [D/2] fp32, mrope_section (s_t, s_h, s_w), s_t + s_h + s_w = D/2
@@ -16,9 +16,10 @@ The map is linear in q and k with the orthogonal matrix R(θ) (times scale), so 
 same op with −θ: grad_q = scale · R(−θ) grad_q_rot. One custom op, ``clinkd::mrope_rotate``,
 carries an ``inverse`` flag and is its own derivative (so double backward works too).
 
-Backends: "triton" (``kernels.py`` via ``launch.py``; CUDA, or CPU under TRITON_INTERPRET=1 when
-named), "cpu" (``cpu.py``: token-chunked torch, no [3,B,S,D] cos/sin tensors), "torch" (the
-reference in ``reference.py``). q and k may be strided views
+Backends (``_dispatch.OP_BACKENDS``): "triton" (``kernels.py`` via ``launch.py``; CUDA, or CPU under
+TRITON_INTERPRET=1 when named), "cpu" (``cpu.py``: the C++ kernel, or token-chunked torch; no
+[3,B,S,D] cos/sin tensors), "torch" (the reference in ``reference.py``). The argument checks are
+``checks.py``'s. q and k may be strided views
 (e.g. slices of a fused qkv projection): any strides over batch, sequence and heads, but the last
 dim must be contiguous, otherwise it is copied to contiguous first.
 """
@@ -29,21 +30,19 @@ import torch
 
 from .._dispatch import resolve_backend
 from .._memory import empty_output
-from .._validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor
+from .checks import check_inputs
 from .cpu import mrope_rotate_cpu
-from .layout import axis_tensor, check_mrope_layout
+from .layout import axis_tensor
 from .reference import apply_mrope_reference
 
-_BACKENDS = ("triton", "cpu", "torch")
 
-
-# ---------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------
 # Implementations. All take 4-D q/k ([B,S,H,D]), [3,B,S] positions, the sections and the layout flag,
 # and return new contiguous tensors.
 
 
 def _rotate_triton(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
+    """q [B,S,Hq,D], k [B,S,Hkv,D] rotated by the Triton kernel into new contiguous tensors."""
     from .launch import mrope_rotate_triton
 
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
@@ -108,36 +107,6 @@ mrope_rotate.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point.
 
 
-def _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved):
-    check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=(3, 4), dtypes=FLOAT_DTYPES)
-    if k.dim() != q.dim():
-        raise ValueError(f"q and k must both be 4-D [B,S,H,D] or both 3-D [T,H,D]; got q {list(q.shape)}, "
-                         f"k {list(k.shape)}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"q and k must have one dtype, got q {q.dtype} and k {k.dtype}")
-    tokens = q.shape[:-2]
-    if k.shape[:-2] != tokens:
-        what = "batch and sequence" if q.dim() == 4 else "token"
-        raise ValueError(f"q and k must agree on the {what} dims: q {list(q.shape)}, k {list(k.shape)}")
-    D = q.shape[-1]
-    if k.shape[-1] != D:
-        raise ValueError(f"q and k must have the same head dim: q has {D}, k has {k.shape[-1]}")
-    if D % 2 or not 2 <= D <= 256:
-        raise ValueError(f"head dim must be even and in [2, 256], got {D}")
-    check_tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32))
-    want = [3, *tokens]
-    if list(position_ids.shape) != want:
-        raise ValueError(f"position_ids must have shape {want} (3 rows t, h, w over the tokens of q), "
-                         f"got {list(position_ids.shape)}")
-    check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,))
-    if inv_freq.shape[0] != D // 2:
-        raise ValueError(f"inv_freq must have shape [{D // 2}] (D/2), got {list(inv_freq.shape)}")
-    section = check_mrope_layout(mrope_section, mrope_interleaved, D // 2)
-    check_same_device(q=q, k=k, position_ids=position_ids, inv_freq=inv_freq)
-    return section, check_positive_float("attention_scaling", attention_scaling)
-
-
 def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                 mrope_section, *, attention_scaling: float = 1.0, mrope_interleaved: bool = False,
                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +127,8 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, in
         (q_rot, k_rot), new contiguous tensors shaped like q and k. Differentiable in q and k
         (position_ids and inv_freq get no gradient).
     """
-    section, scale = _check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved)
-    backend = resolve_backend("apply_mrope", backend, q.device, _BACKENDS)
+    section, scale = check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved)
+    backend = resolve_backend("apply_mrope", backend, q.device)
     packed = q.dim() == 3
     if packed:
         q, k, position_ids = q.unsqueeze(0), k.unsqueeze(0), position_ids.unsqueeze(1)

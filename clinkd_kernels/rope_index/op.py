@@ -1,4 +1,4 @@
-"""MCG-RoPE position indices: the public functions, their checks and the custom op.
+"""MCG-RoPE position indices: the public functions and the custom op (the argument checks are ``checks.py``'s).
 
     mcg_rope_index(input_ids [B,S], ...)        → position_ids [3,B,S] (rows t, h, w), rope_deltas [B,1]
     mrope_decode_position_ids(cache_position, rope_deltas [B,1]) → position_ids [3,B,S_new]
@@ -30,7 +30,7 @@ positions). Rows are independent. The families differ in how videos are laid out
 
 Two vectorised implementations, chosen by device: CPU tensors go to NumPy on the host (``cpu.py``:
 per-op overhead is what costs at these sizes, and NumPy's is lower); CUDA tensors stay on the
-device (``kernels.py``: tensor ops, one host sync for the checks). The per-row loop in
+device (``device.py``: tensor ops, one host sync for the checks). The per-row loop in
 ``reference.py`` is the spec both are tested against.
 """
 
@@ -39,12 +39,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._validation import check_int, check_nonnegative_float, check_shape, check_tensor
+from .checks import check_decode, check_inputs
 from .cpu import mcg_rope_index_cpu
-from .kernels import mcg_rope_index_device
-
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from .device import mcg_rope_index_device
 
 
 def _host_array(x: torch.Tensor | None) -> np.ndarray | None:
@@ -69,29 +66,6 @@ def mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mas
                                  vision_stride, pad_position, video_time_interval, split_video_frames)
 
 
-def _interval_tensor(value, n_videos: int, split_video_frames: bool) -> torch.Tensor | None:
-    """``video_time_interval`` as float32 [n_videos] (a float is every video's), or None.
-
-    A tensor keeps its device; its values (finite, >= 0) are checked by the implementations, on the
-    host or inside the device path's one sync. float64 values are rounded to float32, the precision
-    stock computes in (``torch.arange(t) * interval`` of a float32 interval).
-    """
-    if value is None:
-        return None
-    if split_video_frames:
-        raise ValueError("video_time_interval with split_video_frames=True: no Qwen-VL family spaces split "
-                         "frames by a time interval (Qwen2.5-VL: interval, one run per video; Qwen3-VL: split "
-                         "frames, interval 1)")
-    if not isinstance(value, torch.Tensor):
-        value = check_nonnegative_float("video_time_interval", value)
-        return torch.full((n_videos,), value, dtype=torch.float32)
-    check_tensor("video_time_interval", value, ndim=1, dtypes=_FLOAT_DTYPES)
-    if value.shape[0] != n_videos:
-        raise ValueError(f"video_time_interval has {value.shape[0]} values but video_grid_thw has {n_videos} rows "
-                         "(one time interval per video grid row)")
-    return value.detach().to(torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Public op
 
@@ -103,6 +77,7 @@ def _mcg_rope_index_op(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
                        spatial_merge_size: int, modality_gap: int, vision_stride: int,
                        pad_position: int, video_time_interval: torch.Tensor | None,
                        split_video_frames: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op torch.compile sees: (position_ids [3,B,S], rope_deltas [B,1]) int64; inputs validated."""
     return mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
                                video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
                                vision_stride, pad_position, video_time_interval, split_video_frames)
@@ -154,52 +129,18 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
     value that is not finite and ≥ 0, or puts a last frame at 2^53 or beyond. Rows are independent
     (any batch size).
     """
-    check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
-    B, S = input_ids.shape
-    if S == 0:
-        raise ValueError(f"input_ids must have at least one column, got shape {list(input_ids.shape)}")
-    for name, grid in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
-        if grid is not None:
-            check_tensor(name, grid, ndim=2, dtypes=_INT_DTYPES)
-            check_shape(name, grid, (None, 3))
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask, ndim=2, dtypes=_INT_DTYPES + (torch.bool,))
-        check_shape("attention_mask", attention_mask, (B, S))
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
-    ints = (image_token_id, video_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position)
-    if not all(type(v) is int for v in ints) or min(spatial_merge_size, modality_gap, vision_stride) < 1:
-        check_int("image_token_id", image_token_id)     # the slow path, for the error message
-        check_int("video_token_id", video_token_id)
-        check_int("spatial_merge_size", spatial_merge_size, low=1)
-        check_int("modality_gap", modality_gap, low=1)
-        check_int("vision_stride", vision_stride, low=1)
-        check_int("pad_position", pad_position)
-    # Bases and spatial positions grow by at most gap + stride per token; the device path computes them in
-    # float64, exact below 2^53 (and int64 holds them). Temporal offsets are checked below 2^53 apart
-    # (by the implementations: they need the grids), so every position stays below 2^54.
-    if S * (modality_gap + vision_stride) >= 2**53:
-        raise ValueError(f"modality_gap={modality_gap} and vision_stride={vision_stride} over {S} tokens give "
-                         "positions beyond 2^53: S·(modality_gap + vision_stride) must be < 2^53")
-    if image_token_id == video_token_id:
-        raise ValueError(f"image_token_id and video_token_id must differ, both are {image_token_id}")
-    if vision_start_token_id is not None:
-        check_int("vision_start_token_id", vision_start_token_id)
-        if vision_start_token_id in (image_token_id, video_token_id):
-            raise ValueError(f"vision_start_token_id={vision_start_token_id} equals a placeholder id")
-    if type(split_video_frames) is not bool:
-        raise TypeError(f"split_video_frames must be a bool, got {type(split_video_frames).__name__}")
-    interval = _interval_tensor(video_time_interval, 0 if video_grid_thw is None else video_grid_thw.shape[0],
-                                split_video_frames)
-    if interval is not None and interval.device.type != "cpu" and interval.device != input_ids.device:
-        raise ValueError(f"video_time_interval is on {interval.device} but input_ids is on {input_ids.device}")
+    interval = check_inputs(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
+                            video_token_id, vision_start_token_id, spatial_merge_size, modality_gap, vision_stride,
+                            pad_position, video_time_interval, split_video_frames)
     if input_ids.device.type == "cpu":
         input_ids = input_ids.contiguous()
         if attention_mask is not None:
             attention_mask = attention_mask.contiguous()
+    B, S = input_ids.shape
     if B == 0:
         return input_ids.new_zeros((3, 0, S), dtype=torch.long), input_ids.new_zeros((0, 1), dtype=torch.long)
-    # The custom op is what torch.compile sees; eager calls skip its dispatch (~10 µs, a tenth of the op).
+    # The custom op is what torch.compile sees; eager calls skip its dispatch, a cost of the order of the
+    # op itself at these sizes.
     call = _mcg_rope_index_op if torch.compiler.is_compiling() else mcg_rope_index_impl
     return call(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
                 vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position, interval,
@@ -223,19 +164,12 @@ def mrope_decode_position_ids(cache_position, rope_deltas: torch.Tensor, *, num_
     its own last position + 1 (its text positions come from the attention mask); to match it, pass
     per-row positions ``cache_position [B, S_new]`` = the row's unpadded token count + i.
     """
-    check_tensor("rope_deltas", rope_deltas, ndim=(1, 2), dtypes=_INT_DTYPES)
-    if rope_deltas.dim() == 2:
-        check_shape("rope_deltas", rope_deltas, (None, 1))
+    check_decode(cache_position, rope_deltas, num_tokens)
     B = rope_deltas.shape[0]
     deltas = rope_deltas.reshape(B, 1).long()
     if isinstance(cache_position, torch.Tensor):
-        check_tensor("cache_position", cache_position, ndim=(1, 2), dtypes=_INT_DTYPES)
-        if cache_position.dim() == 2:
-            check_shape("cache_position", cache_position, (B, None))
         pos = cache_position.to(device=deltas.device, dtype=torch.long)
     else:
-        check_int("cache_position", cache_position, low=0)
-        check_int("num_tokens", num_tokens, low=1)
         pos = torch.arange(cache_position, cache_position + num_tokens, device=deltas.device)
     pos = pos.expand(B, -1) + deltas
     return pos.unsqueeze(0).expand(3, -1, -1).contiguous()

@@ -1,7 +1,7 @@
 """Plain PyTorch reference of the MCG-RoPE position indices: one row and one token at a time.
 
 Written for clarity, not speed: the spec ``mcg_rope_index``'s two vectorised paths (``cpu.py``,
-``kernels.py``) are tested against, on random batches. The rules are transformers 5.x's
+``device.py``) are tested against, on random batches. The rules are transformers 5.x's
 ``get_rope_index`` of Qwen2-VL, Qwen2.5-VL and Qwen3-VL, with ClinKD's modality gap λ and vision
 stride α (λ = α = 1 is stock):
 

@@ -1,4 +1,5 @@
-"""``topk_pseudo_labels``: the public function, its checks and the registration of the compiled kernels.
+"""``topk_pseudo_labels``: the public function and the registration of the compiled kernels' fake kernel
+(the argument checks are ``checks.py``'s).
 
 Kernels: ``csrc/topk/topk_cpu.cpp`` (CPU, rows in parallel) and ``csrc/topk/topk_cuda.cu`` (CUDA,
 one thread block per row), both one read of the logits; they are registered with the torch
@@ -11,10 +12,8 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import extension, resolve_backend
-from .._validation import FLOAT_DTYPES, check_int, check_temperature, check_tensor, first_rows
+from .checks import check_inputs, check_lse
 from .reference import PseudoLabels, topk_pseudo_labels_reference
-
-MAX_K = 1024
 
 if extension() is not None:
     @torch.library.register_fake("clinkd::topk_pseudo_labels_ext")
@@ -44,27 +43,17 @@ def topk_pseudo_labels(logits: torch.Tensor, k: int, *, temperature: float = 1.0
         PseudoLabels(indices int32 [N,k], logprobs fp32 [N,k], lse fp32 [N], margin fp32 [N],
         residual fp32 [N]); indices by descending probability, ties by lower id.
     """
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
-    n, v = logits.shape
-    if v == 0:
-        raise ValueError(f"logits must have at least one column (V >= 1), got shape {list(logits.shape)}")
-    check_int("k", k, low=1, high=min(v, MAX_K))
-    temperature = check_temperature("temperature", temperature)
+    temperature = check_inputs(logits, k, temperature)
+    n = logits.shape[0]
     if n > 0 and logits.stride(1) != 1:
         logits = logits.contiguous()
 
-    chosen = resolve_backend("topk_pseudo_labels", backend, logits.device, ("cuda", "cpu", "torch"),
-                             needs_extension_on_cpu=True)
+    chosen = resolve_backend("topk_pseudo_labels", backend, logits.device)
     if chosen == "torch":
         result = topk_pseudo_labels_reference(logits, k, temperature=temperature, compute_dtype=torch.float32)
     else:
         result = PseudoLabels(*torch.ops.clinkd.topk_pseudo_labels_ext(logits, k, temperature))
 
     if check and n > 0:
-        lse = result.lse
-        if bool((torch.isnan(lse) | torch.isneginf(lse)).any()):  # one host sync; the message on failure only
-            nan_rows = torch.isnan(lse)
-            if bool(nan_rows.any()):
-                raise ValueError(f"logits rows contain NaN: rows {first_rows(nan_rows)}")
-            raise ValueError(f"logits rows are entirely -inf (no distribution): rows {first_rows(torch.isneginf(lse))}")
+        check_lse(result.lse)
     return result

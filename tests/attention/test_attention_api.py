@@ -12,7 +12,7 @@ from clinkd_kernels.rope.layout import axis_tensor
 from tests.numerics import assert_close
 
 from .inputs import SECTIONS, inv_freq
-from .test_attention import assert_all_close, fwd_bwd, make_case
+from .helpers import assert_all_close, fwd_bwd, make_case
 
 
 def _cpu(*a, **kw):

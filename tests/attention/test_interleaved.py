@@ -1,7 +1,7 @@
 """mcg_rope_attention with mrope_interleaved=True (Qwen3-VL's interleaved M-RoPE) against a float64
 reference built in this file: transformers' Qwen3-VL rotary recipe (``qwen3vl_rotary`` of
-tests/rope/test_interleaved.py, pinned there to the installed transformers module) followed by plain
-softmax attention.
+tests/rope/qwen3vl.py, pinned to the installed transformers module by tests/rope/test_interleaved.py)
+followed by plain softmax attention.
 
 out, dq, dk, dv are checked with the rule of tests/numerics.py; the baseline is the same reference run in
 the input dtype (rotation in fp32 rounded to it, matmuls in it, softmax in fp32), like transformers'
@@ -19,7 +19,7 @@ import torch
 
 from clinkd_kernels.attention import mcg_rope_attention
 from tests.numerics import assert_close
-from tests.rope.test_interleaved import inv_freq_for, qwen3vl_rotary
+from tests.rope.qwen3vl import inv_freq_for, qwen3vl_rotary
 
 SECTIONS = {128: (24, 20, 20), 64: (12, 10, 10)}
 

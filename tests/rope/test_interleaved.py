@@ -1,7 +1,7 @@
 """apply_mrope with mrope_interleaved=True (Qwen3-VL's interleaved M-RoPE) against a float64 reference
 written from transformers' Qwen3-VL source, not from clinkd's reference.py.
 
-The reference, ``qwen3vl_rotary``, follows ``Qwen3VLTextRotaryEmbedding.forward`` +
+The reference, ``qwen3vl_rotary`` (tests/rope/qwen3vl.py), follows ``Qwen3VLTextRotaryEmbedding.forward`` +
 ``recomposition_frequencies`` and ``apply_rotary_pos_emb`` / ``rotate_half`` of transformers
 (models/qwen3_vl/modeling_qwen3_vl.py) step by step:
 
@@ -21,57 +21,13 @@ import pytest
 import torch
 
 from clinkd_kernels import apply_mrope, mcg_rope_attention
-from clinkd_kernels.rope.layout import check_mrope_layout
+from clinkd_kernels.rope.layout import check_mrope_section
 from tests.numerics import assert_close
+from tests.rope.qwen3vl import inv_freq_for, qwen3vl_cos_sin, qwen3vl_rotary
 
 # (D, sections) that fit the interleaved layout: 3·s_h − 1 ≤ D/2 and 3·s_w ≤ D/2
 SHAPES = [(128, (24, 20, 20)), (64, (12, 10, 10)), (80, (14, 13, 13))]
 BACKENDS = ["cpu", "torch", "triton"]
-
-
-# --------------------------------------------------------------------------------------------------
-# The reference: transformers' Qwen3-VL recipe, with cos/sin and the rotation in ``compute``
-
-
-def qwen3vl_recompose(freq: torch.Tensor, mrope_section) -> torch.Tensor:
-    """``Qwen3VLTextRotaryEmbedding.recomposition_frequencies``: freq [3, ..., D/2] → [..., D]."""
-    freqs_thw = freq[0].clone()                       # start from the t row
-    for dim, offset in enumerate((1, 2), start=1):    # h, w
-        length = mrope_section[dim] * 3
-        idx = slice(offset, length, 3)
-        freqs_thw[..., idx] = freq[dim, ..., idx]
-    return torch.cat((freqs_thw, freqs_thw), dim=-1)
-
-
-def qwen3vl_rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def qwen3vl_cos_sin(position_ids, inv_freq, mrope_section, *, attention_scaling=1.0, compute=torch.float64):
-    """cos, sin [*tokens, D] in ``compute`` from position_ids [3, *tokens]; θ is the fp32 product."""
-    freqs = position_ids[..., None].float() * inv_freq.float()      # [3, *tokens, D/2] fp32
-    cos = freqs.to(compute).cos() * attention_scaling
-    sin = freqs.to(compute).sin() * attention_scaling
-    return qwen3vl_recompose(cos, mrope_section), qwen3vl_recompose(sin, mrope_section)
-
-
-def qwen3vl_rotary(q, k, position_ids, inv_freq, mrope_section, *, attention_scaling=1.0, compute=torch.float64):
-    """q [*tokens, Hq, D], k [*tokens, Hkv, D], position_ids [3, *tokens] → rotated (q, k) in the inputs'
-    dtype, computed in ``compute`` (float64: the reference; float32: the same-dtype baseline)."""
-    cos, sin = qwen3vl_cos_sin(position_ids, inv_freq, mrope_section, attention_scaling=attention_scaling,
-                               compute=compute)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)                 # apply_rotary_pos_emb(unsqueeze_dim=-2)
-    qc, kc = q.to(compute), k.to(compute)
-    q_embed = (qc * cos) + (qwen3vl_rotate_half(qc) * sin)
-    k_embed = (kc * cos) + (qwen3vl_rotate_half(kc) * sin)
-    return q_embed.to(q.dtype), k_embed.to(k.dtype)
-
-
-def inv_freq_for(D, base=5_000_000.0):
-    """Qwen3-VL's default rope (rope_theta 5e6): 1 / base^(2i/D) in fp32, as transformers computes it."""
-    return 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float) / D))
 
 
 def make_inputs(lead, Hq, Hkv, D, dtype, device, *, max_pos=30000):
@@ -162,7 +118,7 @@ def test_recipe_matches_transformers(D, sec, scale):
 
 @pytest.mark.parametrize("D, sec", SHAPES)
 def test_sections_fit_the_interleaved_layout(D, sec):
-    assert check_mrope_layout(sec, True, D // 2) == sec
+    assert check_mrope_section(sec, D // 2, True) == sec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +170,7 @@ def test_largest_sections_that_fit(interpreter, backend):
     # D = 64: (11, 11, 10) puts h on 1, 4, …, 31 (the last frequency) and w on 2, …, 29: it fits.
     device = device_for(backend, interpreter)
     sec = (11, 11, 10)
-    assert check_mrope_layout(sec, True, 32) == sec
+    assert check_mrope_section(sec, 32, True) == sec
     q, k, pos, inv = make_inputs((1, 5), 2, 2, 64, torch.float32, device)
     check_forward(q, k, pos, inv, sec, backend, 1.0, f"(11, 11, 10) {backend}")
 

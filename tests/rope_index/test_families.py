@@ -20,7 +20,7 @@ import torch
 from clinkd_kernels.rope_index import mcg_rope_index
 
 from .batches import IDS, M, mm_token_types, random_batch
-from .test_index import ALL_IMPLS
+from .impls import ALL_IMPLS
 
 transformers = pytest.importorskip("transformers")
 

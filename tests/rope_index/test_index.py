@@ -12,40 +12,12 @@ import pytest
 import torch
 
 from clinkd_kernels.rope_index import mcg_rope_index, mcg_rope_index_reference, mrope_decode_position_ids
-from clinkd_kernels.rope_index import kernels
-from clinkd_kernels.rope_index.kernels import mcg_rope_index_device
 from clinkd_kernels.rope_index.op import _mcg_rope_index_op
 
 from .batches import IDS, IMG, M, VE, VID, VS, mm_token_types, random_batch, random_intervals, text
+from .impls import ALL_IMPLS, IMPLS
 
 T = 7  # a text token
-
-
-def _device_path(input_ids, *, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
-                 image_token_id, video_token_id, vision_start_token_id=None, spatial_merge_size=2,
-                 modality_gap=2, vision_stride=1, pad_position=1, video_time_interval=None,
-                 split_video_frames=False):
-    """The on-device (CUDA) implementation, run here on CPU tensors (a float interval made a tensor, as
-    the public op does)."""
-    if video_time_interval is not None and not isinstance(video_time_interval, torch.Tensor):
-        n = 0 if video_grid_thw is None else video_grid_thw.shape[0]
-        video_time_interval = torch.full((n,), video_time_interval, dtype=torch.float32)
-    return mcg_rope_index_device(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
-                                 video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                                 vision_stride, pad_position, video_time_interval, split_video_frames)
-
-
-def _device_grids_path(input_ids, **kw):
-    """The device path with grids and intervals handled as device tensors (as CUDA ones are), on CPU."""
-    kernels.READ_CPU_GRIDS = False
-    try:
-        return _device_path(input_ids, **kw)
-    finally:
-        kernels.READ_CPU_GRIDS = True
-
-
-IMPLS = {"host": mcg_rope_index, "device": _device_path}
-ALL_IMPLS = dict(IMPLS, device_grids=_device_grids_path)
 
 
 def _grid(*rows):
