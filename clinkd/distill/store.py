@@ -27,7 +27,7 @@ the data set: ``complete`` is derived from the ids and must agree with them.
 
 What is verified, and when (every failure is a ``StoreError`` that says what and where):
 
-* reading a manifest (``PseudoLabelStore``, ``PseudoLabelWriter``, ``_read_manifest``): its whole
+* reading a manifest (``PseudoLabelStore``, ``PseudoLabelWriter``, ``read_manifest``): its whole
   schema (``_validate_manifest``: every field, its type and range, no unknown fields, file names
   exactly the writer's, so nothing outside the folder is ever opened), no id listed twice, the shards
   hold no more samples than the data set, and ``complete`` agrees with the ids. A store of another
@@ -214,7 +214,7 @@ def _validate_manifest(folder: Path, manifest) -> dict:
             "complete": manifest["complete"], "shards": shards}
 
 
-def _read_manifest(folder: Path) -> dict | None:
+def read_manifest(folder: Path) -> dict | None:
     """The validated manifest of the store at ``folder`` (``meta`` a ``StoreMeta``), None if it has none."""
     path = Path(folder) / MANIFEST
     if not path.exists():
@@ -226,7 +226,9 @@ def _read_manifest(folder: Path) -> dict | None:
     return _validate_manifest(Path(folder), manifest)
 
 
-def _check_meta(folder: Path, stored: StoreMeta, expected: StoreMeta) -> None:
+def check_meta(folder: Path, stored: StoreMeta, expected: StoreMeta) -> None:
+    """StoreError, listing every field that differs, when the store at ``folder`` (its metadata ``stored``)
+    was written for other settings than ``expected``."""
     problems = stored.mismatches(expected)
     if problems:
         raise StoreError(f"pseudo-label store {folder} was written for another run:\n  " + "\n  ".join(problems)
@@ -375,7 +377,7 @@ class PseudoLabelWriter:
         self.ids, self.shard_size = ids, shard_size
         self._position = {sid: i for i, sid in enumerate(ids)}
         dataset = {"num_samples": len(ids), "ids_sha256": ids_hash(ids)}
-        manifest = _read_manifest(self.folder)
+        manifest = read_manifest(self.folder)
         if manifest is None:
             orphans = sorted(p.name for p in self.folder.iterdir() if _SHARD_FILE.fullmatch(p.name))
             if orphans:
@@ -386,7 +388,7 @@ class PseudoLabelWriter:
             self.manifest = {"format": FORMAT, "version": VERSION, "meta": self.meta, "dataset": dataset,
                              "complete": not ids, "shards": []}
         else:
-            _check_meta(self.folder, manifest["meta"], self.meta)
+            check_meta(self.folder, manifest["meta"], self.meta)
             if manifest["dataset"] != dataset:
                 raise StoreError(f"pseudo-label store {self.folder} was written for another data set "
                                  f"({manifest['dataset']['num_samples']} samples; this run has {len(ids)} with "
@@ -483,12 +485,12 @@ class PseudoLabelStore:
     def __init__(self, path: str | os.PathLike, *, expect: StoreMeta | None = None, cache_shards: int = 64,
                  allow_incomplete: bool = False):
         self.folder = Path(path)
-        manifest = _read_manifest(self.folder)
+        manifest = read_manifest(self.folder)
         if manifest is None:
             raise StoreError(f"no pseudo-label store at {self.folder} ({MANIFEST} missing); build it with "
                              "clinkd distill cache")
         if expect is not None:
-            _check_meta(self.folder, manifest["meta"], expect)
+            check_meta(self.folder, manifest["meta"], expect)
         if not manifest["complete"] and not allow_incomplete:
             n = sum(len(s["samples"]) for s in manifest["shards"])
             raise StoreError(f"pseudo-label store {self.folder} is incomplete ({n} of "

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from clinkd.cli_paths import input_folder, output_file, output_folder
+
 # Argument types: a bad value is argparse's one-line error (exit 2) before the command starts.
 
 
@@ -27,36 +29,6 @@ def _integer(low: int):
         return value
 
     return parse
-
-
-def _output_folder(text: str) -> str:
-    from clinkd.data.paths import folder_problem
-
-    problem = folder_problem(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text} {problem}")
-    return text
-
-
-def _output_file(text: str) -> str:
-    from clinkd.data.paths import output_file_problem
-
-    problem = output_file_problem(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text} {problem}")
-    return text
-
-
-def _input_folder(text: str) -> str:
-    import os
-
-    try:
-        ok = os.path.isdir(text)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"{text} is not a folder")
-    return text
 
 
 def _device(text: str) -> str:
@@ -83,7 +55,7 @@ def _device(text: str) -> str:
 def data_arguments(parser):
     sub = parser.add_subparsers(dest="action", required=True)
     demo = sub.add_parser("demo", help="write the generated demo data set (deterministic per seed)")
-    demo.add_argument("--out", required=True, type=_output_folder,
+    demo.add_argument("--out", required=True, type=output_folder,
                       help="folder to write train.jsonl, test.jsonl, images/ into")
     demo.add_argument("--seed", type=_integer(0), default=0)
     demo.add_argument("--train-per-modality", type=_integer(1), default=16,
@@ -108,13 +80,13 @@ def data_command(args) -> int:
 
 
 def predict_arguments(parser):
-    parser.add_argument("--model", required=True, type=_input_folder, help="a saved model folder: "
+    parser.add_argument("--model", required=True, type=input_folder, help="a saved model folder: "
                         "OUTPUT_DIR/<stage>/final of clinkd train (the demo's: runs/demo/{teacher,student,control}/"
                         "<stage>/final)")
     parser.add_argument("--data", required=True, help="Med-GRIT records (.json or .jsonl)")
     parser.add_argument("--root", help="image folder (default: the data file's folder)")
-    parser.add_argument("--out", required=True, type=_output_file, help="predictions JSONL to write")
-    parser.add_argument("--processor", type=_input_folder, help="processor folder (default: the model folder)")
+    parser.add_argument("--out", required=True, type=output_file, help="predictions JSONL to write")
+    parser.add_argument("--processor", type=input_folder, help="processor folder (default: the model folder)")
     parser.add_argument("--patch", help="JSON keyword arguments of patch_qwen2_vl (e.g. '{\"mcg_rope\": "
                         "{\"modality_gap\": 2}, \"attention\": false}', or null for none); default: the patch "
                         "clinkd train recorded in the model folder (clinkd_patch.json), else none")
@@ -155,7 +127,7 @@ def eval_arguments(parser):
     parser.add_argument("--pred", required=True, help="predictions JSONL (clinkd predict writes it)")
     parser.add_argument("--data", help="ground-truth records; without it each line carries annotation and task")
     parser.add_argument("--root", help="image folder of --data (not read; only for path checks)")
-    parser.add_argument("--json", type=_output_file, help="also write the full report as JSON here")
+    parser.add_argument("--json", type=output_file, help="also write the full report as JSON here")
     parser.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
 
 

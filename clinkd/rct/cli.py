@@ -62,10 +62,10 @@ def format_rounds(reports: list[dict]) -> str:
 
 
 def rct_report_arguments(parser) -> None:
-    from clinkd.eval.cli import _input_folder, _output_file
+    from clinkd.cli_paths import input_folder, output_file
 
-    parser.add_argument("folder", type=_input_folder, help="a run's output_dir, or an rct stage's folder")
-    parser.add_argument("--json", type=_output_file, default=None, help="also write the report as JSON here")
+    parser.add_argument("folder", type=input_folder, help="a run's output_dir, or an rct stage's folder")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the report as JSON here")
 
 
 def rct_report_command(args) -> int:

@@ -74,7 +74,9 @@ def distill_command(args) -> int:
     from .errors import ConfigError
 
     config = load(args)
-    from .run import build_model, ensure_store, prepare_run
+    from .artifacts import ensure_store
+    from .models import build_model
+    from .run import prepare_run
 
     stages = [s for s in config.stages if s.type == "kd" and s.teacher == "store"
               and (args.stage is None or s.name == args.stage)]

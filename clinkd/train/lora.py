@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoraSpec
+from .specs import LoraSpec
 
 MIN_PEFT = "0.18"
 _STATE = "clinkd_lora_state"  # on the PeftModel: what wrap_lora changed on the student, for the merge to undo
@@ -155,12 +155,14 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def save_lora_stage(trainer, final: str | os.PathLike, adapter: str | os.PathLike, *, patch: dict | None):
+def save_lora_stage(trainer, final: str | os.PathLike, adapter: str | os.PathLike, *, patch):
     """Save a trained LoRA stage (every process calls it): the adapter into ``adapter`` (PEFT's files and
     the processor), then the merged model into ``final`` (as a full fine-tuning stage saves it, with its
-    patch record); each into a staging folder beside it, renamed into place. Returns the merged model."""
-    from clinkd.patch.record import write_patch_record
+    patch record: ``patch``, a PatchSpec or None); each into a staging folder beside it, renamed into place.
+    Returns the merged model."""
     from transformers.trainer import TRAINING_ARGS_NAME
+
+    from .artifacts import write_patch_record
 
     final, adapter = Path(final), Path(adapter)
     main = trainer.is_world_process_zero()

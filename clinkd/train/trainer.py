@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
@@ -37,35 +36,9 @@ from clinkd_kernels.topk import PseudoLabels
 from ..data.collate import model_inputs
 from ..distill.cache import head_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
-from .config import loss_form_problem
-from .curriculum import MarginCurriculum
 from .lora import base_of
 from .released import released_linear_kd_loss
-
-
-@dataclass(frozen=True)
-class KDSettings:
-    """The KD term: ``topk`` pseudo-labels per token (None: dense online teacher), ``temperature``,
-    ``alpha`` (KD weight), ``beta`` (CE weight), ``t2_scale``, the margin ``curriculum`` (None: every
-    token from the start) and the loss ``form``:
-
-        "clinkd"    loss = (alpha·KD + beta·CE) / (alpha + beta), KD and CE means over the tokens
-        "released"  the released ClinKD trainer's total, (alpha·Σ_tokens KD + mean CE) / (1 + alpha)
-                    (``clinkd.train.released``); beta 1, or 0 for its KD-alone switch; no T²
-    """
-
-    topk: int | None = 64
-    temperature: float = 0.5
-    alpha: float = 0.5
-    beta: float = 1.0
-    t2_scale: bool = False
-    curriculum: MarginCurriculum | None = MarginCurriculum()
-    form: str = "clinkd"
-
-    def __post_init__(self):
-        problem = loss_form_problem(self.form, self.beta, self.t2_scale)
-        if problem is not None:
-            raise ValueError(f"KDSettings: {problem}")
+from .specs import KDSettings  # the KD term a KD stage gives the trainer
 
 
 class ClinKDTrainer(Trainer):

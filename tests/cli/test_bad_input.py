@@ -243,13 +243,14 @@ def test_home_in_paths(project, sandbox):
 
 
 def test_overrides_reach_list_items(capsys, project):
+    from clinkd.patch import PatchSpec
     from clinkd.train import load_config
 
     config = load_config(project["config"], overrides=["stages.1.training.max_steps=9", "stages.-1.name=last"])
     assert config.stages[1].training["max_steps"] == 9 and config.stages[1].name == "last"
     config = load_config(project["config"], overrides=["models.student.patch=false",
                                                        "models.student.patch.attention=false"])
-    assert config.student.patch == {"attention": False}
+    assert config.student.patch == PatchSpec(attention=False)
 
 
 def test_demo_output_dir_that_is_a_file(capsys, project):
@@ -561,7 +562,8 @@ def test_training_arguments_check_passes_then_steps_run(project, tmp_path_factor
     from transformers import Trainer
 
     from clinkd.train import ConfigError
-    from clinkd.train.run import _training_arguments, check_training_arguments
+    from clinkd.train.arguments import training_arguments
+    from clinkd.train.checks import check_training_arguments
 
     base = {"use_cpu": True, "save_strategy": "no", "max_steps": 3, "report_to": "none",
             "dataloader_num_workers": 0}
@@ -571,8 +573,8 @@ def test_training_arguments_check_passes_then_steps_run(project, tmp_path_factor
     except ConfigError as e:
         assert re.search(r"config\.(training\.\w+|stages\[\d\]\.training)", str(e)), e
         return
-    args = _training_arguments(config, config.stages[0], progress=False,
-                               output_dir=str(tmp_path_factory.mktemp("trainer")))
+    args = training_arguments(config, config.stages[0], progress=False,
+                              output_dir=str(tmp_path_factory.mktemp("trainer")))
     data = [{"x": torch.randn(2), "labels": torch.randn(())} for _ in range(8)]
     trainer = Trainer(model=_Regression(), args=args, train_dataset=data)
     trainer.train()
@@ -619,12 +621,13 @@ def test_model_config_check_passes_then_forward_runs(project, model_mapping):
     from transformers import AutoModelForImageTextToText
 
     from clinkd.train import ConfigError
-    from clinkd.train.config import ModelSpec
-    from clinkd.train.run import check_architecture, check_buildable, model_config
+    from clinkd.train.checks import check_architecture, check_buildable
+    from clinkd.train.config import model_spec
+    from clinkd.train.models import model_config
 
     where = "config.models.teacher"
     try:
-        spec = ModelSpec.parse(where, {"config": copy.deepcopy(model_mapping)}, default_patch=False)
+        spec = model_spec(where, {"config": copy.deepcopy(model_mapping)}, default_patch=False)
         cfg = model_config(spec, tiny.processor().tokenizer, where)
         check_architecture(cfg, f"{where}.config")
         check_buildable(cfg, f"{where}.config")

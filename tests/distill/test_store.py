@@ -15,22 +15,11 @@ import pytest
 import torch
 
 from clinkd.distill import PseudoLabelStore, PseudoLabelWriter, StoreError, StoreMeta, write_store
-from clinkd.distill.store import _read_manifest
+from clinkd.distill.store import read_manifest
 from tests.distill import fake
+from tests.distill.helpers import META, assert_store_holds
 
 REPO = Path(__file__).resolve().parents[2]
-META = StoreMeta(teacher="fake", k=fake.K, temperature=0.5, vocab_size=fake.VOCAB, tokenizer_hash="t0")
-
-
-def assert_store_holds(store: PseudoLabelStore, n: int) -> None:
-    """Exactly the first n samples of the data set, each once, in data-set order, with exactly the rows it was given."""
-    assert store.ids == fake.sample_ids(n)
-    for i, sid in enumerate(fake.sample_ids(n)):
-        labels, targets = store.get(sid)
-        want, want_targets = fake.sample_rows(i)
-        for name in labels._fields:
-            assert torch.equal(getattr(labels, name), getattr(want, name)), (sid, name)
-        assert torch.equal(targets, want_targets)
 
 
 def test_round_trip_and_batch_order(tmp_path):
@@ -80,7 +69,7 @@ class _Driver:
 
 def _committed(folder: Path) -> int | None:
     """How many samples the store's manifest lists (None: no manifest yet)."""
-    manifest = _read_manifest(folder) if folder.exists() else None
+    manifest = read_manifest(folder) if folder.exists() else None
     return None if manifest is None else sum(len(s["samples"]) for s in manifest["shards"])
 
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load, save
 
 from clinkd.distill import PseudoLabelStore, PseudoLabelWriter, StoreError, write_store
-from clinkd.distill.store import _read_manifest
+from clinkd.distill.store import read_manifest
 from tests.distill import fake
-from tests.distill.test_store import META, assert_store_holds
+from tests.distill.helpers import META, assert_store_holds
 
 IDS = fake.sample_ids(6)  # shard_size 2: shards of 3, 7 and 6 rows
 
@@ -58,14 +58,14 @@ def test_an_id_outside_the_data_set_is_refused_and_complete_needs_every_id(tmp_p
     with pytest.raises(ValueError, match="'zzz' is not in"):
         writer.add("zzz", *fake.sample_rows(1))
     assert writer.close() is False
-    manifest = _read_manifest(tmp_path)
+    manifest = read_manifest(tmp_path)
     assert manifest["complete"] is False and [s["samples"] for s in manifest["shards"]] == [["a"]]
     with pytest.raises(StoreError, match=r"incomplete \(1 of 2 samples\)"):
         PseudoLabelStore(tmp_path)
     writer = PseudoLabelWriter(tmp_path, META, ["a", "b"])
     assert writer.pending == ["b"]
     writer.add("b", *fake.sample_rows(1))
-    assert writer.close() is True and _read_manifest(tmp_path)["complete"] is True
+    assert writer.close() is True and read_manifest(tmp_path)["complete"] is True
 
 
 def test_samples_are_added_in_data_set_order(tmp_path):
@@ -291,7 +291,7 @@ def test_an_old_format_store_must_be_rebuilt(tmp_path):
     manifest["version"] = 1
     write_manifest(tmp_path, manifest)
     with pytest.raises(StoreError, match="format version 1 is not supported.*rebuild it"):
-        _read_manifest(tmp_path)
+        read_manifest(tmp_path)
 
 
 # ------------------------------------------------------------------ no valid work is lost
@@ -313,7 +313,7 @@ def test_a_deleted_manifest_does_not_discard_the_shards(tmp_path):
 def test_a_new_store_has_a_manifest_before_its_first_shard(tmp_path):
     writer = PseudoLabelWriter(tmp_path, META, IDS, shard_size=4)
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
-    manifest = _read_manifest(tmp_path)
+    manifest = read_manifest(tmp_path)
     assert manifest["shards"] == [] and manifest["complete"] is False
     writer.add(IDS[0], *fake.sample_rows(0))
     assert PseudoLabelStore(tmp_path, allow_incomplete=True).ids == []

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from clinkd.distill import PseudoLabelStore, StoreError, write_store
 from tests.distill import fake
-from tests.distill.test_store import META
+from tests.distill.helpers import META
 
 N, SHARD = 9, 2  # five shards of 3, 7, 6, 5 and 1 rows; the last holds one sample
 IDS = fake.sample_ids(N)

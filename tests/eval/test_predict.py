@@ -15,8 +15,9 @@ from clinkd.demo.pipeline import demo_preset
 from clinkd.data.encode import SampleEncoder
 from clinkd.data.offline_processor import special_token_ids
 from clinkd.eval.predict import load_model, predict
-from clinkd.train.config import ModelSpec
-from clinkd.train.run import build_model, model_config, write_patch_record
+from clinkd.train.artifacts import write_patch_record
+from clinkd.train.config import model_spec
+from clinkd.train.models import build_model, model_config
 from clinkd_kernels import mcg_rope_index
 
 
@@ -27,7 +28,7 @@ def setup(tmp_path_factory):
     processor = build_offline_processor([t for r in records for pair in r.turns for t in pair], vocab_size=400,
                                         min_pixels=32 * 32, max_pixels=32 * 32)
     raw = demo_preset()["models"]["student"]
-    spec = ModelSpec.parse("student", raw, default_patch={})
+    spec = model_spec("student", raw, default_patch={})
     model = build_model(spec, model_config(spec, processor.tokenizer, "student"), seed=0)
     saved = tmp_path_factory.mktemp("model")
     model.save_pretrained(saved)
@@ -35,7 +36,7 @@ def setup(tmp_path_factory):
     test = folder / "test.jsonl"
     lines = test.read_text().splitlines()[:6]
     test.write_text("\n".join(lines) + "\n")
-    return folder, test, processor, model, saved, spec.patch
+    return folder, test, processor, model, saved, spec.patch.options()  # the patch_qwen2_vl keywords
 
 
 def test_batched_equals_one_by_one(setup, tmp_path):

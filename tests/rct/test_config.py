@@ -8,7 +8,7 @@ import yaml
 
 from clinkd.cli import main
 from clinkd.train import load_config
-from tests.rct.test_stage import rct_config
+from tests.rct.helpers import rct_config
 from tests.train import setup
 
 

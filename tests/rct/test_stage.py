@@ -13,32 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import TrainerCallback
 
 from clinkd.cli import main
 from clinkd.data.records import load_records
 from clinkd.rct.round import CORRECTIONS, JOURNAL, apply_corrections
 from clinkd.train import load_config, run_training
+from tests.rct.helpers import ROUNDS, rct_config
 from tests.train import setup
 
 REPO = Path(__file__).resolve().parents[2]
-ROUNDS = 2
-
-
-def rct_config(folder: Path, data_file: Path) -> Path:
-    """SFT 2 steps, then 2 RCT rounds of 2 steps each (checkpoints every step), 3 questions per batch,
-    2 candidates per wrong answer, corrections joining the data."""
-    path = setup.run_config(folder, data_file, save_steps=1)
-    mapping = yaml.safe_load(path.read_text())
-    del mapping["models"]["teacher"]
-    mapping["stages"] = [
-        {"name": "sft", "type": "sft", "training": {"max_steps": 2}},
-        {"name": "rct", "type": "rct", "rounds": ROUNDS, "every": "steps", "steps": 2, "batch_size": 3,
-         "max_new_tokens": 6, "candidates": 2, "mode": "join"},
-    ]
-    path.write_text(yaml.safe_dump(mapping))
-    return path
 
 
 class Capture(TrainerCallback):

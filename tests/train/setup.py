@@ -10,6 +10,18 @@ from clinkd.data import build_dataset
 from tests.data import tiny
 
 TEACHER_EXTRA_VOCAB = 13  # the teacher's vocabulary is larger than the student's, as the loss allows
+ROOT = Path(__file__).resolve().parents[2]
+
+# A tiny random-init Qwen2.5-VL (its vision tower has gate_proj/up_proj/down_proj layers, as the text decoder)
+QWEN2_5_VL = {
+    "model_type": "qwen2_5_vl",
+    "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=4096,
+                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+    "vision_config": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                          window_size=16, fullatt_block_indexes=[0]),
+}
 
 
 def dataset(folder: Path, n: int = 8, seed: int = 5):
@@ -74,3 +86,16 @@ def run_config(folder: Path, data_file: Path, *, kd_steps: int = 4, sft_steps: i
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(mapping))
     return path
+
+
+def setup_extras() -> dict:
+    """The extras of setup.py (its ``_extras()``, run without the rest of the file, which builds the extension)."""
+    import ast
+    import os
+
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_transformers_window",
+                                                                                        "_extras")]
+    namespace = {"ast": ast, "os": os, "HERE": str(ROOT)}
+    exec(compile(ast.Module(functions, []), "setup.py", "exec"), namespace)
+    return namespace["_extras"]()

@@ -11,17 +11,7 @@ import yaml
 
 from clinkd.cli import main
 from tests.data import tiny
-
-QWEN2_5_VL = {
-    "model_type": "qwen2_5_vl",
-    "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=4096,
-                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
-    "vision_config": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
-                          window_size=16, fullatt_block_indexes=[0]),
-}
-
+from tests.train.setup import QWEN2_5_VL
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
 def test_train_then_predict(family, tmp_path, capsys):

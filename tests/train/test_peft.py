@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from clinkd.cli import main
 from clinkd.data.encode import SampleEncoder
 from clinkd.train import ClinKDTrainer, build_model, load_config, prepare_run, run_training
-from clinkd.train.config import ModelSpec
+from clinkd.train.specs import ModelSpec
 from tests.train import setup
 
 LAYERS = 2
@@ -356,8 +356,9 @@ def test_a_resumed_lora_stage_and_stages_loaded_from_disk_train_the_same(chain, 
 def test_qwen2_5_vl_vision_tower_gets_no_adapter(tmp_path):
     """Qwen2.5-VL's vision blocks have gate_proj/up_proj/down_proj layers too: the default targets put
     adapters on the text decoder's only, and the tower's weights stay as they were."""
-    from tests.train.test_families import QWEN2_5_VL
     from transformers import AutoModelForImageTextToText
+
+    from tests.train.setup import QWEN2_5_VL
 
     data_file = setup.tiny.make_data(tmp_path / "data", 4, seed=2)
     path = lora_config(tmp_path, data_file, patch={"attention": False}, lora={},
@@ -466,9 +467,7 @@ def test_lora_without_peft_is_refused_by_name(small, capsys, no_training, monkey
 
 
 def test_the_peft_extra():
-    from tests.test_packaging import _setup_functions
-
-    extras = _setup_functions()["_extras"]()
+    extras = setup.setup_extras()
     assert "peft>=0.18" in extras["peft"] and set(extras["hf"]) <= set(extras["peft"])
     assert "peft>=0.18" in extras["test"]
     from clinkd.train.lora import MIN_PEFT

@@ -118,14 +118,14 @@ def test_distill_cache_command_builds_then_reuses_the_store(tmp_path, capsys):
 def test_offline_processor_is_saved_whole(tmp_path):
     """A processor folder left by an interrupted save (files, but no processor_config.json) is replaced
     by a complete one; a complete one is reused as it is; no staging folder is left behind."""
-    from clinkd.train.run import _processor
+    from clinkd.train.artifacts import build_processor
 
     config = load_config(setup.run_config(tmp_path, setup.tiny.make_data(tmp_path / "data", 4, seed=3)))
     saved = Path(config.output_dir) / "processor"
     saved.mkdir(parents=True)
     (saved / "tokenizer.json").write_text("{truncated")
-    processor = _processor(config)
+    processor = build_processor(config)
     assert (saved / "processor_config.json").is_file() and "{truncated" not in (saved / "tokenizer.json").read_text()
     assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".processor-")] == []
-    again = _processor(config)
+    again = build_processor(config)
     assert len(again.tokenizer) == len(processor.tokenizer)
