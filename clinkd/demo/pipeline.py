@@ -174,40 +174,76 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json).
     ``resume=False``: refuse an output folder whose teacher/student/control already hold stages.
     ``resamples``: bootstrap resamples of the score intervals (default BOOTSTRAP_RESAMPLES)."""
-    from clinkd.data.offline_processor import load_processor
-    from clinkd.eval.bootstrap import bootstrap_intervals
-    from clinkd.eval.evaluate import evaluate, gather
-    from clinkd.eval.metrics import MeteorScorer, meteor_available
-    from clinkd.eval.predict import load_model, predict
-    from clinkd.train.config import apply_overrides, deep_merge, parse_config
-    from clinkd.train.run import run_training
-
-    from .data import build_demo_data
-    from .report import COLUMNS, loss_curves, write_report
+    from .report import loss_curves, write_report
 
     started = time.perf_counter()
     resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
+    mapping = _demo_mapping(config_path, overrides)
+    out = Path(mapping["output_dir"])
+    timings, load, skipped = {}, {"start": _load_average()}, []
+
+    t = time.perf_counter()
+    test = _ensure_data(mapping, skipped, progress=progress)
+    timings["data"] = time.perf_counter() - t
+
+    configs = derive_configs(mapping)
+    results, models = _train_all(configs, timings, skipped, resume=resume, progress=progress)
+    rct = _rct_summary(results["student"])
+    start = {}
+    if "student_sft" in results:  # its curve continues the student's run before RCT
+        start["student_sft"] = sum(max((int(e["step"]) for e in r["log_history"] if "step" in e), default=0)
+                                   for r in results["student"].values() if "rounds" not in r)
+
+    scores, intervals = _score_all(models, configs, mapping, test, out, timings, resamples=resamples,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    load["end"] = _load_average()
+    timings["total"] = time.perf_counter() - started
+    timings = {k: round(v, 1) for k, v in timings.items()}
+    previous = _previous_timings(out)
+    for step in skipped:
+        if step in previous:
+            timings[step] = previous[step]
+    report = {"scores": scores, "intervals": intervals, "timings_s": timings, "skipped": skipped, "rct": rct,
+              "load_average": load, "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
+              "machine": platform.platform(), "commit": _commit(), "config": mapping,
+              "loss_curves": loss_curves(results, start)}
+    write_report(out, report)
+    return report
+
+
+def _demo_mapping(config_path, overrides: list[str] | None) -> dict:
+    """The demo preset with the user's config and overrides on top, every key checked, paths absolute."""
+    from clinkd.train.config import apply_overrides, deep_merge, parse_config
+
     mapping = demo_preset()
     if config_path is not None:
         mapping = deep_merge(mapping, {k: v for k, v in _user_config(config_path).items() if k != "preset"})
     mapping = apply_overrides(mapping, overrides or [])
     parse_config(copy.deepcopy(mapping))  # every key checked before anything runs
-    for key in ("output_dir",):
-        mapping[key] = str(Path(mapping[key]).resolve())
-    train = Path(mapping["data"]["train"]).resolve()
-    mapping["data"]["train"] = str(train)
-    out = Path(mapping["output_dir"])
-    timings, load, skipped = {}, {"start": _load_average()}, []
+    mapping["output_dir"] = str(Path(mapping["output_dir"]).resolve())
+    mapping["data"]["train"] = str(Path(mapping["data"]["train"]).resolve())
+    return mapping
 
-    t = time.perf_counter()
+
+def _ensure_data(mapping: dict, skipped: list, *, progress: bool) -> Path:
+    """Generate the data set unless its training file exists (then "data" joins ``skipped``); returns the
+    test file."""
+    from .data import build_demo_data
+
+    train = Path(mapping["data"]["train"])
     if train.is_file():
         skipped.append("data")
     else:
         build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress)
-    test = train.parent / "test.jsonl"
-    timings["data"] = time.perf_counter() - t
+    return train.parent / "test.jsonl"
 
-    configs = derive_configs(mapping)
+
+def _train_all(configs: dict, timings: dict, skipped: list, *, resume: bool, progress: bool):
+    """Train each derived run; returns ({run: run_training result}, {model name: (final folder, patch)}):
+    the student is evaluated after SFT and, with RCT, after RCT."""
+    from clinkd.train.config import parse_config
+    from clinkd.train.run import run_training
+
     results, models = {}, {}
     for name in configs:
         t = time.perf_counter()
@@ -224,11 +260,20 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
         else:
             models[name] = (results[name][config.stages[-1].name]["final"], config.student.patch)
         timings[f"train_{name}"] = time.perf_counter() - t
-    rct = _rct_summary(results["student"])
-    start = {}
-    if "student_sft" in results:  # its curve continues the student's run before RCT
-        start["student_sft"] = sum(max((int(e["step"]) for e in r["log_history"] if "step" in e), default=0)
-                                   for r in results["student"].values() if "rounds" not in r)
+    return results, models
+
+
+def _score_all(models: dict, configs: dict, mapping: dict, test: Path, out: Path, timings: dict, *,
+               resamples: int, batch_size: int, max_new_tokens: int, progress: bool):
+    """Predict the test set with each model, score it, and bootstrap the intervals of every score;
+    returns (scores, intervals)."""
+    from clinkd.data.offline_processor import load_processor
+    from clinkd.eval.bootstrap import bootstrap_intervals
+    from clinkd.eval.evaluate import evaluate, gather
+    from clinkd.eval.metrics import MeteorScorer, meteor_available
+    from clinkd.eval.predict import load_model, predict
+
+    from .report import COLUMNS
 
     scores, rows = {}, {}
     t = time.perf_counter()
@@ -262,19 +307,7 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     finally:
         if meteor is not None:
             meteor.close()
-    load["end"] = _load_average()
-    timings["total"] = time.perf_counter() - started
-    timings = {k: round(v, 1) for k, v in timings.items()}
-    previous = _previous_timings(out)
-    for step in skipped:
-        if step in previous:
-            timings[step] = previous[step]
-    report = {"scores": scores, "intervals": intervals, "timings_s": timings, "skipped": skipped, "rct": rct,
-              "load_average": load, "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
-              "machine": platform.platform(), "commit": _commit(), "config": mapping,
-              "loss_curves": loss_curves(results, start)}
-    write_report(out, report)
-    return report
+    return scores, intervals
 
 
 def _rct_summary(stages: dict) -> list[dict]:

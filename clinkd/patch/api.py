@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from clinkd_kernels.attention import HEAD_DIMS
-from clinkd_kernels.rope.layout import check_mrope_layout
+from clinkd_kernels._dispatch import MODEL_BACKENDS  # the backends every op of a patched model serves
 
 from . import _compat
+from .geometry import mrope_section, mrope_section_problem, rope_parameters, text_head_dim, vision_width
 from .attention import make_attention_forward, make_rotary_forward, make_text_forward
 from .loss import make_lm_forward
 from .positions import (MCGRope, as_mcg_rope, make_compute_3d_position_ids, make_get_rope_index,
@@ -25,7 +26,6 @@ from .positions import (MCGRope, as_mcg_rope, make_compute_3d_position_ids, make
 from .vision import make_vision_attention_forward, make_vision_rotary_forward
 
 _MARK = "_clinkd_patch"
-from clinkd_kernels._dispatch import MODEL_BACKENDS as _BACKENDS  # noqa: E402  (the kernels declare them)
 # Rope types whose inv_freq changes during the forward (dynamic_rope_update): the kernels would not see it.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
@@ -73,8 +73,8 @@ def _settings(family, mcg_rope, attention, loss, backend, vision_attention, visi
     if vision_attention is not None and not isinstance(vision_attention, bool):
         raise TypeError(f"vision_attention must be a bool or None (on where the tower is served), got "
                         f"{type(vision_attention).__name__}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
+    if backend not in MODEL_BACKENDS:
+        raise ValueError(f"backend must be one of {MODEL_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
     if not _compat.axial_vision_rotary(family):
         if vision_attention:
             import transformers
@@ -102,8 +102,7 @@ def _check_vision_config(vision_config, family) -> None:
 
 def _vision_refusal(vision_config, family) -> str | None:
     """Why the fused attention cannot serve this vision tower, or None."""
-    width = getattr(vision_config, "embed_dim", None) if family.name == "Qwen2-VL" else None
-    width = width or vision_config.hidden_size
+    width = vision_width(vision_config)[1] or vision_config.hidden_size
     heads = vision_config.num_heads
     head_dim = width // heads
     if head_dim not in HEAD_DIMS or head_dim % 4:
@@ -122,21 +121,16 @@ def _cache_kw(attention_cls: type) -> str:
 
 def _check_text_config(text_config, family, settings: PatchSettings) -> None:
     """Errors for configs the patch cannot serve, raised before anything is changed."""
-    num_heads, hidden = text_config.num_attention_heads, text_config.hidden_size
-    head_dim = getattr(text_config, "head_dim", None) or hidden // num_heads
-    rope = dict(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {})
-    section = rope.get("mrope_section", list(family.default_section))
-    if len(section) != 3 or sum(int(s) for s in section) != head_dim // 2:
-        raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} must be 3 sections "
-                         f"summing to head_dim/2 = {head_dim // 2} (head_dim {head_dim}: the config's head_dim, or "
-                         f"hidden_size {hidden} / num_attention_heads {num_heads})")
-    if family.mrope_interleaved:
-        try:
-            check_mrope_layout(section, True, head_dim // 2)
-        except ValueError:
-            raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} does not fit the "
-                             f"interleaved frequency layout of {family.name} (h and w on every third of the "
-                             f"{head_dim // 2} frequencies: s_h, s_w at most head_dim/6)") from None
+    head_dim = text_head_dim(text_config)
+    rope = rope_parameters(text_config)
+    section = mrope_section(text_config, default=list(family.default_section))
+    problem = mrope_section_problem(section, head_dim, family.mrope_interleaved)
+    if problem is not None:
+        layout = "interleaved" if family.mrope_interleaved else "contiguous"
+        raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} does not fit "
+                         f"head_dim {head_dim} (the config's head_dim, or hidden_size {text_config.hidden_size} / "
+                         f"num_attention_heads {text_config.num_attention_heads}) in {family.name}'s {layout} "
+                         f"frequency layout: {problem}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in _DYNAMIC_ROPE:
         raise ValueError(f"{family.name} config: rope_type {rope_type!r} updates the frequencies during the forward, "

@@ -24,6 +24,7 @@ import torch
 
 from ..data.offline_processor import special_token_ids
 from ..data.paths import folder_problem
+from ..patch.geometry import merger_output, mrope_section, mrope_section_problem, rope_parameters, vision_width
 from .arguments import training_arguments
 from .errors import ConfigError
 from .models import vocab_size
@@ -181,14 +182,13 @@ def check_rotary_geometry(text, where: str) -> None:
         head_dim = hidden // heads
     if not _positive_int(head_dim) or head_dim % 2:
         raise ConfigError(f"{where}: head_dim {head_dim} must be an even positive integer (rotary embedding)")
-    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    section = rope.get("mrope_section") if isinstance(rope, dict) else None
-    if section is not None and not (
-            isinstance(section, (list, tuple)) and section
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in section)
-            and sum(section) == head_dim // 2):
-        raise ConfigError(f"{where}.rope_parameters.mrope_section must be integers >= 0 summing to "
-                          f"head_dim / 2 = {head_dim // 2} (Qwen2-VL: 3 sections, t, h, w), got {section!r}")
+    section = mrope_section(text)
+    interleaved = bool(rope_parameters(text).get("mrope_interleaved", False))
+    if section is not None:
+        problem = mrope_section_problem(section, head_dim, interleaved)
+        if problem is not None:
+            raise ConfigError(f"{where}.rope_parameters.mrope_section must be integers >= 0 summing to head_dim / 2 "
+                              f"= {head_dim // 2} (3 sections, t, h, w), got {section!r}: {problem}")
 
 
 def check_architecture(cfg, where: str) -> None:
@@ -228,15 +228,11 @@ def check_vision_tower(vision, where: str, text_hidden: int | None) -> None:
     ratio = getattr(vision, "mlp_ratio", None)
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
         raise ConfigError(f"{where}.mlp_ratio must be a positive number, got {ratio!r}")
-    # Qwen2-VL names the tower's width embed_dim and the merger's output hidden_size; Qwen2.5-VL and
-    # Qwen3-VL name them hidden_size and out_hidden_size.
-    merged = hasattr(vision, "out_hidden_size")
-    width_key, out_key = ("hidden_size", "out_hidden_size") if merged else ("embed_dim", "hidden_size")
-    width, heads = getattr(vision, width_key, None), getattr(vision, "num_heads", None)
+    (width_key, width), heads = vision_width(vision), getattr(vision, "num_heads", None)
     if width and heads and (width % heads or (width // heads) % 4):
         raise ConfigError(f"{where}: {width_key} {width} / num_heads {heads} must be a whole head_dim divisible by 4 "
                           "(the vision tower's 2-D rotary embedding)")
-    out = getattr(vision, out_key, None)
+    out_key, out = merger_output(vision)
     if out is not None and text_hidden is not None and out != text_hidden:
         raise ConfigError(f"{where}.{out_key} {out} must equal text_config.hidden_size {text_hidden} (the vision "
                           "merger writes image features into the text model's embedding)")
