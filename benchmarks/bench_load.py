@@ -54,12 +54,23 @@ def _inputs():
 @pytest.mark.parametrize("impl", ["clinkd", "reference"])
 def test_apply_mrope_under_load(benchmark, competing_process, impl):
     q, k, _, pos, inv_freq = _inputs()
-    fn = (lambda: apply_mrope(q, k, pos, inv_freq, SECTION, backend="cpu")) if impl == "clinkd" else \
-        (lambda: apply_mrope_reference(q, k, pos, inv_freq, SECTION))
+    fn = (
+        (lambda: apply_mrope(q, k, pos, inv_freq, SECTION, backend="cpu"))
+        if impl == "clinkd"
+        else (lambda: apply_mrope_reference(q, k, pos, inv_freq, SECTION))
+    )
     benchmark.group = "apply_mrope cpu B=1 S=1024 Hq=28 Hkv=4 D=128 float32 fwd, under load (a matmul loop)"
     moved = 2 * (q.numel() + k.numel()) * 4
-    record(benchmark, floor_s=memory_floor_s(moved, "cpu"), bytes=moved, op="apply_mrope", impl=impl, device="cpu",
-           shape="B=1,S=1024,Hq=28,Hkv=4,D=128", load="one competing multi-threaded matmul process")
+    record(
+        benchmark,
+        floor_s=memory_floor_s(moved, "cpu"),
+        bytes=moved,
+        op="apply_mrope",
+        impl=impl,
+        device="cpu",
+        shape="B=1,S=1024,Hq=28,Hkv=4,D=128",
+        load="one competing multi-threaded matmul process",
+    )
     benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
 
 
@@ -68,11 +79,22 @@ def test_attention_under_load(benchmark, competing_process, impl):
     q, k, v, pos, inv_freq = _inputs()
     q, k, v, pos = q[:, :256, :12], k[:, :256, :2], v[:, :256, :2], pos[:, :, :256]
     kwargs = dict(causal=True)
-    fn = (lambda: mcg_rope_attention(q, k, v, pos, inv_freq, SECTION, backend="cpu", **kwargs)) if impl == "clinkd" \
+    fn = (
+        (lambda: mcg_rope_attention(q, k, v, pos, inv_freq, SECTION, backend="cpu", **kwargs))
+        if impl == "clinkd"
         else (lambda: mcg_rope_attention_reference(q, k, v, pos, inv_freq, SECTION, **kwargs))
+    )
     benchmark.group = "mcg_rope_attention fwd cpu float32 2B-heads S=256 causal, under load (a matmul loop)"
     flops = 4 * 256 * 256 * 128 * 12 / 2  # causal QKᵀ and PV
-    record(benchmark, floor_s=compute_floor_s(flops, "cpu", torch.float32), flops=flops, op="mcg_rope_attention",
-           impl=impl, device="cpu", shape="B=1,S=256,Hq=12,Hkv=2,D=128", load="one competing multi-threaded matmul process")
+    record(
+        benchmark,
+        floor_s=compute_floor_s(flops, "cpu", torch.float32),
+        flops=flops,
+        op="mcg_rope_attention",
+        impl=impl,
+        device="cpu",
+        shape="B=1,S=256,Hq=12,Hkv=2,D=128",
+        load="one competing multi-threaded matmul process",
+    )
     with torch.no_grad():
         benchmark.pedantic(fn, rounds=20, warmup_rounds=2)

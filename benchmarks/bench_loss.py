@@ -49,10 +49,14 @@ from clinkd_kernels.topk import PseudoLabels
 T, ALPHA, BETA = 0.5, 0.5, 1.0
 SHAPES = {
     # name: (N, Hd, Hd_t, V, dtype)
-    "cpu": [("cpu-small", 512, 256, 512, 16384, torch.float32),
-            ("cpu-qwen2vl", 128, 1536, 3584, 151936, torch.float32)],
-    "cuda": [("liger", 8192, 2048, 4096, 128256, torch.bfloat16),
-             ("qwen2vl-2b/7b", 8192, 1536, 3584, 151936, torch.bfloat16)],
+    "cpu": [
+        ("cpu-small", 512, 256, 512, 16384, torch.float32),
+        ("cpu-qwen2vl", 128, 1536, 3584, 151936, torch.float32),
+    ],
+    "cuda": [
+        ("liger", 8192, 2048, 4096, 128256, torch.bfloat16),
+        ("qwen2vl-2b/7b", 8192, 1536, 3584, 151936, torch.bfloat16),
+    ],
 }
 IMPLS = ["clinkd", "clinkd-topk", "naive", "compiled", "liger"]
 
@@ -75,7 +79,7 @@ def _topk_from_teacher(th, tw, vocab, k=64, rows=1024):
     parts = []
     with torch.no_grad():
         for a in range(0, th.shape[0], rows):
-            logp = torch.log_softmax((th[a:a + rows] @ tw[:vocab].t()).float() / T, dim=-1)
+            logp = torch.log_softmax((th[a : a + rows] @ tw[:vocab].t()).float() / T, dim=-1)
             top, idx = logp.topk(k, dim=-1)
             parts.append((idx.int(), top, (1 - top.exp().sum(-1)).clamp(min=0)))
     idx, lp, res = (torch.cat(x) for x in zip(*parts))
@@ -95,8 +99,9 @@ def _compiled(fn):
 
 def _liger_fn():
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
-    loss_fn = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=BETA / (ALPHA + BETA),
-                                              weight_soft_loss=ALPHA / (ALPHA + BETA), beta=0.0, temperature=T)
+    loss_fn = chunked.LigerFusedLinearJSDLoss(
+        weight_hard_loss=BETA / (ALPHA + BETA), weight_soft_loss=ALPHA / (ALPHA + BETA), beta=0.0, temperature=T
+    )
 
     def run(hidden, weight, labels, th, tw):
         tw = tw[: weight.shape[0]]
@@ -118,20 +123,28 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     name, n, hd, hd_t, vocab, dtype = SHAPES[device][shape_index]
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, hd, device=device, dtype=dtype, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, hd, device=device, dtype=dtype, generator=g) * hd ** -0.5).requires_grad_()
+    weight = (torch.randn(vocab, hd, device=device, dtype=dtype, generator=g) * hd**-0.5).requires_grad_()
     th = torch.randn(n, hd_t, device=device, dtype=dtype, generator=g)
-    tw = torch.randn(vocab, hd_t, device=device, dtype=dtype, generator=g) * hd_t ** -0.5
+    tw = torch.randn(vocab, hd_t, device=device, dtype=dtype, generator=g) * hd_t**-0.5
     labels = torch.randint(0, vocab, (n,), device=device, generator=g)
     labels[::9] = -100
 
     if impl == "clinkd":
-        fn = functools.partial(linear_kd_loss, teacher_hidden=th, teacher_weight=tw, temperature=T, alpha=ALPHA,
-                               beta=BETA)
+        fn = functools.partial(
+            linear_kd_loss, teacher_hidden=th, teacher_weight=tw, temperature=T, alpha=ALPHA, beta=BETA
+        )
         loss_fn = lambda: fn(hidden, weight, labels)  # noqa: E731
     elif impl == "clinkd-topk":
         teacher = _topk_from_teacher(th, tw, vocab)
-        loss_fn = lambda: linear_kd_loss(hidden, weight, labels, teacher=teacher, temperature=T,  # noqa: E731
-                                         alpha=ALPHA, beta=BETA)
+        loss_fn = lambda: linear_kd_loss(
+            hidden,
+            weight,
+            labels,
+            teacher=teacher,
+            temperature=T,  # noqa: E731
+            alpha=ALPHA,
+            beta=BETA,
+        )
     elif impl == "naive":
         loss_fn = lambda: naive_loss(hidden, weight, labels, th, tw)  # noqa: E731
     elif impl == "compiled":
@@ -141,9 +154,14 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
         liger = _liger_fn()
         loss_fn = lambda: liger(hidden, weight, labels, th, tw)  # noqa: E731
     if impl not in ("clinkd", "clinkd-topk"):  # a peer must compute clinkd's loss on these inputs
-        _check_same_value(impl, loss_fn, lambda: linear_kd_loss(hidden, weight, labels, teacher_hidden=th,
-                                                                teacher_weight=tw, temperature=T, alpha=ALPHA,
-                                                                beta=BETA), dtype)
+        _check_same_value(
+            impl,
+            loss_fn,
+            lambda: linear_kd_loss(
+                hidden, weight, labels, teacher_hidden=th, teacher_weight=tw, temperature=T, alpha=ALPHA, beta=BETA
+            ),
+            dtype,
+        )
 
     def run():
         hidden.grad = weight.grad = None
@@ -154,13 +172,23 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
     flops = 2 * labelled * vocab * (3 * hd + (0 if impl == "clinkd-topk" else hd_t))  # top-k: no teacher lm_head
     run()  # warm-up (Triton compile, torch.compile for Liger)
     peak = _peak_with_gradients(hidden, weight, loss_fn, device)
-    benchmark.group = f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} " \
-                      f"{str(dtype).replace('torch.', '')} fwd+bwd"
-    record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_kd_loss", impl=impl,
-           device=device, shape=f"N={n},Hd={hd},Hd_t={hd_t},V={vocab}", peak_bytes=peak,
-           peak_gib=None if peak is None else round(peak / 2**30, 3))
-    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 7) if device == "cpu" else 10, warmup_rounds=0,
-                       iterations=1)
+    benchmark.group = (
+        f"linear_kd_loss {device} {name} N={n} Hd={hd} Hd_t={hd_t} V={vocab} {str(dtype).replace('torch.', '')} fwd+bwd"
+    )
+    record(
+        benchmark,
+        floor_s=compute_floor_s(flops, device, dtype),
+        flops=flops,
+        op="linear_kd_loss",
+        impl=impl,
+        device=device,
+        shape=f"N={n},Hd={hd},Hd_t={hd_t},V={vocab}",
+        peak_bytes=peak,
+        peak_gib=None if peak is None else round(peak / 2**30, 3),
+    )
+    benchmark.pedantic(
+        run, rounds=(9 if n * vocab < 2**24 else 7) if device == "cpu" else 10, warmup_rounds=0, iterations=1
+    )
 
 
 def _peak_with_gradients(hidden, weight, loss_fn, device):
@@ -195,7 +223,7 @@ def test_linear_ce_loss(benchmark, device, impl, shape_index):
     name, n, hd, _, vocab, dtype = SHAPES[device][shape_index]
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, hd, device=device, dtype=dtype, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, hd, device=device, dtype=dtype, generator=g) * hd ** -0.5).requires_grad_()
+    weight = (torch.randn(vocab, hd, device=device, dtype=dtype, generator=g) * hd**-0.5).requires_grad_()
     labels = torch.randint(0, vocab, (n,), device=device, generator=g)
     labels[::9] = -100
     ours = lambda: linear_kd_loss(hidden, weight, labels, alpha=0.0, beta=1.0)  # noqa: E731
@@ -221,9 +249,20 @@ def test_linear_ce_loss(benchmark, device, impl, shape_index):
     flops = 2 * int((labels != -100).sum()) * vocab * 3 * hd
     run()
     peak = _peak_with_gradients(hidden, weight, loss_fn, device)
-    benchmark.group = f"linear_ce_loss {device} {name} N={n} Hd={hd} V={vocab} {str(dtype).replace('torch.', '')} fwd+bwd"
-    record(benchmark, floor_s=compute_floor_s(flops, device, dtype), flops=flops, op="linear_ce_loss",
-           impl=impl if impl != "cce" or device == "cuda" else "cce-torch_compile", device=device,
-           shape=f"N={n},Hd={hd},V={vocab}", peak_bytes=peak, peak_gib=None if peak is None else round(peak / 2**30, 3))
-    benchmark.pedantic(run, rounds=(9 if n * vocab < 2**24 else 7) if device == "cpu" else 10, warmup_rounds=0,
-                       iterations=1)
+    benchmark.group = (
+        f"linear_ce_loss {device} {name} N={n} Hd={hd} V={vocab} {str(dtype).replace('torch.', '')} fwd+bwd"
+    )
+    record(
+        benchmark,
+        floor_s=compute_floor_s(flops, device, dtype),
+        flops=flops,
+        op="linear_ce_loss",
+        impl=impl if impl != "cce" or device == "cuda" else "cce-torch_compile",
+        device=device,
+        shape=f"N={n},Hd={hd},V={vocab}",
+        peak_bytes=peak,
+        peak_gib=None if peak is None else round(peak / 2**30, 3),
+    )
+    benchmark.pedantic(
+        run, rounds=(9 if n * vocab < 2**24 else 7) if device == "cpu" else 10, warmup_rounds=0, iterations=1
+    )

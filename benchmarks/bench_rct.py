@@ -34,20 +34,43 @@ IMAGE, VIDEO, VISION_START, VISION_END, EOS, PAD = 151655, 151656, 151652, 15165
 
 
 def _text(hidden, inter, layers, heads, kv, vocab, section):
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),
-                eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=32768,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=None,
+    )
 
 
 def _vision(depth, embed, heads, hidden):
-    return dict(depth=depth, embed_dim=embed, num_heads=heads, mlp_ratio=4, hidden_size=hidden, patch_size=14,
-                spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return dict(
+        depth=depth,
+        embed_dim=embed,
+        num_heads=heads,
+        mlp_ratio=4,
+        hidden_size=hidden,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
 
 
 SETUPS = {  # device: (text, vision, image side, prompt text lengths, dtype)
-    "cuda": (_text(1536, 8960, 28, 12, 2, 151936, [16, 24, 24]), _vision(32, 1280, 16, 1536), 448,
-             (24, 120), torch.bfloat16),
+    "cuda": (
+        _text(1536, 8960, 28, 12, 2, 151936, [16, 24, 24]),
+        _vision(32, 1280, 16, 1536),
+        448,
+        (24, 120),
+        torch.bfloat16,
+    ),
     "cpu": (_text(256, 512, 2, 4, 2, 151936, [8, 12, 12]), _vision(1, 64, 2, 256), 56, (8, 40), torch.float32),
 }
 
@@ -56,8 +79,14 @@ class Tokenizer:
     """The two things ``generate_texts`` needs of a tokenizer: the special ids, and decode."""
 
     def __init__(self):
-        self.vocab = {"<|endoftext|>": PAD, "<|im_end|>": EOS, "<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO,
-                      "<|vision_start|>": VISION_START, "<|vision_end|>": VISION_END}
+        self.vocab = {
+            "<|endoftext|>": PAD,
+            "<|im_end|>": EOS,
+            "<|image_pad|>": IMAGE,
+            "<|video_pad|>": VIDEO,
+            "<|vision_start|>": VISION_START,
+            "<|vision_end|>": VISION_END,
+        }
         self.pad_token, self.unk_token_id = "<|endoftext|>", None
 
     def convert_tokens_to_ids(self, token):
@@ -77,8 +106,14 @@ class Setup:
         from clinkd.patch import patch_qwen2_vl
 
         text, vision, side, (short, long), dtype = SETUPS[device]
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                               vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE,
+            video_token_id=VIDEO,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
         torch.manual_seed(0)
         with torch.device(device):
             model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
@@ -86,8 +121,7 @@ class Setup:
             for name, p in model.named_parameters():
                 if p.dim() > 1 and "visual" not in name:
                     p.normal_(0.0, 0.1)
-        self.model = patch_qwen2_vl(model, mcg_rope={"modality_gap": 2, "vision_stride": 1},
-                                    attention=device == "cuda")
+        self.model = patch_qwen2_vl(model, mcg_rope={"modality_gap": 2, "vision_stride": 1}, attention=device == "cuda")
         self.device, self.dtype = device, dtype
         g = torch.Generator().manual_seed(1)
         grid = side // 14
@@ -97,13 +131,22 @@ class Setup:
             before = torch.randint(3, 150000, (5,), generator=g)
             after = torch.randint(3, 150000, (short + (long - short) * i // (PROMPTS - 1),), generator=g)
             ids = torch.cat([before, torch.tensor([VISION_START] + [IMAGE] * n_image + [VISION_END]), after])
-            self.prompts.append({"input_ids": ids, "image_grid_thw": torch.tensor([[1, grid, grid]]),
-                                 "pixel_values": torch.randn(grid * grid, 3 * 2 * 14 * 14, generator=g)})
+            self.prompts.append(
+                {
+                    "input_ids": ids,
+                    "image_grid_thw": torch.tensor([[1, grid, grid]]),
+                    "pixel_values": torch.randn(grid * grid, 3 * 2 * 14 * 14, generator=g),
+                }
+            )
         self.tokenizer = Tokenizer()
         lengths = [p["input_ids"].numel() for p in self.prompts]
-        self.flops = qwen2_vl_matmul_flops(text, vision, seq_lens=[n + NEW_TOKENS for n in lengths],
-                                           image_patches=[grid * grid] * PROMPTS,
-                                           supervised_rows=PROMPTS * NEW_TOKENS)
+        self.flops = qwen2_vl_matmul_flops(
+            text,
+            vision,
+            seq_lens=[n + NEW_TOKENS for n in lengths],
+            image_patches=[grid * grid] * PROMPTS,
+            supervised_rows=PROMPTS * NEW_TOKENS,
+        )
         self.shape = f"{PROMPTS} prompts of {min(lengths)}-{max(lengths)} tokens, {side}px images, {NEW_TOKENS} new"
 
     def batched(self):
@@ -117,11 +160,17 @@ class Setup:
         texts, tokens = [], 0
         for p in self.prompts:
             ids = p["input_ids"][None].to(self.device)
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      pixel_values=p["pixel_values"].to(self.device, self.dtype),
-                                      image_grid_thw=p["image_grid_thw"].to(self.device), do_sample=False,
-                                      max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
-            row = out[0, ids.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=p["pixel_values"].to(self.device, self.dtype),
+                image_grid_thw=p["image_grid_thw"].to(self.device),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=EOS,
+                pad_token_id=PAD,
+            )
+            row = out[0, ids.shape[1] :].tolist()
             n = row.index(EOS) + 1 if EOS in row else len(row)
             texts.append(self.tokenizer.decode([t for t in row[:n] if t not in (EOS, PAD)]))
             tokens += n
@@ -154,8 +203,17 @@ def test_rct_generation(benchmark, setup, device, impl):
             fn()
         sync(device)
 
-    benchmark.group = (f"rct_generation {device}, MCG-RoPE Qwen2-VL {'2B' if device == 'cuda' else 'scaled-down'} "
-                       f"shapes, {setup.shape}, {str(setup.dtype).replace('torch.', '')} greedy")
-    record(benchmark, floor_s=compute_floor_s(setup.flops, device, setup.dtype), flops=setup.flops,
-           op="rct_generation", impl=impl, device=device, tokens=tokens)
+    benchmark.group = (
+        f"rct_generation {device}, MCG-RoPE Qwen2-VL {'2B' if device == 'cuda' else 'scaled-down'} "
+        f"shapes, {setup.shape}, {str(setup.dtype).replace('torch.', '')} greedy"
+    )
+    record(
+        benchmark,
+        floor_s=compute_floor_s(setup.flops, device, setup.dtype),
+        flops=setup.flops,
+        op="rct_generation",
+        impl=impl,
+        device=device,
+        tokens=tokens,
+    )
     benchmark.pedantic(run, rounds=3, warmup_rounds=0, iterations=1)  # the equality check above warmed up

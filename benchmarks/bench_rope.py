@@ -27,7 +27,7 @@ from benchmarks.floors import memory_floor_s, record
 from clinkd_kernels import apply_mrope, mcg_rope_index
 from clinkd_kernels.rope import apply_mrope_reference
 
-IMG, VID, VS, VE = 151655, 151656, 151652, 151653     # Qwen2-VL's ids
+IMG, VID, VS, VE = 151655, 151656, 151652, 151653  # Qwen2-VL's ids
 SECTIONS = [16, 24, 24]
 
 
@@ -43,10 +43,19 @@ def _hf_model():
 
     transformers.logging.set_verbosity_error()
     config = Qwen2VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=160000),
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=160000,
+        ),
         vision_config=dict(depth=1, embed_dim=8, hidden_size=16, num_heads=2, spatial_merge_size=2),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS)
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+    )
     return Qwen2VLModel(config).eval()
 
 
@@ -57,8 +66,8 @@ def _index_batch(B=8, S=2048, padded=False):
     for b in range(B):
         pad = int(torch.randint(0, 300, (1,), generator=g)) if padded else 0
         at = pad + 5 + int(torch.randint(0, 1000, (1,), generator=g))
-        ids[b, at - 1], ids[b, at:at + 256], ids[b, at + 256] = VS, IMG, VE
-        mask[b, :pad] = 0                                     # left padding
+        ids[b, at - 1], ids[b, at : at + 256], ids[b, at + 256] = VS, IMG, VE
+        mask[b, :pad] = 0  # left padding
     grid = torch.tensor([[1, 32, 32]] * B)
     return ids, (mask if padded else None), grid
 
@@ -70,17 +79,32 @@ def test_rope_index(benchmark, device, impl, padded):
     pad = "left-pad" if padded else "no-pad"
     benchmark.group = f"mcg_rope_index {device} B=8 S=2048 1 image/row {pad}"
     moved = ids.numel() * 8 * (1 + (mask is not None) + 3)
-    record(benchmark, floor_s=memory_floor_s(moved, device), bytes=moved, op="mcg_rope_index", impl=impl,
-           device=device, shape="B=8,S=2048,grid=(1,32,32)")
+    record(
+        benchmark,
+        floor_s=memory_floor_s(moved, device),
+        bytes=moved,
+        op="mcg_rope_index",
+        impl=impl,
+        device=device,
+        shape="B=8,S=2048,grid=(1,32,32)",
+    )
     if impl == "transformers":
         model = _hf_model()
-        types = (ids == IMG).int()        # the processor's mm_token_type_ids, not timed
+        types = (ids == IMG).int()  # the processor's mm_token_type_ids, not timed
         fn = functools.partial(model.get_rope_index, ids, types, image_grid_thw=grid, attention_mask=mask)
         rounds = 30
     else:
         gap = 2 if impl == "clinkd-gap2" else 1
-        fn = functools.partial(mcg_rope_index, ids, image_grid_thw=grid, attention_mask=mask, image_token_id=IMG,
-                               video_token_id=VID, vision_start_token_id=VS, modality_gap=gap)
+        fn = functools.partial(
+            mcg_rope_index,
+            ids,
+            image_grid_thw=grid,
+            attention_mask=mask,
+            image_token_id=IMG,
+            video_token_id=VID,
+            vision_start_token_id=VS,
+            modality_gap=gap,
+        )
         rounds = 300
 
     def run():
@@ -99,13 +123,30 @@ def _hf_qwen3_vl_model():
 
     transformers.logging.set_verbosity_error()
     config = Qwen3VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=8, vocab_size=160000,
-                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[2, 1, 1],
-                                              mrope_interleaved=True)),
-        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2, spatial_merge_size=2,
-                           out_hidden_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0]),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS)
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            vocab_size=160000,
+            rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[2, 1, 1], mrope_interleaved=True),
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=8,
+            intermediate_size=16,
+            num_heads=2,
+            spatial_merge_size=2,
+            out_hidden_size=16,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+    )
     return Qwen3VLModel(config).eval()
 
 
@@ -123,7 +164,7 @@ def _qwen3_vl_video_batch(B=4, frames=8, side=32):
     S = max(len(r) for r in rows)
     ids, mask = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
     for b, row in enumerate(rows):
-        ids[b, S - len(row):], mask[b, S - len(row):] = torch.tensor(row), 1
+        ids[b, S - len(row) :], mask[b, S - len(row) :] = torch.tensor(row), 1
     return ids, mask, torch.tensor([[frames, side, side]] * B)
 
 
@@ -134,14 +175,30 @@ def test_rope_index_qwen3_vl_video(benchmark, device, impl):
     B, S = ids.shape
     benchmark.group = f"mcg_rope_index {device} Qwen3-VL B={B} S={S} 8-frame video/row left-pad"
     moved = ids.numel() * 8 * (1 + 1 + 3)
-    record(benchmark, floor_s=memory_floor_s(moved, device), bytes=moved, op="mcg_rope_index", impl=impl,
-           device=device, shape=f"B={B},S={S},video=(8,32,32) per frame")
+    record(
+        benchmark,
+        floor_s=memory_floor_s(moved, device),
+        bytes=moved,
+        op="mcg_rope_index",
+        impl=impl,
+        device=device,
+        shape=f"B={B},S={S},video=(8,32,32) per frame",
+    )
     model = _hf_qwen3_vl_model()
     types = 2 * (ids == VID).int()
     stock = functools.partial(model.get_rope_index, ids, types, video_grid_thw=grid, attention_mask=mask)
-    ours = functools.partial(mcg_rope_index, ids, video_grid_thw=grid, attention_mask=mask, image_token_id=IMG,
-                             video_token_id=VID, vision_start_token_id=VS, modality_gap=1, pad_position=0,
-                             split_video_frames=True)
+    ours = functools.partial(
+        mcg_rope_index,
+        ids,
+        video_grid_thw=grid,
+        attention_mask=mask,
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+        modality_gap=1,
+        pad_position=0,
+        split_video_frames=True,
+    )
     with torch.no_grad():
         want, got = stock(), ours()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "not the stock Qwen3-VL positions"
@@ -164,9 +221,14 @@ def _hf_rotary(head_dim: int):
     from transformers import Qwen2VLConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
 
-    cfg = Qwen2VLConfig(text_config=dict(hidden_size=28 * head_dim, num_attention_heads=28, num_key_value_heads=4,
-                                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                              mrope_section=SECTIONS)))
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=28 * head_dim,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=SECTIONS),
+        )
+    )
     return Qwen2VLRotaryEmbedding(cfg.text_config)
 
 
@@ -174,14 +236,11 @@ def transformers_mrope(q, k, position_ids, rotary):
     """Qwen2-VL's rotation as transformers runs it, in our [B,S,H,D] layout."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-    cos, sin = rotary(q, position_ids)                    # [B,S,D] in q's dtype
+    cos, sin = rotary(q, position_ids)  # [B,S,D] in q's dtype
     return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
 
-ROT_SHAPES = {
-    "cpu": [(1, 1024, torch.float32)],
-    "cuda": [(2, 2048, torch.bfloat16), (2, 4096, torch.bfloat16)],
-}
+ROT_SHAPES = {"cpu": [(1, 1024, torch.float32)], "cuda": [(2, 2048, torch.bfloat16), (2, 4096, torch.bfloat16)]}
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -217,6 +276,14 @@ def test_apply_mrope(benchmark, device, impl, shape_index, backward):
         moved *= 2
     name = f"apply_mrope {device} B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} {str(dtype).replace('torch.', '')}"
     benchmark.group = name + (" fwd+bwd" if backward else " fwd")
-    record(benchmark, floor_s=memory_floor_s(moved, device), bytes=moved, op="apply_mrope", impl=impl,
-           device=device, shape=f"B={B},S={S},Hq={Hq},Hkv={Hkv},D={D}", backward=backward)
+    record(
+        benchmark,
+        floor_s=memory_floor_s(moved, device),
+        bytes=moved,
+        op="apply_mrope",
+        impl=impl,
+        device=device,
+        shape=f"B={B},S={S},Hq={Hq},Hkv={Hkv},D={D}",
+        backward=backward,
+    )
     benchmark.pedantic(run, rounds=15 if device == "cpu" else 30, warmup_rounds=2, iterations=1)

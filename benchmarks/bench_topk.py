@@ -27,10 +27,7 @@ IMPLS = {
     "torch": torch_topk_pseudo_labels,
 }
 
-SHAPES = {
-    "cpu": [(2048, 151936)],
-    "cuda": [(8192, 151936), (2048, 151936)],
-}
+SHAPES = {"cpu": [(2048, 151936)], "cuda": [(8192, 151936), (2048, 151936)]}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -46,8 +43,14 @@ def test_topk(benchmark, device, impl, k, dtype, shape_index):
     logits = torch.randn(n, v, device=device).to(dtype)
     fn = IMPLS[impl]
     benchmark.group = f"topk {device} N={n} V={v} k={k} {str(dtype).replace('torch.', '')}"
-    record(benchmark, floor_s=memory_floor_s(logits.numel() * logits.element_size(), device),
-           op="topk_pseudo_labels", shape=f"N={n},V={v},k={k}", impl=impl, device=device)
+    record(
+        benchmark,
+        floor_s=memory_floor_s(logits.numel() * logits.element_size(), device),
+        op="topk_pseudo_labels",
+        shape=f"N={n},V={v},k={k}",
+        impl=impl,
+        device=device,
+    )
 
     def run():
         fn(logits, k, 1.0)

@@ -51,24 +51,54 @@ IMAGE, VIDEO, VISION_START, VISION_END = 151655, 151656, 151652, 151653  # Qwen2
 
 
 def _text(hidden, inter, layers, heads, kv, vocab, section):
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section))
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=32768,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),
+    )
 
 
 def _vision(depth, embed, heads, hidden):
-    return dict(depth=depth, embed_dim=embed, num_heads=heads, mlp_ratio=4, hidden_size=hidden, patch_size=14,
-                spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return dict(
+        depth=depth,
+        embed_dim=embed,
+        num_heads=heads,
+        mlp_ratio=4,
+        hidden_size=hidden,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
 
 
 SETUPS = {
     # device: (student text, student vision, teacher text, teacher vision, sequences, tokens each, image side)
-    "cuda": (_text(1536, 8960, 28, 12, 2, 151936, [16, 24, 24]), _vision(32, 1280, 16, 1536),
-             _text(3584, 18944, 28, 28, 4, 152064, [16, 24, 24]), _vision(32, 1280, 16, 3584),
-             2, 2048, 448, torch.bfloat16),
-    "cpu": (_text(256, 768, 2, 4, 2, 151936, [8, 12, 12]), _vision(1, 64, 2, 256),
-            _text(512, 1536, 2, 8, 2, 152064, [8, 12, 12]), _vision(1, 64, 2, 512),
-            2, 256, 112, torch.float32),
+    "cuda": (
+        _text(1536, 8960, 28, 12, 2, 151936, [16, 24, 24]),
+        _vision(32, 1280, 16, 1536),
+        _text(3584, 18944, 28, 28, 4, 152064, [16, 24, 24]),
+        _vision(32, 1280, 16, 3584),
+        2,
+        2048,
+        448,
+        torch.bfloat16,
+    ),
+    "cpu": (
+        _text(256, 768, 2, 4, 2, 151936, [8, 12, 12]),
+        _vision(1, 64, 2, 256),
+        _text(512, 1536, 2, 8, 2, 152064, [8, 12, 12]),
+        _vision(1, 64, 2, 512),
+        2,
+        256,
+        112,
+        torch.float32,
+    ),
 }
 
 
@@ -76,8 +106,14 @@ def _model(text: dict, vision: dict, device: str, dtype: torch.dtype):
     """A random-weight Qwen2VLForConditionalGeneration, initialised directly on ``device`` in ``dtype``."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -94,14 +130,18 @@ def _batch(n_seq: int, seq_len: int, side: int, vocab: int, device: str, dtype: 
     n_image = grid * grid // 4
     ids = torch.randint(3, 150000, (n_seq, seq_len), generator=g)
     ids[:, 5] = VISION_START
-    ids[:, 6:6 + n_image] = IMAGE
+    ids[:, 6 : 6 + n_image] = IMAGE
     ids[:, 6 + n_image] = VISION_END
     image = ids == IMAGE
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=image.long(),
-                 image_grid_thw=torch.tensor([[1, grid, grid]] * n_seq),
-                 pixel_values=torch.randn(n_seq * grid * grid, 3 * 2 * 14 * 14, generator=g).to(dtype),
-                 labels=ids.masked_fill(image | (ids == VISION_START) | (ids == VISION_END), -100),
-                 sample_index=torch.arange(n_seq))
+    batch = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=image.long(),
+        image_grid_thw=torch.tensor([[1, grid, grid]] * n_seq),
+        pixel_values=torch.randn(n_seq * grid * grid, 3 * 2 * 14 * 14, generator=g).to(dtype),
+        labels=ids.masked_fill(image | (ids == VISION_START) | (ids == VISION_END), -100),
+        sample_index=torch.arange(n_seq),
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -122,13 +162,15 @@ class Setup:
         self.vocab = s_text["vocab_size"]
         self.stock_values: dict[str, float] = {}
 
-        meta = StoreMeta(teacher="random-7b-shaped", k=TOPK, temperature=T, vocab_size=self.vocab,
-                         tokenizer_hash="none")
+        meta = StoreMeta(
+            teacher="random-7b-shaped", k=TOPK, temperature=T, vocab_size=self.vocab, tokenizer_hash="none"
+        )
         store_dir = tmp / f"store-{device}"
 
         def compute(indices):
-            labels, targets = teacher_pseudo_labels(self.teacher, self.batch, k=TOPK, temperature=T,
-                                                    vocab_size=self.vocab)
+            labels, targets = teacher_pseudo_labels(
+                self.teacher, self.batch, k=TOPK, temperature=T, vocab_size=self.vocab
+            )
             return split_rows(labels.to("cpu"), targets.to("cpu"), rows_per_sample(self.batch))
 
         write_store(store_dir, meta, self.ids, compute, batch_size=n_seq, progress=False)
@@ -148,10 +190,19 @@ class Setup:
 
         from clinkd.train.trainer import ClinKDTrainer, KDSettings
 
-        args = TrainingArguments(output_dir=str(tmp / "trainer"), report_to="none", use_cpu=self.device == "cpu",
-                                 per_device_train_batch_size=1)
-        kd = KDSettings(topk=None if teacher else TOPK, temperature=T, alpha=ALPHA, beta=BETA,
-                        form="released" if teacher else "clinkd")
+        args = TrainingArguments(
+            output_dir=str(tmp / "trainer"),
+            report_to="none",
+            use_cpu=self.device == "cpu",
+            per_device_train_batch_size=1,
+        )
+        kd = KDSettings(
+            topk=None if teacher else TOPK,
+            temperature=T,
+            alpha=ALPHA,
+            beta=BETA,
+            form="released" if teacher else "clinkd",
+        )
         extra = dict(teacher=self.teacher) if teacher else dict(store=self.store, sample_ids=self.ids)
         trainer = ClinKDTrainer(model=self.student, args=args, kd=kd, **extra)
         trainer.state.global_step = kd.curriculum.warmup_steps  # past the warm-up: the stock loss's work
@@ -202,8 +253,9 @@ def _stock_step(setup: Setup, teacher_mode: str):
                 teacher_logits = setup.teacher(**inputs, use_cache=False).logits.flatten(0, 1)[rows]
             return released_loss_reference(student_logits, teacher_logits, targets, temperature=T, alpha=ALPHA)
         pseudo, _ = setup.store.batch(setup.ids)
-        return kd_loss_reference(student_logits, targets, teacher=pseudo.to(setup.device), temperature=T,
-                                 alpha=ALPHA, beta=BETA)
+        return kd_loss_reference(
+            student_logits, targets, teacher=pseudo.to(setup.device), temperature=T, alpha=ALPHA, beta=BETA
+        )
 
     return step
 
@@ -242,11 +294,21 @@ def test_train_step(benchmark, setup, device, impl, teacher_mode, tmp_path):
         empty_cpu_cache()  # clinkd's kept lm_head buffers count as the step's, as freshly made ones would
         peak = peak_bytes(run, device)
         flops = 3 * setup.student_flops + (setup.teacher_flops if teacher_mode == "online" else 0.0)
-        benchmark.group = (f"train_step {device} {teacher_mode} teacher, Qwen2-VL "
-                           f"{'2B/7B' if device == 'cuda' else 'scaled-down'} shapes, {setup.shape}, "
-                           f"{str(setup.dtype).replace('torch.', '')} fwd+bwd")
-        record(benchmark, floor_s=compute_floor_s(flops, device, setup.dtype), flops=flops, op="train_step",
-               impl=impl, device=device, tokens=setup.tokens, peak_bytes=peak,
-               peak_gib=None if peak is None else round(peak / 2**30, 3))
+        benchmark.group = (
+            f"train_step {device} {teacher_mode} teacher, Qwen2-VL "
+            f"{'2B/7B' if device == 'cuda' else 'scaled-down'} shapes, {setup.shape}, "
+            f"{str(setup.dtype).replace('torch.', '')} fwd+bwd"
+        )
+        record(
+            benchmark,
+            floor_s=compute_floor_s(flops, device, setup.dtype),
+            flops=flops,
+            op="train_step",
+            impl=impl,
+            device=device,
+            tokens=setup.tokens,
+            peak_bytes=peak,
+            peak_gib=None if peak is None else round(peak / 2**30, 3),
+        )
         benchmark.pedantic(run, rounds=5, warmup_rounds=0, iterations=1)
         setup.student.zero_grad(set_to_none=True)

@@ -31,8 +31,17 @@ from benchmarks.conftest import DEVICES, sync
 from benchmarks.floors import compute_floor_s, record
 
 PATCH, MERGE, TEMPORAL = 14, 2, 2
-TOWER_7B = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=PATCH,
-                spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3)
+TOWER_7B = dict(
+    depth=32,
+    embed_dim=1280,
+    hidden_size=3584,
+    num_heads=16,
+    mlp_ratio=4,
+    patch_size=PATCH,
+    spatial_merge_size=MERGE,
+    temporal_patch_size=TEMPORAL,
+    in_channels=3,
+)
 CASES = {"cuda": {"4x1024px": (4, 72), "16x448px": (16, 32)}, "cpu": {"4x224px": (4, 16)}}
 STUDENT_PARAMS = 7.6e9  # Qwen2-VL-7B's language model
 TEXT_TOKENS = 512
@@ -64,16 +73,27 @@ def _towers(device: str, dtype: torch.dtype, attn: str):
     from clinkd.patch import patch_qwen2_vl
 
     vision = dict(TOWER_7B, depth=TOWER_7B["depth"] if device == "cuda" else 1)
-    text = dict(vocab_size=512, hidden_size=vision["hidden_size"], intermediate_size=256, num_hidden_layers=1,
-                num_attention_heads=28, num_key_value_heads=4,
-                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]))
+    text = dict(
+        vocab_size=512,
+        hidden_size=vision["hidden_size"],
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
+    )
     config = Qwen2VLConfig(text_config=text, vision_config=vision)
     config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config).to(device=device, dtype=dtype)
-    patched = patch_qwen2_vl(copy.deepcopy(model), attention=False, loss=False, vision_attention=True,
-                             backend="triton" if device == "cuda" else "cpu")
+    patched = patch_qwen2_vl(
+        copy.deepcopy(model),
+        attention=False,
+        loss=False,
+        vision_attention=True,
+        backend="triton" if device == "cuda" else "cpu",
+    )
     return model.model.visual, patched.model.visual
 
 
@@ -116,19 +136,31 @@ def _run(benchmark, impl, device, case, mode):
             torch.autograd.grad(out.float().square().mean(), params)
             sync(device)
     else:
+
         def step():
             with torch.no_grad():
                 tower(pixels, grid_thw=grids)
             sync(device)
 
     blocks = cfg["depth"]
-    benchmark.group = (f"vision tower {mode} {device} {str(dtype)[6:]} Qwen2-VL-7B tower ({blocks} blocks) "
-                       f"{case} ({n_images}x{side * side} patches)")
+    benchmark.group = (
+        f"vision tower {mode} {device} {str(dtype)[6:]} Qwen2-VL-7B tower ({blocks} blocks) "
+        f"{case} ({n_images}x{side * side} patches)"
+    )
     rounds = 3 if device == "cpu" else 5
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1)
-    record(benchmark, floor_s=compute_floor_s(flops, device, dtype), impl=impl, op="vision_tower", device=device,
-           shape=f"{n_images}x{side}x{side} patches, D=80", mode=mode, flops=flops,
-           tflops=flops / benchmark.stats.stats.median / 1e12, vit_share=_vit_share(n_images, side))
+    record(
+        benchmark,
+        floor_s=compute_floor_s(flops, device, dtype),
+        impl=impl,
+        op="vision_tower",
+        device=device,
+        shape=f"{n_images}x{side}x{side} patches, D=80",
+        mode=mode,
+        flops=flops,
+        tflops=flops / benchmark.stats.stats.median / 1e12,
+        vit_share=_vit_share(n_images, side),
+    )
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

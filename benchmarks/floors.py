@@ -79,8 +79,15 @@ def record(benchmark, *, floor_s: float, **info) -> None:
     benchmark.extra_info.update(info)
 
 
-def qwen2_vl_matmul_flops(text: dict, vision: dict, *, seq_lens: list[int], image_patches: list[int],
-                          supervised_rows: int, lm_head_rows: int | None = None) -> float:
+def qwen2_vl_matmul_flops(
+    text: dict,
+    vision: dict,
+    *,
+    seq_lens: list[int],
+    image_patches: list[int],
+    supervised_rows: int,
+    lm_head_rows: int | None = None,
+) -> float:
     """Matmul FLOPs of one Qwen2-VL forward (the work a floor counts; norms, rotations and softmaxes
     are ignored).
 

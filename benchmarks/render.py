@@ -26,8 +26,11 @@ def load(paths: list[str]) -> tuple[list[dict], dict]:
         with open(path) as f:
             data = json.load(f)
         benchmarks += data.get("benchmarks", [])
-        machine = machine or {**data.get("machine_info", {}), **data.get("commit_info", {}),
-                              "date": data.get("datetime", "?")}
+        machine = machine or {
+            **data.get("machine_info", {}),
+            **data.get("commit_info", {}),
+            "date": data.get("datetime", "?"),
+        }
     return benchmarks, machine
 
 
@@ -48,7 +51,7 @@ def _per_s(bench: dict | None, key: str) -> float | None:
 
 
 def _pair(ours, peer, fmt) -> str:
-    """"ours / peer" with "—" for a missing side; "—" when both are missing."""
+    """ "ours / peer" with "—" for a missing side; "—" when both are missing."""
     if ours is None and peer is None:
         return "—"
     return f"{'—' if ours is None else fmt(ours)} / {'—' if peer is None else fmt(peer)}"
@@ -79,14 +82,21 @@ def rows(benchmarks: list[dict]) -> list[dict]:
             ours = by_impl.get(name)
             t_ours = ours["stats"]["median"] if ours else None
             floor = (ours or best or {}).get("extra_info", {}).get("floor_s")
-            out.append({
-                "group": group if name in (None, "clinkd") else f"{group} [{name}]",
-                "ours": t_ours, "peer": best_name, "peer_time": t_peer,
-                "speedup": (t_peer / t_ours) if t_ours and t_peer else None, "floor": floor,
-                "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
-                "peak": _info(ours, "peak_bytes"), "peer_peak": _info(best, "peak_bytes"),
-                "tokens_per_s": _per_s(ours, "tokens"), "peer_tokens_per_s": _per_s(best, "tokens"),
-            })
+            out.append(
+                {
+                    "group": group if name in (None, "clinkd") else f"{group} [{name}]",
+                    "ours": t_ours,
+                    "peer": best_name,
+                    "peer_time": t_peer,
+                    "speedup": (t_peer / t_ours) if t_ours and t_peer else None,
+                    "floor": floor,
+                    "ours_over_floor": (t_ours / floor) if t_ours and floor else None,
+                    "peak": _info(ours, "peak_bytes"),
+                    "peer_peak": _info(best, "peak_bytes"),
+                    "tokens_per_s": _per_s(ours, "tokens"),
+                    "peer_tokens_per_s": _per_s(best, "tokens"),
+                }
+            )
     return out
 
 
@@ -96,37 +106,51 @@ def every_peer(benchmarks: list[dict]) -> str:
     groups: dict[str, list[dict]] = defaultdict(list)
     for b in benchmarks:
         groups[b.get("group") or b["name"]].append(b)
-    lines = ["| benchmark | clinkd | peer | peer time | peer/clinkd | peak memory clinkd / peer |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| benchmark | clinkd | peer | peer time | peer/clinkd | peak memory clinkd / peer |",
+        "|---|---|---|---|---|---|",
+    ]
     for group, members in sorted(groups.items()):
         by_impl = {m["extra_info"].get("impl", m["name"]): m for m in members}
         ours = by_impl.get("clinkd")
-        peers = sorted(((k, v) for k, v in by_impl.items() if not k.startswith("clinkd")),
-                       key=lambda kv: kv[1]["stats"]["median"])
+        peers = sorted(
+            ((k, v) for k, v in by_impl.items() if not k.startswith("clinkd")), key=lambda kv: kv[1]["stats"]["median"]
+        )
         if ours is None or not peers:
             continue
         t_ours = ours["stats"]["median"]
         for name, peer in peers:
             t_peer = peer["stats"]["median"]
-            lines.append(f"| {group} | {_fmt_time(t_ours)} | {name} | {_fmt_time(t_peer)} | {t_peer / t_ours:.2f}× | "
-                         f"{_pair(_info(ours, 'peak_bytes'), _info(peer, 'peak_bytes'), _fmt_bytes)} |")
+            lines.append(
+                f"| {group} | {_fmt_time(t_ours)} | {name} | {_fmt_time(t_peer)} | {t_peer / t_ours:.2f}× | "
+                f"{_pair(_info(ours, 'peak_bytes'), _info(peer, 'peak_bytes'), _fmt_bytes)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def markdown(benchmarks: list[dict], machine: dict) -> str:
-    header = ("| benchmark | ours | best peer | peer time | peer/ours | floor | ours/floor | peak memory ours / peer "
-              "| tokens/s ours / peer |\n|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "| benchmark | ours | best peer | peer time | peer/ours | floor | ours/floor | peak memory ours / peer "
+        "| tokens/s ours / peer |\n|---|---|---|---|---|---|---|---|---|"
+    )
     lines = []
     for r in rows(benchmarks):
+
         def cell(v, fmt):
             return "—" if v is None else fmt(v)
-        lines.append(f"| {r['group']} | {cell(r['ours'], _fmt_time)} | {r['peer'] or '—'} | "
-                     f"{cell(r['peer_time'], _fmt_time)} | {cell(r['speedup'], lambda v: f'{v:.2f}×')} | "
-                     f"{cell(r['floor'], _fmt_time)} | {cell(r['ours_over_floor'], lambda v: f'{v:.1f}×')} | "
-                     f"{_pair(r['peak'], r['peer_peak'], _fmt_bytes)} | "
-                     f"{_pair(r['tokens_per_s'], r['peer_tokens_per_s'], lambda v: f'{v:.4g}')} |")
+
+        lines.append(
+            f"| {r['group']} | {cell(r['ours'], _fmt_time)} | {r['peer'] or '—'} | "
+            f"{cell(r['peer_time'], _fmt_time)} | {cell(r['speedup'], lambda v: f'{v:.2f}×')} | "
+            f"{cell(r['floor'], _fmt_time)} | {cell(r['ours_over_floor'], lambda v: f'{v:.1f}×')} | "
+            f"{_pair(r['peak'], r['peer_peak'], _fmt_bytes)} | "
+            f"{_pair(r['tokens_per_s'], r['peer_tokens_per_s'], lambda v: f'{v:.4g}')} |"
+        )
     cpu = machine.get("cpu", {}).get("brand_raw", "") if isinstance(machine.get("cpu"), dict) else ""
-    head = (f"Machine: {machine.get('node', '?')} {cpu}; commit {machine.get('id', '?')[:12]}; "
-            f"date {machine.get('date', '?')}")
+    head = (
+        f"Machine: {machine.get('node', '?')} {cpu}; commit {machine.get('id', '?')[:12]}; "
+        f"date {machine.get('date', '?')}"
+    )
     return head + "\n\n" + header + "\n" + "\n".join(lines) + "\n"
 
 
@@ -150,8 +174,11 @@ def main(argv=None) -> int:
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--out", help="write the markdown here (atomically) instead of stdout")
     parser.add_argument("--plot", help="also write a PNG bar chart of the speed-ups (needs matplotlib)")
-    parser.add_argument("--every-peer", action="store_true",
-                        help="also a table of clinkd beside every peer of each benchmark, not only the fastest")
+    parser.add_argument(
+        "--every-peer",
+        action="store_true",
+        help="also a table of clinkd beside every peer of each benchmark, not only the fastest",
+    )
     args = parser.parse_args(argv)
     for path in args.json:
         if not os.path.isfile(path):

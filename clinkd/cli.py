@@ -27,36 +27,63 @@ from typing import NamedTuple
 
 class Command(NamedTuple):
     module: str  # imported only when this command is set up (its --help included) and run
-    setup: str   # setup(parser): adds the command's arguments
-    run: str     # run(args) -> exit code (None = 0)
+    setup: str  # setup(parser): adds the command's arguments
+    run: str  # run(args) -> exit code (None = 0)
     help: str
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("clinkd.train.cli", "train_arguments", "train_command",
-                     "run the stages of a config (KD, SFT), resuming by default"),
-    "check": Command("clinkd.train.cli", "check_arguments", "check_command",
-                     "check a config and its data without training"),
-    "distill": Command("clinkd.train.cli", "distill_arguments", "distill_command",
-                       "pseudo-label store commands (cache)"),
+    "train": Command(
+        "clinkd.train.cli",
+        "train_arguments",
+        "train_command",
+        "run the stages of a config (KD, SFT), resuming by default",
+    ),
+    "check": Command(
+        "clinkd.train.cli", "check_arguments", "check_command", "check a config and its data without training"
+    ),
+    "distill": Command(
+        "clinkd.train.cli", "distill_arguments", "distill_command", "pseudo-label store commands (cache)"
+    ),
     "presets": Command("clinkd.train.cli", "presets_arguments", "presets_command", "list the named presets"),
-    "demo": Command("clinkd.demo.cli", "demo_arguments", "demo_command",
-                    "the embedded CPU demo: data, teacher, KD → SFT → RCT student, ablation, control, evaluation, report"),
-    "data": Command("clinkd.eval.cli", "data_arguments", "data_command",
-                    "data sets (demo: write the generated demo data set)"),
-    "predict": Command("clinkd.eval.cli", "predict_arguments", "predict_command",
-                       "greedy, batched answers of a model → predictions JSONL"),
-    "eval": Command("clinkd.eval.cli", "eval_arguments", "eval_command",
-                    "Med-GRIT metrics of a predictions file, per modality and macro"),
-    "rct-report": Command("clinkd.rct.cli", "rct_report_arguments", "rct_report_command",
-                          "what each RCT round of a run did: wrong answers, corrections, score gain, cost"),
+    "demo": Command(
+        "clinkd.demo.cli",
+        "demo_arguments",
+        "demo_command",
+        "the embedded CPU demo: data, teacher, KD → SFT → RCT student, ablation, control, evaluation, report",
+    ),
+    "data": Command(
+        "clinkd.eval.cli", "data_arguments", "data_command", "data sets (demo: write the generated demo data set)"
+    ),
+    "predict": Command(
+        "clinkd.eval.cli",
+        "predict_arguments",
+        "predict_command",
+        "greedy, batched answers of a model → predictions JSONL",
+    ),
+    "eval": Command(
+        "clinkd.eval.cli",
+        "eval_arguments",
+        "eval_command",
+        "Med-GRIT metrics of a predictions file, per modality and macro",
+    ),
+    "rct-report": Command(
+        "clinkd.rct.cli",
+        "rct_report_arguments",
+        "rct_report_command",
+        "what each RCT round of a run did: wrong answers, corrections, score gain, cost",
+    ),
 }
 
 # The errors a user fixes in the config or the data: (module, class). An error of a module that was
 # never imported cannot have been raised, so only the imported ones are looked at.
-USER_ERRORS = (("clinkd.train.errors", "ConfigError"), ("clinkd.data.records", "DataError"),
-               ("clinkd.distill.store", "StoreError"), ("clinkd.rct.round", "RCTError"),
-               ("clinkd.rct.similarity", "SimilarityError"))
+USER_ERRORS = (
+    ("clinkd.train.errors", "ConfigError"),
+    ("clinkd.data.records", "DataError"),
+    ("clinkd.distill.store", "StoreError"),
+    ("clinkd.rct.round", "RCTError"),
+    ("clinkd.rct.similarity", "SimilarityError"),
+)
 
 
 def _function(command: Command, name: str):

@@ -41,5 +41,16 @@ from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
 
 __version__ = "0.1.0"
 
-__all__ = ["PseudoLabels", "TEMPERATURE_RANGE", "apply_mrope", "cpu_cache_bytes", "empty_cpu_cache", "kd_loss", "linear_kd_loss", "mcg_rope_attention", "mcg_rope_index",
-           "mrope_decode_position_ids", "topk_pseudo_labels"]
+__all__ = [
+    "PseudoLabels",
+    "TEMPERATURE_RANGE",
+    "apply_mrope",
+    "cpu_cache_bytes",
+    "empty_cpu_cache",
+    "kd_loss",
+    "linear_kd_loss",
+    "mcg_rope_attention",
+    "mcg_rope_index",
+    "mrope_decode_position_ids",
+    "topk_pseudo_labels",
+]

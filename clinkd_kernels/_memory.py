@@ -80,8 +80,9 @@ def empty_cpu_cache() -> int:
     return 0 if compiled is None else int(compiled.cpu_buffer_cache_clear())
 
 
-def empty_output(shape, *, dtype: torch.dtype, device: torch.device, huge_pages: bool = False,
-                 cached: bool = False) -> torch.Tensor:
+def empty_output(
+    shape, *, dtype: torch.dtype, device: torch.device, huge_pages: bool = False, cached: bool = False
+) -> torch.Tensor:
     """``torch.empty`` for kernel outputs; filled with NaN (or -1 for integers) when ``CLINKD_POISON=1``.
 
     ``huge_pages``: a large CPU buffer goes on 2 MiB pages where the OS offers them; ``cached`` also

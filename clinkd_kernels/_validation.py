@@ -15,8 +15,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(name: str, x, *, ndim: int | Sequence[int] | None = None,
-                 dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+def check_tensor(
+    name: str, x, *, ndim: int | Sequence[int] | None = None, dtypes: Sequence[torch.dtype] | None = None
+) -> torch.Tensor:
     """Check that ``x`` is a tensor with one of ``ndim`` dimensions and one of ``dtypes``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -27,8 +27,15 @@ REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048
 
 _TRITON_DTYPES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
 }
 
 
@@ -61,8 +68,9 @@ def kernel_signature(fn, pointers: dict[str, torch.dtype], *, floats: tuple[str,
     unknown = sorted((set(pointers) | set(floats)) - set(runtime))
     if unknown:
         raise ValueError(f"{unknown} are not runtime arguments of the kernel (it takes {runtime})")
-    return {name: pointer(pointers[name]) if name in pointers else "fp32" if name in floats else "i32"
-            for name in runtime}
+    return {
+        name: pointer(pointers[name]) if name in pointers else "fp32" if name in floats else "i32" for name in runtime
+    }
 
 
 @dataclasses.dataclass
@@ -99,8 +107,12 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([_nvidia_bin("ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [_nvidia_bin("ptxas"), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     text = out.stderr + out.stdout
     regs = max((int(m) for m in re.findall(r"Used (\d+) registers", text)), default=0)
     spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
@@ -111,12 +123,21 @@ def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_nvidia_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(
+            [_nvidia_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
 
 
-def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object], *, arch: int,
-                   num_warps: int = 4, num_stages: int = 3, config: str = "") -> CompileReport:
+def compile_kernel(
+    fn,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    *,
+    arch: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    config: str = "",
+) -> CompileReport:
     """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` and report its resources.
 
     ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``,
@@ -125,14 +146,15 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     base = fn
     while not isinstance(base, JITFunction):
         if type(base).__name__ == "InterpretedFunction":
-            raise RuntimeError(f"{base.fn.__name__} was defined under TRITON_INTERPRET=1 and cannot be compiled "
-                               "in this process; use compile_module_specs(), which compiles in a fresh one")
+            raise RuntimeError(
+                f"{base.fn.__name__} was defined under TRITON_INTERPRET=1 and cannot be compiled "
+                "in this process; use compile_module_specs(), which compiles in a fresh one"
+            )
         base = base.fn  # autotune / heuristics wrappers hold the JITFunction in .fn
     sig = dict(signature)
     for name in constexprs:
@@ -144,8 +166,9 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
     # so the register counts) are the ones a launch would compile to.
     attrs = {(base.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
     src = ASTSource(fn=base, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
     sass = _sass(compiled.asm["cubin"])
     shared = int(compiled.metadata.shared)
@@ -154,10 +177,16 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
     by_threads = MAX_THREADS_PER_SM // threads
     by_shared = MAX_SHARED_PER_BLOCK[arch] // shared if shared else by_threads
     return CompileReport(
-        kernel=base.__name__, arch=arch, config=config or f"warps={num_warps},stages={num_stages}",
-        registers=regs, spill_bytes=spills, shared_bytes=shared, num_warps=num_warps,
+        kernel=base.__name__,
+        arch=arch,
+        config=config or f"warps={num_warps},stages={num_stages}",
+        registers=regs,
+        spill_bytes=spills,
+        shared_bytes=shared,
+        num_warps=num_warps,
         blocks_per_sm=max(0, min(by_regs, by_threads, by_shared)),
-        hmma=len(re.findall(r"\bHMMA\.", sass)), hgmma=len(re.findall(r"\bHGMMA\.", sass)),
+        hmma=len(re.findall(r"\bHMMA\.", sass)),
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)),
     )
 
 
@@ -179,8 +208,15 @@ class KernelSpec:
     archs: tuple = ARCHS
 
     def compile(self, arch: int) -> CompileReport:
-        return compile_kernel(self.fn, self.signature, self.constexprs, arch=arch, num_warps=self.num_warps,
-                              num_stages=self.num_stages, config=self.label)
+        return compile_kernel(
+            self.fn,
+            self.signature,
+            self.constexprs,
+            arch=arch,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            config=self.label,
+        )
 
 
 def compile_module_specs(module: str, archs=ARCHS) -> list[CompileReport]:

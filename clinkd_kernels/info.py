@@ -16,8 +16,11 @@ from clinkd_kernels._dispatch import extension, extension_has_cuda, triton_avail
 
 
 def _versions() -> list[tuple[str, str]]:
-    rows = [("python", platform.python_version()), ("torch", torch.__version__),
-            ("torch CUDA", str(torch.version.cuda))]
+    rows = [
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", str(torch.version.cuda)),
+    ]
     for name in ("triton", "transformers", "numpy"):
         try:
             module = __import__(name)
@@ -36,7 +39,12 @@ def _backends() -> list[tuple[str, str]]:
         rows.append(("CUDA kernels", "not built"))
     rows.append(("Triton", "available" if triton_available() else "not installed"))
     if torch.cuda.is_available():
-        rows.append(("CUDA device", f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"))
+        rows.append(
+            (
+                "CUDA device",
+                f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})",
+            )
+        )
     else:
         rows.append(("CUDA device", "none (Triton kernels run only under TRITON_INTERPRET=1)"))
     return rows
@@ -50,8 +58,10 @@ def _check_topk(device: str, backend: str) -> str:
     ref = topk_pseudo_labels_reference(logits, 17, temperature=0.5)
     if not torch.equal(got.indices.cpu(), ref.indices.cpu()):
         raise AssertionError("indices differ from the reference")
-    err = max((getattr(got, f).double().cpu() - getattr(ref, f).cpu()).abs().max().item()
-              for f in ("logprobs", "lse", "margin", "residual"))
+    err = max(
+        (getattr(got, f).double().cpu() - getattr(ref, f).cpu()).abs().max().item()
+        for f in ("logprobs", "lse", "margin", "residual")
+    )
     if err > 1e-4:
         raise AssertionError(f"max error {err:.2e} against the float64 reference")
     return f"max abs error {err:.1e}"
@@ -65,11 +75,18 @@ def _check_rope_index(device: str, backend: str) -> str:
     ids = torch.tensor(rows, device=device)
     mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8], device=device)
     grids = torch.tensor([[1, 4, 4], [1, 4, 4]], device=device)
-    kw = dict(image_grid_thw=grids, attention_mask=mask, image_token_id=img, video_token_id=99,
-              vision_start_token_id=start, modality_gap=2)
+    kw = dict(
+        image_grid_thw=grids,
+        attention_mask=mask,
+        image_token_id=img,
+        video_token_id=99,
+        vision_start_token_id=start,
+        modality_gap=2,
+    )
     pos, deltas = mcg_rope_index(ids, **kw)
-    ref_pos, ref_deltas = mcg_rope_index_reference(ids.cpu(), **{k: v.cpu() if torch.is_tensor(v) else v
-                                                                  for k, v in kw.items()})
+    ref_pos, ref_deltas = mcg_rope_index_reference(
+        ids.cpu(), **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    )
     if not (torch.equal(pos.cpu(), ref_pos) and torch.equal(deltas.cpu(), ref_deltas)):
         raise AssertionError("positions differ from the reference")
     return "exact"
@@ -100,8 +117,9 @@ def _check_attention(device: str, backend: str) -> str:
     mask = torch.ones(2, 33, dtype=torch.long, device=device)
     mask[1, :5] = 0
     got = mcg_rope_attention(q, k, v, pos, inv_freq, (8, 12, 12), attention_mask=mask, backend=backend)
-    ref = mcg_rope_attention_reference(q.double(), k.double(), v.double(), pos, inv_freq, (8, 12, 12),
-                                       attention_mask=mask)
+    ref = mcg_rope_attention_reference(
+        q.double(), k.double(), v.double(), pos, inv_freq, (8, 12, 12), attention_mask=mask
+    )
     err = (got.double() - ref).abs().max().item()
     if err > (1e-4 if dtype == torch.float32 else 3e-2):
         raise AssertionError(f"max error {err:.2e} against the float64 reference")
@@ -117,8 +135,9 @@ def _check_kd_loss(device: str, backend: str) -> str:
     labels[::7] = -100
     kw = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, temperature=0.5, alpha=0.5, beta=1.0)
     got = linear_kd_loss(hidden, weight, labels, backend=backend, **kw)
-    ref = linear_kd_loss_reference(hidden.double(), weight.double(), labels, **{
-        k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    ref = linear_kd_loss_reference(
+        hidden.double(), weight.double(), labels, **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+    )
     err = abs(got.item() - ref.item())
     if err > 1e-4:
         raise AssertionError(f"error {err:.2e} against the float64 reference")
@@ -127,18 +146,22 @@ def _check_kd_loss(device: str, backend: str) -> str:
 
 def _self_checks() -> list[tuple[str, str, str, str]]:
     """(op, backend, device, result) rows."""
-    plans = [("topk_pseudo_labels", "torch", "cpu", _check_topk),
-             ("mcg_rope_index", "default", "cpu", _check_rope_index),
-             ("apply_mrope", "cpu", "cpu", _check_apply_mrope),
-             ("mcg_rope_attention", "cpu", "cpu", _check_attention),
-             ("linear_kd_loss", "cpu", "cpu", _check_kd_loss)]
+    plans = [
+        ("topk_pseudo_labels", "torch", "cpu", _check_topk),
+        ("mcg_rope_index", "default", "cpu", _check_rope_index),
+        ("apply_mrope", "cpu", "cpu", _check_apply_mrope),
+        ("mcg_rope_attention", "cpu", "cpu", _check_attention),
+        ("linear_kd_loss", "cpu", "cpu", _check_kd_loss),
+    ]
     if extension() is not None:
         plans.append(("topk_pseudo_labels", "cpu", "cpu", _check_topk))
     if torch.cuda.is_available():
-        plans += [("mcg_rope_index", "default", "cuda", _check_rope_index),
-                  ("apply_mrope", "triton", "cuda", _check_apply_mrope),
-                  ("mcg_rope_attention", "triton", "cuda", _check_attention),
-                  ("linear_kd_loss", "triton", "cuda", _check_kd_loss)]
+        plans += [
+            ("mcg_rope_index", "default", "cuda", _check_rope_index),
+            ("apply_mrope", "triton", "cuda", _check_apply_mrope),
+            ("mcg_rope_attention", "triton", "cuda", _check_attention),
+            ("linear_kd_loss", "triton", "cuda", _check_kd_loss),
+        ]
         if extension_has_cuda():
             plans.append(("topk_pseudo_labels", "cuda", "cuda", _check_topk))
     rows = []

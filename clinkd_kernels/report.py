@@ -23,13 +23,17 @@ KERNEL_MODULES = (  # every module with an aot_specs(): the launch.py of each op
 
 
 def table(reports) -> str:
-    lines = ["| kernel | config | arch | registers | spill bytes | shared memory | blocks/SM | HMMA | HGMMA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | config | arch | registers | spill bytes | shared memory | blocks/SM | HMMA | HGMMA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         flag = "" if r.ok else " **FAIL**"
-        lines.append(f"| {r.kernel} | {r.config} | sm_{r.arch} | {r.registers} | {r.spill_bytes}{flag} | "
-                     f"{r.shared_bytes / 1024:.1f} KiB / {MAX_SHARED_PER_BLOCK[r.arch] // 1024} KiB | "
-                     f"{r.blocks_per_sm} | {r.hmma} | {r.hgmma} |")
+        lines.append(
+            f"| {r.kernel} | {r.config} | sm_{r.arch} | {r.registers} | {r.spill_bytes}{flag} | "
+            f"{r.shared_bytes / 1024:.1f} KiB / {MAX_SHARED_PER_BLOCK[r.arch] // 1024} KiB | "
+            f"{r.blocks_per_sm} | {r.hmma} | {r.hgmma} |"
+        )
     return "\n".join(lines) + "\n"
 
 

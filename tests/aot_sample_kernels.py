@@ -23,6 +23,7 @@ def matmul_tile_kernel(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
 def aot_specs():
     return [
         KernelSpec(copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, {"BLOCK": 1024}, label="copy"),
-        KernelSpec(matmul_tile_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"}, {"BLOCK": 64},
-                   label="mma"),
+        KernelSpec(
+            matmul_tile_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"}, {"BLOCK": 64}, label="mma"
+        ),
     ]

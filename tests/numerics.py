@@ -17,9 +17,17 @@ NORM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torc
 DEFAULT_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
-def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor | None = None, *,
-                 atol: float | None = None, norm_tol: float | None = None, dtype: torch.dtype | None = None,
-                 norm_floor: float = 0.0) -> None:
+def assert_close(
+    name: str,
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    baseline: torch.Tensor | None = None,
+    *,
+    atol: float | None = None,
+    norm_tol: float | None = None,
+    dtype: torch.dtype | None = None,
+    norm_floor: float = 0.0,
+) -> None:
     """Assert ``out`` matches the float64 ``ref`` under the rule above.
 
     ``dtype`` (default ``out.dtype``) picks the norm bound and the default ``atol``
@@ -40,8 +48,10 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torc
     if not bool(finite.all()):
         same = (o == r) | (torch.isnan(o) & torch.isnan(r))
         bad = ~finite & ~same
-        assert not bool(bad.any()), (f"{name}: non-finite reference values not reproduced at "
-                                     f"{bad.nonzero()[:5].tolist()}: got {o[bad][:5].tolist()}, want {r[bad][:5].tolist()}")
+        assert not bool(bad.any()), (
+            f"{name}: non-finite reference values not reproduced at "
+            f"{bad.nonzero()[:5].tolist()}: got {o[bad][:5].tolist()}, want {r[bad][:5].tolist()}"
+        )
     assert bool(torch.isfinite(o[finite]).all()), f"{name}: non-finite output where the reference is finite"
 
     err = (o - r).abs()[finite]
@@ -51,7 +61,8 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torc
     worst = (err - allowed).argmax() if err.numel() else None
     assert err.numel() == 0 or bool((err <= allowed).all()), (
         f"{name}: |out - ref| exceeds the allowed error at {int((err > allowed).sum())} of {err.numel()} elements; "
-        f"worst: err {err[worst].item():.3e} > allowed {allowed[worst].item():.3e}")
+        f"worst: err {err[worst].item():.3e} > allowed {allowed[worst].item():.3e}"
+    )
 
     rn = max(r[finite].norm().item(), norm_floor)
     if rn > 0:

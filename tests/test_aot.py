@@ -26,14 +26,15 @@ def test_matrix_instructions_per_arch(reports):
 
 
 def test_interpreted_kernels_are_sent_to_a_fresh_process():
-    from clinkd_kernels.aot import compile_kernel
     from clinkd_kernels._dispatch import triton_interpret
+    from clinkd_kernels.aot import compile_kernel
 
     if not triton_interpret():
         pytest.skip("only meaningful under TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="compile_module_specs"):
-        compile_kernel(aot_sample_kernels.copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
-                       {"BLOCK": 128}, arch=80)
+        compile_kernel(
+            aot_sample_kernels.copy_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}, arch=80
+        )
 
 
 def test_failures_are_reported():

@@ -21,8 +21,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clinkd_kernels import (PseudoLabels, apply_mrope, kd_loss, linear_kd_loss, mcg_rope_attention, mcg_rope_index,
-                            topk_pseudo_labels)
+from clinkd_kernels import (
+    PseudoLabels,
+    apply_mrope,
+    kd_loss,
+    linear_kd_loss,
+    mcg_rope_attention,
+    mcg_rope_index,
+    topk_pseudo_labels,
+)
 from clinkd_kernels.attention import mcg_rope_attention_reference
 from clinkd_kernels.loss import kd_loss_reference
 from clinkd_kernels.rope import apply_mrope_reference
@@ -31,15 +38,20 @@ from clinkd_kernels.rope_index.device import mcg_rope_index_device
 from clinkd_kernels.topk import topk_pseudo_labels_reference
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FAST = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 def names_an_argument(error: Exception, names) -> bool:
     """A ValueError/TypeError whose message names one of ``names`` as a word (``k`` in "k must be", not
     the k of "kernel")."""
     return isinstance(error, (ValueError, TypeError)) and any(
-        re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", str(error)) for n in names)
+        re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", str(error)) for n in names
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,9 +120,15 @@ def test_rope_index_values_that_overflow_int64(path):
     both paths)."""
     ids = torch.tensor([[1, 7, 9, 9, 9, 9, 3]])
     kw = dict(image_token_id=9, video_token_id=10)
-    call = mcg_rope_index if path == "cpu" else (
-        lambda i, image_grid_thw, modality_gap=2, **k: mcg_rope_index_device(i, image_grid_thw, None, None, 9, 10,
-                                                                             None, 2, modality_gap, 1, 1))
+    call = (
+        mcg_rope_index
+        if path == "cpu"
+        else (
+            lambda i, image_grid_thw, modality_gap=2, **k: mcg_rope_index_device(
+                i, image_grid_thw, None, None, 9, 10, None, 2, modality_gap, 1, 1
+            )
+        )
+    )
     wrapping = torch.tensor([[2**62 + 1, 4, 4]])  # (2^62 + 1)·2·2 = 2^64 + 4: "4 tokens" in int64
     with pytest.raises(ValueError, match=r"image_grid_thw\[0\] = .* needs t·\(h/2\)·\(w/2\) = 18446744073709551620"):
         call(ids, image_grid_thw=wrapping, **kw)
@@ -123,8 +141,9 @@ def test_pseudo_labels_whose_probabilities_sum_above_one():
     """Before: accepted (a "distribution" of mass 1.5 and a residual of 0)."""
     z, y = torch.randn(5, 20), torch.randint(0, 20, (5,))
     lp = torch.log(torch.full((5, 3), 0.5))
-    teacher = PseudoLabels(torch.tensor([[0, 1, 2]] * 5, dtype=torch.int32), lp, torch.zeros(5), torch.zeros(5),
-                           torch.zeros(5))
+    teacher = PseudoLabels(
+        torch.tensor([[0, 1, 2]] * 5, dtype=torch.int32), lp, torch.zeros(5), torch.zeros(5), torch.zeros(5)
+    )
     for backend in ("cpu", "torch"):
         with pytest.raises(ValueError, match=r"teacher.logprobs must be the log-probabilities of one distribution"):
             kd_loss(z, y, teacher=teacher, backend=backend)
@@ -133,25 +152,47 @@ def test_pseudo_labels_whose_probabilities_sum_above_one():
 # --------------------------------------------------------------------------------------------------
 # the hunt: many bad (and good) inputs per op
 
-KD_NAMES = ("student_logits", "labels", "teacher", "temperature", "alpha", "beta", "ignore_index", "token_weights",
-            "reduction", "V")
+KD_NAMES = (
+    "student_logits",
+    "labels",
+    "teacher",
+    "temperature",
+    "alpha",
+    "beta",
+    "ignore_index",
+    "token_weights",
+    "reduction",
+    "V",
+)
 
 
 @st.composite
 def kd_calls(draw):
     n, v = draw(st.integers(0, 5)), draw(st.integers(0, 7))
     z = draw(st.sampled_from(["ok", "1d", "int", "nan-row", "inf"]))
-    logits = {"ok": torch.randn(n, v), "1d": torch.randn(v), "int": torch.randint(0, 3, (n, v)),
-              "nan-row": torch.randn(n, v).index_fill_(0, torch.arange(min(n, 1)), float("nan")),
-              "inf": torch.randn(n, v).masked_fill_(torch.rand(n, v) < 0.3, float("-inf"))}[z]  # masked vocabulary
+    logits = {
+        "ok": torch.randn(n, v),
+        "1d": torch.randn(v),
+        "int": torch.randint(0, 3, (n, v)),
+        "nan-row": torch.randn(n, v).index_fill_(0, torch.arange(min(n, 1)), float("nan")),
+        "inf": torch.randn(n, v).masked_fill_(torch.rand(n, v) < 0.3, float("-inf")),
+    }[z]  # masked vocabulary
     labels = draw(st.sampled_from(["ok", "range", "float", "short", "ignored"]))
     hi = max(v, 1)
-    y = {"ok": torch.randint(0, hi, (n,)), "range": torch.full((n,), v + 3), "float": torch.rand(n),
-         "short": torch.randint(0, hi, (max(n - 1, 0),)), "ignored": torch.full((n,), -100)}[labels]
+    y = {
+        "ok": torch.randint(0, hi, (n,)),
+        "range": torch.full((n,), v + 3),
+        "float": torch.rand(n),
+        "short": torch.randint(0, hi, (max(n - 1, 0),)),
+        "ignored": torch.full((n,), -100),
+    }[labels]
     teacher = draw(st.sampled_from(["dense", "dense-narrow", "dense-nan", "none", "sparse", "sparse-bad"]))
-    kw = dict(temperature=draw(st.sampled_from([1.0, 0.5, 0.0, -1.0, float("nan"), 1e-9, "2"])),
-              alpha=draw(st.sampled_from([0.5, 0.0, -1.0])), beta=draw(st.sampled_from([1.0, 0.0])),
-              reduction=draw(st.sampled_from(["mean", "sum", "none", "avg"])))
+    kw = dict(
+        temperature=draw(st.sampled_from([1.0, 0.5, 0.0, -1.0, float("nan"), 1e-9, "2"])),
+        alpha=draw(st.sampled_from([0.5, 0.0, -1.0])),
+        beta=draw(st.sampled_from([1.0, 0.0])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none", "avg"])),
+    )
     if teacher.startswith("dense"):
         t = torch.randn(n, v + 2 if teacher != "dense-narrow" else max(v - 1, 0))
         if teacher == "dense-nan" and n:
@@ -176,15 +217,23 @@ def test_kd_loss_any_input(call, backend):
     except Exception as e:  # noqa: BLE001 - the category of the outcome is what is tested
         assert names_an_argument(e, KD_NAMES), repr(e)
         return
-    ref = kd_loss_reference(logits.double(), y, **{k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
-                                                       else v) for k, v in kw.items()})
+    ref = kd_loss_reference(
+        logits.double(),
+        y,
+        **{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()},
+    )
     assert torch.allclose(got.double(), ref.double(), rtol=1e-4, atol=1e-5, equal_nan=True), (got, ref)
 
 
 @FAST
-@given(st.integers(0, 4), st.integers(0, 9), st.integers(-1, 11),
-       st.sampled_from([1.0, 0.3, 0.0, -2.0, float("inf"), 1e-7]), st.sampled_from(["ok", "nan", "-inf", "+inf", "int"]),
-       st.sampled_from(["cpu", "torch"]))
+@given(
+    st.integers(0, 4),
+    st.integers(0, 9),
+    st.integers(-1, 11),
+    st.sampled_from([1.0, 0.3, 0.0, -2.0, float("inf"), 1e-7]),
+    st.sampled_from(["ok", "nan", "-inf", "+inf", "int"]),
+    st.sampled_from(["cpu", "torch"]),
+)
 def test_topk_any_input(n, v, k, temperature, fill, backend):
     logits = torch.randn(n, v)
     if fill == "int":
@@ -220,11 +269,29 @@ def index_calls(draw):
     longest = max(1, max(len(s) for s in ids))
     input_ids = torch.tensor([s + [0] * (longest - len(s)) for s in ids])
     mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in ids])
-    damage = draw(st.sampled_from(["none", "drop-grid", "extra-grid", "bad-grid", "zero-grid", "huge-grid",
-                                   "gap", "stride", "mask-shape", "float-ids"]))
+    damage = draw(
+        st.sampled_from(
+            [
+                "none",
+                "drop-grid",
+                "extra-grid",
+                "bad-grid",
+                "zero-grid",
+                "huge-grid",
+                "gap",
+                "stride",
+                "mask-shape",
+                "float-ids",
+            ]
+        )
+    )
     grid = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
-    kw = dict(image_grid_thw=grid, attention_mask=mask, modality_gap=draw(st.integers(1, 3)),
-              vision_stride=draw(st.integers(1, 2)))
+    kw = dict(
+        image_grid_thw=grid,
+        attention_mask=mask,
+        modality_gap=draw(st.integers(1, 3)),
+        vision_stride=draw(st.integers(1, 2)),
+    )
     if damage == "drop-grid" and len(grids):
         kw["image_grid_thw"] = grid[1:]
     elif damage == "extra-grid":
@@ -258,15 +325,29 @@ def test_mcg_rope_index_any_input(call):
         assert names_an_argument(e, names), repr(e)
         return
     want = mcg_rope_index_reference(input_ids, image_token_id=9, video_token_id=10, vision_start_token_id=20, **kw)
-    device = mcg_rope_index_device(input_ids, kw["image_grid_thw"], None, kw["attention_mask"], 9, 10, 20, 2,
-                                   kw["modality_gap"], kw["vision_stride"], 1)
+    device = mcg_rope_index_device(
+        input_ids,
+        kw["image_grid_thw"],
+        None,
+        kw["attention_mask"],
+        9,
+        10,
+        20,
+        2,
+        kw["modality_gap"],
+        kw["vision_stride"],
+        1,
+    )
     for pos, deltas in (got, device):
         assert torch.equal(pos, want[0]) and torch.equal(deltas, want[1])
 
 
 @FAST
-@given(st.sampled_from([(2, 3, 4, 2, 64), (1, 1, 2, 2, 80), (1, 2, 3, 2, 64), (1, 2, 2, 2, 48)]),
-       st.sampled_from(["ok", "pos-shape", "section", "freq-dtype", "dtype-mix", "scale"]), st.booleans())
+@given(
+    st.sampled_from([(2, 3, 4, 2, 64), (1, 1, 2, 2, 80), (1, 2, 3, 2, 64), (1, 2, 2, 2, 48)]),
+    st.sampled_from(["ok", "pos-shape", "section", "freq-dtype", "dtype-mix", "scale"]),
+    st.booleans(),
+)
 def test_rotation_and_attention_any_input(shape, damage, attention):
     b, s, hq, hkv, d = shape
     q, k, v = torch.randn(b, s, hq, d), torch.randn(b, s, hkv, d), torch.randn(b, s, hkv, d)
@@ -284,8 +365,18 @@ def test_rotation_and_attention_any_input(shape, damage, attention):
         k = k.half()
     elif damage == "scale":
         extra = {"softmax_scale": -1.0} if attention else {"attention_scaling": float("nan")}
-    names = ("q", "k", "v", "position_ids", "inv_freq", "mrope_section", "head dim", "softmax_scale",
-             "attention_scaling", "query heads")
+    names = (
+        "q",
+        "k",
+        "v",
+        "position_ids",
+        "inv_freq",
+        "mrope_section",
+        "head dim",
+        "softmax_scale",
+        "attention_scaling",
+        "query heads",
+    )
     try:
         if attention:
             got = mcg_rope_attention(q, k, v, pos, inv, section, backend="cpu", **extra)
@@ -335,8 +426,9 @@ print(json.dumps(outcomes))
 @pytest.mark.parametrize("seed", [1, 2])
 def test_extension_never_crashes_on_adversarial_calls(seed):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(seed), "150"], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(seed), "150"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, f"the extension crashed (exit {out.returncode}): {out.stderr[-2000:]}"
     outcomes = json.loads(out.stdout.strip().splitlines()[-1])
     wrong = [o for o in outcomes if o.startswith("bad result")]

@@ -38,8 +38,10 @@ def test_the_command_table_names_importable_functions():
 
 
 def test_import_and_help_load_neither_transformers_nor_torch():
-    done = _python("import clinkd.cli, sys; assert 'transformers' not in sys.modules; "
-                   f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = _python(
+        "import clinkd.cli, sys; assert 'transformers' not in sys.modules; "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
     done = _python(
         "import contextlib, io, sys\n"
@@ -50,13 +52,15 @@ def test_import_and_help_load_neither_transformers_nor_torch():
         "            main(argv + ['--help'])\n"
         "        except SystemExit as e:\n"
         "            assert e.code == 0, (argv, e.code)\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
 def test_help_of_the_installed_entry_point():
-    done = subprocess.run([sys.executable, "-m", "clinkd", "train", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "clinkd", "train", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert done.returncode == 0 and "--preset" in done.stdout and "--no-resume" in done.stdout, done.stderr
 
 
@@ -76,16 +80,33 @@ def test_demo_arguments(monkeypatch, tmp_path, capsys):
 
     def fake_run_demo(config_path=None, *, overrides=None, progress=True, resume=True):
         seen.update(config=config_path, overrides=overrides, progress=progress, resume=resume)
-        return {"intervals": {"confidence": 0.95, "method": "m"}, "config": {"output_dir": str(tmp_path)},
-                "timings_s": {"total": 1.0}}
+        return {
+            "intervals": {"confidence": 0.95, "method": "m"},
+            "config": {"output_dir": str(tmp_path)},
+            "timings_s": {"total": 1.0},
+        }
 
     monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
     monkeypatch.setattr(report, "score_table", lambda r: "TABLE")
     monkeypatch.setattr(report, "clear_differences", lambda r: "DIFFERENCES")
     config = tmp_path / "x.yaml"
     config.write_text("seed: 1\n")
-    assert main(["demo", "--config", str(config), "--set", "seed=1", "--set", "output_dir=o", "--no-resume",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(config),
+                "--set",
+                "seed=1",
+                "--set",
+                "output_dir=o",
+                "--no-resume",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert seen == dict(config=str(config), overrides=["seed=1", "output_dir=o"], progress=False, resume=False)
     out = capsys.readouterr().out
     assert "95 % intervals (m)" in out and "TABLE" in out and "DIFFERENCES" in out
@@ -112,7 +133,7 @@ def _import_graph(package: Path) -> dict[str, set[str]]:
 
     def absolute(module: str, name: str | None, level: int) -> str:
         base = module.split(".") if modules[module].name == "__init__.py" else module.split(".")[:-1]
-        base = base[:len(base) - level + 1] if level else []
+        base = base[: len(base) - level + 1] if level else []
         return ".".join(base + ([name] if name else []))
 
     graph = {}
@@ -123,8 +144,7 @@ def _import_graph(package: Path) -> dict[str, set[str]]:
                 targets.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
                 target = absolute(module, node.module, node.level)
-                targets.update(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
-                               for a in node.names)
+                targets.update(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names)
             elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_exports":
                 for key in node.args[1].keys:  # {module: names}, imported on first use
                     name = key.value
@@ -143,7 +163,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[node] = "done"
@@ -171,6 +191,11 @@ def test_no_import_circles_in_the_kernels():
     assert _cycle(graph) is None, " → ".join(_cycle(graph))
     for path in (ROOT / "clinkd_kernels").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             assert not any(n.split(".")[0] in ("clinkd", "transformers") for n in names), (path, names)

@@ -6,8 +6,7 @@ import re
 import pytest
 import torch
 
-from clinkd_kernels import (PseudoLabels, apply_mrope, kd_loss, linear_kd_loss, mcg_rope_attention,
-                            topk_pseudo_labels)
+from clinkd_kernels import PseudoLabels, apply_mrope, kd_loss, linear_kd_loss, mcg_rope_attention, topk_pseudo_labels
 from clinkd_kernels._dispatch import BACKENDS, MODEL_BACKENDS, OP_BACKENDS, OpBackends, resolve_backend
 
 CPU = torch.device("cpu")
@@ -73,8 +72,13 @@ def _calls():
     pos = torch.randint(0, 9, (3, 1, 3))
     inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
     hidden, weight = torch.randn(4, 5), torch.randn(11, 5)
-    teacher = PseudoLabels(torch.tensor([[0, 1]] * 4), torch.full((4, 2), -1.0), torch.zeros(4), torch.zeros(4),
-                           torch.full((4,), 1 - 2 * 0.36787944117144233))
+    teacher = PseudoLabels(
+        torch.tensor([[0, 1]] * 4),
+        torch.full((4, 2), -1.0),
+        torch.zeros(4),
+        torch.zeros(4),
+        torch.full((4,), 1 - 2 * 0.36787944117144233),
+    )
     return {
         "topk_pseudo_labels": lambda b: topk_pseudo_labels(logits, 3, backend=b),
         "apply_mrope": lambda b: apply_mrope(q, k, pos, inv, (8, 12, 12), backend=b),
@@ -99,4 +103,4 @@ def test_each_op_refuses_a_backend_outside_its_row_and_names_its_own(monkeypatch
         with pytest.raises(ValueError, match=rf"{op} has no '{backend}' backend") as err:
             call(backend)
         assert re.search(re.escape(f"it supports {serves}"), str(err.value)), str(err.value)
-    call("torch")   # the row's reference runs: the refusals above come from the row alone
+    call("torch")  # the row's reference runs: the refusals above come from the row alone

@@ -103,8 +103,10 @@ API = DOCS / "api.md"
 README = ROOT / "README.md"
 README_LIMIT = 10 * 1024  # bytes: a newcomer reads it in five minutes; everything else is in docs/
 # The two quick-start commands, exactly as users type them and CI runs them (.ci/run).
-QUICK_START = ("bash scripts/install.sh demo && .venv/bin/clinkd demo",
-               "bash scripts/install.sh test && .venv/bin/python -m pytest tests/ -q")
+QUICK_START = (
+    "bash scripts/install.sh demo && .venv/bin/clinkd demo",
+    "bash scripts/install.sh test && .venv/bin/python -m pytest tests/ -q",
+)
 
 
 def _written_in_backticks(name: str, package: str, text: str) -> bool:
@@ -123,8 +125,9 @@ def test_every_exported_name_is_documented(package):
 
 def test_readme_is_a_five_minute_read():
     data = README.read_bytes()
-    assert len(data) <= README_LIMIT, (f"README.md is {len(data)} bytes, over {README_LIMIT}: move details into "
-                                       "docs/ and link them")
+    assert len(data) <= README_LIMIT, (
+        f"README.md is {len(data)} bytes, over {README_LIMIT}: move details into docs/ and link them"
+    )
     lines = data.decode("utf-8").splitlines()
     for command in QUICK_START:
         assert command in lines, f"README.md no longer has the quick-start command line {command!r}"
@@ -182,21 +185,28 @@ def test_example_config_names_every_key():
     kd = next(i for i, s in enumerate(mapping["stages"]) if s["type"] == "kd")
     sft = next(i for i, s in enumerate(mapping["stages"]) if s["type"] == "sft")
     rct = next(i for i, s in enumerate(mapping["stages"]) if s["type"] == "rct")
-    locations = [([], "config:"), (["models"], "config.models:"), (["models", "student"], "config.models.student:"),
-                 (["models", "teacher"], "config.models.teacher:"),
-                 (["models", "student", "patch"], "config.models.student.patch:"),
-                 (["models", "student", "patch", "mcg_rope"], "config.models.student.patch.mcg_rope:"),
-                 (["data"], "config.data:"), (["processor"], "config.processor:"),
-                 (["processor", "offline"], "config.processor.offline:"),
-                 (["stages", kd], f"config.stages[{kd}]:"), (["stages", sft], f"config.stages[{sft}]:"),
-                 (["stages", kd, "curriculum"], f"config.stages[{kd}].curriculum:"),
-                 (["stages", rct], f"config.stages[{rct}]:"),
-                 (["stages", rct, "similarity"], f"config.stages[{rct}].similarity:")]
+    locations = [
+        ([], "config:"),
+        (["models"], "config.models:"),
+        (["models", "student"], "config.models.student:"),
+        (["models", "teacher"], "config.models.teacher:"),
+        (["models", "student", "patch"], "config.models.student.patch:"),
+        (["models", "student", "patch", "mcg_rope"], "config.models.student.patch.mcg_rope:"),
+        (["data"], "config.data:"),
+        (["processor"], "config.processor:"),
+        (["processor", "offline"], "config.processor.offline:"),
+        (["stages", kd], f"config.stages[{kd}]:"),
+        (["stages", sft], f"config.stages[{sft}]:"),
+        (["stages", kd, "curriculum"], f"config.stages[{kd}].curriculum:"),
+        (["stages", rct], f"config.stages[{rct}]:"),
+        (["stages", rct, "similarity"], f"config.stages[{rct}].similarity:"),
+    ]
     for where, message_where in locations:
         for key in _allowed_keys(mapping, where, message_where):
             # as a block or flow-mapping key, or as a commented-out alternative ("# from_pretrained: ...")
-            assert re.search(rf"(?:^|[{{,#-])\s*{re.escape(key)}:", text, re.M), \
+            assert re.search(rf"(?:^|[{{,#-])\s*{re.escape(key)}:", text, re.M), (
                 f"docs/examples/run.yaml does not show the key {key!r} of {message_where.rstrip(':')}"
+            )
 
 
 def test_example_config_parses_and_passes_the_checks(tmp_path):
@@ -204,8 +214,9 @@ def test_example_config_parses_and_passes_the_checks(tmp_path):
     from clinkd.train import load_config, prepare_run
 
     data = build_demo_data(tmp_path / "data", train_per_modality=1, test_per_modality=1)
-    config = load_config(EXAMPLE, overrides=[f"data.train={data / 'train.jsonl'}", f"data.root={data}",
-                                             f"output_dir={tmp_path / 'run'}"])
+    config = load_config(
+        EXAMPLE, overrides=[f"data.train={data / 'train.jsonl'}", f"data.root={data}", f"output_dir={tmp_path / 'run'}"]
+    )
     assert [s.type for s in config.stages] == ["kd", "sft", "rct"]
     assert config.stages[2].rct.template == config.stages[2].rct.template.replace("\\n", "\n")  # real newlines
     assert config.student.patch is not None and config.teacher is not None
@@ -268,23 +279,29 @@ def test_names_in_the_docs_exist():
 
 
 # The documents users never see, spelled so that this file does not itself name them.
-_HIDDEN = re.compile(r"\b(?:" + "|".join(("DES" + "IGN", "PAP" + "ER", "G" + "PU")) + r")\.md\b|"
-                     + "shared" + r"\s+" + "notes", re.I)
+_HIDDEN = re.compile(
+    r"\b(?:" + "|".join(("DES" + "IGN", "PAP" + "ER", "G" + "PU")) + r")\.md\b|" + "shared" + r"\s+" + "notes", re.I
+)
 # Tracked files allowed to keep such a reference (none).
 ALLOWED_REFERENCES: list[str] = []
 
 
 def test_docs_refer_to_nothing_users_cannot_read():
-    bad = [f"{p.relative_to(ROOT)}:{n}" for p in sorted(DOCS.rglob("*")) if p.is_file()
-           for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
-           if _HIDDEN.search(line)]
+    bad = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sorted(DOCS.rglob("*"))
+        if p.is_file()
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if _HIDDEN.search(line)
+    ]
     assert not bad, bad
 
 
 def test_repository_refers_to_nothing_users_cannot_read():
     try:
-        listed = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", "*.toml"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout.split()
+        listed = subprocess.run(
+            ["git", "ls-files", "*.py", "*.md", "*.sh", "*.toml"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     bad = []

@@ -111,6 +111,7 @@ def test_without_the_extension_buffers_come_from_torch_empty(monkeypatch):
     assert float(x.sum()) == 2.0 * (MIN_BYTES // 4)
     assert cpu_cache_bytes() == 0 and empty_cpu_cache() == 0
 
+
 def test_poisoned_outputs(monkeypatch):
     monkeypatch.setenv("CLINKD_POISON", "1")
     assert torch.isnan(empty_output((3, 4), dtype=torch.float16, device=CPU)).all()
@@ -126,7 +127,7 @@ def test_linear_kd_loss_weight_grad_is_cached_and_accumulates():
     buffer with correct values, and autograd can keep accumulating into it."""
     vocab, hd = 8192, 256  # 8 MiB of fp32 gradient
     hidden = torch.randn(40, hd, requires_grad=True)
-    weight = (torch.randn(vocab, hd) * hd ** -0.5).requires_grad_()
+    weight = (torch.randn(vocab, hd) * hd**-0.5).requires_grad_()
     labels = torch.randint(0, vocab, (40,))
     labels[::7] = -100
     linear_kd_loss(hidden, weight, labels, alpha=0.0, backend="cpu").backward()
@@ -160,9 +161,11 @@ def _run_with_cache_setting(value: str, code: str):
 @needs_thp
 @needs_extension
 def test_cache_cap_from_the_environment():
-    code = ("import gc, torch; from clinkd_kernels._memory import empty_huge_pages, cpu_cache_bytes, MIN_BYTES\n"
-            "x = empty_huge_pages((MIN_BYTES // 4,), dtype=torch.float32, cached=True); x.fill_(1); del x; gc.collect()\n"
-            "print(cpu_cache_bytes())")
+    code = (
+        "import gc, torch; from clinkd_kernels._memory import empty_huge_pages, cpu_cache_bytes, MIN_BYTES\n"
+        "x = empty_huge_pages((MIN_BYTES // 4,), dtype=torch.float32, cached=True); x.fill_(1); del x; gc.collect()\n"
+        "print(cpu_cache_bytes())"
+    )
     off = _run_with_cache_setting("0", code)
     assert off.returncode == 0, off.stderr
     assert off.stdout.split()[-1] == "0"  # nothing kept
@@ -170,4 +173,3 @@ def test_cache_cap_from_the_environment():
     assert on.returncode == 0 and int(on.stdout.split()[-1]) >= MIN_BYTES, on.stderr
     bad = _run_with_cache_setting("lots", code)
     assert bad.returncode != 0 and "CLINKD_CPU_CACHE_MB must be a whole number of MiB" in bad.stderr
-

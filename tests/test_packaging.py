@@ -21,8 +21,9 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def _setup_functions() -> dict:
     """setup.py's helper functions (the file itself builds the extension when run)."""
     tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
-    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_transformers_window",
-                                                                                        "_extras")]
+    functions = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_transformers_window", "_extras")
+    ]
     namespace = {"ast": ast, "os": os, "HERE": str(ROOT)}
     exec(compile(ast.Module(functions, []), "setup.py", "exec"), namespace)
     return namespace
@@ -55,10 +56,12 @@ def test_the_kernels_import_without_transformers():
 
 
 def test_the_model_layer_without_transformers_says_what_to_install():
-    done = _python("import importlib.util as u\n"
-                   "find = u.find_spec\n"
-                   "u.find_spec = lambda name, *a: None if name == 'transformers' else find(name, *a)\n"
-                   "import clinkd\n")
+    done = _python(
+        "import importlib.util as u\n"
+        "find = u.find_spec\n"
+        "u.find_spec = lambda name, *a: None if name == 'transformers' else find(name, *a)\n"
+        "import clinkd\n"
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: ") and "transformers" in last and "pip install 'clinkd[hf]'" in last, last

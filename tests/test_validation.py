@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from clinkd_kernels._validation import (check_int, check_nonnegative_float, check_positive_float, check_same_device,
-                                        check_shape, check_tensor, first_rows)
+from clinkd_kernels._validation import (
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    first_rows,
+)
 
 
 def test_check_tensor():

@@ -13,12 +13,28 @@ The names below are imported on first use (``records`` needs neither torch nor t
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    ".collate": ("Qwen2VLCollator", "model_inputs", "packed_position_ids"),
-    ".dataset": ("ClinKDDataset", "build_dataset"),
-    ".encode": ("SampleEncoder",),
-    ".offline_processor": ("build_offline_processor", "build_offline_tokenizer", "load_processor",
-                           "special_token_ids", "tokenizer_fingerprint"),
-    ".records": ("MODALITIES", "TASKS", "DataError", "Record", "infer_task", "load_records", "normalise_boxes",
-                 "parse_boxes"),
-})
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        ".collate": ("Qwen2VLCollator", "model_inputs", "packed_position_ids"),
+        ".dataset": ("ClinKDDataset", "build_dataset"),
+        ".encode": ("SampleEncoder",),
+        ".offline_processor": (
+            "build_offline_processor",
+            "build_offline_tokenizer",
+            "load_processor",
+            "special_token_ids",
+            "tokenizer_fingerprint",
+        ),
+        ".records": (
+            "MODALITIES",
+            "TASKS",
+            "DataError",
+            "Record",
+            "infer_task",
+            "load_records",
+            "normalise_boxes",
+            "parse_boxes",
+        ),
+    },
+)

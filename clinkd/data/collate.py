@@ -31,8 +31,9 @@ class Qwen2VLCollator:
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-        if self.pad_to_multiple_of is not None and (not isinstance(self.pad_to_multiple_of, int)
-                                                    or self.pad_to_multiple_of < 1):
+        if self.pad_to_multiple_of is not None and (
+            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
+        ):
             raise ValueError(f"pad_to_multiple_of must be an int >= 1 or None, got {self.pad_to_multiple_of!r}")
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -41,17 +42,24 @@ class Qwen2VLCollator:
         vision = {}
         grids = [s["image_grid_thw"] for s in samples if s.get("image_grid_thw") is not None]
         if grids:
-            vision["pixel_values"] = torch.cat([s["pixel_values"] for s in samples if s.get("pixel_values") is not None])
+            vision["pixel_values"] = torch.cat(
+                [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+            )
             vision["image_grid_thw"] = torch.cat(grids)
         index = torch.tensor([int(s.get("sample_index", -1)) for s in samples], dtype=torch.long)
         if self.packing:
             input_ids = torch.cat([s["input_ids"] for s in samples])[None]
             labels = torch.cat([s["labels"] for s in samples])[None]
             images = [0 if s.get("image_grid_thw") is None else s["image_grid_thw"].shape[0] for s in samples]
-            return {"input_ids": input_ids, "labels": labels,
-                    "mm_token_type_ids": (input_ids == self.image_token_id).long(), **vision, "sample_index": index,
-                    "packed_lengths": torch.tensor([s["input_ids"].numel() for s in samples], dtype=torch.long),
-                    "packed_images": torch.tensor(images, dtype=torch.long)}
+            return {
+                "input_ids": input_ids,
+                "labels": labels,
+                "mm_token_type_ids": (input_ids == self.image_token_id).long(),
+                **vision,
+                "sample_index": index,
+                "packed_lengths": torch.tensor([s["input_ids"].numel() for s in samples], dtype=torch.long),
+                "packed_images": torch.tensor(images, dtype=torch.long),
+            }
 
         longest = max(s["input_ids"].numel() for s in samples)
         if self.pad_to_multiple_of:
@@ -67,8 +75,14 @@ class Qwen2VLCollator:
             labels[b, cols] = s["labels"]
             mask[b, cols] = 1
         mm = ((input_ids == self.image_token_id) & (mask == 1)).long()
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": mm, **vision,
-                "sample_index": index}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "mm_token_type_ids": mm,
+            **vision,
+            "sample_index": index,
+        }
 
 
 def rope_index_owner(model):
@@ -92,17 +106,20 @@ def packed_position_ids(model, batch: dict) -> torch.Tensor:
     lengths = batch["packed_lengths"].tolist()
     images = batch["packed_images"].tolist()
     if sum(lengths) != input_ids.shape[1] or len(images) != len(lengths):
-        raise ValueError(f"packed_lengths {lengths} / packed_images {images} do not describe {input_ids.shape[1]} tokens")
+        raise ValueError(
+            f"packed_lengths {lengths} / packed_images {images} do not describe {input_ids.shape[1]} tokens"
+        )
     grids = batch.get("image_grid_thw")
     parts, start, first_image = [], 0, 0
     for length, count in zip(lengths, images):
-        ids = input_ids[:, start:start + length]
+        ids = input_ids[:, start : start + length]
         text = torch.arange(length, device=input_ids.device).view(1, 1, length)
         if count:
-            grid = grids[first_image:first_image + count]
-            mm = batch["mm_token_type_ids"][:, start:start + length]
-            pos, _ = owner.get_rope_index(ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids),
-                                          mm_token_type_ids=mm)
+            grid = grids[first_image : first_image + count]
+            mm = batch["mm_token_type_ids"][:, start : start + length]
+            pos, _ = owner.get_rope_index(
+                ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm
+            )
             pos = pos.to(input_ids.device)
         else:
             pos = text.expand(3, 1, length)

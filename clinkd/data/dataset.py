@@ -45,13 +45,23 @@ class ClinKDDataset(torch.utils.data.Dataset):
                 problems.append(str(e))
         if problems:  # one line (the command line prints it as it is), each problem naming its file:line
             more = f"; ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-            raise DataError(f"{len(problems)} of {len(self.records)} records cannot be used: "
-                            + "; ".join(problems[:MAX_REPORTED]) + more)
+            raise DataError(
+                f"{len(problems)} of {len(self.records)} records cannot be used: "
+                + "; ".join(problems[:MAX_REPORTED])
+                + more
+            )
         return lengths
 
 
-def build_dataset(path: str | os.PathLike, processor, *, root: str | os.PathLike | None = None,
-                  max_length: int = 2048, validate: bool = True, progress: bool = False) -> ClinKDDataset:
+def build_dataset(
+    path: str | os.PathLike,
+    processor,
+    *,
+    root: str | os.PathLike | None = None,
+    max_length: int = 2048,
+    validate: bool = True,
+    progress: bool = False,
+) -> ClinKDDataset:
     """Load, normalise and (by default) fully check a Med-GRIT/ShareGPT data file (see ``records``)."""
     records = load_records(path, root=root, check_images=validate)
     dataset = ClinKDDataset(records, SampleEncoder(processor, max_length=max_length))

@@ -70,10 +70,12 @@ class SampleEncoder:
         spans, upto = [], 1 if record.system is None else 2  # messages up to and including question i
         for _ in record.turns:
             prefix = self._render(messages[:upto], generation_prompt=True)
-            closed = self._render(messages[:upto + 1], generation_prompt=False)
+            closed = self._render(messages[: upto + 1], generation_prompt=False)
             if not (closed.startswith(prefix) and text.startswith(closed)):
-                raise ValueError("the chat template does not render conversations prefix by prefix; "
-                                 "cannot locate the answers to supervise")
+                raise ValueError(
+                    "the chat template does not render conversations prefix by prefix; "
+                    "cannot locate the answers to supervise"
+                )
             end = closed.find(END_OF_TURN, len(prefix))
             if end < 0:
                 raise ValueError(f"the chat template does not close an assistant turn with {END_OF_TURN}")
@@ -84,13 +86,13 @@ class SampleEncoder:
     def image_tokens(self, grid_thw) -> int:
         """Placeholder tokens of an image with grid (t, h, w) in patches: t·h·w / merge²."""
         t, h, w = (int(v) for v in grid_thw)
-        return t * h * w // (self.merge_size ** 2)
+        return t * h * w // (self.merge_size**2)
 
     def image_tokens_for_size(self, width: int, height: int) -> int:
         """Placeholder tokens of a width×height image after the processor's resize (no pixels read);
         ValueError for a size the processor refuses (e.g. an aspect ratio over 200)."""
         patches = self.image_processor.get_number_of_image_patches(height, width, {})
-        return int(patches) // (self.merge_size ** 2)
+        return int(patches) // (self.merge_size**2)
 
     def encode_text(self, record: Record, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids int64 [L], labels int64 [L]) with ``image_tokens`` placeholders, truncated to max_length."""
@@ -99,22 +101,28 @@ class SampleEncoder:
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(pads) != 1:
-            raise DataError(f"{record.where}: the rendered conversation holds {len(pads)} image placeholders, "
-                            "expected 1 (remove image tags from the text)")
+            raise DataError(
+                f"{record.where}: the rendered conversation holds {len(pads)} image placeholders, "
+                "expected 1 (remove image tags from the text)"
+            )
         supervised = [any(a <= start < b for a, b in spans) for start, _ in offsets]
         at = pads[0]
-        ids = ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1:]
-        supervised = supervised[:at] + [False] * image_tokens + supervised[at + 1:]
+        ids = ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1 :]
+        supervised = supervised[:at] + [False] * image_tokens + supervised[at + 1 :]
         if len(ids) > self.max_length:
             if at + image_tokens > self.max_length:
-                raise DataError(f"{record.where}: max_length {self.max_length} cuts into the image's {image_tokens} "
-                                f"placeholder tokens (they end at token {at + image_tokens})")
-            ids, supervised = ids[:self.max_length], supervised[:self.max_length]
+                raise DataError(
+                    f"{record.where}: max_length {self.max_length} cuts into the image's {image_tokens} "
+                    f"placeholder tokens (they end at token {at + image_tokens})"
+                )
+            ids, supervised = ids[: self.max_length], supervised[: self.max_length]
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = input_ids.masked_fill(~torch.tensor(supervised, dtype=torch.bool), self.ignore_index)
         if not bool((labels[1:] != self.ignore_index).any()):
-            raise DataError(f"{record.where}: no supervised (answer) token left after truncation to "
-                            f"max_length={self.max_length} ({len(ids)} tokens kept)")
+            raise DataError(
+                f"{record.where}: no supervised (answer) token left after truncation to "
+                f"max_length={self.max_length} ({len(ids)} tokens kept)"
+            )
         return input_ids, labels
 
     # ------------------------------------------------------------------ images
@@ -136,7 +144,9 @@ class SampleEncoder:
                 with Image.open(record.image) as image:
                     return image.convert("RGB") if decode else image.size
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DataError(f"{record.where}: image {short_path(record.image)} is too large to decode safely ({e})") from None
+            raise DataError(
+                f"{record.where}: image {short_path(record.image)} is too large to decode safely ({e})"
+            ) from None
         except IMAGE_ERRORS as e:
             raise DataError(f"{record.where}: image {short_path(record.image)} cannot be read ({e})") from None
 
@@ -154,16 +164,22 @@ class SampleEncoder:
         try:
             return self.image_processor(images=[image], return_tensors="pt")
         except ValueError as e:  # e.g. an aspect ratio the Qwen2-VL resize refuses
-            raise DataError(f"{record.where}: image {short_path(record.image)} ({image.width}×{image.height}) cannot be "
-                            f"processed: {e}") from None
+            raise DataError(
+                f"{record.where}: image {short_path(record.image)} ({image.width}×{image.height}) cannot be "
+                f"processed: {e}"
+            ) from None
 
     def encode(self, record: Record) -> dict:
         """input_ids [L], labels [L], pixel_values [P, D], image_grid_thw [1, 3] (all unpadded)."""
         vision = self._vision(record)
         grid = vision["image_grid_thw"]
         input_ids, labels = self.encode_text(record, self.image_tokens(grid[0]))
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": vision["pixel_values"],
-                "image_grid_thw": grid}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": grid,
+        }
 
     def encode_prompt(self, record: Record, turn: int = 0) -> dict:
         """Generation input for question ``turn``, after the earlier turns' reference answers (teacher
@@ -173,14 +189,17 @@ class SampleEncoder:
             raise ValueError(f"{record.where}: turn {turn} is out of range; the record has {len(record.turns)} turns")
         vision = self._vision(record)
         first = 0 if record.system is None else 1
-        text = self._render(record.messages()[:first + 2 * turn + 1], generation_prompt=True)
+        text = self._render(record.messages()[: first + 2 * turn + 1], generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids.count(self.image_token_id) != 1:
             raise DataError(f"{record.where}: the prompt holds {ids.count(self.image_token_id)} image placeholders")
         at = ids.index(self.image_token_id)
-        ids = ids[:at] + [self.image_token_id] * self.image_tokens(vision["image_grid_thw"][0]) + ids[at + 1:]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "pixel_values": vision["pixel_values"],
-                "image_grid_thw": vision["image_grid_thw"]}
+        ids = ids[:at] + [self.image_token_id] * self.image_tokens(vision["image_grid_thw"][0]) + ids[at + 1 :]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+        }
 
     def check(self, record: Record) -> int:
         """Everything ``encode`` would reject, without decoding pixels; returns the sequence length."""
@@ -188,6 +207,8 @@ class SampleEncoder:
         try:
             tokens = self.image_tokens_for_size(width, height)
         except ValueError as e:
-            raise DataError(f"{record.where}: image {short_path(record.image)} ({width}×{height}) cannot be processed: {e}") from None
+            raise DataError(
+                f"{record.where}: image {short_path(record.image)} ({width}×{height}) cannot be processed: {e}"
+            ) from None
         input_ids, _ = self.encode_text(record, tokens)
         return int(input_ids.numel())

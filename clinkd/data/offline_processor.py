@@ -21,9 +21,22 @@ from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 # Qwen2-VL's special tokens, in its order: the first is the padding / end-of-text token.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -62,23 +75,35 @@ def build_offline_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, min_
     if not texts:
         raise ValueError("texts must hold at least one string to train the tokenizer on")
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be an int >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), "
-                         f"got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an int >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size!r}"
+        )
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token=None, model_max_length=32768)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, model_max_length=32768
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def build_offline_image_processor(*, patch_size: int = 4, merge_size: int = 2, temporal_patch_size: int = 2,
-                                  min_pixels: int = 16 * 16, max_pixels: int = 32 * 32):
+def build_offline_image_processor(
+    *,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = 16 * 16,
+    max_pixels: int = 32 * 32,
+):
     """Qwen2-VL image processor at a small budget: an image becomes (h/p)·(w/p)/merge² placeholder
     tokens, with h·w resized into [min_pixels, max_pixels] and h, w multiples of patch_size·merge_size."""
     try:  # the PIL implementation needs no torchvision
@@ -87,24 +112,42 @@ def build_offline_image_processor(*, patch_size: int = 4, merge_size: int = 2, t
         from transformers import Qwen2VLImageProcessor as Cls
     factor = patch_size * merge_size
     if min_pixels < factor * factor or max_pixels < min_pixels:
-        raise ValueError(f"need (patch_size·merge_size)² = {factor * factor} <= min_pixels <= max_pixels, got "
-                         f"min_pixels={min_pixels}, max_pixels={max_pixels}")
-    return Cls(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
-               min_pixels=min_pixels, max_pixels=max_pixels)
+        raise ValueError(
+            f"need (patch_size·merge_size)² = {factor * factor} <= min_pixels <= max_pixels, got "
+            f"min_pixels={min_pixels}, max_pixels={max_pixels}"
+        )
+    return Cls(
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
 
 
-def build_offline_processor(texts: Iterable[str], *, vocab_size: int = 512, min_frequency: int = 2,
-                            patch_size: int = 4, merge_size: int = 2, temporal_patch_size: int = 2,
-                            min_pixels: int = 16 * 16, max_pixels: int = 32 * 32):
+def build_offline_processor(
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 512,
+    min_frequency: int = 2,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = 16 * 16,
+    max_pixels: int = 32 * 32,
+):
     """Tokenizer (``build_offline_tokenizer``) + image processor (``build_offline_image_processor``)
     → ``Qwen2VLProcessor`` (no video processor). Match the model's vision config: ``patch_size``,
     ``spatial_merge_size`` = merge_size, ``temporal_patch_size``."""
     tokenizer = build_offline_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency)
-    image_processor = build_offline_image_processor(patch_size=patch_size, merge_size=merge_size,
-                                                    temporal_patch_size=temporal_patch_size, min_pixels=min_pixels,
-                                                    max_pixels=max_pixels)
-    return ImageTextQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                      chat_template=CHAT_TEMPLATE)
+    image_processor = build_offline_image_processor(
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
+    return ImageTextQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 class ImageTextQwen2VLProcessor(Qwen2VLProcessor):
@@ -147,9 +190,14 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     """{"image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id",
     "eos_token_id"} of a Qwen2-VL tokenizer: the ids a model config must agree with."""
     ids = {}
-    for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
-                       ("pad_token_id", tokenizer.pad_token or "<|endoftext|>"), ("eos_token_id", "<|im_end|>")):
+    for key, token in (
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+        ("pad_token_id", tokenizer.pad_token or "<|endoftext|>"),
+        ("eos_token_id", "<|im_end|>"),
+    ):
         value = tokenizer.convert_tokens_to_ids(token)
         if value is None or (tokenizer.unk_token_id is not None and value == tokenizer.unk_token_id):
             raise ValueError(f"tokenizer has no {token} token (Qwen2-VL special tokens are required)")

@@ -50,8 +50,16 @@ _BOX = re.compile(r"<box>(.*?)</box>|<\|?box_start\|?>(.*?)<\|?box_end\|?>", re.
 _IMG_TAG = re.compile(r"<img>.*?</img>|<image>", re.S)
 _BOX_TAG = re.compile(r"</?box>|<\|?box_(?:start|end)\|?>")  # any box tag, paired or not
 # chat template control tokens: in a record's text they would open or close turns, or add image placeholders
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+CONTROL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
@@ -112,12 +120,16 @@ def _corners(match: re.Match) -> tuple[str, str, str, str]:
     values = corners.groups()
     bad = [v for v in values if not 0.0 <= float(v) <= 1.0]
     if bad:
-        raise DataError(f"box {show(match.group(0))} has corners outside [0, 1] ({', '.join(bad)}); "
-                        "boxes must be normalised by the image width and height")
+        raise DataError(
+            f"box {show(match.group(0))} has corners outside [0, 1] ({', '.join(bad)}); "
+            "boxes must be normalised by the image width and height"
+        )
     x1, y1, x2, y2 = (float(v) for v in values)
     if x1 > x2 or y1 > y2:
-        raise DataError(f"box {show(match.group(0))} has inverted corners ({'x1 > x2' if x1 > x2 else 'y1 > y2'}); "
-                        "write the top-left corner first: (x1,y1),(x2,y2) with x1 <= x2, y1 <= y2")
+        raise DataError(
+            f"box {show(match.group(0))} has inverted corners ({'x1 > x2' if x1 > x2 else 'y1 > y2'}); "
+            "write the top-left corner first: (x1,y1),(x2,y2) with x1 <= x2, y1 <= y2"
+        )
     return values
 
 
@@ -126,8 +138,10 @@ def _check_box_tags(text: str) -> None:
     a stray ``</box>`` or ``<|box_end|>``)."""
     stray = _BOX_TAG.search(_BOX.sub(" ", text))
     if stray is not None:
-        raise DataError(f"box tag {stray.group(0)!r} is not closed or not opened (near "
-                        f"{show(text[max(0, stray.start() - 20):stray.end() + 20])})")
+        raise DataError(
+            f"box tag {stray.group(0)!r} is not closed or not opened (near "
+            f"{show(text[max(0, stray.start() - 20) : stray.end() + 20])})"
+        )
 
 
 def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
@@ -162,12 +176,16 @@ def _text(value: str, where: str, what: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: {what} holds {value[e.start]!r}, which is not a Unicode character "
-                        "(a lone surrogate escape in the JSON)") from None
+        raise DataError(
+            f"{where}: {what} holds {value[e.start]!r}, which is not a Unicode character "
+            "(a lone surrogate escape in the JSON)"
+        ) from None
     for token in CONTROL_TOKENS:
         if token in value:
-            raise DataError(f"{where}: {what} holds the chat template's control token {token}; records hold "
-                            "plain text (the template adds the turn and image tokens)")
+            raise DataError(
+                f"{where}: {what} holds the chat template's control token {token}; records hold "
+                "plain text (the template adds the turn and image tokens)"
+            )
     return value
 
 
@@ -179,14 +197,17 @@ def _turns(conversations, where: str) -> tuple[str | None, list[tuple[str, str]]
         for i, pair in enumerate(conversations):
             if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
                 raise DataError(f"{where}: conversations[{i}] must be a [question, answer] pair of strings")
-            pairs.append((_text(pair[0], where, f"conversations[{i}][0]"),
-                          _text(pair[1], where, f"conversations[{i}][1]")))
+            pairs.append(
+                (_text(pair[0], where, f"conversations[{i}][0]"), _text(pair[1], where, f"conversations[{i}][1]"))
+            )
         return None, pairs
     system, pairs, question = None, [], None
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: conversations[{i}] must be a {{'from', 'value'}} turn or a [question, answer] "
-                            f"pair, got {type(turn).__name__}")
+            raise DataError(
+                f"{where}: conversations[{i}] must be a {{'from', 'value'}} turn or a [question, answer] "
+                f"pair, got {type(turn).__name__}"
+            )
         role = turn.get("from", turn.get("role", ""))
         if not isinstance(role, str):
             raise DataError(f"{where}: conversations[{i}] 'from' must be a string, got {show(role)}")
@@ -203,8 +224,10 @@ def _turns(conversations, where: str) -> tuple[str | None, list[tuple[str, str]]
             pairs.append((question, value))
             question = None
         else:
-            raise DataError(f"{where}: conversations[{i}] from {show(role)} breaks the human/gpt alternation "
-                            "(turns must be human, gpt, human, gpt, ...)")
+            raise DataError(
+                f"{where}: conversations[{i}] from {show(role)} breaks the human/gpt alternation "
+                "(turns must be human, gpt, human, gpt, ...)"
+            )
     if question is not None:
         raise DataError(f"{where}: the last human turn has no gpt answer")
     if not pairs:
@@ -230,8 +253,9 @@ def _image_path(raw: dict, record_id: str, root: Path, where: str) -> Path:
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: image path {show(image)} cannot be resolved ({e})") from None
     if not path.is_relative_to(root):
-        raise DataError(f"{where}: image {show(image)} resolves to {short_path(path)}, outside the data root "
-                        f"{short_path(root)}")
+        raise DataError(
+            f"{where}: image {show(image)} resolves to {short_path(path)}, outside the data root {short_path(root)}"
+        )
     return path
 
 
@@ -259,20 +283,25 @@ def parse_record(raw: dict, *, root: str | os.PathLike, where: str = "") -> Reco
     if task is None:
         task = infer_task(pairs[0][0], pairs[0][1])
         if task is None:
-            raise DataError(f"{where}: cannot infer the task (boxes in both question and answer); add a 'task' "
-                            f"field, one of {', '.join(TASKS)}")
+            raise DataError(
+                f"{where}: cannot infer the task (boxes in both question and answer); add a 'task' "
+                f"field, one of {', '.join(TASKS)}"
+            )
     elif not isinstance(task, str) or task.upper() not in TASKS:
         raise DataError(f"{where}: unknown task {show(task)}; expected one of {', '.join(TASKS)}")
     image = _image_path(raw, record_id, Path(root).resolve(), where)
-    return Record(id=record_id, modality=modality, task=task.upper(), image=image, turns=tuple(turns),
-                  system=system, where=where)
+    return Record(
+        id=record_id, modality=modality, task=task.upper(), image=image, turns=tuple(turns), system=system, where=where
+    )
 
 
 def check_modality(modality, where: str) -> str:
     """``modality`` lower-cased when it is one of MODALITIES; else DataError located at ``where``."""
     if not isinstance(modality, str) or modality.lower() not in MODALITIES:
-        raise DataError(f"{where}: unknown modality {show(modality)}; expected one of {', '.join(MODALITIES)} "
-                        "(the id prefix before the first underscore, or a 'modality' field)")
+        raise DataError(
+            f"{where}: unknown modality {show(modality)}; expected one of {', '.join(MODALITIES)} "
+            "(the id prefix before the first underscore, or a 'modality' field)"
+        )
     return modality.lower()
 
 
@@ -291,8 +320,9 @@ def read_text(path: str | os.PathLike, what: str = "data file") -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
-                        "save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
 
 
 def _deepest_line(text: str) -> tuple[int, int]:
@@ -367,8 +397,9 @@ def read_raw_records(path: str | os.PathLike) -> list[tuple[dict, str]]:
     return [(raw, f"{path}[{i}]") for i, raw in enumerate(data)]
 
 
-def load_records(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
-                 check_images: bool = True) -> list[Record]:
+def load_records(
+    path: str | os.PathLike, *, root: str | os.PathLike | None = None, check_images: bool = True
+) -> list[Record]:
     """Read, check and normalise every record of a data file (root: the image folder, default the file's
     folder). Every command that reads records reads them here, so every check is made in one place.
 

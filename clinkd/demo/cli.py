@@ -1,6 +1,6 @@
 """``clinkd demo`` (see ``clinkd.cli``): the embedded demo end to end, the score table on the console.
 
-    clinkd demo [--config FILE] [--set key.path=value ...] [--no-resume] [--no-progress]
+clinkd demo [--config FILE] [--set key.path=value ...] [--no-resume] [--no-progress]
 """
 
 from __future__ import annotations
@@ -8,10 +8,20 @@ from __future__ import annotations
 
 def demo_arguments(parser):
     parser.add_argument("--config", help="YAML keys over the demo's run config (clinkd.demo.pipeline.demo_preset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set output_dir=runs/demo2 (repeatable)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="refuse an output folder that already holds stages (default: resume them)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set output_dir=runs/demo2 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="refuse an output folder that already holds stages (default: resume them)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 

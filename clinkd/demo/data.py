@@ -98,7 +98,7 @@ def _background(rng: np.random.Generator, modality: str) -> np.ndarray:
             h = base.shape[0]
             crop = int(rng.integers(h * 3 // 4, h + 1))
             top, left = (int(rng.integers(0, h - crop + 1)) for _ in range(2))
-            gray = np.rot90(base[top:top + crop, left:left + crop], int(rng.integers(4)))
+            gray = np.rot90(base[top : top + crop, left : left + crop], int(rng.integers(4)))
             gray = _resize(gray[:, ::-1] if rng.random() < 0.5 else gray, SIZE)
         else:
             body = ((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.36) ** 2 < 1
@@ -137,8 +137,12 @@ def draw_sample(rng: np.random.Generator, modality: str) -> DrawnSample:
     lesion = (1 - ALPHA) * bg + ALPHA * np.asarray(target, dtype=np.float64)
     image = np.where(mask[..., None], lesion.round().astype(np.uint8), bg)
     rows, cols = np.nonzero(mask)
-    box = (round(cols.min() / SIZE, 3), round(rows.min() / SIZE, 3), round((cols.max() + 1) / SIZE, 3),
-           round((rows.max() + 1) / SIZE, 3))
+    box = (
+        round(cols.min() / SIZE, 3),
+        round(rows.min() / SIZE, 3),
+        round((cols.max() + 1) / SIZE, 3),
+        round((rows.max() + 1) / SIZE, 3),
+    )
     return DrawnSample(image, bg, mask, label, box)
 
 
@@ -170,14 +174,28 @@ def sample_records(sample_id: str, modality: str, drawn: DrawnSample, image: str
     }
     out = []
     for task, (question, answer) in qa.items():
-        out.append({"id": f"{sample_id}_{task.lower()}", "task": task, "image": image,
-                    "conversations": [{"from": "human", "value": f"<img>{image}</img> {question}"},
-                                      {"from": "gpt", "value": answer}]})
+        out.append(
+            {
+                "id": f"{sample_id}_{task.lower()}",
+                "task": task,
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": f"<img>{image}</img> {question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     return out
 
 
-def build_demo_data(out: str | os.PathLike, *, seed: int = 0, train_per_modality: int = 16,
-                    test_per_modality: int = 5, progress: bool = False) -> Path:
+def build_demo_data(
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    train_per_modality: int = 16,
+    test_per_modality: int = 5,
+    progress: bool = False,
+) -> Path:
     """Write the demo data set to ``out`` (created): train.jsonl, test.jsonl (one record per line),
     images/<modality>_<nnnnn>.png and info.json; train.jsonl is written last. Returns the folder."""
     from PIL import Image
@@ -191,8 +209,12 @@ def build_demo_data(out: str | os.PathLike, *, seed: int = 0, train_per_modality
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     splits = {"train": [], "test": []}
-    jobs = [(split, modality) for split, count in (("train", train_per_modality), ("test", test_per_modality))
-            for modality in KINDS for _ in range(count)]
+    jobs = [
+        (split, modality)
+        for split, count in (("train", train_per_modality), ("test", test_per_modality))
+        for modality in KINDS
+        for _ in range(count)
+    ]
     bar = _progress(len(jobs), "demo images", progress)
     counter = 0
     for split, modality in jobs:
@@ -204,8 +226,14 @@ def build_demo_data(out: str | os.PathLike, *, seed: int = 0, train_per_modality
         splits[split] += sample_records(sample_id, modality, drawn, image)
         bar.update(1)
     bar.close()
-    info = {"seed": seed, "size": SIZE, "modalities": sorted(KINDS), "train": len(splits["train"]),
-            "test": len(splits["test"]), "dicom": dicom_available()}
+    info = {
+        "seed": seed,
+        "size": SIZE,
+        "modalities": sorted(KINDS),
+        "train": len(splits["train"]),
+        "test": len(splits["test"]),
+        "dicom": dicom_available(),
+    }
     write_text_atomic(out / "info.json", json.dumps(info, indent=1, sort_keys=True) + "\n")
     # train.jsonl last, atomically: its presence is what says the folder is complete (the demo pipeline
     # rebuilds everything when it is absent, so an interrupted build never leaves a half data set).

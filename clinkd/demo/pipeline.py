@@ -43,38 +43,92 @@ ORDER = ("teacher", "student", "student_rct", "student_sft", "control")  # the r
 
 def demo_preset() -> dict:
     """The demo's run config (student KD + SFT); the teacher and control configs derive from it."""
+
     def vision(hidden):  # the merger's output width is the text model's hidden size
-        return dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=4, spatial_merge_size=2,
-                    temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+        return dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            mlp_ratio=2,
+        )
 
     def text(hidden, layers, heads, kv, section):
-        return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                    num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section))
+        return dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=4096,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section),
+        )
 
     return {
         "seed": 0,
         "output_dir": "runs/demo",
-        "processor": {"offline": {"vocab_size": 640, "patch_size": 4, "merge_size": 2, "temporal_patch_size": 2,
-                                  "min_pixels": 32 * 32, "max_pixels": 32 * 32}},
+        "processor": {
+            "offline": {
+                "vocab_size": 640,
+                "patch_size": 4,
+                "merge_size": 2,
+                "temporal_patch_size": 2,
+                "min_pixels": 32 * 32,
+                "max_pixels": 32 * 32,
+            }
+        },
         "models": {
-            "student": {"config": {"text_config": text(64, 2, 4, 2, [2, 3, 3]), "vision_config": vision(64)},
-                        "patch": {"mcg_rope": {"modality_gap": 2, "vision_stride": 1}, "attention": False}},
+            "student": {
+                "config": {"text_config": text(64, 2, 4, 2, [2, 3, 3]), "vision_config": vision(64)},
+                "patch": {"mcg_rope": {"modality_gap": 2, "vision_stride": 1}, "attention": False},
+            },
             "teacher": {"config": {"text_config": text(128, 3, 4, 2, [4, 6, 6]), "vision_config": vision(128)}},
         },
         "data": {"train": "demo_data/train.jsonl", "max_length": 256},
-        "training": dict(per_device_train_batch_size=16, learning_rate=3e-3, lr_scheduler_type="cosine",
-                         warmup_steps=5, num_train_epochs=4, logging_steps=2, save_steps=1000, report_to="none",
-                         use_cpu=True, dataloader_num_workers=0),
+        "training": dict(
+            per_device_train_batch_size=16,
+            learning_rate=3e-3,
+            lr_scheduler_type="cosine",
+            warmup_steps=5,
+            num_train_epochs=4,
+            logging_steps=2,
+            save_steps=1000,
+            report_to="none",
+            use_cpu=True,
+            dataloader_num_workers=0,
+        ),
         "stages": [
-            {"name": "kd", "type": "kd", "teacher": "store", "topk": 16, "temperature": 1.0, "alpha": 0.5,
-             "curriculum": {"start_fraction": 0.5, "warmup_steps": 30}, "cache_batch_size": 16,
-             "training": {"num_train_epochs": 3}},
+            {
+                "name": "kd",
+                "type": "kd",
+                "teacher": "store",
+                "topk": 16,
+                "temperature": 1.0,
+                "alpha": 0.5,
+                "curriculum": {"start_fraction": 0.5, "warmup_steps": 30},
+                "cache_batch_size": 16,
+                "training": {"num_train_epochs": 3},
+            },
             {"name": "sft", "type": "sft", "training": {"num_train_epochs": 3}},
-            {"name": "rct", "type": "rct", "rounds": 2, "every": "epoch", "batch_size": 32, "max_new_tokens": 48,
-             "candidates": 4, "temperature": 0.7, "top_p": 0.9, "similarity_threshold": 0.9, "iou_threshold": 0.5,
-             # fine-tuning after SFT: a tenth of its learning rate (its ablation trains at the same)
-             "training": {"learning_rate": 3.0e-4}},
+            {
+                "name": "rct",
+                "type": "rct",
+                "rounds": 2,
+                "every": "epoch",
+                "batch_size": 32,
+                "max_new_tokens": 48,
+                "candidates": 4,
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "similarity_threshold": 0.9,
+                "iou_threshold": 0.5,
+                # fine-tuning after SFT: a tenth of its learning rate (its ablation trains at the same)
+                "training": {"learning_rate": 3.0e-4},
+            },
         ],
     }
 
@@ -89,8 +143,13 @@ def _load_average() -> list[float] | None:
 def _commit() -> str | None:
     """The git commit of the clinkd source this runs from (``-dirty`` with local changes), if it is a checkout."""
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None
@@ -143,16 +202,23 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
         segment = {"num_train_epochs": 1} if every == "epoch" else {"max_steps": stage.get("steps")}
         ablation = copy.deepcopy(student)
         ablation["output_dir"] = str(out / "student_sft")
-        ablation["models"] = {"student": {"from_pretrained": str(out / "student" / before_rct[-1]["name"] / "final"),
-                                          "patch": student["models"]["student"].get("patch", {})}}
-        ablation["stages"] = [{"name": f"sft-{r}", "type": "sft", "training": {**stage.get("training", {}), **segment}}
-                              for r in range(1, rounds + 1)]
+        ablation["models"] = {
+            "student": {
+                "from_pretrained": str(out / "student" / before_rct[-1]["name"] / "final"),
+                "patch": student["models"]["student"].get("patch", {}),
+            }
+        }
+        ablation["stages"] = [
+            {"name": f"sft-{r}", "type": "sft", "training": {**stage.get("training", {}), **segment}}
+            for r in range(1, rounds + 1)
+        ]
         configs["student_sft"] = ablation
     control = copy.deepcopy(student)
     control["output_dir"] = str(out / "control")
     del control["models"]["teacher"]
-    control["stages"] = [{"name": "sft", "type": "sft",
-                          "training": {"num_train_epochs": sum(_epochs(student, s) for s in before_rct)}}]
+    control["stages"] = [
+        {"name": "sft", "type": "sft", "training": {"num_train_epochs": sum(_epochs(student, s) for s in before_rct)}}
+    ]
     configs["control"] = control
     return configs
 
@@ -169,8 +235,16 @@ def _user_config(path) -> dict:
     return user
 
 
-def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: bool = True, resume: bool = True,
-             max_new_tokens: int = 48, batch_size: int = 20, resamples: int | None = None) -> dict:
+def run_demo(
+    config_path=None,
+    *,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    max_new_tokens: int = 48,
+    batch_size: int = 20,
+    resamples: int | None = None,
+) -> dict:
     """Run the demo (see the module docstring); returns the report mapping (also in OUT/report.json).
     ``resume=False``: refuse an output folder whose teacher/student/control already hold stages.
     ``resamples``: bootstrap resamples of the score intervals (default BOOTSTRAP_RESAMPLES)."""
@@ -191,11 +265,24 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     rct = _rct_summary(results["student"])
     start = {}
     if "student_sft" in results:  # its curve continues the student's run before RCT
-        start["student_sft"] = sum(max((int(e["step"]) for e in r["log_history"] if "step" in e), default=0)
-                                   for r in results["student"].values() if "rounds" not in r)
+        start["student_sft"] = sum(
+            max((int(e["step"]) for e in r["log_history"] if "step" in e), default=0)
+            for r in results["student"].values()
+            if "rounds" not in r
+        )
 
-    scores, intervals = _score_all(models, configs, mapping, test, out, timings, resamples=resamples,
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    scores, intervals = _score_all(
+        models,
+        configs,
+        mapping,
+        test,
+        out,
+        timings,
+        resamples=resamples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     load["end"] = _load_average()
     timings["total"] = time.perf_counter() - started
     timings = {k: round(v, 1) for k, v in timings.items()}
@@ -203,10 +290,20 @@ def run_demo(config_path=None, *, overrides: list[str] | None = None, progress: 
     for step in skipped:
         if step in previous:
             timings[step] = previous[step]
-    report = {"scores": scores, "intervals": intervals, "timings_s": timings, "skipped": skipped, "rct": rct,
-              "load_average": load, "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
-              "machine": platform.platform(), "commit": _commit(), "config": mapping,
-              "loss_curves": loss_curves(results, start)}
+    report = {
+        "scores": scores,
+        "intervals": intervals,
+        "timings_s": timings,
+        "skipped": skipped,
+        "rct": rct,
+        "load_average": load,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": _torch_threads(),
+        "machine": platform.platform(),
+        "commit": _commit(),
+        "config": mapping,
+        "loss_curves": loss_curves(results, start),
+    }
     write_report(out, report)
     return report
 
@@ -263,8 +360,19 @@ def _train_all(configs: dict, timings: dict, skipped: list, *, resume: bool, pro
     return results, models
 
 
-def _score_all(models: dict, configs: dict, mapping: dict, test: Path, out: Path, timings: dict, *,
-               resamples: int, batch_size: int, max_new_tokens: int, progress: bool):
+def _score_all(
+    models: dict,
+    configs: dict,
+    mapping: dict,
+    test: Path,
+    out: Path,
+    timings: dict,
+    *,
+    resamples: int,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+):
     """Predict the test set with each model, score it, and bootstrap the intervals of every score;
     returns (scores, intervals)."""
     from clinkd.data.offline_processor import load_processor
@@ -292,8 +400,16 @@ def _score_all(models: dict, configs: dict, mapping: dict, test: Path, out: Path
             preds = out / "predictions" / f"{name}.jsonl"
             if progress:
                 print(f"[demo] predicting with the {name}", flush=True)
-            predict(model, processor, test, preds, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    max_length=int(mapping["data"].get("max_length", 2048)), progress=progress)
+            predict(
+                model,
+                processor,
+                test,
+                preds,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                max_length=int(mapping["data"].get("max_length", 2048)),
+                progress=progress,
+            )
             scores[name] = evaluate(preds, test, meteor_scorer=meteor)
             rows[name] = gather(preds, test)[0]
             timings[f"predict_eval_{name}"] = time.perf_counter() - t
@@ -301,8 +417,9 @@ def _score_all(models: dict, configs: dict, mapping: dict, test: Path, out: Path
         t = time.perf_counter()
         if progress:
             print(f"[demo] bootstrap intervals ({resamples} resamples)", flush=True)
-        intervals = bootstrap_intervals(rows, COLUMNS, resamples=resamples, seed=int(mapping.get("seed", 0)),
-                                        meteor_scorer=meteor)
+        intervals = bootstrap_intervals(
+            rows, COLUMNS, resamples=resamples, seed=int(mapping.get("seed", 0)), meteor_scorer=meteor
+        )
         timings["bootstrap"] = time.perf_counter() - t
     finally:
         if meteor is not None:

@@ -15,16 +15,34 @@ from pathlib import Path
 from clinkd.io import write_bytes_atomic, write_text_atomic
 
 # (task, metric) columns of the summary table
-COLUMNS = (("VG", "Recall@0.5"), ("ROC", "Accuracy"), ("RC", "BLEU-4"), ("RC", "ROUGE-L"), ("RC", "CIDEr"),
-           ("MIA", "BLEU-1"), ("MIA", "ROUGE-L"), ("MIA", "METEOR"), ("MIA", "mBMR"))
-NAMES = {"teacher": "teacher (SFT)", "student": "student MCG-RoPE (KD + curriculum → SFT)",
-         "student_rct": "student MCG-RoPE (KD + curriculum → SFT → RCT)",
-         "student_sft": "student MCG-RoPE (KD + curriculum → SFT → SFT, RCT's epochs on the ground truth)",
-         "control": "student MCG-RoPE (SFT only)"}
+COLUMNS = (
+    ("VG", "Recall@0.5"),
+    ("ROC", "Accuracy"),
+    ("RC", "BLEU-4"),
+    ("RC", "ROUGE-L"),
+    ("RC", "CIDEr"),
+    ("MIA", "BLEU-1"),
+    ("MIA", "ROUGE-L"),
+    ("MIA", "METEOR"),
+    ("MIA", "mBMR"),
+)
+NAMES = {
+    "teacher": "teacher (SFT)",
+    "student": "student MCG-RoPE (KD + curriculum → SFT)",
+    "student_rct": "student MCG-RoPE (KD + curriculum → SFT → RCT)",
+    "student_sft": "student MCG-RoPE (KD + curriculum → SFT → SFT, RCT's epochs on the ground truth)",
+    "control": "student MCG-RoPE (SFT only)",
+}
 SHORT = {"student_rct": "student+RCT", "student_sft": "student+SFT"}
 # the differences the report shows (report.json keeps every pair): distillation, RCT against its ablation
-PAIRS = (("teacher", "student"), ("teacher", "control"), ("student", "control"), ("student_rct", "student_sft"),
-         ("student_rct", "student"), ("student_rct", "control"))
+PAIRS = (
+    ("teacher", "student"),
+    ("teacher", "control"),
+    ("student", "control"),
+    ("student_rct", "student_sft"),
+    ("student_rct", "student"),
+    ("student_rct", "control"),
+)
 
 
 def _number(value) -> str:
@@ -55,10 +73,19 @@ def shown_differences(report: dict) -> list[tuple[str, dict]]:
         if f"{a} - {b}" in differences:
             by_task = differences[f"{a} - {b}"]
         else:
-            by_task = {t: {m: dict(block, value=None if block["value"] is None else 0.0 - block["value"] + 0.0,
-                                   interval=None if block["interval"] is None else
-                                   [0.0 - block["interval"][1] + 0.0, 0.0 - block["interval"][0] + 0.0])
-                           for m, block in metrics.items()} for t, metrics in differences[f"{b} - {a}"].items()}
+            by_task = {
+                t: {
+                    m: dict(
+                        block,
+                        value=None if block["value"] is None else 0.0 - block["value"] + 0.0,
+                        interval=None
+                        if block["interval"] is None
+                        else [0.0 - block["interval"][1] + 0.0, 0.0 - block["interval"][0] + 0.0],
+                    )
+                    for m, block in metrics.items()
+                }
+                for t, metrics in differences[f"{b} - {a}"].items()
+            }
         out.append((f"{_short(a)} − {_short(b)}", by_task))
     return out
 
@@ -71,8 +98,11 @@ def score_table(report: dict) -> str:
     for name, by_task in intervals["models"].items():
         cells = [_with_interval(by_task.get(t, {}).get(m)) for t, m in COLUMNS]
         lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(cells) + " |")
-    lines += ["", "Differences (paired: the same resampled questions for both models; **bold**: the interval "
-              "excludes 0):", ""] + header
+    lines += [
+        "",
+        "Differences (paired: the same resampled questions for both models; **bold**: the interval excludes 0):",
+        "",
+    ] + header
     for label, by_task in shown_differences(report):
         cells = []
         for t, m in COLUMNS:
@@ -87,10 +117,15 @@ def clear_differences(report: dict) -> str:
     """One sentence per pair of models: the metrics whose difference interval excludes 0, or none."""
     out = []
     for label, by_task in shown_differences(report):
-        clear = [f"{t} {m} ({block['value']:+.2f})" for t, m in COLUMNS
-                 if (block := by_task.get(t, {}).get(m)) is not None and block["clear"]]
-        out.append(f"- {label.replace(' − ', ' vs ')}: " + (", ".join(clear) if clear else
-                                                           "no difference larger than its interval"))
+        clear = [
+            f"{t} {m} ({block['value']:+.2f})"
+            for t, m in COLUMNS
+            if (block := by_task.get(t, {}).get(m)) is not None and block["clear"]
+        ]
+        out.append(
+            f"- {label.replace(' − ', ' vs ')}: "
+            + (", ".join(clear) if clear else "no difference larger than its interval")
+        )
     return "\n".join(out)
 
 
@@ -105,30 +140,55 @@ def rct_section(report: dict) -> list[str]:
     training = sum(r["cost"].get("training_s") or 0.0 for r in rounds)
     total = report["timings_s"].get("total")
     share = f" of the demo's {total:.0f} s ({100 * correction / total:.0f} %)" if total else ""
-    return ["## RCT rounds of the student", "",
-            f"Correction (answers, candidates, scoring) took {correction:.1f} s{share}; the rounds' training "
-            f"epochs {training:.1f} s.", "", format_rounds(rounds).replace("## ", "### ")]
+    return [
+        "## RCT rounds of the student",
+        "",
+        f"Correction (answers, candidates, scoring) took {correction:.1f} s{share}; the rounds' training "
+        f"epochs {training:.1f} s.",
+        "",
+        format_rounds(rounds).replace("## ", "### "),
+    ]
 
 
 def markdown(report: dict) -> str:
     first = next(iter(report["scores"].values()))
     ci = report["intervals"]
-    lines = ["# ClinKD demo report", "",
-             f"Scores of the models on the demo test split ({first['n']} questions), macro-averaged over "
-             f"modalities, ×100, with {round(100 * ci['confidence'])} % confidence intervals: {ci['method']} "
-             f"({ci['resamples']} resamples, seed {ci['seed']}).", "", score_table(report), "",
-             "Differences larger than their intervals:", "", clear_differences(report), "",
-             f"METEOR: {first['meteor']}. SPICE: {first['spice']}.", "",
-             "Predictions: `predictions/<model>.jsonl`; models: `<model>/<stage>/final` (`clinkd predict --model "
-             "...` applies the patch each was trained with).", "", *rct_section(report), "## Wall time (s)", ""]
+    lines = [
+        "# ClinKD demo report",
+        "",
+        f"Scores of the models on the demo test split ({first['n']} questions), macro-averaged over "
+        f"modalities, ×100, with {round(100 * ci['confidence'])} % confidence intervals: {ci['method']} "
+        f"({ci['resamples']} resamples, seed {ci['seed']}).",
+        "",
+        score_table(report),
+        "",
+        "Differences larger than their intervals:",
+        "",
+        clear_differences(report),
+        "",
+        f"METEOR: {first['meteor']}. SPICE: {first['spice']}.",
+        "",
+        "Predictions: `predictions/<model>.jsonl`; models: `<model>/<stage>/final` (`clinkd predict --model "
+        "...` applies the patch each was trained with).",
+        "",
+        *rct_section(report),
+        "## Wall time (s)",
+        "",
+    ]
     skipped = set(report.get("skipped", ()))
     for step, seconds in report["timings_s"].items():
         note = " (skipped on resume: the time of the run that did it)" if step in skipped else ""
         lines.append(f"- {step}: {seconds}{note}")
     load = report["load_average"]
-    lines += ["", f"Machine: {report.get('machine', 'n/a')}; {report['cpu_count']} CPUs, {report['torch_threads']} "
-              f"torch threads; load average (1, 5, 15 min) {load['start']} at the start, {load['end']} at the end. "
-              f"clinkd commit: {report.get('commit') or 'n/a'}.", "", "![loss curves](loss_curves.png)", ""]
+    lines += [
+        "",
+        f"Machine: {report.get('machine', 'n/a')}; {report['cpu_count']} CPUs, {report['torch_threads']} "
+        f"torch threads; load average (1, 5, 15 min) {load['start']} at the start, {load['end']} at the end. "
+        f"clinkd commit: {report.get('commit') or 'n/a'}.",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -185,13 +245,25 @@ def plot_curves(curves: dict, path: Path) -> bool:
         model, part = label.split("/")
         colour = colours.setdefault(model, f"C{len(colours)}")
         if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], _STYLES.get(part, "-"), color=colour,
-                    label=f"{model}: {_PART_LABELS.get(part, part)}")
+            ax.plot(
+                [s for s, _ in points],
+                [v for _, v in points],
+                _STYLES.get(part, "-"),
+                color=colour,
+                label=f"{model}: {_PART_LABELS.get(part, part)}",
+            )
     for model, marks in curves["boundaries"].items():
         for step, text in marks:
             ax.axvline(step, color=colours.get(model, "grey"), linewidth=0.8, alpha=0.6)
-            ax.annotate(f"{model}: {text}", (step, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
-                        textcoords="offset points", fontsize=8, color=colours.get(model, "grey"))
+            ax.annotate(
+                f"{model}: {text}",
+                (step, 0.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, 4),
+                textcoords="offset points",
+                fontsize=8,
+                color=colours.get(model, "grey"),
+            )
     ax.set_title("ClinKD demo: training losses along each model's whole run")
     ax.set_xlabel("optimizer step (a later stage continues the count)")
     ax.set_ylabel("loss (nats per supervised token)")

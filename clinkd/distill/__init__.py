@@ -10,5 +10,14 @@
 from .cache import cache_pseudo_labels, rows_per_sample, split_rows, teacher_pseudo_labels, write_store
 from .store import PseudoLabelStore, PseudoLabelWriter, StoreError, StoreMeta
 
-__all__ = ["PseudoLabelStore", "PseudoLabelWriter", "StoreError", "StoreMeta", "cache_pseudo_labels",
-           "rows_per_sample", "split_rows", "teacher_pseudo_labels", "write_store"]
+__all__ = [
+    "PseudoLabelStore",
+    "PseudoLabelWriter",
+    "StoreError",
+    "StoreMeta",
+    "cache_pseudo_labels",
+    "rows_per_sample",
+    "split_rows",
+    "teacher_pseudo_labels",
+    "write_store",
+]

@@ -22,9 +22,16 @@ from clinkd_kernels.topk import PseudoLabels, topk_pseudo_labels
 from .store import PseudoLabelWriter, StoreMeta
 
 
-def write_store(path: str | os.PathLike, meta: StoreMeta, ids: Sequence[str],
-                compute: Callable[[list[int]], list[tuple[PseudoLabels, torch.Tensor]]], *, batch_size: int = 8,
-                shard_size: int = 256, progress: bool = True) -> bool:
+def write_store(
+    path: str | os.PathLike,
+    meta: StoreMeta,
+    ids: Sequence[str],
+    compute: Callable[[list[int]], list[tuple[PseudoLabels, torch.Tensor]]],
+    *,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> bool:
     """Fill (or resume) the store at ``path``: ``compute(indices)`` returns, for those sample
     indices, each sample's (PseudoLabels [R, k], targets [R]). Returns whether the store is complete."""
     from tqdm.auto import tqdm
@@ -34,7 +41,7 @@ def write_store(path: str | os.PathLike, meta: StoreMeta, ids: Sequence[str],
     todo = [position[sid] for sid in writer.pending]
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="pseudo-labels", unit="sample", disable=not progress)
     for a in range(0, len(todo), batch_size):
-        chunk = todo[a:a + batch_size]
+        chunk = todo[a : a + batch_size]
         for index, (labels, targets) in zip(chunk, compute(chunk)):
             writer.add(ids[index], labels, targets)
         bar.update(len(chunk))
@@ -49,7 +56,7 @@ def rows_per_sample(batch: dict, ignore_index: int = -100) -> list[int]:
     if "packed_lengths" in batch:
         counts, start = [], 0
         for length in batch["packed_lengths"].tolist():
-            counts.append(int(valid[0, start:start + length].sum()))
+            counts.append(int(valid[0, start : start + length].sum()))
             start += length
         return counts
     return valid.sum(1).tolist()
@@ -77,29 +84,54 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
-def head_pseudo_labels(head, hidden: torch.Tensor, *, k: int, temperature: float, vocab_size: int,
-                       chunk_rows: int = 1024, backend: str | None = None) -> PseudoLabels:
+def head_pseudo_labels(
+    head,
+    hidden: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    chunk_rows: int = 1024,
+    backend: str | None = None,
+) -> PseudoLabels:
     """``chunked_pseudo_labels`` of ``head``'s logits on ``hidden``, run inside the head's forward."""
     from clinkd.patch.head import call_in_forward, check_full_weight
 
     def inside(head, hidden):
         check_full_weight(head.weight, "the teacher's lm_head.weight")
-        return chunked_pseudo_labels(hidden, head.weight, head.bias, k=k, temperature=temperature,
-                                     vocab_size=vocab_size, chunk_rows=chunk_rows, backend=backend)
+        return chunked_pseudo_labels(
+            hidden,
+            head.weight,
+            head.bias,
+            k=k,
+            temperature=temperature,
+            vocab_size=vocab_size,
+            chunk_rows=chunk_rows,
+            backend=backend,
+        )
 
     return call_in_forward(head, inside, hidden)
 
 
 @torch.no_grad()
-def chunked_pseudo_labels(hidden: torch.Tensor, weight: torch.Tensor, bias, *, k: int, temperature: float,
-                          vocab_size: int, chunk_rows: int = 1024, backend: str | None = None) -> PseudoLabels:
+def chunked_pseudo_labels(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    *,
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    chunk_rows: int = 1024,
+    backend: str | None = None,
+) -> PseudoLabels:
     """``topk_pseudo_labels`` of the logits hidden·W[:V]ᵀ + b[:V] ([N, Hd_t] rows, first ``vocab_size``
     columns), ``chunk_rows`` rows at a time so the [N × V] logits never exist whole."""
     weight = weight[:vocab_size]
     bias = None if bias is None else bias[:vocab_size]
     parts = []
     for a in range(0, hidden.shape[0], chunk_rows):
-        logits = torch.nn.functional.linear(hidden[a:a + chunk_rows], weight, bias)
+        logits = torch.nn.functional.linear(hidden[a : a + chunk_rows], weight, bias)
         parts.append(topk_pseudo_labels(logits.float(), k, temperature=temperature, backend=backend))
     if not parts:
         empty = topk_pseudo_labels(torch.zeros(1, vocab_size, device=hidden.device), k, temperature=temperature)
@@ -108,8 +140,16 @@ def chunked_pseudo_labels(hidden: torch.Tensor, weight: torch.Tensor, bias, *, k
 
 
 @torch.no_grad()
-def teacher_pseudo_labels(teacher, batch: dict, *, k: int, temperature: float, vocab_size: int,
-                          chunk_rows: int = 1024, backend: str | None = None) -> tuple[PseudoLabels, torch.Tensor]:
+def teacher_pseudo_labels(
+    teacher,
+    batch: dict,
+    *,
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    chunk_rows: int = 1024,
+    backend: str | None = None,
+) -> tuple[PseudoLabels, torch.Tensor]:
     """The teacher's pseudo-labels at a batch's supervised next-token rows: (PseudoLabels [N, k], targets [N]).
 
     teacher: a Qwen2-VL ``*ForConditionalGeneration`` (patched or not); batch: a collated batch on its
@@ -119,23 +159,36 @@ def teacher_pseudo_labels(teacher, batch: dict, *, k: int, temperature: float, v
 
     rows, targets = next_token_targets(batch["labels"])
     hidden, head = teacher_rows(teacher, batch, rows, vocab_size)
-    labels = head_pseudo_labels(head, hidden, k=k, temperature=temperature, vocab_size=vocab_size,
-                                chunk_rows=chunk_rows, backend=backend)
+    labels = head_pseudo_labels(
+        head, hidden, k=k, temperature=temperature, vocab_size=vocab_size, chunk_rows=chunk_rows, backend=backend
+    )
     return labels, targets.to(labels.indices.device)
 
 
-def split_rows(labels: PseudoLabels, targets: torch.Tensor, counts: list[int]) -> list[tuple[PseudoLabels, torch.Tensor]]:
+def split_rows(
+    labels: PseudoLabels, targets: torch.Tensor, counts: list[int]
+) -> list[tuple[PseudoLabels, torch.Tensor]]:
     """Cut a batch's rows into per-sample pieces of ``counts`` rows."""
     out, start = [], 0
     for n in counts:
-        out.append((labels[start:start + n], targets[start:start + n]))
+        out.append((labels[start : start + n], targets[start : start + n]))
         start += n
     return out
 
 
-def cache_pseudo_labels(teacher, dataset, collator, path: str | os.PathLike, *, meta: StoreMeta, batch_size: int = 4,
-                        shard_size: int = 256, device: str | torch.device | None = None, progress: bool = True,
-                        backend: str | None = None) -> bool:
+def cache_pseudo_labels(
+    teacher,
+    dataset,
+    collator,
+    path: str | os.PathLike,
+    *,
+    meta: StoreMeta,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    backend: str | None = None,
+) -> bool:
     """Run ``teacher`` (eval mode, no gradients) over ``dataset`` (a ``ClinKDDataset``) and write its
     pseudo-labels to the store at ``path``, resuming it if it exists. Returns whether it is complete."""
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
@@ -145,12 +198,14 @@ def cache_pseudo_labels(teacher, dataset, collator, path: str | os.PathLike, *, 
     def compute(indices: list[int]):
         batch = collator([dataset[i] for i in indices])
         batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-        labels, targets = teacher_pseudo_labels(teacher, batch, k=meta.k, temperature=meta.temperature,
-                                                vocab_size=meta.vocab_size, backend=backend)
+        labels, targets = teacher_pseudo_labels(
+            teacher, batch, k=meta.k, temperature=meta.temperature, vocab_size=meta.vocab_size, backend=backend
+        )
         return split_rows(labels, targets, rows_per_sample(batch))
 
     try:
-        return write_store(path, meta, dataset.ids, compute, batch_size=batch_size, shard_size=shard_size,
-                           progress=progress)
+        return write_store(
+            path, meta, dataset.ids, compute, batch_size=batch_size, shard_size=shard_size, progress=progress
+        )
     finally:
         teacher.train(was_training)

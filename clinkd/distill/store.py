@@ -75,8 +75,12 @@ MANIFEST = "manifest.json"
 _FIELDS = PseudoLabels._fields  # ("indices", "logprobs", "lse", "margin", "residual")
 _ROWS = (*_FIELDS, "targets")  # the per-row tensors of a sample or a shard
 _INTEGER = ("indices", "targets")
-_DTYPES = {"indices": ("I32", torch.int32), "targets": ("I32", torch.int32), "offsets": ("I64", torch.int64),
-           **{name: ("F32", torch.float32) for name in _FIELDS[1:]}}
+_DTYPES = {
+    "indices": ("I32", torch.int32),
+    "targets": ("I32", torch.int32),
+    "offsets": ("I64", torch.int64),
+    **{name: ("F32", torch.float32) for name in _FIELDS[1:]},
+}
 _SHARD_FILE = re.compile(r"shard-\d{5,}\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REBUILD = "rebuild it (delete the folder, then clinkd distill cache)"
@@ -98,7 +102,7 @@ class StoreMeta:
     vocab_size: int
     tokenizer_hash: str
 
-    def mismatches(self, other: "StoreMeta") -> list[str]:
+    def mismatches(self, other: StoreMeta) -> list[str]:
         out = []
         for name, mine in asdict(self).items():
             theirs = getattr(other, name)
@@ -150,8 +154,13 @@ def _meta_from(value, where: str, fail) -> StoreMeta:
     t = value["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
         raise fail(f"{where}.temperature must be a number > 0, got {t!r}")
-    return StoreMeta(teacher=value["teacher"], k=value["k"], temperature=float(t), vocab_size=value["vocab_size"],
-                     tokenizer_hash=value["tokenizer_hash"])
+    return StoreMeta(
+        teacher=value["teacher"],
+        k=value["k"],
+        temperature=float(t),
+        vocab_size=value["vocab_size"],
+        tokenizer_hash=value["tokenizer_hash"],
+    )
 
 
 def _validate_manifest(folder: Path, manifest) -> dict:
@@ -165,8 +174,10 @@ def _validate_manifest(folder: Path, manifest) -> dict:
         raise StoreError(f"pseudo-label store {folder}: {MANIFEST} is not a {FORMAT} manifest")
     version = manifest.get("version")
     if not (_is_int(version, 0) and version == VERSION):
-        raise StoreError(f"pseudo-label store {folder}: format version {version!r} is not supported (this clinkd "
-                         f"reads version {VERSION}); {_REBUILD}")
+        raise StoreError(
+            f"pseudo-label store {folder}: format version {version!r} is not supported (this clinkd "
+            f"reads version {VERSION}); {_REBUILD}"
+        )
     _object(manifest, ("format", "version", "meta", "dataset", "complete", "shards"), "the manifest", fail)
     meta = _meta_from(manifest["meta"], "meta", fail)
     dataset = _object(manifest["dataset"], ("num_samples", "ids_sha256"), "dataset", fail)
@@ -209,9 +220,14 @@ def _validate_manifest(folder: Path, manifest) -> dict:
         raise fail(f"it says it is complete, but its shards hold {len(ids)} of {n} samples")
     if whole and not manifest["complete"]:
         raise fail("it says it is incomplete, but its shards hold the whole data set")
-    return {"format": FORMAT, "version": VERSION, "meta": meta,
-            "dataset": {"num_samples": n, "ids_sha256": dataset["ids_sha256"]},
-            "complete": manifest["complete"], "shards": shards}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": meta,
+        "dataset": {"num_samples": n, "ids_sha256": dataset["ids_sha256"]},
+        "complete": manifest["complete"],
+        "shards": shards,
+    }
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -231,8 +247,11 @@ def check_meta(folder: Path, stored: StoreMeta, expected: StoreMeta) -> None:
     was written for other settings than ``expected``."""
     problems = stored.mismatches(expected)
     if problems:
-        raise StoreError(f"pseudo-label store {folder} was written for another run:\n  " + "\n  ".join(problems)
-                         + "\nrebuild it (clinkd distill cache) or use another store folder")
+        raise StoreError(
+            f"pseudo-label store {folder} was written for another run:\n  "
+            + "\n  ".join(problems)
+            + "\nrebuild it (clinkd distill cache) or use another store folder"
+        )
 
 
 # ------------------------------------------------------------------ shards
@@ -240,14 +259,24 @@ def check_meta(folder: Path, stored: StoreMeta, expected: StoreMeta) -> None:
 
 def _shard_metadata(s: int, samples: list[str], rows: int, meta: StoreMeta, dataset: dict) -> dict[str, str]:
     """The safetensors metadata of shard s: written by the writer, and what a reader expects to find."""
-    return {"format": FORMAT, "version": str(VERSION), "shard": str(s), "rows": str(rows),
-            "samples": json.dumps(samples), "meta": json.dumps(asdict(meta), sort_keys=True),
-            "dataset": json.dumps(dataset, sort_keys=True)}
+    return {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "shard": str(s),
+        "rows": str(rows),
+        "samples": json.dumps(samples),
+        "meta": json.dumps(asdict(meta), sort_keys=True),
+        "dataset": json.dumps(dataset, sort_keys=True),
+    }
 
 
 def _tensor_specs(n: int, rows: int, k: int) -> dict[str, tuple[str, list[int]]]:
-    shapes = {"indices": [rows, k], "logprobs": [rows, k], "offsets": [n + 1],
-              **{name: [rows] for name in ("lse", "margin", "residual", "targets")}}
+    shapes = {
+        "indices": [rows, k],
+        "logprobs": [rows, k],
+        "offsets": [n + 1],
+        **{name: [rows] for name in ("lse", "margin", "residual", "targets")},
+    }
     return {name: (_DTYPES[name][0], shape) for name, shape in shapes.items()}
 
 
@@ -259,7 +288,7 @@ def _parse_header(raw: bytes) -> dict:
     if n > len(raw) - 8:
         raise ValueError(f"its header claims {n} bytes, past the end of the file")
     try:
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"its header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -276,9 +305,11 @@ def _check_header(folder: Path, s: int, entry: dict, meta: StoreMeta, dataset: d
     expected = _shard_metadata(s, entry["samples"], entry["rows"], meta, dataset)
     differ = sorted(key for key in expected.keys() | found.keys() if found.get(key) != expected.get(key))
     if differ:
-        raise StoreError(f"pseudo-label store {folder}: shard {name} does not belong there: its {', '.join(differ)} "
-                         "differ from what the manifest says of it (a shard swapped, replaced or written by something "
-                         f"else, or an edited manifest); {_REBUILD}")
+        raise StoreError(
+            f"pseudo-label store {folder}: shard {name} does not belong there: its {', '.join(differ)} "
+            "differ from what the manifest says of it (a shard swapped, replaced or written by something "
+            f"else, or an edited manifest); {_REBUILD}"
+        )
     specs = _tensor_specs(len(entry["samples"]), entry["rows"], meta.k)
     tensors = {key: value for key, value in header.items() if key != "__metadata__"}
     missing, extra = sorted(specs.keys() - tensors.keys()), sorted(tensors.keys() - specs.keys())
@@ -289,8 +320,10 @@ def _check_header(folder: Path, s: int, entry: dict, meta: StoreMeta, dataset: d
         if (dtype, shape) != specs[key]:
             problems.append(f"{key} is {dtype} {shape}, expected {specs[key][0]} {specs[key][1]}")
     if problems:
-        raise StoreError(f"pseudo-label store {folder}: shard {name}: tensors differ from a shard's: "
-                         f"{'; '.join(problems)}; {_REBUILD}")
+        raise StoreError(
+            f"pseudo-label store {folder}: shard {name}: tensors differ from a shard's: "
+            f"{'; '.join(problems)}; {_REBUILD}"
+        )
 
 
 def _row_problems(fields: dict, k: int, vocab_size: int) -> list[str]:
@@ -309,8 +342,10 @@ def _row_problems(fields: dict, k: int, vocab_size: int) -> list[str]:
     rows = shapes["targets"][0] if len(shapes["targets"]) == 1 else -1
     want = {name: [rows, k] if name in ("indices", "logprobs") else [rows] for name in _ROWS}
     if any(shapes[name] != want[name] for name in _ROWS):
-        out.append(f"fields must be indices [R, k={k}], logprobs [R, k], lse/margin/residual/targets [R] with one R; "
-                   "got " + ", ".join(f"{name} {shapes[name]}" for name in _ROWS))
+        out.append(
+            f"fields must be indices [R, k={k}], logprobs [R, k], lse/margin/residual/targets [R] with one R; "
+            "got " + ", ".join(f"{name} {shapes[name]}" for name in _ROWS)
+        )
     if out:
         return out
     for name in _INTEGER:
@@ -341,14 +376,17 @@ def _check_listed(folder: Path, manifest: dict) -> None:
         except OSError as e:
             raise StoreError(f"pseudo-label store {folder}: shard {entry['file']} is unreadable ({e})") from None
         if size != entry["bytes"]:
-            raise StoreError(f"pseudo-label store {folder}: shard {entry['file']} is "
-                             f"{'missing' if size is None else f'{size} bytes'}, the manifest says "
-                             f"{entry['bytes']} bytes (truncated or replaced); {_REBUILD}")
+            raise StoreError(
+                f"pseudo-label store {folder}: shard {entry['file']} is "
+                f"{'missing' if size is None else f'{size} bytes'}, the manifest says "
+                f"{entry['bytes']} bytes (truncated or replaced); {_REBUILD}"
+            )
         try:
             header = _parse_header(raw)
         except ValueError as e:
-            raise StoreError(f"pseudo-label store {folder}: shard {entry['file']} is not a safetensors file ({e}); "
-                             f"{_REBUILD}") from None
+            raise StoreError(
+                f"pseudo-label store {folder}: shard {entry['file']} is not a safetensors file ({e}); {_REBUILD}"
+            ) from None
         _check_header(folder, s, entry, manifest["meta"], manifest["dataset"], header)
 
 
@@ -382,21 +420,33 @@ class PseudoLabelWriter:
             orphans = sorted(p.name for p in self.folder.iterdir() if _SHARD_FILE.fullmatch(p.name))
             if orphans:
                 listed = ", ".join(orphans[:10]) + (f" and {len(orphans) - 10} more" if len(orphans) > 10 else "")
-                raise StoreError(f"pseudo-label store {self.folder} holds {listed} but no {MANIFEST}: "
-                                 f"it was removed, so these shards cannot be checked or resumed. Restore {MANIFEST}, "
-                                 "or delete these files (or the folder) to rebuild the store")
-            self.manifest = {"format": FORMAT, "version": VERSION, "meta": self.meta, "dataset": dataset,
-                             "complete": not ids, "shards": []}
+                raise StoreError(
+                    f"pseudo-label store {self.folder} holds {listed} but no {MANIFEST}: "
+                    f"it was removed, so these shards cannot be checked or resumed. Restore {MANIFEST}, "
+                    "or delete these files (or the folder) to rebuild the store"
+                )
+            self.manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "meta": self.meta,
+                "dataset": dataset,
+                "complete": not ids,
+                "shards": [],
+            }
         else:
             check_meta(self.folder, manifest["meta"], self.meta)
             if manifest["dataset"] != dataset:
-                raise StoreError(f"pseudo-label store {self.folder} was written for another data set "
-                                 f"({manifest['dataset']['num_samples']} samples; this run has {len(ids)} with "
-                                 "other ids)")
+                raise StoreError(
+                    f"pseudo-label store {self.folder} was written for another data set "
+                    f"({manifest['dataset']['num_samples']} samples; this run has {len(ids)} with "
+                    "other ids)"
+                )
             committed = [sid for shard in manifest["shards"] for sid in shard["samples"]]
-            if committed != ids[:len(committed)]:
-                raise StoreError(f"pseudo-label store {self.folder}: its shards do not hold the first "
-                                 f"{len(committed)} samples of the data set in order; {_REBUILD}")
+            if committed != ids[: len(committed)]:
+                raise StoreError(
+                    f"pseudo-label store {self.folder}: its shards do not hold the first "
+                    f"{len(committed)} samples of the data set in order; {_REBUILD}"
+                )
             _check_listed(self.folder, manifest)
             self.manifest, self.meta = manifest, manifest["meta"]  # new shards carry the stored metadata
         self.committed = [sid for shard in self.manifest["shards"] for sid in shard["samples"]]
@@ -416,7 +466,7 @@ class PseudoLabelWriter:
     @property
     def pending(self) -> list[str]:
         """Ids not committed yet, in data-set order."""
-        return self.ids[len(self.committed):]
+        return self.ids[len(self.committed) :]
 
     def add(self, sample_id: str, labels: PseudoLabels, targets: torch.Tensor) -> None:
         """Buffer the next sample's rows (PseudoLabels [R, k], targets [R]); a full buffer becomes a shard."""
@@ -426,8 +476,10 @@ class PseudoLabelWriter:
         if self._position[sample_id] < following:
             raise ValueError(f"sample {sample_id!r} is already in the store")
         if self._position[sample_id] > following:
-            raise ValueError(f"sample {sample_id!r} is out of order: samples are added in data-set order, "
-                             f"the next is {self.ids[following]!r}")
+            raise ValueError(
+                f"sample {sample_id!r} is out of order: samples are added in data-set order, "
+                f"the next is {self.ids[following]!r}"
+            )
         if not isinstance(labels, tuple) or len(labels) != len(_FIELDS):
             raise ValueError(f"pseudo-labels of {sample_id!r} must be a PseudoLabels ({', '.join(_FIELDS)})")
         fields = dict(zip(_FIELDS, labels), targets=targets)
@@ -454,9 +506,15 @@ class PseudoLabelWriter:
         s, n_rows = len(self.manifest["shards"]), int(sum(counts))
         data = save(tensors, metadata=_shard_metadata(s, samples, n_rows, self.meta, self.manifest["dataset"]))
         write_bytes_atomic(self.folder / _shard_name(s), data)
-        self.manifest["shards"].append({"file": _shard_name(s), "bytes": len(data),
-                                        "sha256": hashlib.sha256(data).hexdigest(), "rows": n_rows,
-                                        "samples": samples})
+        self.manifest["shards"].append(
+            {
+                "file": _shard_name(s),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "rows": n_rows,
+                "samples": samples,
+            }
+        )
         self.committed.extend(samples)
         self.done.update(samples)
         self._buffer = []
@@ -482,23 +540,33 @@ class PseudoLabelStore:
     when it is loaded; ``verify_all()`` loads every shard. Loaded shards are kept in an LRU of
     ``cache_shards``."""
 
-    def __init__(self, path: str | os.PathLike, *, expect: StoreMeta | None = None, cache_shards: int = 64,
-                 allow_incomplete: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        expect: StoreMeta | None = None,
+        cache_shards: int = 64,
+        allow_incomplete: bool = False,
+    ):
         self.folder = Path(path)
         manifest = read_manifest(self.folder)
         if manifest is None:
-            raise StoreError(f"no pseudo-label store at {self.folder} ({MANIFEST} missing); build it with "
-                             "clinkd distill cache")
+            raise StoreError(
+                f"no pseudo-label store at {self.folder} ({MANIFEST} missing); build it with clinkd distill cache"
+            )
         if expect is not None:
             check_meta(self.folder, manifest["meta"], expect)
         if not manifest["complete"] and not allow_incomplete:
             n = sum(len(s["samples"]) for s in manifest["shards"])
-            raise StoreError(f"pseudo-label store {self.folder} is incomplete ({n} of "
-                             f"{manifest['dataset']['num_samples']} samples); resume it with clinkd distill cache")
+            raise StoreError(
+                f"pseudo-label store {self.folder} is incomplete ({n} of "
+                f"{manifest['dataset']['num_samples']} samples); resume it with clinkd distill cache"
+            )
         _check_listed(self.folder, manifest)
         self.manifest, self.meta = manifest, manifest["meta"]
-        self._where = {sid: (s, j) for s, shard in enumerate(manifest["shards"])
-                       for j, sid in enumerate(shard["samples"])}
+        self._where = {
+            sid: (s, j) for s, shard in enumerate(manifest["shards"]) for j, sid in enumerate(shard["samples"])
+        }
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self.cache_shards = cache_shards
 
@@ -533,8 +601,11 @@ class PseudoLabelStore:
             raise StoreError(f"{where} is unreadable ({e}); {_REBUILD}") from None
         _check_header(self.folder, s, shard, self.meta, self.manifest["dataset"], header)
         specs = _tensor_specs(len(shard["samples"]), shard["rows"], self.meta.k)
-        problems = [f"{name} is {tensors[name].dtype} {list(tensors[name].shape)}" for name, (_, shape) in specs.items()
-                    if tensors[name].dtype != _DTYPES[name][1] or list(tensors[name].shape) != shape]
+        problems = [
+            f"{name} is {tensors[name].dtype} {list(tensors[name].shape)}"
+            for name, (_, shape) in specs.items()
+            if tensors[name].dtype != _DTYPES[name][1] or list(tensors[name].shape) != shape
+        ]
         if not problems:
             problems = _row_problems(tensors, self.meta.k, self.meta.vocab_size)
             offsets = tensors["offsets"]

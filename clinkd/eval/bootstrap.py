@@ -40,8 +40,9 @@ class _Group:
         if task == "VG":
             self.per_question = {"Recall@0.5": np.array([metrics.vg_hit(r.response, r.reference) for r in rows], float)}
         elif task == "ROC":
-            self.per_question = {"Accuracy": np.array([metrics.roc_correct(r.response, r.reference) for r in rows],
-                                                      float)}
+            self.per_question = {
+                "Accuracy": np.array([metrics.roc_correct(r.response, r.reference) for r in rows], float)
+            }
         else:
             self.hyps = [" ".join(metrics.tokenize(r.response)) for r in rows]
             self.refs = [[" ".join(metrics.tokenize(r.reference))] for r in rows]
@@ -72,8 +73,10 @@ def _paired_groups(rows_by_model: dict[str, list[Row]]) -> dict[tuple[str, str],
     for name in names[1:]:
         if keyed[name].keys() != first.keys():
             extra = sorted(keyed[name].keys() ^ first.keys())[:3]
-            raise ValueError(f"the predictions of {name!r} and {names[0]!r} cover different questions "
-                             f"(e.g. {extra}): a paired bootstrap needs the same ones")
+            raise ValueError(
+                f"the predictions of {name!r} and {names[0]!r} cover different questions "
+                f"(e.g. {extra}): a paired bootstrap needs the same ones"
+            )
     out = {}
     for group, rows in group_rows(rows_by_model[names[0]]).items():
         out[group] = {name: [keyed[name][row.key] for row in rows] for name in names}
@@ -92,8 +95,15 @@ def _interval(values: np.ndarray | None, confidence: float) -> list[float] | Non
     return [float(low), float(high)]
 
 
-def bootstrap_intervals(rows_by_model: dict[str, list[Row]], columns, *, resamples: int = 1000, seed: int = 0,
-                        confidence: float = 0.95, meteor_scorer=None) -> dict:
+def bootstrap_intervals(
+    rows_by_model: dict[str, list[Row]],
+    columns,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    meteor_scorer=None,
+) -> dict:
     """Intervals of the macro scores ``columns`` ((task, metric) pairs) of every model, and of the
     difference of every pair of models (see the module docstring for the method and the output).
 
@@ -109,8 +119,11 @@ def bootstrap_intervals(rows_by_model: dict[str, list[Row]], columns, *, resampl
     wanted: dict[str, set[str]] = {}
     for task, metric in columns:
         wanted.setdefault(task, set()).add(metric)
-    groups = {key: {name: _Group(key[0], rows) for name, rows in by_model.items()}
-              for key, by_model in paired.items() if key[0] in wanted}
+    groups = {
+        key: {name: _Group(key[0], rows) for name, rows in by_model.items()}
+        for key, by_model in paired.items()
+        if key[0] in wanted
+    }
     tasks = list(dict.fromkeys(task for task, _ in groups))
 
     def macro_scores(draws: dict) -> dict:
@@ -135,9 +148,16 @@ def bootstrap_intervals(rows_by_model: dict[str, list[Row]], columns, *, resampl
                     samples[(name, task, m)].append(value)
     arrays = {k: None if any(v is None for v in vs) else np.array(vs) for k, vs in samples.items()}
 
-    models = {name: {task: {m: {"value": point[name][task][m], "interval": _interval(arrays[(name, task, m)],
-                                                                                      confidence)}
-                            for m in sorted(wanted[task])} for task in tasks} for name in names}
+    models = {
+        name: {
+            task: {
+                m: {"value": point[name][task][m], "interval": _interval(arrays[(name, task, m)], confidence)}
+                for m in sorted(wanted[task])
+            }
+            for task in tasks
+        }
+        for name in names
+    }
     differences = {}
     for a, b in itertools.combinations(names, 2):
         block = {}
@@ -147,8 +167,17 @@ def bootstrap_intervals(rows_by_model: dict[str, list[Row]], columns, *, resampl
                 va, vb = arrays[(a, task, m)], arrays[(b, task, m)]
                 interval = None if va is None or vb is None else _interval(va - vb, confidence)
                 value = None if interval is None else point[a][task][m] - point[b][task][m]
-                block[task][m] = {"value": value, "interval": interval,
-                                  "clear": interval is not None and (interval[0] > 0 or interval[1] < 0)}
+                block[task][m] = {
+                    "value": value,
+                    "interval": interval,
+                    "clear": interval is not None and (interval[0] > 0 or interval[1] < 0),
+                }
         differences[f"{a} - {b}"] = block
-    return {"method": "paired stratified percentile bootstrap over test questions", "resamples": resamples,
-            "confidence": confidence, "seed": seed, "models": models, "differences": differences}
+    return {
+        "method": "paired stratified percentile bootstrap over test questions",
+        "resamples": resamples,
+        "confidence": confidence,
+        "seed": seed,
+        "models": models,
+        "differences": differences,
+    }

@@ -1,10 +1,10 @@
 """``clinkd data demo``, ``clinkd predict`` and ``clinkd eval`` (see ``clinkd.cli``).
 
-    clinkd data demo --out DIR [--seed 0] [--train-per-modality 16] [--test-per-modality 5]
-    clinkd predict --model FOLDER --data test.jsonl --out preds.jsonl [--processor FOLDER]
-                   [--patch '{"mcg_rope": {"modality_gap": 2}, "attention": false}'] [--batch-size 8]
-                   [--max-new-tokens 64] [--dtype float32] [--device cpu]
-    clinkd eval --pred preds.jsonl [--data test.jsonl] [--root DIR] [--json report.json] [--no-meteor]
+clinkd data demo --out DIR [--seed 0] [--train-per-modality 16] [--test-per-modality 5]
+clinkd predict --model FOLDER --data test.jsonl --out preds.jsonl [--processor FOLDER]
+               [--patch '{"mcg_rope": {"modality_gap": 2}, "attention": false}'] [--batch-size 8]
+               [--max-new-tokens 64] [--dtype float32] [--device cpu]
+clinkd eval --pred preds.jsonl [--data test.jsonl] [--root DIR] [--json report.json] [--no-meteor]
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ def _device(text: str) -> str:
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
-                                             "device(s)")
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise argparse.ArgumentTypeError(f"{text!r}: no MPS device is available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -55,41 +54,58 @@ def _device(text: str) -> str:
 def data_arguments(parser):
     sub = parser.add_subparsers(dest="action", required=True)
     demo = sub.add_parser("demo", help="write the generated demo data set (deterministic per seed)")
-    demo.add_argument("--out", required=True, type=output_folder,
-                      help="folder to write train.jsonl, test.jsonl, images/ into")
+    demo.add_argument(
+        "--out", required=True, type=output_folder, help="folder to write train.jsonl, test.jsonl, images/ into"
+    )
     demo.add_argument("--seed", type=_integer(0), default=0)
-    demo.add_argument("--train-per-modality", type=_integer(1), default=16,
-                      help="training images per modality (×4 tasks)")
+    demo.add_argument(
+        "--train-per-modality", type=_integer(1), default=16, help="training images per modality (×4 tasks)"
+    )
     demo.add_argument("--test-per-modality", type=_integer(1), default=5, help="test images per modality (×4 tasks)")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def data_command(args) -> int:
-    from clinkd.demo.data import build_demo_data
     from clinkd.data.records import DataError
+    from clinkd.demo.data import build_demo_data
 
     try:
-        out = build_demo_data(args.out, seed=args.seed, train_per_modality=args.train_per_modality,
-                              test_per_modality=args.test_per_modality, progress=args.progress)
+        out = build_demo_data(
+            args.out,
+            seed=args.seed,
+            train_per_modality=args.train_per_modality,
+            test_per_modality=args.test_per_modality,
+            progress=args.progress,
+        )
     except ValueError as e:
         raise DataError(str(e)) from None
     info = json.loads((out / "info.json").read_text())
-    print(f"{out}: {info['train']} training and {info['test']} test records "
-          f"({'with' if info['dicom'] else 'without'} pydicom's CT/MR slices)")
+    print(
+        f"{out}: {info['train']} training and {info['test']} test records "
+        f"({'with' if info['dicom'] else 'without'} pydicom's CT/MR slices)"
+    )
     return 0
 
 
 def predict_arguments(parser):
-    parser.add_argument("--model", required=True, type=input_folder, help="a saved model folder: "
-                        "OUTPUT_DIR/<stage>/final of clinkd train (the demo's: runs/demo/{teacher,student,control}/"
-                        "<stage>/final)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=input_folder,
+        help="a saved model folder: "
+        "OUTPUT_DIR/<stage>/final of clinkd train (the demo's: runs/demo/{teacher,student,control}/"
+        "<stage>/final)",
+    )
     parser.add_argument("--data", required=True, help="Med-GRIT records (.json or .jsonl)")
     parser.add_argument("--root", help="image folder (default: the data file's folder)")
     parser.add_argument("--out", required=True, type=output_file, help="predictions JSONL to write")
     parser.add_argument("--processor", type=input_folder, help="processor folder (default: the model folder)")
-    parser.add_argument("--patch", help="JSON keyword arguments of patch_qwen2_vl (e.g. '{\"mcg_rope\": "
-                        "{\"modality_gap\": 2}, \"attention\": false}', or null for none); default: the patch "
-                        "clinkd train recorded in the model folder (clinkd_patch.json), else none")
+    parser.add_argument(
+        "--patch",
+        help='JSON keyword arguments of patch_qwen2_vl (e.g. \'{"mcg_rope": '
+        '{"modality_gap": 2}, "attention": false}\', or null for none); default: the patch '
+        "clinkd train recorded in the model folder (clinkd_patch.json), else none",
+    )
     parser.add_argument("--batch-size", type=_integer(1), default=8)
     parser.add_argument("--max-new-tokens", type=_integer(1), default=64)
     parser.add_argument("--max-length", type=_integer(8), default=2048)
@@ -117,8 +133,17 @@ def predict_command(args) -> int:
         if isinstance(e, DataError):
             raise
         raise DataError(str(e)) from None
-    n = predict(model, processor, args.data, args.out, root=args.root, batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens, max_length=args.max_length, progress=args.progress)
+    n = predict(
+        model,
+        processor,
+        args.data,
+        args.out,
+        root=args.root,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        progress=args.progress,
+    )
     print(f"{args.out}: {n} predictions")
     return 0
 
@@ -149,4 +174,3 @@ def eval_command(args) -> int:
         write_text_atomic(args.json, json.dumps(report, indent=1))
     print(format_report(report))
     return 0
-

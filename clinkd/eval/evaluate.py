@@ -104,8 +104,9 @@ def group_scores(task: str, pairs: list[tuple[str, str]], *, with_meteor: bool =
         return {"Recall@0.5": 100.0 * sum(metrics.vg_hit(p, r) for p, r in pairs) / len(pairs)}
     if task == "ROC":
         return {"Accuracy": 100.0 * sum(metrics.roc_correct(p, r) for p, r in pairs) / len(pairs)}
-    raw = metrics.caption_metrics([p for p, _ in pairs], [[r] for _, r in pairs], with_meteor=with_meteor,
-                                  meteor_scorer=meteor_scorer)
+    raw = metrics.caption_metrics(
+        [p for p, _ in pairs], [[r] for _, r in pairs], with_meteor=with_meteor, meteor_scorer=meteor_scorer
+    )
     return {k: None if v is None else 100.0 * v for k, v in raw.items()}
 
 
@@ -131,8 +132,9 @@ def score_rows(rows: list[Row], *, with_meteor: bool = True, meteor_scorer=None)
     """{task: {"per_modality": {modality: {metric: value, "n": count}}, "macro": {metric: value}}}."""
     out = {}
     for (task, modality), group in group_rows(rows).items():
-        scores = group_scores(task, [(r.response, r.reference) for r in group], with_meteor=with_meteor,
-                              meteor_scorer=meteor_scorer)
+        scores = group_scores(
+            task, [(r.response, r.reference) for r in group], with_meteor=with_meteor, meteor_scorer=meteor_scorer
+        )
         out.setdefault(task, {"per_modality": {}})["per_modality"][modality] = {**scores, "n": len(group)}
     for block in out.values():
         block["macro"] = macro_average(list(block["per_modality"].values()))
@@ -170,12 +172,14 @@ def evaluate(predictions, data=None, *, root=None, with_meteor: bool = True, met
 
 def format_report(report: dict) -> str:
     """A markdown summary: one table per task, a row per modality and the macro average."""
-    lines = [f"{report['n']} predictions scored, {report['missing']} data samples without a prediction; "
-             f"METEOR {report['meteor']}; SPICE {report['spice']}.", ""]
+    lines = [
+        f"{report['n']} predictions scored, {report['missing']} data samples without a prediction; "
+        f"METEOR {report['meteor']}; SPICE {report['spice']}.",
+        "",
+    ]
     for task, block in report["tasks"].items():
         names = list(block["macro"])
-        lines += [f"### {task}", "", "| modality | n | " + " | ".join(names) + " |",
-                  "|---|---|" + "---|" * len(names)]
+        lines += [f"### {task}", "", "| modality | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         for modality, scores in block["per_modality"].items():
             lines.append(f"| {modality} | {scores['n']} | " + " | ".join(fmt(scores[n]) for n in names) + " |")

@@ -190,8 +190,9 @@ def meteor(hyps: list[str], refs: list[list[str]], scorer: MeteorScorer | None =
         return None
 
 
-def caption_metrics(hyps: list[str], refs: list[list[str]], *, with_meteor: bool = True,
-                    meteor_scorer: MeteorScorer | None = None) -> dict:
+def caption_metrics(
+    hyps: list[str], refs: list[list[str]], *, with_meteor: bool = True, meteor_scorer: MeteorScorer | None = None
+) -> dict:
     """{"BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "mBMR"} of raw answers against raw references
     (tokenised here). METEOR / mBMR are None when METEOR is unavailable."""
     if not hyps or len(hyps) != len(refs):

@@ -34,11 +34,15 @@ def _batch(prompts: list[dict], pad_id: int, image_token_id: int) -> dict:
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for row, p in enumerate(prompts):
         n = p["input_ids"].numel()
-        ids[row, longest - n:] = p["input_ids"]
-        mask[row, longest - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": ((ids == image_token_id) & (mask == 1)).long(),
-            "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
-            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts])}
+        ids[row, longest - n :] = p["input_ids"]
+        mask[row, longest - n :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": ((ids == image_token_id) & (mask == 1)).long(),
+        "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
+    }
 
 
 def decode_answer(row: list[int], tokenizer, eos_id: int, pad_id: int) -> tuple[str, int]:
@@ -50,8 +54,17 @@ def decode_answer(row: list[int], tokenizer, eos_id: int, pad_id: int) -> tuple[
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, num_return_sequences: int = 1,
-                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[list[str]], int]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    *,
+    max_new_tokens: int,
+    num_return_sequences: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[list[list[str]], int]:
     """One batched ``model.generate`` (KV cache) over ``prompts`` (``SampleEncoder.encode_prompt`` dicts):
     ([[text] * num_return_sequences per prompt], generated token count). Greedy unless ``do_sample``;
     the caller seeds torch's generator for sampling. The model's dtype and device are used."""
@@ -61,23 +74,41 @@ def generate_texts(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     batch = _batch(prompts, ids["pad_token_id"], ids["image_token_id"])
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    generated = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
-                               num_return_sequences=num_return_sequences, eos_token_id=ids["eos_token_id"],
-                               pad_token_id=ids["pad_token_id"])
-    new = generated[:, batch["input_ids"].shape[1]:].tolist()
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if do_sample
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
+    generated = model.generate(
+        **batch,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+    )
+    new = generated[:, batch["input_ids"].shape[1] :].tolist()
     texts, tokens = [], 0
     for row in new:
         text, count = decode_answer(row, tokenizer, ids["eos_token_id"], ids["pad_token_id"])
         texts.append(text)
         tokens += count
     n = num_return_sequences
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))], tokens
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))], tokens
 
 
-def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *, root=None, batch_size: int = 8,
-            max_new_tokens: int = 64, max_length: int = 2048, progress: bool = True) -> int:
+def predict(
+    model,
+    processor,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    root=None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    max_length: int = 2048,
+    progress: bool = True,
+) -> int:
     """Write ``out`` (JSONL, atomically) with one greedy answer per question of ``data``; returns the count.
 
     model: a Qwen2-VL ``*ForConditionalGeneration`` (patched or not; its dtype and device are used);
@@ -95,13 +126,25 @@ def predict(model, processor, data: str | os.PathLike, out: str | os.PathLike, *
     lines = []
     try:
         for start in tqdm(range(0, len(questions), batch_size), desc="predict", disable=not progress):
-            chunk = questions[start:start + batch_size]
-            texts, _ = generate_texts(model, processor.tokenizer, [encoder.encode_prompt(r, turn) for r, turn in chunk],
-                                      max_new_tokens=max_new_tokens)
+            chunk = questions[start : start + batch_size]
+            texts, _ = generate_texts(
+                model,
+                processor.tokenizer,
+                [encoder.encode_prompt(r, turn) for r, turn in chunk],
+                max_new_tokens=max_new_tokens,
+            )
             for (record, turn), (response,) in zip(chunk, texts):
-                lines.append({"id": record.id, "turn": turn, "task": record.task, "modality": record.modality,
-                              "question": record.turns[turn][0], "annotation": record.turns[turn][1],
-                              "response": response})
+                lines.append(
+                    {
+                        "id": record.id,
+                        "turn": turn,
+                        "task": record.task,
+                        "modality": record.modality,
+                        "question": record.turns[turn][0],
+                        "annotation": record.turns[turn][1],
+                        "response": response,
+                    }
+                )
     finally:
         model.train(was_training)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +173,10 @@ def load_model(path: str, *, patch: dict | None | str = SAVED, dtype: str = "flo
         if Path(path, "adapter_config.json").is_file():  # a LoRA stage's adapter folder (clinkd.train.lora)
             final = Path(path).parent / "final"
             where = f"; its stage's merged model is {final}" if (final / "config.json").is_file() else ""
-            raise ValueError(f"{path} holds a LoRA adapter (PEFT), not a model: give the stage's final folder, which "
-                             f"holds the adapter merged into the weights{where}")
+            raise ValueError(
+                f"{path} holds a LoRA adapter (PEFT), not a model: give the stage's final folder, which "
+                f"holds the adapter merged into the weights{where}"
+            )
         raise ValueError(f"model folder {path} has no config.json")
     recorded = read_patch_record(path)
     if isinstance(patch, str):
@@ -139,8 +184,10 @@ def load_model(path: str, *, patch: dict | None | str = SAVED, dtype: str = "flo
             raise ValueError(f"patch must be a dict, None or {SAVED!r}, got {patch!r}")
         patch = recorded.get("patch")
     elif recorded and patch_positions(patch) != patch_positions(recorded["patch"]):
-        raise ValueError(f"{path} was trained with position indices {patch_positions(recorded['patch'])}, the "
-                         f"patch asks for {patch_positions(patch)}; leave the patch out to use the recorded one")
+        raise ValueError(
+            f"{path} was trained with position indices {patch_positions(recorded['patch'])}, the "
+            f"patch asks for {patch_positions(patch)}; leave the patch out to use the recorded one"
+        )
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype]).to(device)
     if patch is not None:
         from clinkd.patch import patch_qwen2_vl

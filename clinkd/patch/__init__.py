@@ -13,16 +13,42 @@ ZeRO-3 and FSDP2), ``record`` (the patch recorded beside saved weights), ``api``
 """
 
 from ._compat import SUPPORTED_TRANSFORMERS, check_transformers_version
-from .api import (PatchSettings, apply_to_transformers, check_patchable, patch_qwen2_vl, patch_qwen2_vl_classes,
-                  patch_settings, revert_transformers, unpatch_qwen2_vl, unpatch_qwen2_vl_classes)
+from .api import (
+    PatchSettings,
+    apply_to_transformers,
+    check_patchable,
+    patch_qwen2_vl,
+    patch_qwen2_vl_classes,
+    patch_settings,
+    revert_transformers,
+    unpatch_qwen2_vl,
+    unpatch_qwen2_vl_classes,
+)
 from .attention import MRopePositions
 from .head import call_in_forward, check_full_weight
 from .loss import final_hidden_states, lm_head_operands, next_token_targets
 from .positions import MCGRope
 from .spec import PatchSpec, patch_spec
 
-__all__ = ["MCGRope", "MRopePositions", "PatchSettings", "PatchSpec", "SUPPORTED_TRANSFORMERS",
-           "apply_to_transformers", "call_in_forward", "check_full_weight", "check_patchable", "patch_spec",
-           "check_transformers_version", "final_hidden_states", "lm_head_operands", "next_token_targets",
-           "patch_qwen2_vl", "patch_qwen2_vl_classes", "patch_settings", "revert_transformers", "unpatch_qwen2_vl",
-           "unpatch_qwen2_vl_classes"]
+__all__ = [
+    "MCGRope",
+    "MRopePositions",
+    "PatchSettings",
+    "PatchSpec",
+    "SUPPORTED_TRANSFORMERS",
+    "apply_to_transformers",
+    "call_in_forward",
+    "check_full_weight",
+    "check_patchable",
+    "patch_spec",
+    "check_transformers_version",
+    "final_hidden_states",
+    "lm_head_operands",
+    "next_token_targets",
+    "patch_qwen2_vl",
+    "patch_qwen2_vl_classes",
+    "patch_settings",
+    "revert_transformers",
+    "unpatch_qwen2_vl",
+    "unpatch_qwen2_vl_classes",
+]

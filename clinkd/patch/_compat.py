@@ -50,8 +50,10 @@ def check_transformers_version(version: str | None = None) -> None:
     found = Version(version)
     window = ",".join(SUPPORTED_TRANSFORMERS)
     if Version(found.base_version) not in SpecifierSet(window):
-        raise RuntimeError(f"clinkd.patch supports transformers {window}, but transformers {found} is installed; "
-                           f"pip install 'transformers{window}'")
+        raise RuntimeError(
+            f"clinkd.patch supports transformers {window}, but transformers {found} is installed; "
+            f"pip install 'transformers{window}'"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,12 @@ class Family:
     module: str
     prefix: str
     model_type: str
-    text_prefix: str            # of the rotary embedding and the attention classes
-    video: str                  # "frames" | "timed" (Qwen2.5-VL) | "split" (Qwen3-VL): the table above
-    mrope_interleaved: bool     # the rotary frequency layout
-    default_section: tuple[int, int, int]   # mrope_section when the config does not give one
-    vision_attention: str       # class names in the modeling module: the vision tower's attention
-    vision_rotary: str          # and its 2-D rotary embedding
+    text_prefix: str  # of the rotary embedding and the attention classes
+    video: str  # "frames" | "timed" (Qwen2.5-VL) | "split" (Qwen3-VL): the table above
+    mrope_interleaved: bool  # the rotary frequency layout
+    default_section: tuple[int, int, int]  # mrope_section when the config does not give one
+    vision_attention: str  # class names in the modeling module: the vision tower's attention
+    vision_rotary: str  # and its 2-D rotary embedding
 
     def modeling(self):
         return importlib.import_module(self.module)
@@ -96,15 +98,42 @@ class Family:
 
 
 FAMILIES = (
-    Family("Qwen2-VL", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VL", "qwen2_vl", "Qwen2VL",
-           video="frames", mrope_interleaved=False, default_section=(16, 24, 24),
-           vision_attention="VisionAttention", vision_rotary="Qwen2VLVisionRotaryEmbedding"),
-    Family("Qwen2.5-VL", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VL", "qwen2_5_vl",
-           "Qwen2_5_VL", video="timed", mrope_interleaved=False, default_section=(16, 24, 24),
-           vision_attention="Qwen2_5_VLVisionAttention", vision_rotary="Qwen2_5_VLVisionRotaryEmbedding"),
-    Family("Qwen3-VL", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VL", "qwen3_vl", "Qwen3VLText",
-           video="split", mrope_interleaved=True, default_section=(24, 20, 20),
-           vision_attention="Qwen3VLVisionAttention", vision_rotary="Qwen3VLVisionRotaryEmbedding"),
+    Family(
+        "Qwen2-VL",
+        "transformers.models.qwen2_vl.modeling_qwen2_vl",
+        "Qwen2VL",
+        "qwen2_vl",
+        "Qwen2VL",
+        video="frames",
+        mrope_interleaved=False,
+        default_section=(16, 24, 24),
+        vision_attention="VisionAttention",
+        vision_rotary="Qwen2VLVisionRotaryEmbedding",
+    ),
+    Family(
+        "Qwen2.5-VL",
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        "Qwen2_5_VL",
+        "qwen2_5_vl",
+        "Qwen2_5_VL",
+        video="timed",
+        mrope_interleaved=False,
+        default_section=(16, 24, 24),
+        vision_attention="Qwen2_5_VLVisionAttention",
+        vision_rotary="Qwen2_5_VLVisionRotaryEmbedding",
+    ),
+    Family(
+        "Qwen3-VL",
+        "transformers.models.qwen3_vl.modeling_qwen3_vl",
+        "Qwen3VL",
+        "qwen3_vl",
+        "Qwen3VLText",
+        video="split",
+        mrope_interleaved=True,
+        default_section=(24, 20, 20),
+        vision_attention="Qwen3VLVisionAttention",
+        vision_rotary="Qwen3VLVisionRotaryEmbedding",
+    ),
 )
 
 
@@ -161,7 +190,7 @@ class IndexConventions:
 
     pad_position: int = 0
     deltas_over_padded_length: bool = False  # rope_deltas = largest + 1 - S (else - unpadded tokens)
-    restart_after_last_frame: bool = False   # the segment after a video starts after its last frame
+    restart_after_last_frame: bool = False  # the segment after a video starts after its last frame
 
 
 def _source(function) -> str:
@@ -185,7 +214,8 @@ def index_conventions(model_cls: type) -> IndexConventions:
     return IndexConventions(
         pad_position=1 if "position_ids = torch.ones(" in source else 0,
         deltas_over_padded_length=not hasattr(model_cls, "compute_3d_position_ids"),
-        restart_after_last_frame="llm_pos_ids_list[-1].max() + 1" in source)
+        restart_after_last_frame="llm_pos_ids_list[-1].max() + 1" in source,
+    )
 
 
 def video_seconds_truncated(get_rope_index) -> bool:
@@ -213,8 +243,10 @@ def family_of_class(cls: type) -> Family:
             if issubclass(cls, family.cls("ForConditionalGeneration")):
                 return family
     name = cls.__name__ if isinstance(cls, type) else type(cls).__name__
-    raise TypeError(f"clinkd.patch supports {supported_names()}; got {name}. Pass the model with the "
-                    "language-model head (e.g. unwrap a PEFT model with model.get_base_model()).")
+    raise TypeError(
+        f"clinkd.patch supports {supported_names()}; got {name}. Pass the model with the "
+        "language-model head (e.g. unwrap a PEFT model with model.get_base_model())."
+    )
 
 
 def family_of_config(config) -> Family:
@@ -223,8 +255,10 @@ def family_of_config(config) -> Family:
     for family in FAMILIES:
         if model_type in (family.model_type, f"{family.model_type}_text"):
             return family
-    raise ValueError(f"clinkd.patch supports the model types {', '.join(f.model_type for f in FAMILIES)} "
-                     f"({supported_names()}); got {model_type}")
+    raise ValueError(
+        f"clinkd.patch supports the model types {', '.join(f.model_type for f in FAMILIES)} "
+        f"({supported_names()}); got {model_type}"
+    )
 
 
 def family_by_name(name: str) -> Family:

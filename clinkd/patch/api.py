@@ -14,15 +14,20 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clinkd_kernels.attention import HEAD_DIMS
 from clinkd_kernels._dispatch import MODEL_BACKENDS  # the backends every op of a patched model serves
+from clinkd_kernels.attention import HEAD_DIMS
 
 from . import _compat
-from .geometry import mrope_section, mrope_section_problem, rope_parameters, text_head_dim, vision_width
 from .attention import make_attention_forward, make_rotary_forward, make_text_forward
+from .geometry import mrope_section, mrope_section_problem, rope_parameters, text_head_dim, vision_width
 from .loss import make_lm_forward
-from .positions import (MCGRope, as_mcg_rope, make_compute_3d_position_ids, make_get_rope_index,
-                        make_prepare_position_ids_for_generation)
+from .positions import (
+    MCGRope,
+    as_mcg_rope,
+    make_compute_3d_position_ids,
+    make_get_rope_index,
+    make_prepare_position_ids_for_generation,
+)
 from .vision import make_vision_attention_forward, make_vision_rotary_forward
 
 _MARK = "_clinkd_patch"
@@ -71,17 +76,23 @@ def _settings(family, mcg_rope, attention, loss, backend, vision_attention, visi
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     if vision_attention is not None and not isinstance(vision_attention, bool):
-        raise TypeError(f"vision_attention must be a bool or None (on where the tower is served), got "
-                        f"{type(vision_attention).__name__}")
+        raise TypeError(
+            f"vision_attention must be a bool or None (on where the tower is served), got "
+            f"{type(vision_attention).__name__}"
+        )
     if backend not in MODEL_BACKENDS:
-        raise ValueError(f"backend must be one of {MODEL_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}")
+        raise ValueError(
+            f"backend must be one of {MODEL_BACKENDS} (None: by device, or CLINKD_BACKEND), got {backend!r}"
+        )
     if not _compat.axial_vision_rotary(family):
         if vision_attention:
             import transformers
 
-            raise ValueError(f"vision_attention=True: the fused vision attention replaces the axial 2-D rotary of "
-                             f"transformers 5.17+, and transformers {transformers.__version__} builds the vision "
-                             "tower's cos/sin itself; patch with vision_attention=None or False (the stock tower)")
+            raise ValueError(
+                f"vision_attention=True: the fused vision attention replaces the axial 2-D rotary of "
+                f"transformers 5.17+, and transformers {transformers.__version__} builds the vision "
+                "tower's cos/sin itself; patch with vision_attention=None or False (the stock tower)"
+            )
         vision_attention = False
     elif vision_config is None:  # the class patch: no config yet; towers are served per call
         vision_attention = vision_attention is not False
@@ -96,8 +107,9 @@ def _check_vision_config(vision_config, family) -> None:
     """ValueError when ``vision_attention=True`` asks for a tower the fused attention cannot serve."""
     refusal = _vision_refusal(vision_config, family)
     if refusal is not None:
-        raise ValueError(f"{family.name} vision config: {refusal}; patch with vision_attention=False (or None: "
-                         "fused where served)")
+        raise ValueError(
+            f"{family.name} vision config: {refusal}; patch with vision_attention=False (or None: fused where served)"
+        )
 
 
 def _vision_refusal(vision_config, family) -> str | None:
@@ -106,8 +118,10 @@ def _vision_refusal(vision_config, family) -> str | None:
     heads = vision_config.num_heads
     head_dim = width // heads
     if head_dim not in HEAD_DIMS or head_dim % 4:
-        return (f"head_dim {head_dim} (width {width} / num_heads {heads}) is not one the fused attention takes "
-                f"({', '.join(map(str, HEAD_DIMS))}, and a multiple of 4 for the 2-D rotary)")
+        return (
+            f"head_dim {head_dim} (width {width} / num_heads {heads}) is not one the fused attention takes "
+            f"({', '.join(map(str, HEAD_DIMS))}, and a multiple of 4 for the 2-D rotary)"
+        )
     rope = dict(getattr(vision_config, "rope_parameters", None) or {})
     if rope.get("rope_type", "axial") != "axial":
         return f"rope_type {rope.get('rope_type')!r} is not the axial 2-D rotary"
@@ -127,29 +141,46 @@ def _check_text_config(text_config, family, settings: PatchSettings) -> None:
     problem = mrope_section_problem(section, head_dim, family.mrope_interleaved)
     if problem is not None:
         layout = "interleaved" if family.mrope_interleaved else "contiguous"
-        raise ValueError(f"{family.name} config: rope_parameters['mrope_section']={list(section)} does not fit "
-                         f"head_dim {head_dim} (the config's head_dim, or hidden_size {text_config.hidden_size} / "
-                         f"num_attention_heads {text_config.num_attention_heads}) in {family.name}'s {layout} "
-                         f"frequency layout: {problem}")
+        raise ValueError(
+            f"{family.name} config: rope_parameters['mrope_section']={list(section)} does not fit "
+            f"head_dim {head_dim} (the config's head_dim, or hidden_size {text_config.hidden_size} / "
+            f"num_attention_heads {text_config.num_attention_heads}) in {family.name}'s {layout} "
+            f"frequency layout: {problem}"
+        )
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in _DYNAMIC_ROPE:
-        raise ValueError(f"{family.name} config: rope_type {rope_type!r} updates the frequencies during the forward, "
-                         "which clinkd.patch does not support")
+        raise ValueError(
+            f"{family.name} config: rope_type {rope_type!r} updates the frequencies during the forward, "
+            "which clinkd.patch does not support"
+        )
     if settings.attention:
         if head_dim not in HEAD_DIMS:
-            raise ValueError(f"{family.name} config: the fused attention supports head_dim in {tuple(HEAD_DIMS)}, "
-                             f"this model has {head_dim}; patch with attention=False")
+            raise ValueError(
+                f"{family.name} config: the fused attention supports head_dim in {tuple(HEAD_DIMS)}, "
+                f"this model has {head_dim}; patch with attention=False"
+            )
         if getattr(text_config, "use_sliding_window", False):
-            raise ValueError(f"{family.name} config: use_sliding_window=True is not supported by the fused attention; "
-                             "patch with attention=False")
+            raise ValueError(
+                f"{family.name} config: use_sliding_window=True is not supported by the fused attention; "
+                "patch with attention=False"
+            )
         if float(getattr(text_config, "attention_dropout", 0.0) or 0.0) != 0.0:
-            raise ValueError(f"{family.name} config: attention_dropout={text_config.attention_dropout} is not "
-                             "supported by the fused attention (it has no dropout); set it to 0 or patch with "
-                             "attention=False")
+            raise ValueError(
+                f"{family.name} config: attention_dropout={text_config.attention_dropout} is not "
+                "supported by the fused attention (it has no dropout); set it to 0 or patch with "
+                "attention=False"
+            )
 
 
-def check_patchable(config, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
-                    backend: str | None = None, vision_attention: bool | None = None) -> PatchSettings:
+def check_patchable(
+    config,
+    *,
+    mcg_rope=MCGRope(),
+    attention: bool = True,
+    loss: bool = True,
+    backend: str | None = None,
+    vision_attention: bool | None = None,
+) -> PatchSettings:
     """What ``patch_qwen2_vl(model, **options)`` would refuse for a model with this config, checked on
     the config alone (no model, no weights): ``config`` is a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config (or its text
     config), the keywords are ``patch_qwen2_vl``'s. Raises ValueError for a config the patch cannot serve
@@ -158,8 +189,9 @@ def check_patchable(config, *, mcg_rope=MCGRope(), attention: bool = True, loss:
     cannot serve with vision_attention=True) or a bad option value, TypeError for an option of the wrong
     type. Returns the settings the patch would apply."""
     family = _compat.family_of_config(config)
-    settings = _settings(family, mcg_rope, attention, loss, backend, vision_attention,
-                         getattr(config, "vision_config", None))
+    settings = _settings(
+        family, mcg_rope, attention, loss, backend, vision_attention, getattr(config, "vision_config", None)
+    )
     _check_text_config(getattr(config, "text_config", config), family, settings)
     return settings
 
@@ -172,29 +204,72 @@ def _replacements(family, settings: PatchSettings, previous):
     1-D positions. Before 5.3 ``get_rope_index`` reads the placeholder ids and needs no help."""
     out = []
     if _compat.takes_token_types(family):
-        out += [(family.cls("Model"), "compute_3d_position_ids", lambda call, wrapped: make_compute_3d_position_ids(
-                    call, wrapped, types_decide=settings.mcg_rope is None)),
-                (family.cls("ForConditionalGeneration"), "_prepare_position_ids_for_generation",
-                 make_prepare_position_ids_for_generation)]
+        out += [
+            (
+                family.cls("Model"),
+                "compute_3d_position_ids",
+                lambda call, wrapped: make_compute_3d_position_ids(
+                    call, wrapped, types_decide=settings.mcg_rope is None
+                ),
+            ),
+            (
+                family.cls("ForConditionalGeneration"),
+                "_prepare_position_ids_for_generation",
+                make_prepare_position_ids_for_generation,
+            ),
+        ]
     if settings.mcg_rope is not None:
         cls = family.cls("Model")
-        out.append((cls, "get_rope_index", lambda call, wrapped: make_get_rope_index(
-            wrapped, settings.mcg_rope, family=family)))
+        out.append(
+            (
+                cls,
+                "get_rope_index",
+                lambda call, wrapped: make_get_rope_index(wrapped, settings.mcg_rope, family=family),
+            )
+        )
     if settings.attention:
         text, rotary, attn = family.cls("TextModel"), family.cls("RotaryEmbedding"), family.cls("Attention")
         out.append((text, "forward", make_text_forward))
-        out.append((rotary, "forward", lambda call, wrapped: make_rotary_forward(
-            previous(rotary, "forward"), mrope_interleaved=family.mrope_interleaved)))
-        out.append((attn, "forward", lambda call, wrapped: make_attention_forward(
-            call, wrapped, backend=settings.backend, cache_kw=_cache_kw(attn))))
+        out.append(
+            (
+                rotary,
+                "forward",
+                lambda call, wrapped: make_rotary_forward(
+                    previous(rotary, "forward"), mrope_interleaved=family.mrope_interleaved
+                ),
+            )
+        )
+        out.append(
+            (
+                attn,
+                "forward",
+                lambda call, wrapped: make_attention_forward(
+                    call, wrapped, backend=settings.backend, cache_kw=_cache_kw(attn)
+                ),
+            )
+        )
     if settings.vision_attention:
         rotary, attn = family.vision_cls("rotary"), family.vision_cls("attention")
         out.append((rotary, "forward", lambda call, wrapped: make_vision_rotary_forward(previous(rotary, "forward"))))
-        out.append((attn, "forward", lambda call, wrapped: make_vision_attention_forward(
-            call, wrapped, rotary_cls=rotary, backend=settings.backend)))
+        out.append(
+            (
+                attn,
+                "forward",
+                lambda call, wrapped: make_vision_attention_forward(
+                    call, wrapped, rotary_cls=rotary, backend=settings.backend
+                ),
+            )
+        )
     if settings.loss:
-        out.append((family.cls("ForConditionalGeneration"), "forward", lambda call, wrapped: make_lm_forward(
-            call, wrapped, output_class=family.output_class(), backend=settings.backend)))
+        out.append(
+            (
+                family.cls("ForConditionalGeneration"),
+                "forward",
+                lambda call, wrapped: make_lm_forward(
+                    call, wrapped, output_class=family.output_class(), backend=settings.backend
+                ),
+            )
+        )
     return out
 
 
@@ -202,8 +277,15 @@ def _replacements(family, settings: PatchSettings, previous):
 # instance patch
 
 
-def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
-                   backend: str | None = None, vision_attention: bool | None = None) -> nn.Module:
+def patch_qwen2_vl(
+    model: nn.Module,
+    *,
+    mcg_rope=MCGRope(),
+    attention: bool = True,
+    loss: bool = True,
+    backend: str | None = None,
+    vision_attention: bool | None = None,
+) -> nn.Module:
     """Patch one Qwen2-VL, Qwen2.5-VL or Qwen3-VL ``*ForConditionalGeneration`` model in place; returns it.
 
     Args:
@@ -231,8 +313,9 @@ def patch_qwen2_vl(model: nn.Module, *, mcg_rope=MCGRope(), attention: bool = Tr
     family = _compat.family_of_class(type(model))
     if getattr(model, _MARK, None) is not None:
         how = "its class was patched" if _MARK not in vars(model) else "it was patched before"
-        raise RuntimeError(f"{type(model).__name__} is already patched by clinkd ({how}); "
-                           "unpatch it first to change the settings")
+        raise RuntimeError(
+            f"{type(model).__name__} is already patched by clinkd ({how}); unpatch it first to change the settings"
+        )
     settings = _settings(family, mcg_rope, attention, loss, backend, vision_attention, model.config.vision_config)
     _check_text_config(model.config.text_config, family, settings)
 
@@ -291,9 +374,15 @@ def patch_settings(model_or_class) -> PatchSettings | None:
 # class patch
 
 
-def patch_qwen2_vl_classes(family: str = "Qwen2-VL", *, mcg_rope=MCGRope(), attention: bool = True,
-                           loss: bool = True, backend: str | None = None,
-                           vision_attention: bool | None = None) -> PatchSettings:
+def patch_qwen2_vl_classes(
+    family: str = "Qwen2-VL",
+    *,
+    mcg_rope=MCGRope(),
+    attention: bool = True,
+    loss: bool = True,
+    backend: str | None = None,
+    vision_attention: bool | None = None,
+) -> PatchSettings:
     """Patch the transformers classes of a family ("Qwen2-VL", "Qwen2.5-VL" or "Qwen3-VL"), so that every model
     created afterwards (``from_pretrained`` included) is patched; same options as ``patch_qwen2_vl``.
     Undo with ``unpatch_qwen2_vl_classes(family)``. RuntimeError if the family is already patched."""
@@ -348,9 +437,15 @@ def unpatch_qwen2_vl_classes(family: str = "Qwen2-VL") -> None:
 # every family at once: the entry point inside other trainers
 
 
-def apply_to_transformers(*, mcg_rope=MCGRope(), attention: bool = True, loss: bool = True,
-                          backend: str | None = None, vision_attention: bool | None = None,
-                          families: tuple[str, ...] | None = None) -> dict[str, PatchSettings]:
+def apply_to_transformers(
+    *,
+    mcg_rope=MCGRope(),
+    attention: bool = True,
+    loss: bool = True,
+    backend: str | None = None,
+    vision_attention: bool | None = None,
+    families: tuple[str, ...] | None = None,
+) -> dict[str, PatchSettings]:
     """Patch the classes of every supported family (or of ``families``) so that any Qwen-VL model built
     afterwards, by any framework (LLaMA-Factory, TRL, PEFT, your own loop), runs on clinkd; options as
     ``patch_qwen2_vl``. Call it before the framework builds the model. Families the installed
@@ -361,14 +456,21 @@ def apply_to_transformers(*, mcg_rope=MCGRope(), attention: bool = True, loss: b
     chosen = [_compat.family_by_name(name) for name in names]
     patched = [f.name for f in chosen if f.cls("ForConditionalGeneration") in _CLASS_PATCHES]
     if patched:
-        raise RuntimeError(f"{', '.join(patched)} classes are already patched by clinkd; call revert_transformers() "
-                           "first to change the settings")
+        raise RuntimeError(
+            f"{', '.join(patched)} classes are already patched by clinkd; call revert_transformers() "
+            "first to change the settings"
+        )
     settings = {}
     try:
         for family in chosen:
-            settings[family.name] = patch_qwen2_vl_classes(family.name, mcg_rope=mcg_rope, attention=attention,
-                                                           loss=loss, backend=backend,
-                                                           vision_attention=vision_attention)
+            settings[family.name] = patch_qwen2_vl_classes(
+                family.name,
+                mcg_rope=mcg_rope,
+                attention=attention,
+                loss=loss,
+                backend=backend,
+                vision_attention=vision_attention,
+            )
     except BaseException:
         for name in settings:  # only what this call patched: earlier class patches of other families stay
             unpatch_qwen2_vl_classes(name)

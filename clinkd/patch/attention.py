@@ -31,8 +31,8 @@ import inspect
 
 import torch
 
-from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels import apply_mrope
+from clinkd_kernels.attention import mcg_rope_attention
 
 from ._compat import text_mrope_section
 
@@ -49,8 +49,9 @@ class MRopePositions:
     Unpacking it (``cos, sin = positions``) yields the stock cos/sin [B,S,D], computed once on demand.
     """
 
-    def __init__(self, position_ids, rotary, stock_forward, padding_mask, like: torch.Tensor, *,
-                 mrope_interleaved: bool = False):
+    def __init__(
+        self, position_ids, rotary, stock_forward, padding_mask, like: torch.Tensor, *, mrope_interleaved: bool = False
+    ):
         self.position_ids = position_ids
         self.mrope_interleaved = mrope_interleaved
         self.padding_mask = padding_mask
@@ -134,8 +135,9 @@ def make_rotary_forward(stock_forward, *, mrope_interleaved: bool = False):
             position_ids = position_ids.unsqueeze(0)
         if position_ids.shape[0] == 1:
             position_ids = position_ids.expand(3, -1, -1)
-        return MRopePositions(position_ids, self, stock_forward, _PADDING_MASK.get(), x,
-                              mrope_interleaved=mrope_interleaved)
+        return MRopePositions(
+            position_ids, self, stock_forward, _PADDING_MASK.get(), x, mrope_interleaved=mrope_interleaved
+        )
 
     return forward
 
@@ -181,8 +183,11 @@ def make_attention_forward(call, wrapped, *, backend: str | None, cache_kw: str)
         if cache is None:
             cache = arguments.get("past_key_values" if cache_kw == "cache" else "cache", extra.get("past_key_values"))
         hidden_states = arguments["hidden_states"]
-        stock = (not isinstance(positions, MRopePositions) or positions.padding_mask is UNKNOWN
-                 or (cache is not None and cache.get_seq_length(self.layer_idx) > 0))
+        stock = (
+            not isinstance(positions, MRopePositions)
+            or positions.padding_mask is UNKNOWN
+            or (cache is not None and cache.get_seq_length(self.layer_idx) > 0)
+        )
         if not stock and isinstance(positions.padding_mask, torch.Tensor):
             stock = positions.padding_mask.shape != hidden_states.shape[:2]
         if stock:
@@ -200,8 +205,9 @@ def make_attention_forward(call, wrapped, *, backend: str | None, cache_kw: str)
 
         if cache is not None:  # prefill: the cache keeps rotated keys, as the stock layer stores them
             with torch.no_grad():
-                _, k_rot = apply_mrope(k, k, pos, inv_freq, section, attention_scaling=scaling, backend=backend,
-                                       **layout)
+                _, k_rot = apply_mrope(
+                    k, k, pos, inv_freq, section, attention_scaling=scaling, backend=backend, **layout
+                )
             update = {"kwargs": extra} if update_kwargs else {}
             cache.update(k_rot.transpose(1, 2), v.detach().transpose(1, 2), self.layer_idx, **update)
 
@@ -212,11 +218,33 @@ def make_attention_forward(call, wrapped, *, backend: str | None, cache_kw: str)
         cu_seqlens = None if mask is not None else positions.packed_cu_seqlens(position_ids, extra, batch, seqlen)
         if cu_seqlens is not None:
             flat = lambda t: t.reshape(batch * seqlen, t.shape[2], t.shape[3])  # noqa: E731
-            out = mcg_rope_attention(flat(q), flat(k), flat(v), pos.reshape(3, batch * seqlen), inv_freq, section,
-                                     causal=True, softmax_scale=scale, cu_seqlens=cu_seqlens, backend=backend, **layout)
+            out = mcg_rope_attention(
+                flat(q),
+                flat(k),
+                flat(v),
+                pos.reshape(3, batch * seqlen),
+                inv_freq,
+                section,
+                causal=True,
+                softmax_scale=scale,
+                cu_seqlens=cu_seqlens,
+                backend=backend,
+                **layout,
+            )
         else:
-            out = mcg_rope_attention(q, k, v, pos, inv_freq, section, causal=True, softmax_scale=scale,
-                                     attention_mask=mask, backend=backend, **layout)
+            out = mcg_rope_attention(
+                q,
+                k,
+                v,
+                pos,
+                inv_freq,
+                section,
+                causal=True,
+                softmax_scale=scale,
+                attention_mask=mask,
+                backend=backend,
+                **layout,
+            )
         return self.o_proj(out.reshape(batch, seqlen, -1)), None
 
     return forward

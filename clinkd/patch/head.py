@@ -45,12 +45,16 @@ def call_in_forward(module: nn.Module, fn, *args, **kwargs):
 def check_full_weight(weight, name: str = "lm_head.weight") -> None:
     """ValueError when ``weight`` is not the full tensor: a ZeRO-3 placeholder or an FSDP2 shard."""
     if type(weight).__name__ == "DTensor":
-        raise ValueError(f"{name} is a sharded DTensor (FSDP2) of local shape {list(weight.to_local().shape)}: the "
-                         "fused loss needs the full weight; call it inside the head's forward "
-                         "(clinkd.patch.call_in_forward) or shard the head as part of the root module")
+        raise ValueError(
+            f"{name} is a sharded DTensor (FSDP2) of local shape {list(weight.to_local().shape)}: the "
+            "fused loss needs the full weight; call it inside the head's forward "
+            "(clinkd.patch.call_in_forward) or shard the head as part of the root module"
+        )
     if weight.numel() == 0:
         status = getattr(weight, "ds_status", None)
         cause = f" (DeepSpeed status {status})" if status is not None else ""
-        raise ValueError(f"{name} has 0 elements{cause}: it is a partitioned parameter (DeepSpeed ZeRO-3 keeps an "
-                         "empty placeholder outside its module's forward); the fused loss must run inside the "
-                         "head's forward (clinkd.patch.call_in_forward) or under deepspeed.zero.GatheredParameters")
+        raise ValueError(
+            f"{name} has 0 elements{cause}: it is a partitioned parameter (DeepSpeed ZeRO-3 keeps an "
+            "empty placeholder outside its module's forward); the fused loss must run inside the "
+            "head's forward (clinkd.patch.call_in_forward) or under deepspeed.zero.GatheredParameters"
+        )

@@ -27,8 +27,13 @@ from clinkd_kernels.loss import linear_kd_loss
 from .head import call_in_forward, check_full_weight
 
 
-def next_token_targets(labels: torch.Tensor | None = None, *, shift_labels: torch.Tensor | None = None,
-                       ignore_index: int = -100, drop_ignored: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_targets(
+    labels: torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    drop_ignored: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the flattened [B·S] hidden states that carry a next-token target, and those targets.
 
     labels [B,S] (target of position s is labels[b, s+1]; the last position has none), or
@@ -128,9 +133,17 @@ def make_lm_forward(call, wrapped, *, output_class: type, backend: str | None):
 
         def head_loss(head, selected):  # run as the head's forward: the engine hands it the full weight
             selected, weight, bias = lm_head_operands(selected, head)
-            return linear_kd_loss(selected, weight, targets, bias=bias, alpha=0.0, beta=1.0,
-                                  ignore_index=ignore_index, reduction="mean" if num_items is None else "sum",
-                                  backend=backend)
+            return linear_kd_loss(
+                selected,
+                weight,
+                targets,
+                bias=bias,
+                alpha=0.0,
+                beta=1.0,
+                ignore_index=ignore_index,
+                reduction="mean" if num_items is None else "sum",
+                backend=backend,
+            )
 
         loss = call_in_forward(head, head_loss, selected)
         if num_items is not None:

@@ -65,12 +65,14 @@ def as_mcg_rope(value) -> MCGRope | None:
         if unknown:
             raise ValueError(f"mcg_rope accepts the keys modality_gap and vision_stride, got {sorted(unknown)}")
         return MCGRope(**value)
-    raise TypeError(f"mcg_rope must be an MCGRope, a dict with modality_gap/vision_stride, True or None; "
-                    f"got {type(value).__name__}")
+    raise TypeError(
+        f"mcg_rope must be an MCGRope, a dict with modality_gap/vision_stride, True or None; got {type(value).__name__}"
+    )
 
 
-def _video_time_interval(second_per_grid_ts, video_grid_thw: torch.Tensor, tokens_per_second, *,
-                         whole_seconds: bool = False) -> torch.Tensor:
+def _video_time_interval(
+    second_per_grid_ts, video_grid_thw: torch.Tensor, tokens_per_second, *, whole_seconds: bool = False
+) -> torch.Tensor:
     """fp32 [N_vid]: Qwen2.5-VL's temporal step per frame grid, ``tokens_per_second · second_per_grid_ts[i]``
     (1 second per grid when none is given), multiplied as the stock ``get_rope_index`` multiplies it (an int
     times each element, a 0-d tensor or a float), so the fp32 step is the stock one to the bit.
@@ -110,19 +112,29 @@ def make_get_rope_index(original, settings: MCGRope, *, family):
         video = {}
         if family.video == "timed" and video_grid_thw is not None:
             video["video_time_interval"] = _video_time_interval(
-                arguments.get("second_per_grid_ts"), video_grid_thw, config.vision_config.tokens_per_second,
-                whole_seconds=whole_seconds)
+                arguments.get("second_per_grid_ts"),
+                video_grid_thw,
+                config.vision_config.tokens_per_second,
+                whole_seconds=whole_seconds,
+            )
         elif family.video == "split":
             video["split_video_frames"] = True
         merge = config.vision_config.spatial_merge_size
         if conventions.restart_after_last_frame and video_grid_thw is not None and family.video != "split":
             _check_restart_rule_agrees(video_grid_thw, video.get("video_time_interval"), merge, settings)
         positions, deltas = mcg_rope_index(
-            input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-            attention_mask=attention_mask, image_token_id=config.image_token_id,
-            video_token_id=config.video_token_id, spatial_merge_size=merge,
-            modality_gap=settings.modality_gap, vision_stride=settings.vision_stride,
-            pad_position=conventions.pad_position, **video)
+            input_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
+            image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id,
+            spatial_merge_size=merge,
+            modality_gap=settings.modality_gap,
+            vision_stride=settings.vision_stride,
+            pad_position=conventions.pad_position,
+            **video,
+        )
         if conventions.deltas_over_padded_length:
             tokens = input_ids.shape[1] if attention_mask is None else (attention_mask != 0).sum(1, keepdim=True)
             deltas = deltas + tokens - input_ids.shape[1]
@@ -141,10 +153,12 @@ def _check_restart_rule_agrees(video_grid_thw: torch.Tensor, interval, merge: in
         if last_frame > spatial:
             import transformers
 
-            raise ValueError(f"video {i} (grid {t}x{h}x{w}): transformers {transformers.__version__} positions the "
-                             f"text after it from its last frame ({last_frame}), clinkd's index from its largest "
-                             f"spatial position ({spatial}), as transformers 5.3+ does; upgrade transformers to "
-                             ">=5.3 for videos with more frames than their spatial extent")
+            raise ValueError(
+                f"video {i} (grid {t}x{h}x{w}): transformers {transformers.__version__} positions the "
+                f"text after it from its last frame ({last_frame}), clinkd's index from its largest "
+                f"spatial position ({spatial}), as transformers 5.3+ does; upgrade transformers to "
+                ">=5.3 for videos with more frames than their spatial extent"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,8 +169,9 @@ def _has_vision(arguments: dict) -> bool:
     return arguments.get("image_grid_thw") is not None or arguments.get("video_grid_thw") is not None
 
 
-def complete_token_types(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None,
-                         attention_mask: torch.Tensor | None, config) -> torch.Tensor:
+def complete_token_types(
+    input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, config
+) -> torch.Tensor:
     """``mm_token_type_ids`` [B,S] for ``input_ids`` [B,S]: 1 on image placeholders, 2 on video
     placeholders, 0 elsewhere (padding included). A given one is returned as it is if it agrees with
     that on every unpadded token; ValueError otherwise (the runs transformers would position differ
@@ -169,18 +184,23 @@ def complete_token_types(input_ids: torch.Tensor, mm_token_type_ids: torch.Tenso
     if mm_token_type_ids is None:
         return derived.to(torch.int32)
     if not isinstance(mm_token_type_ids, torch.Tensor) or mm_token_type_ids.shape != input_ids.shape:
-        shape = list(mm_token_type_ids.shape) if isinstance(mm_token_type_ids, torch.Tensor) else type(mm_token_type_ids)
-        raise ValueError(f"mm_token_type_ids must be a tensor of the shape of input_ids {list(input_ids.shape)}, "
-                         f"got {shape}")
+        shape = (
+            list(mm_token_type_ids.shape) if isinstance(mm_token_type_ids, torch.Tensor) else type(mm_token_type_ids)
+        )
+        raise ValueError(
+            f"mm_token_type_ids must be a tensor of the shape of input_ids {list(input_ids.shape)}, got {shape}"
+        )
     wrong = mm_token_type_ids.to(derived.device).long() != derived
     if keep is not None:
         wrong &= keep
     if bool(wrong.any()):
         b, s = (int(i) for i in wrong.nonzero()[0])
-        raise ValueError(f"mm_token_type_ids disagrees with input_ids at row {b}, token {s}: it says "
-                         f"{int(mm_token_type_ids[b, s])}, the token id {int(input_ids[b, s])} means {int(derived[b, s])} "
-                         f"(1 = image_token_id {config.image_token_id}, 2 = video_token_id "
-                         f"{config.video_token_id}, 0 = anything else); pass matching ids or leave it out")
+        raise ValueError(
+            f"mm_token_type_ids disagrees with input_ids at row {b}, token {s}: it says "
+            f"{int(mm_token_type_ids[b, s])}, the token id {int(input_ids[b, s])} means {int(derived[b, s])} "
+            f"(1 = image_token_id {config.image_token_id}, 2 = video_token_id "
+            f"{config.video_token_id}, 0 = anything else); pass matching ids or leave it out"
+        )
     return mm_token_type_ids
 
 
@@ -209,12 +229,15 @@ def make_compute_3d_position_ids(call, wrapped, *, types_decide: bool = True):
         if _has_vision(arguments):
             input_ids, given = arguments.get("input_ids"), arguments.get("mm_token_type_ids")
             if input_ids is not None and (given is None or types_decide):
-                arguments["mm_token_type_ids"] = complete_token_types(input_ids, given, arguments.get("attention_mask"),
-                                                                      self.config)
+                arguments["mm_token_type_ids"] = complete_token_types(
+                    input_ids, given, arguments.get("attention_mask"), self.config
+                )
             elif input_ids is None and (self.rope_deltas is None or _cache_length(arguments) == 0):
-                raise ValueError("image_grid_thw/video_grid_thw were passed with inputs_embeds but without input_ids: "
-                                 "the 3-D positions of the vision tokens cannot be found; pass input_ids, or "
-                                 "position_ids [3,B,S] (e.g. from clinkd_kernels.mcg_rope_index)")
+                raise ValueError(
+                    "image_grid_thw/video_grid_thw were passed with inputs_embeds but without input_ids: "
+                    "the 3-D positions of the vision tokens cannot be found; pass input_ids, or "
+                    "position_ids [3,B,S] (e.g. from clinkd_kernels.mcg_rope_index)"
+                )
         return call(self, **arguments)
 
     return compute_3d_position_ids
@@ -238,11 +261,14 @@ def make_prepare_position_ids_for_generation(call, wrapped):
             if input_ids is None or input_ids.shape[1] == 0:
                 input_ids = inputs_tensor
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-                raise ValueError("generate() got image_grid_thw/video_grid_thw with inputs_embeds but without "
-                                 "input_ids: the 3-D positions of the vision tokens cannot be found; pass "
-                                 "input_ids too, or position_ids [3,B,S]")
+                raise ValueError(
+                    "generate() got image_grid_thw/video_grid_thw with inputs_embeds but without "
+                    "input_ids: the 3-D positions of the vision tokens cannot be found; pass "
+                    "input_ids too, or position_ids [3,B,S]"
+                )
             model_kwargs["mm_token_type_ids"] = complete_token_types(
-                input_ids, model_kwargs.get("mm_token_type_ids"), model_kwargs.get("attention_mask"), self.config)
+                input_ids, model_kwargs.get("mm_token_type_ids"), model_kwargs.get("attention_mask"), self.config
+            )
         return call(self, inputs_tensor, model_kwargs)
 
     return prepare_position_ids_for_generation

@@ -35,7 +35,7 @@ def read_patch_record(folder: str | os.PathLike) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(record, dict) or "patch" not in record or not isinstance(record["patch"], (dict, type(None))):
-        raise ValueError(f"{path} must hold {{\"patch\": {{...}} or null}}, got {str(record)[:80]}")
+        raise ValueError(f'{path} must hold {{"patch": {{...}} or null}}, got {str(record)[:80]}')
     return record
 
 

@@ -88,8 +88,9 @@ def patch_spec(value, where: str) -> PatchSpec | None:
     if value.get("vision_attention") is not None and not isinstance(value["vision_attention"], bool):
         raise ValueError(f"{where}.vision_attention must be true or false, got {_show(value['vision_attention'])}")
     if value.get("backend") is not None and not isinstance(value["backend"], str):
-        raise ValueError(f"{where}.backend must be a kernel backend name or null (by device), got "
-                         f"{_show(value['backend'])}")
+        raise ValueError(
+            f"{where}.backend must be a kernel backend name or null (by device), got {_show(value['backend'])}"
+        )
     options = dict(value)
     if "mcg_rope" in options:
         options["mcg_rope"] = _mcg_rope(options["mcg_rope"], f"{where}.mcg_rope")

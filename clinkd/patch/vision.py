@@ -39,9 +39,14 @@ from clinkd_kernels.attention import HEAD_DIMS, mcg_rope_attention
 
 def is_coordinates(position_embeddings) -> bool:
     """Whether ``position_embeddings`` are the patched rotary's (h, w) coordinates, not (cos, sin) tables."""
-    return (isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2
-            and isinstance(position_embeddings[0], torch.Tensor) and not position_embeddings[0].is_floating_point()
-            and position_embeddings[0].dim() == 2 and position_embeddings[0].shape[-1] == 2)
+    return (
+        isinstance(position_embeddings, (tuple, list))
+        and len(position_embeddings) == 2
+        and isinstance(position_embeddings[0], torch.Tensor)
+        and not position_embeddings[0].is_floating_point()
+        and position_embeddings[0].dim() == 2
+        and position_embeddings[0].shape[-1] == 2
+    )
 
 
 def make_vision_rotary_forward(stock_forward):
@@ -58,7 +63,7 @@ def make_vision_rotary_forward(stock_forward):
 def stock_tables(coords: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
     """The stock (cos, sin) tables [T, D] fp32 of (h, w) coordinates [T, 2] and axial inv_freq [D/4]:
     angles [θ_h | θ_w], the half repeated, times ``scaling`` (for a tower the kernel does not serve)."""
-    angles = (coords[..., None].float() * inv_freq.float()).flatten(1)     # [T, D/2] = [h·f | w·f]
+    angles = (coords[..., None].float() * inv_freq.float()).flatten(1)  # [T, D/2] = [h·f | w·f]
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
 
@@ -92,21 +97,31 @@ def make_vision_attention_forward(call, wrapped, *, rotary_cls, backend: str | N
             return call(self, *args, **kwargs)
         hw = coords[0]
         head_dim = self.qkv.out_features // (3 * self.num_heads)
-        inv_freq, kernel_freq, scaling = _axial_frequencies(rotary_cls, float(self.config.rope_parameters["rope_theta"]), head_dim,
-                                               hw.device)
+        inv_freq, kernel_freq, scaling = _axial_frequencies(
+            rotary_cls, float(self.config.rope_parameters["rope_theta"]), head_dim, hw.device
+        )
         if not served(head_dim):
             arguments = {**arguments, **arguments.pop("kwargs", {})}
             arguments["position_embeddings"] = stock_tables(hw, inv_freq, scaling)
             return call(**arguments)
         hidden_states, cu_seqlens = arguments["hidden_states"], arguments["cu_seqlens"]
         tokens = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, head_dim).unbind(1)   # [T, H, D]
-        pos = torch.stack([torch.zeros_like(hw[:, 0]), hw[:, 0], hw[:, 1]])                 # [3, T]: (0, h, w)
+        q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, head_dim).unbind(1)  # [T, H, D]
+        pos = torch.stack([torch.zeros_like(hw[:, 0]), hw[:, 0], hw[:, 1]])  # [3, T]: (0, h, w)
         max_seqlen = arguments.get("max_seqlen")
-        out = mcg_rope_attention(q, k, v, pos, kernel_freq, (0, head_dim // 4, head_dim // 4),
-                                 causal=False, softmax_scale=self.scaling * scaling ** 2,
-                                 cu_seqlens=cu_seqlens.to(torch.int32),
-                                 max_seqlen=max_seqlen if isinstance(max_seqlen, int) else None, backend=backend)
+        out = mcg_rope_attention(
+            q,
+            k,
+            v,
+            pos,
+            kernel_freq,
+            (0, head_dim // 4, head_dim // 4),
+            causal=False,
+            softmax_scale=self.scaling * scaling**2,
+            cu_seqlens=cu_seqlens.to(torch.int32),
+            max_seqlen=max_seqlen if isinstance(max_seqlen, int) else None,
+            backend=backend,
+        )
         return self.proj(out.reshape(tokens, -1))
 
     return forward

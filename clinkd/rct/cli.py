@@ -16,6 +16,7 @@ from pathlib import Path
 def rounds_of(folder: Path) -> list[Path]:
     """The round folders (``round-N`` with a corrections file) of a stage folder, or of every stage of a
     run folder, in stage then round order."""
+
     def number(path: Path) -> int:
         tail = path.name.split("-", 1)[1]
         return int(tail) if tail.isdigit() else -1
@@ -30,7 +31,9 @@ def rounds_of(folder: Path) -> list[Path]:
 def round_report(folder: Path) -> dict:
     from .summary import summarise
 
-    lines = [json.loads(x) for x in (folder / "corrections.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [
+        json.loads(x) for x in (folder / "corrections.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()
+    ]
     stats = json.loads((folder / "round_stats.json").read_text(encoding="utf-8"))
     done = folder / "round.json"
     timings = json.loads(done.read_text(encoding="utf-8"))["timings_s"] if done.is_file() else None
@@ -39,8 +42,13 @@ def round_report(folder: Path) -> dict:
     if timings is not None:
         cost["training_s"] = timings["training"]
         cost["correction_share"] = timings["correction"] / (timings["correction"] + timings["training"])
-    return {"round": folder.name, "stage": folder.parent.name, "summary": summarise(lines), "cost": cost,
-            "complete": timings is not None}
+    return {
+        "round": folder.name,
+        "stage": folder.parent.name,
+        "summary": summarise(lines),
+        "cost": cost,
+        "complete": timings is not None,
+    }
 
 
 def format_rounds(reports: list[dict]) -> str:
@@ -49,15 +57,19 @@ def format_rounds(reports: list[dict]) -> str:
     parts = []
     for r in reports:
         c = r["cost"]
-        share = f", {100 * c['correction_share']:.0f} % of the round (training {c['training_s']:.1f} s)" \
-            if r["complete"] else " (the round's training has not finished)"
+        share = (
+            f", {100 * c['correction_share']:.0f} % of the round (training {c['training_s']:.1f} s)"
+            if r["complete"]
+            else " (the round's training has not finished)"
+        )
         rate = f"{c['tokens_per_s']:.0f}" if c["tokens_per_s"] else "–"
         parts.append(
             f"## {r['stage']} / {r['round']}\n\nsimilarity: {', '.join(r['summary']['similarity_model'])}\n\n"
             f"{summary_table(r['summary'])}\n\n"
             f"generation: {c['answer_tokens']} answer + {c['candidate_tokens']} candidate tokens for "
             f"{c['questions']} questions in {c['generation_s']:.1f} s ({rate} tokens/s), scoring "
-            f"{c['scoring_s']:.1f} s; correction {c['wall_s']:.1f} s{share}\n")
+            f"{c['scoring_s']:.1f} s; correction {c['wall_s']:.1f} s{share}\n"
+        )
     return "\n".join(parts)
 
 

@@ -57,7 +57,9 @@ class RCTError(ValueError):
     """A round's files do not belong to this run (another round, settings or data set)."""
 
 
-def round_questions(records: list[Record], settings: RCTSettings, *, seed: int, round_index: int) -> list[tuple[int, int]]:
+def round_questions(
+    records: list[Record], settings: RCTSettings, *, seed: int, round_index: int
+) -> list[tuple[int, int]]:
     """(record index, turn) of the questions a round checks, in data order: all, or a sample drawn with
     (seed, round) — a count, or a fraction of all the questions (at least one)."""
     every = [(i, t) for i, record in enumerate(records) for t in range(len(record.turns))]
@@ -72,8 +74,14 @@ def round_questions(records: list[Record], settings: RCTSettings, *, seed: int, 
 
 def _header(records, questions, settings: RCTSettings, similarity_name: str, *, seed: int, round_index: int) -> dict:
     keys = json.dumps([[records[i].id, t, records[i].turns[t][1]] for i, t in questions]).encode()
-    return {"round": round_index, "seed": seed, "similarity_model": similarity_name, "settings": settings.describe(),
-            "questions": len(questions), "questions_sha256": hashlib.sha256(keys).hexdigest()}
+    return {
+        "round": round_index,
+        "seed": seed,
+        "similarity_model": similarity_name,
+        "settings": settings.describe(),
+        "questions": len(questions),
+        "questions_sha256": hashlib.sha256(keys).hexdigest(),
+    }
 
 
 def _read_journal(path: Path, header: dict) -> dict[int, dict]:
@@ -92,9 +100,11 @@ def _read_journal(path: Path, header: dict) -> dict[int, dict]:
             raise RCTError(f"{path}:{n + 1} is not a journal line; delete {path} to run the round again") from None
         if n == 0:
             if entry.get("header") != header:
-                raise RCTError(f"{path} was written by another round (its settings, similarity model, seed or "
-                               f"questions differ: {json.dumps(entry.get('header'))[:200]}); restore them, or "
-                               f"delete {path} to run the round again")
+                raise RCTError(
+                    f"{path} was written by another round (its settings, similarity model, seed or "
+                    f"questions differ: {json.dumps(entry.get('header'))[:200]}); restore them, or "
+                    f"delete {path} to run the round again"
+                )
         else:
             entries[int(entry["batch"])] = entry
         good.append(line)
@@ -119,13 +129,28 @@ def _reflection_prompt(encoder: SampleEncoder, record: Record, turn: int, answer
     return encoder.encode_prompt(dataclasses.replace(record, turns=turns), turn)
 
 
-def _batch_lines(model, processor, encoder, records, chunk, settings: RCTSettings, similarity, *, seed: int,
-                 round_index: int, batch_index: int) -> dict:
+def _batch_lines(
+    model,
+    processor,
+    encoder,
+    records,
+    chunk,
+    settings: RCTSettings,
+    similarity,
+    *,
+    seed: int,
+    round_index: int,
+    batch_index: int,
+) -> dict:
     """The journal entry of one batch: {"batch", "lines", "stats"} (steps 1-4 of the module docstring)."""
     tokenizer = processor.tokenizer
     started = time.perf_counter()
-    texts, answer_tokens = generate_texts(model, tokenizer, [encoder.encode_prompt(records[i], t) for i, t in chunk],
-                                          max_new_tokens=settings.max_new_tokens)
+    texts, answer_tokens = generate_texts(
+        model,
+        tokenizer,
+        [encoder.encode_prompt(records[i], t) for i, t in chunk],
+        max_new_tokens=settings.max_new_tokens,
+    )
     answers = [t[0] for t in texts]
     tasks = [records[i].task for i, _ in chunk]
     truths = [records[i].turns[t][1] for i, t in chunk]
@@ -136,18 +161,28 @@ def _batch_lines(model, processor, encoder, records, chunk, settings: RCTSetting
     scoring = time.perf_counter() - t
     candidate_tokens, candidates = 0, {}
     if wrong:
-        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{round_index}:{batch_index}".encode()).digest()[:8],
-                                         "little") & (2**63 - 1))
-        prompts = [_reflection_prompt(encoder, records[chunk[j][0]], chunk[j][1], answers[j], settings.template)
-                   for j in wrong]
+        torch.manual_seed(
+            int.from_bytes(hashlib.sha256(f"{seed}:{round_index}:{batch_index}".encode()).digest()[:8], "little")
+            & (2**63 - 1)
+        )
+        prompts = [
+            _reflection_prompt(encoder, records[chunk[j][0]], chunk[j][1], answers[j], settings.template) for j in wrong
+        ]
         drafts, candidate_tokens = generate_texts(
-            model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-            num_return_sequences=settings.candidates, do_sample=True, temperature=settings.temperature,
-            top_p=settings.top_p)
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=settings.max_new_tokens,
+            num_return_sequences=settings.candidates,
+            do_sample=True,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+        )
         t = time.perf_counter()
         flat = [(j, text) for j, texts_j in zip(wrong, drafts) for text in texts_j]
-        flat_scores = score_answers([tasks[j] for j, _ in flat], [text for _, text in flat],
-                                    [truths[j] for j, _ in flat], similarity)
+        flat_scores = score_answers(
+            [tasks[j] for j, _ in flat], [text for _, text in flat], [truths[j] for j, _ in flat], similarity
+        )
         for n, j in enumerate(wrong):
             mine = slice(n * settings.candidates, (n + 1) * settings.candidates)
             candidates[j] = (drafts[n], flat_scores[mine])
@@ -155,28 +190,65 @@ def _batch_lines(model, processor, encoder, records, chunk, settings: RCTSetting
     lines = []
     for j, (i, turn) in enumerate(chunk):
         record = records[i]
-        line = {"id": record.id, "turn": turn, "task": record.task, "modality": record.modality, "round": round_index,
-                "question": record.turns[turn][0], "ground_truth": truths[j], "answer": answers[j],
-                "scores": scores[j], "wrong": bool(reasons[j]), "reasons": reasons[j], "candidates": [],
-                "choice": None, "chosen_index": None, "selected": truths[j], "why": "the answer is right",
-                "similarity_model": similarity.name}
+        line = {
+            "id": record.id,
+            "turn": turn,
+            "task": record.task,
+            "modality": record.modality,
+            "round": round_index,
+            "question": record.turns[turn][0],
+            "ground_truth": truths[j],
+            "answer": answers[j],
+            "scores": scores[j],
+            "wrong": bool(reasons[j]),
+            "reasons": reasons[j],
+            "candidates": [],
+            "choice": None,
+            "chosen_index": None,
+            "selected": truths[j],
+            "why": "the answer is right",
+            "similarity_model": similarity.name,
+        }
         if j in candidates:
             drafts_j, scores_j = candidates[j]
             choice = select(tasks[j], truths[j], drafts_j, scores_j, settings.thresholds)
-            line["candidates"] = [{"text": text, "scores": s, "passes": ok, "reasons": why} for text, s, ok, why in
-                                  zip(drafts_j, scores_j, choice["passes"], choice["reasons"])]
-            line.update(choice=choice["choice"], chosen_index=choice["index"], why=choice["why"],
-                        selected=normalise_boxes(choice["text"]))
+            line["candidates"] = [
+                {"text": text, "scores": s, "passes": ok, "reasons": why}
+                for text, s, ok, why in zip(drafts_j, scores_j, choice["passes"], choice["reasons"])
+            ]
+            line.update(
+                choice=choice["choice"],
+                chosen_index=choice["index"],
+                why=choice["why"],
+                selected=normalise_boxes(choice["text"]),
+            )
         lines.append(line)
     total = time.perf_counter() - started
-    return {"batch": batch_index, "lines": lines,
-            "stats": {"answer_tokens": answer_tokens, "candidate_tokens": candidate_tokens,
-                      "generation_s": round(total - scoring, 4), "scoring_s": round(scoring, 4)}}
+    return {
+        "batch": batch_index,
+        "lines": lines,
+        "stats": {
+            "answer_tokens": answer_tokens,
+            "candidate_tokens": candidate_tokens,
+            "generation_s": round(total - scoring, 4),
+            "scoring_s": round(scoring, 4),
+        },
+    }
 
 
-def correction_round(model, processor, records: list[Record], settings: RCTSettings, similarity,
-                     folder: str | os.PathLike, *, round_index: int, seed: int, max_length: int = 2048,
-                     progress: bool = True) -> tuple[list[dict], dict]:
+def correction_round(
+    model,
+    processor,
+    records: list[Record],
+    settings: RCTSettings,
+    similarity,
+    folder: str | os.PathLike,
+    *,
+    round_index: int,
+    seed: int,
+    max_length: int = 2048,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
     """Run (or resume, or read back) round ``round_index`` in ``folder`` → (lines, stats): one line per
     question (module docstring), stats = tokens generated, generation and scoring seconds summed over
     the batches (those of an earlier, interrupted process included) and this call's wall time."""
@@ -188,7 +260,7 @@ def correction_round(model, processor, records: list[Record], settings: RCTSetti
     header = _header(records, questions, settings, similarity.name, seed=seed, round_index=round_index)
     done_file, journal = folder / CORRECTIONS, folder / JOURNAL
     started = time.perf_counter()
-    batches = [questions[k:k + settings.batch_size] for k in range(0, len(questions), settings.batch_size)]
+    batches = [questions[k : k + settings.batch_size] for k in range(0, len(questions), settings.batch_size)]
     if done_file.is_file():
         lines = [json.loads(line) for line in done_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         stats = json.loads((folder / "round_stats.json").read_text(encoding="utf-8"))
@@ -203,14 +275,26 @@ def correction_round(model, processor, records: list[Record], settings: RCTSetti
         for k, chunk in enumerate(tqdm(batches, desc=f"rct round {round_index}", disable=not progress)):
             if k in entries:
                 continue
-            entries[k] = _batch_lines(model, processor, encoder, records, chunk, settings, similarity, seed=seed,
-                                      round_index=round_index, batch_index=k)
+            entries[k] = _batch_lines(
+                model,
+                processor,
+                encoder,
+                records,
+                chunk,
+                settings,
+                similarity,
+                seed=seed,
+                round_index=round_index,
+                batch_index=k,
+            )
             _append(journal, entries[k])
     finally:
         model.train(was_training)
     lines = [line for k in range(len(batches)) for line in entries[k]["lines"]]
-    stats = {key: sum(entries[k]["stats"][key] for k in range(len(batches)))
-             for key in ("answer_tokens", "candidate_tokens", "generation_s", "scoring_s")}
+    stats = {
+        key: sum(entries[k]["stats"][key] for k in range(len(batches)))
+        for key in ("answer_tokens", "candidate_tokens", "generation_s", "scoring_s")
+    }
     stats["wall_s"] = round(time.perf_counter() - started, 3)
     stats["questions"] = len(questions)
     write_text_atomic(folder / "round_stats.json", json.dumps(stats, indent=1))
@@ -235,9 +319,15 @@ def apply_corrections(records: list[Record], lines: list[dict], *, mode: str = "
             raise RCTError(f"correction for id {line.get('id')!r}, which is not in the training data")
         turn = line.get("turn")
         record = records[i]
-        if not isinstance(turn, int) or not 0 <= turn < len(record.turns) or record.turns[turn][1] != line.get("ground_truth"):
-            raise RCTError(f"correction for {record.id!r} turn {turn!r} does not match the training data (its turn "
-                           "or ground truth differ)")
+        if (
+            not isinstance(turn, int)
+            or not 0 <= turn < len(record.turns)
+            or record.turns[turn][1] != line.get("ground_truth")
+        ):
+            raise RCTError(
+                f"correction for {record.id!r} turn {turn!r} does not match the training data (its turn "
+                "or ground truth differ)"
+            )
         if line.get("wrong"):
             changes.setdefault(i, {})[turn] = line["selected"]
             rounds[i] = line.get("round", 0)

@@ -161,9 +161,18 @@ def select(task: str, reference: str, candidates: list[str], scores: list[dict],
     passing = [i for i, r in enumerate(reasons) if not r]
     result = {"passes": [not r for r in reasons], "reasons": reasons}
     if not passing:
-        return {**result, "choice": "ground_truth", "index": None, "text": reference,
-                "why": f"none of the {len(candidates)} candidates passes the thresholds"}
+        return {
+            **result,
+            "choice": "ground_truth",
+            "index": None,
+            "text": reference,
+            "why": f"none of the {len(candidates)} candidates passes the thresholds",
+        }
     best = max(passing, key=lambda i: (mean_score(scores[i]), -i))
-    return {**result, "choice": "candidate", "index": best, "text": candidates[best],
-            "why": f"candidate {best} has the best mean score {mean_score(scores[best]):.3f} of the "
-                   f"{len(passing)} passing"}
+    return {
+        **result,
+        "choice": "candidate",
+        "index": best,
+        "text": candidates[best],
+        "why": f"candidate {best} has the best mean score {mean_score(scores[best]):.3f} of the {len(passing)} passing",
+    }

@@ -20,8 +20,10 @@ from clinkd.data.records import CONTROL_TOKENS
 
 from .scoring import Thresholds
 
-DEFAULT_TEMPLATE = ("{question}\nYour previous answer was: {answer}\nThe correct answer is: {ground_truth}\n"
-                    "Write the corrected answer, keeping its boxes.")
+DEFAULT_TEMPLATE = (
+    "{question}\nYour previous answer was: {answer}\nThe correct answer is: {ground_truth}\n"
+    "Write the corrected answer, keeping its boxes."
+)
 SLOTS = ("question", "answer", "ground_truth")
 MODES = ("replace", "join")
 EVERY = ("epoch", "steps")
@@ -38,8 +40,9 @@ def template_problem(template) -> str | None:
         return f"is not a format string ({e}); write literal braces as {{{{ and }}}}"
     unknown = sorted({f for f in fields if f not in SLOTS})
     if unknown:
-        return f"has unknown slot(s) {', '.join('{' + u + '}' for u in unknown)}; the slots are " + \
-            ", ".join("{" + s + "}" for s in SLOTS)
+        return f"has unknown slot(s) {', '.join('{' + u + '}' for u in unknown)}; the slots are " + ", ".join(
+            "{" + s + "}" for s in SLOTS
+        )
     if "ground_truth" not in fields:
         return "has no {ground_truth} slot: the model must be shown the ground truth to correct its answer"
     token = next((t for t in CONTROL_TOKENS if t in template), None)
@@ -57,8 +60,9 @@ def strip_control_tokens(text: str) -> str:
 
 
 def fill_template(template: str, *, question: str, answer: str, ground_truth: str) -> str:
-    return template.format(question=question, answer=strip_control_tokens(answer) or "(no answer)",
-                           ground_truth=ground_truth)
+    return template.format(
+        question=question, answer=strip_control_tokens(answer) or "(no answer)", ground_truth=ground_truth
+    )
 
 
 def _integer(name, value, low):
@@ -67,8 +71,11 @@ def _integer(name, value, low):
 
 
 def _real(name, value, low, high, *, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            (value > low if low_open else value >= low) and value <= high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not ((value > low if low_open else value >= low) and value <= high)
+    ):
         raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
 
 
@@ -114,8 +121,16 @@ class RCTSettings:
 
     def describe(self) -> dict:
         """The settings as JSON (bound to each round's journal: a resumed round must use the same ones)."""
-        return {"every": self.every, "steps": self.steps, "sample": self.sample, "batch_size": self.batch_size,
-                "max_new_tokens": self.max_new_tokens, "candidates": self.candidates,
-                "temperature": self.temperature, "top_p": self.top_p,
-                "thresholds": {"similarity": self.thresholds.similarity, "iou": self.thresholds.iou},
-                "template": self.template, "mode": self.mode}
+        return {
+            "every": self.every,
+            "steps": self.steps,
+            "sample": self.sample,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "candidates": self.candidates,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "thresholds": {"similarity": self.thresholds.similarity, "iou": self.thresholds.iou},
+            "template": self.template,
+            "mode": self.mode,
+        }

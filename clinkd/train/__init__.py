@@ -17,14 +17,17 @@ The names below are imported on first use (the trainer pulls in transformers and
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    ".errors": ("ConfigError",),
-    ".config": ("load_config", "parse_config"),
-    ".specs": ("KDSettings", "KDStage", "LoraSpec", "ModelSpec", "RCTStage", "RunConfig", "SFTStage", "StageSpec"),
-    ".curriculum": ("MarginCurriculum", "margin_weights"),
-    ".presets": ("describe_presets", "get_preset", "preset_names", "register_preset"),
-    ".run": ("PreparedRun", "prepare_run", "run_training"),
-    ".models": ("build_model",),
-    ".artifacts": ("ensure_store",),
-    ".trainer": ("ClinKDTrainer",),
-})
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        ".errors": ("ConfigError",),
+        ".config": ("load_config", "parse_config"),
+        ".specs": ("KDSettings", "KDStage", "LoraSpec", "ModelSpec", "RCTStage", "RunConfig", "SFTStage", "StageSpec"),
+        ".curriculum": ("MarginCurriculum", "margin_weights"),
+        ".presets": ("describe_presets", "get_preset", "preset_names", "register_preset"),
+        ".run": ("PreparedRun", "prepare_run", "run_training"),
+        ".models": ("build_model",),
+        ".artifacts": ("ensure_store",),
+        ".trainer": ("ClinKDTrainer",),
+    },
+)

@@ -9,8 +9,9 @@ from pathlib import Path
 from .specs import RunConfig, StageSpec
 
 
-def training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool, output_dir: str | None = None,
-                       overrides: dict | None = None):
+def training_arguments(
+    config: RunConfig, stage: StageSpec, *, progress: bool, output_dir: str | None = None, overrides: dict | None = None
+):
     """The TrainingArguments of ``stage``: the run's keywords, the stage's, then ``overrides``; the run's
     seed unless one is given; in ``output_dir`` (default: the stage's folder)."""
     from transformers import TrainingArguments
@@ -19,8 +20,12 @@ def training_arguments(config: RunConfig, stage: StageSpec, *, progress: bool, o
     kwargs.setdefault("seed", config.seed)
     if not progress:
         kwargs["disable_tqdm"] = True
-    return TrainingArguments(output_dir=output_dir or str(Path(config.output_dir) / stage.name),
-                             remove_unused_columns=False, label_names=["labels"], **kwargs)
+    return TrainingArguments(
+        output_dir=output_dir or str(Path(config.output_dir) / stage.name),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        **kwargs,
+    )
 
 
 def distributed_state(config: RunConfig):
@@ -41,10 +46,15 @@ def distributed_state(config: RunConfig):
     else:
         state = PartialState(cpu=not torch.cuda.is_available() and launched > 1)
     if launched > 1 and state.num_processes != launched:
-        hint = ("DeepSpeed through clinkd train needs GPUs for more than one process" if deepspeed is not None else
-                "on CPUs launch with ACCELERATE_USE_CPU=true")
-        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE), but they did not join one process group "
-                           f"(accelerate sees {state.num_processes}): they would train apart; {hint}")
+        hint = (
+            "DeepSpeed through clinkd train needs GPUs for more than one process"
+            if deepspeed is not None
+            else "on CPUs launch with ACCELERATE_USE_CPU=true"
+        )
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE), but they did not join one process group "
+            f"(accelerate sees {state.num_processes}): they would train apart; {hint}"
+        )
     return state
 
 

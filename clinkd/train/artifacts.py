@@ -1,12 +1,12 @@
 """What a run writes beside its models, and reads back on resume:
 
-    output_dir/processor/         the offline processor (``build_processor``), with clinkd_offline.json: the
-                                  options it was built with (``check_saved_options``)
-    the pseudo-label store        of a kd stage with teacher: store (``ensure_store``; its metadata
-                                  ``store_meta``, an existing one checked by ``check_existing_store``)
-    <stage>/stage.json            a complete stage's result (``write_result`` / ``read_result``; a round's
-                                  round.json likewise)
-    <final>/clinkd_patch.json     the patch a model was trained with (``write_patch_record``)
+output_dir/processor/         the offline processor (``build_processor``), with clinkd_offline.json: the
+                              options it was built with (``check_saved_options``)
+the pseudo-label store        of a kd stage with teacher: store (``ensure_store``; its metadata
+                              ``store_meta``, an existing one checked by ``check_existing_store``)
+<stage>/stage.json            a complete stage's result (``write_result`` / ``read_result``; a round's
+                              round.json likewise)
+<final>/clinkd_patch.json     the patch a model was trained with (``write_patch_record``)
 """
 
 from __future__ import annotations
@@ -46,15 +46,20 @@ def build_processor(config: RunConfig, records: list[Record] | None = None):
         where = "config.processor.offline"
     else:
         path = spec.get("from_pretrained") or config.student.from_pretrained
-        where = "config.processor.from_pretrained" if spec.get("from_pretrained") else \
-            "config.models.student.from_pretrained (the processor's default)"
+        where = (
+            "config.processor.from_pretrained"
+            if spec.get("from_pretrained")
+            else "config.models.student.from_pretrained (the processor's default)"
+        )
         try:
             processor = load_processor(path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load the processor from {path!r}: {e}") from None
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
-        raise ConfigError(f"{where}: {type(processor).__name__} is not an image-and-text processor (it needs a "
-                          "tokenizer and an image processor)")
+        raise ConfigError(
+            f"{where}: {type(processor).__name__} is not an image-and-text processor (it needs a "
+            "tokenizer and an image processor)"
+        )
     try:
         special_token_ids(processor.tokenizer)
     except ValueError as e:
@@ -100,12 +105,16 @@ def check_saved_options(saved: Path, options: dict) -> None:
     try:
         before = json.loads(record.read_text(encoding="utf-8"))["offline"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{record} is unreadable, so the processor saved in {saved} cannot be matched to "
-                          f"config.processor.offline; delete {saved} to rebuild it") from None
+        raise ConfigError(
+            f"{record} is unreadable, so the processor saved in {saved} cannot be matched to "
+            f"config.processor.offline; delete {saved} to rebuild it"
+        ) from None
     if before != options:
-        raise ConfigError(f"config.processor.offline {options} differs from the options {before} the processor "
-                          f"saved in {saved} was built with; restore them, or use another output_dir (or delete "
-                          f"{saved} to rebuild it)")
+        raise ConfigError(
+            f"config.processor.offline {options} differs from the options {before} the processor "
+            f"saved in {saved} was built with; restore them, or use another output_dir (or delete "
+            f"{saved} to rebuild it)"
+        )
 
 
 # ------------------------------------------------------------------ pseudo-label stores
@@ -113,8 +122,13 @@ def check_saved_options(saved: Path, options: dict) -> None:
 
 def store_meta(config: RunConfig, stage: KDStage, processor, student_vocab: int) -> StoreMeta:
     """The metadata the store of ``stage`` must have for this run."""
-    return StoreMeta(teacher=config.teacher.model_id(), k=int(stage.topk), temperature=float(stage.temperature),
-                     vocab_size=student_vocab, tokenizer_hash=tokenizer_fingerprint(processor.tokenizer))
+    return StoreMeta(
+        teacher=config.teacher.model_id(),
+        k=int(stage.topk),
+        temperature=float(stage.temperature),
+        vocab_size=student_vocab,
+        tokenizer_hash=tokenizer_fingerprint(processor.tokenizer),
+    )
 
 
 def check_existing_store(config: RunConfig, stage: KDStage, meta: StoreMeta) -> None:
@@ -135,8 +149,16 @@ def ensure_store(prepared, stage: KDStage, teacher_factory, *, progress: bool = 
     path = config.store_path(stage)
     manifest = read_manifest(path) if path.exists() else None
     if manifest is None or not manifest.get("complete"):
-        cache_pseudo_labels(teacher_factory(), prepared.dataset, prepared.collator, path, meta=meta,
-                            batch_size=stage.cache_batch_size, shard_size=stage.shard_size, progress=progress)
+        cache_pseudo_labels(
+            teacher_factory(),
+            prepared.dataset,
+            prepared.collator,
+            path,
+            meta=meta,
+            batch_size=stage.cache_batch_size,
+            shard_size=stage.shard_size,
+            progress=progress,
+        )
     return PseudoLabelStore(path, expect=meta)
 
 
@@ -160,5 +182,15 @@ def write_patch_record(folder: str | os.PathLike, patch: Mapping | None) -> None
     patch_record.write_patch_record(folder, None if patch is None else dict(patch))
 
 
-__all__ = ["OFFLINE_RECORD", "STAGE_RECORD", "build_processor", "check_existing_store", "check_saved_options",
-           "ensure_store", "read_result", "store_meta", "write_patch_record", "write_result"]
+__all__ = [
+    "OFFLINE_RECORD",
+    "STAGE_RECORD",
+    "build_processor",
+    "check_existing_store",
+    "check_saved_options",
+    "ensure_store",
+    "read_result",
+    "store_meta",
+    "write_patch_record",
+    "write_result",
+]

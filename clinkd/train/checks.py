@@ -99,8 +99,10 @@ def check_loggers(args, where: str) -> None:
 
     for name in args.report_to or ():
         if name not in ("none", "all") and name not in get_available_reporting_integrations():
-            raise ConfigError(f"{where}: report_to {name!r} is not an available logger (installed: "
-                              f"{', '.join(get_available_reporting_integrations()) or 'none'})")
+            raise ConfigError(
+                f"{where}: report_to {name!r} is not an available logger (installed: "
+                f"{', '.join(get_available_reporting_integrations()) or 'none'})"
+            )
 
 
 def check_optimizer_and_schedule(args, where: str) -> None:
@@ -116,16 +118,25 @@ def check_optimizer_and_schedule(args, where: str) -> None:
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         optimizer = cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     except (TypeError, ValueError, ImportError, RuntimeError) as e:
-        raise ConfigError(f"{where}: the optimizer {optim} refuses its settings (learning_rate, "
-                          f"adam_*, optim_args): {' '.join(str(e).split())}") from None
+        raise ConfigError(
+            f"{where}: the optimizer {optim} refuses its settings (learning_rate, "
+            f"adam_*, optim_args): {' '.join(str(e).split())}"
+        ) from None
     steps = args.max_steps if args.max_steps > 0 else 1000
     try:
-        get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
-                      num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.get_warmup_steps(steps),
+            num_training_steps=steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
     except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{where}: the schedule {getattr(args.lr_scheduler_type, 'value', '')} "
-                          "refuses its settings "
-                          f"(lr_scheduler_kwargs, warmup_steps): {' '.join(str(e).split())}") from None
+        raise ConfigError(
+            f"{where}: the schedule {getattr(args.lr_scheduler_type, 'value', '')} "
+            "refuses its settings "
+            f"(lr_scheduler_kwargs, warmup_steps): {' '.join(str(e).split())}"
+        ) from None
 
 
 def deepspeed_zero(value, where: str) -> dict:
@@ -145,12 +156,15 @@ def check_lora_engine(args, stage: StageSpec, index: int) -> None:
     """A LoRA stage merges its adapter into the full weights: not under DeepSpeed ZeRO-3 or FSDP, which
     shard them."""
     where = f"config.stages[{index}].training (stage {stage.name!r}, over config.training)"
-    engine = ("DeepSpeed ZeRO-3" if deepspeed_zero(args.deepspeed, where).get("stage") == 3 else
-              "FSDP" if args.fsdp else None)
+    engine = (
+        "DeepSpeed ZeRO-3" if deepspeed_zero(args.deepspeed, where).get("stage") == 3 else "FSDP" if args.fsdp else None
+    )
     if engine is not None:
-        raise ConfigError(f"{stage.lora_key}: stage {stage.name!r} trains LoRA adapters, which cannot run under "
-                          f"{engine}: merging the adapter into the stage's final weights needs the full weights on "
-                          "every process (use DeepSpeed ZeRO-1/2 or DDP, or full fine-tuning)")
+        raise ConfigError(
+            f"{stage.lora_key}: stage {stage.name!r} trains LoRA adapters, which cannot run under "
+            f"{engine}: merging the adapter into the stage's final weights needs the full weights on "
+            "every process (use DeepSpeed ZeRO-1/2 or DDP, or full fine-tuning)"
+        )
 
 
 def check_deepspeed(value, where: str) -> None:
@@ -158,9 +172,11 @@ def check_deepspeed(value, where: str) -> None:
     ``stage3_gather_16bit_weights_on_model_save`` every stage's ``final`` folder would hold no weights."""
     zero = deepspeed_zero(value, where)
     if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
-        raise ConfigError(f"{where}.deepspeed: a ZeRO-3 config needs zero_optimization."
-                          "stage3_gather_16bit_weights_on_model_save: true, or the stages' final folders hold no "
-                          "weights (docs/examples/distributed/zero3.json has it)")
+        raise ConfigError(
+            f"{where}.deepspeed: a ZeRO-3 config needs zero_optimization."
+            "stage3_gather_16bit_weights_on_model_save: true, or the stages' final folders hold no "
+            "weights (docs/examples/distributed/zero3.json has it)"
+        )
 
 
 # ------------------------------------------------------------------ model configs
@@ -187,8 +203,10 @@ def check_rotary_geometry(text, where: str) -> None:
     if section is not None:
         problem = mrope_section_problem(section, head_dim, interleaved)
         if problem is not None:
-            raise ConfigError(f"{where}.rope_parameters.mrope_section must be integers >= 0 summing to head_dim / 2 "
-                              f"= {head_dim // 2} (3 sections, t, h, w), got {section!r}: {problem}")
+            raise ConfigError(
+                f"{where}.rope_parameters.mrope_section must be integers >= 0 summing to head_dim / 2 "
+                f"= {head_dim // 2} (3 sections, t, h, w), got {section!r}: {problem}"
+            )
 
 
 def check_architecture(cfg, where: str) -> None:
@@ -202,8 +220,14 @@ def check_architecture(cfg, where: str) -> None:
     if text is None:
         return  # not a Qwen2-VL-style config: building the model is the check
     t = f"{where}.text_config"
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         value = getattr(text, key, None)
         if value is not None and not _positive_int(value):
             raise ConfigError(f"{t}.{key} must be a positive integer, got {value!r}")
@@ -220,8 +244,16 @@ def check_architecture(cfg, where: str) -> None:
 
 def check_vision_tower(vision, where: str, text_hidden: int | None) -> None:
     """The vision tower's shape rules (see ``check_architecture``); ``text_hidden``: the text hidden size."""
-    for key in ("depth", "embed_dim", "hidden_size", "num_heads", "patch_size", "spatial_merge_size",
-                "temporal_patch_size", "in_channels"):
+    for key in (
+        "depth",
+        "embed_dim",
+        "hidden_size",
+        "num_heads",
+        "patch_size",
+        "spatial_merge_size",
+        "temporal_patch_size",
+        "in_channels",
+    ):
         value = getattr(vision, key, None)
         if value is not None and not _positive_int(value):
             raise ConfigError(f"{where}.{key} must be a positive integer, got {value!r}")
@@ -230,12 +262,16 @@ def check_vision_tower(vision, where: str, text_hidden: int | None) -> None:
         raise ConfigError(f"{where}.mlp_ratio must be a positive number, got {ratio!r}")
     (width_key, width), heads = vision_width(vision), getattr(vision, "num_heads", None)
     if width and heads and (width % heads or (width // heads) % 4):
-        raise ConfigError(f"{where}: {width_key} {width} / num_heads {heads} must be a whole head_dim divisible by 4 "
-                          "(the vision tower's 2-D rotary embedding)")
+        raise ConfigError(
+            f"{where}: {width_key} {width} / num_heads {heads} must be a whole head_dim divisible by 4 "
+            "(the vision tower's 2-D rotary embedding)"
+        )
     out_key, out = merger_output(vision)
     if out is not None and text_hidden is not None and out != text_hidden:
-        raise ConfigError(f"{where}.{out_key} {out} must equal text_config.hidden_size {text_hidden} (the vision "
-                          "merger writes image features into the text model's embedding)")
+        raise ConfigError(
+            f"{where}.{out_key} {out} must equal text_config.hidden_size {text_hidden} (the vision "
+            "merger writes image features into the text model's embedding)"
+        )
 
 
 _BUILD_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError, ImportError)
@@ -264,18 +300,26 @@ def check_models(configs: dict, processor) -> None:
         if vocab_size(cfg) < len(tokenizer):
             raise ConfigError(f"{where}: vocabulary {vocab_size(cfg)} is smaller than the tokenizer's {len(tokenizer)}")
         if getattr(cfg, "image_token_id", ids["image_token_id"]) != ids["image_token_id"]:
-            raise ConfigError(f"{where}: image_token_id {cfg.image_token_id} is not the tokenizer's <|image_pad|> "
-                              f"id {ids['image_token_id']}")
+            raise ConfigError(
+                f"{where}: image_token_id {cfg.image_token_id} is not the tokenizer's <|image_pad|> "
+                f"id {ids['image_token_id']}"
+            )
         vision = getattr(cfg, "vision_config", None)
-        for key, attr in (("patch_size", "patch_size"), ("spatial_merge_size", "merge_size"),
-                          ("temporal_patch_size", "temporal_patch_size")):
+        for key, attr in (
+            ("patch_size", "patch_size"),
+            ("spatial_merge_size", "merge_size"),
+            ("temporal_patch_size", "temporal_patch_size"),
+        ):
             mine, theirs = getattr(vision, key, None), getattr(image, attr, None)
             if mine is not None and theirs is not None and int(mine) != int(theirs):
-                raise ConfigError(f"{where}: vision_config.{key}={mine} differs from the image processor's "
-                                  f"{attr}={theirs}")
+                raise ConfigError(
+                    f"{where}: vision_config.{key}={mine} differs from the image processor's {attr}={theirs}"
+                )
     if "teacher" in configs and vocab_size(configs["teacher"]) < vocab_size(configs["student"]):
-        raise ConfigError(f"config.models.teacher: vocabulary {vocab_size(configs['teacher'])} is smaller than the "
-                          f"student's {vocab_size(configs['student'])}; the teacher must cover every student token")
+        raise ConfigError(
+            f"config.models.teacher: vocabulary {vocab_size(configs['teacher'])} is smaller than the "
+            f"student's {vocab_size(configs['student'])}; the teacher must cover every student token"
+        )
 
 
 def check_patch(spec: ModelSpec, cfg, where: str) -> None:
@@ -299,8 +343,9 @@ def check_patch(spec: ModelSpec, cfg, where: str) -> None:
 def check_lora(config: RunConfig, cfg) -> None:
     """The LoRA settings of the run and its stages: peft installed, every target a linear layer of the
     student's text decoder (on the model built on the meta device). ConfigError naming the key."""
-    specs = ([("config.lora", config.lora)] if config.lora is not None else []) + \
-        [(stage.lora_key, stage.lora) for stage in config.stages if stage.lora is not None]
+    specs = ([("config.lora", config.lora)] if config.lora is not None else []) + [
+        (stage.lora_key, stage.lora) for stage in config.stages if stage.lora is not None
+    ]
     if not specs:
         return
     from transformers import AutoModelForImageTextToText
@@ -344,7 +389,22 @@ def check_similarity(stage: RCTStage, where: str) -> None:
         raise ConfigError(f"{where}.similarity.model: {e}") from None
 
 
-__all__ = ["check_architecture", "check_buildable", "check_deepspeed", "check_lora", "check_lora_engine",
-           "check_loggers", "check_models", "check_optimizer_and_schedule", "check_output_paths", "check_patch",
-           "check_rotary_geometry", "check_similarity", "check_topk", "check_training_arguments",
-           "check_vision_tower", "deepspeed_zero", "quiet"]
+__all__ = [
+    "check_architecture",
+    "check_buildable",
+    "check_deepspeed",
+    "check_lora",
+    "check_lora_engine",
+    "check_loggers",
+    "check_models",
+    "check_optimizer_and_schedule",
+    "check_output_paths",
+    "check_patch",
+    "check_rotary_geometry",
+    "check_similarity",
+    "check_topk",
+    "check_training_arguments",
+    "check_vision_tower",
+    "deepspeed_zero",
+    "quiet",
+]

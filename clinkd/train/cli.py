@@ -17,8 +17,14 @@ import argparse
 def config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run config (YAML)")
     parser.add_argument("--preset", help="start from a named preset (clinkd presets lists them)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.learning_rate=1e-5 (repeatable)",
+    )
 
 
 def load(args):
@@ -33,8 +39,12 @@ def load(args):
 
 def train_arguments(parser):
     config_arguments(parser)
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="refuse an output_dir that already holds stages (default: resume them)")
+    parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="refuse an output_dir that already holds stages (default: resume them)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -65,8 +75,9 @@ def distill_arguments(parser):
     sub = parser.add_subparsers(dest="action", required=True)
     cache = sub.add_parser("cache", help="run the teacher once and store its top-k pseudo-labels")
     config_arguments(cache)
-    cache.add_argument("--stage", help="the kd stage whose store to build (default: every kd stage with "
-                                       "teacher: store)")
+    cache.add_argument(
+        "--stage", help="the kd stage whose store to build (default: every kd stage with teacher: store)"
+    )
     cache.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -78,10 +89,15 @@ def distill_command(args) -> int:
     from .models import build_model
     from .run import prepare_run
 
-    stages = [s for s in config.stages if s.type == "kd" and s.teacher == "store"
-              and (args.stage is None or s.name == args.stage)]
+    stages = [
+        s
+        for s in config.stages
+        if s.type == "kd" and s.teacher == "store" and (args.stage is None or s.name == args.stage)
+    ]
     if not stages:
-        raise ConfigError(f"no kd stage with teacher: store{' named ' + args.stage if args.stage else ''} in the config")
+        raise ConfigError(
+            f"no kd stage with teacher: store{' named ' + args.stage if args.stage else ''} in the config"
+        )
     prepared = prepare_run(config)
     teacher = []
 

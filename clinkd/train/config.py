@@ -79,8 +79,18 @@ from pathlib import Path
 from .errors import ConfigError
 from .schema import ModelsKeys, RunKeys, checked, path_text
 from .sections import RESERVED_FOLDERS, data_spec, lora_options, model_spec, processor_spec, stage_spec
-from .specs import (DataSpec, KDSettings, KDStage, LoraSpec, ModelSpec, RCTStage, RunConfig, SFTStage, StageSpec,
-                    loss_form_problem)
+from .specs import (
+    DataSpec,
+    KDSettings,
+    KDStage,
+    LoraSpec,
+    ModelSpec,
+    RCTStage,
+    RunConfig,
+    SFTStage,
+    StageSpec,
+    loss_form_problem,
+)
 from .training_keys import training_keywords
 
 STAGE_TYPES = ("kd", "sft", "rct")
@@ -108,9 +118,11 @@ def _yaml_loader():
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789."))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
     return Loader
 
 
@@ -127,9 +139,12 @@ def load_yaml(text: str, where: str, *, file: bool = False):
         if mark is None:
             raise ConfigError(f"{where}: not valid YAML ({problem})") from None
         if file:
-            raise ConfigError(f"{where}:{mark.line + 1}: not valid YAML ({problem}, column {mark.column + 1})") from None
-        raise ConfigError(f"{where}: not valid YAML ({problem} at line {mark.line + 1}, column {mark.column + 1})") \
-            from None
+            raise ConfigError(
+                f"{where}:{mark.line + 1}: not valid YAML ({problem}, column {mark.column + 1})"
+            ) from None
+        raise ConfigError(
+            f"{where}: not valid YAML ({problem} at line {mark.line + 1}, column {mark.column + 1})"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply to read") from None
 
@@ -155,12 +170,15 @@ def apply_overrides(mapping: dict, overrides: list[str]) -> dict:
             last = depth == len(keys) - 1
             if isinstance(node, list):
                 if not (key.lstrip("-").isdigit() and -len(node) <= int(key) < len(node)):
-                    raise ConfigError(f"override {show(path.strip())}: {'.'.join(keys[:depth]) or 'the config'} "
-                                      f"is a list of {len(node)}; {show(key)} is not an index of it")
+                    raise ConfigError(
+                        f"override {show(path.strip())}: {'.'.join(keys[:depth]) or 'the config'} "
+                        f"is a list of {len(node)}; {show(key)} is not an index of it"
+                    )
                 key = int(key)
             elif not isinstance(node, dict):
-                raise ConfigError(f"override {show(path.strip())}: {'.'.join(keys[:depth])} is "
-                                  f"{show(node)}, not a mapping")
+                raise ConfigError(
+                    f"override {show(path.strip())}: {'.'.join(keys[:depth])} is {show(node)}, not a mapping"
+                )
             if last:
                 node[key] = value
             else:
@@ -220,11 +238,21 @@ def parse_config(mapping: dict, *, base_dir: str | os.PathLike | None = None) ->
     processor = processor_spec("config.processor", top.processor, specs["student"], resolve)
     training = training_keywords("config.training", top.training)
     run_lora = lora_options("config.lora", top.lora)
-    stages = _stages(mapping.get("stages", [{"name": "sft", "type": "sft"}]), run_lora, resolve,
-                     has_teacher="teacher" in specs)
-    return RunConfig(output_dir=resolve(output_dir), models=specs, data=data, stages=stages, processor=processor,
-                     training=training, seed=top.seed, preset=top.preset,
-                     lora=None if run_lora is None else LoraSpec(**run_lora), source=mapping)
+    stages = _stages(
+        mapping.get("stages", [{"name": "sft", "type": "sft"}]), run_lora, resolve, has_teacher="teacher" in specs
+    )
+    return RunConfig(
+        output_dir=resolve(output_dir),
+        models=specs,
+        data=data,
+        stages=stages,
+        processor=processor,
+        training=training,
+        seed=top.seed,
+        preset=top.preset,
+        lora=None if run_lora is None else LoraSpec(**run_lora),
+        source=mapping,
+    )
 
 
 def _stages(raw, run_lora: dict | None, resolve, *, has_teacher: bool) -> list[StageSpec]:
@@ -252,8 +280,9 @@ def read_config_text(path: str | os.PathLike) -> str:
         raise ConfigError(str(e)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
-                overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None = None, *, preset: str | None = None, overrides: list[str] | None = None
+) -> RunConfig:
     """A run config from a YAML file and/or a preset name, with ``key.path=value`` overrides."""
     mapping, base = {}, None
     if path is not None:
@@ -268,7 +297,27 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
     return parse_config(mapping, base_dir=base)
 
 
-__all__ = ["ConfigError", "DataSpec", "KDSettings", "KDStage", "LoraSpec", "ModelSpec", "RCTStage", "RESERVED_FOLDERS",
-           "RunConfig", "SFTStage", "STAGE_TYPES", "StageSpec", "TOP_KEYS", "apply_overrides", "deep_merge",
-           "load_config", "load_yaml", "loss_form_problem", "model_spec", "parse_config", "read_config_text",
-           "with_preset"]
+__all__ = [
+    "ConfigError",
+    "DataSpec",
+    "KDSettings",
+    "KDStage",
+    "LoraSpec",
+    "ModelSpec",
+    "RCTStage",
+    "RESERVED_FOLDERS",
+    "RunConfig",
+    "SFTStage",
+    "STAGE_TYPES",
+    "StageSpec",
+    "TOP_KEYS",
+    "apply_overrides",
+    "deep_merge",
+    "load_config",
+    "load_yaml",
+    "loss_form_problem",
+    "model_spec",
+    "parse_config",
+    "read_config_text",
+    "with_preset",
+]

@@ -30,8 +30,11 @@ class MarginCurriculum:
     warmup_steps: int = 100
 
     def __post_init__(self):
-        if isinstance(self.start_fraction, bool) or not isinstance(self.start_fraction, (int, float)) \
-                or not 0.0 < float(self.start_fraction) <= 1.0:
+        if (
+            isinstance(self.start_fraction, bool)
+            or not isinstance(self.start_fraction, (int, float))
+            or not 0.0 < float(self.start_fraction) <= 1.0
+        ):
             raise ValueError(f"curriculum start_fraction must be in (0, 1], got {self.start_fraction!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"curriculum warmup_steps must be an int >= 0, got {self.warmup_steps!r}")

@@ -76,8 +76,9 @@ def decoder_linears(model: nn.Module) -> tuple[str, list[str]]:
     prefix = next((name for name, module in model.named_modules() if module is decoder), None)
     if not prefix:
         raise TypeError(f"{type(model).__name__} has no text decoder module under it (not a Qwen-VL model?)")
-    names = sorted({name.rsplit(".", 1)[-1] for name, module in decoder.named_modules()
-                    if isinstance(module, nn.Linear)})
+    names = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in decoder.named_modules() if isinstance(module, nn.Linear)}
+    )
     return prefix, names
 
 
@@ -87,8 +88,9 @@ def target_problem(spec: LoraSpec, names: list[str]) -> str | None:
     if not unknown:
         return None
     verb = "is not a linear layer" if len(unknown) == 1 else "are not linear layers"
-    return (f"{', '.join(map(repr, unknown))} {verb} of the student's text decoder (its linear layers: "
-            f"{', '.join(names)})")
+    return (
+        f"{', '.join(map(repr, unknown))} {verb} of the student's text decoder (its linear layers: {', '.join(names)})"
+    )
 
 
 def target_pattern(prefix: str, targets) -> str:
@@ -110,8 +112,14 @@ def wrap_lora(model: nn.Module, spec: LoraSpec, *, base: str | os.PathLike | Non
     if problem is not None:
         raise ValueError(f"lora.target_modules: {problem}")
     state = ({name: p.requires_grad for name, p in model.named_parameters()}, hasattr(model, "_require_grads_hook"))
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.rslora,
-                        target_modules=target_pattern(prefix, spec.target_modules), bias="none")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        use_rslora=spec.rslora,
+        target_modules=target_pattern(prefix, spec.target_modules),
+        bias="none",
+    )
     wrapped = get_peft_model(model, config)
     wrapped.peft_config["default"].base_model_name_or_path = None if base is None else str(base)
     setattr(wrapped, _STATE, state)
@@ -138,9 +146,11 @@ def check_engine(trainer, where: str) -> None:
         plugin = trainer.accelerator.state.deepspeed_plugin
         zero3 = plugin is not None and plugin.zero_stage == 3
     if zero3 or trainer.is_fsdp_enabled:
-        raise RuntimeError(f"{where}: LoRA stages cannot run under {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}: merging "
-                           "the adapter into the stage's final weights needs the full weights on every process "
-                           "(use DeepSpeed ZeRO-1/2 or DDP)")
+        raise RuntimeError(
+            f"{where}: LoRA stages cannot run under {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}: merging "
+            "the adapter into the stage's final weights needs the full weights on every process "
+            "(use DeepSpeed ZeRO-1/2 or DDP)"
+        )
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -1,7 +1,7 @@
 """The models of a run: their transformers configs (no weights) and the models themselves, patched.
 
-    cfg = model_config(config.student, processor.tokenizer, "config.models.student")
-    model = build_model(config.student, cfg, seed=config.seed)
+cfg = model_config(config.student, processor.tokenizer, "config.models.student")
+model = build_model(config.student, cfg, seed=config.seed)
 """
 
 from __future__ import annotations

@@ -38,15 +38,31 @@ def round_details(r: int, lines: list[dict], stats: dict, training_records: int,
     from clinkd.rct.summary import summarise
 
     def details(training: float) -> dict:
-        return {"round": r, "training_records": training_records, "stats": stats,
-                "timings_s": {"correction": round(correcting, 3), "training": round(training, 3)},
-                "summary": summarise(lines)}
+        return {
+            "round": r,
+            "training_records": training_records,
+            "stats": stats,
+            "timings_s": {"correction": round(correcting, 3), "training": round(training, 3)},
+            "summary": summarise(lines),
+        }
 
     return details
 
 
-def run_rct_stage(prepared, stage: RCTStage, student, *, load_student, training_arguments, train, resume: bool,
-                  progress: bool, callbacks=None, similarity=None, base=None) -> tuple[object, dict]:
+def run_rct_stage(
+    prepared,
+    stage: RCTStage,
+    student,
+    *,
+    load_student,
+    training_arguments,
+    train,
+    resume: bool,
+    progress: bool,
+    callbacks=None,
+    similarity=None,
+    base=None,
+) -> tuple[object, dict]:
     """Run (or resume) the rounds of ``stage`` → (the student after the last round, the stage result
     {"final", "log_history", "rounds": [round.json of each]}).
 
@@ -72,23 +88,46 @@ def run_rct_stage(prepared, stage: RCTStage, student, *, load_student, training_
         if student is None:
             student = load_student(previous_final)
         started = time.perf_counter()
-        lines, stats = correction_round(student, prepared.processor, records, settings, similarity, folder,
-                                        round_index=r, seed=config.seed, max_length=config.data.max_length,
-                                        progress=progress)
+        lines, stats = correction_round(
+            student,
+            prepared.processor,
+            records,
+            settings,
+            similarity,
+            folder,
+            round_index=r,
+            seed=config.seed,
+            max_length=config.data.max_length,
+            progress=progress,
+        )
         corrected = ClinKDDataset(apply_corrections(records, lines, mode=settings.mode), prepared.dataset.encoder)
         correcting = time.perf_counter() - started
-        overrides = {"num_train_epochs": 1, "max_steps": -1} if settings.every == "epoch" else \
-            {"max_steps": settings.steps}
+        overrides = (
+            {"num_train_epochs": 1, "max_steps": -1} if settings.every == "epoch" else {"max_steps": settings.steps}
+        )
         args = training_arguments(stage, str(folder), overrides)
         details = round_details(r, lines, stats, len(corrected), correcting)
-        student, result = train(prepared, stage, student, folder, args=args, dataset=corrected, resume=resume,
-                                base=previous_final, callbacks=callbacks, record=ROUND_RECORD, details=details)
+        student, result = train(
+            prepared,
+            stage,
+            student,
+            folder,
+            args=args,
+            dataset=corrected,
+            resume=resume,
+            base=previous_final,
+            callbacks=callbacks,
+            record=ROUND_RECORD,
+            details=details,
+        )
         rounds.append(result)
         previous_final = result["final"]
     history, offset = [], 0
     for result in rounds:
         steps = [int(e["step"]) for e in result["log_history"] if "step" in e]
-        history += [dict(e, step=offset + int(e["step"]), rct_round=result["round"]) if "step" in e else dict(e)
-                    for e in result["log_history"]]
+        history += [
+            dict(e, step=offset + int(e["step"]), rct_round=result["round"]) if "step" in e else dict(e)
+            for e in result["log_history"]
+        ]
         offset += max(steps, default=0)
     return student, {"final": rounds[-1]["final"], "log_history": history, "rounds": rounds}

@@ -86,15 +86,18 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
         check_training_arguments(config)
     records = load_records(config.data.train, root=config.data.root, check_images=True)
     processor = build_processor(config, records)
-    roles = ["student"] + (["teacher"] if config.teacher is not None and any(isinstance(s, KDStage)
-                                                                              for s in config.stages) else [])
+    roles = ["student"] + (
+        ["teacher"] if config.teacher is not None and any(isinstance(s, KDStage) for s in config.stages) else []
+    )
     with quiet():
-        configs = {role: model_config(config.models[role], processor.tokenizer, f"config.models.{role}")
-                   for role in roles}
+        configs = {
+            role: model_config(config.models[role], processor.tokenizer, f"config.models.{role}") for role in roles
+        }
         for role, cfg in configs.items():
             spec = config.models[role]
-            where = f"config.models.{role}" + (".config" if spec.config is not None else
-                                               f" (the config of {spec.from_pretrained})")
+            where = f"config.models.{role}" + (
+                ".config" if spec.config is not None else f" (the config of {spec.from_pretrained})"
+            )
             check_architecture(cfg, where)
             check_buildable(cfg, where)
     check_models(configs, processor)
@@ -116,14 +119,30 @@ def prepare_run(config: RunConfig, *, progress: bool = False) -> PreparedRun:
         if isinstance(stage, KDStage) and stage.teacher == "store":
             check_existing_store(config, stage, store_meta(config, stage, processor, student_vocab))
     ids = special_token_ids(processor.tokenizer)
-    collator = Qwen2VLCollator(pad_token_id=ids["pad_token_id"], image_token_id=ids["image_token_id"],
-                               pad_to_multiple_of=config.data.pad_to_multiple_of, packing=config.data.packing)
+    collator = Qwen2VLCollator(
+        pad_token_id=ids["pad_token_id"],
+        image_token_id=ids["image_token_id"],
+        pad_to_multiple_of=config.data.pad_to_multiple_of,
+        packing=config.data.packing,
+    )
     return PreparedRun(config, processor, dataset, collator, configs)
 
 
-def train_and_finalise(prepared: PreparedRun, stage: StageSpec, student, folder: Path, *, args, dataset,
-                       resume: bool, base: str | None, callbacks=None, record: str = STAGE_RECORD,
-                       details: Callable[[float], dict] | None = None, **trainer_kw) -> tuple[object, dict]:
+def train_and_finalise(
+    prepared: PreparedRun,
+    stage: StageSpec,
+    student,
+    folder: Path,
+    *,
+    args,
+    dataset,
+    resume: bool,
+    base: str | None,
+    callbacks=None,
+    record: str = STAGE_RECORD,
+    details: Callable[[float], dict] | None = None,
+    **trainer_kw,
+) -> tuple[object, dict]:
     """Train ``student`` as ``stage`` says, for every stage type: on ``dataset`` with the TrainingArguments
     ``args`` (in ``folder``), LoRA adapters on it when the stage has LoRA settings (their base: the folder
     ``base`` it was loaded from); resumed from ``folder``'s last checkpoint. Then ``folder/final`` (the
@@ -141,9 +160,16 @@ def train_and_finalise(prepared: PreparedRun, stage: StageSpec, student, folder:
         from .lora import wrap_lora
 
         model = wrap_lora(student, stage.lora, base=base)
-    trainer = ClinKDTrainer(model=model, args=args, train_dataset=dataset, data_collator=prepared.collator,
-                            processing_class=prepared.processor, callbacks=callbacks,
-                            kernel_backend=config.student.kernel_backend, **trainer_kw)
+    trainer = ClinKDTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=prepared.collator,
+        processing_class=prepared.processor,
+        callbacks=callbacks,
+        kernel_backend=config.student.kernel_backend,
+        **trainer_kw,
+    )
     if stage.lora is not None:
         from .lora import check_engine
 
@@ -153,8 +179,11 @@ def train_and_finalise(prepared: PreparedRun, stage: StageSpec, student, folder:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     final = folder / "final"
-    result = {"final": str(final), "log_history": trainer.state.log_history,
-              **(details(time.perf_counter() - started) if details is not None else {})}
+    result = {
+        "final": str(final),
+        "log_history": trainer.state.log_history,
+        **(details(time.perf_counter() - started) if details is not None else {}),
+    }
     if stage.lora is not None:  # the adapter, then the merged weights in final (with the patch record)
         from .lora import save_lora_stage
 
@@ -173,16 +202,24 @@ def train_and_finalise(prepared: PreparedRun, stage: StageSpec, student, folder:
 def _check_startable(config: RunConfig, state, resume: bool) -> None:
     """An rct stage runs in one process; without ``resume`` the output folder holds no stage yet."""
     if state.num_processes > 1 and any(isinstance(s, RCTStage) for s in config.stages):
-        raise ConfigError(f"the rct stage runs in one process; this run has {state.num_processes} (train the kd and "
-                          "sft stages distributed, then the rct stage alone)")
+        raise ConfigError(
+            f"the rct stage runs in one process; this run has {state.num_processes} (train the kd and "
+            "sft stages distributed, then the rct stage alone)"
+        )
     out = Path(config.output_dir)
     existing = [s.name for s in config.stages if (out / s.name).exists()]
     if not resume and existing:
         raise ConfigError(f"{out} already holds stage folders {existing}; resume the run or use another output_dir")
 
 
-def run_training(config: RunConfig, *, resume: bool = True, progress: bool = True, callbacks=None,
-                 prepared: PreparedRun | None = None) -> dict:
+def run_training(
+    config: RunConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    callbacks=None,
+    prepared: PreparedRun | None = None,
+) -> dict:
     """Run every stage of ``config`` (after ``prepare_run``'s checks). Returns {stage: {"final": path,
     "log_history": [...]}}. ``callbacks``: extra TrainerCallbacks for every stage."""
     state = distributed_state(config)
@@ -215,9 +252,18 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
         elif isinstance(stage, RCTStage):
             from .rct_stage import run_rct_stage
 
-            student, result = run_rct_stage(prepared, stage, student, load_student=load_student,
-                                            training_arguments=stage_arguments, train=train_and_finalise,
-                                            resume=resume, progress=progress, callbacks=callbacks, base=base)
+            student, result = run_rct_stage(
+                prepared,
+                stage,
+                student,
+                load_student=load_student,
+                training_arguments=stage_arguments,
+                train=train_and_finalise,
+                resume=resume,
+                progress=progress,
+                callbacks=callbacks,
+                base=base,
+            )
             if state.is_main_process:
                 write_result(folder / STAGE_RECORD, result)
             state.wait_for_everyone()
@@ -229,13 +275,23 @@ def run_training(config: RunConfig, *, resume: bool = True, progress: bool = Tru
                 trainer_kw["kd"] = stage.settings()
                 if stage.teacher == "store":
                     with state.main_process_first():  # built by the main process; the others open it after
-                        trainer_kw["store"] = ensure_store(prepared, stage, teacher_factory,
-                                                           progress=progress and state.is_main_process)
+                        trainer_kw["store"] = ensure_store(
+                            prepared, stage, teacher_factory, progress=progress and state.is_main_process
+                        )
                 else:
                     trainer_kw["teacher"] = teacher_factory()
-            student, result = train_and_finalise(prepared, stage, student, folder, args=stage_arguments(stage),
-                                                 dataset=prepared.dataset, resume=resume, base=base,
-                                                 callbacks=callbacks, **trainer_kw)
+            student, result = train_and_finalise(
+                prepared,
+                stage,
+                student,
+                folder,
+                args=stage_arguments(stage),
+                dataset=prepared.dataset,
+                resume=resume,
+                base=base,
+                callbacks=callbacks,
+                **trainer_kw,
+            )
         if index >= last_kd:
             teacher.clear()  # no later kd stage: free its memory
         results[stage.name] = result

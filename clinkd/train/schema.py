@@ -148,7 +148,8 @@ class LoraKeys(Section):
     alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] = None
     dropout: Annotated[float, Field(ge=0, lt=1)] = None
     target_modules: Annotated[list, Field(min_length=1), AfterValidator(layer_names)] = Field(
-        None, description=f"a non-empty list of layer names (e.g. [{', '.join(LORA_TARGETS)}])")
+        None, description=f"a non-empty list of layer names (e.g. [{', '.join(LORA_TARGETS)}])"
+    )
     rslora: bool = None
 
 
@@ -247,10 +248,21 @@ def problem(error: ValidationError, where: str, fields: dict) -> str:
     return key + phrase(first, info.description if info is not None else None)
 
 
-_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-             "string_type": "a string", "dict_type": "a mapping", "list_type": "a list", "missing": None}
-_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-           "less_than": ("lt", "<")}
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "missing": None,
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
 
 
 def _number(value) -> str:
@@ -285,6 +297,24 @@ def phrase(error: dict, allowed: str | None = None, *, unquote_hint: bool = Fals
     return f" must be {allowed}, got {show(value)}{hint}"
 
 
-__all__ = ["CurriculumKeys", "DataKeys", "KDKeys", "LoraKeys", "ModelKeys", "ModelsKeys", "OfflineKeys",
-           "PathText", "ProcessorKeys", "RCTKeys", "RunKeys", "STAGE_KEYS", "SFTKeys", "Section", "SimilarityKeys",
-           "StageKeys", "checked", "phrase", "problem"]
+__all__ = [
+    "CurriculumKeys",
+    "DataKeys",
+    "KDKeys",
+    "LoraKeys",
+    "ModelKeys",
+    "ModelsKeys",
+    "OfflineKeys",
+    "PathText",
+    "ProcessorKeys",
+    "RCTKeys",
+    "RunKeys",
+    "STAGE_KEYS",
+    "SFTKeys",
+    "Section",
+    "SimilarityKeys",
+    "StageKeys",
+    "checked",
+    "phrase",
+    "problem",
+]

@@ -19,8 +19,20 @@ from clinkd.patch.spec import patch_spec
 from ..data.records import show
 from .curriculum import MarginCurriculum
 from .errors import ConfigError
-from .schema import (STAGE_KEYS, CurriculumKeys, DataKeys, LoraKeys, ModelKeys, OfflineKeys, ProcessorKeys, RCTKeys,
-                     SimilarityKeys, StageKeys, checked, path_text)
+from .schema import (
+    STAGE_KEYS,
+    CurriculumKeys,
+    DataKeys,
+    LoraKeys,
+    ModelKeys,
+    OfflineKeys,
+    ProcessorKeys,
+    RCTKeys,
+    SimilarityKeys,
+    StageKeys,
+    checked,
+    path_text,
+)
 from .specs import DataSpec, KDStage, LoraSpec, ModelSpec, RCTStage, SFTStage, StageSpec, loss_form_problem
 from .training_keys import training_keywords
 
@@ -33,10 +45,15 @@ def model_spec(where: str, value, *, default_patch, resolve: Resolve | None = No
     """``models.<role>``: exactly one of from_pretrained or config; ``patch`` (absent: ``default_patch``)
     checked by ``clinkd.patch.spec.patch_spec``. A from_pretrained path that exists is resolved."""
     keys = {} if value is None else value  # exactly one of the two first, on a mapping of known keys
-    if isinstance(keys, dict) and set(keys) <= set(ModelKeys.model_fields) and \
-            (keys.get("from_pretrained") is None) == (keys.get("config") is None):
-        raise ConfigError(f"{where} needs exactly one of from_pretrained (a path or hub id) or config "
-                          "(a Qwen2VLConfig mapping for random init)")
+    if (
+        isinstance(keys, dict)
+        and set(keys) <= set(ModelKeys.model_fields)
+        and (keys.get("from_pretrained") is None) == (keys.get("config") is None)
+    ):
+        raise ConfigError(
+            f"{where} needs exactly one of from_pretrained (a path or hub id) or config "
+            "(a Qwen2VLConfig mapping for random init)"
+        )
     given = checked(ModelKeys, value, where).given()
     try:
         patch = patch_spec(given.pop("patch", default_patch), f"{where}.patch")
@@ -73,8 +90,10 @@ def processor_spec(where: str, value, student: ModelSpec, resolve: Resolve) -> d
         path = given["from_pretrained"]
         return {"from_pretrained": resolve(path) if os.path.exists(resolve(path)) else path}
     if student.from_pretrained is None:
-        raise ConfigError(f"{where} is required when the student is built from a config "
-                          "(processor.from_pretrained: PATH, or processor.offline: {...})")
+        raise ConfigError(
+            f"{where} is required when the student is built from a config "
+            "(processor.from_pretrained: PATH, or processor.offline: {...})"
+        )
     return {}
 
 
@@ -96,8 +115,10 @@ def lora_options(where: str, value) -> dict | None:
     if value is True:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a mapping of LoRA settings ({', '.join(LORA_KEYS)}), true (the "
-                          f"defaults) or null (full fine-tuning), got {show(value)}")
+        raise ConfigError(
+            f"{where} must be a mapping of LoRA settings ({', '.join(LORA_KEYS)}), true (the "
+            f"defaults) or null (full fine-tuning), got {show(value)}"
+        )
     given = checked(LoraKeys, value, where).given()
     if "target_modules" in given:
         given["target_modules"] = tuple(given["target_modules"])
@@ -113,8 +134,10 @@ def stage_spec(where: str, value, *, run_lora: dict | None, resolve: Resolve) ->
     if kind not in STAGE_KEYS:
         raise ConfigError(f"{where}.type must be one of {', '.join(STAGE_KEYS)}, got {show(kind)}")
     given = checked(STAGE_KEYS[kind], value, where).given()
-    common = {"name": stage_name(f"{where}.name", given.get("name", kind)),
-              "training": training_keywords(f"{where}.training", given.get("training"))}
+    common = {
+        "name": stage_name(f"{where}.name", given.get("name", kind)),
+        "training": training_keywords(f"{where}.training", given.get("training")),
+    }
     if "lora" in given:
         lora = lora_options(f"{where}.lora", given["lora"])
         common.update(lora=None if lora is None else LoraSpec(**{**(run_lora or {}), **lora}), lora_key=f"{where}.lora")
@@ -137,8 +160,10 @@ def stage_name(where: str, name) -> str:
     except ValueError as e:
         raise ConfigError(f"{where}{e}") from None
     if name in RESERVED_FOLDERS:
-        raise ConfigError(f"{where} {name!r} cannot be a stage folder: the run keeps its "
-                          f"{' and '.join(RESERVED_FOLDERS)} folders in output_dir")
+        raise ConfigError(
+            f"{where} {name!r} cannot be a stage folder: the run keeps its "
+            f"{' and '.join(RESERVED_FOLDERS)} folders in output_dir"
+        )
     if len(os.fsencode(name)) > 255:
         raise ConfigError(f"{where} is longer than a folder name can be (255 bytes)")
     return name
@@ -159,8 +184,7 @@ def kd_stage(where: str, own: dict, common: dict, resolve: Resolve) -> KDStage:
     values = {f.name: f.default for f in dataclasses.fields(KDStage) if f.default is not dataclasses.MISSING}
     values.update(own)  # the stage's values, its defaults where it gives none
     if values["topk"] is None and values["teacher"] == "store":  # a dense teacher gives no pseudo-labels to store
-        raise ConfigError(f"{where}.topk must be an integer for teacher: store (a dense teacher needs "
-                          "teacher: online)")
+        raise ConfigError(f"{where}.topk must be an integer for teacher: store (a dense teacher needs teacher: online)")
     if values["alpha"] + values["beta"] <= 0:
         raise ConfigError(f"{where}: alpha + beta must be > 0")
     problem = loss_form_problem(values["form"], values["beta"], values["t2_scale"])
@@ -169,8 +193,11 @@ def kd_stage(where: str, own: dict, common: dict, resolve: Resolve) -> KDStage:
     return KDStage(**common, **own)
 
 
-RCT_ROUND_KEYS = tuple(key for key in RCTKeys.model_fields if key not in StageKeys.model_fields
-                       and key not in ("similarity_threshold", "iou_threshold", "similarity"))
+RCT_ROUND_KEYS = tuple(
+    key
+    for key in RCTKeys.model_fields
+    if key not in StageKeys.model_fields and key not in ("similarity_threshold", "iou_threshold", "similarity")
+)
 
 
 def rct_settings(where: str, own: dict):
@@ -178,15 +205,30 @@ def rct_settings(where: str, own: dict):
     from clinkd.rct.scoring import Thresholds
     from clinkd.rct.settings import RCTSettings
 
-    thresholds = {name: own[key] for key, name in (("similarity_threshold", "similarity"), ("iou_threshold", "iou"))
-                  if key in own}
+    thresholds = {
+        name: own[key] for key, name in (("similarity_threshold", "similarity"), ("iou_threshold", "iou")) if key in own
+    }
     similarity = checked(SimilarityKeys, own.get("similarity"), f"{where}.similarity").given()
     try:
-        return RCTSettings(**{key: own[key] for key in RCT_ROUND_KEYS if key in own},
-                           thresholds=Thresholds(**thresholds), similarity=similarity)
+        return RCTSettings(
+            **{key: own[key] for key in RCT_ROUND_KEYS if key in own},
+            thresholds=Thresholds(**thresholds),
+            similarity=similarity,
+        )
     except ValueError as e:
         raise ConfigError(f"{where}.{e}") from None
 
 
-__all__ = ["LORA_KEYS", "RESERVED_FOLDERS", "data_spec", "kd_stage", "lora_options", "model_spec",
-           "offline_options", "processor_spec", "rct_settings", "stage_name", "stage_spec"]
+__all__ = [
+    "LORA_KEYS",
+    "RESERVED_FOLDERS",
+    "data_spec",
+    "kd_stage",
+    "lora_options",
+    "model_spec",
+    "offline_options",
+    "processor_spec",
+    "rct_settings",
+    "stage_name",
+    "stage_spec",
+]

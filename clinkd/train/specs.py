@@ -35,8 +35,10 @@ def loss_form_problem(form, beta: float, t2_scale: bool) -> str | None:
     if form not in LOSS_FORMS:
         return f"the loss form must be one of {LOSS_FORMS}, got {form!r}"
     if form == "released" and (beta not in (0, 1) or t2_scale):
-        return (f"the released loss form has beta 1 (or 0: KD alone) and no T² scaling, got beta={beta}, "
-                f"t2_scale={t2_scale}")
+        return (
+            f"the released loss form has beta 1 (or 0: KD alone) and no T² scaling, got beta={beta}, "
+            f"t2_scale={t2_scale}"
+        )
     return None
 
 
@@ -208,5 +210,19 @@ class RunConfig:
         return Path(stage.store) if stage.store else Path(self.output_dir) / "pseudo_labels"
 
 
-__all__ = ["DTYPES", "DataSpec", "KDSettings", "KDStage", "LOSS_FORMS", "LORA_TARGETS", "LoraSpec", "ModelSpec",
-           "RCTStage", "RunConfig", "SFTStage", "STAGES", "StageSpec", "loss_form_problem"]
+__all__ = [
+    "DTYPES",
+    "DataSpec",
+    "KDSettings",
+    "KDStage",
+    "LOSS_FORMS",
+    "LORA_TARGETS",
+    "LoraSpec",
+    "ModelSpec",
+    "RCTStage",
+    "RunConfig",
+    "SFTStage",
+    "STAGES",
+    "StageSpec",
+    "loss_form_problem",
+]

@@ -54,8 +54,16 @@ class ClinKDTrainer(Trainer):
     is turned off so it reaches the loss.
     """
 
-    def __init__(self, *args, kd: KDSettings | None = None, teacher=None, store: PseudoLabelStore | None = None,
-                 sample_ids: list[str] | None = None, kernel_backend: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        kd: KDSettings | None = None,
+        teacher=None,
+        store: PseudoLabelStore | None = None,
+        sample_ids: list[str] | None = None,
+        kernel_backend: str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self._check_engine()
         self.args.remove_unused_columns = False
@@ -64,8 +72,10 @@ class ClinKDTrainer(Trainer):
         if kd is not None and store is not None and kd.topk is None:
             raise ValueError("a pseudo-label store holds top-k labels: kd.topk must be set (its k)")
         if store is not None and kd.topk != store.meta.k:
-            raise StoreError(f"pseudo-label store {store.folder} holds k={store.meta.k} labels per token, the KD "
-                             f"stage asks for topk={kd.topk}")
+            raise StoreError(
+                f"pseudo-label store {store.folder} holds k={store.meta.k} labels per token, the KD "
+                f"stage asks for topk={kd.topk}"
+            )
         self.kd, self.store, self.kernel_backend = kd, store, kernel_backend
         self.teacher = teacher
         self._teacher_ready = False
@@ -88,14 +98,20 @@ class ClinKDTrainer(Trainer):
         without it — a run would then train, silently, with another engine."""
         import os
 
-        asked = {"DeepSpeed": bool(self.args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true",
-                 "FSDP": bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP") == "true"}
+        asked = {
+            "DeepSpeed": bool(self.args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true",
+            "FSDP": bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP") == "true",
+        }
         got = {"DeepSpeed": self.is_deepspeed_enabled, "FSDP": self.is_fsdp_enabled}
         for engine, wanted in asked.items():
             if wanted and not got[engine]:
-                kind = getattr(self.accelerator.state.distributed_type, "value", self.accelerator.state.distributed_type)
-                raise RuntimeError(f"{engine} was asked for, but accelerate set up {kind} (FSDP needs GPUs; DeepSpeed "
-                                   "needs its config in the training arguments before anything else starts)")
+                kind = getattr(
+                    self.accelerator.state.distributed_type, "value", self.accelerator.state.distributed_type
+                )
+                raise RuntimeError(
+                    f"{engine} was asked for, but accelerate set up {kind} (FSDP needs GPUs; DeepSpeed "
+                    "needs its config in the training arguments before anything else starts)"
+                )
 
     # ------------------------------------------------------------------ teacher side
 
@@ -127,8 +143,9 @@ class ClinKDTrainer(Trainer):
         self.teacher, *_ = deepspeed.initialize(model=self.teacher, config=config)
         self.teacher.eval()
 
-    def _pseudo_labels(self, inputs: dict, rows: torch.Tensor, targets: torch.Tensor, vocab: int,
-                       device) -> PseudoLabels:
+    def _pseudo_labels(
+        self, inputs: dict, rows: torch.Tensor, targets: torch.Tensor, vocab: int, device
+    ) -> PseudoLabels:
         kd = self.kd
         if self.store is not None:
             index = inputs.get("sample_index")
@@ -136,16 +153,20 @@ class ClinKDTrainer(Trainer):
                 raise ValueError("a batch for the store needs sample_index (use clinkd's Qwen2VLCollator)")
             ids = [self.sample_ids[int(i)] for i in index.tolist()]
             labels, stored_targets = self.store.batch(ids)
-            if stored_targets.shape != targets.shape or not torch.equal(stored_targets.to(targets.device).long(),
-                                                                         targets):
-                raise StoreError(f"pseudo-label store {self.store.folder} does not match the tokens of samples "
-                                 f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
-                                 "changed since it was built; rebuild it")
+            if stored_targets.shape != targets.shape or not torch.equal(
+                stored_targets.to(targets.device).long(), targets
+            ):
+                raise StoreError(
+                    f"pseudo-label store {self.store.folder} does not match the tokens of samples "
+                    f"{ids[:4]}{'...' if len(ids) > 4 else ''}: the data, tokenizer or max_length "
+                    "changed since it was built; rebuild it"
+                )
             return labels.to(device)
         with torch.no_grad():
             hidden, head = teacher_rows(self._ready_teacher(), inputs, rows, vocab)
-            return head_pseudo_labels(head, hidden, k=kd.topk, temperature=kd.temperature, vocab_size=vocab,
-                                      backend=self.kernel_backend).to(device)
+            return head_pseudo_labels(
+                head, hidden, k=kd.topk, temperature=kd.temperature, vocab_size=vocab, backend=self.kernel_backend
+            ).to(device)
 
     @torch.no_grad()
     def _dense_teacher(self, inputs: dict, rows: torch.Tensor, vocab: int, *, margins: bool):
@@ -154,8 +175,14 @@ class ClinKDTrainer(Trainer):
         selected, head = teacher_rows(self._ready_teacher(), inputs, rows, vocab)
         if not margins:
             return selected, head, None
-        top2 = head_pseudo_labels(head, selected, k=min(2, vocab), temperature=self.kd.temperature,
-                                  vocab_size=vocab, backend=self.kernel_backend)
+        top2 = head_pseudo_labels(
+            head,
+            selected,
+            k=min(2, vocab),
+            temperature=self.kd.temperature,
+            vocab_size=vocab,
+            backend=self.kernel_backend,
+        )
         return selected, head, top2.margin
 
     # ------------------------------------------------------------------ loss
@@ -212,10 +239,29 @@ class ClinKDTrainer(Trainer):
                 check_full_weight(t_weight, "the teacher's lm_head.weight")
                 extra.update(teacher_weight=t_weight, teacher_bias=t_bias)
             if kd.form == "released":
-                return released_linear_kd_loss(selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha,
-                                               kd_only=kd.beta == 0, token_weights=weights, **extra, **common)
-            return linear_kd_loss(selected, weight, targets, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta,
-                                  t2_scale=kd.t2_scale, token_weights=weights, **extra, **common)
+                return released_linear_kd_loss(
+                    selected,
+                    weight,
+                    targets,
+                    temperature=kd.temperature,
+                    alpha=kd.alpha,
+                    kd_only=kd.beta == 0,
+                    token_weights=weights,
+                    **extra,
+                    **common,
+                )
+            return linear_kd_loss(
+                selected,
+                weight,
+                targets,
+                temperature=kd.temperature,
+                alpha=kd.alpha,
+                beta=kd.beta,
+                t2_scale=kd.t2_scale,
+                token_weights=weights,
+                **extra,
+                **common,
+            )
 
         loss, kd_part, ce_part = call_in_forward(head, loss_in_head, selected)
         if model.training:  # summed on the device: read once per log, not synced every micro-batch
@@ -245,8 +291,10 @@ class ClinKDTrainer(Trainer):
         loaded = {state[k].data_ptr() for k in state if k not in set(load_result.missing_keys)}
         missing = [k for k in load_result.missing_keys if k in state and state[k].data_ptr() not in loaded]
         if missing or load_result.unexpected_keys:
-            raise RuntimeError(f"the checkpoint does not match the model: missing {missing[:5]}, unexpected "
-                               f"{list(load_result.unexpected_keys)[:5]} (written by another model or layout?)")
+            raise RuntimeError(
+                f"the checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                f"{list(load_result.unexpected_keys)[:5]} (written by another model or layout?)"
+            )
         super()._issue_warnings_after_load(load_result)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

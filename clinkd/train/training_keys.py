@@ -87,8 +87,9 @@ def training_keywords(where: str, value) -> dict:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
     forced = sorted(set(value) & set(FORCED_ARGS))
     if forced:
-        raise ConfigError(f"{where}: {', '.join(forced)} are set by clinkd (output_dir per stage, "
-                          "resume with clinkd train --resume)")
+        raise ConfigError(
+            f"{where}: {', '.join(forced)} are set by clinkd (output_dir per stage, resume with clinkd train --resume)"
+        )
     for key, item in value.items():
         adapter = _adapter(key)
         if adapter is None:

@@ -22,14 +22,30 @@ bytes per token (bf16/fp16), freed when the backward returns.
 import triton
 import triton.language as tl
 
-from .fwd import mm, seq_bounds
 from ..rope.kernels import load_freq_axis, load_halves, load_rotated, store_halves, store_unrotated
+from .fwd import mm, seq_bounds
 
 
 @triton.jit
-def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, AXIS, QR, KR, DELTA, n_tokens, HQ, HKV,
-                             HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                             BLOCK: tl.constexpr):
+def mcg_attn_bwd_prep_kernel(
+    Q,
+    K,
+    O,
+    DO,
+    POS,
+    FREQ,
+    AXIS,
+    QR,
+    KR,
+    DELTA,
+    n_tokens,
+    HQ,
+    HKV,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Grid (cdiv(T_total, BLOCK), HQ + HKV). Programs h < HQ: QR[:, h] = rope(q[:, h]) and
     δ[h] = rowsum(dO·O) (fp32); programs h ≥ HQ: KR[:, h − HQ] = rope(k[:, h − HQ])."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -57,11 +73,31 @@ def mcg_attn_bwd_prep_kernel(Q, K, O, DO, POS, FREQ, AXIS, QR, KR, DELTA, n_toke
 
 @triton.jit
 def mcg_attn_bwd_dkdv_kernel(
-    QR, KR, V, MASK, CU, DO, LSE, DELTA, DKR, DV,
-    sm_scale, seqlen, n_tokens, HQ, GROUP, seq_bucket,
-    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    QR,
+    KR,
+    V,
+    MASK,
+    CU,
+    DO,
+    LSE,
+    DELTA,
+    DKR,
+    DV,
+    sm_scale,
+    seqlen,
+    n_tokens,
+    HQ,
+    GROUP,
+    seq_bucket,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dk_rot (fp32), dV for BLOCK_N keys of one KV head: loops over the group's query heads and query blocks.
     Grid (cdiv(max_len, BLOCK_N), HKV, B)."""
@@ -92,8 +128,11 @@ def mcg_attn_bwd_dkdv_kernel(
     cols = tl.arange(0, HALF_PAD)
     dcols = tl.arange(0, D_PAD)
     k1, k2 = load_halves(KR + offs_n * kv_tok_stride, n_ok, cols, HALF)
-    v = tl.load((V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
-                mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(
+        (V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
+        mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+        other=0.0,
+    )
     key_ok = n_ok
     if HAS_MASK:
         key_ok = key_ok & (tl.load(MASK + offs_n, mask=n_ok, other=0) != 0)
@@ -116,8 +155,11 @@ def mcg_attn_bwd_dkdv_kernel(
             offs_m = m_start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < length
             q1, q2 = load_halves(QR_h + offs_m * q_tok_stride, m_ok, cols, HALF)
-            do = tl.load((DO_h + offs_m * q_tok_stride)[:, None] + dcols[None, :],
-                         mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(
+                (DO_h + offs_m * q_tok_stride)[:, None] + dcols[None, :],
+                mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+                other=0.0,
+            )
             lse = tl.load(LSE_h + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA_h + offs_m, mask=m_ok, other=0.0)
             # Transposed scores sT [BLOCK_N, BLOCK_M], so dK/dV accumulate without a transpose.
@@ -134,17 +176,39 @@ def mcg_attn_bwd_dkdv_kernel(
             dk2 = mm(dst, q2, dk2, IEEE)
 
     store_halves(DKR + offs_n * kv_tok_stride, n_ok, dk1 * sm_scale, dk2 * sm_scale, cols, HALF)
-    tl.store((DV + offs_n * kv_tok_stride)[:, None] + dcols[None, :], dv.to(dtype),
-             mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM))
+    tl.store(
+        (DV + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
+        dv.to(dtype),
+        mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+    )
 
 
 @triton.jit
 def mcg_attn_bwd_dq_kernel(
-    QR, KR, V, MASK, CU, DO, LSE, DELTA, DQR,
-    sm_scale, seqlen, n_tokens, HQ, GROUP, seq_bucket,
-    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    QR,
+    KR,
+    V,
+    MASK,
+    CU,
+    DO,
+    LSE,
+    DELTA,
+    DQR,
+    sm_scale,
+    seqlen,
+    n_tokens,
+    HQ,
+    GROUP,
+    seq_bucket,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dq_rot (fp32) for BLOCK_M query rows of one head: loops over key blocks, recomputing P.
     Grid (cdiv(max_len, BLOCK_M), HQ, B)."""
@@ -175,8 +239,11 @@ def mcg_attn_bwd_dq_kernel(
     cols = tl.arange(0, HALF_PAD)
     dcols = tl.arange(0, D_PAD)
     q1, q2 = load_halves(QR + offs_m * q_tok_stride, m_ok, cols, HALF)
-    do = tl.load((DO + offs_m * q_tok_stride)[:, None] + dcols[None, :],
-                 mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(
+        (DO + offs_m * q_tok_stride)[:, None] + dcols[None, :],
+        mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+        other=0.0,
+    )
     lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
@@ -191,8 +258,11 @@ def mcg_attn_bwd_dq_kernel(
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < length
         k1, k2 = load_halves(KR + offs_n * kv_tok_stride, n_ok, cols, HALF)
-        v = tl.load((V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
-                    mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(
+            (V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
+            mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+            other=0.0,
+        )
         s = mm(q1, tl.trans(k1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         s = mm(q2, tl.trans(k2), s, IEEE)
         keep = n_ok[None, :]
@@ -210,8 +280,21 @@ def mcg_attn_bwd_dq_kernel(
 
 
 @triton.jit
-def mcg_attn_bwd_finish_kernel(DQR, DKR, POS, FREQ, AXIS, DQ, DK, n_tokens, HQ, HKV,
-                               HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def mcg_attn_bwd_finish_kernel(
+    DQR,
+    DKR,
+    POS,
+    FREQ,
+    AXIS,
+    DQ,
+    DK,
+    n_tokens,
+    HQ,
+    HKV,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Grid (cdiv(T_total, BLOCK), HQ + HKV): dq = rope⁻¹(dq_rot), dk = rope⁻¹(dk_rot) in the input dtype."""
     HALF: tl.constexpr = HEAD_DIM // 2
     h = tl.program_id(1)

@@ -21,8 +21,20 @@ _QKV_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: "cpu" and "torch" back
 _MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 
 
-def check_inputs(q, k, v, position_ids, inv_freq, mrope_section, mrope_interleaved, causal, softmax_scale,
-                 attention_mask, cu_seqlens, max_seqlen) -> tuple[tuple[int, int, int], float]:
+def check_inputs(
+    q,
+    k,
+    v,
+    position_ids,
+    inv_freq,
+    mrope_section,
+    mrope_interleaved,
+    causal,
+    softmax_scale,
+    attention_mask,
+    cu_seqlens,
+    max_seqlen,
+) -> tuple[tuple[int, int, int], float]:
     """Shape/dtype/device checks of ``mcg_rope_attention``'s arguments (no tensor values read).
 
     Padded form: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] or None.
@@ -65,8 +77,10 @@ def check_inputs(q, k, v, position_ids, inv_freq, mrope_section, mrope_interleav
         check_shape("k", k, [t, hkv, d])
         check_shape("position_ids", position_ids, [3, t])
         if attention_mask is not None:
-            raise ValueError("attention_mask is for the padded form (4-D q [B,S,Hq,D]); packed sequences "
-                             "are described by cu_seqlens alone")
+            raise ValueError(
+                "attention_mask is for the padded form (4-D q [B,S,Hq,D]); packed sequences "
+                "are described by cu_seqlens alone"
+            )
         if cu_seqlens is None:
             raise ValueError("3-D q [T,Hq,D] is the packed form and needs cu_seqlens (int32 [B+1])")
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
@@ -78,8 +92,15 @@ def check_inputs(q, k, v, position_ids, inv_freq, mrope_section, mrope_interleav
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_shape("inv_freq", inv_freq, [d // 2])
     section = check_mrope_section(mrope_section, d // 2, mrope_interleaved)
-    check_same_device(q=q, k=k, v=v, position_ids=position_ids, inv_freq=inv_freq, attention_mask=attention_mask,
-                      cu_seqlens=cu_seqlens)
+    check_same_device(
+        q=q,
+        k=k,
+        v=v,
+        position_ids=position_ids,
+        inv_freq=inv_freq,
+        attention_mask=attention_mask,
+        cu_seqlens=cu_seqlens,
+    )
     return section, scale
 
 

@@ -21,27 +21,33 @@ def _rotate(q, k, position_ids, inv_freq, mrope_section, interleaved):
     reference for float64)."""
     if q.dtype == torch.float64:
         return apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section, mrope_interleaved=interleaved)
-    return apply_mrope(q, k, position_ids, inv_freq.float(), mrope_section, mrope_interleaved=interleaved,
-                       backend="cpu")
+    return apply_mrope(
+        q, k, position_ids, inv_freq.float(), mrope_section, mrope_interleaved=interleaved, backend="cpu"
+    )
 
 
 def _sdpa(q, k, v, *, mask, causal, scale):
     """q [B,S,Hq,D], k/v [B,S,Hkv,D] (rotated) → [B,S,Hq,D]."""
     gqa = q.shape[2] != k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                                         enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
+    )
     return out.transpose(1, 2)
 
 
-def mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, mrope_section, interleaved, *, causal, scale,
-                           attention_mask, cu_seqlens):
+def mcg_rope_attention_cpu(
+    q, k, v, position_ids, inv_freq, mrope_section, interleaved, *, causal, scale, attention_mask, cu_seqlens
+):
     """Same contract as ``mcg_rope_attention_reference``; ``scale`` is already resolved."""
     q_rot, k_rot = _rotate(q, k, position_ids, inv_freq, mrope_section, interleaved)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
-        out = [_sdpa(q_rot[None, lo:hi], k_rot[None, lo:hi], v[None, lo:hi], mask=None, causal=causal, scale=scale)[0]
-               for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        out = [
+            _sdpa(q_rot[None, lo:hi], k_rot[None, lo:hi], v[None, lo:hi], mask=None, causal=causal, scale=scale)[0]
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+            if hi > lo
+        ]
         return torch.cat(out, dim=0) if out else q * 0  # no tokens at all (q * 0 keeps autograd)
     if attention_mask is None:
         return _sdpa(q_rot, k_rot, v, mask=None, causal=causal, scale=scale)

@@ -48,11 +48,31 @@ def mm(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def mcg_attn_fwd_kernel(
-    Q, K, V, POS, FREQ, AXIS, MASK, CU, O, LSE,
-    sm_scale, seqlen, n_tokens, HQ, GROUP, seq_bucket,
-    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    Q,
+    K,
+    V,
+    POS,
+    FREQ,
+    AXIS,
+    MASK,
+    CU,
+    O,
+    LSE,
+    sm_scale,
+    seqlen,
+    n_tokens,
+    HQ,
+    GROUP,
+    seq_bucket,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IEEE: tl.constexpr,
     K_ROTATED: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -112,8 +132,11 @@ def mcg_attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load((V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
-                    mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(
+            (V + offs_n * kv_tok_stride)[:, None] + dcols[None, :],
+            mask=n_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+            other=0.0,
+        )
         acc = acc * alpha[:, None]
         acc = mm(p.to(dtype), v, acc, IEEE)
         m_i = m_new
@@ -124,6 +147,9 @@ def mcg_attn_fwd_kernel(
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
     out = tl.where(row_ok[:, None], out, 0.0)
     lse = tl.where(row_ok, m_i + tl.log2(tl.where(row_ok, l_i, 1.0)), float("inf"))
-    tl.store((O + offs_m * q_tok_stride)[:, None] + dcols[None, :], out.to(dtype),
-             mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM))
+    tl.store(
+        (O + offs_m * q_tok_stride)[:, None] + dcols[None, :],
+        out.to(dtype),
+        mask=m_ok[:, None] & (dcols[None, :] < HEAD_DIM),
+    )
     tl.store(LSE + offs_m, lse, mask=m_ok)

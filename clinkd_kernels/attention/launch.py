@@ -19,8 +19,7 @@ from .._dispatch import triton_interpret
 from .._memory import empty_output
 from ..aot import KernelSpec, kernel_arguments, kernel_signature
 from ..rope.launch import mrope_rotate_triton
-from .bwd import (mcg_attn_bwd_dkdv_kernel, mcg_attn_bwd_dq_kernel, mcg_attn_bwd_finish_kernel,
-                  mcg_attn_bwd_prep_kernel)
+from .bwd import mcg_attn_bwd_dkdv_kernel, mcg_attn_bwd_dq_kernel, mcg_attn_bwd_finish_kernel, mcg_attn_bwd_prep_kernel
 from .fwd import mcg_attn_fwd_kernel
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, each compiled ahead of time without
@@ -81,15 +80,17 @@ def _arch(device: torch.device) -> int:
 @functools.cache
 def _tuned(kind: str, arch: int):
     """Kernel ``kind`` autotuned over CONFIGS[arch][kind], less the configs the head dim would spill in."""
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in CONFIGS[arch][kind]]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in CONFIGS[arch][kind]
+    ]
 
     def prune(configs, named_args, **kwargs):
         allowed = set(configs_for(kind, arch, kwargs["HEAD_DIM"]))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY + _EXTRA_KEY[kind],
-                           prune_configs_by={"early_config_prune": prune})(_KERNELS[kind])
+    return triton.autotune(
+        configs=configs, key=_AUTOTUNE_KEY + _EXTRA_KEY[kind], prune_configs_by={"early_config_prune": prune}
+    )(_KERNELS[kind])
 
 
 def _launch(kind: str, grid_rows: int, n_programs_1: int, batch: int, args: tuple, meta: dict) -> None:
@@ -98,7 +99,8 @@ def _launch(kind: str, grid_rows: int, n_programs_1: int, batch: int, args: tupl
         bm, bn = INTERPRETER_BLOCKS[kind]
         rows = bm if kind != "dkdv" else bn
         _KERNELS[kind][(triton.cdiv(grid_rows, rows), n_programs_1, batch)](
-            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1
+        )
         return
     fn = _tuned(kind, _arch(args[0].device))
     row_key = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
@@ -109,8 +111,12 @@ def _meta(q, causal, mask, cu_seqlens):
     """The constexprs every attention kernel takes, for flat q [T_total, HQ, D]."""
     d = q.shape[-1]
     return {
-        "HEAD_DIM": d, "HALF_PAD": triton.next_power_of_2(d // 2), "D_PAD": triton.next_power_of_2(d),
-        "CAUSAL": bool(causal), "HAS_MASK": mask is not None, "VARLEN": cu_seqlens is not None,
+        "HEAD_DIM": d,
+        "HALF_PAD": triton.next_power_of_2(d // 2),
+        "D_PAD": triton.next_power_of_2(d),
+        "CAUSAL": bool(causal),
+        "HAS_MASK": mask is not None,
+        "VARLEN": cu_seqlens is not None,
         "IEEE": q.dtype == torch.float32,
     }
 
@@ -121,8 +127,22 @@ def _common(q, k, seqlen, max_seqlen):
     return (seqlen, q.shape[0], q.shape[1], group, triton.next_power_of_2(max(max_seqlen, 1)))
 
 
-def attention_forward(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, *, causal: bool, scale: float,
-                      batch: int, seqlen: int, max_seqlen: int):
+def attention_forward(
+    q,
+    k,
+    v,
+    pos,
+    inv_freq,
+    axis,
+    mask,
+    cu_seqlens,
+    *,
+    causal: bool,
+    scale: float,
+    batch: int,
+    seqlen: int,
+    max_seqlen: int,
+):
     """out [T_total, HQ, D] (q's dtype), lse fp32 [HQ, T_total] (base-2, +inf on padded rows);
     axis: int32 [D/2], the rotary layout (``clinkd_kernels.rope.layout``)."""
     out = empty_output(q.shape, dtype=q.dtype, device=q.device)
@@ -141,8 +161,25 @@ def attention_forward(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, *, causal:
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens, *, causal: bool,
-                       scale: float, batch: int, seqlen: int, max_seqlen: int):
+def attention_backward(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    pos,
+    inv_freq,
+    axis,
+    mask,
+    cu_seqlens,
+    *,
+    causal: bool,
+    scale: float,
+    batch: int,
+    seqlen: int,
+    max_seqlen: int,
+):
     """(dq, dk, dv) shaped like (q, k, v), for the pre-rotary q and k."""
     n_tokens, hq, d = q.shape
     hkv = k.shape[1]
@@ -152,8 +189,24 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seql
     q_rot = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_rot = empty_output(k.shape, dtype=k.dtype, device=k.device)
     mcg_attn_bwd_prep_kernel[(triton.cdiv(n_tokens, PREP_BLOCK), hq + hkv)](
-        q, k, out, do, pos, inv_freq, axis, q_rot, k_rot, delta, n_tokens, hq, hkv,
-        HEAD_DIM=d, HALF_PAD=triton.next_power_of_2(d // 2), D_PAD=triton.next_power_of_2(d), BLOCK=PREP_BLOCK)
+        q,
+        k,
+        out,
+        do,
+        pos,
+        inv_freq,
+        axis,
+        q_rot,
+        k_rot,
+        delta,
+        n_tokens,
+        hq,
+        hkv,
+        HEAD_DIM=d,
+        HALF_PAD=triton.next_power_of_2(d // 2),
+        D_PAD=triton.next_power_of_2(d),
+        BLOCK=PREP_BLOCK,
+    )
     dq_rot = empty_output(q.shape, dtype=torch.float32, device=q.device)
     dk_rot = empty_output(k.shape, dtype=torch.float32, device=k.device)
     dv = empty_output(v.shape, dtype=v.dtype, device=v.device)
@@ -166,21 +219,52 @@ def attention_backward(do, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seql
     dq = empty_output(q.shape, dtype=q.dtype, device=q.device)
     dk = empty_output(k.shape, dtype=k.dtype, device=k.device)
     mcg_attn_bwd_finish_kernel[(triton.cdiv(n_tokens, PREP_BLOCK), hq + hkv)](
-        dq_rot, dk_rot, pos, inv_freq, axis, dq, dk, n_tokens, hq, hkv,
-        HEAD_DIM=d, HALF_PAD=triton.next_power_of_2(d // 2), BLOCK=PREP_BLOCK)
+        dq_rot,
+        dk_rot,
+        pos,
+        inv_freq,
+        axis,
+        dq,
+        dk,
+        n_tokens,
+        hq,
+        hkv,
+        HEAD_DIM=d,
+        HALF_PAD=triton.next_power_of_2(d // 2),
+        BLOCK=PREP_BLOCK,
+    )
     return dq, dk, dv
 
 
 def _attn_signature(kind: str, dtype) -> dict:
     """The runtime arguments of an attention kernel, typed for ``dtype`` q/k/v (read from the kernel)."""
     f32 = torch.float32
-    types = {"Q": dtype, "K": dtype, "QR": dtype, "KR": dtype, "V": dtype, "O": dtype, "DO": dtype, "DV": dtype,
-             "DQ": dtype, "DK": dtype, "POS": torch.int64, "FREQ": f32, "AXIS": torch.int32, "MASK": torch.int8, "CU": torch.int32,
-             "LSE": f32, "DELTA": f32, "DKR": f32, "DQR": f32}
+    types = {
+        "Q": dtype,
+        "K": dtype,
+        "QR": dtype,
+        "KR": dtype,
+        "V": dtype,
+        "O": dtype,
+        "DO": dtype,
+        "DV": dtype,
+        "DQ": dtype,
+        "DK": dtype,
+        "POS": torch.int64,
+        "FREQ": f32,
+        "AXIS": torch.int32,
+        "MASK": torch.int8,
+        "CU": torch.int32,
+        "LSE": f32,
+        "DELTA": f32,
+        "DKR": f32,
+        "DQR": f32,
+    }
     fn = {**_KERNELS, "prep": mcg_attn_bwd_prep_kernel, "finish": mcg_attn_bwd_finish_kernel}[kind]
     names = {name for name, is_constexpr in kernel_arguments(fn) if not is_constexpr}
-    return kernel_signature(fn, {k: v for k, v in types.items() if k in names},
-                            floats=tuple(n for n in ("sm_scale",) if n in names))
+    return kernel_signature(
+        fn, {k: v for k, v in types.items() if k in names}, floats=tuple(n for n in ("sm_scale",) if n in names)
+    )
 
 
 def aot_specs() -> list[KernelSpec]:
@@ -202,21 +286,54 @@ def aot_specs() -> list[KernelSpec]:
                 if (bm, bn, w, s) == configs_for(kind, arch, 72)[0]:  # Qwen3-VL's: its first allowed config
                     variants.append((72, torch.bfloat16, False, False, True, False))
                 for d, dtype, causal, has_mask, varlen, k_rotated in variants:
-                    consts = {"HEAD_DIM": d, "HALF_PAD": triton.next_power_of_2(d // 2),
-                              "D_PAD": triton.next_power_of_2(d), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal,
-                              "HAS_MASK": has_mask, "VARLEN": varlen, "IEEE": False}
+                    consts = {
+                        "HEAD_DIM": d,
+                        "HALF_PAD": triton.next_power_of_2(d // 2),
+                        "D_PAD": triton.next_power_of_2(d),
+                        "BLOCK_M": bm,
+                        "BLOCK_N": bn,
+                        "CAUSAL": causal,
+                        "HAS_MASK": has_mask,
+                        "VARLEN": varlen,
+                        "IEEE": False,
+                    }
                     if kind == "fwd":
                         consts["K_ROTATED"] = k_rotated
-                    form = " ".join(w for w, on in (("causal" if causal else "full", True), ("masked", has_mask),
-                                                    ("varlen", varlen), ("k-prerotated", k_rotated)) if on)
-                    specs.append(KernelSpec(
-                        fn, _attn_signature(kind, dtype), consts, num_warps=w, num_stages=s, archs=(arch,),
-                        label=f"sm{arch} {kind} D={d} {str(dtype)[6:]} {form} BM={bm} BN={bn} w={w} s={s}"))
+                    form = " ".join(
+                        w
+                        for w, on in (
+                            ("causal" if causal else "full", True),
+                            ("masked", has_mask),
+                            ("varlen", varlen),
+                            ("k-prerotated", k_rotated),
+                        )
+                        if on
+                    )
+                    specs.append(
+                        KernelSpec(
+                            fn,
+                            _attn_signature(kind, dtype),
+                            consts,
+                            num_warps=w,
+                            num_stages=s,
+                            archs=(arch,),
+                            label=f"sm{arch} {kind} D={d} {str(dtype)[6:]} {form} BM={bm} BN={bn} w={w} s={s}",
+                        )
+                    )
     for d, dtype in ((128, torch.bfloat16), (80, torch.float16), (72, torch.bfloat16)):
         half, dpad = triton.next_power_of_2(d // 2), triton.next_power_of_2(d)
-        for kind, fn, consts in (("prep", mcg_attn_bwd_prep_kernel, {"D_PAD": dpad}),
-                                 ("finish", mcg_attn_bwd_finish_kernel, {})):
-            specs.append(KernelSpec(
-                fn, _attn_signature(kind, dtype), {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK, **consts},
-                num_warps=4, num_stages=1, label=f"{kind} D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4"))
+        for kind, fn, consts in (
+            ("prep", mcg_attn_bwd_prep_kernel, {"D_PAD": dpad}),
+            ("finish", mcg_attn_bwd_finish_kernel, {}),
+        ):
+            specs.append(
+                KernelSpec(
+                    fn,
+                    _attn_signature(kind, dtype),
+                    {"HEAD_DIM": d, "HALF_PAD": half, "BLOCK": PREP_BLOCK, **consts},
+                    num_warps=4,
+                    num_stages=1,
+                    label=f"{kind} D={d} {str(dtype)[6:]} BLOCK={PREP_BLOCK} w=4",
+                )
+            )
     return specs

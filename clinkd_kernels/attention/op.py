@@ -35,23 +35,49 @@ def _grid_len(q, cu_seqlens, seqlen: int, max_seqlen: int) -> int:
         longest = max_seqlen if max_seqlen > 0 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     # Row offsets inside a sequence are 32-bit in the kernels.
     if longest * q.shape[1] * q.shape[2] >= 2**31:
-        raise ValueError(f"sequences of {longest} tokens × {q.shape[1]} heads × {q.shape[2]} dims exceed 2^31 "
-                         "elements; split them")
+        raise ValueError(
+            f"sequences of {longest} tokens × {q.shape[1]} heads × {q.shape[2]} dims exceed 2^31 elements; split them"
+        )
     return longest
 
 
 @torch.library.custom_op("clinkd::mcg_rope_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
-            axis: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, causal: bool,
-            scale: float, batch: int, seqlen: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    axis: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    batch: int,
+    seqlen: int,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [N,Hq,D], lse fp32 [Hq,N]); axis int32 [D/2] (the rotary layout); max_seqlen ≤ 0 means "read
     it from cu_seqlens"."""
     from .launch import attention_forward
 
     longest = check_values(cu_seqlens, q.shape[0], max_seqlen if max_seqlen > 0 else None)
     longest = _grid_len(q, cu_seqlens, seqlen, longest or 0)
-    return attention_forward(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, causal=causal, scale=scale,
-                             batch=batch, seqlen=seqlen, max_seqlen=longest)
+    return attention_forward(
+        q,
+        k,
+        v,
+        pos,
+        inv_freq,
+        axis,
+        mask,
+        cu_seqlens,
+        causal=causal,
+        scale=scale,
+        batch=batch,
+        seqlen=seqlen,
+        max_seqlen=longest,
+    )
 
 
 @_fwd_op.register_fake
@@ -60,21 +86,50 @@ def _(q, k, v, pos, inv_freq, axis, mask, cu_seqlens, causal, scale, batch, seql
 
 
 @torch.library.custom_op("clinkd::mcg_rope_attention_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor,
-            mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, causal: bool, scale: float, batch: int,
-            seqlen: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    axis: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    batch: int,
+    seqlen: int,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the pre-rotary q, k and for v."""
     from .launch import attention_backward
 
     longest = _grid_len(q, cu_seqlens, seqlen, max_seqlen)
-    return attention_backward(grad_out.contiguous(), q, k, v, out, lse, pos, inv_freq, axis, mask,
-                              cu_seqlens, causal=causal, scale=scale, batch=batch, seqlen=seqlen, max_seqlen=longest)
+    return attention_backward(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        pos,
+        inv_freq,
+        axis,
+        mask,
+        cu_seqlens,
+        causal=causal,
+        scale=scale,
+        batch=batch,
+        seqlen=seqlen,
+        max_seqlen=longest,
+    )
 
 
 @_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens, causal, scale, batch, seqlen,
-      max_seqlen):
+def _(grad_out, q, k, v, out, lse, pos, inv_freq, axis, mask, cu_seqlens, causal, scale, batch, seqlen, max_seqlen):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -94,15 +149,18 @@ def _backward(ctx, grad_out, grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_attention(q, k, v, position_ids, inv_freq, section, interleaved, *, causal, scale, attention_mask,
-                      cu_seqlens, max_seqlen):
+def _triton_attention(
+    q, k, v, position_ids, inv_freq, section, interleaved, *, causal, scale, attention_mask, cu_seqlens, max_seqlen
+):
     """The "triton" backend: q [B,S,Hq,D] / [T,Hq,D] and k, v flattened to tokens, the custom op, out shaped
     like q (inputs already validated)."""
     if q.dtype == torch.float64:
         raise TypeError("q is float64, which the Triton kernels do not support; use backend='torch' or 'cpu'")
     if triton_interpret() and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError("q is bfloat16, which the Triton interpreter cannot multiply correctly (tl.dot); use "
-                        "float16/float32 on CPU, or a CUDA device for bfloat16")
+        raise TypeError(
+            "q is bfloat16, which the Triton interpreter cannot multiply correctly (tl.dot); use "
+            "float16/float32 on CPU, or a CUDA device for bfloat16"
+        )
     padded = q.dim() == 4
     if padded:
         batch, seqlen = q.shape[:2]
@@ -115,19 +173,43 @@ def _triton_attention(q, k, v, position_ids, inv_freq, section, interleaved, *, 
     flat = lambda t: t.contiguous().reshape(-1, t.shape[-2], t.shape[-1])  # noqa: E731
     pos = position_ids.reshape(3, -1).to(torch.int64).contiguous()
     axis = axis_tensor(section, interleaved, q.device)
-    out, _ = _fwd_op(flat(q), flat(k), flat(v), pos, inv_freq.to(torch.float32).contiguous(), axis, mask, cu_seqlens,
-                     causal, scale, batch, seqlen, grid_len)
+    out, _ = _fwd_op(
+        flat(q),
+        flat(k),
+        flat(v),
+        pos,
+        inv_freq.to(torch.float32).contiguous(),
+        axis,
+        mask,
+        cu_seqlens,
+        causal,
+        scale,
+        batch,
+        seqlen,
+        grid_len,
+    )
     return out.view(q.shape)
 
 
 # --------------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------------
-def mcg_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
-                       inv_freq: torch.Tensor, mrope_section, *, mrope_interleaved: bool = False, causal: bool = True,
-                       softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
-                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                       backend: str | None = None) -> torch.Tensor:
+def mcg_rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section,
+    *,
+    mrope_interleaved: bool = False,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Attention with M-RoPE applied to q and k inside the kernel (angles from positions, no cos/sin tensors).
 
     Padded form: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S] (t, h, w rows), optional
@@ -145,20 +227,65 @@ def mcg_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     backend: "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1), "cpu" (rotation + SDPA) or "torch"
     (the reference); default from CLINKD_BACKEND, else by device.
     """
-    section, scale = check_inputs(q, k, v, position_ids, inv_freq, mrope_section, mrope_interleaved, causal,
-                                  softmax_scale, attention_mask, cu_seqlens, max_seqlen)
+    section, scale = check_inputs(
+        q,
+        k,
+        v,
+        position_ids,
+        inv_freq,
+        mrope_section,
+        mrope_interleaved,
+        causal,
+        softmax_scale,
+        attention_mask,
+        cu_seqlens,
+        max_seqlen,
+    )
     chosen = resolve_backend("mcg_rope_attention", backend, q.device)
     if chosen == "triton":
-        return _triton_attention(q, k, v, position_ids, inv_freq, section, mrope_interleaved, causal=causal, scale=scale,
-                                 attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return _triton_attention(
+            q,
+            k,
+            v,
+            position_ids,
+            inv_freq,
+            section,
+            mrope_interleaved,
+            causal=causal,
+            scale=scale,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+        )
     check_values(cu_seqlens, q.shape[0], max_seqlen)
     if chosen == "cpu":
         from .cpu import mcg_rope_attention_cpu
 
-        return mcg_rope_attention_cpu(q, k, v, position_ids, inv_freq, section, mrope_interleaved, causal=causal,
-                                      scale=scale, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        return mcg_rope_attention_cpu(
+            q,
+            k,
+            v,
+            position_ids,
+            inv_freq,
+            section,
+            mrope_interleaved,
+            causal=causal,
+            scale=scale,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+        )
     from .reference import mcg_rope_attention_reference
 
-    return mcg_rope_attention_reference(q, k, v, position_ids, inv_freq, section, mrope_interleaved=mrope_interleaved,
-                                        causal=causal, softmax_scale=scale, attention_mask=attention_mask,
-                                        cu_seqlens=cu_seqlens)
+    return mcg_rope_attention_reference(
+        q,
+        k,
+        v,
+        position_ids,
+        inv_freq,
+        section,
+        mrope_interleaved=mrope_interleaved,
+        causal=causal,
+        softmax_scale=scale,
+        attention_mask=attention_mask,
+        cu_seqlens=cu_seqlens,
+    )

@@ -19,8 +19,9 @@ import torch
 from ..rope.reference import apply_mrope_reference
 
 
-def _padded_attention(q, k, v, position_ids, inv_freq, mrope_section, *, causal, scale, attention_mask,
-                      interleaved=False):
+def _padded_attention(
+    q, k, v, position_ids, inv_freq, mrope_section, *, causal, scale, attention_mask, interleaved=False
+):
     """q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] or None → [B,S,Hq,D]."""
     b, s, hq, _ = q.shape
     group = hq // k.shape[2]
@@ -46,20 +47,52 @@ def _padded_attention(q, k, v, position_ids, inv_freq, mrope_section, *, causal,
     return out
 
 
-def mcg_rope_attention_reference(q, k, v, position_ids, inv_freq, mrope_section, *, mrope_interleaved: bool = False,
-                                 causal: bool = True, softmax_scale: float | None = None, attention_mask=None,
-                                 cu_seqlens=None):
+def mcg_rope_attention_reference(
+    q,
+    k,
+    v,
+    position_ids,
+    inv_freq,
+    mrope_section,
+    *,
+    mrope_interleaved: bool = False,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    attention_mask=None,
+    cu_seqlens=None,
+):
     """Padded form: q [B,S,Hq,D], k/v [B,S,Hkv,D], position_ids [3,B,S], attention_mask [B,S] → [B,S,Hq,D].
     Packed form: q [T,Hq,D], k/v [T,Hkv,D], position_ids [3,T], cu_seqlens [B+1] → [T,Hq,D]
     (each sequence attended on its own)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if cu_seqlens is None:
-        return _padded_attention(q, k, v, position_ids, inv_freq, mrope_section, causal=causal, scale=scale,
-                                 attention_mask=attention_mask, interleaved=mrope_interleaved)
+        return _padded_attention(
+            q,
+            k,
+            v,
+            position_ids,
+            inv_freq,
+            mrope_section,
+            causal=causal,
+            scale=scale,
+            attention_mask=attention_mask,
+            interleaved=mrope_interleaved,
+        )
     outs = []
     bounds = cu_seqlens.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        outs.append(_padded_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], position_ids[:, None, lo:hi],
-                                      inv_freq, mrope_section, causal=causal, scale=scale, attention_mask=None,
-                                      interleaved=mrope_interleaved)[0])
+        outs.append(
+            _padded_attention(
+                q[None, lo:hi],
+                k[None, lo:hi],
+                v[None, lo:hi],
+                position_ids[:, None, lo:hi],
+                inv_freq,
+                mrope_section,
+                causal=causal,
+                scale=scale,
+                attention_mask=None,
+                interleaved=mrope_interleaved,
+            )[0]
+        )
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)

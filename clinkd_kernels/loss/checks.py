@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import (FLOAT_DTYPES, check_int, check_nonnegative_float, check_same_device, check_shape,
-                           check_temperature, check_tensor, first_rows)
+from .._validation import (
+    FLOAT_DTYPES,
+    check_int,
+    check_nonnegative_float,
+    check_same_device,
+    check_shape,
+    check_temperature,
+    check_tensor,
+    first_rows,
+)
 from ..topk import PseudoLabels
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,13 +52,23 @@ def check_rows(labels, token_weights, n_rows: int, ref_name: str, ref: torch.Ten
 def _check_vocab(name: str, what: str, got: int, student_vocab: int | None) -> None:
     """The student needs V >= 1; a teacher at least the student's V (its columns beyond V are dropped)."""
     if got < (1 if student_vocab is None else student_vocab):
-        want = f"at least one {what} (V >= 1)" if student_vocab is None else \
-            f"at least the student's V={student_vocab} {what}s"
+        want = (
+            f"at least one {what} (V >= 1)"
+            if student_vocab is None
+            else f"at least the student's V={student_vocab} {what}s"
+        )
         raise ValueError(f"{name} must have {want}, got {got}")
 
 
-def check_logits(name: str, logits, *, n_rows: int | None = None, student_vocab: int | None = None,
-                 ref_name: str | None = None, ref=None) -> None:
+def check_logits(
+    name: str,
+    logits,
+    *,
+    n_rows: int | None = None,
+    student_vocab: int | None = None,
+    ref_name: str | None = None,
+    ref=None,
+) -> None:
     """logits [N, V]: the student's (``student_vocab`` None: V >= 1) or a teacher's (V >= student_vocab,
     [n_rows, *], on ``ref``'s device)."""
     check_tensor(name, logits, ndim=2, dtypes=REFERENCE_DTYPES)
@@ -61,8 +79,17 @@ def check_logits(name: str, logits, *, n_rows: int | None = None, student_vocab:
         check_same_device(**{ref_name: ref, name: logits})
 
 
-def check_lm_head(prefix: str, hidden, weight, bias, *, n_rows: int | None = None, student_vocab: int | None = None,
-                  ref_name: str, ref) -> None:
+def check_lm_head(
+    prefix: str,
+    hidden,
+    weight,
+    bias,
+    *,
+    n_rows: int | None = None,
+    student_vocab: int | None = None,
+    ref_name: str,
+    ref,
+) -> None:
     """An lm_head's inputs: {prefix}hidden [N, Hd], {prefix}weight [V, Hd], {prefix}bias [V] or None, one
     dtype, on ``ref``'s device. The student's head (prefix "", ``student_vocab`` None) needs V >= 1; a
     teacher's (prefix "teacher_") [n_rows, *] hidden states and V >= student_vocab."""
@@ -84,14 +111,17 @@ def check_lm_head(prefix: str, hidden, weight, bias, *, n_rows: int | None = Non
         check_same_device(**{ref_name: ref, b: bias})
 
 
-def check_teacher(alpha: float, has_dense: bool, teacher, *, n_rows: int, vocab: int, ref_name: str,
-                  ref: torch.Tensor) -> None:
+def check_teacher(
+    alpha: float, has_dense: bool, teacher, *, n_rows: int, vocab: int, ref_name: str, ref: torch.Tensor
+) -> None:
     """At most one teacher, one when alpha > 0; ``teacher`` pseudo-labels of [N, k] with 1 <= k <= V."""
     if has_dense and teacher is not None:
         raise ValueError("give either a dense teacher or `teacher` pseudo-labels, not both")
     if alpha > 0 and not has_dense and teacher is None:
-        raise ValueError("alpha > 0 needs a teacher: pass the dense teacher or `teacher` pseudo-labels "
-                         "(or alpha=0 for cross-entropy alone)")
+        raise ValueError(
+            "alpha > 0 needs a teacher: pass the dense teacher or `teacher` pseudo-labels "
+            "(or alpha=0 for cross-entropy alone)"
+        )
     if teacher is None:
         return
     if not isinstance(teacher, PseudoLabels):
@@ -105,8 +135,14 @@ def check_teacher(alpha: float, has_dense: bool, teacher, *, n_rows: int, vocab:
     check_shape("teacher.logprobs", teacher.logprobs, [n_rows, k])
     check_tensor("teacher.residual", teacher.residual, ndim=1, dtypes=REFERENCE_DTYPES)
     check_shape("teacher.residual", teacher.residual, [n_rows])
-    check_same_device(**{ref_name: ref, "teacher.indices": teacher.indices, "teacher.logprobs": teacher.logprobs,
-                         "teacher.residual": teacher.residual})
+    check_same_device(
+        **{
+            ref_name: ref,
+            "teacher.indices": teacher.indices,
+            "teacher.logprobs": teacher.logprobs,
+            "teacher.residual": teacher.residual,
+        }
+    )
 
 
 def bad_teacher_rows(teacher_logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int):
@@ -118,12 +154,15 @@ def bad_teacher_rows(teacher_logits: torch.Tensor, labels: torch.Tensor, vocab: 
 
 
 def bad_teacher_message(bad: torch.Tensor) -> str:
-    return (f"teacher logits rows must hold no NaN or +inf and at least one finite value (they define the "
-            f"teacher's distribution); rows {first_rows(bad)} do not")
+    return (
+        f"teacher logits rows must hold no NaN or +inf and at least one finite value (they define the "
+        f"teacher's distribution); rows {first_rows(bad)} do not"
+    )
 
 
-def check_values(labels: torch.Tensor, vocab: int, ignore_index: int, token_weights, topk,
-                 teacher_logits: torch.Tensor | None = None) -> None:
+def check_values(
+    labels: torch.Tensor, vocab: int, ignore_index: int, token_weights, topk, teacher_logits: torch.Tensor | None = None
+) -> None:
     """Checks that read tensor values (one host sync): labels, token weights, pseudo-labels, dense
     teacher logits.
 
@@ -131,31 +170,64 @@ def check_values(labels: torch.Tensor, vocab: int, ignore_index: int, token_weig
     keeps them without a graph break. Every check's row mask is built on the device and their
     ``any()`` flags come to the host together; the first failing check (in the order below) raises.
     """
-    checks = [((labels != ignore_index) & ((labels < 0) | (labels >= vocab)),
-               lambda bad: f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                           f"rows {first_rows(bad)} hold e.g. {labels[bad][:3].tolist()}")]
+    checks = [
+        (
+            (labels != ignore_index) & ((labels < 0) | (labels >= vocab)),
+            lambda bad: (
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"rows {first_rows(bad)} hold e.g. {labels[bad][:3].tolist()}"
+            ),
+        )
+    ]
     if token_weights is not None:
-        checks.append((~torch.isfinite(token_weights) | (token_weights < 0),
-                       lambda bad: f"token_weights must be finite and >= 0; rows {first_rows(bad)} are not"))
+        checks.append(
+            (
+                ~torch.isfinite(token_weights) | (token_weights < 0),
+                lambda bad: f"token_weights must be finite and >= 0; rows {first_rows(bad)} are not",
+            )
+        )
     if topk is not None:
         idx, lp, res = topk
-        checks.append((((idx < 0) | (idx >= vocab)).any(1),
-                       lambda bad: f"teacher.indices must be in [0, {vocab}) (the student vocabulary); "
-                                   f"rows {first_rows(bad)} are not"))
+        checks.append(
+            (
+                ((idx < 0) | (idx >= vocab)).any(1),
+                lambda bad: (
+                    f"teacher.indices must be in [0, {vocab}) (the student vocabulary); rows {first_rows(bad)} are not"
+                ),
+            )
+        )
         if idx.shape[1] > 1:
             srt = idx.sort(dim=1).values
-            checks.append(((srt[:, 1:] == srt[:, :-1]).any(1),
-                           lambda bad: f"teacher.indices must not repeat a token within a row; "
-                                       f"rows {first_rows(bad)} do"))
+            checks.append(
+                (
+                    (srt[:, 1:] == srt[:, :-1]).any(1),
+                    lambda bad: f"teacher.indices must not repeat a token within a row; rows {first_rows(bad)} do",
+                )
+            )
         # log-probabilities are <= 0 up to rounding; the residual is a probability mass.
-        checks.append(((torch.isnan(lp) | (lp > 1e-4)).any(1),
-                       lambda bad: f"teacher.logprobs must be log-probabilities (<= 0, no NaN); "
-                                   f"rows {first_rows(bad)} are not"))
-        checks.append((~(res >= 0) | (res > 1 + 1e-4),
-                       lambda bad: f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not"))
-        checks.append((lp.double().exp().sum(1) > 1 + 1e-4,
-                       lambda bad: f"teacher.logprobs must be the log-probabilities of one distribution (their "
-                                   f"probabilities sum to at most 1); rows {first_rows(bad)} sum above 1"))
+        checks.append(
+            (
+                (torch.isnan(lp) | (lp > 1e-4)).any(1),
+                lambda bad: (
+                    f"teacher.logprobs must be log-probabilities (<= 0, no NaN); rows {first_rows(bad)} are not"
+                ),
+            )
+        )
+        checks.append(
+            (
+                ~(res >= 0) | (res > 1 + 1e-4),
+                lambda bad: f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not",
+            )
+        )
+        checks.append(
+            (
+                lp.double().exp().sum(1) > 1 + 1e-4,
+                lambda bad: (
+                    f"teacher.logprobs must be the log-probabilities of one distribution (their "
+                    f"probabilities sum to at most 1); rows {first_rows(bad)} sum above 1"
+                ),
+            )
+        )
     if teacher_logits is not None:
         bad_teacher = bad_teacher_rows(teacher_logits, labels, vocab, ignore_index)
         checks.append((bad_teacher, bad_teacher_message))

@@ -13,11 +13,34 @@ from __future__ import annotations
 import torch
 
 
-def kd_rows_cpu(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None, topk=None, inv_t: float,
-                ignore_index: int, coef_kd: torch.Tensor, coef_ce: torch.Tensor, kd_out: torch.Tensor,
-                ce_out: torch.Tensor, grad_out: torch.Tensor | None) -> None:
+def kd_rows_cpu(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_logits=None,
+    topk=None,
+    inv_t: float,
+    ignore_index: int,
+    coef_kd: torch.Tensor,
+    coef_ce: torch.Tensor,
+    kd_out: torch.Tensor,
+    ce_out: torch.Tensor,
+    grad_out: torch.Tensor | None,
+) -> None:
     """Rows of z [n, V] by the C++ kernel: writes kd_out, ce_out [n] and, when given, grad_out [n, V]."""
     idx, logprobs, residual = (None, None, None) if topk is None else topk
-    torch.ops.clinkd.kd_rows_ext(z, labels.contiguous(), teacher_logits, idx, logprobs, residual, float(inv_t),
-                                 int(ignore_index), coef_kd.contiguous(), coef_ce.contiguous(), kd_out, ce_out,
-                                 grad_out)
+    torch.ops.clinkd.kd_rows_ext(
+        z,
+        labels.contiguous(),
+        teacher_logits,
+        idx,
+        logprobs,
+        residual,
+        float(inv_t),
+        int(ignore_index),
+        coef_kd.contiguous(),
+        coef_ce.contiguous(),
+        kd_out,
+        ce_out,
+        grad_out,
+    )

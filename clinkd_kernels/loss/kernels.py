@@ -57,16 +57,32 @@ def _in_topk(bits_row, offs, mask):
 
 @triton.jit
 def kd_rows_kernel(
-    z_ptr, stride_z,                                # student logits [n, V]
-    t_ptr, stride_t,                                # dense teacher logits [n, >= V] (TEACHER == DENSE)
-    idx_ptr, lp_ptr, stride_k, res_ptr, K,          # top-k indices / log-probs [n, K], residual [n] (SPARSE)
-    bits_ptr, stride_bits,                          # top-k bitmap [n, ceil(V / 32)] int32 (SPARSE)
-    labels_ptr, ckd_ptr, cce_ptr,                   # [n] labels, per-row gradient coefficients
-    kd_ptr, ce_ptr,                                 # [n] fp32 outputs: raw KD_i, CE_i
-    g_ptr, stride_g,                                # [n, V] gradient output (may be z_ptr)
-    V, inv_t, ignore_index,
-    TEACHER: tl.constexpr, WRITE_GRAD: tl.constexpr, T_IS_ONE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    z_ptr,
+    stride_z,  # student logits [n, V]
+    t_ptr,
+    stride_t,  # dense teacher logits [n, >= V] (TEACHER == DENSE)
+    idx_ptr,
+    lp_ptr,
+    stride_k,
+    res_ptr,
+    K,  # top-k indices / log-probs [n, K], residual [n] (SPARSE)
+    bits_ptr,
+    stride_bits,  # top-k bitmap [n, ceil(V / 32)] int32 (SPARSE)
+    labels_ptr,
+    ckd_ptr,
+    cce_ptr,  # [n] labels, per-row gradient coefficients
+    kd_ptr,
+    ce_ptr,  # [n] fp32 outputs: raw KD_i, CE_i
+    g_ptr,
+    stride_g,  # [n, V] gradient output (may be z_ptr)
+    V,
+    inv_t,
+    ignore_index,
+    TEACHER: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    T_IS_ONE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -80,8 +96,9 @@ def kd_rows_kernel(
     else:
         t_row = t_ptr + row * stride_t
         bits_row = bits_ptr + row * stride_bits
-        m_s, d_s, m_1, d_1, m_t, d_t, acc_t, m_r, d_r = _lse_pass(z_row, t_row, bits_row, cols, V, inv_t, TEACHER,
-                                                                  T_IS_ONE, BLOCK_V)
+        m_s, d_s, m_1, d_1, m_t, d_t, acc_t, m_r, d_r = _lse_pass(
+            z_row, t_row, bits_row, cols, V, inv_t, TEACHER, T_IS_ONE, BLOCK_V
+        )
         # Log-sum-exps stay split as (max m, log Σ e^{x−m}) and log-probabilities are formed as
         # (x − m) − log Σ, the order torch's log_softmax rounds in; m + log Σ would round to ulp(|lse|).
         ld_s = tl.log(d_s)
@@ -100,8 +117,20 @@ def kd_rows_kernel(
         if TEACHER == 2:
             koffs = tl.arange(0, BLOCK_K)
             kmask = koffs < K
-            kd, p, r, ld_r = _sparse_kd(z_row, idx_ptr + row * stride_k + koffs, lp_ptr + row * stride_k + koffs,
-                                        res_ptr + row, kmask, K, V, inv_t, m_s, ld_s, m_r, d_r)
+            kd, p, r, ld_r = _sparse_kd(
+                z_row,
+                idx_ptr + row * stride_k + koffs,
+                lp_ptr + row * stride_k + koffs,
+                res_ptr + row,
+                kmask,
+                K,
+                V,
+                inv_t,
+                m_s,
+                ld_s,
+                m_r,
+                d_r,
+            )
         tl.store(ce_ptr + row, ce)
 
         # ---- pass 2: the gradient of coef_kd·KD + coef_ce·CE w.r.t. the logits
@@ -112,21 +141,64 @@ def kd_rows_kernel(
             kd_on = ckd != 0
             ce_on = cce != 0
             ckd_t = ckd * inv_t
-            kd_acc = kd * 0.0   # NaN where pass 1's KD is: a NaN row stays NaN
+            kd_acc = kd * 0.0  # NaN where pass 1's KD is: a NaN row stays NaN
             if TEACHER == 2:
                 mass = tl.sum(p, axis=0) + r
                 rest_on = (r > 0) & (d_r > 0)
                 m_r_ref = tl.where(d_r > 0, m_r, 0.0)
             else:  # unused: only the sparse teacher's pass 2 reads them
                 mass, rest_on, m_r_ref, r, ld_r = kd, kd, kd, kd, kd
-            kd_acc = _grad_pass(z_row, t_row, bits_row, g_row, cols, label, V, inv_t, kd_on, ce_on, ckd_t, cce, kd_acc,
-                                m_s, ld_s, m_1, ld_1, m_t, ld_t, mass, rest_on, m_r_ref, r, ld_r, TEACHER, T_IS_ONE,
-                                BLOCK_V)
+            kd_acc = _grad_pass(
+                z_row,
+                t_row,
+                bits_row,
+                g_row,
+                cols,
+                label,
+                V,
+                inv_t,
+                kd_on,
+                ce_on,
+                ckd_t,
+                cce,
+                kd_acc,
+                m_s,
+                ld_s,
+                m_1,
+                ld_1,
+                m_t,
+                ld_t,
+                mass,
+                rest_on,
+                m_r_ref,
+                r,
+                ld_r,
+                TEACHER,
+                T_IS_ONE,
+                BLOCK_V,
+            )
             if TEACHER == 2:
                 # Reloaded rather than kept live through pass 2 (registers): pass 2 never stores to
                 # the top-k columns, so z there still holds the logits even when g_ptr == z_ptr.
-                _topk_grad(z_row, g_row, idx_ptr + row * stride_k + koffs, lp_ptr + row * stride_k + koffs, kmask,
-                           label, inv_t, kd_on, ce_on, ckd_t, cce, m_s, ld_s, m_1, ld_1, mass, T_IS_ONE)
+                _topk_grad(
+                    z_row,
+                    g_row,
+                    idx_ptr + row * stride_k + koffs,
+                    lp_ptr + row * stride_k + koffs,
+                    kmask,
+                    label,
+                    inv_t,
+                    kd_on,
+                    ce_on,
+                    ckd_t,
+                    cce,
+                    m_s,
+                    ld_s,
+                    m_1,
+                    ld_1,
+                    mass,
+                    T_IS_ONE,
+                )
             if TEACHER == 1:
                 # pass 1's +inf (teacher mass where the student has −inf) stands: kd_acc is NaN there
                 kd = tl.where(kd == float("inf"), kd, kd_acc)
@@ -145,8 +217,9 @@ def _zero_row(kd_out, ce_out, g_row, cols, V, WRITE_GRAD: tl.constexpr, BLOCK_V:
 
 
 @triton.jit
-def _lse_pass(z_row, t_row, bits_row, cols, V, inv_t, TEACHER: tl.constexpr, T_IS_ONE: tl.constexpr,
-              BLOCK_V: tl.constexpr):
+def _lse_pass(
+    z_row, t_row, bits_row, cols, V, inv_t, TEACHER: tl.constexpr, T_IS_ONE: tl.constexpr, BLOCK_V: tl.constexpr
+):
     """Pass 1 over the row's [V] logits in tiles of BLOCK_V: running (max, Σ exp) pairs of z/T (m_s, d_s),
     of z (m_1, d_1; skipped when T == 1), of the dense teacher u = t/T (m_t, d_t, with
     acc_t = Σ e^{u − m_t}(u − z/T)) and of z/T outside the top k (m_r, d_r)."""
@@ -205,9 +278,35 @@ def _sparse_kd(z_row, idx_row, lp_row, res, kmask, K, V, inv_t, m_s, ld_s, m_r, 
 
 
 @triton.jit
-def _grad_pass(z_row, t_row, bits_row, g_row, cols, label, V, inv_t, kd_on, ce_on, ckd_t, cce, kd_acc, m_s, ld_s,
-               m_1, ld_1, m_t, ld_t, mass, rest_on, m_r_ref, r, ld_r, TEACHER: tl.constexpr, T_IS_ONE: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+def _grad_pass(
+    z_row,
+    t_row,
+    bits_row,
+    g_row,
+    cols,
+    label,
+    V,
+    inv_t,
+    kd_on,
+    ce_on,
+    ckd_t,
+    cce,
+    kd_acc,
+    m_s,
+    ld_s,
+    m_1,
+    ld_1,
+    m_t,
+    ld_t,
+    mass,
+    rest_on,
+    m_r_ref,
+    r,
+    ld_r,
+    TEACHER: tl.constexpr,
+    T_IS_ONE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Pass 2 over the row's [V] logits: writes the gradient of coef_kd·KD + coef_ce·CE into g_row (every
     column but the top-k ones, which ``_topk_grad`` writes); returns kd_acc plus KD re-summed term by
     term (dense teacher)."""
@@ -242,8 +341,25 @@ def _grad_pass(z_row, t_row, bits_row, g_row, cols, label, V, inv_t, kd_on, ce_o
 
 
 @triton.jit
-def _topk_grad(z_row, g_row, idx_row, lp_row, kmask, label, inv_t, kd_on, ce_on, ckd_t, cce, m_s, ld_s, m_1, ld_1,
-               mass, T_IS_ONE: tl.constexpr):
+def _topk_grad(
+    z_row,
+    g_row,
+    idx_row,
+    lp_row,
+    kmask,
+    label,
+    inv_t,
+    kd_on,
+    ce_on,
+    ckd_t,
+    cce,
+    m_s,
+    ld_s,
+    m_1,
+    ld_1,
+    mass,
+    T_IS_ONE: tl.constexpr,
+):
     """The gradient at the top-k columns idx_row [BLOCK_K]: coef_ce·(softmax(z) − onehot) + coef_kd/T·(P q − p)."""
     neg_inf = float("-inf")
     idx = tl.load(idx_row, mask=kmask, other=0).to(tl.int64)

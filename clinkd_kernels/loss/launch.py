@@ -35,9 +35,20 @@ def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
-def kd_rows_triton(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None, topk=None, inv_t: float,
-                   ignore_index: int, coef_kd: torch.Tensor, coef_ce: torch.Tensor, kd_out: torch.Tensor,
-                   ce_out: torch.Tensor, grad_out: torch.Tensor | None) -> None:
+def kd_rows_triton(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_logits=None,
+    topk=None,
+    inv_t: float,
+    ignore_index: int,
+    coef_kd: torch.Tensor,
+    coef_ce: torch.Tensor,
+    kd_out: torch.Tensor,
+    ce_out: torch.Tensor,
+    grad_out: torch.Tensor | None,
+) -> None:
     """Launch the kernel over the rows of z [n, V] (last dim contiguous).
 
     teacher_logits [n, >= V] or topk = (indices [n, k], logprobs [n, k], residual [n]) or neither.
@@ -68,11 +79,33 @@ def kd_rows_triton(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None
         stride_bits = bits.stride(0)
     g, stride_g = (grad_out, grad_out.stride(0)) if grad_out is not None else (dummy, 0)
     kd_rows_kernel[(n,)](
-        z, z.stride(0), t, stride_t, idx, lp, stride_k, res, k, bits, stride_bits,
-        labels, coef_kd, coef_ce, kd_out, ce_out, g, stride_g,
-        vocab, float(inv_t), int(ignore_index),
-        TEACHER=mode, WRITE_GRAD=grad_out is not None, T_IS_ONE=inv_t == 1.0,
-        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=_num_warps(block_v),
+        z,
+        z.stride(0),
+        t,
+        stride_t,
+        idx,
+        lp,
+        stride_k,
+        res,
+        k,
+        bits,
+        stride_bits,
+        labels,
+        coef_kd,
+        coef_ce,
+        kd_out,
+        ce_out,
+        g,
+        stride_g,
+        vocab,
+        float(inv_t),
+        int(ignore_index),
+        TEACHER=mode,
+        WRITE_GRAD=grad_out is not None,
+        T_IS_ONE=inv_t == 1.0,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=_num_warps(block_v),
     )
 
 
@@ -82,22 +115,37 @@ def aot_specs() -> list[KernelSpec]:
 
     def spec(dtype, mode, block_k=1, t_is_one=False, write_grad=True):
         sparse = mode == SPARSE
-        sig = kernel_signature(kd_rows_kernel, {
-            "z_ptr": dtype, "t_ptr": dtype, "g_ptr": dtype,
-            # without a sparse teacher the launcher passes z for the unused top-k pointers
-            "idx_ptr": torch.int32 if sparse else dtype, "lp_ptr": torch.float32 if sparse else dtype,
-            "res_ptr": torch.float32 if sparse else dtype, "bits_ptr": torch.int32 if sparse else dtype,
-            "labels_ptr": torch.int64, "ckd_ptr": torch.float32, "cce_ptr": torch.float32,
-            "kd_ptr": torch.float32, "ce_ptr": torch.float32}, floats=("inv_t",))
+        sig = kernel_signature(
+            kd_rows_kernel,
+            {
+                "z_ptr": dtype,
+                "t_ptr": dtype,
+                "g_ptr": dtype,
+                # without a sparse teacher the launcher passes z for the unused top-k pointers
+                "idx_ptr": torch.int32 if sparse else dtype,
+                "lp_ptr": torch.float32 if sparse else dtype,
+                "res_ptr": torch.float32 if sparse else dtype,
+                "bits_ptr": torch.int32 if sparse else dtype,
+                "labels_ptr": torch.int64,
+                "ckd_ptr": torch.float32,
+                "cce_ptr": torch.float32,
+                "kd_ptr": torch.float32,
+                "ce_ptr": torch.float32,
+            },
+            floats=("inv_t",),
+        )
         name = {NO_TEACHER: "ce-only", DENSE: "dense", SPARSE: f"topk{block_k}"}[mode]
         block_v = MAX_BLOCK_V
-        return KernelSpec(kd_rows_kernel, sig,
-                          dict(TEACHER=mode, WRITE_GRAD=write_grad, T_IS_ONE=t_is_one, BLOCK_V=block_v,
-                               BLOCK_K=block_k),
-                          num_warps=_num_warps(block_v), num_stages=3,
-                          label=f"{str(dtype).replace('torch.', '')} {name} T{'=1' if t_is_one else '!=1'} "
-                                f"{'fwd+grad' if write_grad else 'fwd only'} BLOCK_V={block_v} "
-                                f"warps={_num_warps(block_v)}")
+        return KernelSpec(
+            kd_rows_kernel,
+            sig,
+            dict(TEACHER=mode, WRITE_GRAD=write_grad, T_IS_ONE=t_is_one, BLOCK_V=block_v, BLOCK_K=block_k),
+            num_warps=_num_warps(block_v),
+            num_stages=3,
+            label=f"{str(dtype).replace('torch.', '')} {name} T{'=1' if t_is_one else '!=1'} "
+            f"{'fwd+grad' if write_grad else 'fwd only'} BLOCK_V={block_v} "
+            f"warps={_num_warps(block_v)}",
+        )
 
     specs.append(spec(torch.bfloat16, DENSE))
     specs.append(spec(torch.float32, DENSE))

@@ -34,8 +34,18 @@ from .._validation import check_int
 from ..topk import PseudoLabels
 from . import checks
 from .reference import linear_kd_loss_reference
-from .rows import (TWICE, LossOptions, accumulate_dtype, assemble, coefficients, op_signature, prepare_call,
-                   rows_function, scale_saved_, topk_fields)
+from .rows import (
+    TWICE,
+    LossOptions,
+    accumulate_dtype,
+    assemble,
+    coefficients,
+    op_signature,
+    prepare_call,
+    rows_function,
+    scale_saved_,
+    topk_fields,
+)
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -87,11 +97,11 @@ def _accumulate_wgrad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor,
             _ADDMM_OUT_DTYPE_OK[key] = False
     step = 8192  # vocabulary slices bound the low-precision temporary
     for a in range(0, acc.shape[0], step):
-        part = dlogits[:, a:a + step].t() @ h
+        part = dlogits[:, a : a + step].t() @ h
         if first:
-            acc[a:a + step].copy_(part)
+            acc[a : a + step].copy_(part)
         else:
-            acc[a:a + step].add_(part)
+            acc[a : a + step].add_(part)
 
 
 def _lm_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, out: torch.Tensor) -> torch.Tensor:
@@ -105,8 +115,26 @@ def _weight_grad_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, *, coef_kd, coef_ce, inv_t,
-                ignore_index, chunk, backend, grad_hidden, grad_weight, grad_bias):
+def _run_chunks(
+    hidden,
+    weight,
+    labels,
+    bias,
+    t_hidden,
+    t_weight,
+    t_bias,
+    topk,
+    *,
+    coef_kd,
+    coef_ce,
+    inv_t,
+    ignore_index,
+    chunk,
+    backend,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     """Chunk loop. Returns (kd_rows [N], ce_rows [N], grad_hidden | None, grad_W fp32 | None, grad_b fp32 | None)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     rows = rows_function(backend)
@@ -138,18 +166,27 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
             # One chunk: grad_W is not written before the teacher's logits are spent, so they live in
             # its buffer (rows·V <= V·Hd elements). Peak memory is then grad_W + one [rows, V] buffer,
             # the least a chunk needs, also when grad_W's buffer is a cached one resident before the call.
-            t_buf = gw.view(-1)[:rows_max * vocab].view(rows_max, vocab)
+            t_buf = gw.view(-1)[: rows_max * vocab].view(rows_max, vocab)
         else:
             t_buf = empty_output((rows_max, vocab), dtype=t_hidden.dtype, device=hidden.device, huge_pages=True)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         h = hidden[a:b]
-        logits = _lm_head(h, weight, bias, out=logits_buf[:b - a])
-        t_logits = None if tw is None else _lm_head(t_hidden[a:b], tw, tb, out=t_buf[:b - a])
-        rows(logits, labels[a:b], teacher_logits=t_logits,
-             topk=None if topk is None else tuple(x[a:b] for x in topk), inv_t=inv_t, ignore_index=ignore_index,
-             coef_kd=coef_kd[a:b], coef_ce=coef_ce[a:b], kd_out=kd_rows[a:b], ce_out=ce_rows[a:b],
-             grad_out=logits if need_grad else None)  # the gradient overwrites the chunk's logits
+        logits = _lm_head(h, weight, bias, out=logits_buf[: b - a])
+        t_logits = None if tw is None else _lm_head(t_hidden[a:b], tw, tb, out=t_buf[: b - a])
+        rows(
+            logits,
+            labels[a:b],
+            teacher_logits=t_logits,
+            topk=None if topk is None else tuple(x[a:b] for x in topk),
+            inv_t=inv_t,
+            ignore_index=ignore_index,
+            coef_kd=coef_kd[a:b],
+            coef_ce=coef_ce[a:b],
+            kd_out=kd_rows[a:b],
+            ce_out=ce_rows[a:b],
+            grad_out=logits if need_grad else None,
+        )  # the gradient overwrites the chunk's logits
         del t_logits
         if b == n:  # the teacher's buffer is done: free it before the gradient matmuls touch grad_W
             t_buf = None
@@ -166,8 +203,9 @@ def _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, 
     return kd_rows, ce_rows, gh, gw, gb
 
 
-def _run_valid_rows(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, *, coef_kd, coef_ce,
-                    ignore_index, **kw):
+def _run_valid_rows(
+    hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, *, coef_kd, coef_ce, ignore_index, **kw
+):
     """``_run_chunks`` over the rows that have a loss only: an ignore_index row has KD_i = CE_i = 0 and a
     zero gradient row, so its lm_head products (student and teacher, forward and backward) are skipped,
     not computed and then multiplied by zero. In instruction tuning most rows are ignored (the prompt,
@@ -179,14 +217,36 @@ def _run_valid_rows(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, to
     valid = labels != ignore_index
     n_valid = int(valid.sum())
     if n_valid == n:
-        return _run_chunks(hidden, weight, labels, bias, t_hidden, t_weight, t_bias, topk, coef_kd=coef_kd,
-                           coef_ce=coef_ce, ignore_index=ignore_index, **kw)
+        return _run_chunks(
+            hidden,
+            weight,
+            labels,
+            bias,
+            t_hidden,
+            t_weight,
+            t_bias,
+            topk,
+            coef_kd=coef_kd,
+            coef_ce=coef_ce,
+            ignore_index=ignore_index,
+            **kw,
+        )
     rows = valid.nonzero().squeeze(1)
     pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
     kd_v, ce_v, gh_v, gw, gb = _run_chunks(
-        pick(hidden), weight, pick(labels), bias, pick(t_hidden), t_weight, t_bias,
-        None if topk is None else tuple(pick(x) for x in topk), coef_kd=pick(coef_kd), coef_ce=pick(coef_ce),
-        ignore_index=ignore_index, **kw)
+        pick(hidden),
+        weight,
+        pick(labels),
+        bias,
+        pick(t_hidden),
+        t_weight,
+        t_bias,
+        None if topk is None else tuple(pick(x) for x in topk),
+        coef_kd=pick(coef_kd),
+        coef_ce=pick(coef_ce),
+        ignore_index=ignore_index,
+        **kw,
+    )
     kd_rows = kd_v.new_zeros(n).index_copy_(0, rows, kd_v)
     ce_rows = ce_v.new_zeros(n).index_copy_(0, rows, ce_v)
     gh = None if gh_v is None else gh_v.new_zeros(hidden.shape).index_copy_(0, rows, gh_v)
@@ -221,17 +281,17 @@ class LinearArgs(NamedTuple):
     are written. ``clinkd::linear_kd_loss_backward_rows`` takes grad_loss [N] and then the same, and the
     autograd ``_LinearKDLoss`` takes the same (its backward returns one gradient per field)."""
 
-    hidden: torch.Tensor                    # [N, Hd]
-    weight: torch.Tensor                    # [V, Hd]
-    labels: torch.Tensor                    # [N]
-    bias: torch.Tensor | None               # [V]
-    teacher_hidden: torch.Tensor | None     # [N, Hd_t]
-    teacher_weight: torch.Tensor | None     # [V_t >= V, Hd_t]
-    teacher_bias: torch.Tensor | None       # [V_t]
-    topk_indices: torch.Tensor | None       # [N, k]
-    topk_logprobs: torch.Tensor | None      # [N, k]
-    topk_residual: torch.Tensor | None      # [N]
-    token_weights: torch.Tensor | None      # [N]
+    hidden: torch.Tensor  # [N, Hd]
+    weight: torch.Tensor  # [V, Hd]
+    labels: torch.Tensor  # [N]
+    bias: torch.Tensor | None  # [V]
+    teacher_hidden: torch.Tensor | None  # [N, Hd_t]
+    teacher_weight: torch.Tensor | None  # [V_t >= V, Hd_t]
+    teacher_bias: torch.Tensor | None  # [V_t]
+    topk_indices: torch.Tensor | None  # [N, k]
+    topk_logprobs: torch.Tensor | None  # [N, k]
+    topk_residual: torch.Tensor | None  # [N]
+    token_weights: torch.Tensor | None  # [N]
     temperature: float
     alpha: float
     beta: float
@@ -248,13 +308,24 @@ class LinearArgs(NamedTuple):
     def of(cls, tensors: tuple, o: LossOptions, *, chunk_size: int, wanted: tuple[bool, bool, bool]) -> LinearArgs:
         """The op's arguments from its tensors (hidden … token_weights, in field order), the options and the
         gradients wanted (hidden, weight, bias)."""
-        return cls(*tensors, o.temperature, o.alpha, o.beta, o.ignore_index, o.reduction, o.t2_scale, chunk_size,
-                   *wanted, o.backend)
+        return cls(
+            *tensors,
+            o.temperature,
+            o.alpha,
+            o.beta,
+            o.ignore_index,
+            o.reduction,
+            o.t2_scale,
+            chunk_size,
+            *wanted,
+            o.backend,
+        )
 
     @property
     def options(self) -> LossOptions:
-        return LossOptions(self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction,
-                           self.t2_scale, self.backend)
+        return LossOptions(
+            self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction, self.t2_scale, self.backend
+        )
 
     @property
     def topk(self):
@@ -266,7 +337,7 @@ class LinearArgs(NamedTuple):
         return self.grad_hidden, self.grad_weight, self.grad_bias and self.bias is not None
 
 
-_TENSORS = LinearArgs._fields[:LinearArgs._fields.index("token_weights") + 1]   # the tensor fields
+_TENSORS = LinearArgs._fields[: LinearArgs._fields.index("token_weights") + 1]  # the tensor fields
 _GRADS = tuple[(torch.Tensor,) * 3]
 
 
@@ -278,17 +349,40 @@ def _chunk_loop(a: LinearArgs, grad_loss: torch.Tensor | None = None):
     acc = accumulate_dtype(a.hidden)
     reduction = a.reduction if grad_loss is None else "none"
     coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
-        a.labels, a.token_weights, ignore_index=a.ignore_index, temperature=a.temperature, alpha=a.alpha,
-        beta=a.beta, reduction=reduction, t2_scale=a.t2_scale, dtype=acc)
+        a.labels,
+        a.token_weights,
+        ignore_index=a.ignore_index,
+        temperature=a.temperature,
+        alpha=a.alpha,
+        beta=a.beta,
+        reduction=reduction,
+        t2_scale=a.t2_scale,
+        dtype=acc,
+    )
     if grad_loss is not None:
         g = grad_loss.to(acc)
         coef_kd, coef_ce = coef_kd * g, coef_ce * g
     keep = grad_loss is not None or reduction != "none"
     want_h, want_w, want_b = (keep and w for w in a.wanted)
     kd_rows, ce_rows, gh, gw, gb = _run_valid_rows(
-        a.hidden, a.weight, a.labels, a.bias, a.teacher_hidden, a.teacher_weight, a.teacher_bias, a.topk,
-        coef_kd=coef_kd, coef_ce=coef_ce, inv_t=1.0 / a.temperature, ignore_index=a.ignore_index, chunk=a.chunk_size,
-        backend=a.backend, grad_hidden=want_h, grad_weight=want_w, grad_bias=want_b)
+        a.hidden,
+        a.weight,
+        a.labels,
+        a.bias,
+        a.teacher_hidden,
+        a.teacher_weight,
+        a.teacher_bias,
+        a.topk,
+        coef_kd=coef_kd,
+        coef_ce=coef_ce,
+        inv_t=1.0 / a.temperature,
+        ignore_index=a.ignore_index,
+        chunk=a.chunk_size,
+        backend=a.backend,
+        grad_hidden=want_h,
+        grad_weight=want_w,
+        grad_bias=want_b,
+    )
     return kd_rows, ce_rows, kd_scale, ce_scale, gh, gw, gb
 
 
@@ -299,8 +393,9 @@ def _linear_kd_loss_impl(*args):
     checks.check_values(a.labels, a.weight.shape[0], a.ignore_index, a.token_weights, a.topk)
     kd_rows, ce_rows, kd_scale, ce_scale, gh, gw, gb = _chunk_loop(a)
     if a.teacher_weight is not None:
-        _check_dense_teacher(kd_rows, a.labels, a.ignore_index, a.teacher_hidden, a.teacher_weight, a.teacher_bias,
-                             a.weight.shape[0])
+        _check_dense_teacher(
+            kd_rows, a.labels, a.ignore_index, a.teacher_hidden, a.teacher_weight, a.teacher_bias, a.weight.shape[0]
+        )
     loss, kd, ce = assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=a.alpha, beta=a.beta, reduction=a.reduction)
     return loss, kd, ce, _or_empty(gh, a.hidden), _or_empty(gw, kd_rows), _or_empty(gb, kd_rows)
 
@@ -316,8 +411,9 @@ def _backward_rows_impl(grad_loss, *args):
 _linear_kd_loss_impl.__signature__ = op_signature(LinearArgs, returns=tuple[(torch.Tensor,) * 6])
 _backward_rows_impl.__signature__ = op_signature(LinearArgs, leading=(("grad_loss", torch.Tensor),), returns=_GRADS)
 _linear_kd_loss_op = torch.library.custom_op("clinkd::linear_kd_loss", _linear_kd_loss_impl, mutates_args=())
-_linear_backward_rows_op = torch.library.custom_op("clinkd::linear_kd_loss_backward_rows", _backward_rows_impl,
-                                                   mutates_args=())
+_linear_backward_rows_op = torch.library.custom_op(
+    "clinkd::linear_kd_loss_backward_rows", _backward_rows_impl, mutates_args=()
+)
 
 
 def _grad_shapes(a: LinearArgs, *, keep: bool):
@@ -359,7 +455,7 @@ class _LinearKDLoss(torch.autograd.Function):
             ctx.save_for_backward(*(t for t in inputs if t is not None))
         else:
             ctx.save_for_backward(gh, gw, gb)
-        ctx.args = a._replace(**dict.fromkeys(_TENSORS))   # the scalars; the tensors go through saved_tensors
+        ctx.args = a._replace(**dict.fromkeys(_TENSORS))  # the scalars; the tensors go through saved_tensors
         ctx.mark_non_differentiable(kd, ce)
         ctx.set_materialize_grads(False)  # else backward gets zero tensors for the components' grads
         return loss, kd, ce
@@ -369,7 +465,7 @@ class _LinearKDLoss(torch.autograd.Function):
         if grad_loss is None:
             return _by_field()
         a = ctx.args
-        want_h, want_w, want_b = a.grad_hidden, a.grad_weight, a.grad_bias   # as ``wanted``: bias checked
+        want_h, want_w, want_b = a.grad_hidden, a.grad_weight, a.grad_bias  # as ``wanted``: bias checked
         hidden_dtype, weight_dtype = ctx.dtypes
         if a.reduction != "none":
             if getattr(ctx, "scaled", False):
@@ -380,14 +476,19 @@ class _LinearKDLoss(torch.autograd.Function):
             # without a device sync, and skips a pass over the [V, Hd] weight gradient.
             unit = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_loss == 1)
             scaled = lambda grad, dtype: (grad if unit else scale_saved_(grad, grad_loss.to(grad.dtype))).to(dtype)  # noqa: E731
-            return _by_field(hidden=scaled(gh, hidden_dtype) if want_h else None,
-                             weight=scaled(gw, weight_dtype) if want_w else None,
-                             bias=scaled(gb, weight_dtype) if want_b else None)
+            return _by_field(
+                hidden=scaled(gh, hidden_dtype) if want_h else None,
+                weight=scaled(gw, weight_dtype) if want_w else None,
+                bias=scaled(gb, weight_dtype) if want_b else None,
+            )
         saved = iter(ctx.saved_tensors)
         a = a._replace(**{name: next(saved) for name, present in zip(_TENSORS, ctx.present) if present})
         gh, gw, gb = _linear_backward_rows_op(grad_loss, *a)
-        return _by_field(hidden=gh if want_h else None, weight=gw.to(weight_dtype) if want_w else None,
-                         bias=gb.to(weight_dtype) if want_b else None)
+        return _by_field(
+            hidden=gh if want_h else None,
+            weight=gw.to(weight_dtype) if want_w else None,
+            bias=gb.to(weight_dtype) if want_b else None,
+        )
 
 
 def _by_field(**grads) -> tuple:
@@ -395,12 +496,27 @@ def _by_field(**grads) -> tuple:
     return tuple(grads.get(name) for name in LinearArgs._fields)
 
 
-def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
-                   teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                   teacher_bias: torch.Tensor | None = None, teacher: PseudoLabels | None = None,
-                   temperature: float = 1.0, alpha: float = 0.5, beta: float = 1.0, ignore_index: int = -100,
-                   token_weights: torch.Tensor | None = None, reduction: str = "mean", t2_scale: bool = False,
-                   return_components: bool = False, chunk_size: int | None = None, backend: str | None = None):
+def linear_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher: PseudoLabels | None = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    ignore_index: int = -100,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    t2_scale: bool = False,
+    return_components: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+):
     """``kd_loss`` of the lm_head logits hidden·Wᵀ + b, computed chunk by chunk (no [N, V] logits).
 
     Args:
@@ -428,25 +544,70 @@ def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         if dense:
             if teacher_hidden is None or teacher_weight is None:
                 raise ValueError("a dense teacher needs both teacher_hidden and teacher_weight")
-            checks.check_lm_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, n_rows=n,
-                                 student_vocab=vocab, ref_name="hidden", ref=hidden)
+            checks.check_lm_head(
+                "teacher_",
+                teacher_hidden,
+                teacher_weight,
+                teacher_bias,
+                n_rows=n,
+                student_vocab=vocab,
+                ref_name="hidden",
+                ref=hidden,
+            )
         check_int("chunk_size", chunk_size, low=1)
 
-    options = prepare_call("linear_kd_loss", "hidden", hidden, vocab=vocab, labels=labels, token_weights=token_weights,
-                           teacher=teacher, has_dense=dense, check_own=check_own, temperature=temperature, alpha=alpha,
-                           beta=beta, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale,
-                           backend=backend)
+    options = prepare_call(
+        "linear_kd_loss",
+        "hidden",
+        hidden,
+        vocab=vocab,
+        labels=labels,
+        token_weights=token_weights,
+        teacher=teacher,
+        has_dense=dense,
+        check_own=check_own,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        t2_scale=t2_scale,
+        backend=backend,
+    )
     topk = (None, None, None) if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
     if options.backend == "torch":
-        return _reference(hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, teacher,
-                          token_weights, options, return_components)
+        return _reference(
+            hidden,
+            weight,
+            labels,
+            bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            teacher,
+            token_weights,
+            options,
+            return_components,
+        )
 
     grad_on = torch.is_grad_enabled()
-    wanted = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-              grad_on and bias is not None and bias.requires_grad)
+    wanted = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731  (the teacher gets no gradient)
-    tensors = (hidden, weight, labels, bias, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
-               *topk, token_weights)
+    tensors = (
+        hidden,
+        weight,
+        labels,
+        bias,
+        detach(teacher_hidden),
+        detach(teacher_weight),
+        detach(teacher_bias),
+        *topk,
+        token_weights,
+    )
     args = LinearArgs.of(tensors, options, chunk_size=chunk_size, wanted=wanted)
     if any(wanted):
         loss, kd, ce = _LinearKDLoss.apply(*args)
@@ -455,8 +616,19 @@ def linear_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return (loss, kd, ce) if return_components else loss
 
 
-def _reference(hidden, weight, labels, bias, teacher_hidden, teacher_weight, teacher_bias, teacher, token_weights,
-               o: LossOptions, return_components: bool):
+def _reference(
+    hidden,
+    weight,
+    labels,
+    bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher,
+    token_weights,
+    o: LossOptions,
+    return_components: bool,
+):
     """The "torch" backend: the value checks, then ``linear_kd_loss_reference`` (full [N, V] logits)."""
     vocab = weight.shape[0]
     teacher_logits = None
@@ -468,7 +640,20 @@ def _reference(hidden, weight, labels, bias, teacher_hidden, teacher_weight, tea
     topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
     checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits)
     return linear_kd_loss_reference(
-        hidden, weight, labels, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-        teacher_bias=teacher_bias, teacher=teacher, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
-        ignore_index=o.ignore_index, token_weights=token_weights, reduction=o.reduction, t2_scale=o.t2_scale,
-        return_components=return_components)
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        teacher=teacher,
+        temperature=o.temperature,
+        alpha=o.alpha,
+        beta=o.beta,
+        ignore_index=o.ignore_index,
+        token_weights=token_weights,
+        reduction=o.reduction,
+        t2_scale=o.t2_scale,
+        return_components=return_components,
+    )

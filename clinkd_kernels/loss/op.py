@@ -22,21 +22,31 @@ from .._memory import empty_output
 from ..topk import PseudoLabels
 from . import checks
 from .reference import kd_loss_reference
-from .rows import (TWICE, LossOptions, accumulate_dtype, assemble, coefficients, op_signature, prepare_call,
-                   rows_function, scale_saved_, topk_fields)
+from .rows import (
+    TWICE,
+    LossOptions,
+    accumulate_dtype,
+    assemble,
+    coefficients,
+    op_signature,
+    prepare_call,
+    rows_function,
+    scale_saved_,
+    topk_fields,
+)
 
 
 class KDArgs(NamedTuple):
     """The arguments of the custom op ``clinkd::kd_loss``, in its schema's order: the one place they are
     written (the op, its fake kernel and its callers read them from here)."""
 
-    student_logits: torch.Tensor            # [N, V]
-    labels: torch.Tensor                    # [N]
-    teacher_logits: torch.Tensor | None     # [N, V_t >= V]
-    topk_indices: torch.Tensor | None       # [N, k]
-    topk_logprobs: torch.Tensor | None      # [N, k]
-    topk_residual: torch.Tensor | None      # [N]
-    token_weights: torch.Tensor | None      # [N]
+    student_logits: torch.Tensor  # [N, V]
+    labels: torch.Tensor  # [N]
+    teacher_logits: torch.Tensor | None  # [N, V_t >= V]
+    topk_indices: torch.Tensor | None  # [N, k]
+    topk_logprobs: torch.Tensor | None  # [N, k]
+    topk_residual: torch.Tensor | None  # [N]
+    token_weights: torch.Tensor | None  # [N]
     temperature: float
     alpha: float
     beta: float
@@ -50,13 +60,29 @@ class KDArgs(NamedTuple):
     def of(cls, z, labels, teacher_logits, topk, token_weights, o: LossOptions, *, compute_grad: bool) -> KDArgs:
         """The op's arguments from the row functions' form (``topk`` a triple or None) and the options."""
         indices, logprobs, residual = topk if topk is not None else (None, None, None)
-        return cls(z, labels, teacher_logits, indices, logprobs, residual, token_weights, o.temperature, o.alpha,
-                   o.beta, o.ignore_index, o.reduction, o.t2_scale, compute_grad, o.backend)
+        return cls(
+            z,
+            labels,
+            teacher_logits,
+            indices,
+            logprobs,
+            residual,
+            token_weights,
+            o.temperature,
+            o.alpha,
+            o.beta,
+            o.ignore_index,
+            o.reduction,
+            o.t2_scale,
+            compute_grad,
+            o.backend,
+        )
 
     @property
     def options(self) -> LossOptions:
-        return LossOptions(self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction,
-                           self.t2_scale, self.backend)
+        return LossOptions(
+            self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction, self.t2_scale, self.backend
+        )
 
     @property
     def topk(self):
@@ -69,13 +95,31 @@ def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, gra
     checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits)
     acc = accumulate_dtype(z)
     coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
-        labels, token_weights, ignore_index=o.ignore_index, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
-        reduction=o.reduction, t2_scale=o.t2_scale, dtype=acc)
+        labels,
+        token_weights,
+        ignore_index=o.ignore_index,
+        temperature=o.temperature,
+        alpha=o.alpha,
+        beta=o.beta,
+        reduction=o.reduction,
+        t2_scale=o.t2_scale,
+        dtype=acc,
+    )
     kd_rows = empty_output((n,), dtype=acc, device=z.device)
     ce_rows = empty_output((n,), dtype=acc, device=z.device)
-    rows_function(o.backend)(z, labels, teacher_logits=teacher_logits, topk=topk, inv_t=1.0 / o.temperature,
-                             ignore_index=o.ignore_index, coef_kd=coef_kd, coef_ce=coef_ce, kd_out=kd_rows,
-                             ce_out=ce_rows, grad_out=grad)
+    rows_function(o.backend)(
+        z,
+        labels,
+        teacher_logits=teacher_logits,
+        topk=topk,
+        inv_t=1.0 / o.temperature,
+        ignore_index=o.ignore_index,
+        coef_kd=coef_kd,
+        coef_ce=coef_ce,
+        kd_out=kd_rows,
+        ce_out=ce_rows,
+        grad_out=grad,
+    )
     return assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=o.alpha, beta=o.beta, reduction=o.reduction)
 
 
@@ -85,8 +129,9 @@ def _kd_loss_impl(*args):
     a = KDArgs(*args)
     z = a.student_logits
     grad = empty_output(z.shape, dtype=z.dtype, device=z.device) if a.compute_grad else z.new_empty(0)
-    loss, kd, ce = _forward(z, a.labels, a.teacher_logits, a.topk, a.token_weights, a.options,
-                            grad if a.compute_grad else None)
+    loss, kd, ce = _forward(
+        z, a.labels, a.teacher_logits, a.topk, a.token_weights, a.options, grad if a.compute_grad else None
+    )
     return loss, kd, ce, grad
 
 
@@ -108,18 +153,30 @@ class _KDLoss(torch.autograd.Function):
     "none"), in place: a copy would double the [N, V] buffer. One backward per forward."""
 
     @staticmethod
-    def forward(ctx, student_logits, labels, teacher_logits, topk_indices, topk_logprobs, topk_residual,
-                token_weights, options: LossOptions, inplace: bool):
+    def forward(
+        ctx,
+        student_logits,
+        labels,
+        teacher_logits,
+        topk_indices,
+        topk_logprobs,
+        topk_residual,
+        token_weights,
+        options: LossOptions,
+        inplace: bool,
+    ):
         topk = topk_fields(topk_indices, topk_logprobs, topk_residual)
         if inplace:
-            loss, kd, ce = _forward(student_logits, labels, teacher_logits, topk, token_weights, options,
-                                    grad=student_logits)
+            loss, kd, ce = _forward(
+                student_logits, labels, teacher_logits, topk, token_weights, options, grad=student_logits
+            )
             # Anything autograd saved that still points at these logits is stale now: using it must fail.
             torch.autograd.graph.increment_version(student_logits)
             ctx.inplace_grad = student_logits  # not saved: its version moved on purpose
         else:
-            loss, kd, ce, grad = _kd_loss_op(*KDArgs.of(student_logits, labels, teacher_logits, topk, token_weights,
-                                                        options, compute_grad=True))
+            loss, kd, ce, grad = _kd_loss_op(
+                *KDArgs.of(student_logits, labels, teacher_logits, topk, token_weights, options, compute_grad=True)
+            )
             ctx.save_for_backward(grad)
             ctx.inplace_grad = None
         ctx.reduction = options.reduction
@@ -141,11 +198,23 @@ class _KDLoss(torch.autograd.Function):
         return (scale_saved_(grad, g.unsqueeze(1) if ctx.reduction == "none" else g),) + no_grads
 
 
-def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
-            teacher: PseudoLabels | None = None, temperature: float = 1.0, alpha: float = 0.5, beta: float = 1.0,
-            ignore_index: int = -100, token_weights: torch.Tensor | None = None, reduction: str = "mean",
-            t2_scale: bool = False, return_components: bool = False, inplace_grad: bool = False,
-            backend: str | None = None):
+def kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher: PseudoLabels | None = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    ignore_index: int = -100,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    t2_scale: bool = False,
+    return_components: bool = False,
+    inplace_grad: bool = False,
+    backend: str | None = None,
+):
     """Distillation loss (α·KD + β·CE)/(α + β) of student logits against a dense or top-k teacher.
 
     Args:
@@ -180,23 +249,53 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
 
     def check_own():
         if teacher_logits is not None:
-            checks.check_logits("teacher_logits", teacher_logits, n_rows=n, student_vocab=vocab,
-                                ref_name="student_logits", ref=student_logits)
+            checks.check_logits(
+                "teacher_logits",
+                teacher_logits,
+                n_rows=n,
+                student_vocab=vocab,
+                ref_name="student_logits",
+                ref=student_logits,
+            )
 
-    options = prepare_call("kd_loss", "student_logits", student_logits, vocab=vocab, labels=labels,
-                           token_weights=token_weights, teacher=teacher, has_dense=teacher_logits is not None,
-                           check_own=check_own, temperature=temperature, alpha=alpha, beta=beta,
-                           ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale, backend=backend)
+    options = prepare_call(
+        "kd_loss",
+        "student_logits",
+        student_logits,
+        vocab=vocab,
+        labels=labels,
+        token_weights=token_weights,
+        teacher=teacher,
+        has_dense=teacher_logits is not None,
+        check_own=check_own,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        t2_scale=t2_scale,
+        backend=backend,
+    )
     topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
     if options.backend == "torch":
         if inplace_grad:
             raise ValueError("inplace_grad needs the 'triton', 'cpu' or 'portable' backend, not 'torch'")
         checks.check_values(labels, vocab, ignore_index, token_weights, topk, teacher_logits)
         o = options
-        return kd_loss_reference(student_logits, labels, teacher_logits=teacher_logits, teacher=teacher,
-                                 temperature=o.temperature, alpha=o.alpha, beta=o.beta, ignore_index=ignore_index,
-                                 token_weights=token_weights, reduction=reduction, t2_scale=t2_scale,
-                                 return_components=return_components)
+        return kd_loss_reference(
+            student_logits,
+            labels,
+            teacher_logits=teacher_logits,
+            teacher=teacher,
+            temperature=o.temperature,
+            alpha=o.alpha,
+            beta=o.beta,
+            ignore_index=ignore_index,
+            token_weights=token_weights,
+            reduction=reduction,
+            t2_scale=t2_scale,
+            return_components=return_components,
+        )
 
     # The kernels read rows with unit column stride.
     unit = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # noqa: E731
@@ -208,6 +307,7 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logit
             raise ValueError("inplace_grad needs contiguous student_logits (the gradient is written over them)")
         if inplace_grad and torch.compiler.is_compiling():
             raise RuntimeError("inplace_grad is eager-only; use inplace_grad=False under torch.compile")
-        loss, kd, ce = _KDLoss.apply(z, labels, t, *(topk or (None, None, None)), token_weights, options,
-                                     bool(inplace_grad))
+        loss, kd, ce = _KDLoss.apply(
+            z, labels, t, *(topk or (None, None, None)), token_weights, options, bool(inplace_grad)
+        )
     return (loss, kd, ce) if return_components else loss

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import torch
 
-
 BLOCK_BYTES = 32 * 2**20  # per [rows, V] temporary
 
 
-def kd_rows_portable(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=None, topk=None, inv_t: float,
-                  ignore_index: int, coef_kd: torch.Tensor, coef_ce: torch.Tensor, kd_out: torch.Tensor,
-                  ce_out: torch.Tensor, grad_out: torch.Tensor | None) -> None:
+def kd_rows_portable(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_logits=None,
+    topk=None,
+    inv_t: float,
+    ignore_index: int,
+    coef_kd: torch.Tensor,
+    coef_ce: torch.Tensor,
+    kd_out: torch.Tensor,
+    ce_out: torch.Tensor,
+    grad_out: torch.Tensor | None,
+) -> None:
     """z [n, V]; teacher_logits [n, >= V] or topk = (indices [n, k], logprobs [n, k], residual [n]) or
     neither; coef_kd, coef_ce [n]. Writes kd_out, ce_out [n] and, when given, grad_out [n, V] (may be z).
 
@@ -27,14 +37,24 @@ def kd_rows_portable(z: torch.Tensor, labels: torch.Tensor, *, teacher_logits=No
     step = max(1, BLOCK_BYTES // (8 * max(vocab, 1)))
     for a in range(0, n, step):
         b = min(n, a + step)
-        _rows_block(z[a:b], labels[a:b], teacher_logits=None if teacher_logits is None else teacher_logits[a:b],
-                    topk=None if topk is None else tuple(t[a:b] for t in topk), inv_t=inv_t,
-                    ignore_index=ignore_index, coef_kd=coef_kd[a:b], coef_ce=coef_ce[a:b], kd_out=kd_out[a:b],
-                    ce_out=ce_out[a:b], grad_out=None if grad_out is None else grad_out[a:b])
+        _rows_block(
+            z[a:b],
+            labels[a:b],
+            teacher_logits=None if teacher_logits is None else teacher_logits[a:b],
+            topk=None if topk is None else tuple(t[a:b] for t in topk),
+            inv_t=inv_t,
+            ignore_index=ignore_index,
+            coef_kd=coef_kd[a:b],
+            coef_ce=coef_ce[a:b],
+            kd_out=kd_out[a:b],
+            ce_out=ce_out[a:b],
+            grad_out=None if grad_out is None else grad_out[a:b],
+        )
 
 
-def _rows_block(z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd, coef_ce, kd_out, ce_out,
-                grad_out) -> None:
+def _rows_block(
+    z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd, coef_ce, kd_out, ce_out, grad_out
+) -> None:
     """``kd_rows_portable`` on one block of rows z [n, V] (its temporaries are [n, V] each)."""
     n, vocab = z.shape
     if n == 0:
@@ -43,7 +63,7 @@ def _rows_block(z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
 
-    zf = z.to(cdt)                      # aliases z when z is already fp32: never written below
+    zf = z.to(cdt)  # aliases z when z is already fp32: never written below
     has_teacher = teacher_logits is not None or topk is not None
     # log q at temperature T: for the KD term, and for the CE term when T = 1 (else CE needs its own LSE)
     log_q = torch.log_softmax(zf * inv_t if inv_t != 1.0 else zf, dim=1) if has_teacher or inv_t == 1.0 else None
@@ -84,19 +104,19 @@ def _rows_block(z, labels, *, teacher_logits, topk, inv_t, ignore_index, coef_kd
         # r·q_v/(1 − Q) = r·exp(log q_v − log(1 − Q)) outside the top k (top-k columns are overwritten below)
         log_rest_safe = torch.where(torch.isneginf(log_rest), 0.0, log_rest).unsqueeze(1)
         rest = (log_q - log_rest_safe).exp_().mul_(r.unsqueeze(1))
-    q = None if log_q is None else log_q.exp_()             # log_q is not needed any more
+    q = None if log_q is None else log_q.exp_()  # log_q is not needed any more
     if inv_t != 1.0:
-        g = (zf - lse_1).exp_()                              # CE part: softmax(z) − onehot(label)
+        g = (zf - lse_1).exp_()  # CE part: softmax(z) − onehot(label)
     else:
-        g = q.clone() if has_teacher else q                  # q itself is needed below only for KD
+        g = q.clone() if has_teacher else q  # q itself is needed below only for KD
     g.scatter_add_(1, safe_labels, torch.full(safe_labels.shape, -1.0, dtype=cdt, device=z.device))
-    g.mul_(cce).masked_fill_(cce == 0, 0.0)                  # zero coefficient → exact 0 (ignored rows too)
+    g.mul_(cce).masked_fill_(cce == 0, 0.0)  # zero coefficient → exact 0 (ignored rows too)
     if has_teacher:
         if teacher_logits is not None:
-            kd_grad = q.sub_(p)                              # q − p
+            kd_grad = q.sub_(p)  # q − p
         else:
-            mass = (p.sum(1) + r).unsqueeze(1)               # P = Σ_j p_j + r
-            kd_grad = q.mul_(mass).sub_(rest)                # P q − r q/(1 − Q)
+            mass = (p.sum(1) + r).unsqueeze(1)  # P = Σ_j p_j + r
+            kd_grad = q.mul_(mass).sub_(rest)  # P q − r q/(1 − Q)
             kd_grad.scatter_(1, idx, mass * log_q_top.exp() - p)  # top-k columns: P q − p_j
         kd_grad.mul_(ckd * inv_t).masked_fill_(ckd == 0, 0.0)
         g.add_(kd_grad)

@@ -38,8 +38,13 @@ def _compute_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def kd_per_row_reference(log_q: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
-                         teacher: PseudoLabels | None = None, temperature: float = 1.0) -> torch.Tensor:
+def kd_per_row_reference(
+    log_q: torch.Tensor,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher: PseudoLabels | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """KD_i = KL(teacher_i ‖ student_i) for log_q [N, V] = log softmax(z / T); returns [N]."""
     V = log_q.shape[1]
     if teacher_logits is not None:
@@ -62,11 +67,22 @@ def kd_per_row_reference(log_q: torch.Tensor, *, teacher_logits: torch.Tensor | 
     return top + bucket
 
 
-def kd_loss_reference(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
-                      teacher: PseudoLabels | None = None, temperature: float = 1.0, alpha: float = 0.5,
-                      beta: float = 1.0, ignore_index: int = -100, token_weights: torch.Tensor | None = None,
-                      reduction: str = "mean", t2_scale: bool = False, return_components: bool = False,
-                      compute_dtype: torch.dtype | None = None):
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher: PseudoLabels | None = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    ignore_index: int = -100,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    t2_scale: bool = False,
+    return_components: bool = False,
+    compute_dtype: torch.dtype | None = None,
+):
     """Distillation loss from full logits. student_logits [N, V], labels [N], teacher_logits [N, V_t ≥ V]
     or ``teacher`` PseudoLabels [N, k]; token_weights [N]. Returns loss ([] or [N] for "none"), or
     (loss, kd, ce) with ``return_components``. Differentiable w.r.t. student_logits."""
@@ -85,7 +101,7 @@ def kd_loss_reference(student_logits: torch.Tensor, labels: torch.Tensor, *, tea
 
     w = torch.ones(n_rows, dtype=cdt, device=z.device) if token_weights is None else token_weights.to(cdt)
     w = torch.where(valid, w, torch.zeros_like(w))
-    scale = temperature ** 2 if t2_scale else 1.0
+    scale = temperature**2 if t2_scale else 1.0
     kd_rows = torch.where(w != 0, w * kd * scale, torch.zeros_like(kd))  # weight 0 drops a row, even an infinite one
 
     if reduction == "none":
@@ -110,10 +126,18 @@ def kd_loss_reference(student_logits: torch.Tensor, labels: torch.Tensor, *, tea
     return loss
 
 
-def linear_kd_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                             bias: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
-                             teacher_weight: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
-                             compute_dtype: torch.dtype | None = None, **kwargs):
+def linear_kd_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    **kwargs,
+):
     """The lm_head matmuls with full logits, then ``kd_loss_reference``. hidden [N, Hd], weight [V, Hd],
     bias [V], teacher_hidden [N, Hd_t], teacher_weight [V_t, Hd_t], teacher_bias [V_t]."""
     logits = hidden @ weight.t()

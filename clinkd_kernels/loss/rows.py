@@ -34,8 +34,10 @@ import torch
 from .._dispatch import resolve_backend
 from . import checks
 
-TWICE = ("a second backward through the same graph (retain_graph=True) is not supported: the gradient was "
-         "computed in forward and scaled in place by the first")
+TWICE = (
+    "a second backward through the same graph (retain_graph=True) is not supported: the gradient was "
+    "computed in forward and scaled in place by the first"
+)
 
 
 class LossOptions(NamedTuple):
@@ -61,9 +63,25 @@ def topk_fields(indices, logprobs, residual):
     return None if indices is None else (indices, logprobs, residual)
 
 
-def prepare_call(op: str, ref_name: str, ref: torch.Tensor, *, vocab: int, labels, token_weights, teacher,
-                 has_dense: bool, check_own: Callable[[], None], temperature, alpha, beta, ignore_index,
-                 reduction, t2_scale: bool, backend: str | None) -> LossOptions:
+def prepare_call(
+    op: str,
+    ref_name: str,
+    ref: torch.Tensor,
+    *,
+    vocab: int,
+    labels,
+    token_weights,
+    teacher,
+    has_dense: bool,
+    check_own: Callable[[], None],
+    temperature,
+    alpha,
+    beta,
+    ignore_index,
+    reduction,
+    t2_scale: bool,
+    backend: str | None,
+) -> LossOptions:
     """The preamble of ``kd_loss`` and ``linear_kd_loss``, after each checked its student tensor ``ref``
     ([N, V] logits or [N, Hd] hidden states, named ``ref_name``; ``vocab`` = V).
 
@@ -88,8 +106,10 @@ def op_signature(fields: type, *, leading: tuple[tuple[str, type], ...] = (), re
     (name, type) parameters, then one per field of the NamedTuple ``fields`` (its annotations)."""
     hints = typing.get_type_hints(fields)
     params = [*leading, *((name, hints[name]) for name in fields._fields)]
-    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann)
-                              for name, ann in params], return_annotation=returns)
+    return inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann) for name, ann in params],
+        return_annotation=returns,
+    )
 
 
 def rows_function(backend: str):
@@ -107,14 +127,28 @@ def rows_function(backend: str):
     return kd_rows_portable
 
 
-def coefficients(labels: torch.Tensor, token_weights, *, ignore_index: int, temperature: float, alpha: float,
-                 beta: float, reduction: str, t2_scale: bool, dtype=torch.float32):
+def coefficients(
+    labels: torch.Tensor,
+    token_weights,
+    *,
+    ignore_index: int,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    reduction: str,
+    t2_scale: bool,
+    dtype=torch.float32,
+):
     """(coef_kd [N], coef_ce [N], kd_scale [N], ce_scale [N]) as in the module docstring; no host sync."""
     valid = labels != ignore_index
-    w = torch.ones(labels.shape, dtype=dtype, device=labels.device) if token_weights is None else token_weights.to(dtype)
+    w = (
+        torch.ones(labels.shape, dtype=dtype, device=labels.device)
+        if token_weights is None
+        else token_weights.to(dtype)
+    )
     w = torch.where(valid, w, torch.zeros_like(w))
     v = valid.to(dtype)
-    kd_scale = w * (temperature ** 2 if t2_scale else 1.0)
+    kd_scale = w * (temperature**2 if t2_scale else 1.0)
     ce_scale = v
     if reduction == "mean":
         w_sum, n_valid = w.sum(), v.sum()
@@ -124,8 +158,16 @@ def coefficients(labels: torch.Tensor, token_weights, *, ignore_index: int, temp
     return kd_scale * (alpha / total), ce_scale * (beta / total), kd_scale, ce_scale
 
 
-def assemble(kd_rows: torch.Tensor, ce_rows: torch.Tensor, kd_scale: torch.Tensor, ce_scale: torch.Tensor, *,
-             alpha: float, beta: float, reduction: str):
+def assemble(
+    kd_rows: torch.Tensor,
+    ce_rows: torch.Tensor,
+    kd_scale: torch.Tensor,
+    ce_scale: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    reduction: str,
+):
     """(loss, kd, ce) from the raw per-row KD_i, CE_i: [] each, or [N] each for "none".
 
     A row with scale 0 contributes 0 even when its KD_i is infinite (a weight-0 row is dropped).

@@ -12,8 +12,9 @@ from .._validation import FLOAT_DTYPES, check_positive_float, check_same_device,
 from .layout import check_mrope_section
 
 
-def check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved
-                 ) -> tuple[tuple[int, int, int], float]:
+def check_inputs(
+    q, k, position_ids, inv_freq, mrope_section, attention_scaling, mrope_interleaved
+) -> tuple[tuple[int, int, int], float]:
     """Shapes, dtypes and devices of ``apply_mrope``'s arguments (no tensor values read).
 
     q [B,S,Hq,D] and k [B,S,Hkv,D] (or packed [T,Hq,D], [T,Hkv,D]) of one float dtype, D even in [2, 256];
@@ -22,8 +23,9 @@ def check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling,
     check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=(3, 4), dtypes=FLOAT_DTYPES)
     if k.dim() != q.dim():
-        raise ValueError(f"q and k must both be 4-D [B,S,H,D] or both 3-D [T,H,D]; got q {list(q.shape)}, "
-                         f"k {list(k.shape)}")
+        raise ValueError(
+            f"q and k must both be 4-D [B,S,H,D] or both 3-D [T,H,D]; got q {list(q.shape)}, k {list(k.shape)}"
+        )
     if k.dtype != q.dtype:
         raise TypeError(f"q and k must have one dtype, got q {q.dtype} and k {k.dtype}")
     tokens = q.shape[:-2]
@@ -38,8 +40,9 @@ def check_inputs(q, k, position_ids, inv_freq, mrope_section, attention_scaling,
     check_tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32))
     want = [3, *tokens]
     if list(position_ids.shape) != want:
-        raise ValueError(f"position_ids must have shape {want} (3 rows t, h, w over the tokens of q), "
-                         f"got {list(position_ids.shape)}")
+        raise ValueError(
+            f"position_ids must have shape {want} (3 rows t, h, w over the tokens of q), got {list(position_ids.shape)}"
+        )
     check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,))
     if inv_freq.shape[0] != D // 2:
         raise ValueError(f"inv_freq must have shape [{D // 2}] (D/2), got {list(inv_freq.shape)}")

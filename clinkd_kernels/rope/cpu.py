@@ -19,7 +19,7 @@ from .._dispatch import extension
 from .._memory import empty_output
 from .layout import axis_tensor
 
-_CPU_CHUNK_ELEMS = 1 << 20   # elements of q+k per step: bounds temporaries, few ops
+_CPU_CHUNK_ELEMS = 1 << 20  # elements of q+k per step: bounds temporaries, few ops
 
 
 def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
@@ -36,22 +36,31 @@ def mrope_rotate_cpu(q, k, position_ids, inv_freq, section, interleaved, scale, 
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
     if extension() is not None:
-        torch.ops.clinkd.mrope_rotate_ext(q, k, q_out, k_out, position_ids, inv_freq.contiguous(),
-                                          axis_tensor(section, interleaved, q.device), float(scale), bool(inverse))
+        torch.ops.clinkd.mrope_rotate_ext(
+            q,
+            k,
+            q_out,
+            k_out,
+            position_ids,
+            inv_freq.contiguous(),
+            axis_tensor(section, interleaved, q.device),
+            float(scale),
+            bool(inverse),
+        )
         return q_out, k_out
     axis = axis_tensor(section, interleaved, q.device).long()
     pos = position_ids.reshape(3, B * S)
-    qf, kf = q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D)   # views when the strides allow
+    qf, kf = q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D)  # views when the strides allow
     qo, ko = q_out.view(B * S, Hq, D), k_out.view(B * S, Hkv, D)
     step = max(1, _CPU_CHUNK_ELEMS // max(1, (Hq + Hkv) * D))
     for t0 in range(0, B * S, step):
         sl = slice(t0, t0 + step)
         p = pos[:, sl]
-        theta = p.T.gather(1, axis.expand(p.shape[1], half)).float() * inv_freq     # [n, half] fp32
+        theta = p.T.gather(1, axis.expand(p.shape[1], half)).float() * inv_freq  # [n, half] fp32
         cos = (theta.cos() * scale).unsqueeze(1)
         sin = (theta.sin() * (-scale if inverse else scale)).unsqueeze(1)
         for x, out in ((qf[sl], qo[sl]), (kf[sl], ko[sl])):
-            x = x.float()                                    # no copy for fp32
+            x = x.float()  # no copy for fp32
             o = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
             x1, x2, o1, o2 = x[..., :half], x[..., half:], o[..., :half], o[..., half:]
             torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)

@@ -143,8 +143,27 @@ def store_unrotated(ptr_rows, row_ok, g1, g2, POS, tok, n_tokens, freq, axis, co
 
 
 @triton.jit
-def rotate_heads(x_ptr, o_ptr, n_heads, sx_b, sx_s, sx_h, so_b, so_s, so_h, b, s, split, n_split, cos, sin, j, j_ok,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def rotate_heads(
+    x_ptr,
+    o_ptr,
+    n_heads,
+    sx_b,
+    sx_s,
+    sx_h,
+    so_b,
+    so_s,
+    so_h,
+    b,
+    s,
+    split,
+    n_split,
+    cos,
+    sin,
+    j,
+    j_ok,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Rotate heads split, split + n_split, ... (in blocks of BLOCK_H) of token (b, s): x → o."""
     h = tl.arange(0, BLOCK_H)
     for h0 in range(split * BLOCK_H, n_heads, n_split * BLOCK_H):
@@ -160,14 +179,38 @@ def rotate_heads(x_ptr, o_ptr, n_heads, sx_b, sx_s, sx_h, so_b, so_s, so_h, b, s
 
 
 @triton.jit
-def mrope_rotate_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr, axis_ptr,
-                  Hq, Hkv,
-                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
-                  sqo_b, sqo_s, sqo_h, sko_b, sko_s, sko_h,
-                  sp_a, sp_b, sp_s,
-                  scale,
-                  HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, INVERSE: tl.constexpr):
+def mrope_rotate_kernel(
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    pos_ptr,
+    inv_freq_ptr,
+    axis_ptr,
+    Hq,
+    Hkv,
+    sq_b,
+    sq_s,
+    sq_h,
+    sk_b,
+    sk_s,
+    sk_h,
+    sqo_b,
+    sqo_s,
+    sqo_h,
+    sko_b,
+    sko_s,
+    sko_h,
+    sp_a,
+    sp_b,
+    sp_s,
+    scale,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    INVERSE: tl.constexpr,
+):
     s = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -188,7 +231,45 @@ def mrope_rotate_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr, axi
     if INVERSE:
         sin = -sin
 
-    rotate_heads(q_ptr, qo_ptr, Hq, sq_b, sq_s, sq_h, sqo_b, sqo_s, sqo_h, b, s, split, n_split, cos, sin, j, j_ok,
-                  HALF, BLOCK_HQ)
-    rotate_heads(k_ptr, ko_ptr, Hkv, sk_b, sk_s, sk_h, sko_b, sko_s, sko_h, b, s, split, n_split, cos, sin, j, j_ok,
-                  HALF, BLOCK_HK)
+    rotate_heads(
+        q_ptr,
+        qo_ptr,
+        Hq,
+        sq_b,
+        sq_s,
+        sq_h,
+        sqo_b,
+        sqo_s,
+        sqo_h,
+        b,
+        s,
+        split,
+        n_split,
+        cos,
+        sin,
+        j,
+        j_ok,
+        HALF,
+        BLOCK_HQ,
+    )
+    rotate_heads(
+        k_ptr,
+        ko_ptr,
+        Hkv,
+        sk_b,
+        sk_s,
+        sk_h,
+        sko_b,
+        sko_s,
+        sko_h,
+        b,
+        s,
+        split,
+        n_split,
+        cos,
+        sin,
+        j,
+        j_ok,
+        HALF,
+        BLOCK_HK,
+    )

@@ -53,16 +53,19 @@ def check_mrope_section(mrope_section, half: int, interleaved) -> tuple[int, int
     if not isinstance(interleaved, bool):
         raise TypeError(f"mrope_interleaved must be a bool, got {type(interleaved).__name__}")
     if interleaved and (3 * section[1] - 1 > half or 3 * section[2] > half):
-        raise ValueError(f"mrope_interleaved=True puts h on frequencies 1, 4, 7, … < 3·s_h and w on 2, 5, 8, … < "
-                         f"3·s_w of the D/2 = {half}: mrope_section {section} does not fit (s_h, s_w ≤ D/6)")
+        raise ValueError(
+            f"mrope_interleaved=True puts h on frequencies 1, 4, 7, … < 3·s_h and w on 2, 5, 8, … < "
+            f"3·s_w of the D/2 = {half}: mrope_section {section} does not fit (s_h, s_w ≤ D/6)"
+        )
     return tuple(section)
 
 
 def _as_int(item):
     """A numpy integer or an integer 0-d tensor as a Python int; anything else unchanged (for check_int)."""
     if isinstance(item, torch.Tensor):
-        integer = item.dim() == 0 and not (item.dtype.is_floating_point or item.dtype.is_complex
-                                           or item.dtype == torch.bool)
+        integer = item.dim() == 0 and not (
+            item.dtype.is_floating_point or item.dtype.is_complex or item.dtype == torch.bool
+        )
         return int(item) if integer else item
     if isinstance(item, numbers.Integral) and not isinstance(item, bool):
         return int(item)

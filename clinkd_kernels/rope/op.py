@@ -35,7 +35,6 @@ from .cpu import mrope_rotate_cpu
 from .layout import axis_tensor
 from .reference import apply_mrope_reference
 
-
 # ---------------------------------------------------------------------------------------------------
 # Implementations. All take 4-D q/k ([B,S,H,D]), [3,B,S] positions, the sections and the layout flag,
 # and return new contiguous tensors.
@@ -48,15 +47,25 @@ def _rotate_triton(q, k, position_ids, inv_freq, section, interleaved, scale, in
     q_out = empty_output(q.shape, dtype=q.dtype, device=q.device)
     k_out = empty_output(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() or k.numel():
-        mrope_rotate_triton(q, k, q_out, k_out, position_ids, inv_freq.contiguous(),
-                            axis_tensor(section, interleaved, q.device), scale, inverse)
+        mrope_rotate_triton(
+            q,
+            k,
+            q_out,
+            k_out,
+            position_ids,
+            inv_freq.contiguous(),
+            axis_tensor(section, interleaved, q.device),
+            scale,
+            inverse,
+        )
     return q_out, k_out
 
 
 def _rotate_torch(q, k, position_ids, inv_freq, section, interleaved, scale, inverse):
     """The reference (the inverse rotates by −θ, computed in fp32 like the forward)."""
-    q_rot, k_rot = apply_mrope_reference(q, k, position_ids, inv_freq, section, attention_scaling=scale,
-                                         inverse=inverse, mrope_interleaved=interleaved)
+    q_rot, k_rot = apply_mrope_reference(
+        q, k, position_ids, inv_freq, section, attention_scaling=scale, inverse=inverse, mrope_interleaved=interleaved
+    )
     return q_rot.contiguous(), k_rot.contiguous()
 
 
@@ -68,22 +77,30 @@ _IMPLS = {"triton": _rotate_triton, "cpu": mrope_rotate_cpu, "torch": _rotate_to
 
 
 @torch.library.custom_op("clinkd::mrope_rotate", mutates_args=())
-def mrope_rotate(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                 mrope_section: list[int], mrope_interleaved: bool, attention_scaling: float, inverse: bool,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_rotate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section: list[int],
+    mrope_interleaved: bool,
+    attention_scaling: float,
+    inverse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scale·R(±θ) applied to q [B,S,Hq,D] and k [B,S,Hkv,D]; inputs already validated."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    return _IMPLS[backend](q, k, position_ids, inv_freq, mrope_section, mrope_interleaved, attention_scaling,
-                           inverse)
+    return _IMPLS[backend](q, k, position_ids, inv_freq, mrope_section, mrope_interleaved, attention_scaling, inverse)
 
 
 @mrope_rotate.register_fake
 def _(q, k, position_ids, inv_freq, mrope_section, mrope_interleaved, attention_scaling, inverse, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,8 +112,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_q, grad_k):
     position_ids, inv_freq = ctx.saved_tensors
     section, interleaved, scale, inverse, backend = ctx.args
-    grad_q, grad_k = mrope_rotate(grad_q, grad_k, position_ids, inv_freq, section, interleaved, scale, not inverse,
-                                  backend)
+    grad_q, grad_k = mrope_rotate(
+        grad_q, grad_k, position_ids, inv_freq, section, interleaved, scale, not inverse, backend
+    )
     return grad_q, grad_k, None, None, None, None, None, None, None
 
 
@@ -107,9 +125,17 @@ mrope_rotate.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point.
 
 
-def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                mrope_section, *, attention_scaling: float = 1.0, mrope_interleaved: bool = False,
-                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_mrope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section,
+    *,
+    attention_scaling: float = 1.0,
+    mrope_interleaved: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by multimodal rotary angles (Qwen2-VL M-RoPE, rotate-half convention).
 
     Args:

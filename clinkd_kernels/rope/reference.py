@@ -36,13 +36,20 @@ def rope_axis(mrope_section, interleaved: bool = False) -> torch.Tensor:
         axis = [0] * s_t + [1] * s_h + [2] * s_w
     else:
         axis = [0] * (s_t + s_h + s_w)
-        axis[1:3 * s_h:3] = [1] * len(axis[1:3 * s_h:3])
-        axis[2:3 * s_w:3] = [2] * len(axis[2:3 * s_w:3])
+        axis[1 : 3 * s_h : 3] = [1] * len(axis[1 : 3 * s_h : 3])
+        axis[2 : 3 * s_w : 3] = [2] * len(axis[2 : 3 * s_w : 3])
     return torch.tensor(axis, dtype=torch.long)
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section, *,
-                  attention_scaling: float = 1.0, dtype: torch.dtype = torch.float32, interleaved: bool = False):
+def mrope_cos_sin(
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section,
+    *,
+    attention_scaling: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    interleaved: bool = False,
+):
     """cos, sin of shape [*position_ids.shape[1:], D] for position_ids [3, ...] and inv_freq [D/2]
     (θ in fp32; cos and sin in float64 when ``dtype`` is float64, else in fp32, then cast to ``dtype``)."""
     s_t, s_h, s_w = (int(s) for s in mrope_section)
@@ -61,9 +68,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_mrope_reference(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                          mrope_section, *, attention_scaling: float = 1.0, inverse: bool = False,
-                          mrope_interleaved: bool = False):
+def apply_mrope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section,
+    *,
+    attention_scaling: float = 1.0,
+    inverse: bool = False,
+    mrope_interleaved: bool = False,
+):
     """Rotate q [B,S,Hq,D] and k [B,S,Hkv,D] by position_ids [3,B,S] (or q [T,H,D] with [3,T]);
     ``inverse``: by −θ (x·cos − rotate_half(x)·sin, the backward of the rotation);
     ``mrope_interleaved``: the frequency layout of ``rope_axis``.
@@ -74,8 +89,14 @@ def apply_mrope_reference(q: torch.Tensor, k: torch.Tensor, position_ids: torch.
     product).
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cos, sin = mrope_cos_sin(position_ids, inv_freq, mrope_section, attention_scaling=attention_scaling,
-                             dtype=compute, interleaved=mrope_interleaved)
+    cos, sin = mrope_cos_sin(
+        position_ids,
+        inv_freq,
+        mrope_section,
+        attention_scaling=attention_scaling,
+        dtype=compute,
+        interleaved=mrope_interleaved,
+    )
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     if inverse:
         sin = -sin

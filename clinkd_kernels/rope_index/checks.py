@@ -22,9 +22,21 @@ INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 INTERVAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_inputs(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
-                 vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position,
-                 video_time_interval, split_video_frames) -> torch.Tensor | None:
+def check_inputs(
+    input_ids,
+    image_grid_thw,
+    video_grid_thw,
+    attention_mask,
+    image_token_id,
+    video_token_id,
+    vision_start_token_id,
+    spatial_merge_size,
+    modality_gap,
+    vision_stride,
+    pad_position,
+    video_time_interval,
+    split_video_frames,
+) -> torch.Tensor | None:
     """``mcg_rope_index``' arguments, before any work: input_ids int [B, S] (S >= 1), grids int [n, 3],
     attention_mask [B, S] on input_ids' device, the ids and sizes, and positions that stay below 2^53.
     Returns ``video_time_interval`` as float32 [N_vid] (``interval_tensor``) or None. The values of the
@@ -45,7 +57,7 @@ def check_inputs(input_ids, image_grid_thw, video_grid_thw, attention_mask, imag
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
     ints = (image_token_id, video_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position)
     if not all(type(v) is int for v in ints) or min(spatial_merge_size, modality_gap, vision_stride) < 1:
-        check_int("image_token_id", image_token_id)     # the slow path, for the error message
+        check_int("image_token_id", image_token_id)  # the slow path, for the error message
         check_int("video_token_id", video_token_id)
         check_int("spatial_merge_size", spatial_merge_size, low=1)
         check_int("modality_gap", modality_gap, low=1)
@@ -55,8 +67,10 @@ def check_inputs(input_ids, image_grid_thw, video_grid_thw, attention_mask, imag
     # float64, exact below 2^53 (and int64 holds them). Temporal offsets are checked below 2^53 apart
     # (by the implementations: they need the grids), so every position stays below 2^54.
     if S * (modality_gap + vision_stride) >= 2**53:
-        raise ValueError(f"modality_gap={modality_gap} and vision_stride={vision_stride} over {S} tokens give "
-                         "positions beyond 2^53: S·(modality_gap + vision_stride) must be < 2^53")
+        raise ValueError(
+            f"modality_gap={modality_gap} and vision_stride={vision_stride} over {S} tokens give "
+            "positions beyond 2^53: S·(modality_gap + vision_stride) must be < 2^53"
+        )
     if image_token_id == video_token_id:
         raise ValueError(f"image_token_id and video_token_id must differ, both are {image_token_id}")
     if vision_start_token_id is not None:
@@ -65,8 +79,9 @@ def check_inputs(input_ids, image_grid_thw, video_grid_thw, attention_mask, imag
             raise ValueError(f"vision_start_token_id={vision_start_token_id} equals a placeholder id")
     if type(split_video_frames) is not bool:
         raise TypeError(f"split_video_frames must be a bool, got {type(split_video_frames).__name__}")
-    interval = interval_tensor(video_time_interval, 0 if video_grid_thw is None else video_grid_thw.shape[0],
-                               split_video_frames)
+    interval = interval_tensor(
+        video_time_interval, 0 if video_grid_thw is None else video_grid_thw.shape[0], split_video_frames
+    )
     if interval is not None and interval.device.type != "cpu" and interval.device != input_ids.device:
         raise ValueError(f"video_time_interval is on {interval.device} but input_ids is on {input_ids.device}")
     return interval
@@ -82,16 +97,20 @@ def interval_tensor(value, n_videos: int, split_video_frames: bool) -> torch.Ten
     if value is None:
         return None
     if split_video_frames:
-        raise ValueError("video_time_interval with split_video_frames=True: no Qwen-VL family spaces split "
-                         "frames by a time interval (Qwen2.5-VL: interval, one run per video; Qwen3-VL: split "
-                         "frames, interval 1)")
+        raise ValueError(
+            "video_time_interval with split_video_frames=True: no Qwen-VL family spaces split "
+            "frames by a time interval (Qwen2.5-VL: interval, one run per video; Qwen3-VL: split "
+            "frames, interval 1)"
+        )
     if not isinstance(value, torch.Tensor):
         value = check_nonnegative_float("video_time_interval", value)
         return torch.full((n_videos,), value, dtype=torch.float32)
     check_tensor("video_time_interval", value, ndim=1, dtypes=INTERVAL_DTYPES)
     if value.shape[0] != n_videos:
-        raise ValueError(f"video_time_interval has {value.shape[0]} values but video_grid_thw has {n_videos} rows "
-                         "(one time interval per video grid row)")
+        raise ValueError(
+            f"video_time_interval has {value.shape[0]} values but video_grid_thw has {n_videos} rows "
+            "(one time interval per video grid row)"
+        )
     return value.detach().to(torch.float32)
 
 
@@ -114,13 +133,15 @@ def check_grid(name: str, grid: np.ndarray | None, m: int) -> None:
     """t ≥ 1 and h, w positive multiples of the merge size, else ValueError naming the grid row."""
     if grid is None or grid.shape[0] == 0:
         return
-    if grid.min() >= 1 and not (grid[:, 1:] % m).any():   # h, w ≥ 1 and multiples of m → ≥ m
+    if grid.min() >= 1 and not (grid[:, 1:] % m).any():  # h, w ≥ 1 and multiples of m → ≥ m
         return
     bad = (grid < 1).any(1) | (grid[:, 1:] % m != 0).any(1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}] = {tuple(grid[i].tolist())}: t must be >= 1 and h, w positive "
-                         f"multiples of spatial_merge_size={m}")
+        raise ValueError(
+            f"{name}[{i}] = {tuple(grid[i].tolist())}: t must be >= 1 and h, w positive "
+            f"multiples of spatial_merge_size={m}"
+        )
 
 
 def grid_tokens(grid_row, m: int) -> int:
@@ -132,8 +153,10 @@ def grid_tokens(grid_row, m: int) -> int:
 def grid_count(name: str, n_grid: int, frames) -> str:
     """'video_grid_thw has 3 rows', or with split frames how many frames they hold."""
     if frames:
-        return (f"{name}_grid_thw has {len(frames[0])} rows of {n_grid} frames in all (split_video_frames: "
-                "one video run per frame)")
+        return (
+            f"{name}_grid_thw has {len(frames[0])} rows of {n_grid} frames in all (split_video_frames: "
+            "one video run per frame)"
+        )
     return f"{name}_grid_thw has {n_grid} rows"
 
 
@@ -151,8 +174,7 @@ def check_interval(interval: np.ndarray) -> None:
     bad = ~np.isfinite(interval) | (interval < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"video_time_interval[{i}] = {float(interval[i]):.8g}: time intervals must be finite "
-                         "and >= 0")
+        raise ValueError(f"video_time_interval[{i}] = {float(interval[i]):.8g}: time intervals must be finite and >= 0")
 
 
 def check_time_offsets(t_top: np.ndarray, t: np.ndarray, interval: np.ndarray) -> None:
@@ -161,5 +183,7 @@ def check_time_offsets(t_top: np.ndarray, t: np.ndarray, interval: np.ndarray) -
     bad = t_top >= 2.0**53
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"video_time_interval[{i}] = {float(interval[i]):.8g} puts frame {int(t[i]) - 1} of "
-                         f"video_grid_thw[{i}] at temporal offset {float(t_top[i]):.4g}, beyond 2^53")
+        raise ValueError(
+            f"video_time_interval[{i}] = {float(interval[i]):.8g} puts frame {int(t[i]) - 1} of "
+            f"video_grid_thw[{i}] at temporal offset {float(t_top[i]):.4g}, beyond 2^53"
+        )

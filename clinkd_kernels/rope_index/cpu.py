@@ -47,25 +47,35 @@ def _arange(n: int) -> np.ndarray:
 class _Stream(NamedTuple):
     """The batch as one stream of kept tokens, row after row (padding removed)."""
 
-    tok: np.ndarray        # [N] token ids
-    lengths: np.ndarray    # [B] kept tokens of each row
+    tok: np.ndarray  # [N] token ids
+    lengths: np.ndarray  # [B] kept tokens of each row
     row_start: np.ndarray  # [B] stream index of each row's first token
 
 
 class _Segments(NamedTuple):
     """Maximal runs of one token type (text 0, image 1, video 2); a row's start also starts one."""
 
-    starts: np.ndarray     # [n_seg] stream index of each segment's first token
-    length: np.ndarray     # [n_seg] tokens of each segment
-    typ: np.ndarray        # [n_seg] int8 token type
-    row: np.ndarray        # [n_seg] row of each segment
+    starts: np.ndarray  # [n_seg] stream index of each segment's first token
+    length: np.ndarray  # [n_seg] tokens of each segment
+    typ: np.ndarray  # [n_seg] int8 token type
+    row: np.ndarray  # [n_seg] row of each segment
 
 
-def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_grid: np.ndarray | None,
-                        mask: np.ndarray | None, image_token_id: int, video_token_id: int,
-                        vision_start_token_id: int | None, m: int, gap: int, stride: int,
-                        pad_position: int, video_interval: np.ndarray | None = None,
-                        split: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def mcg_rope_index_cpu(
+    ids: np.ndarray,
+    image_grid: np.ndarray | None,
+    video_grid: np.ndarray | None,
+    mask: np.ndarray | None,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int | None,
+    m: int,
+    gap: int,
+    stride: int,
+    pad_position: int,
+    video_interval: np.ndarray | None = None,
+    split: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions [3,B,S] and deltas [B,1] (int64) for ids [B,S]; grids [n,3] int64; mask [B,S] bool.
 
     video_interval: float32 [n_vid] time interval per video grid row, or None (interval 1);
@@ -77,18 +87,19 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
     if video_interval is not None:
         check_interval(video_interval)
         if video_interval.size != n_vid_grid:
-            raise ValueError(f"video_time_interval has {video_interval.size} values but video_grid_thw has "
-                             f"{n_vid_grid} rows")
+            raise ValueError(
+                f"video_time_interval has {video_interval.size} values but video_grid_thw has {n_vid_grid} rows"
+            )
         if n_vid_grid == 0:
             video_interval = None
     stream = _stream(ids, mask)
     N = stream.tok.size
-    frames = None                                          # with split: (t per grid row, their sum)
+    frames = None  # with split: (t per grid row, their sum)
     if split and n_vid_grid:
-        check_grid("video_grid_thw", video_grid, m)        # t >= 1 before t counts runs
+        check_grid("video_grid_thw", video_grid, m)  # t >= 1 before t counts runs
         frames = (video_grid[:, 0], sum(video_grid[:, 0].tolist()))
         n_vid_grid = frames[1]
-        if n_vid_grid <= N:                                # else too many runs: reported below
+        if n_vid_grid <= N:  # else too many runs: reported below
             video_grid = np.repeat(video_grid, frames[0], axis=0)
             video_grid[:, 0] = 1
     if N == 0:
@@ -106,7 +117,7 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
     if n_img != n_img_grid or n_vid != n_vid_grid:
         _count_error(seg.typ, seg.row, B, n_img, n_vid, n_img_grid, n_vid_grid, frames)
     grid = _run_grids(kinds, image_grid, video_grid, m, n_img, n_vid)
-    extent = seg.length - 1                                # text: offsets 0..len-1
+    extent = seg.length - 1  # text: offsets 0..len-1
     top, iv = extent, None
     if vseg.size:
         _check_runs(seg, stream, vseg, kinds, grid, frames, m, S, vision_start_token_id, masked=mask is not None)
@@ -115,7 +126,7 @@ def mcg_rope_index_cpu(ids: np.ndarray, image_grid: np.ndarray | None, video_gri
     # Bases: exclusive prefix sum of (extent + gap) over each row's segments.
     step = extent + gap
     excl = np.cumsum(step) - step
-    row_first = np.searchsorted(seg.starts, stream.row_start)   # first segment of each row
+    row_first = np.searchsorted(seg.starts, stream.row_start)  # first segment of each row
     base = excl - excl[row_first[seg.row]]
     pos = _token_positions(seg, base, vseg, kinds, grid, m, stride, iv, is_img | is_vid, N)
     return _place(pos, base + top, row_first, stream.lengths, mask, pad_position, B, S)
@@ -162,8 +173,19 @@ def _run_grids(kinds, image_grid, video_grid, m: int, n_img: int, n_vid: int) ->
     return grid
 
 
-def _check_runs(seg: _Segments, stream: _Stream, vseg, kinds, grid, frames, m: int, S: int,
-                vision_start_token_id: int | None, *, masked: bool) -> None:
+def _check_runs(
+    seg: _Segments,
+    stream: _Stream,
+    vseg,
+    kinds,
+    grid,
+    frames,
+    m: int,
+    S: int,
+    vision_start_token_id: int | None,
+    *,
+    masked: bool,
+) -> None:
     """Every vision run has t·(h/m)·(w/m) tokens and, with ``vision_start_token_id``, follows that token."""
     vt, vh, vw = grid[:, 0], grid[:, 1] // m, grid[:, 2] // m
     vlen = seg.length[vseg]
@@ -177,13 +199,15 @@ def _check_runs(seg: _Segments, stream: _Stream, vseg, kinds, grid, frames, m: i
         name = "image" if kinds[i] == 1 else "video"
         k = int(np.count_nonzero(kinds[:i] == kinds[i]))
         at = int(seg.starts[s] - stream.row_start[seg.row[s]])
-        raise ValueError(f"row {int(seg.row[s])}: {name} run at token {at}{where} has {int(vlen[i])} tokens but "
-                         f"{grid_name(name, k, frames)} = {tuple(grid[i].tolist())} needs t·(h/{m})·(w/{m}) = "
-                         f"{grid_tokens(grid[i], m)}")
+        raise ValueError(
+            f"row {int(seg.row[s])}: {name} run at token {at}{where} has {int(vlen[i])} tokens but "
+            f"{grid_name(name, k, frames)} = {tuple(grid[i].tolist())} needs t·(h/{m})·(w/{m}) = "
+            f"{grid_tokens(grid[i], m)}"
+        )
     if vision_start_token_id is None:
         return
     vstart = seg.starts[vseg]
-    ok = stream.tok[vstart - 1] == vision_start_token_id      # vstart - 1 = -1 wraps; caught below
+    ok = stream.tok[vstart - 1] == vision_start_token_id  # vstart - 1 = -1 wraps; caught below
     if masked:
         ok &= vstart != stream.row_start[seg.row[vseg]]
     else:
@@ -191,8 +215,9 @@ def _check_runs(seg: _Segments, stream: _Stream, vseg, kinds, grid, frames, m: i
     if not ok.all():
         s = vseg[np.flatnonzero(~ok)[0]]
         at = int(seg.starts[s] - stream.row_start[seg.row[s]])
-        raise ValueError(f"row {int(seg.row[s])}: vision run at token {at}{where} does not follow "
-                         "vision_start_token_id")
+        raise ValueError(
+            f"row {int(seg.row[s])}: vision run at token {at}{where} does not follow vision_start_token_id"
+        )
 
 
 def _vision_extents(extent, vseg, kinds, grid, m: int, stride: int, video_interval):
@@ -201,7 +226,7 @@ def _vision_extents(extent, vseg, kinds, grid, m: int, stride: int, video_interv
     vt, vh, vw = grid[:, 0], grid[:, 1] // m, grid[:, 2] // m
     # a vision run's extent is spatial only: the next segment starts at base + (max(H, W) − 1)·α + gap
     extent[vseg] = np.maximum(vh - 1, vw - 1) * stride
-    top = extent.copy()                                    # largest offset of each segment, t included
+    top = extent.copy()  # largest offset of each segment, t included
     if video_interval is None:
         top[vseg] = np.maximum(extent[vseg], vt - 1)
         return top, None
@@ -228,8 +253,8 @@ def _token_positions(seg: _Segments, base, vseg, kinds, grid, m: int, stride: in
         return pos
     vh, vw = grid[:, 1] // m, grid[:, 2] // m
     vlen = seg.length[vseg]
-    at = np.flatnonzero(is_vision)                     # vision tokens, run after run (a bool mask: fastest)
-    r = at - np.repeat(seg.starts[vseg], vlen)         # index inside the run
+    at = np.flatnonzero(is_vision)  # vision tokens, run after run (a bool mask: fastest)
+    r = at - np.repeat(seg.starts[vseg], vlen)  # index inside the run
     hw = np.repeat(vh * vw, vlen)
     w_cnt = np.repeat(vw, vlen)
     b = np.repeat(base[vseg], vlen)
@@ -260,7 +285,7 @@ def _place(pos, seg_top, row_first, lengths, mask, pad_position: int, B: int, S:
     deltas[filled, 0] = np.maximum.reduceat(seg_top, row_first[filled]) + 1 - lengths[filled]
     out = np.full((3, B * S), pad_position, dtype=np.int64)
     flat_mask = mask.reshape(-1)
-    for row in range(3):   # one boolean assignment per position row (2-D fancy indexing is slower)
+    for row in range(3):  # one boolean assignment per position row (2-D fancy indexing is slower)
         out[row][flat_mask] = pos[row]
     return out.reshape(3, B, S), deltas
 
@@ -272,6 +297,8 @@ def _count_error(seg_typ, seg_row, B, n_img, n_vid, n_img_grid, n_vid_grid, fram
             per_row = np.bincount(seg_row[seg_typ == kind], minlength=B)
             row = int(np.flatnonzero(np.cumsum(per_row) > n_grid)[0]) if n_runs > n_grid else B - 1
             grids = grid_count(name, n_grid, kind == 2 and frames)
-            raise ValueError(f"input_ids has {n_runs} {name} runs but {grids}; {name} runs per row: "
-                             f"{per_row.tolist()}; the mismatch shows at row {row} ({int(per_row[row])} {name} "
-                             "run(s) there)")
+            raise ValueError(
+                f"input_ids has {n_runs} {name} runs but {grids}; {name} runs per row: "
+                f"{per_row.tolist()}; the mismatch shows at row {row} ({int(per_row[row])} {name} "
+                "run(s) there)"
+            )

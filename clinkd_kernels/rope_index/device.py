@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from .checks import check_grid, check_interval, check_time_offsets, grid_count, grid_name, grid_tokens
 
-_PAD = 3        # token code of padding after compaction (text 0, image 1, video 2)
-_VSTART = 4     # bit set in the code of a vision_start token
-READ_CPU_GRIDS = True   # CPU grids/intervals read on the host; tests set False to run the device-grid code on CPU
+_PAD = 3  # token code of padding after compaction (text 0, image 1, video 2)
+_VSTART = 4  # bit set in the code of a vision_start token
+READ_CPU_GRIDS = True  # CPU grids/intervals read on the host; tests set False to run the device-grid code on CPU
 
 
 def _upload(data, dtype: torch.dtype, device) -> torch.Tensor:
@@ -43,8 +43,17 @@ def _upload(data, dtype: torch.dtype, device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _grid_table(grid: torch.Tensor | None, m: int, dtype: torch.dtype, device, *, split: bool = False,
-                interval: torch.Tensor | None = None, with_interval: bool = False, limit: int = 0):
+def _grid_table(
+    grid: torch.Tensor | None,
+    m: int,
+    dtype: torch.dtype,
+    device,
+    *,
+    split: bool = False,
+    interval: torch.Tensor | None = None,
+    with_interval: bool = False,
+    limit: int = 0,
+):
     """A grid's rows as columns (H·W, W, t·H·W[, interval]) of ``dtype`` [3 or 4, n], H = h/m, W = w/m.
 
     Returns (table, bad, n_runs, frame_ends):
@@ -72,8 +81,11 @@ def _grid_table(grid: torch.Tensor | None, m: int, dtype: torch.dtype, device, *
             n_runs = sum(t for t, _, _ in rows)
             rows = [] if bad or n_runs > limit else [(1, h, w) for t, h, w in rows for _ in range(t)]
             rows = rows or [(0, m, m)]
-        cols = [[max(1, (h // m) * (w // m)) for _, h, w in rows], [max(1, w // m) for _, _, w in rows],
-                [t * (h // m) * (w // m) for t, h, w in rows]]
+        cols = [
+            [max(1, (h // m) * (w // m)) for _, h, w in rows],
+            [max(1, w // m) for _, _, w in rows],
+            [t * (h // m) * (w // m) for t, h, w in rows],
+        ]
         if with_interval and (interval is None or interval.device.type == "cpu"):
             ivs = [1.0] * len(rows) if interval is None else interval.tolist()
             bad += sum(not math.isfinite(v) or v < 0 for v in ivs)
@@ -90,7 +102,7 @@ def _grid_table(grid: torch.Tensor | None, m: int, dtype: torch.dtype, device, *
             n_runs = frame_ends[-1]
             t = torch.ones_like(t)
         table = torch.stack([(H * W).clamp(min=1), W.clamp(min=1), t * H * W]).to(dtype)
-    if with_interval:   # a device grid, or a device interval
+    if with_interval:  # a device grid, or a device interval
         if interval is None:
             iv = torch.ones(table.shape[1], dtype=dtype, device=device)
         else:
@@ -115,21 +127,30 @@ def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _Tokens(NamedTuple):
     """Per-token masks [B,S] of the batch, padding moved to each row's end (order kept)."""
 
-    typ: torch.Tensor              # int8 token type: text 0, image 1, video 2, padding _PAD
-    is_img: torch.Tensor           # bool
-    is_vid: torch.Tensor           # bool
-    is_vs: torch.Tensor | None     # bool vision_start tokens (None without vision_start_token_id)
-    valid: torch.Tensor | None     # bool attention_mask != 0, in the input layout (None without a mask)
-    cidx: torch.Tensor | None      # int64 compacted column of each kept token (-1 before a row's first)
-    lengths: torch.Tensor | None   # int64 [B] kept tokens of each row
+    typ: torch.Tensor  # int8 token type: text 0, image 1, video 2, padding _PAD
+    is_img: torch.Tensor  # bool
+    is_vid: torch.Tensor  # bool
+    is_vs: torch.Tensor | None  # bool vision_start tokens (None without vision_start_token_id)
+    valid: torch.Tensor | None  # bool attention_mask != 0, in the input layout (None without a mask)
+    cidx: torch.Tensor | None  # int64 compacted column of each kept token (-1 before a row's first)
+    lengths: torch.Tensor | None  # int64 [B] kept tokens of each row
 
 
-def mcg_rope_index_device(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                          video_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                          image_token_id: int, video_token_id: int, vision_start_token_id: int | None,
-                          spatial_merge_size: int, modality_gap: int, vision_stride: int,
-                          pad_position: int, video_time_interval: torch.Tensor | None = None,
-                          split_video_frames: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def mcg_rope_index_device(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int | None,
+    spatial_merge_size: int,
+    modality_gap: int,
+    vision_stride: int,
+    pad_position: int,
+    video_time_interval: torch.Tensor | None = None,
+    split_video_frames: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``mcg_rope_index`` on the tensors' device (inputs already validated); any device works.
 
     input_ids [B,S], grids int [n,3], attention_mask [B,S] or None → position_ids int64 [3,B,S],
@@ -152,13 +173,14 @@ def mcg_rope_index_device(input_ids: torch.Tensor, image_grid_thw: torch.Tensor 
     tk = _compact(input_ids, attention_mask, image_token_id, video_token_id, vision_start_token_id)
     start, end = _segment_bounds(tk)
     idx = torch.arange(S, dtype=fdt, device=dev)
-    r = idx - (idx * _as_float(start, fdt)).cummax(1).values    # offset inside the segment
+    r = idx - (idx * _as_float(start, fdt)).cummax(1).values  # offset inside the segment
 
     n_img_grid = 0 if image_grid_thw is None else image_grid_thw.shape[0]
     n_vid_grid = 0 if video_grid_thw is None else video_grid_thw.shape[0]
     timed = video_time_interval is not None and n_vid_grid > 0
     hw, w_cnt, count, iv, n_img, n_vid, bad_grid, n_vid_runs = _token_grids(
-        tk, start, image_grid_thw, video_grid_thw, m, fdt, split_video_frames, video_time_interval, timed)
+        tk, start, image_grid_thw, video_grid_thw, m, fdt, split_video_frames, video_time_interval, timed
+    )
 
     # Offsets inside the segment: (r, r, r) for text, (ti, hi·α, wi·α) for vision, r = (ti·H + hi)·W + wi.
     # ([B,S]-sized ops throughout, never [3,B,S]: small CPU ops stay single-threaded, which is faster.)
@@ -183,19 +205,34 @@ def mcg_rope_index_device(input_ids: torch.Tensor, image_grid_thw: torch.Tensor 
     # last token equals t·H·W of its grid; with vision_start_token_id every vision run follows one.
     bad = ((r + 1 != count) & end & vis).sum()
     if tk.is_vs is not None:
-        vs_ok = (start[:, 1:] & vis[:, 1:] & tk.is_vs[:, :-1]).sum()   # counted against the run total
+        vs_ok = (start[:, 1:] & vis[:, 1:] & tk.is_vs[:, :-1]).sum()  # counted against the run total
     else:
         vs_ok = n_img + n_vid
     got = _read([n_img, n_vid, bad, vs_ok, bad_grid, n_vid_runs, bad_time])
-    if (got[0] != n_img_grid or got[1] != got[5] or got[2] or got[3] != got[0] + got[1] or got[4]
-            or got[6]):
-        _raise_index_error(got, n_img_grid, start, tk.typ, r, end, vis, count, tk.is_vs, image_grid_thw,
-                           video_grid_thw, video_time_interval, split_video_frames, m, tk.valid is not None)
+    if got[0] != n_img_grid or got[1] != got[5] or got[2] or got[3] != got[0] + got[1] or got[4] or got[6]:
+        _raise_index_error(
+            got,
+            n_img_grid,
+            start,
+            tk.typ,
+            r,
+            end,
+            vis,
+            count,
+            tk.is_vs,
+            image_grid_thw,
+            video_grid_thw,
+            video_time_interval,
+            split_video_frames,
+            m,
+            tk.valid is not None,
+        )
     return _assemble(rel, base, top, end, tk, timed, pad_position)
 
 
-def _compact(input_ids, attention_mask, image_token_id: int, video_token_id: int,
-             vision_start_token_id: int | None) -> _Tokens:
+def _compact(
+    input_ids, attention_mask, image_token_id: int, video_token_id: int, vision_start_token_id: int | None
+) -> _Tokens:
     """Token types of input_ids [B,S]. Padding is removed by moving each row's kept tokens to its front
     (order kept); the tail gets the padding code. Positions are computed on this compact layout and
     gathered back at the end."""
@@ -205,16 +242,16 @@ def _compact(input_ids, attention_mask, image_token_id: int, video_token_id: int
     is_vid = input_ids == video_token_id
     is_vs = None if vision_start_token_id is None else input_ids == vision_start_token_id
     if attention_mask is None:
-        return _Tokens(is_img.view(torch.int8) + 2 * is_vid.view(torch.int8), is_img, is_vid, is_vs, None, None,
-                       None)
+        return _Tokens(is_img.view(torch.int8) + 2 * is_vid.view(torch.int8), is_img, is_vid, is_vs, None, None, None)
     valid = attention_mask.to(device=dev) != 0
     cidx = valid.cumsum(1) - 1
     lengths = cidx[:, -1] + 1
     code = is_img.view(torch.int8) + 2 * is_vid.view(torch.int8)
     if is_vs is not None:
         code += _VSTART * is_vs.view(torch.int8)
-    code = torch.full((B, S + 1), _PAD, dtype=torch.int8, device=dev).scatter_(
-        1, cidx.masked_fill(~valid, S), code)[:, :S]
+    code = torch.full((B, S + 1), _PAD, dtype=torch.int8, device=dev).scatter_(1, cidx.masked_fill(~valid, S), code)[
+        :, :S
+    ]
     typ = code & 3
     if is_vs is not None:
         is_vs = (code & _VSTART) != 0
@@ -237,8 +274,9 @@ def _segment_bounds(tk: _Tokens) -> tuple[torch.Tensor, torch.Tensor]:
     return first & is_tok, end & is_tok
 
 
-def _token_grids(tk: _Tokens, start, image_grid_thw, video_grid_thw, m: int, fdt: torch.dtype, split: bool,
-                 interval, timed: bool):
+def _token_grids(
+    tk: _Tokens, start, image_grid_thw, video_grid_thw, m: int, fdt: torch.dtype, split: bool, interval, timed: bool
+):
     """The grid of every token, as [B,S] columns of ``fdt``: (H·W, W, t·H·W, interval or None), and the
     counts the checks read: (…, n_img, n_vid, bad_grid, n_vid_runs), device tensors or ints.
 
@@ -252,12 +290,13 @@ def _token_grids(tk: _Tokens, start, image_grid_thw, video_grid_thw, m: int, fdt
     n_img = img_rank[-1]
     table, bad_grid, _, _ = _grid_table(image_grid_thw, m, fdt, dev, with_interval=timed)
     rank = (img_rank - 1).clamp_(0, table.shape[1] - 1)
-    n_vid_runs = 0                                                  # the video runs the grid feeds
+    n_vid_runs = 0  # the video runs the grid feeds
     if n_vid_grid:
         vid_rank = (start & tk.is_vid).view(-1).cumsum(0)
         n_vid = vid_rank[-1]
         vid_table, vid_bad, n_vid_runs, frame_ends = _grid_table(
-            video_grid_thw, m, fdt, dev, split=split, interval=interval, with_interval=timed, limit=B * S)
+            video_grid_thw, m, fdt, dev, split=split, interval=interval, with_interval=timed, limit=B * S
+        )
         k = vid_rank - 1
         if frame_ends is not None:
             k = torch.searchsorted(frame_ends, k, right=True)
@@ -305,7 +344,7 @@ def _assemble(rel, base, top, end, tk: _Tokens, timed: bool, pad_position: int):
     gathered back to the input layout (padding gets ``pad_position``)."""
     B, S = base.shape
     pos = torch.empty((3, B, S), dtype=torch.long, device=base.device)
-    if timed:   # int64 sum: a temporal offset may be beyond fdt's exact range for the sum
+    if timed:  # int64 sum: a temporal offset may be beyond fdt's exact range for the sum
         torch.add(rel[0].long(), base.long(), out=pos[0])
     else:
         pos[0].copy_(rel[0].add_(base))
@@ -322,8 +361,23 @@ def _assemble(rel, base, top, end, tk: _Tokens, timed: bool, pad_position: int):
     return pos, deltas
 
 
-def _raise_index_error(got, n_img_grid, start, typ, r, end, vis, count, is_vs, image_grid_thw, video_grid_thw,
-                       video_time_interval, split, m, compacted):
+def _raise_index_error(
+    got,
+    n_img_grid,
+    start,
+    typ,
+    r,
+    end,
+    vis,
+    count,
+    is_vs,
+    image_grid_thw,
+    video_grid_thw,
+    video_time_interval,
+    split,
+    m,
+    compacted,
+):
     """Build the error message for a failed check (error path only: free to sync)."""
     where = " (counting unpadded tokens)" if compacted else ""
     host = {}
@@ -342,9 +396,11 @@ def _raise_index_error(got, n_img_grid, start, typ, r, end, vis, count, is_vs, i
             per_row = (start & (typ == kind)).sum(1).cpu()
             cum = per_row.cumsum(0)
             row = int((cum > n_grid).nonzero()[0]) if n_runs > n_grid else len(per_row) - 1
-            raise ValueError(f"input_ids has {n_runs} {name} runs but {grid_count(name, n_grid, kind == 2 and frames)}"
-                             f"; {name} runs per row: {per_row.tolist()}; the mismatch shows at row {row} "
-                             f"({int(per_row[row])} {name} run(s) there)")
+            raise ValueError(
+                f"input_ids has {n_runs} {name} runs but {grid_count(name, n_grid, kind == 2 and frames)}"
+                f"; {name} runs per row: {per_row.tolist()}; the mismatch shows at row {row} "
+                f"({int(per_row[row])} {name} run(s) there)"
+            )
     bad_len = end & vis & (r + 1 != count)
     if bool(bad_len.any()):
         b, i = bad_len.nonzero()[0].tolist()
@@ -352,9 +408,11 @@ def _raise_index_error(got, n_img_grid, start, typ, r, end, vis, count, is_vs, i
         name = "image" if kind == 1 else "video"
         k = int((start & (typ == kind)).view(-1)[: b * typ.shape[1] + i + 1].sum()) - 1
         grid = host[name][k] if not (kind == 2 and frames) else _frame_row(host[name], k)
-        raise ValueError(f"row {b}: {name} run at token {i - int(r[b, i])}{where} has {int(r[b, i]) + 1} tokens but "
-                         f"{grid_name(name, k, frames)} = {tuple(grid.tolist())} needs t·(h/{m})·(w/{m}) = "
-                         f"{grid_tokens(grid.tolist(), m)} tokens")
+        raise ValueError(
+            f"row {b}: {name} run at token {i - int(r[b, i])}{where} has {int(r[b, i]) + 1} tokens but "
+            f"{grid_name(name, k, frames)} = {tuple(grid.tolist())} needs t·(h/{m})·(w/{m}) = "
+            f"{grid_tokens(grid.tolist(), m)} tokens"
+        )
     if is_vs is not None:
         prev_vs = F.pad(is_vs, (1, 0), value=False)[:, :-1]
         late = start & vis & ~prev_vs

@@ -48,22 +48,56 @@ def _host_array(x: torch.Tensor | None) -> np.ndarray | None:
     return None if x is None else x.detach().cpu().numpy().astype(np.int64, copy=False)
 
 
-def mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id: int,
-                        video_token_id: int, vision_start_token_id: int | None, spatial_merge_size: int,
-                        modality_gap: int, vision_stride: int, pad_position: int,
-                        video_time_interval: torch.Tensor | None = None, split_video_frames: bool = False):
+def mcg_rope_index_impl(
+    input_ids,
+    image_grid_thw,
+    video_grid_thw,
+    attention_mask,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int | None,
+    spatial_merge_size: int,
+    modality_gap: int,
+    vision_stride: int,
+    pad_position: int,
+    video_time_interval: torch.Tensor | None = None,
+    split_video_frames: bool = False,
+):
     """Dispatch by device: CPU → NumPy host path, otherwise the on-device tensor path."""
     if input_ids.device.type == "cpu":
         mask = None if attention_mask is None else attention_mask.numpy() != 0
         interval = None if video_time_interval is None else video_time_interval.cpu().numpy()
-        pos, deltas = mcg_rope_index_cpu(input_ids.numpy(), _host_array(image_grid_thw),
-                                          _host_array(video_grid_thw), mask, image_token_id, video_token_id,
-                                          vision_start_token_id, spatial_merge_size, modality_gap, vision_stride,
-                                          pad_position, interval, split_video_frames)
+        pos, deltas = mcg_rope_index_cpu(
+            input_ids.numpy(),
+            _host_array(image_grid_thw),
+            _host_array(video_grid_thw),
+            mask,
+            image_token_id,
+            video_token_id,
+            vision_start_token_id,
+            spatial_merge_size,
+            modality_gap,
+            vision_stride,
+            pad_position,
+            interval,
+            split_video_frames,
+        )
         return torch.from_numpy(pos), torch.from_numpy(deltas)
-    return mcg_rope_index_device(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
-                                 video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                                 vision_stride, pad_position, video_time_interval, split_video_frames)
+    return mcg_rope_index_device(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        image_token_id,
+        video_token_id,
+        vision_start_token_id,
+        spatial_merge_size,
+        modality_gap,
+        vision_stride,
+        pad_position,
+        video_time_interval,
+        split_video_frames,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,32 +105,75 @@ def mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mas
 
 
 @torch.library.custom_op("clinkd::mcg_rope_index", mutates_args=())
-def _mcg_rope_index_op(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                       video_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                       image_token_id: int, video_token_id: int, vision_start_token_id: int | None,
-                       spatial_merge_size: int, modality_gap: int, vision_stride: int,
-                       pad_position: int, video_time_interval: torch.Tensor | None,
-                       split_video_frames: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mcg_rope_index_op(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int | None,
+    spatial_merge_size: int,
+    modality_gap: int,
+    vision_stride: int,
+    pad_position: int,
+    video_time_interval: torch.Tensor | None,
+    split_video_frames: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The op torch.compile sees: (position_ids [3,B,S], rope_deltas [B,1]) int64; inputs validated."""
-    return mcg_rope_index_impl(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
-                               video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                               vision_stride, pad_position, video_time_interval, split_video_frames)
+    return mcg_rope_index_impl(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        image_token_id,
+        video_token_id,
+        vision_start_token_id,
+        spatial_merge_size,
+        modality_gap,
+        vision_stride,
+        pad_position,
+        video_time_interval,
+        split_video_frames,
+    )
 
 
 @_mcg_rope_index_op.register_fake
-def _(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
-      vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position,
-      video_time_interval, split_video_frames):
+def _(
+    input_ids,
+    image_grid_thw,
+    video_grid_thw,
+    attention_mask,
+    image_token_id,
+    video_token_id,
+    vision_start_token_id,
+    spatial_merge_size,
+    modality_gap,
+    vision_stride,
+    pad_position,
+    video_time_interval,
+    split_video_frames,
+):
     B, S = input_ids.shape
     return (input_ids.new_empty((3, B, S), dtype=torch.long), input_ids.new_empty((B, 1), dtype=torch.long))
 
 
-def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | None = None,
-                   video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                   image_token_id: int, video_token_id: int, vision_start_token_id: int | None = None,
-                   spatial_merge_size: int = 2, modality_gap: int = 2, vision_stride: int = 1,
-                   pad_position: int = 1, video_time_interval: float | torch.Tensor | None = None,
-                   split_video_frames: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def mcg_rope_index(
+    input_ids: torch.Tensor,
+    *,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int | None = None,
+    spatial_merge_size: int = 2,
+    modality_gap: int = 2,
+    vision_stride: int = 1,
+    pad_position: int = 1,
+    video_time_interval: float | torch.Tensor | None = None,
+    split_video_frames: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MCG-RoPE 3-D position ids for a batch of multimodal token sequences (rules: module docstring).
 
     Args:
@@ -129,9 +206,21 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
     value that is not finite and ≥ 0, or puts a last frame at 2^53 or beyond. Rows are independent
     (any batch size).
     """
-    interval = check_inputs(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
-                            video_token_id, vision_start_token_id, spatial_merge_size, modality_gap, vision_stride,
-                            pad_position, video_time_interval, split_video_frames)
+    interval = check_inputs(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        image_token_id,
+        video_token_id,
+        vision_start_token_id,
+        spatial_merge_size,
+        modality_gap,
+        vision_stride,
+        pad_position,
+        video_time_interval,
+        split_video_frames,
+    )
     if input_ids.device.type == "cpu":
         input_ids = input_ids.contiguous()
         if attention_mask is not None:
@@ -142,9 +231,21 @@ def mcg_rope_index(input_ids: torch.Tensor, *, image_grid_thw: torch.Tensor | No
     # The custom op is what torch.compile sees; eager calls skip its dispatch, a cost of the order of the
     # op itself at these sizes.
     call = _mcg_rope_index_op if torch.compiler.is_compiling() else mcg_rope_index_impl
-    return call(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id, video_token_id,
-                vision_start_token_id, spatial_merge_size, modality_gap, vision_stride, pad_position, interval,
-                split_video_frames)
+    return call(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        image_token_id,
+        video_token_id,
+        vision_start_token_id,
+        spatial_merge_size,
+        modality_gap,
+        vision_stride,
+        pad_position,
+        interval,
+        split_video_frames,
+    )
 
 
 def mrope_decode_position_ids(cache_position, rope_deltas: torch.Tensor, *, num_tokens: int = 1) -> torch.Tensor:

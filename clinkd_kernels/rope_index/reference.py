@@ -31,7 +31,7 @@ def _video_grids(video_grid_thw, video_time_interval, split_video_frames: bool):
     if video_time_interval is None:
         intervals = [None] * len(rows)
     elif isinstance(video_time_interval, torch.Tensor):
-        intervals = video_time_interval.float().tolist()      # float32 values
+        intervals = video_time_interval.float().tolist()  # float32 values
     else:
         intervals = [video_time_interval] * len(rows)
     if len(intervals) != len(rows):
@@ -39,11 +39,22 @@ def _video_grids(video_grid_thw, video_time_interval, split_video_frames: bool):
     return list(zip(rows, intervals))
 
 
-def mcg_rope_index_reference(input_ids: torch.Tensor, *, image_grid_thw=None, video_grid_thw=None,
-                             attention_mask=None, image_token_id: int, video_token_id: int,
-                             vision_start_token_id: int | None = None, spatial_merge_size: int = 2,
-                             modality_gap: int = 2, vision_stride: int = 1, pad_position: int = 1,
-                             video_time_interval=None, split_video_frames: bool = False):
+def mcg_rope_index_reference(
+    input_ids: torch.Tensor,
+    *,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int | None = None,
+    spatial_merge_size: int = 2,
+    modality_gap: int = 2,
+    vision_stride: int = 1,
+    pad_position: int = 1,
+    video_time_interval=None,
+    split_video_frames: bool = False,
+):
     """MCG-RoPE position ids, one row and one token at a time (the spec for ``mcg_rope_index``).
 
     input_ids [B,S] → (position_ids [3,B,S], rope_deltas [B,1]), both int64 on CPU.
@@ -60,8 +71,10 @@ def mcg_rope_index_reference(input_ids: torch.Tensor, *, image_grid_thw=None, vi
     position_ids = torch.full((3, B, S), pad_position, dtype=torch.long)
     rope_deltas = torch.zeros(B, 1, dtype=torch.long)
     images = [(tuple(g), None) for g in ([] if image_grid_thw is None else image_grid_thw.tolist())]
-    grids = {image_token_id: iter(images),
-             video_token_id: iter(_video_grids(video_grid_thw, video_time_interval, split_video_frames))}
+    grids = {
+        image_token_id: iter(images),
+        video_token_id: iter(_video_grids(video_grid_thw, video_time_interval, split_video_frames)),
+    }
     for b in range(B):
         keep = torch.ones(S, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
         ids = input_ids[b].cpu()[keep].tolist()
@@ -95,8 +108,12 @@ def mcg_rope_index_reference(input_ids: torch.Tensor, *, image_grid_thw=None, vi
             else:
                 # stock: (torch.arange(t) * time_interval).long(), a float32 product truncated
                 times = [int(np.float32(ti) * np.float32(interval)) for ti in range(t)]
-            cols += [(base + times[ti], base + hi * stride, base + wi * stride)
-                     for ti in range(t) for hi in range(H) for wi in range(W)]
+            cols += [
+                (base + times[ti], base + hi * stride, base + wi * stride)
+                for ti in range(t)
+                for hi in range(H)
+                for wi in range(W)
+            ]
             base += (max(H, W) - 1) * stride + gap
         if cols:
             where = keep.nonzero().flatten()

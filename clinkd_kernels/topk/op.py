@@ -16,16 +16,23 @@ from .checks import check_inputs, check_lse
 from .reference import PseudoLabels, topk_pseudo_labels_reference
 
 if extension() is not None:
+
     @torch.library.register_fake("clinkd::topk_pseudo_labels_ext")
     def _fake(logits, k, temperature):
         n = logits.shape[0]
         f32 = dict(dtype=torch.float32, device=logits.device)
-        return (logits.new_empty((n, k), dtype=torch.int32), torch.empty((n, k), **f32), torch.empty((n,), **f32),
-                torch.empty((n,), **f32), torch.empty((n,), **f32))
+        return (
+            logits.new_empty((n, k), dtype=torch.int32),
+            torch.empty((n, k), **f32),
+            torch.empty((n,), **f32),
+            torch.empty((n,), **f32),
+            torch.empty((n,), **f32),
+        )
 
 
-def topk_pseudo_labels(logits: torch.Tensor, k: int, *, temperature: float = 1.0, backend: str | None = None,
-                       check: bool = True) -> PseudoLabels:
+def topk_pseudo_labels(
+    logits: torch.Tensor, k: int, *, temperature: float = 1.0, backend: str | None = None, check: bool = True
+) -> PseudoLabels:
     """Teacher logits [N, V] → the top-k pseudo-labels of every row, in one read of the logits.
 
     Args:

@@ -47,13 +47,13 @@ class PseudoLabels(NamedTuple):
             return tuple.__getitem__(self, item)
         return PseudoLabels(*(t[item] for t in self))
 
-    def to(self, device) -> "PseudoLabels":
+    def to(self, device) -> PseudoLabels:
         return PseudoLabels(*(t.to(device) for t in self))
 
 
-
-def topk_pseudo_labels_reference(logits: torch.Tensor, k: int, *, temperature: float = 1.0,
-                                 compute_dtype: torch.dtype = torch.float64) -> PseudoLabels:
+def topk_pseudo_labels_reference(
+    logits: torch.Tensor, k: int, *, temperature: float = 1.0, compute_dtype: torch.dtype = torch.float64
+) -> PseudoLabels:
     """logits [N, V] (any float dtype) → PseudoLabels, computed in ``compute_dtype`` then returned as
     int32 indices and fp32 values (or ``compute_dtype`` values when it is float64, for tests)."""
     n, v = logits.shape
@@ -76,13 +76,19 @@ def topk_pseudo_labels_reference(logits: torch.Tensor, k: int, *, temperature: f
     top = order[:, :kk]
     y_top = torch.gather(y, 1, top)
     logprob = y_top - lse[:, None]
-    inf_logprob = torch.where(torch.isposinf(y_top), -torch.log(n_posinf.to(compute_dtype))[:, None],
-                              torch.full_like(y_top, float("-inf")))
+    inf_logprob = torch.where(
+        torch.isposinf(y_top), -torch.log(n_posinf.to(compute_dtype))[:, None], torch.full_like(y_top, float("-inf"))
+    )
     logprob = torch.where(has_posinf[:, None], inf_logprob, logprob)
 
     p = logprob.exp()
     margin = p[:, 0] - p[:, 1] if kk >= 2 else p[:, 0]
     residual = (1.0 - p[:, :k].sum(-1)).clamp_min(0.0)
     out_dtype = compute_dtype if compute_dtype == torch.float64 else torch.float32
-    return PseudoLabels(top[:, :k].to(torch.int32), logprob[:, :k].to(out_dtype), lse.to(out_dtype),
-                        margin.to(out_dtype), residual.to(out_dtype))
+    return PseudoLabels(
+        top[:, :k].to(torch.int32),
+        logprob[:, :k].to(out_dtype),
+        lse.to(out_dtype),
+        margin.to(out_dtype),
+        residual.to(out_dtype),
+    )

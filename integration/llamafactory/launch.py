@@ -36,12 +36,17 @@ from pathlib import Path
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch.py", description="llamafactory-cli with clinkd applied to the Qwen-VL models it builds",
-        usage="%(prog)s [clinkd options] COMMAND [llamafactory-cli arguments]")
+        prog="launch.py",
+        description="llamafactory-cli with clinkd applied to the Qwen-VL models it builds",
+        usage="%(prog)s [clinkd options] COMMAND [llamafactory-cli arguments]",
+    )
     p.add_argument("--modality-gap", type=int, default=None, help="MCG-RoPE modality gap λ (clinkd default: 2)")
     p.add_argument("--vision-stride", type=int, default=None, help="MCG-RoPE vision stride α (clinkd default: 1)")
-    p.add_argument("--stock-positions", action="store_true",
-                   help="keep transformers' positions (mcg_rope=None): fused attention and loss only")
+    p.add_argument(
+        "--stock-positions",
+        action="store_true",
+        help="keep transformers' positions (mcg_rope=None): fused attention and loss only",
+    )
     p.add_argument("--no-attention", action="store_true", help="keep the stock decoder attention")
     p.add_argument("--no-loss", action="store_true", help="keep the stock causal-LM loss")
     p.add_argument("--backend", default=None, help="clinkd kernel backend: cpu, triton, torch (default: by device)")
@@ -52,8 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     """(the launcher's options, the llamafactory-cli arguments from the command on)."""
-    valued = {a.option_strings[0] for a in _parser()._actions if a.nargs is None and a.option_strings
-              and not isinstance(a, (argparse._StoreTrueAction, argparse._HelpAction))}
+    valued = {
+        a.option_strings[0]
+        for a in _parser()._actions
+        if a.nargs is None and a.option_strings and not isinstance(a, (argparse._StoreTrueAction, argparse._HelpAction))
+    }
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         i += 2 if argv[i] in valued else 1
@@ -131,19 +139,34 @@ def _torchrun_needed(command: str) -> bool:
         return False
     from llamafactory.extras.misc import get_device_count, is_env_enabled, use_kt, use_ray
 
-    return is_env_enabled("FORCE_TORCHRUN") or is_env_enabled("USE_MCA") or (
-        get_device_count() > 1 and not use_ray() and not use_kt())
+    return (
+        is_env_enabled("FORCE_TORCHRUN")
+        or is_env_enabled("USE_MCA")
+        or (get_device_count() > 1 and not use_ray() and not use_kt())
+    )
 
 
 def _torchrun(own: list[str], rest: list[str]) -> int:
     from llamafactory.extras.misc import find_available_port, get_device_count
 
-    cmd = [sys.executable, "-m", "torch.distributed.run",
-           "--nnodes", os.getenv("NNODES", "1"), "--node_rank", os.getenv("NODE_RANK", "0"),
-           "--nproc_per_node", os.getenv("NPROC_PER_NODE", str(get_device_count())),
-           "--master_addr", os.getenv("MASTER_ADDR", "127.0.0.1"),
-           "--master_port", os.getenv("MASTER_PORT", str(find_available_port())),
-           os.path.abspath(__file__), *own, *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        os.getenv("NNODES", "1"),
+        "--node_rank",
+        os.getenv("NODE_RANK", "0"),
+        "--nproc_per_node",
+        os.getenv("NPROC_PER_NODE", str(get_device_count())),
+        "--master_addr",
+        os.getenv("MASTER_ADDR", "127.0.0.1"),
+        "--master_port",
+        os.getenv("MASTER_PORT", str(find_available_port())),
+        os.path.abspath(__file__),
+        *own,
+        *rest,
+    ]
     return subprocess.run(cmd, check=False).returncode
 
 
@@ -157,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     command = rest[0]
     if opts.count_ops and opts.report is None:
         raise SystemExit("launch.py: --count-ops writes its counts into the --report file: give --report FILE")
-    kwargs = dict(mcg_rope=_mcg_rope(opts), attention=not opts.no_attention, loss=not opts.no_loss,
-                  backend=opts.backend)
+    kwargs = dict(
+        mcg_rope=_mcg_rope(opts), attention=not opts.no_attention, loss=not opts.no_loss, backend=opts.backend
+    )
     if kwargs["mcg_rope"] == {}:
         del kwargs["mcg_rope"]  # clinkd's default MCG-RoPE settings
 
@@ -172,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     applied = clinkd.apply_to_transformers(**kwargs)
     import llamafactory
 
-    report = {"clinkd": clinkd.__version__, "transformers": transformers.__version__,
-              "llamafactory": llamafactory.__version__, "command": rest,
-              "applied": {family: _plain(s) for family, s in applied.items()}}
+    report = {
+        "clinkd": clinkd.__version__,
+        "transformers": transformers.__version__,
+        "llamafactory": llamafactory.__version__,
+        "command": rest,
+        "applied": {family: _plain(s) for family, s in applied.items()},
+    }
     _write(opts.report, report)
 
     if command != "train":

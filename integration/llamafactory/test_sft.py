@@ -38,9 +38,12 @@ LAUNCHER = HERE / "launch.py"
 CLI = Path(sys.executable).parent / "llamafactory-cli"
 
 # the versions requirements.txt pins: the ones the runs must have used
-PINS = dict(line.strip().split("==") for line in (HERE / "requirements.txt").read_text().splitlines()
-            if "==" in line and not line.lstrip().startswith("#"))
-STEPS = 6            # optimizer steps per run (batch 2 of 12 records: one epoch)
+PINS = dict(
+    line.strip().split("==")
+    for line in (HERE / "requirements.txt").read_text().splitlines()
+    if "==" in line and not line.lstrip().startswith("#")
+)
+STEPS = 6  # optimizer steps per run (batch 2 of 12 records: one epoch)
 SEED = 42
 LR = 5e-4
 # Per-step relative tolerance between the stock curve and clinkd's at gap 1. Both runs are fp32 on
@@ -59,13 +62,25 @@ MIN_GAP2_DIFF = 100 * REL_TOL
 GAP1 = ["--modality-gap", "1", "--vision-stride", "1", "--backend", "cpu"]
 # LoRA (B starts at 0: a larger lr), with two micro-batches of one per step (gradient accumulation; for
 # a model with a processor LLaMA-Factory passes no num_items_in_batch: each micro-batch's mean loss)
-LORA = ["finetuning_type=lora", "lora_target=all", "lora_rank=8", "learning_rate=5e-3",
-        "per_device_train_batch_size=1", "gradient_accumulation_steps=2"]
+LORA = [
+    "finetuning_type=lora",
+    "lora_target=all",
+    "lora_rank=8",
+    "learning_rate=5e-3",
+    "per_device_train_batch_size=1",
+    "gradient_accumulation_steps=2",
+]
 # torchrun as LLaMA-Factory starts it for several devices, forced here with one CPU worker
 TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"}
 # name: (launcher options, or None for plain llamafactory-cli; overrides of config.yaml; environment)
-VARIANTS = {"stock": (None, [], {}), "gap1": (GAP1, [], {}), "gap2": (["--backend", "cpu"], [], {}),
-            "stock-lora": (None, LORA, {}), "gap1-lora": (GAP1, LORA, {}), "gap1-torchrun": (GAP1, [], TORCHRUN)}
+VARIANTS = {
+    "stock": (None, [], {}),
+    "gap1": (GAP1, [], {}),
+    "gap2": (["--backend", "cpu"], [], {}),
+    "stock-lora": (None, LORA, {}),
+    "gap1-lora": (GAP1, LORA, {}),
+    "gap1-torchrun": (GAP1, [], TORCHRUN),
+}
 
 ORGANS = ["liver", "left kidney", "right lung", "spleen", "lesion", "optic disc", "polyp", "nodule"]
 MODALITIES = ["CT", "MRI", "X-ray", "fundus", "dermoscopy"]
@@ -101,8 +116,10 @@ def _record(i: int, rng: random.Random) -> dict:
         q = "Compare the two images. " + q
     messages = [{"role": "user", "content": "<image>" * len(images) + q}, {"role": "assistant", "content": a}]
     if i == 7:
-        messages += [{"role": "user", "content": f"Is the {organ} abnormal?"},
-                     {"role": "assistant", "content": rng.choice(["yes", "no"])}]
+        messages += [
+            {"role": "user", "content": f"Is the {organ} abnormal?"},
+            {"role": "assistant", "content": rng.choice(["yes", "no"])},
+        ]
     return {"messages": messages, "images": images}
 
 
@@ -124,10 +141,20 @@ def make_dataset(folder: Path, n: int = 12, seed: int = 0) -> list[dict]:
             w, h = SIZES[(k + j) % len(SIZES)]
             Image.fromarray(pixels.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(folder / rel)
     (folder / "train.json").write_text(json.dumps(records, indent=1))
-    info = {"clinkd_tiny": {"file_name": "train.json", "formatting": "sharegpt",
-                            "columns": {"messages": "messages", "images": "images"},
-                            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                                     "assistant_tag": "assistant", "system_tag": "system"}}}
+    info = {
+        "clinkd_tiny": {
+            "file_name": "train.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
+            },
+        }
+    }
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
     return records
 
@@ -141,23 +168,49 @@ def make_model(folder: Path, records: list[dict]) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    from clinkd.data.offline_processor import (build_offline_image_processor, build_offline_tokenizer,
-                                               special_token_ids)
+    from clinkd.data.offline_processor import build_offline_image_processor, build_offline_tokenizer, special_token_ids
 
     budget = dict(patch_size=4, merge_size=2, temporal_patch_size=1, min_pixels=16 * 16, max_pixels=32 * 32)
     tokenizer = build_offline_tokenizer(_corpus(records), vocab_size=400)
-    processor = Qwen2VLProcessor(image_processor=build_offline_image_processor(**budget), tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(**budget), chat_template=tokenizer.chat_template)
+    processor = Qwen2VLProcessor(
+        image_processor=build_offline_image_processor(**budget),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**budget),
+        chat_template=tokenizer.chat_template,
+    )
     ids = special_token_ids(tokenizer)
-    text = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=None,
-                pad_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"],
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
-    vision = dict(depth=1, embed_dim=32, hidden_size=256, num_heads=2, patch_size=4, spatial_merge_size=2,
-                  temporal_patch_size=1, in_channels=3, mlp_ratio=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_token_id"],
-                           video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
-                           vision_end_token_id=ids["vision_end_token_id"])
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        pad_token_id=ids["pad_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]),
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=256,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=1,
+        in_channels=3,
+        mlp_ratio=2,
+    )
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
     torch.manual_seed(SEED)
     model = Qwen2VLForConditionalGeneration(config).float()
     with torch.no_grad():  # wider than HF's 0.02, so attention (and so the positions) shape the logits
@@ -225,12 +278,24 @@ class Runs:
         records = make_dataset(self.data)
         make_model(self.model, records)
         self.config = root / "config.yaml"
-        self.config.write_text(CONFIG.format(model=self.model, data=self.data, out=root / "out-default",
-                                             steps=STEPS, seed=SEED, lr=LR))
-        self.env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1",
-                    "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "WANDB_DISABLED": "true", "USE_MODELSCOPE_HUB": "0", "USE_OPENMIND_HUB": "0",
-                    "USE_RAY": "0", "FORCE_TORCHRUN": "0", "PYTHONHASHSEED": "0"}
+        self.config.write_text(
+            CONFIG.format(model=self.model, data=self.data, out=root / "out-default", steps=STEPS, seed=SEED, lr=LR)
+        )
+        self.env = {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",
+            "HF_HOME": str(root / "hf"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_DISABLED": "true",
+            "USE_MODELSCOPE_HUB": "0",
+            "USE_OPENMIND_HUB": "0",
+            "USE_RAY": "0",
+            "FORCE_TORCHRUN": "0",
+            "PYTHONHASHSEED": "0",
+        }
         self.done: dict[str, dict] = {}
 
     def commands(self, name: str, out: Path) -> list[str]:
@@ -246,15 +311,21 @@ class Runs:
             out = self.root / f"out-{name}"
             cmd = self.commands(name, out)
             start = time.perf_counter()
-            proc = subprocess.run(cmd, env={**self.env, **VARIANTS[name][2]}, cwd=self.root, capture_output=True,
-                                  text=True, timeout=600)
+            proc = subprocess.run(
+                cmd, env={**self.env, **VARIANTS[name][2]}, cwd=self.root, capture_output=True, text=True, timeout=600
+            )
             seconds = time.perf_counter() - start
             log = proc.stdout + proc.stderr
             (self.root / f"{name}.log").write_text(log)
             assert proc.returncode == 0, f"{name} run failed ({' '.join(cmd)}):\n{log[-6000:]}"
             report = out / "clinkd_report.json"
-            self.done[name] = {"losses": read_losses(out), "log": log, "seconds": seconds, "out": out,
-                               "report": json.loads(report.read_text()) if report.is_file() else None}
+            self.done[name] = {
+                "losses": read_losses(out),
+                "log": log,
+                "seconds": seconds,
+                "out": out,
+                "report": json.loads(report.read_text()) if report.is_file() else None,
+            }
             print(f"\n{name}: {seconds:.1f} s, losses {self.done[name]['losses']}")
         return self.done[name]
 
@@ -332,8 +403,20 @@ def test_launcher_splits_its_options_from_llamafactorys():
         import launch
     finally:
         sys.path.remove(str(HERE))
-    own, rest = launch._split(["--modality-gap", "1", "--count-ops", "--report=r.json", "--backend", "cpu",
-                               "train", "c.yaml", "output_dir=o", "--x"])
+    own, rest = launch._split(
+        [
+            "--modality-gap",
+            "1",
+            "--count-ops",
+            "--report=r.json",
+            "--backend",
+            "cpu",
+            "train",
+            "c.yaml",
+            "output_dir=o",
+            "--x",
+        ]
+    )
     assert own == ["--modality-gap", "1", "--count-ops", "--report=r.json", "--backend", "cpu"]
     assert rest == ["train", "c.yaml", "output_dir=o", "--x"]
     opts = launch._parser().parse_args(own)

@@ -34,19 +34,34 @@ from clinkd.patch import call_in_forward, lm_head_operands
 
 # The multimodal fields DistillationTrainer carries from generation to the loss (its _compute_loss reads
 # the same list).
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 # Logit post-processing some families apply before the softmax; linear_kd_loss has none of it.
-_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-                     "final_logit_softcapping")
+_LOGIT_TRANSFORMS = (
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+    "final_logit_softcapping",
+)
 
 
 def _check_plain_head(model, role: str) -> None:
     config = model.config.get_text_config()
     found = {name: getattr(config, name) for name in _LOGIT_TRANSFORMS if getattr(config, name, None) is not None}
     if found:
-        raise ValueError(f"the {role}'s config transforms its logits ({found}); clinkd's linear_kd_loss takes plain "
-                         "lm_head logits: use DistillationTrainer's own loss for this model")
+        raise ValueError(
+            f"the {role}'s config transforms its logits ({found}); clinkd's linear_kd_loss takes plain "
+            "lm_head logits: use DistillationTrainer's own loss for this model"
+        )
 
 
 class ClinkdDistillationTrainer(DistillationTrainer):
@@ -66,8 +81,10 @@ class ClinkdDistillationTrainer(DistillationTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.beta != 0.0:
-            raise ValueError(f"ClinkdDistillationTrainer computes the forward KL (DistillationConfig(beta=0.0)); "
-                             f"beta={self.beta} (reverse KL / JSD) has no clinkd kernel: use DistillationTrainer")
+            raise ValueError(
+                f"ClinkdDistillationTrainer computes the forward KL (DistillationConfig(beta=0.0)); "
+                f"beta={self.beta} (reverse KL / JSD) has no clinkd kernel: use DistillationTrainer"
+            )
         if self.teacher_model is None:
             raise ValueError("ClinkdDistillationTrainer needs a teacher_model")
         _check_plain_head(self.accelerator.unwrap_model(self.model), "student")
@@ -99,14 +116,22 @@ class ClinkdDistillationTrainer(DistillationTrainer):
 
         # Hidden states at the positions that predict the completion tokens, [B, K, H], by TRL's own helper
         # (the backbone of the model: vision tower and decoder, clinkd's positions and attention when patched).
-        student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
-                                                     **multimodal)
+        student_hidden = self._get_last_hidden_state(
+            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal
+        )
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
-            teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher,
-                                                       self._get_last_hidden_state, unwrapped_teacher, input_ids,
-                                                       attention_mask, logits_to_keep, **multimodal)
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                **multimodal,
+            )
 
         student_head = unwrapped_student.get_output_embeddings()
         teacher_head = unwrapped_teacher.get_output_embeddings()
@@ -117,18 +142,28 @@ class ClinkdDistillationTrainer(DistillationTrainer):
         def head_loss(head, rows):  # run as the student head's forward, so engines hand it the full weight
             rows, weight, bias = lm_head_operands(rows, head)
             t_rows, t_weight, t_bias = lm_head_operands(teacher_rows, teacher_head)
-            return clinkd_kernels.linear_kd_loss(rows, weight, labels, bias=bias, teacher_hidden=t_rows,
-                                                 teacher_weight=t_weight, teacher_bias=t_bias,
-                                                 temperature=self.temperature, alpha=1.0, beta=0.0,
-                                                 reduction="sum")
+            return clinkd_kernels.linear_kd_loss(
+                rows,
+                weight,
+                labels,
+                bias=bias,
+                teacher_hidden=t_rows,
+                teacher_weight=t_weight,
+                teacher_bias=t_bias,
+                temperature=self.temperature,
+                alpha=1.0,
+                beta=0.0,
+                reduction="sum",
+            )
 
         loss_sum = call_in_forward(student_head, head_loss, student_rows)
         n_valid = (labels != -100).sum()
         if num_items_in_batch is None:
             loss = loss_sum / n_valid.clamp(min=1)
         else:
-            loss = loss_sum / (num_items_in_batch.to(loss_sum.device) if torch.is_tensor(num_items_in_batch)
-                               else num_items_in_batch)
+            loss = loss_sum / (
+                num_items_in_batch.to(loss_sum.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+            )
         no_entropy = torch.full((), float("nan"), device=loss.device)
         return loss, no_entropy, n_valid
 

@@ -54,10 +54,24 @@ GAP1 = {"modality_gap": 1, "vision_stride": 1}
 # than SDPA / TRL's chunked head (differences ~1e-7 relative per op), compounded over a few optimizer steps.
 LOSS_RTOL = 1e-4
 
-QUESTIONS = ["What organ is shown?", "Where is the lesion?", "Describe the region.", "What does this scan show?",
-             "Is there a nodule?", "Which side is affected?"]
-ANSWERS = ["the liver", "the left kidney", "a nodule in the right lung", "a normal spleen", "a polyp in the colon",
-           "the right side", "no lesion is visible", "an enlarged heart"]
+QUESTIONS = [
+    "What organ is shown?",
+    "Where is the lesion?",
+    "Describe the region.",
+    "What does this scan show?",
+    "Is there a nodule?",
+    "Which side is affected?",
+]
+ANSWERS = [
+    "the liver",
+    "the left kidney",
+    "a nodule in the right lung",
+    "a normal spleen",
+    "a polyp in the colon",
+    "the right side",
+    "no lesion is visible",
+    "an enlarged heart",
+]
 IMAGE_SIZES = [(32, 32), (40, 24), (16, 48), (28, 36), (24, 24)]
 
 
@@ -67,8 +81,15 @@ IMAGE_SIZES = [(32, 32), (40, 24), (16, 48), (28, 36), (24, 24)]
 
 def _processor(padding_side: str = "right"):
     corpus = QUESTIONS + ANSWERS + [DEFAULT_SYSTEM_PROMPT, "user", "assistant", "system"]
-    processor = build_offline_processor(corpus * 3, vocab_size=320, patch_size=4, merge_size=2,
-                                        temporal_patch_size=1, min_pixels=16 * 16, max_pixels=32 * 32)
+    processor = build_offline_processor(
+        corpus * 3,
+        vocab_size=320,
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=1,
+        min_pixels=16 * 16,
+        max_pixels=32 * 32,
+    )
     processor.tokenizer.padding_side = padding_side
     return processor
 
@@ -85,9 +106,16 @@ def _user_turn(i: int) -> dict:
 
 def sft_dataset(n: int = 8) -> Dataset:
     """TRL's conversational VLM format: "messages" with an image placeholder part, and "images"."""
-    rows = [{"messages": [_user_turn(i),
-                          {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[i % len(ANSWERS)]}]}],
-             "images": [_image(i)]} for i in range(n)]
+    rows = [
+        {
+            "messages": [
+                _user_turn(i),
+                {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[i % len(ANSWERS)]}]},
+            ],
+            "images": [_image(i)],
+        }
+        for i in range(n)
+    ]
     return Dataset.from_list(rows)
 
 
@@ -100,14 +128,32 @@ def tiny_qwen2_vl(processor, *, hidden: int = 128, layers: int = 2, seed: int = 
     """Random weights from a seed; text head_dim 64 (hidden / 64 heads), vision head_dim 64."""
     ids = special_token_ids(processor.tokenizer)
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=1,
-                         max_position_embeddings=1024, bos_token_id=None, pad_token_id=ids["pad_token_id"],
-                         eos_token_id=ids["eos_token_id"],
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12])),
-        vision_config=dict(depth=1, embed_dim=128, hidden_size=hidden, num_heads=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=1, in_channels=3, mlp_ratio=2),
-        **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
+        text_config=dict(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            bos_token_id=None,
+            pad_token_id=ids["pad_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]),
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=128,
+            hidden_size=hidden,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=1,
+            in_channels=3,
+            mlp_ratio=2,
+        ),
+        **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+    )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).float()
     with torch.no_grad():  # wider than HF's 0.02, so the distributions are not near-uniform
@@ -118,10 +164,23 @@ def tiny_qwen2_vl(processor, *, hidden: int = 128, layers: int = 2, seed: int = 
 
 
 def _common_args(tmp_path, name: str, max_steps: int) -> dict:
-    return dict(output_dir=str(tmp_path / name), max_steps=max_steps, per_device_train_batch_size=2,
-                logging_steps=1, seed=SEED, data_seed=SEED, bf16=False, fp16=False, use_cpu=True, report_to="none",
-                save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
-                warmup_steps=0)
+    return dict(
+        output_dir=str(tmp_path / name),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        seed=SEED,
+        data_seed=SEED,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+    )
 
 
 def _step_losses(trainer) -> list[float]:
@@ -140,6 +199,7 @@ def calls(monkeypatch):
         def wrapper(*args, **kwargs):
             counts[key] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(positions_mod, "mcg_rope_index", spy("positions", positions_mod.mcg_rope_index))
@@ -211,8 +271,10 @@ def test_sft_trainer_stock_vs_clinkd(tmp_path, calls):
         counts_clinkd_loss = dict(calls)
         _reset(calls)
 
-    print(f"\nSFT per-step losses\n  stock              {stock}\n  clinkd, TRL loss   {with_trl_loss}\n"
-          f"  clinkd, clinkd loss {with_clinkd_loss}\n  calls {counts_trl_loss} / {counts_clinkd_loss}")
+    print(
+        f"\nSFT per-step losses\n  stock              {stock}\n  clinkd, TRL loss   {with_trl_loss}\n"
+        f"  clinkd, clinkd loss {with_clinkd_loss}\n  calls {counts_trl_loss} / {counts_clinkd_loss}"
+    )
     assert len(stock) == len(with_trl_loss) == len(with_clinkd_loss) == SFT_STEPS
     assert all(math.isfinite(x) for x in stock)
     movement = max(stock) - min(stock)
@@ -275,12 +337,18 @@ def _distillation_trainer(tmp_path, name, trainer_cls, *, steps=KD_STEPS, suppre
     teacher = tiny_qwen2_vl(processor, hidden=192, layers=3, seed=1).eval()
     extra = {}
     if suppress_placeholders:  # what ClinkdDistillationTrainer adds by itself; given to both runs alike
-        extra["generation_kwargs"] = {"suppress_tokens": [student.config.image_token_id,
-                                                          student.config.video_token_id]}
-    args = DistillationConfig(**_common_args(tmp_path, name, steps), learning_rate=2e-3, beta=0.0,
-                              temperature=KD_TEMPERATURE, max_completion_length=8, **extra)
-    trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=prompt_dataset(),
-                          processing_class=processor)
+        extra["generation_kwargs"] = {"suppress_tokens": [student.config.image_token_id, student.config.video_token_id]}
+    args = DistillationConfig(
+        **_common_args(tmp_path, name, steps),
+        learning_rate=2e-3,
+        beta=0.0,
+        temperature=KD_TEMPERATURE,
+        max_completion_length=8,
+        **extra,
+    )
+    trainer = trainer_cls(
+        model=student, teacher_model=teacher, args=args, train_dataset=prompt_dataset(), processing_class=processor
+    )
     return trainer, student, teacher
 
 
@@ -296,7 +364,7 @@ def _reference_forward_kl(trainer, student, teacher, inputs) -> torch.Tensor:
     z_s = h_s @ student.lm_head.weight.double().T / KD_TEMPERATURE
     z_t = h_t @ teacher.lm_head.weight.double().T / KD_TEMPERATURE
     log_ps, log_pt = z_s.log_softmax(-1), z_t.log_softmax(-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)              # [B, K]
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # [B, K]
     valid = inputs["completion_mask"].bool()
     return kl[valid].sum() / valid.sum()
 
@@ -310,7 +378,7 @@ def test_distillation_loss_and_gradients_one_batch(tmp_path, calls):
         assert student.config.image_token_id in trainer.generation_config.suppress_tokens
         trainer.model.train()
         batch = next(iter(trainer.get_train_dataloader()))
-        inputs = trainer._prepare_inputs(batch)                  # TRL generates the completions (student, sampled)
+        inputs = trainer._prepare_inputs(batch)  # TRL generates the completions (student, sampled)
         assert int(inputs["num_items_in_batch"]) == int(inputs["completion_mask"].sum()) > 0
         # End the last row's completion early, as TRL writes a completion that stopped at an EOS: padding
         # after it, completion_mask 0 there, so the masking of both losses is exercised on this batch.
@@ -330,10 +398,12 @@ def test_distillation_loss_and_gradients_one_batch(tmp_path, calls):
         ck_grads = torch.autograd.grad(ck_loss, params, allow_unused=True)
         reference = _reference_forward_kl(trainer, student, teacher, inputs)
 
-    print(f"\none batch ({int(n)} completion tokens): TRL {trl_loss.item():.8f}, clinkd {ck_loss.item():.8f}, "
-          f"float64 reference {reference.item():.8f}")
+    print(
+        f"\none batch ({int(n)} completion tokens): TRL {trl_loss.item():.8f}, clinkd {ck_loss.item():.8f}, "
+        f"float64 reference {reference.item():.8f}"
+    )
     assert int(trl_n) == int(ck_n) == int(n)
-    assert reference > 1e-2                                      # a real divergence, not near zero
+    assert reference > 1e-2  # a real divergence, not near zero
     assert abs(trl_loss.item() - reference.item()) <= 1e-5 * reference.item()
     assert abs(ck_loss.item() - reference.item()) <= 1e-5 * reference.item()
     worst = 0.0
@@ -369,14 +439,17 @@ def test_distillation_training_stock_vs_clinkd(tmp_path, calls):
     assert calls == dict.fromkeys(calls, 0)
 
     with patched():
-        trainer, student, _ = _distillation_trainer(tmp_path, "clinkd", ClinkdDistillationTrainer,
-                                                    suppress_placeholders=True)
+        trainer, student, _ = _distillation_trainer(
+            tmp_path, "clinkd", ClinkdDistillationTrainer, suppress_placeholders=True
+        )
         completions = _record_completions(trainer)
         trainer.train()
         assert patch_settings(student) is not None
     ours = _step_losses(trainer)
-    print(f"\ndistillation per-step losses\n  stock + TRL loss      {stock}\n  clinkd + clinkd loss  {ours}\n"
-          f"  calls {calls}")
+    print(
+        f"\ndistillation per-step losses\n  stock + TRL loss      {stock}\n  clinkd + clinkd loss  {ours}\n"
+        f"  calls {calls}"
+    )
     assert completions == stock_completions, "the two runs sampled different completions"
     assert len(stock) == len(ours) == KD_STEPS and all(math.isfinite(x) for x in stock)
     assert max(stock) - min(stock) > 0.05 * stock[0], f"the loss hardly moved: {stock}"

@@ -42,7 +42,7 @@ def padding_mask(b: int, s: int, side: str) -> torch.Tensor:
     for i in range(b):
         keep = s if i == b - 1 or s == 1 else int(torch.randint(1, s, (1,)))
         if side == "left":
-            mask[i, s - keep:] = 1
+            mask[i, s - keep :] = 1
         else:
             mask[i, :keep] = 1
     return mask

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from clinkd_kernels.attention import mcg_rope_attention
 from clinkd_kernels.attention.reference import mcg_rope_attention_reference
@@ -38,11 +36,19 @@ CASES = [
     ("fp32-causal-gqa4-S17-d64", "fp32", True, dict(b=2, s=17, hq=4, hkv=1, d=64)),
     ("fp16-full-mha-S129-d128-image", "fp16", False, dict(b=1, s=129, hq=2, hkv=2, d=128, pos="image")),
     ("fp16-causal-gqa7-S1-d80", "fp16", True, dict(b=2, s=1, hq=7, hkv=1, d=80)),
-    ("fp32-causal-leftpad-gqa2-S33-d80-image", "fp32", True, dict(b=2, s=33, hq=4, hkv=2, d=80, pad="left",
-                                                                  pos="image")),
+    (
+        "fp32-causal-leftpad-gqa2-S33-d80-image",
+        "fp32",
+        True,
+        dict(b=2, s=33, hq=4, hkv=2, d=80, pad="left", pos="image"),
+    ),
     ("fp16-full-rightpad-gqa7-S17-d64", "fp16", False, dict(b=2, s=17, hq=7, hkv=1, d=64, pad="right")),
-    ("fp16-causal-leftpad-gqa2-S129-d128-image", "fp16", True, dict(b=2, s=129, hq=2, hkv=1, d=128, pad="left",
-                                                                    pos="image")),
+    (
+        "fp16-causal-leftpad-gqa2-S129-d128-image",
+        "fp16",
+        True,
+        dict(b=2, s=129, hq=2, hkv=1, d=128, pad="left", pos="image"),
+    ),
     ("fp16-causal-rightpad-mha-S40-d96", "fp16", True, dict(b=2, s=40, hq=2, hkv=2, d=96, pad="right")),
     ("fp16-causal-packed-gqa4-d128-image", "fp16", True, dict(lengths=[1, 17, 50], hq=4, hkv=1, d=128, pos="image")),
     ("fp32-full-packed-mha-d64-empty-seq", "fp32", False, dict(lengths=[33, 0, 9], hq=3, hkv=3, d=64)),
@@ -58,10 +64,14 @@ def test_matches_float64_reference(interpreter, dtype, causal, case):
     check_against_reference(interpreter, _DT[dtype], causal, **case)
 
 
-@pytest.mark.parametrize("blocks,k_rotation", [
-    ({"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}, "in_kernel"),
-    ({"fwd": (16, 64), "dkdv": (64, 16), "dq": (16, 64)}, "prepass"),
-], ids=["blocks16-in-kernel", "blocks16x64-k-prepass"])
+@pytest.mark.parametrize(
+    "blocks,k_rotation",
+    [
+        ({"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}, "in_kernel"),
+        ({"fwd": (16, 64), "dkdv": (64, 16), "dq": (16, 64)}, "prepass"),
+    ],
+    ids=["blocks16-in-kernel", "blocks16x64-k-prepass"],
+)
 def test_other_blocks_and_k_prerotation(interpreter, monkeypatch, blocks, k_rotation):
     """Other block shapes (equal; BLOCK_N > BLOCK_M) and the forward with K rotated by a prepass."""
     from clinkd_kernels.attention import launch
@@ -76,7 +86,8 @@ def test_other_blocks_and_k_prerotation(interpreter, monkeypatch, blocks, k_rota
 def test_padded_rows_and_keys_are_exactly_zero(interpreter):
     """Padded query rows output 0 and get no gradient; padded keys get zero dk, dv."""
     t, extra, (out, dq, dk, dv) = check_against_reference(
-        interpreter, torch.float16, True, b=2, s=23, hq=4, hkv=2, d=64, pad="left")
+        interpreter, torch.float16, True, b=2, s=23, hq=4, hkv=2, d=64, pad="left"
+    )
     pad = extra["attention_mask"] == 0
     assert bool(pad.any())
     for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):

@@ -26,8 +26,11 @@ def test_every_kernel_has_specs_for_both_archs():
 
 
 def test_no_spills_and_shared_memory_fits(reports):
-    bad = [f"{r.config} sm{r.arch}: {r.spill_bytes} spill bytes, {r.shared_bytes} B shared"
-           for r in reports if r.spill_bytes or r.shared_bytes > MAX_SHARED_PER_BLOCK[r.arch]]
+    bad = [
+        f"{r.config} sm{r.arch}: {r.spill_bytes} spill bytes, {r.shared_bytes} B shared"
+        for r in reports
+        if r.spill_bytes or r.shared_bytes > MAX_SHARED_PER_BLOCK[r.arch]
+    ]
     assert not bad, "\n".join(bad)
 
 

@@ -11,8 +11,8 @@ from clinkd_kernels.attention.reference import mcg_rope_attention_reference
 from clinkd_kernels.rope.layout import axis_tensor
 from tests.numerics import assert_close
 
-from .inputs import SECTIONS, inv_freq
 from .helpers import assert_all_close, fwd_bwd, make_case
+from .inputs import SECTIONS, inv_freq
 
 
 def _cpu(*a, **kw):
@@ -40,11 +40,18 @@ def test_cpu_path_matches_float64_reference(dtype, form):
 def test_reference_packed_equals_padded_per_sequence():
     """The packed reference treats each sequence alone: it equals the padded reference run per sequence."""
     t, extra = make_case(torch.device("cpu"), torch.float64, lengths=[5, 12], hq=4, hkv=2, d=64, pos="image")
-    out = mcg_rope_attention_reference(t["q"], t["k"], t["v"], t["position_ids"], t["inv_freq"], t["mrope_section"],
-                                       **extra)
+    out = mcg_rope_attention_reference(
+        t["q"], t["k"], t["v"], t["position_ids"], t["inv_freq"], t["mrope_section"], **extra
+    )
     for lo, hi in ((0, 5), (5, 17)):
-        one = mcg_rope_attention_reference(t["q"][None, lo:hi], t["k"][None, lo:hi], t["v"][None, lo:hi],
-                                           t["position_ids"][:, None, lo:hi], t["inv_freq"], t["mrope_section"])
+        one = mcg_rope_attention_reference(
+            t["q"][None, lo:hi],
+            t["k"][None, lo:hi],
+            t["v"][None, lo:hi],
+            t["position_ids"][:, None, lo:hi],
+            t["inv_freq"],
+            t["mrope_section"],
+        )
         assert_close("packed vs padded", out[lo:hi], one[0])
 
 
@@ -53,8 +60,11 @@ def test_reference_equals_explicit_rotation_then_softmax():
     from clinkd_kernels.rope.reference import mrope_cos_sin
 
     b, s, hq, hkv, d = 1, 9, 4, 2, 64
-    q, k, v = torch.randn(b, s, hq, d, dtype=torch.float64), torch.randn(b, s, hkv, d, dtype=torch.float64), \
-        torch.randn(b, s, hkv, d, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(b, s, hq, d, dtype=torch.float64),
+        torch.randn(b, s, hkv, d, dtype=torch.float64),
+        torch.randn(b, s, hkv, d, dtype=torch.float64),
+    )
     pos = torch.randint(0, 50, (3, b, s))
     f = inv_freq(d)
     cos, sin = mrope_cos_sin(pos, f, SECTIONS[d], dtype=torch.float64)  # [b, s, d]
@@ -68,7 +78,7 @@ def test_reference_equals_explicit_rotation_then_softmax():
     qr, kr = rot(q), rot(k)
     want = torch.empty_like(q)
     for h in range(hq):
-        scores = qr[0, :, h] @ kr[0, :, h // (hq // hkv)].T / d ** 0.5
+        scores = qr[0, :, h] @ kr[0, :, h // (hq // hkv)].T / d**0.5
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
         want[0, :, h] = torch.softmax(scores, -1) @ v[0, :, h // (hq // hkv)]
     got = mcg_rope_attention_reference(q, k, v, pos, f, SECTIONS[d], causal=True)
@@ -94,13 +104,16 @@ def test_opcheck(interpreter):
     pos = t["position_ids"].reshape(3, 5)
     axis = axis_tensor(tuple(t["mrope_section"]), False, q.device)
     args = (q, k, v, pos, t["inv_freq"], axis, None, None, True, 0.125, 1, 5, 5)
-    torch.library.opcheck(torch.ops.clinkd.mcg_rope_attention_fwd.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.clinkd.mcg_rope_attention_fwd.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
     out, lse = torch.ops.clinkd.mcg_rope_attention_fwd(*args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse) + args[3:]
-    torch.library.opcheck(torch.ops.clinkd.mcg_rope_attention_bwd.default, bwd_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.clinkd.mcg_rope_attention_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,13 +123,21 @@ def _good(form="padded"):
     d = 64
     if form == "padded":
         b, s = 2, 5
-        kw = dict(q=torch.randn(b, s, 4, d), k=torch.randn(b, s, 2, d), v=torch.randn(b, s, 2, d),
-                  position_ids=torch.arange(s).expand(3, b, s).contiguous(),
-                  attention_mask=torch.ones(b, s, dtype=torch.long))
+        kw = dict(
+            q=torch.randn(b, s, 4, d),
+            k=torch.randn(b, s, 2, d),
+            v=torch.randn(b, s, 2, d),
+            position_ids=torch.arange(s).expand(3, b, s).contiguous(),
+            attention_mask=torch.ones(b, s, dtype=torch.long),
+        )
     else:
-        kw = dict(q=torch.randn(7, 4, d), k=torch.randn(7, 2, d), v=torch.randn(7, 2, d),
-                  position_ids=torch.arange(7).expand(3, 7).contiguous(),
-                  cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32))
+        kw = dict(
+            q=torch.randn(7, 4, d),
+            k=torch.randn(7, 2, d),
+            v=torch.randn(7, 2, d),
+            position_ids=torch.arange(7).expand(3, 7).contiguous(),
+            cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32),
+        )
     kw.update(inv_freq=inv_freq(d), mrope_section=SECTIONS[d])
     return kw
 
@@ -129,31 +150,77 @@ def _call(kw, backend="cpu"):
 
 BAD = [
     # (id, form, change, exception, message fragment)
-    ("head-dims-differ", "padded", lambda kw: kw.update(k=torch.randn(2, 5, 2, 80), v=torch.randn(2, 5, 2, 80)),
-     ValueError, "head dim"),
-    ("head-dim-unsupported", "padded", lambda kw: kw.update(q=torch.randn(2, 5, 4, 32), k=torch.randn(2, 5, 2, 32),
-                                                            v=torch.randn(2, 5, 2, 32), inv_freq=inv_freq(32)),
-     ValueError, "head dim"),
+    (
+        "head-dims-differ",
+        "padded",
+        lambda kw: kw.update(k=torch.randn(2, 5, 2, 80), v=torch.randn(2, 5, 2, 80)),
+        ValueError,
+        "head dim",
+    ),
+    (
+        "head-dim-unsupported",
+        "padded",
+        lambda kw: kw.update(
+            q=torch.randn(2, 5, 4, 32), k=torch.randn(2, 5, 2, 32), v=torch.randn(2, 5, 2, 32), inv_freq=inv_freq(32)
+        ),
+        ValueError,
+        "head dim",
+    ),
     ("v-shape", "padded", lambda kw: kw.update(v=torch.randn(2, 5, 1, 64)), ValueError, "k and v"),
-    ("gqa-not-divisible", "padded", lambda kw: kw.update(k=torch.randn(2, 5, 3, 64), v=torch.randn(2, 5, 3, 64)),
-     ValueError, "multiple of the KV heads"),
-    ("batch-mismatch", "padded", lambda kw: kw.update(k=torch.randn(3, 5, 2, 64), v=torch.randn(3, 5, 2, 64)),
-     ValueError, "k must have shape"),
-    ("seq-mismatch", "padded", lambda kw: kw.update(k=torch.randn(2, 6, 2, 64), v=torch.randn(2, 6, 2, 64)),
-     ValueError, "k must have shape"),
+    (
+        "gqa-not-divisible",
+        "padded",
+        lambda kw: kw.update(k=torch.randn(2, 5, 3, 64), v=torch.randn(2, 5, 3, 64)),
+        ValueError,
+        "multiple of the KV heads",
+    ),
+    (
+        "batch-mismatch",
+        "padded",
+        lambda kw: kw.update(k=torch.randn(3, 5, 2, 64), v=torch.randn(3, 5, 2, 64)),
+        ValueError,
+        "k must have shape",
+    ),
+    (
+        "seq-mismatch",
+        "padded",
+        lambda kw: kw.update(k=torch.randn(2, 6, 2, 64), v=torch.randn(2, 6, 2, 64)),
+        ValueError,
+        "k must have shape",
+    ),
     ("dtype-mismatch", "padded", lambda kw: kw.update(k=kw["k"].half()), TypeError, "dtype"),
     ("int-q", "padded", lambda kw: kw.update(q=kw["q"].long()), TypeError, "q must have dtype"),
     ("q-1d", "padded", lambda kw: kw.update(q=torch.randn(64)), ValueError, "q must be"),
-    ("mask-shape", "padded", lambda kw: kw.update(attention_mask=torch.ones(2, 6, dtype=torch.long)),
-     ValueError, "attention_mask must have shape"),
+    (
+        "mask-shape",
+        "padded",
+        lambda kw: kw.update(attention_mask=torch.ones(2, 6, dtype=torch.long)),
+        ValueError,
+        "attention_mask must have shape",
+    ),
     ("mask-dtype", "padded", lambda kw: kw.update(attention_mask=torch.ones(2, 5)), TypeError, "attention_mask"),
-    ("positions-shape", "padded", lambda kw: kw.update(position_ids=torch.zeros(3, 2, 4, dtype=torch.long)),
-     ValueError, "position_ids must have shape"),
-    ("positions-2-rows", "padded", lambda kw: kw.update(position_ids=torch.zeros(2, 2, 5, dtype=torch.long)),
-     ValueError, "position_ids must have shape"),
+    (
+        "positions-shape",
+        "padded",
+        lambda kw: kw.update(position_ids=torch.zeros(3, 2, 4, dtype=torch.long)),
+        ValueError,
+        "position_ids must have shape",
+    ),
+    (
+        "positions-2-rows",
+        "padded",
+        lambda kw: kw.update(position_ids=torch.zeros(2, 2, 5, dtype=torch.long)),
+        ValueError,
+        "position_ids must have shape",
+    ),
     ("positions-float", "padded", lambda kw: kw.update(position_ids=torch.zeros(3, 2, 5)), TypeError, "position_ids"),
-    ("cu-with-padded", "padded", lambda kw: kw.update(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)),
-     ValueError, "cu_seqlens"),
+    (
+        "cu-with-padded",
+        "padded",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens",
+    ),
     ("section-sum", "padded", lambda kw: kw.update(mrope_section=(8, 8, 8)), ValueError, "mrope_section"),
     ("section-len", "padded", lambda kw: kw.update(mrope_section=(16, 16)), ValueError, "mrope_section"),
     ("inv-freq-len", "padded", lambda kw: kw.update(inv_freq=inv_freq(64)[:16]), ValueError, "inv_freq"),
@@ -161,21 +228,56 @@ BAD = [
     ("causal-type", "padded", lambda kw: kw.update(causal=1), TypeError, "causal"),
     ("cu-missing", "packed", lambda kw: kw.pop("cu_seqlens"), ValueError, "cu_seqlens"),
     ("cu-int64", "packed", lambda kw: kw.update(cu_seqlens=torch.tensor([0, 3, 7])), TypeError, "cu_seqlens"),
-    ("cu-decreasing", "packed", lambda kw: kw.update(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)),
-     ValueError, "non-decreasing"),
-    ("cu-wrong-end", "packed", lambda kw: kw.update(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)),
-     ValueError, "cu_seqlens"),
-    ("cu-wrong-start", "packed", lambda kw: kw.update(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)),
-     ValueError, "cu_seqlens"),
-    ("cu-2d", "packed", lambda kw: kw.update(cu_seqlens=torch.tensor([[0, 3, 7]], dtype=torch.int32)),
-     ValueError, "cu_seqlens"),
-    ("mask-with-packed", "packed", lambda kw: kw.update(attention_mask=torch.ones(7, dtype=torch.long)),
-     ValueError, "attention_mask"),
-    ("positions-packed-shape", "packed", lambda kw: kw.update(position_ids=torch.zeros(3, 1, 7, dtype=torch.long)),
-     ValueError, "position_ids must have shape"),
+    (
+        "cu-decreasing",
+        "packed",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)),
+        ValueError,
+        "non-decreasing",
+    ),
+    (
+        "cu-wrong-end",
+        "packed",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-wrong-start",
+        "packed",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-2d",
+        "packed",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([[0, 3, 7]], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "mask-with-packed",
+        "packed",
+        lambda kw: kw.update(attention_mask=torch.ones(7, dtype=torch.long)),
+        ValueError,
+        "attention_mask",
+    ),
+    (
+        "positions-packed-shape",
+        "packed",
+        lambda kw: kw.update(position_ids=torch.zeros(3, 1, 7, dtype=torch.long)),
+        ValueError,
+        "position_ids must have shape",
+    ),
     ("max-seqlen-short", "packed", lambda kw: kw.update(max_seqlen=3), ValueError, "max_seqlen"),
-    ("k-packed-tokens", "packed", lambda kw: kw.update(k=torch.randn(6, 2, 64), v=torch.randn(6, 2, 64)),
-     ValueError, "k must have shape"),
+    (
+        "k-packed-tokens",
+        "packed",
+        lambda kw: kw.update(k=torch.randn(6, 2, 64), v=torch.randn(6, 2, 64)),
+        ValueError,
+        "k must have shape",
+    ),
 ]
 
 
@@ -224,13 +326,23 @@ def test_empty_inputs(interpreter, backend):
     if backend != "triton" and interpreter.type != "cpu":
         pytest.skip("the cpu backend needs CPU tensors")
     f = inv_freq(64).to(interpreter)
-    for lead, pos_shape, extra in (((0,), (3, 0), {"cu_seqlens": torch.tensor([0, 0, 0], dtype=torch.int32)}),
-                                   ((2, 0), (3, 2, 0), {})):
+    for lead, pos_shape, extra in (
+        ((0,), (3, 0), {"cu_seqlens": torch.tensor([0, 0, 0], dtype=torch.int32)}),
+        ((2, 0), (3, 2, 0), {}),
+    ):
         q = torch.randn(*lead, 2, 64, device=interpreter, requires_grad=True)
         k = torch.randn(*lead, 1, 64, device=interpreter, requires_grad=True)
         v = torch.randn(*lead, 1, 64, device=interpreter, requires_grad=True)
         extra = {n: t.to(interpreter) for n, t in extra.items()}
-        out = mcg_rope_attention(q, k, v, torch.zeros(pos_shape, dtype=torch.long, device=interpreter), f,
-                                 SECTIONS[64], backend=backend, **extra)
+        out = mcg_rope_attention(
+            q,
+            k,
+            v,
+            torch.zeros(pos_shape, dtype=torch.long, device=interpreter),
+            f,
+            SECTIONS[64],
+            backend=backend,
+            **extra,
+        )
         dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
         assert out.shape == q.shape and (dq is None or dq.shape == q.shape)

@@ -42,12 +42,12 @@ def _attend(q, k, v, pos, inv, sec, *, causal, scale, keep):
         allowed = allowed & keep[:, None, None, :]
     if causal:
         allowed = allowed & torch.ones(s, s, dtype=torch.bool).tril()
-    has_key = allowed.any(-1, keepdim=True)            # rows with no key: output 0 (softmax over all, then × 0)
+    has_key = allowed.any(-1, keepdim=True)  # rows with no key: output 0 (softmax over all, then × 0)
     scores = scores.masked_fill(~allowed & has_key, float("-inf"))
     probs = (torch.softmax(scores.to(compute), dim=-1) * has_key).to(q.dtype)
     out = torch.einsum("bhij,bjhd->bihd", probs, v_rep)
     if keep is not None:
-        out = out * keep[:, :, None, None].to(out.dtype)   # padded query rows: 0
+        out = out * keep[:, :, None, None].to(out.dtype)  # padded query rows: 0
     return out
 
 
@@ -58,9 +58,23 @@ def attention_reference(q, k, v, pos, inv, sec, *, causal, attention_mask=None, 
         keep = None if attention_mask is None else attention_mask.bool()
         return _attend(q, k, v, pos, inv, sec, causal=causal, scale=scale, keep=keep)
     bounds = cu_seqlens.tolist()
-    return torch.cat([_attend(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], pos[:, None, lo:hi], inv, sec,
-                              causal=causal, scale=scale, keep=None)[0]
-                      for lo, hi in zip(bounds[:-1], bounds[1:])], dim=0)
+    return torch.cat(
+        [
+            _attend(
+                q[None, lo:hi],
+                k[None, lo:hi],
+                v[None, lo:hi],
+                pos[:, None, lo:hi],
+                inv,
+                sec,
+                causal=causal,
+                scale=scale,
+                keep=None,
+            )[0]
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ],
+        dim=0,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +86,7 @@ def left_padding(b: int, s: int) -> torch.Tensor:
     mask = torch.zeros(b, s, dtype=torch.long)
     for i in range(b):
         keep = s if i == b - 1 else int(torch.randint(1, s, (1,)))
-        mask[i, s - keep:] = 1
+        mask[i, s - keep :] = 1
     return mask
 
 
@@ -87,15 +101,22 @@ def make_case(dtype, *, hq, hkv, d, b=None, s=None, lengths=None):
         pos = torch.randint(0, 30000, (3, sum(lengths)))
         lead = (sum(lengths),)
         extra = {"cu_seqlens": torch.tensor([0] + lengths).cumsum(0).to(torch.int32)}
-    t = {"q": torch.randn(*lead, hq, d).to(dtype), "k": torch.randn(*lead, hkv, d).to(dtype),
-         "v": torch.randn(*lead, hkv, d).to(dtype), "position_ids": pos, "inv_freq": inv_freq_for(d),
-         "mrope_section": SECTIONS[d]}
+    t = {
+        "q": torch.randn(*lead, hq, d).to(dtype),
+        "k": torch.randn(*lead, hkv, d).to(dtype),
+        "v": torch.randn(*lead, hkv, d).to(dtype),
+        "position_ids": pos,
+        "inv_freq": inv_freq_for(d),
+        "mrope_section": SECTIONS[d],
+    }
     return t, extra
 
 
 def to(device, t, extra):
-    return ({n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in t.items()},
-            {n: x.to(device) for n, x in extra.items()})
+    return (
+        {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in t.items()},
+        {n: x.to(device) for n, x in extra.items()},
+    )
 
 
 def fwd_bwd(fn, t, extra, grad, *, causal, dtype=None):

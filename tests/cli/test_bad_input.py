@@ -28,9 +28,12 @@ from clinkd.train import ClinKDTrainer
 from tests.data import tiny
 from tests.train import setup
 
-FAST = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.filter_too_much])
+FAST = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not stop root
 
 
@@ -70,8 +73,14 @@ def project(tmp_path_factory):
     (folder / "a_file").write_text("x")
     (folder / "a_folder").mkdir()
     (folder / "latin1.yaml").write_bytes(config.read_bytes() + "# caf\u00e9\n".encode("latin-1"))
-    return {"folder": folder, "data": data, "config": config, "file": folder / "a_file",
-            "dir": folder / "a_folder", "latin1": folder / "latin1.yaml"}
+    return {
+        "folder": folder,
+        "data": data,
+        "config": config,
+        "file": folder / "a_file",
+        "dir": folder / "a_folder",
+        "latin1": folder / "latin1.yaml",
+    }
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -124,32 +133,39 @@ def test_the_tiny_run_passes_check(capsys, project):
 
 
 @pytest.mark.parametrize("command", CONFIG_COMMANDS)
-@pytest.mark.parametrize("override, message", [
-    # before: passed check, then a TypeError in the optimizer at the first step
-    ("training.learning_rate=abc", "config.training.learning_rate must be a number, got 'abc'"),
-    ("stages.0.training.learning_rate=abc", "config.stages[0].training.learning_rate must be a number"),
-    # before: passed check; torch's "Invalid learning rate" at the first step
-    ("training.learning_rate=-1", "config.training.learning_rate must be >= 0, got -1"),
-    ("training.adam_beta1=1.5", "config.training.adam_beta1 must be < 1"),
-    ("training.per_device_train_batch_size=0", "config.training.per_device_train_batch_size must be >= 1"),
-    ("training.seed=-3", "config.training.seed must be >= 0"),
-    # before: passed check; the Trainer's scheduler raised at the first step
-    ("training.lr_scheduler_type=linear", None),
-    # before: passed check, then the model's constructor refused it (the teacher is not patched)
-    ("models.teacher.config.text_config.num_attention_heads=5",
-     "config.models.teacher.config.text_config: hidden_size 48 must be divisible by num_attention_heads 5"),
-    # before: passed check and built, then failed in the first forward pass
-    ("models.teacher.config.text_config.num_key_value_heads=2", "must be a multiple of num_key_value_heads 2"),
-    ("models.teacher.config.vision_config.num_heads=3", "config.models.teacher.config.vision_config: embed_dim 32"),
-    ("models.teacher.config.vision_config.hidden_size=64", "must equal text_config.hidden_size 48"),
-    ("models.teacher.config.text_config.rope_parameters.mrope_section=[2,2,2]",
-     "mrope_section must be integers >= 0 summing to head_dim / 2 = 8"),
-    # before: a traceback (StrictDataclassFieldValidationError is not a ValueError)
-    ("models.teacher.config.text_config.num_hidden_layers='2'", "config.models.teacher.config is not a valid"),
-    # before: a ValueError traceback from the tokenizer builder
-    ("processor.offline.vocab_size=-1", "config.processor.offline.vocab_size must be >= 1, got -1"),
-    ("processor.offline.min_pixels=4096", "min_pixels 4096 is larger than max_pixels 1024"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # before: passed check, then a TypeError in the optimizer at the first step
+        ("training.learning_rate=abc", "config.training.learning_rate must be a number, got 'abc'"),
+        ("stages.0.training.learning_rate=abc", "config.stages[0].training.learning_rate must be a number"),
+        # before: passed check; torch's "Invalid learning rate" at the first step
+        ("training.learning_rate=-1", "config.training.learning_rate must be >= 0, got -1"),
+        ("training.adam_beta1=1.5", "config.training.adam_beta1 must be < 1"),
+        ("training.per_device_train_batch_size=0", "config.training.per_device_train_batch_size must be >= 1"),
+        ("training.seed=-3", "config.training.seed must be >= 0"),
+        # before: passed check; the Trainer's scheduler raised at the first step
+        ("training.lr_scheduler_type=linear", None),
+        # before: passed check, then the model's constructor refused it (the teacher is not patched)
+        (
+            "models.teacher.config.text_config.num_attention_heads=5",
+            "config.models.teacher.config.text_config: hidden_size 48 must be divisible by num_attention_heads 5",
+        ),
+        # before: passed check and built, then failed in the first forward pass
+        ("models.teacher.config.text_config.num_key_value_heads=2", "must be a multiple of num_key_value_heads 2"),
+        ("models.teacher.config.vision_config.num_heads=3", "config.models.teacher.config.vision_config: embed_dim 32"),
+        ("models.teacher.config.vision_config.hidden_size=64", "must equal text_config.hidden_size 48"),
+        (
+            "models.teacher.config.text_config.rope_parameters.mrope_section=[2,2,2]",
+            "mrope_section must be integers >= 0 summing to head_dim / 2 = 8",
+        ),
+        # before: a traceback (StrictDataclassFieldValidationError is not a ValueError)
+        ("models.teacher.config.text_config.num_hidden_layers='2'", "config.models.teacher.config is not a valid"),
+        # before: a ValueError traceback from the tokenizer builder
+        ("processor.offline.vocab_size=-1", "config.processor.offline.vocab_size must be >= 1, got -1"),
+        ("processor.offline.min_pixels=4096", "min_pixels 4096 is larger than max_pixels 1024"),
+    ],
+)
 def test_check_refuses_what_train_would_fail_on(capsys, project, command, override, message):
     sets = [override] if message is not None else [override, "training.lr_scheduler_kwargs={bogus: 1}"]
     message = message or "the schedule linear refuses its settings"
@@ -159,8 +175,11 @@ def test_check_refuses_what_train_would_fail_on(capsys, project, command, overri
 def test_offline_processor_reused_only_with_its_options(capsys, project):
     """A saved offline processor was reused whatever the options said (a silent wrong tokenizer)."""
     assert check(capsys, project, "output_dir=out-options")[0] == 0
-    user_error(check(capsys, project, "output_dir=out-options", "processor.offline.vocab_size=390"),
-               "config.processor.offline", "differs from the options")
+    user_error(
+        check(capsys, project, "output_dir=out-options", "processor.offline.vocab_size=390"),
+        "config.processor.offline",
+        "differs from the options",
+    )
 
 
 def test_yaml_exponents_are_numbers(capsys, project):
@@ -179,8 +198,9 @@ def test_output_dir_that_cannot_be_a_folder(capsys, project, command):
     """Before: an OSError traceback (exit 1) when the processor folder was made."""
     for target, message in ((project["file"], "is not a folder"), (project["file"] / "sub", "is a file, not a folder")):
         user_error(check(capsys, project, f"output_dir={target}", command=command), "config.output_dir", message)
-    user_error(check(capsys, project, f"stages.0.store={project['file']}/store", command=command),
-               "config.stages[0].store")
+    user_error(
+        check(capsys, project, f"stages.0.store={project['file']}/store", command=command), "config.stages[0].store"
+    )
     user_error(check(capsys, project, 'output_dir="a\\0b"', command=command), "config.output_dir", "NUL")
 
 
@@ -214,16 +234,19 @@ def test_config_file_that_is_not_utf8(capsys, project, command):
 
 
 @pytest.mark.parametrize("command", CONFIG_COMMANDS + ["demo"])
-@pytest.mark.parametrize("override, message", [
-    ("a=[1,", "override 'a': not valid YAML"),
-    ("a={b: [}", "override 'a': not valid YAML"),
-    ("a=!!python/object:os.system x", "override 'a': not valid YAML"),
-    ("x=" + "[" * 5000, "override 'x'"),
-    ("stages.7.name=x", "override 'stages.7.name': stages is a list of 2"),
-    ("output_dir.x=1", "output_dir is"),
-    ("=3", "has an empty key"),
-    ("noequals", "must look like key.path=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("a=[1,", "override 'a': not valid YAML"),
+        ("a={b: [}", "override 'a': not valid YAML"),
+        ("a=!!python/object:os.system x", "override 'a': not valid YAML"),
+        ("x=" + "[" * 5000, "override 'x'"),
+        ("stages.7.name=x", "override 'stages.7.name': stages is a list of 2"),
+        ("output_dir.x=1", "output_dir is"),
+        ("=3", "has an empty key"),
+        ("noequals", "must look like key.path=value"),
+    ],
+)
 def test_malformed_overrides(capsys, project, command, override, message):
     """Before: a yaml traceback (exit 1) for malformed YAML; a list or string on the path was silently
     replaced by a mapping."""
@@ -248,15 +271,27 @@ def test_overrides_reach_list_items(capsys, project):
 
     config = load_config(project["config"], overrides=["stages.1.training.max_steps=9", "stages.-1.name=last"])
     assert config.stages[1].training["max_steps"] == 9 and config.stages[1].name == "last"
-    config = load_config(project["config"], overrides=["models.student.patch=false",
-                                                       "models.student.patch.attention=false"])
+    config = load_config(
+        project["config"], overrides=["models.student.patch=false", "models.student.patch.attention=false"]
+    )
     assert config.student.patch == PatchSpec(attention=False)
 
 
 def test_demo_output_dir_that_is_a_file(capsys, project):
     """The demo builds its runs under output_dir: one line naming it, before anything trains."""
-    user_error(cli(capsys, "demo", "--set", f"output_dir={project['file']}", "--set", f"data.train={project['data']}",
-                   "--no-progress"), "config.output_dir", "is a file, not a folder")
+    user_error(
+        cli(
+            capsys,
+            "demo",
+            "--set",
+            f"output_dir={project['file']}",
+            "--set",
+            f"data.train={project['data']}",
+            "--no-progress",
+        ),
+        "config.output_dir",
+        "is a file, not a folder",
+    )
 
 
 def test_training_data_with_bad_boxes(capsys, project, tmp_path):
@@ -264,11 +299,11 @@ def test_training_data_with_bad_boxes(capsys, project, tmp_path):
     records = json.loads(project["data"].read_text())
     for image in project["data"].parent.glob("*.png"):
         (tmp_path / image.name).write_bytes(image.read_bytes())
-    for edit, message in (({"conversations": [["<img>x</img> q", "<box>(0.5,0.1),(0.2,0.3)</box>"]], "task": "VG"},
-                           "inverted corners"),
-                          ({"conversations": [["<img>x</img> q", "<box>(0.1,0.1),(0.2,0.3)"]], "task": "VG"},
-                           "is not closed"),
-                          ({"id": "brain_0001", "image": records[0]["id"] + ".png"}, "unknown modality 'brain'")):
+    for edit, message in (
+        ({"conversations": [["<img>x</img> q", "<box>(0.5,0.1),(0.2,0.3)</box>"]], "task": "VG"}, "inverted corners"),
+        ({"conversations": [["<img>x</img> q", "<box>(0.1,0.1),(0.2,0.3)"]], "task": "VG"}, "is not closed"),
+        ({"id": "brain_0001", "image": records[0]["id"] + ".png"}, "unknown modality 'brain'"),
+    ):
         data = tmp_path / f"bad{len(message)}.json"
         data.write_text(json.dumps([records[0], dict(records[1], **edit)]))
         user_error(check(capsys, project, f"data.train={data}", "output_dir=out-boxes"), f"{data}[1]", message)
@@ -289,18 +324,21 @@ def _options(base: dict, args: list[str], fill: dict) -> list[str]:
     return [x for k, v in {**base, **given}.items() for x in (k, v)]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--out", "{dir}"], "argument --out: {dir} is a folder, not a file"),
-    (["--out", "{file}/p.jsonl"], "its folder {file} is not a folder"),
-    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (["--max-new-tokens", "x"], "argument --max-new-tokens: 'x' is not an integer"),
-    (["--max-length", "3"], "argument --max-length: must be >= 8"),
-    (["--device", "nope"], "argument --device: 'nope' is not a torch device"),
-    (["--device", "cuda:99"], "argument --device: 'cuda:99'"),
-    (["--model", "{file}"], "argument --model: {file} is not a folder"),
-    (["--patch", "{{"], "--patch is not valid JSON"),
-    (["--data", "{latin1}"], "{latin1}:"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "{dir}"], "argument --out: {dir} is a folder, not a file"),
+        (["--out", "{file}/p.jsonl"], "its folder {file} is not a folder"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--max-new-tokens", "x"], "argument --max-new-tokens: 'x' is not an integer"),
+        (["--max-length", "3"], "argument --max-length: must be >= 8"),
+        (["--device", "nope"], "argument --device: 'nope' is not a torch device"),
+        (["--device", "cuda:99"], "argument --device: 'cuda:99'"),
+        (["--model", "{file}"], "argument --model: {file} is not a folder"),
+        (["--patch", "{{"], "--patch is not valid JSON"),
+        (["--data", "{latin1}"], "{latin1}:"),
+    ],
+)
 def test_predict_arguments(capsys, project, fake_model, args, message):
     """Before: an --out folder failed after every prediction was made (the work lost); a bad --device or
     --batch-size failed after the model loaded, as a RuntimeError traceback for the device."""
@@ -314,16 +352,23 @@ def test_predict_runs_nothing_heavy_before_its_checks(capsys, project, fake_mode
     import clinkd.eval.predict as predict
 
     monkeypatch.setattr(predict, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    user_error(cli(capsys, "predict", "--model", fake_model, "--data", project["data"], "--out",
-                   project["folder"] / "p.jsonl"), "clinkd predict: error:")
+    user_error(
+        cli(
+            capsys, "predict", "--model", fake_model, "--data", project["data"], "--out", project["folder"] / "p.jsonl"
+        ),
+        "clinkd predict: error:",
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--json", "{dir}"], "argument --json: {dir} is a folder"),
-    (["--json", "{file}/r.json"], "its folder {file} is not a folder"),
-    (["--pred", "{latin1}"], "{latin1}:"),
-    (["--pred", "{dir}"], "{dir}"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--json", "{dir}"], "argument --json: {dir} is a folder"),
+        (["--json", "{file}/r.json"], "its folder {file} is not a folder"),
+        (["--pred", "{latin1}"], "{latin1}:"),
+        (["--pred", "{dir}"], "{dir}"),
+    ],
+)
 def test_eval_arguments(capsys, project, args, message):
     fill = dict(project)
     preds = project["folder"] / "preds.jsonl"
@@ -341,13 +386,16 @@ def test_eval_json_into_a_new_folder(capsys, project):
     assert code == 0 and json.loads(target.read_text())["n"] == 1, err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--out", "{file}"], "argument --out: {file} is not a folder"),
-    (["--out", "{file}/sub"], "is a file, not a folder"),
-    (["--seed", "-1"], "argument --seed: must be >= 0"),
-    (["--train-per-modality", "0"], "argument --train-per-modality: must be >= 1"),
-    (["--test-per-modality", "two"], "'two' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "{file}"], "argument --out: {file} is not a folder"),
+        (["--out", "{file}/sub"], "is a file, not a folder"),
+        (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--train-per-modality", "0"], "argument --train-per-modality: must be >= 1"),
+        (["--test-per-modality", "two"], "'two' is not an integer"),
+    ],
+)
 def test_data_demo_arguments(capsys, project, args, message):
     fill = dict(project)
     base = {"--out": str(project["folder"] / "demo-data")}
@@ -374,10 +422,12 @@ def test_the_boundary(capsys, monkeypatch):
         raise raised["error"]
 
     monkeypatch.setattr(train_cli, "presets_command", command)
-    for error, fragment in ((IsADirectoryError(21, "Is a directory", "/x/y"), "Is a directory: /x/y"),
-                            (OSError(28, "No space left on device", "/a", None, "/b"), "No space left on device: /a -> /b"),
-                            (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8"),
-                            (yaml_module.YAMLError("bad\nyaml"), "not valid YAML (bad yaml)")):
+    for error, fragment in (
+        (IsADirectoryError(21, "Is a directory", "/x/y"), "Is a directory: /x/y"),
+        (OSError(28, "No space left on device", "/a", None, "/b"), "No space left on device: /a -> /b"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8"),
+        (yaml_module.YAMLError("bad\nyaml"), "not valid YAML (bad yaml)"),
+    ):
         raised["error"] = error
         user_error(cli(capsys, "presets"), fragment)
     for bug in (KeyError("k"), RuntimeError("bug"), AttributeError("a")):
@@ -410,16 +460,24 @@ def test_one_line_on_the_real_stderr(project):
     import sys
 
     config = str(project["config"])
-    cases = [["check", "--config", config, "--set", "models.student.config.text_config.vocab_size=0"],
-             ["check", "--config", config, "--set", "models.teacher.config.text_config.num_attention_heads=5"],
-             ["check", "--config", config, "--set", "a=[1,"],
-             ["train", "--config", config, "--no-progress", "--set", f"output_dir={project['file']}"],
-             ["check", "--config", str(project["latin1"])],
-             ["predict", "--model", str(project["dir"]), "--data", str(project["data"]), "--out", "p", "--device", "x"]]
+    cases = [
+        ["check", "--config", config, "--set", "models.student.config.text_config.vocab_size=0"],
+        ["check", "--config", config, "--set", "models.teacher.config.text_config.num_attention_heads=5"],
+        ["check", "--config", config, "--set", "a=[1,"],
+        ["train", "--config", config, "--no-progress", "--set", f"output_dir={project['file']}"],
+        ["check", "--config", str(project["latin1"])],
+        ["predict", "--model", str(project["dir"]), "--data", str(project["data"]), "--out", "p", "--device", "x"],
+    ]
     root = Path(__file__).resolve().parents[2]  # this checkout's clinkd, whatever is installed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
-                          timeout=300, cwd=project["folder"], env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=project["folder"],
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [2] * len(cases), done.stderr
     segments = done.stderr.split("\0MARK\n")
@@ -431,24 +489,89 @@ def test_one_line_on_the_real_stderr(project):
 # --------------------------------------------------------------------------------------------------
 # the hunt: random --set values, paths and arguments; the category of every outcome checked
 
-KEYS = ["training.learning_rate", "training.per_device_train_batch_size", "training.warmup_steps",
-        "training.lr_scheduler_type", "training.optim", "training.weight_decay", "training.max_grad_norm",
-        "training.gradient_accumulation_steps", "training.seed", "training.adam_epsilon", "training.logging_steps",
-        "stages.0.topk", "stages.0.temperature", "stages.0.alpha", "stages.0.curriculum", "stages.0.teacher",
-        "stages.1.name", "stages.0.cache_batch_size", "stages", "seed", "preset",
-        "data.max_length", "data.packing", "data.pad_to_multiple_of",
-        "processor.offline.vocab_size", "processor.offline.patch_size", "processor.offline.min_pixels",
-        "processor.offline.merge_size", "processor", "models.student.dtype", "models.student.patch",
-        "models.teacher.config.text_config.num_attention_heads", "models.teacher.config.text_config.hidden_size",
-        "models.teacher.config.text_config.num_key_value_heads", "models.teacher.config.vision_config.num_heads",
-        "models.teacher.config.vision_config.embed_dim", "models.student.config.text_config.vocab_size",
-        "models.teacher.config.text_config.rope_parameters", "models.teacher"]
+KEYS = [
+    "training.learning_rate",
+    "training.per_device_train_batch_size",
+    "training.warmup_steps",
+    "training.lr_scheduler_type",
+    "training.optim",
+    "training.weight_decay",
+    "training.max_grad_norm",
+    "training.gradient_accumulation_steps",
+    "training.seed",
+    "training.adam_epsilon",
+    "training.logging_steps",
+    "stages.0.topk",
+    "stages.0.temperature",
+    "stages.0.alpha",
+    "stages.0.curriculum",
+    "stages.0.teacher",
+    "stages.1.name",
+    "stages.0.cache_batch_size",
+    "stages",
+    "seed",
+    "preset",
+    "data.max_length",
+    "data.packing",
+    "data.pad_to_multiple_of",
+    "processor.offline.vocab_size",
+    "processor.offline.patch_size",
+    "processor.offline.min_pixels",
+    "processor.offline.merge_size",
+    "processor",
+    "models.student.dtype",
+    "models.student.patch",
+    "models.teacher.config.text_config.num_attention_heads",
+    "models.teacher.config.text_config.hidden_size",
+    "models.teacher.config.text_config.num_key_value_heads",
+    "models.teacher.config.vision_config.num_heads",
+    "models.teacher.config.vision_config.embed_dim",
+    "models.student.config.text_config.vocab_size",
+    "models.teacher.config.text_config.rope_parameters",
+    "models.teacher",
+]
 VALUES = st.one_of(
-    st.sampled_from(["0", "1", "-1", "2", "7", "1e-5", "-1e-5", "0.5", "1.5", ".inf", ".nan", "null", "true", "abc",
-                     "[1, 2]", "{a: 1}", "[1,", "'3'", "cosine", "constant", "adafactor", "sgd", "nope", "store",
-                     "online", "bfloat16", "{attention: false}", "1000000", "{}", "[]", '"\\0"', "!!binary AA==",
-                     "2020-01-01"]),
-    st.integers(-3, 70).map(str), st.floats(allow_nan=True).map(repr), st.text(max_size=8))
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "-1",
+            "2",
+            "7",
+            "1e-5",
+            "-1e-5",
+            "0.5",
+            "1.5",
+            ".inf",
+            ".nan",
+            "null",
+            "true",
+            "abc",
+            "[1, 2]",
+            "{a: 1}",
+            "[1,",
+            "'3'",
+            "cosine",
+            "constant",
+            "adafactor",
+            "sgd",
+            "nope",
+            "store",
+            "online",
+            "bfloat16",
+            "{attention: false}",
+            "1000000",
+            "{}",
+            "[]",
+            '"\\0"',
+            "!!binary AA==",
+            "2020-01-01",
+        ]
+    ),
+    st.integers(-3, 70).map(str),
+    st.floats(allow_nan=True).map(repr),
+    st.text(max_size=8),
+)
 
 
 @settings(FAST, max_examples=60)
@@ -459,8 +582,14 @@ def test_random_overrides(capsys, project, overrides):
     ok_or_user_error(check(capsys, project, *sets))
 
 
-PATH_KEYS = ["output_dir", "data.train", "data.root", "stages.0.store", "processor.from_pretrained",
-             "models.student.from_pretrained"]
+PATH_KEYS = [
+    "output_dir",
+    "data.train",
+    "data.root",
+    "stages.0.store",
+    "processor.from_pretrained",
+    "models.student.from_pretrained",
+]
 
 
 @pytest.fixture(scope="module")
@@ -470,14 +599,33 @@ def paths(project):
     fifo = folder / "a_fifo"
     if not fifo.exists():
         os.mkfifo(fifo)
-    return [str(project["file"]), str(project["dir"]), str(project["file"] / "sub"), str(folder / "new" / "x"),
-            str(project["data"]), str(project["config"]), str(fifo), "/dev/null", "/proc/self/nope", "", ".",
-            "..", "~", "x" * 300, str(folder / ("y" * 300) / "z"), str(project["latin1"]), "~/runs", "a\\0b"]
+    return [
+        str(project["file"]),
+        str(project["dir"]),
+        str(project["file"] / "sub"),
+        str(folder / "new" / "x"),
+        str(project["data"]),
+        str(project["config"]),
+        str(fifo),
+        "/dev/null",
+        "/proc/self/nope",
+        "",
+        ".",
+        "..",
+        "~",
+        "x" * 300,
+        str(folder / ("y" * 300) / "z"),
+        str(project["latin1"]),
+        "~/runs",
+        "a\\0b",
+    ]
 
 
 @settings(FAST, max_examples=40)
-@given(st.lists(st.tuples(st.sampled_from(PATH_KEYS), st.integers(0, 17)), min_size=1, max_size=2),
-       st.sampled_from(["check", "distill"]))
+@given(
+    st.lists(st.tuples(st.sampled_from(PATH_KEYS), st.integers(0, 17)), min_size=1, max_size=2),
+    st.sampled_from(["check", "distill"]),
+)
 def test_random_paths(capsys, project, paths, picks, command):
     """Random paths for every path key: check passes, or one line naming the key or the path (a FIFO is
     never opened: the test would hang)."""
@@ -485,8 +633,10 @@ def test_random_paths(capsys, project, paths, picks, command):
     ok_or_user_error(check(capsys, project, *sets, command=command))
 
 
-_ARGUMENT = st.one_of(st.integers(-5, 5).map(str), st.sampled_from(["x", "", "1e3", "cpu", "cuda", "meta", "mps:0",
-                                                                     "{}", "null", "[1]", '{"attention": 1}']))
+_ARGUMENT = st.one_of(
+    st.integers(-5, 5).map(str),
+    st.sampled_from(["x", "", "1e3", "cpu", "cuda", "meta", "mps:0", "{}", "null", "[1]", '{"attention": 1}']),
+)
 
 
 @settings(FAST, max_examples=40)
@@ -495,17 +645,31 @@ def test_random_arguments(capsys, project, paths, fake_model, command, data):
     """Random values and paths for every argument of predict, eval and data demo."""
     path = st.integers(0, 17).map(lambda i: paths[i])
     options = {
-        "predict": {"--model": st.just(str(fake_model)) | path, "--data": st.just(str(project["data"])) | path,
-                    "--out": path, "--root": path, "--processor": path, "--patch": _ARGUMENT,
-                    "--batch-size": _ARGUMENT, "--max-new-tokens": _ARGUMENT, "--max-length": _ARGUMENT,
-                    "--device": _ARGUMENT, "--dtype": _ARGUMENT},
+        "predict": {
+            "--model": st.just(str(fake_model)) | path,
+            "--data": st.just(str(project["data"])) | path,
+            "--out": path,
+            "--root": path,
+            "--processor": path,
+            "--patch": _ARGUMENT,
+            "--batch-size": _ARGUMENT,
+            "--max-new-tokens": _ARGUMENT,
+            "--max-length": _ARGUMENT,
+            "--device": _ARGUMENT,
+            "--dtype": _ARGUMENT,
+        },
         "eval": {"--pred": path, "--data": path, "--root": path, "--json": path},
-        "data": {"--out": path, "--seed": _ARGUMENT, "--train-per-modality": _ARGUMENT,
-                 "--test-per-modality": _ARGUMENT},
+        "data": {
+            "--out": path,
+            "--seed": _ARGUMENT,
+            "--train-per-modality": _ARGUMENT,
+            "--test-per-modality": _ARGUMENT,
+        },
     }[command]
     chosen = data.draw(st.lists(st.sampled_from(sorted(options)), unique=True, max_size=4))
-    argv = [command] + (["demo", "--no-progress", "--train-per-modality", "1", "--test-per-modality", "1"]
-                        if command == "data" else [])
+    argv = [command] + (
+        ["demo", "--no-progress", "--train-per-modality", "1", "--test-per-modality", "1"] if command == "data" else []
+    )
     for name in chosen:
         argv += [name, data.draw(options[name])]
     if command == "eval":
@@ -524,22 +688,36 @@ def _parsed(project, **mapping_changes):
     return parse_config(mapping, base_dir=project["folder"])
 
 
-TRAINING = st.fixed_dictionaries({}, optional={
-    "learning_rate": st.sampled_from([0, 1e-3, 1.0, -1e-3, 1e30, "x"]),
-    "weight_decay": st.sampled_from([0, 0.1, -0.1]),
-    "adam_beta1": st.sampled_from([0.0, 0.9, 1.0, -0.1]),
-    "adam_epsilon": st.sampled_from([0.0, 1e-8, -1e-8]),
-    "max_grad_norm": st.sampled_from([0.0, 1.0, -1.0]),
-    "warmup_steps": st.sampled_from([0, 1, 0.5, -1, 1.5]),
-    "lr_scheduler_type": st.sampled_from(["linear", "cosine", "constant", "constant_with_warmup", "polynomial",
-                                          "cosine_with_min_lr", "inverse_sqrt", "reduce_lr_on_plateau", "nope"]),
-    "lr_scheduler_kwargs": st.sampled_from([{}, {"min_lr": 1e-5}, {"bogus": 1}, {"power": 2.0}]),
-    "optim": st.sampled_from(["adamw_torch", "sgd", "adafactor", "adagrad", "rmsprop", "nope"]),
-    "gradient_accumulation_steps": st.sampled_from([1, 2, 0]),
-    "per_device_train_batch_size": st.sampled_from([1, 2, 0, 2.5]),
-    "seed": st.sampled_from([0, 7, -1, 2**40]),
-    "logging_steps": st.sampled_from([1, 0.5, 0, -1]),
-})
+TRAINING = st.fixed_dictionaries(
+    {},
+    optional={
+        "learning_rate": st.sampled_from([0, 1e-3, 1.0, -1e-3, 1e30, "x"]),
+        "weight_decay": st.sampled_from([0, 0.1, -0.1]),
+        "adam_beta1": st.sampled_from([0.0, 0.9, 1.0, -0.1]),
+        "adam_epsilon": st.sampled_from([0.0, 1e-8, -1e-8]),
+        "max_grad_norm": st.sampled_from([0.0, 1.0, -1.0]),
+        "warmup_steps": st.sampled_from([0, 1, 0.5, -1, 1.5]),
+        "lr_scheduler_type": st.sampled_from(
+            [
+                "linear",
+                "cosine",
+                "constant",
+                "constant_with_warmup",
+                "polynomial",
+                "cosine_with_min_lr",
+                "inverse_sqrt",
+                "reduce_lr_on_plateau",
+                "nope",
+            ]
+        ),
+        "lr_scheduler_kwargs": st.sampled_from([{}, {"min_lr": 1e-5}, {"bogus": 1}, {"power": 2.0}]),
+        "optim": st.sampled_from(["adamw_torch", "sgd", "adafactor", "adagrad", "rmsprop", "nope"]),
+        "gradient_accumulation_steps": st.sampled_from([1, 2, 0]),
+        "per_device_train_batch_size": st.sampled_from([1, 2, 0, 2.5]),
+        "seed": st.sampled_from([0, 7, -1, 2**40]),
+        "logging_steps": st.sampled_from([1, 0.5, 0, -1]),
+    },
+)
 
 
 class _Regression(__import__("torch").nn.Module):
@@ -565,16 +743,16 @@ def test_training_arguments_check_passes_then_steps_run(project, tmp_path_factor
     from clinkd.train.arguments import training_arguments
     from clinkd.train.checks import check_training_arguments
 
-    base = {"use_cpu": True, "save_strategy": "no", "max_steps": 3, "report_to": "none",
-            "dataloader_num_workers": 0}
+    base = {"use_cpu": True, "save_strategy": "no", "max_steps": 3, "report_to": "none", "dataloader_num_workers": 0}
     try:
         config = _parsed(project, training={**base, **training})
         check_training_arguments(config)
     except ConfigError as e:
         assert re.search(r"config\.(training\.\w+|stages\[\d\]\.training)", str(e)), e
         return
-    args = training_arguments(config, config.stages[0], progress=False,
-                              output_dir=str(tmp_path_factory.mktemp("trainer")))
+    args = training_arguments(
+        config, config.stages[0], progress=False, output_dir=str(tmp_path_factory.mktemp("trainer"))
+    )
     data = [{"x": torch.randn(2), "labels": torch.randn(())} for _ in range(8)]
     trainer = Trainer(model=_Regression(), args=args, train_dataset=data)
     trainer.train()
@@ -582,9 +760,15 @@ def test_training_arguments_check_passes_then_steps_run(project, tmp_path_factor
 
 
 def _text_config(hidden, heads, kv, section):
-    return {"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "intermediate_size": 32, "num_hidden_layers": 1, "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}}
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+    }
 
 
 def _mostly(good, bad):
@@ -602,14 +786,28 @@ def MODELS(draw):
     kv = draw(_mostly(st.sampled_from([1, 2]), st.integers(0, 5)))
     heads = draw(_mostly(st.sampled_from([kv, 2 * kv]), st.integers(0, 6)))
     hidden = draw(_mostly(st.just(head_dim * max(heads, 1)), st.sampled_from([0, -8, 20, 40, 64])))
-    section = draw(_mostly(st.just(_HEAD_DIMS[head_dim]), st.sampled_from([[4, 4], [0, 4, 4], [2, 2, 2], [4, 2, 2], [-1, 5, 4], []])))
+    section = draw(
+        _mostly(
+            st.just(_HEAD_DIMS[head_dim]), st.sampled_from([[4, 4], [0, 4, 4], [2, 2, 2], [4, 2, 2], [-1, 5, 4], []])
+        )
+    )
     vheads = draw(_mostly(st.sampled_from([1, 2]), st.integers(0, 5)))
     embed = draw(_mostly(st.just(16 * vheads), st.sampled_from([0, 24, 20, 12])))
     vhidden = draw(_mostly(st.just(hidden), st.sampled_from([16, 40])))
-    return {"text_config": _text_config(hidden, heads, kv, section),
-            "vision_config": {"depth": 1, "embed_dim": embed, "hidden_size": vhidden, "num_heads": vheads,
-                              "patch_size": tiny.PATCH, "spatial_merge_size": tiny.MERGE,
-                              "temporal_patch_size": tiny.TEMPORAL, "in_channels": 3, "mlp_ratio": 2}}
+    return {
+        "text_config": _text_config(hidden, heads, kv, section),
+        "vision_config": {
+            "depth": 1,
+            "embed_dim": embed,
+            "hidden_size": vhidden,
+            "num_heads": vheads,
+            "patch_size": tiny.PATCH,
+            "spatial_merge_size": tiny.MERGE,
+            "temporal_patch_size": tiny.TEMPORAL,
+            "in_channels": 3,
+            "mlp_ratio": 2,
+        },
+    }
 
 
 @settings(FAST, max_examples=30)

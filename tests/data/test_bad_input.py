@@ -29,9 +29,12 @@ from clinkd.data import DataError, SampleEncoder, load_records, normalise_boxes,
 from clinkd.data.records import CONTROL_TOKENS, MODALITIES, TASKS, Record, parse_record
 from tests.data import tiny
 
-FAST = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.filter_too_much])
+FAST = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
 _COUNTER = itertools.count()
 
 
@@ -88,6 +91,7 @@ def load_error(path: Path, **kw) -> DataError:
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header says width×height (its pixel data is empty): what a decompression bomb looks like
     to ``Image.open``, which reads only the header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -98,6 +102,7 @@ def png_header(width: int, height: int) -> bytes:
 @contextmanager
 def no_hang(seconds: int = 20):
     """Fail (instead of hanging the run) if the body blocks, e.g. on opening a FIFO."""
+
     def alarm(signum, frame):
         raise AssertionError(f"blocked for {seconds} s")
 
@@ -143,7 +148,11 @@ def test_data_file_that_is_not_utf8(folder, good):
 def test_deeply_nested_json(folder, good, suffix):
     """Before: RecursionError. Now a DataError naming the line."""
     deep = "[" * 100_000 + "]" * 100_000
-    body = (json.dumps(good) + "\n" + deep + "\n") if suffix == ".jsonl" else ("[\n" + json.dumps(good) + ",\n" + deep + "]")
+    body = (
+        (json.dumps(good) + "\n" + deep + "\n")
+        if suffix == ".jsonl"
+        else ("[\n" + json.dumps(good) + ",\n" + deep + "]")
+    )
     path = write(folder, body, suffix)
     error = load_error(path)
     assert f"{path}:{2 if suffix == '.jsonl' else 3}: JSON nested" in str(error), error
@@ -179,13 +188,16 @@ def test_data_file_that_is_a_fifo(folder):
         assert "is not a regular file (a FIFO)" in str(load_error(fifo, line=False))
 
 
-@pytest.mark.parametrize("box, message", [
-    ("<box>(0.6,0.2),(0.3,0.4)</box>", "inverted corners (x1 > x2)"),
-    ("<box>(0.1,0.5),(0.3,0.4)</box>", "inverted corners (y1 > y2)"),
-    ("<box>(0.1,0.2),(0.3,0.4)", "is not closed"),
-    ("(0.1,0.2),(0.3,0.4)</box>", "is not closed"),
-    ("<|box_start|>(0.1,0.2),(0.3,0.4)", "is not closed"),
-])
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ("<box>(0.6,0.2),(0.3,0.4)</box>", "inverted corners (x1 > x2)"),
+        ("<box>(0.1,0.5),(0.3,0.4)</box>", "inverted corners (y1 > y2)"),
+        ("<box>(0.1,0.2),(0.3,0.4)", "is not closed"),
+        ("(0.1,0.2),(0.3,0.4)</box>", "is not closed"),
+        ("<|box_start|>(0.1,0.2),(0.3,0.4)", "is not closed"),
+    ],
+)
 def test_training_boxes_are_checked_when_loaded(folder, good, box, message):
     """Before: an inverted box or an unclosed tag in a training record was accepted (training on it)."""
     record = dict(good, task="VG", conversations=[["<img>x</img> Where is it?", box]])
@@ -199,7 +211,10 @@ def test_unknown_modality_in_training_data(folder, good):
     """Before: only eval and predict checked the modality; training accepted any id prefix."""
     error = load_error(jsonl(folder, dict(good, id="brain_0001")))
     assert "unknown modality 'brain'" in str(error)
-    assert load_records(jsonl(folder, dict(good, id="brain_0001", modality="MR", image=good["id"] + ".png")))[0].modality == "mr"
+    assert (
+        load_records(jsonl(folder, dict(good, id="brain_0001", modality="MR", image=good["id"] + ".png")))[0].modality
+        == "mr"
+    )
 
 
 def test_text_that_is_not_unicode_or_holds_template_tokens(folder, good):
@@ -219,8 +234,10 @@ def test_other_escapes_found_by_the_hunt(folder, good):
     digit limit (ValueError), a huge id in every message: all DataError naming the line."""
     cases = [
         (dict(good, conversations=[{"from": "system", "value": "s"}]), "holds no human/gpt pair"),
-        (dict(good, conversations=[{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]),
-         "'from' must be a string"),
+        (
+            dict(good, conversations=[{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]),
+            "'from' must be a string",
+        ),
     ]
     for raw, message in cases:
         error = load_error(jsonl(folder, raw))
@@ -270,13 +287,21 @@ def well_formed(record: Record, root: Path) -> None:
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 @FAST
-@given(st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
-                          json_values.map(json.dumps)), min_size=0, max_size=5),
-       st.sampled_from([".jsonl", ".json", ".txt"]))
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.decode("latin-1")), json_values.map(json.dumps)
+        ),
+        min_size=0,
+        max_size=5,
+    ),
+    st.sampled_from([".jsonl", ".json", ".txt"]),
+)
 def test_random_lines(folder, lines, suffix):
     """Random text, bytes and JSON values as the lines of a data file."""
     path = write(folder, "\n".join(lines).encode("utf-8", "surrogatepass"), suffix)
@@ -290,15 +315,33 @@ def test_random_lines(folder, lines, suffix):
 
 
 VALID_IDS = ("ct_0001_liver", "mr_0002", "x_0003_lung", "FUNDUS_4", "dermoscopy_5_polyp")
-_numbers = st.sampled_from(["0", "1", "0.5", ".25", "1.", "0.75", "-0.1", "1.5", "1e-1", "2e0", " 0.3 ", "nan", "x", ""])
-_boxes = st.builds(lambda a, b, c, d, form: form.format(f"({a},{b}),({c},{d})"), _numbers, _numbers, _numbers, _numbers,
-                   st.sampled_from(["<box>{}</box>", "<box_start>{}<box_end>", "<|box_start|>{}<|box_end|>",
-                                    "<box>{}", "{}</box>", "<box><box>{}</box></box>", "<box>{}<|box_end|>"]))
+_numbers = st.sampled_from(
+    ["0", "1", "0.5", ".25", "1.", "0.75", "-0.1", "1.5", "1e-1", "2e0", " 0.3 ", "nan", "x", ""]
+)
+_boxes = st.builds(
+    lambda a, b, c, d, form: form.format(f"({a},{b}),({c},{d})"),
+    _numbers,
+    _numbers,
+    _numbers,
+    _numbers,
+    st.sampled_from(
+        [
+            "<box>{}</box>",
+            "<box_start>{}<box_end>",
+            "<|box_start|>{}<|box_end|>",
+            "<box>{}",
+            "{}</box>",
+            "<box><box>{}</box></box>",
+            "<box>{}<|box_end|>",
+        ]
+    ),
+)
 _words = st.sampled_from(["Where", " is", " the", " liver", "?", " lesion", "<img>x.png</img>", "<image>", " "])
 _odd = st.sampled_from(["\ud800", "<|im_end|>", "<|image_pad|>", "\0", "\u2028", "</img>", "<box>"]) | st.characters()
 # mostly words and boxes, now and then something odd
-_texts = st.lists(st.integers(0, 9).flatmap(lambda i: _odd if i == 9 else _boxes if i >= 7 else _words),
-                  max_size=8).map("".join)
+_texts = st.lists(
+    st.integers(0, 9).flatmap(lambda i: _odd if i == 9 else _boxes if i >= 7 else _words), max_size=8
+).map("".join)
 
 
 def _one_of_mostly(good, bad):
@@ -308,21 +351,44 @@ def _one_of_mostly(good, bad):
 
 _pairs = st.lists(st.tuples(_texts, _texts).map(list), min_size=1, max_size=3)
 _turns = _pairs.map(lambda pairs: [{"from": r, "value": v} for q, a in pairs for r, v in (("human", q), ("gpt", a))])
-_conversations = _one_of_mostly(_pairs | _turns, st.one_of(
-    json_values,
-    st.lists(st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "user", "system", "robot", 3]),
-                                    "value": _texts | st.integers()}), max_size=4),
-    _pairs.map(lambda p: [{"from": "system", "value": "s"}] + [x for q, a in p for x in ({"role": "user", "content": q},
-                                                                                           {"role": "assistant", "content": a})])))
+_conversations = _one_of_mostly(
+    _pairs | _turns,
+    st.one_of(
+        json_values,
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "from": st.sampled_from(["human", "gpt", "user", "system", "robot", 3]),
+                    "value": _texts | st.integers(),
+                }
+            ),
+            max_size=4,
+        ),
+        _pairs.map(
+            lambda p: (
+                [{"from": "system", "value": "s"}]
+                + [x for q, a in p for x in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+            )
+        ),
+    ),
+)
 _records = st.fixed_dictionaries(
-    {"id": _one_of_mostly(st.sampled_from(VALID_IDS), st.sampled_from(["", "brain_2", "ct_../../x", "ct"]) | json_values),
-     "conversations": _conversations},
-    optional={"task": _one_of_mostly(st.sampled_from(["vg", "ROC", "rc", "MIA"]), st.just("SEG") | json_values),
-              "modality": _one_of_mostly(st.sampled_from(["ct", "MR"]), st.sampled_from(["brain", ""]) | json_values),
-              "image": _one_of_mostly(st.sampled_from([i + ".png" for i in VALID_IDS]),
-                                      st.sampled_from(["../x.png", "/etc/passwd", "a\0b", "dir.png", "", "nope.png"])
-                                      | json_values),
-              "images": st.lists(st.sampled_from([i + ".png" for i in VALID_IDS]), max_size=2) | json_values})
+    {
+        "id": _one_of_mostly(
+            st.sampled_from(VALID_IDS), st.sampled_from(["", "brain_2", "ct_../../x", "ct"]) | json_values
+        ),
+        "conversations": _conversations,
+    },
+    optional={
+        "task": _one_of_mostly(st.sampled_from(["vg", "ROC", "rc", "MIA"]), st.just("SEG") | json_values),
+        "modality": _one_of_mostly(st.sampled_from(["ct", "MR"]), st.sampled_from(["brain", ""]) | json_values),
+        "image": _one_of_mostly(
+            st.sampled_from([i + ".png" for i in VALID_IDS]),
+            st.sampled_from(["../x.png", "/etc/passwd", "a\0b", "dir.png", "", "nope.png"]) | json_values,
+        ),
+        "images": st.lists(st.sampled_from([i + ".png" for i in VALID_IDS]), max_size=2) | json_values,
+    },
+)
 
 
 @FAST
@@ -369,7 +435,7 @@ def test_random_image_bytes(folder, good, encoder, png_bytes, data):
     for _ in range(data.draw(st.integers(0, 4))):
         at = data.draw(st.integers(0, len(raw) - 1))
         raw[at] = data.draw(st.integers(0, 255))
-    raw = raw[:data.draw(st.integers(0, len(raw)))] + data.draw(st.binary(max_size=8))
+    raw = raw[: data.draw(st.integers(0, len(raw)))] + data.draw(st.binary(max_size=8))
     name = f"fuzz{next(_COUNTER)}.png"
     (folder / name).write_bytes(bytes(raw))
     record = record_for(folder, good, image=name)

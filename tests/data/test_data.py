@@ -7,8 +7,16 @@ import json
 import pytest
 import torch
 
-from clinkd.data import (DataError, SampleEncoder, build_dataset, load_records, model_inputs,
-                         normalise_boxes, parse_boxes, special_token_ids)
+from clinkd.data import (
+    DataError,
+    SampleEncoder,
+    build_dataset,
+    load_records,
+    model_inputs,
+    normalise_boxes,
+    parse_boxes,
+    special_token_ids,
+)
 from clinkd.data.offline_processor import CHAT_TEMPLATE, load_processor, tokenizer_fingerprint
 from tests.data import tiny
 from tests.numerics import assert_close
@@ -49,7 +57,9 @@ def test_records_forms_tasks_and_boxes(data):
 
 
 def test_box_forms():
-    text = "a <box>(0.1, 0.2),(0.30,0.4)</box> b <box_start>(0,0),(1,1)<box_end> c <|box_start|>(.5,.5),(.6,.7)<|box_end|>"
+    text = (
+        "a <box>(0.1, 0.2),(0.30,0.4)</box> b <box_start>(0,0),(1,1)<box_end> c <|box_start|>(.5,.5),(.6,.7)<|box_end|>"
+    )
     assert parse_boxes(text) == [(0.1, 0.2, 0.3, 0.4), (0.0, 0.0, 1.0, 1.0), (0.5, 0.5, 0.6, 0.7)]
     out = normalise_boxes(text)
     assert out.count("<|box_start|>") == 3 and "<box>" not in out and "<box_start>" not in out
@@ -82,8 +92,8 @@ def test_image_placeholders_match_the_grid(dataset):
         grid = sample["image_grid_thw"]
         t, h, w = grid[0].tolist()
         count = int((sample["input_ids"] == ids["image_token_id"]).sum())
-        assert count == t * h * w // tiny.MERGE ** 2 and count > 0
-        assert sample["pixel_values"].shape == (t * h * w, 3 * tiny.TEMPORAL * tiny.PATCH ** 2)
+        assert count == t * h * w // tiny.MERGE**2 and count > 0
+        assert sample["pixel_values"].shape == (t * h * w, 3 * tiny.TEMPORAL * tiny.PATCH**2)
         # the run is contiguous, between vision_start and vision_end
         where = (sample["input_ids"] == ids["image_token_id"]).nonzero().squeeze(1)
         assert int(where[-1] - where[0]) + 1 == count
@@ -150,8 +160,11 @@ def test_packed_batch_gives_the_padded_loss(dataset, mcg):
     packed = tiny.collator(packing=True)(samples)
     assert packed["input_ids"].shape == (1, sum(s["input_ids"].numel() for s in samples))
     with torch.no_grad():
-        ref = model.double()(**model_inputs(model, padded), return_logits=True).logits if mcg else \
-            model.double()(**model_inputs(model, padded)).logits
+        ref = (
+            model.double()(**model_inputs(model, padded), return_logits=True).logits
+            if mcg
+            else model.double()(**model_inputs(model, padded)).logits
+        )
         a = model.float()(**model_inputs(model, padded)).loss
         b = model(**model_inputs(model, packed)).loss
     # token logits of each sample agree (the loss depends on nothing else)
@@ -160,8 +173,14 @@ def test_packed_batch_gives_the_padded_loss(dataset, mcg):
     start = 0
     for row, s in enumerate(samples):
         n = s["input_ids"].numel()
-        assert_close(f"packed logits of sample {row}", lp[start:start + n], ref[row, :n].double(),
-                     baseline=None, atol=2e-5, norm_tol=1e-5)
+        assert_close(
+            f"packed logits of sample {row}",
+            lp[start : start + n],
+            ref[row, :n].double(),
+            baseline=None,
+            atol=2e-5,
+            norm_tol=1e-5,
+        )
         start += n
     assert_close("packed loss", b, a.double(), atol=2e-5)
 

@@ -39,7 +39,10 @@ def raw_record(i: int, rng: random.Random, *, pairs_form: bool = False, task_fie
     elif task == "ROC":
         q, a = f"<img>{rid}.png</img> What is in <box_start>{box}<box_end>?", organ
     elif task == "RC":
-        q, a = f"<img>{rid}.png</img> Describe the region <box>{box}</box>.", f"the {organ} appears normal in size and shape"
+        q, a = (
+            f"<img>{rid}.png</img> Describe the region <box>{box}</box>.",
+            f"the {organ} appears normal in size and shape",
+        )
     else:
         q, a = f"<img>{rid}.png</img> What does this {modality} image show?", f"a {modality} scan showing the {organ}"
     conv = [[q, a]] if pairs_form else [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
@@ -93,9 +96,15 @@ def processor():
     if _PROCESSOR is None:
         from clinkd.data.offline_processor import build_offline_processor
 
-        _PROCESSOR = build_offline_processor(corpus(), vocab_size=400, patch_size=PATCH, merge_size=MERGE,
-                                             temporal_patch_size=TEMPORAL, min_pixels=MIN_PIXELS,
-                                             max_pixels=MAX_PIXELS)
+        _PROCESSOR = build_offline_processor(
+            corpus(),
+            vocab_size=400,
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+            min_pixels=MIN_PIXELS,
+            max_pixels=MAX_PIXELS,
+        )
     return _PROCESSOR
 
 
@@ -112,16 +121,38 @@ def model_config(vocab_size: int, *, hidden: int = 64, layers: int = 2) -> dict:
     from clinkd.data.offline_processor import special_token_ids
 
     ids = special_token_ids(processor().tokenizer)
-    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, bos_token_id=None,
-                num_attention_heads=hidden // 16, num_key_value_heads=1 if hidden // 16 % 2 else hidden // 32,
-                max_position_embeddings=2048,
-                pad_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"],
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
-    vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
-                  temporal_patch_size=TEMPORAL, in_channels=3, mlp_ratio=2)
-    return dict(text_config=text, vision_config=vision, image_token_id=ids["image_token_id"],
-                video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
-                vision_end_token_id=ids["vision_end_token_id"])
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        bos_token_id=None,
+        num_attention_heads=hidden // 16,
+        num_key_value_heads=1 if hidden // 16 % 2 else hidden // 32,
+        max_position_embeddings=2048,
+        pad_token_id=ids["pad_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=hidden,
+        num_heads=2,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
+        temporal_patch_size=TEMPORAL,
+        in_channels=3,
+        mlp_ratio=2,
+    )
+    return dict(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
 
 
 def model(vocab_size: int, *, seed: int = 0, init_std: float | None = None, **kw):

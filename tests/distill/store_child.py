@@ -42,6 +42,7 @@ def child(folder: str, n: int, shard: int, crash_at: int, pace: float) -> None:
             if events == crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(*args, **kwargs)
+
         return wrapper
 
     def compute(indices):
@@ -50,8 +51,9 @@ def child(folder: str, n: int, shard: int, crash_at: int, pace: float) -> None:
 
     os.fsync, os.replace = hooked(os.fsync), hooked(os.replace)
     try:
-        complete = write_store(folder, META, fake.sample_ids(n), compute, batch_size=2, shard_size=shard,
-                               progress=False)
+        complete = write_store(
+            folder, META, fake.sample_ids(n), compute, batch_size=2, shard_size=shard, progress=False
+        )
         code = 0 if complete else 3
     except BaseException:
         traceback.print_exc()

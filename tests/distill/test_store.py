@@ -41,8 +41,15 @@ class _Driver:
     def __init__(self, folder: Path):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.stderr = open(folder / "driver.stderr", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.distill.store_child"], cwd=REPO, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.distill.store_child"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
         self.watchdog = threading.Timer(120, self.proc.kill)  # a hung driver fails the test, never blocks it
         self.watchdog.start()
         assert self.proc.stdout.readline().strip() == "ready", self.errors()
@@ -51,8 +58,9 @@ class _Driver:
         self.stderr.seek(0)
         return self.stderr.read()
 
-    def run(self, folder: Path, n: int, shard: int, *, crash_at: int = 0, kill_after: float = -1.0,
-            pace: float = 0.0) -> str:
+    def run(
+        self, folder: Path, n: int, shard: int, *, crash_at: int = 0, kill_after: float = -1.0, pace: float = 0.0
+    ) -> str:
         assert " " not in str(folder)
         self.proc.stdin.write(f"{folder} {n} {shard} {crash_at} {kill_after} {pace}\n")
         self.proc.stdin.flush()
@@ -82,7 +90,7 @@ def _check_committed_part(folder: Path, n: int) -> None:
         return
     store = PseudoLabelStore(folder, allow_incomplete=True, expect=META)
     store.verify_all()
-    assert store.ids == fake.sample_ids(n)[:len(store)]
+    assert store.ids == fake.sample_ids(n)[: len(store)]
     assert_store_holds(store, len(store))
     listed = {s["file"] for s in store.manifest["shards"]}
     leftovers = names - {"manifest.json"} - listed
@@ -184,8 +192,16 @@ def test_missing_shard_and_corrupt_manifest(tmp_path):
         PseudoLabelStore(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("field, value", [("k", fake.K + 1), ("temperature", 1.0), ("vocab_size", fake.VOCAB + 3),
-                                          ("tokenizer_hash", "t1"), ("teacher", "other-teacher")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("k", fake.K + 1),
+        ("temperature", 1.0),
+        ("vocab_size", fake.VOCAB + 3),
+        ("tokenizer_hash", "t1"),
+        ("teacher", "other-teacher"),
+    ],
+)
 def test_mismatched_metadata_is_refused(tmp_path, field, value):
     _complete_store(tmp_path)
     other = StoreMeta(**{**META.__dict__, field: value})

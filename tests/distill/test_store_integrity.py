@@ -32,7 +32,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 def header_metadata(path: Path) -> dict:
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n])["__metadata__"]
+    return json.loads(data[8 : 8 + n])["__metadata__"]
 
 
 def resave_shard(folder: Path, s: int, edit) -> None:
@@ -95,26 +95,31 @@ def _rows(i: int = 2):
     return labels, targets
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda pl, t: (pl._replace(logprobs=pl.logprobs[:1]), t), r"logprobs \[1, 4\]"),
-    (lambda pl, t: (pl._replace(lse=pl.lse[:2]), t), r"lse \[2\]"),
-    (lambda pl, t: (pl._replace(margin=pl.margin[:, None]), t), r"margin \[3, 1\]"),
-    (lambda pl, t: (pl._replace(residual=pl.residual.repeat(2)), t), r"residual \[6\]"),
-    (lambda pl, t: (pl._replace(logprobs=pl.logprobs[:, :3]), t), r"logprobs \[3, 3\]"),
-    (lambda pl, t: (pl._replace(indices=pl.indices[:, :3]), t), r"indices \[3, 3\]"),
-    (lambda pl, t: (pl, t[:, None]), r"targets \[3, 1\]"),
-    (lambda pl, t: (pl._replace(indices=pl.indices.float()), t), "indices must be an integer tensor"),
-    (lambda pl, t: (pl, t.float()), "targets must be an integer tensor"),
-    (lambda pl, t: (pl._replace(lse=pl.lse.int()), t), "lse must be a floating-point tensor"),
-    (lambda pl, t: (pl._replace(margin=pl.margin.tolist()), t), "margin is not a tensor"),
-    (lambda pl, t: (pl._replace(indices=pl.indices + fake.VOCAB), t), r"indices must be in \[0, 37\)"),
-    (lambda pl, t: (pl._replace(indices=pl.indices - 40), t), r"indices must be in \[0, 37\)"),
-    (lambda pl, t: (pl, t - 100), r"targets must be in \[0, 37\)"),
-    (lambda pl, t: (pl._replace(logprobs=pl.logprobs.index_fill(0, torch.tensor([1]), float("nan"))), t),
-     "logprobs holds NaN"),
-    (lambda pl, t: (pl._replace(lse=torch.full_like(pl.lse, float("-inf"))), t), "lse holds NaN or -inf"),
-    (lambda pl, t: (tuple(pl)[:4], t), "PseudoLabels"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda pl, t: (pl._replace(logprobs=pl.logprobs[:1]), t), r"logprobs \[1, 4\]"),
+        (lambda pl, t: (pl._replace(lse=pl.lse[:2]), t), r"lse \[2\]"),
+        (lambda pl, t: (pl._replace(margin=pl.margin[:, None]), t), r"margin \[3, 1\]"),
+        (lambda pl, t: (pl._replace(residual=pl.residual.repeat(2)), t), r"residual \[6\]"),
+        (lambda pl, t: (pl._replace(logprobs=pl.logprobs[:, :3]), t), r"logprobs \[3, 3\]"),
+        (lambda pl, t: (pl._replace(indices=pl.indices[:, :3]), t), r"indices \[3, 3\]"),
+        (lambda pl, t: (pl, t[:, None]), r"targets \[3, 1\]"),
+        (lambda pl, t: (pl._replace(indices=pl.indices.float()), t), "indices must be an integer tensor"),
+        (lambda pl, t: (pl, t.float()), "targets must be an integer tensor"),
+        (lambda pl, t: (pl._replace(lse=pl.lse.int()), t), "lse must be a floating-point tensor"),
+        (lambda pl, t: (pl._replace(margin=pl.margin.tolist()), t), "margin is not a tensor"),
+        (lambda pl, t: (pl._replace(indices=pl.indices + fake.VOCAB), t), r"indices must be in \[0, 37\)"),
+        (lambda pl, t: (pl._replace(indices=pl.indices - 40), t), r"indices must be in \[0, 37\)"),
+        (lambda pl, t: (pl, t - 100), r"targets must be in \[0, 37\)"),
+        (
+            lambda pl, t: (pl._replace(logprobs=pl.logprobs.index_fill(0, torch.tensor([1]), float("nan"))), t),
+            "logprobs holds NaN",
+        ),
+        (lambda pl, t: (pl._replace(lse=torch.full_like(pl.lse, float("-inf"))), t), "lse holds NaN or -inf"),
+        (lambda pl, t: (tuple(pl)[:4], t), "PseudoLabels"),
+    ],
+)
 def test_add_checks_every_field(tmp_path, edit, message):
     writer = PseudoLabelWriter(tmp_path, META, IDS, shard_size=1)
     labels, targets = edit(*_rows())
@@ -127,8 +132,10 @@ def test_add_checks_every_field(tmp_path, edit, message):
 def test_infinities_the_extraction_produces_are_kept(tmp_path):
     """+inf lse / -inf log-probs are what top-k extraction gives rows with +inf logits: stored as is."""
     labels, targets = _rows()
-    labels = labels._replace(lse=labels.lse.index_fill(0, torch.tensor([0]), float("inf")),
-                             logprobs=labels.logprobs.index_fill(0, torch.tensor([1]), float("-inf")))
+    labels = labels._replace(
+        lse=labels.lse.index_fill(0, torch.tensor([0]), float("inf")),
+        logprobs=labels.logprobs.index_fill(0, torch.tensor([1]), float("-inf")),
+    )
     writer = PseudoLabelWriter(tmp_path, META, ["x"])
     writer.add("x", labels, targets.long())  # int64 targets / any float dtype are converted
     assert writer.close()
@@ -140,27 +147,32 @@ def test_infinities_the_extraction_produces_are_kept(tmp_path):
 def _drop(name):
     def edit(t):
         del t[name]
+
     return edit
 
 
 def _set(name, fn):
     def edit(t):
         t[name] = fn(t[name])
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_drop("indices"), "tensors differ from a shard's: missing indices"),
-    (_set("logprobs", lambda x: x[:1]), r"logprobs is F32 \[1, 4\], expected F32 \[3, 4\]"),
-    (_set("offsets", lambda x: x.int()), r"offsets is I32 \[3\], expected I64 \[3\]"),
-    (_set("offsets", lambda x: x[:2]), r"offsets is I64 \[2\], expected I64 \[3\]"),
-    (_set("offsets", lambda x: x + 1), "offsets must start at 0"),
-    (_set("offsets", lambda x: torch.tensor([0, 1, 2])), "offsets must end at the row count 3"),
-    (_set("offsets", lambda x: torch.tensor([0, 4, 3])), "offsets must be non-decreasing"),
-    (_set("indices", lambda x: x + 100), r"indices must be in \[0, 37\)"),
-    (_set("margin", lambda x: x * float("nan")), "margin holds NaN"),
-    (lambda t: t.update(extra=torch.zeros(1)), "unexpected extra"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_drop("indices"), "tensors differ from a shard's: missing indices"),
+        (_set("logprobs", lambda x: x[:1]), r"logprobs is F32 \[1, 4\], expected F32 \[3, 4\]"),
+        (_set("offsets", lambda x: x.int()), r"offsets is I32 \[3\], expected I64 \[3\]"),
+        (_set("offsets", lambda x: x[:2]), r"offsets is I64 \[2\], expected I64 \[3\]"),
+        (_set("offsets", lambda x: x + 1), "offsets must start at 0"),
+        (_set("offsets", lambda x: torch.tensor([0, 1, 2])), "offsets must end at the row count 3"),
+        (_set("offsets", lambda x: torch.tensor([0, 4, 3])), "offsets must be non-decreasing"),
+        (_set("indices", lambda x: x + 100), r"indices must be in \[0, 37\)"),
+        (_set("margin", lambda x: x * float("nan")), "margin holds NaN"),
+        (lambda t: t.update(extra=torch.zeros(1)), "unexpected extra"),
+    ],
+)
 def test_a_checksum_valid_shard_with_wrong_tensors_is_refused(tmp_path, edit, message):
     complete_store(tmp_path)
     resave_shard(tmp_path, 0, edit)
@@ -203,6 +215,7 @@ def test_ids_edited_in_the_manifest_are_detected(tmp_path):
         PseudoLabelStore(tmp_path)
     # the same edit with the data-set hash recomputed to match: the shards still say whose rows they hold
     from clinkd.distill.store import ids_hash
+
     manifest["dataset"]["ids_sha256"] = ids_hash([s for shard in shards for s in shard["samples"]])
     write_manifest(tmp_path, manifest)
     with pytest.raises(StoreError, match="shard-00000.safetensors does not belong there"):
@@ -231,40 +244,44 @@ def _edit(path, value=None, delete=False):
             del node[last]
         else:
             node[last] = value
+
     return apply
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_edit(["shards"], delete=True), "has no field shards"),
-    (_edit(["dataset"], delete=True), "has no field dataset"),
-    (_edit(["complete"], delete=True), "has no field complete"),
-    (_edit(["meta", "k"], delete=True), "meta has no field k"),
-    (_edit(["meta", "temperature"], "0.5"), "meta.temperature must be a number > 0"),
-    (_edit(["meta", "temperature"], float("nan")), "meta.temperature must be a number > 0"),
-    (_edit(["meta", "k"], 4.0), "meta.k must be an int"),
-    (_edit(["meta", "k"], True), "meta.k must be an int"),
-    (_edit(["meta", "teacher"], None), "meta.teacher must be a str"),
-    (_edit(["meta", "extra"], 1), "meta has unknown field extra"),
-    (_edit(["meta"], []), "meta must be an object"),
-    (_edit(["dataset", "num_samples"], "6"), "dataset.num_samples must be an int"),
-    (_edit(["dataset", "ids_sha256"], "abc"), "dataset.ids_sha256 must be a sha256"),
-    (_edit(["complete"], 1), "complete must be true or false"),
-    (_edit(["shards"], {}), "shards must be a list"),
-    (_edit(["shards", 0], "shard-00000.safetensors"), r"shards\[0\] must be an object"),
-    (_edit(["shards", 1, "bytes"], "100"), r"shards\[1\].bytes must be an int"),
-    (_edit(["shards", 1, "rows"], -1), r"shards\[1\].rows must be an int >= 0"),
-    (_edit(["shards", 1, "sha256"], 5), r"shards\[1\].sha256 must be a sha256"),
-    (_edit(["shards", 2, "samples"], "ct_0004_sample"), r"shards\[2\].samples must be a non-empty list of str"),
-    (_edit(["shards", 2, "samples"], [4, 5]), r"shards\[2\].samples must be a non-empty list of str"),
-    (_edit(["shards", 2, "samples"], []), r"shards\[2\].samples must be a non-empty list of str"),
-    (_edit(["shards", 2, "file"], delete=True), r"shards\[2\] has no field file"),
-    (_edit(["shards", 2, "file"], "../../etc/hostname"), r"shards\[2\].file must be 'shard-00002.safetensors'"),
-    (_edit(["shards", 2, "file"], "shard-00001.safetensors"), r"shards\[2\].file must be 'shard-00002"),
-    (_edit(["shards", 2, "file"], ["x"]), r"shards\[2\].file must be 'shard-00002"),
-    (_edit(["version"], "2"), "format version '2' is not supported.*rebuild it"),
-    (_edit(["version"], 1), "format version 1 is not supported.*rebuild it"),
-    (_edit(["format"], "other"), "is not a clinkd-pseudo-labels manifest"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_edit(["shards"], delete=True), "has no field shards"),
+        (_edit(["dataset"], delete=True), "has no field dataset"),
+        (_edit(["complete"], delete=True), "has no field complete"),
+        (_edit(["meta", "k"], delete=True), "meta has no field k"),
+        (_edit(["meta", "temperature"], "0.5"), "meta.temperature must be a number > 0"),
+        (_edit(["meta", "temperature"], float("nan")), "meta.temperature must be a number > 0"),
+        (_edit(["meta", "k"], 4.0), "meta.k must be an int"),
+        (_edit(["meta", "k"], True), "meta.k must be an int"),
+        (_edit(["meta", "teacher"], None), "meta.teacher must be a str"),
+        (_edit(["meta", "extra"], 1), "meta has unknown field extra"),
+        (_edit(["meta"], []), "meta must be an object"),
+        (_edit(["dataset", "num_samples"], "6"), "dataset.num_samples must be an int"),
+        (_edit(["dataset", "ids_sha256"], "abc"), "dataset.ids_sha256 must be a sha256"),
+        (_edit(["complete"], 1), "complete must be true or false"),
+        (_edit(["shards"], {}), "shards must be a list"),
+        (_edit(["shards", 0], "shard-00000.safetensors"), r"shards\[0\] must be an object"),
+        (_edit(["shards", 1, "bytes"], "100"), r"shards\[1\].bytes must be an int"),
+        (_edit(["shards", 1, "rows"], -1), r"shards\[1\].rows must be an int >= 0"),
+        (_edit(["shards", 1, "sha256"], 5), r"shards\[1\].sha256 must be a sha256"),
+        (_edit(["shards", 2, "samples"], "ct_0004_sample"), r"shards\[2\].samples must be a non-empty list of str"),
+        (_edit(["shards", 2, "samples"], [4, 5]), r"shards\[2\].samples must be a non-empty list of str"),
+        (_edit(["shards", 2, "samples"], []), r"shards\[2\].samples must be a non-empty list of str"),
+        (_edit(["shards", 2, "file"], delete=True), r"shards\[2\] has no field file"),
+        (_edit(["shards", 2, "file"], "../../etc/hostname"), r"shards\[2\].file must be 'shard-00002.safetensors'"),
+        (_edit(["shards", 2, "file"], "shard-00001.safetensors"), r"shards\[2\].file must be 'shard-00002"),
+        (_edit(["shards", 2, "file"], ["x"]), r"shards\[2\].file must be 'shard-00002"),
+        (_edit(["version"], "2"), "format version '2' is not supported.*rebuild it"),
+        (_edit(["version"], 1), "format version 1 is not supported.*rebuild it"),
+        (_edit(["format"], "other"), "is not a clinkd-pseudo-labels manifest"),
+    ],
+)
 def test_malformed_manifests_raise_store_errors_that_name_the_field(tmp_path, edit, message):
     manifest = complete_store(tmp_path)
     edit(manifest)
@@ -302,8 +319,11 @@ def test_a_deleted_manifest_does_not_discard_the_shards(tmp_path):
     shards = sorted(p.name for p in tmp_path.glob("shard-*"))
     saved = (tmp_path / "manifest.json").read_bytes()
     (tmp_path / "manifest.json").unlink()
-    with pytest.raises(StoreError, match=r"shard-00000.safetensors, shard-00001.safetensors, shard-00002.safetensors"
-                                         r" but no manifest.json.*Restore manifest.json.*delete"):
+    with pytest.raises(
+        StoreError,
+        match=r"shard-00000.safetensors, shard-00001.safetensors, shard-00002.safetensors"
+        r" but no manifest.json.*Restore manifest.json.*delete",
+    ):
         write_store(tmp_path, META, IDS, fake.compute, shard_size=2, progress=False)
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == shards
     (tmp_path / "manifest.json").write_bytes(saved)  # restored: everything is still there

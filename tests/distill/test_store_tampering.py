@@ -30,8 +30,12 @@ from tests.distill.helpers import META
 N, SHARD = 9, 2  # five shards of 3, 7, 6, 5 and 1 rows; the last holds one sample
 IDS = fake.sample_ids(N)
 ROWS = {sid: fake.sample_rows(i) for i, sid in enumerate(IDS)}
-CASES = settings(max_examples=40, deadline=None, database=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+CASES = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +126,7 @@ def truncate_shard(t, draw):
     """A shard cut short; optionally with a manifest entry that matches the cut file."""
     s = draw(st.integers(0, 4))
     data = t.path(s).read_bytes()
-    data = data[:draw(st.integers(0, len(data) - 1))]
+    data = data[: draw(st.integers(0, len(data) - 1))]
     t.path(s).write_bytes(data)
     if draw(st.booleans()):
         t.shards[s].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -172,9 +176,13 @@ def edit_meta(t, draw):
     expect it: someone editing a store to pass it off as made for their run)."""
     field = draw(st.sampled_from(["teacher", "k", "temperature", "vocab_size", "tokenizer_hash"]))
     old = t.manifest["meta"][field]
-    values = {"teacher": st.text(max_size=10), "tokenizer_hash": st.text(max_size=10), "k": st.integers(1, 64),
-              "vocab_size": st.integers(1, 10**6),
-              "temperature": st.floats(1e-3, 1e3) | st.sampled_from([0.5 + 1e-12, 1, 2])}[field]
+    values = {
+        "teacher": st.text(max_size=10),
+        "tokenizer_hash": st.text(max_size=10),
+        "k": st.integers(1, 64),
+        "vocab_size": st.integers(1, 10**6),
+        "temperature": st.floats(1e-3, 1e3) | st.sampled_from([0.5 + 1e-12, 1, 2]),
+    }[field]
     value = draw(values.filter(lambda v: v != old))
     t.manifest["meta"][field] = value
     t.save()
@@ -186,8 +194,11 @@ def edit_dataset(t, draw):
     if key == "num_samples":
         t.manifest["dataset"][key] = draw(st.integers(0, 100).filter(lambda n: n != N))
     else:
-        t.manifest["dataset"][key] = draw(st.text("0123456789abcdef", min_size=64, max_size=64)
-                                          .filter(lambda h: h != t.manifest["dataset"]["ids_sha256"]))
+        t.manifest["dataset"][key] = draw(
+            st.text("0123456789abcdef", min_size=64, max_size=64).filter(
+                lambda h: h != t.manifest["dataset"]["ids_sha256"]
+            )
+        )
     t.save()
 
 
@@ -196,12 +207,28 @@ def edit_entry(t, draw):
     s = draw(st.integers(0, 4))
     key = draw(st.sampled_from(["bytes", "rows", "sha256", "file"]))
     old = t.shards[s][key]
-    values = {"bytes": st.integers(0, 10**6), "rows": st.integers(0, 100),
-              "sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
-              "file": st.sampled_from(["../x", "../../etc/hostname", "/etc/hostname", "shard-0.safetensors", "", ".",
-                                       "sub/shard-00000.safetensors", "manifest.json", "shard-00000.safetensors",
-                                       "shard-00001.safetensors", "shard-00004.safetensors",
-                                       f"shard-{s:06d}.safetensors"]) | st.text(max_size=30)}[key]
+    values = {
+        "bytes": st.integers(0, 10**6),
+        "rows": st.integers(0, 100),
+        "sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
+        "file": st.sampled_from(
+            [
+                "../x",
+                "../../etc/hostname",
+                "/etc/hostname",
+                "shard-0.safetensors",
+                "",
+                ".",
+                "sub/shard-00000.safetensors",
+                "manifest.json",
+                "shard-00000.safetensors",
+                "shard-00001.safetensors",
+                "shard-00004.safetensors",
+                f"shard-{s:06d}.safetensors",
+            ]
+        )
+        | st.text(max_size=30),
+    }[key]
     t.shards[s][key] = draw(values.filter(lambda v: v != old))
     t.save()
 
@@ -253,9 +280,11 @@ def add_key(t, draw):
     t.save()
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=12),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=5)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5,
+)
 
 
 def wrong_type(t, draw):
@@ -284,12 +313,30 @@ def flip_manifest_byte(t, draw):
 def cut_manifest(t, draw):
     path = t.folder / "manifest.json"
     data = path.read_bytes()
-    path.write_bytes(data[:draw(st.integers(0, len(data) - 1))])
+    path.write_bytes(data[: draw(st.integers(0, len(data) - 1))])
 
 
-TAMPERS = [swap_files, swap_entries, copy_shard, truncate_shard, flip_shard_byte, delete_shard_file, edit_complete,
-           edit_id, reorder_ids, edit_meta, edit_dataset, edit_entry, delete_entry, duplicate_entry, remove_key,
-           add_key, wrong_type, flip_manifest_byte, cut_manifest]
+TAMPERS = [
+    swap_files,
+    swap_entries,
+    copy_shard,
+    truncate_shard,
+    flip_shard_byte,
+    delete_shard_file,
+    edit_complete,
+    edit_id,
+    reorder_ids,
+    edit_meta,
+    edit_dataset,
+    edit_entry,
+    delete_entry,
+    duplicate_entry,
+    remove_key,
+    add_key,
+    wrong_type,
+    flip_manifest_byte,
+    cut_manifest,
+]
 
 
 @pytest.mark.parametrize("tamper", TAMPERS, ids=[f.__name__ for f in TAMPERS])

@@ -29,8 +29,11 @@ if os.environ.get("CLINKD_TEST_SHOW_TEACHER"):  # say how the online teacher was
     def show(self):
         prepare(self)
         head = getattr(self.teacher, "module", self.teacher).get_output_embeddings()
-        print(f"teacher {type(self.teacher).__name__} lm_head elements {head.weight.numel()}; student "
-              f"{type(self.model_wrapped).__name__}, deepspeed {self.is_deepspeed_enabled}", flush=True)
+        print(
+            f"teacher {type(self.teacher).__name__} lm_head elements {head.weight.numel()}; student "
+            f"{type(self.model_wrapped).__name__}, deepspeed {self.is_deepspeed_enabled}",
+            flush=True,
+        )
 
     ClinKDTrainer._prepare_teacher = show
 if os.environ.get("CLINKD_TEST_SHOW_ENGINE"):  # say which engine wraps the student when training starts

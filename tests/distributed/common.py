@@ -14,7 +14,6 @@ from clinkd.patch import patch_qwen2_vl
 from tests.data import tiny
 from tests.train import setup
 
-
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3  # optimizer steps of the FSDP2 and DeepSpeed runs
 
@@ -29,8 +28,16 @@ def torchrun(*args, env: dict | None = None, processes: int = 2, timeout: int = 
     """``python -m torch.distributed.run --nproc_per_node PROCESSES ARGS`` from the repository root (one thread
     per process: the processes share the CPU)."""
     environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1") if env is None else env
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               str(free_port()), *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        *map(str, args),
+    ]
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
@@ -49,7 +56,7 @@ def batches(data_file, world: int):
         index = [(step * per * world + i) % len(data) for i in range(per * world)]
         halves = []
         for r in range(world):
-            batch = collate([data[i] for i in index[r * per:(r + 1) * per]])
+            batch = collate([data[i] for i in index[r * per : (r + 1) * per]])
             halves.append({k: v for k, v in batch.items() if k != "sample_index"})
         yield halves
         step += 1
@@ -74,4 +81,4 @@ def rank_losses(stdout: str) -> list[list[float]]:
     import ast
 
     line = next(x for x in stdout.splitlines() if x.startswith("losses "))
-    return ast.literal_eval(line[len("losses "):])
+    return ast.literal_eval(line[len("losses ") :])

@@ -6,6 +6,7 @@ import pytest
 from tests.distributed.common import STEPS, reference
 from tests.train import setup
 
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     return setup.tiny.make_data(tmp_path_factory.mktemp("engines") / "data", 8, seed=5)

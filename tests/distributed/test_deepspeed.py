@@ -19,8 +19,13 @@ def test_zero_trains_like_one_process(data_file, single, extensions, tmp_path, s
     from safetensors.torch import load_file
 
     out = tmp_path / "weights.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=str(extensions))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        TORCH_EXTENSIONS_DIR=str(extensions),
+    )
     done = torchrun("-m", "tests.distributed.zero_child", data_file, out, STEPS, stage, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     assert ("misuse refused: " in done.stdout) == (stage == 3)  # a clear error, not a kernel's shape error

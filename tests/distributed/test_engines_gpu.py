@@ -25,11 +25,26 @@ EXAMPLES = REPO / "docs" / "examples" / "distributed"
 def test_clinkd_train_under_each_engine_on_one_gpu(tmp_path, engine):
     data_file = setup.tiny.make_data(tmp_path / "data", 8, seed=3)
     config = setup.run_config(tmp_path, data_file, kd_steps=2, sft_steps=2)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / f"{engine}.yaml"),
-               "--num_processes", "1", "-m", "clinkd", "train", "--config", str(config), "--no-progress",
-               "--set", "training.use_cpu=false"]
-    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                          text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(EXAMPLES / f"{engine}.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "clinkd",
+        "train",
+        "--config",
+        str(config),
+        "--no-progress",
+        "--set",
+        "training.use_cpu=false",
+    ]
+    done = subprocess.run(
+        command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     for stage in ("kd", "sft"):
         history = json.loads((tmp_path / "out" / stage / "stage.json").read_text())["log_history"]

@@ -16,7 +16,9 @@ def test_fsdp2_trains_like_one_process(data_file, single, tmp_path, layout):
     from safetensors.torch import load_file
 
     out = tmp_path / "weights.safetensors"
-    done = torchrun("-m", "tests.distributed.fsdp2_child", data_file, out, STEPS, *(["head"] if layout == "head" else []))
+    done = torchrun(
+        "-m", "tests.distributed.fsdp2_child", data_file, out, STEPS, *(["head"] if layout == "head" else [])
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
     per_rank = rank_losses(done.stdout)
     want_state, want_losses = single

@@ -31,12 +31,17 @@ def _config(folder: Path, data_file: Path, *, processes: int, zero: int | None =
     folder.mkdir(parents=True, exist_ok=True)
     path = setup.run_config(folder, data_file, kd_steps=STEPS, sft_steps=STEPS, save_steps=2)
     mapping = yaml.safe_load(path.read_text())
-    mapping["training"].update(per_device_train_batch_size=2, gradient_accumulation_steps=2 // processes,
-                               max_grad_norm=1.0, **training)
+    mapping["training"].update(
+        per_device_train_batch_size=2, gradient_accumulation_steps=2 // processes, max_grad_norm=1.0, **training
+    )
     if zero is not None:
-        ds = {"zero_optimization": {"stage": zero, "stage3_gather_16bit_weights_on_model_save": True},
-              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
+        ds = {
+            "zero_optimization": {"stage": zero, "stage3_gather_16bit_weights_on_model_save": True},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_allow_untested_optimizer": True,
+        }
         (folder / "ds.json").write_text(json.dumps(ds))
         # DeepSpeed's own CPU accelerator (DS_ACCELERATOR=cpu) places the model: not accelerate's CPU mode
         mapping["training"].update(deepspeed=str(folder / "ds.json"), use_cpu=False)
@@ -173,8 +178,15 @@ def test_zero3_through_clinkd_train_at_world_size_1(runs, tmp_path, extensions, 
     if teacher == "online":
         mapping["stages"][0].update(teacher="online", topk=None)
     path.write_text(yaml.safe_dump(mapping))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=extensions, CLINKD_TEST_SHOW_ENGINE="1", CLINKD_TEST_SHOW_TEACHER="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        TORCH_EXTENSIONS_DIR=extensions,
+        CLINKD_TEST_SHOW_ENGINE="1",
+        CLINKD_TEST_SHOW_TEACHER="1",
+    )
     done = torchrun("-m", "tests.distributed.child", path, env=env, processes=1)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
     assert [x for x in done.stdout.splitlines() if x.startswith("student ")] == ["student DeepSpeedEngine"] * 2
@@ -187,8 +199,9 @@ def test_zero3_through_clinkd_train_at_world_size_1(runs, tmp_path, extensions, 
 def test_deepspeed_in_several_cpu_processes_is_refused(runs, tmp_path, extensions):
     data_file, _, _ = runs
     path = _config(tmp_path, data_file, processes=2, zero=3)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=extensions)
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
+    )
     done = torchrun("-m", "clinkd", "train", "--config", path, "--no-progress", env=env)
     assert done.returncode != 0
     assert "did not join one process group" in done.stderr and "needs GPUs" in done.stderr, done.stderr[-3000:]

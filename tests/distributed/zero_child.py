@@ -18,8 +18,14 @@ from tests.distributed.common import batches, model  # noqa: E402
 data_file, out, steps, stage = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
+config = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 0.0,
+    "zero_optimization": {"stage": stage},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**6,
+}
 student = model()
 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
 engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)

@@ -16,8 +16,17 @@ from clinkd.eval.metrics import MeteorScorer, meteor_available
 
 BOX = "<box>(0.100,0.100),(0.500,0.500)</box>"
 WORDS = "a small large round lesion mass nodule tumor cyst in the left right upper lower lobe lung liver".split()
-COLUMNS = [("VG", "Recall@0.5"), ("ROC", "Accuracy"), ("RC", "BLEU-4"), ("RC", "CIDEr"), ("RC", "ROUGE-L"),
-           ("MIA", "BLEU-1"), ("MIA", "ROUGE-L"), ("MIA", "METEOR"), ("MIA", "mBMR")]
+COLUMNS = [
+    ("VG", "Recall@0.5"),
+    ("ROC", "Accuracy"),
+    ("RC", "BLEU-4"),
+    ("RC", "CIDEr"),
+    ("RC", "ROUGE-L"),
+    ("MIA", "BLEU-1"),
+    ("MIA", "ROUGE-L"),
+    ("MIA", "METEOR"),
+    ("MIA", "mBMR"),
+]
 
 
 def _sentence(n: int) -> str:
@@ -74,13 +83,16 @@ def test_values_are_evaluates_and_intervals_hold_them(tmp_path, meteor):
             low, high = block["interval"]
             assert low <= high and low - 1e-9 <= want <= high + 1e-9, (task, metric, want, block)
     assert ci["resamples"] == 100 and ci["confidence"] == 0.95
-    assert bootstrap_intervals(rows, COLUMNS, resamples=20, seed=3, meteor_scorer=meteor) == \
-        bootstrap_intervals(rows, COLUMNS, resamples=20, seed=3, meteor_scorer=meteor)  # deterministic
+    assert bootstrap_intervals(rows, COLUMNS, resamples=20, seed=3, meteor_scorer=meteor) == bootstrap_intervals(
+        rows, COLUMNS, resamples=20, seed=3, meteor_scorer=meteor
+    )  # deterministic
 
 
 def _rows(task: str, correct: list[bool], modality: str = "ct") -> list[Row]:
-    return [Row(task, modality, "liver tumor" if ok else "cyst", "liver tumor", f"p:{i}", (f"{modality}_{i}", 0))
-            for i, ok in enumerate(correct)]
+    return [
+        Row(task, modality, "liver tumor" if ok else "cyst", "liver tumor", f"p:{i}", (f"{modality}_{i}", 0))
+        for i, ok in enumerate(correct)
+    ]
 
 
 def test_interval_width_is_the_sampling_error_of_an_accuracy():
@@ -92,7 +104,9 @@ def test_interval_width_is_the_sampling_error_of_an_accuracy():
     low, high = ci["models"]["a"]["ROC"]["Accuracy"]["interval"]
     half = 100 * 1.96 * (p * (1 - p) / n) ** 0.5
     assert ci["models"]["a"]["ROC"]["Accuracy"]["value"] == pytest.approx(100 * p)
-    assert low == pytest.approx(100 * p - half, abs=0.25 * half) and high == pytest.approx(100 * p + half, abs=0.25 * half)
+    assert low == pytest.approx(100 * p - half, abs=0.25 * half) and high == pytest.approx(
+        100 * p + half, abs=0.25 * half
+    )
 
 
 def test_paired_differences():

@@ -8,15 +8,15 @@ from clinkd.eval import metrics as M
 def test_iou_known_values():
     assert M.box_iou((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == pytest.approx(1.0)
     assert M.box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) == pytest.approx(1 / 3)
-    assert M.box_iou((0, 0, 0.5, 0.5), (0.5, 0, 1.0, 0.5)) == 0.0          # touching edge
-    assert M.box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)) == 0.0        # touching corner
-    assert M.box_iou((0.2, 0.2, 0.2, 0.6), (0.1, 0.1, 0.9, 0.9)) == 0.0    # no area
+    assert M.box_iou((0, 0, 0.5, 0.5), (0.5, 0, 1.0, 0.5)) == 0.0  # touching edge
+    assert M.box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)) == 0.0  # touching corner
+    assert M.box_iou((0.2, 0.2, 0.2, 0.6), (0.1, 0.1, 0.9, 0.9)) == 0.0  # no area
 
 
 def test_parse_box_forms():
     assert M.parse_box("<|box_start|>(0.1,0.2),(0.3,0.4)<|box_end|>") == (0.1, 0.2, 0.3, 0.4)
-    assert M.parse_box("<box>(0.3,0.4),(0.1,0.2)</box>") == (0.1, 0.2, 0.3, 0.4)     # swapped corners
-    assert M.parse_box("at (0.3,0.2),(0.1,0.4) it is") == (0.1, 0.2, 0.3, 0.4)        # mixed swap, no tags
+    assert M.parse_box("<box>(0.3,0.4),(0.1,0.2)</box>") == (0.1, 0.2, 0.3, 0.4)  # swapped corners
+    assert M.parse_box("at (0.3,0.2),(0.1,0.4) it is") == (0.1, 0.2, 0.3, 0.4)  # mixed swap, no tags
     assert M.parse_box("(100,200),(300,400)") == pytest.approx((0.1, 0.2, 0.3, 0.4))  # 0..1000 grid
     for bad in ("no box here", "(0.1,0.2)", "", "<|box_start|>(a,b),(c,d)<|box_end|>"):
         assert M.parse_box(bad) is None
@@ -24,9 +24,9 @@ def test_parse_box_forms():
 
 def test_vg_hit_edges():
     ref = "<|box_start|>(0.0,0.0),(0.5,0.5)<|box_end|>"
-    assert M.vg_hit("<|box_start|>(0.5,0.5),(0.0,0.0)<|box_end|>", ref)              # swapped, IoU 1
-    assert not M.vg_hit("<|box_start|>(0.5,0.0),(1.0,0.5)<|box_end|>", ref)          # touching, IoU 0
-    assert not M.vg_hit("I cannot find it", ref)                                      # unparsable = miss
+    assert M.vg_hit("<|box_start|>(0.5,0.5),(0.0,0.0)<|box_end|>", ref)  # swapped, IoU 1
+    assert not M.vg_hit("<|box_start|>(0.5,0.0),(1.0,0.5)<|box_end|>", ref)  # touching, IoU 0
+    assert not M.vg_hit("I cannot find it", ref)  # unparsable = miss
     # IoU exactly 0.5 is not > 0.5: a box of half the area inside the reference
     assert not M.vg_hit("(0.0,0.0),(0.25,0.5)", ref)
     assert M.vg_hit("(0.0,0.0),(0.26,0.5)", ref)
@@ -38,7 +38,7 @@ def test_roc_correct():
     assert M.roc_correct("It is the Liver.", "liver")
     assert M.roc_correct("left kidney", "kidney left")
     assert not M.roc_correct("kidney", "left kidney")
-    assert not M.roc_correct("livers", "liver")        # whole words only
+    assert not M.roc_correct("livers", "liver")  # whole words only
 
 
 def test_bleu_rouge_cider_known_values():
@@ -63,8 +63,11 @@ def test_caption_metrics_are_pycocoevalcap_on_tokenised_words():
     from pycocoevalcap.rouge.rouge import Rouge
 
     hyps = ["The <ref>Liver</ref> shows a small, round lesion.", "Left kidney: normal.", "A bright mass."]
-    refs = [["the liver shows a round lesion", "small lesion in the liver"], ["left kidney is normal"],
-            ["a dark mass near the kidney"]]
+    refs = [
+        ["the liver shows a round lesion", "small lesion in the liver"],
+        ["left kidney is normal"],
+        ["a dark mass near the kidney"],
+    ]
     clean = ["the liver shows a small round lesion", "left kidney normal", "a bright mass"]
     gts, res = {i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(clean)}
     ours = M.caption_metrics(hyps, [[r.capitalize() + "." for r in rs] for rs in refs], with_meteor=False)
@@ -75,7 +78,7 @@ def test_caption_metrics_are_pycocoevalcap_on_tokenised_words():
 
 
 def test_caption_metrics_meteor_unavailable(monkeypatch):
-    monkeypatch.setattr(M.shutil, "which", lambda name: None)     # no java on PATH
+    monkeypatch.setattr(M.shutil, "which", lambda name: None)  # no java on PATH
     out = M.caption_metrics(["a small lesion"], [["a small lesion"]])
     assert out["METEOR"] is None and out["mBMR"] is None
     assert out["BLEU-1"] == pytest.approx(1.0) and out["ROUGE-L"] == pytest.approx(1.0)

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from clinkd.cli import main
-from clinkd.data.offline_processor import build_offline_processor
+from clinkd.data.encode import SampleEncoder
+from clinkd.data.offline_processor import build_offline_processor, special_token_ids
 from clinkd.data.records import DataError, load_records
 from clinkd.demo.data import build_demo_data
 from clinkd.demo.pipeline import demo_preset
-from clinkd.data.encode import SampleEncoder
-from clinkd.data.offline_processor import special_token_ids
 from clinkd.eval.predict import load_model, predict
 from clinkd.train.artifacts import write_patch_record
 from clinkd.train.config import model_spec
@@ -25,8 +24,9 @@ from clinkd_kernels import mcg_rope_index
 def setup(tmp_path_factory):
     folder = build_demo_data(tmp_path_factory.mktemp("data"), seed=3, train_per_modality=1, test_per_modality=1)
     records = load_records(folder / "train.jsonl")
-    processor = build_offline_processor([t for r in records for pair in r.turns for t in pair], vocab_size=400,
-                                        min_pixels=32 * 32, max_pixels=32 * 32)
+    processor = build_offline_processor(
+        [t for r in records for pair in r.turns for t in pair], vocab_size=400, min_pixels=32 * 32, max_pixels=32 * 32
+    )
     raw = demo_preset()["models"]["student"]
     spec = model_spec("student", raw, default_patch={})
     model = build_model(spec, model_config(spec, processor.tokenizer, "student"), seed=0)
@@ -46,15 +46,29 @@ def test_batched_equals_one_by_one(setup, tmp_path):
     a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert n == 6 and [x["id"] for x in a] == [r.id for r in load_records(test)]
-    assert [x["response"] for x in a] == [x["response"] for x in b]      # left padding changes nothing
+    assert [x["response"] for x in a] == [x["response"] for x in b]  # left padding changes nothing
     assert all(x["annotation"] and x["task"] in ("VG", "ROC", "RC", "MIA") for x in a)
 
 
 def test_cli_predict_then_eval(setup, tmp_path, capsys):
     folder, test, _, _, saved, patch = setup
     out = tmp_path / "p.jsonl"
-    args = ["predict", "--model", str(saved), "--data", str(test), "--out", str(out), "--batch-size", "3",
-            "--max-new-tokens", "4", "--patch", json.dumps(patch), "--no-progress"]
+    args = [
+        "predict",
+        "--model",
+        str(saved),
+        "--data",
+        str(test),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--patch",
+        json.dumps(patch),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert main(["eval", "--pred", str(out), "--data", str(test), "--no-meteor"]) == 0
     assert "predictions scored" in capsys.readouterr().out
@@ -71,15 +85,43 @@ def test_bad_input(setup, tmp_path, capsys):
     with pytest.raises(DataError, match=r"bad.jsonl:1 .*unknown modality 'sonar'"):
         predict(model, processor, bad, tmp_path / "o.jsonl", root=folder, progress=False)
     bad.write_text(json.dumps(rows[0]) + "\n{oops\n")
-    assert main(["predict", "--model", str(saved), "--data", str(bad), "--root", str(folder),
-                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(saved),
+                "--data",
+                str(bad),
+                "--root",
+                str(folder),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     with pytest.raises(ValueError, match="batch_size"):
         predict(model, processor, test, tmp_path / "o.jsonl", batch_size=0, progress=False)
     with pytest.raises(ValueError, match="config.json"):
         load_model(str(tmp_path))
-    assert main(["predict", "--model", str(saved), "--data", str(test), "--out", str(tmp_path / "o.jsonl"),
-                 "--patch", "{bad"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(saved),
+                "--data",
+                str(test),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--patch",
+                "{bad",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -89,8 +131,11 @@ def test_every_turn_of_a_multi_turn_record(setup, tmp_path):
     folder, test, processor, model, _, _ = setup
     rows = [json.loads(x) for x in test.read_text().splitlines()]
     rows = [next(r for r in rows if r["task"] == "ROC"), next(r for r in rows if r["task"] == "VG")]
-    two = dict(rows[0], conversations=rows[0]["conversations"] + [{"from": "human", "value": "Is it large?"},
-                                                                  {"from": "gpt", "value": "no"}])
+    two = dict(
+        rows[0],
+        conversations=rows[0]["conversations"]
+        + [{"from": "human", "value": "Is it large?"}, {"from": "gpt", "value": "no"}],
+    )
     data = folder / "two.jsonl"
     data.write_text(json.dumps(two) + "\n" + json.dumps(rows[1]) + "\n")
     single = folder / "one.jsonl"
@@ -113,16 +158,27 @@ def _greedy_reference(model, encoder, record, turn: int, steps: int, gap: int) -
     prompt = encoder.encode_prompt(record, turn)
     tokens = prompt["input_ids"][None]
     for _ in range(steps):
-        positions, _ = mcg_rope_index(tokens, image_grid_thw=prompt["image_grid_thw"], image_token_id=ids["image_token_id"],
-                                      video_token_id=ids["video_token_id"], modality_gap=gap, pad_position=0)
+        positions, _ = mcg_rope_index(
+            tokens,
+            image_grid_thw=prompt["image_grid_thw"],
+            image_token_id=ids["image_token_id"],
+            video_token_id=ids["video_token_id"],
+            modality_gap=gap,
+            pad_position=0,
+        )
         with torch.no_grad():
-            logits = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), position_ids=positions,
-                           pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits
+            logits = model(
+                input_ids=tokens,
+                attention_mask=torch.ones_like(tokens),
+                position_ids=positions,
+                pixel_values=prompt["pixel_values"],
+                image_grid_thw=prompt["image_grid_thw"],
+            ).logits
         token = int(logits[0, -1].argmax())
         if token == ids["eos_token_id"]:
             break
         tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
-    new = [t for t in tokens[0, prompt["input_ids"].numel():].tolist() if t != ids["pad_token_id"]]
+    new = [t for t in tokens[0, prompt["input_ids"].numel() :].tolist() if t != ids["pad_token_id"]]
     return encoder.tokenizer.decode(new, skip_special_tokens=False).strip()
 
 
@@ -135,8 +191,9 @@ def test_cli_predict_answers_with_the_training_positions(setup, tmp_path):
     assert patch["mcg_rope"]["modality_gap"] == 2
     spread = copy.deepcopy(model)  # spread logits: no greedy step hinges on a rounding tie
     special = special_token_ids(processor.tokenizer)
-    vision_ids = [special[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                       "vision_end_token_id")]
+    vision_ids = [
+        special[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ]
     with torch.no_grad():
         for name, param in spread.named_parameters():
             if param.dim() > 1 and "visual" not in name:
@@ -147,8 +204,25 @@ def test_cli_predict_answers_with_the_training_positions(setup, tmp_path):
     processor.save_pretrained(saved)
     write_patch_record(saved, patch)
     out = tmp_path / "p.jsonl"
-    assert main(["predict", "--model", str(saved), "--data", str(test), "--out", str(out), "--batch-size", "4",
-                 "--max-new-tokens", "6", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(saved),
+                "--data",
+                str(test),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "--max-new-tokens",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in out.read_text().splitlines()]
 
     stock = AutoModelForImageTextToText.from_pretrained(saved).eval()

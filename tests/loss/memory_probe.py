@@ -27,8 +27,18 @@ from clinkd_kernels.loss import linear_kd_loss
 
 
 def fused(hidden, weight, labels, th, tw, chunk_size=None):
-    return linear_kd_loss(hidden, weight, labels, teacher_hidden=th, teacher_weight=tw, temperature=T,
-                          alpha=ALPHA, beta=BETA, chunk_size=chunk_size, backend="cpu")
+    return linear_kd_loss(
+        hidden,
+        weight,
+        labels,
+        teacher_hidden=th,
+        teacher_weight=tw,
+        temperature=T,
+        alpha=ALPHA,
+        beta=BETA,
+        chunk_size=chunk_size,
+        backend="cpu",
+    )
 
 
 def _run(path, hidden, weight, labels, th, tw, chunk_size):
@@ -41,15 +51,22 @@ def _run(path, hidden, weight, labels, th, tw, chunk_size):
 def measure(path: str, n: int, hd: int, vocab: int, hd_t: int, chunk_size: int | None = None) -> dict:
     # One tiny step first: library initialisation (BLAS buffers, op registration, dispatch caches) is
     # paid once per process, not per step, and must not count as the step's memory.
-    _run(path, torch.randn(8, 16, requires_grad=True), torch.randn(64, 16, requires_grad=True),
-         torch.randint(0, 64, (8,)), torch.randn(8, 24), torch.randn(64, 24), 4)
+    _run(
+        path,
+        torch.randn(8, 16, requires_grad=True),
+        torch.randn(64, 16, requires_grad=True),
+        torch.randint(0, 64, (8,)),
+        torch.randn(8, 24),
+        torch.randn(64, 24),
+        4,
+    )
     torch.manual_seed(0)
     hidden = torch.randn(n, hd).requires_grad_()
-    weight = (torch.randn(vocab, hd) * hd ** -0.5).requires_grad_()
+    weight = (torch.randn(vocab, hd) * hd**-0.5).requires_grad_()
     labels = torch.randint(0, vocab, (n,))
     labels[::7] = -100
     th = torch.randn(n, hd_t)
-    tw = torch.randn(vocab, hd_t) * hd_t ** -0.5  # random 7B-shaped teacher head
+    tw = torch.randn(vocab, hd_t) * hd_t**-0.5  # random 7B-shaped teacher head
     result = {}
 
     def step():
@@ -59,8 +76,16 @@ def measure(path: str, n: int, hd: int, vocab: int, hd_t: int, chunk_size: int |
 
     peak = peak_rss_bytes(step)
     loss, seconds = result["loss"], result["seconds"]
-    return {"path": path, "n": n, "hd": hd, "vocab": vocab, "hd_t": hd_t, "peak_bytes": peak,
-            "seconds": seconds, "loss": float(loss.detach())}
+    return {
+        "path": path,
+        "n": n,
+        "hd": hd,
+        "vocab": vocab,
+        "hd_t": hd_t,
+        "peak_bytes": peak,
+        "seconds": seconds,
+        "loss": float(loss.detach()),
+    }
 
 
 if __name__ == "__main__":

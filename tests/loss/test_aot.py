@@ -28,5 +28,5 @@ def test_every_config_compiles_without_spills(reports):
         assert r.kernel == "kd_rows_kernel"
         assert r.spill_bytes == 0, r
         assert r.shared_bytes <= MAX_SHARED_PER_BLOCK[r.arch], r
-        assert 0 < r.registers <= 128, r             # 8 warps: >= 2 blocks (16 warps) per SM
+        assert 0 < r.registers <= 128, r  # 8 warps: >= 2 blocks (16 warps) per SM
         assert r.ok and r.blocks_per_sm >= 2, r

@@ -29,8 +29,14 @@ def test_awkward_vocabulary_sizes(vocab, teacher):
     z = torch.randn(n, vocab) * 2
     labels = labels_with_ignored(n, vocab)
     opts = dict(temperature=0.7, alpha=0.6, beta=0.5, reduction="none", token_weights=torch.rand(n))
-    check_kd_loss(lambda *a, **k: kd_loss(*a, backend="cpu", **k), z, labels, _teacher(teacher, n, vocab, 0.7), opts,
-                  what=f"cpu V={vocab} {teacher}")
+    check_kd_loss(
+        lambda *a, **k: kd_loss(*a, backend="cpu", **k),
+        z,
+        labels,
+        _teacher(teacher, n, vocab, 0.7),
+        opts,
+        what=f"cpu V={vocab} {teacher}",
+    )
 
 
 def _rows(z, labels, *, teacher, inv_t, grad_out):
@@ -40,8 +46,19 @@ def _rows(z, labels, *, teacher, inv_t, grad_out):
     tl = teacher.get("teacher_logits")
     pl = teacher.get("teacher")
     topk = None if pl is None else (pl.indices, pl.logprobs, pl.residual)
-    kd_rows_cpu(z, labels, teacher_logits=tl, topk=topk, inv_t=inv_t, ignore_index=-100, coef_kd=coef_kd,
-                coef_ce=coef_ce, kd_out=kd, ce_out=ce, grad_out=grad_out)
+    kd_rows_cpu(
+        z,
+        labels,
+        teacher_logits=tl,
+        topk=topk,
+        inv_t=inv_t,
+        ignore_index=-100,
+        coef_kd=coef_kd,
+        coef_ce=coef_ce,
+        kd_out=kd,
+        ce_out=ce,
+        grad_out=grad_out,
+    )
     return kd, ce, coef_kd, coef_ce
 
 
@@ -75,8 +92,9 @@ def test_undefined_student_softmax_gives_nan_as_the_portable_path():
     outs = {}
     for backend in ("cpu", "portable"):
         zz = z.clone().requires_grad_()
-        kd_rows = kd_loss(zz, labels, temperature=2.0, reduction="none", return_components=True, backend=backend,
-                          **t)[1]
+        kd_rows = kd_loss(zz, labels, temperature=2.0, reduction="none", return_components=True, backend=backend, **t)[
+            1
+        ]
         outs[backend] = kd_rows.detach()
     assert torch.equal(torch.isnan(outs["cpu"]), torch.isnan(outs["portable"]))
     assert torch.isnan(outs["cpu"][:3]).all() and torch.isfinite(outs["cpu"][3])
@@ -101,34 +119,58 @@ def test_rows_are_the_same_on_any_number_of_threads():
 
 def _ext(**overrides):
     n, vocab = 3, 10
-    args = dict(z=torch.randn(n, vocab), labels=torch.tensor([0, 1, 2]), teacher_logits=None, topk_indices=None,
-                topk_logprobs=None, topk_residual=None, inv_temperature=1.0, ignore_index=-100,
-                coef_kd=torch.ones(n), coef_ce=torch.ones(n), kd_out=torch.empty(n), ce_out=torch.empty(n),
-                grad_out=None)
+    args = dict(
+        z=torch.randn(n, vocab),
+        labels=torch.tensor([0, 1, 2]),
+        teacher_logits=None,
+        topk_indices=None,
+        topk_logprobs=None,
+        topk_residual=None,
+        inv_temperature=1.0,
+        ignore_index=-100,
+        coef_kd=torch.ones(n),
+        coef_ce=torch.ones(n),
+        kd_out=torch.empty(n),
+        ce_out=torch.empty(n),
+        grad_out=None,
+    )
     args.update(overrides)
     torch.ops.clinkd.kd_rows_ext(*args.values())
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(z=torch.randn(3, 10, 2)), "z must be 2-D"),
-    (dict(z=torch.randn(10, 3).t()), "z must have unit stride"),
-    (dict(z=torch.zeros(3, 10, dtype=torch.long)), "z must be a floating tensor"),
-    (dict(labels=torch.tensor([0, 1])), r"labels must have shape \[3\]"),
-    (dict(labels=torch.tensor([0.0, 1.0, 2.0])), "labels must be int64 or int32"),
-    (dict(labels=torch.tensor([0, 10, 2])), r"labels\[1\] = 10 is outside \[0, 10\)"),
-    (dict(labels=torch.tensor([0, -5, 2])), r"labels\[1\] = -5 is outside"),
-    (dict(coef_kd=torch.ones(3, dtype=torch.float16)), "coefficients and outputs must be float32 or float64"),
-    (dict(kd_out=torch.empty(4)), r"kd_out must have shape \[3\]"),
-    (dict(teacher_logits=torch.randn(3, 9)), r"teacher_logits must have shape \[3, >= 10\]"),
-    (dict(topk_indices=torch.zeros(3, 2, dtype=torch.long)), "need indices, logprobs and residual together"),
-    (dict(topk_indices=torch.tensor([[0, 10]] * 3), topk_logprobs=torch.zeros(3, 2), topk_residual=torch.zeros(3)),
-     r"teacher.indices\[\d, 1\] = 10 is outside \[0, 10\)"),  # any row: they run in parallel
-    (dict(topk_indices=torch.zeros(3, 2, dtype=torch.long), topk_logprobs=torch.zeros(3, 3),
-          topk_residual=torch.zeros(3)), "topk_logprobs must have the shape of topk_indices"),
-    (dict(grad_out=torch.empty(3, 11)), "grad_out must have the shape of z"),
-    (dict(inv_temperature=0.0), "inv_temperature must be finite and > 0"),
-    (dict(inv_temperature=float("inf")), "inv_temperature must be finite and > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(z=torch.randn(3, 10, 2)), "z must be 2-D"),
+        (dict(z=torch.randn(10, 3).t()), "z must have unit stride"),
+        (dict(z=torch.zeros(3, 10, dtype=torch.long)), "z must be a floating tensor"),
+        (dict(labels=torch.tensor([0, 1])), r"labels must have shape \[3\]"),
+        (dict(labels=torch.tensor([0.0, 1.0, 2.0])), "labels must be int64 or int32"),
+        (dict(labels=torch.tensor([0, 10, 2])), r"labels\[1\] = 10 is outside \[0, 10\)"),
+        (dict(labels=torch.tensor([0, -5, 2])), r"labels\[1\] = -5 is outside"),
+        (dict(coef_kd=torch.ones(3, dtype=torch.float16)), "coefficients and outputs must be float32 or float64"),
+        (dict(kd_out=torch.empty(4)), r"kd_out must have shape \[3\]"),
+        (dict(teacher_logits=torch.randn(3, 9)), r"teacher_logits must have shape \[3, >= 10\]"),
+        (dict(topk_indices=torch.zeros(3, 2, dtype=torch.long)), "need indices, logprobs and residual together"),
+        (
+            dict(
+                topk_indices=torch.tensor([[0, 10]] * 3), topk_logprobs=torch.zeros(3, 2), topk_residual=torch.zeros(3)
+            ),
+            r"teacher.indices\[\d, 1\] = 10 is outside \[0, 10\)",
+        ),  # any row: they run in parallel
+        (
+            dict(
+                topk_indices=torch.zeros(3, 2, dtype=torch.long),
+                topk_logprobs=torch.zeros(3, 3),
+                topk_residual=torch.zeros(3),
+            ),
+            "topk_logprobs must have the shape of topk_indices",
+        ),
+        (dict(grad_out=torch.empty(3, 11)), "grad_out must have the shape of z"),
+        (dict(inv_temperature=0.0), "inv_temperature must be finite and > 0"),
+        (dict(inv_temperature=float("inf")), "inv_temperature must be finite and > 0"),
+    ],
+)
 def test_the_kernel_refuses_bad_arguments_itself(overrides, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         _ext(**overrides)

@@ -26,8 +26,23 @@ def _kd_args(backend, reduction, sparse, device="cpu"):
     if sparse:
         pl = pseudo_labels(t, 4, 0.5, v)
         t, idx, lp, res = None, pl.indices, pl.logprobs, pl.residual
-    return (z, labels, t, idx, lp, res, torch.rand(n, device=device), 0.5, 0.5, 1.0, -100, reduction, True, True,
-            backend)
+    return (
+        z,
+        labels,
+        t,
+        idx,
+        lp,
+        res,
+        torch.rand(n, device=device),
+        0.5,
+        0.5,
+        1.0,
+        -100,
+        reduction,
+        True,
+        True,
+        backend,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -37,8 +52,9 @@ def test_opcheck_kd_loss_cpu(reduction, sparse):
 
 
 def test_opcheck_kd_loss_triton(interpreter):
-    torch.library.opcheck(_kd_loss_op, _kd_args("triton", "sum", False, interpreter),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        _kd_loss_op, _kd_args("triton", "sum", False, interpreter), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def _linear_args(reduction, sparse):
@@ -51,8 +67,30 @@ def _linear_args(reduction, sparse):
         pl = pseudo_labels(th @ tw.t(), 3, 1.0, v)
         th = tw = None
         idx, lp, res = pl.indices, pl.logprobs, pl.residual
-    return (h, w, labels, b, th, tw, None, idx, lp, res, None, 1.0, 0.5, 1.0, -100, reduction, False, 3,
-            True, True, True, "cpu")
+    return (
+        h,
+        w,
+        labels,
+        b,
+        th,
+        tw,
+        None,
+        idx,
+        lp,
+        res,
+        None,
+        1.0,
+        0.5,
+        1.0,
+        -100,
+        reduction,
+        False,
+        3,
+        True,
+        True,
+        True,
+        "cpu",
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -82,10 +120,21 @@ def test_torch_compile_fullgraph(reduction, sparse):
 
     def step(h, w, b):
         logits = h @ w.t() + b
-        a, kd_a, ce_a = kd_loss(logits, labels, temperature=0.5, reduction=reduction, return_components=True,
-                                backend="cpu", **teacher)
-        c, kd_c, ce_c = linear_kd_loss(h, w, labels, bias=b, temperature=0.5, chunk_size=4, reduction=reduction,
-                                       return_components=True, backend="cpu", **linear_teacher)
+        a, kd_a, ce_a = kd_loss(
+            logits, labels, temperature=0.5, reduction=reduction, return_components=True, backend="cpu", **teacher
+        )
+        c, kd_c, ce_c = linear_kd_loss(
+            h,
+            w,
+            labels,
+            bias=b,
+            temperature=0.5,
+            chunk_size=4,
+            reduction=reduction,
+            return_components=True,
+            backend="cpu",
+            **linear_teacher,
+        )
         return (a + c).sum(), kd_a + kd_c, ce_a + ce_c
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)

@@ -22,25 +22,41 @@ def test_kd_loss_bf16(teacher, reduction, vocab):
     t = torch.randn(n, vocab + 13, device="cuda") * 2
     labels = labels_with_ignored(n, vocab, device="cuda")
     kw = {"teacher_logits": t.bfloat16()} if teacher == "dense" else {"teacher": pseudo_labels(t, 64, 0.5, vocab)}
-    check_kd_loss(functools.partial(kd_loss, backend="triton"), z, labels, kw,
-                  dict(temperature=0.5, reduction=reduction, token_weights=torch.rand(n, device="cuda")),
-                  what=f"bf16 {teacher} {reduction}")
+    check_kd_loss(
+        functools.partial(kd_loss, backend="triton"),
+        z,
+        labels,
+        kw,
+        dict(temperature=0.5, reduction=reduction, token_weights=torch.rand(n, device="cuda")),
+        what=f"bf16 {teacher} {reduction}",
+    )
 
 
 @pytest.mark.parametrize("teacher", ["dense", "sparse"])
 def test_linear_kd_loss_bf16(teacher):
     """Several chunks; grad_W accumulates bf16 products into fp32 (addmm with out_dtype)."""
     n, hd, vocab, hd_t = 300, 64, 5003, 96
-    inputs = {"hidden": torch.randn(n, hd, device="cuda").bfloat16(),
-              "weight": (torch.randn(vocab, hd, device="cuda") * 0.2).bfloat16(),
-              "bias": (torch.randn(vocab, device="cuda") * 0.2).bfloat16()}
+    inputs = {
+        "hidden": torch.randn(n, hd, device="cuda").bfloat16(),
+        "weight": (torch.randn(vocab, hd, device="cuda") * 0.2).bfloat16(),
+        "bias": (torch.randn(vocab, device="cuda") * 0.2).bfloat16(),
+    }
     th = torch.randn(n, hd_t, device="cuda").bfloat16()
     tw = (torch.randn(vocab + 7, hd_t, device="cuda") * 0.2).bfloat16()
-    kw = ({"teacher_hidden": th, "teacher_weight": tw} if teacher == "dense"
-          else {"teacher": pseudo_labels(th.float() @ tw.float().t(), 32, 1.0, vocab)})
+    kw = (
+        {"teacher_hidden": th, "teacher_weight": tw}
+        if teacher == "dense"
+        else {"teacher": pseudo_labels(th.float() @ tw.float().t(), 32, 1.0, vocab)}
+    )
     labels = labels_with_ignored(n, vocab, device="cuda")
-    check_linear(functools.partial(linear_kd_loss, backend="triton"), inputs, labels, kw,
-                 dict(temperature=1.0, chunk_size=128), what=f"bf16 linear {teacher}")
+    check_linear(
+        functools.partial(linear_kd_loss, backend="triton"),
+        inputs,
+        labels,
+        kw,
+        dict(temperature=1.0, chunk_size=128),
+        what=f"bf16 linear {teacher}",
+    )
 
 
 def test_inplace_grad_bf16():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clinkd_kernels.loss import kd_loss
-from tests.loss.util import QUIET, device_for, check_kd_loss, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
+from tests.loss.util import QUIET, check_kd_loss, device_for, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 
 pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
@@ -37,10 +37,22 @@ def test_matches_reference_fp32(backend, teacher, temperature, reduction, reques
     dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev) * 2
     labels = labels_with_ignored(N, V, device=dev)
-    opts = dict(temperature=temperature, alpha=0.7, beta=0.4, reduction=reduction, t2_scale=temperature == 2.0,
-                token_weights=torch.rand(N, device=dev) * 2)
-    check_kd_loss(_fn(backend), z, labels, _teacher(teacher, N, V, temperature, dev), opts,
-                  what=f"{backend} {teacher} T={temperature} {reduction}")
+    opts = dict(
+        temperature=temperature,
+        alpha=0.7,
+        beta=0.4,
+        reduction=reduction,
+        t2_scale=temperature == 2.0,
+        token_weights=torch.rand(N, device=dev) * 2,
+    )
+    check_kd_loss(
+        _fn(backend),
+        z,
+        labels,
+        _teacher(teacher, N, V, temperature, dev),
+        opts,
+        what=f"{backend} {teacher} T={temperature} {reduction}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -53,8 +65,14 @@ def test_matches_reference_fp16(backend, teacher, reduction, request):
     kw = _teacher(teacher, N, V, 0.5, dev)
     if teacher == "dense":
         kw["teacher_logits"] = kw["teacher_logits"].half()
-    check_kd_loss(_fn(backend), z, labels, kw, dict(temperature=0.5, reduction=reduction),
-                  what=f"{backend} fp16 {teacher} {reduction}")
+    check_kd_loss(
+        _fn(backend),
+        z,
+        labels,
+        kw,
+        dict(temperature=0.5, reduction=reduction),
+        what=f"{backend} fp16 {teacher} {reduction}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -63,8 +81,14 @@ def test_kd_only_beta_zero(backend, teacher, request):
     dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
     labels = labels_with_ignored(N, V, device=dev)
-    check_kd_loss(_fn(backend), z, labels, _teacher(teacher, N, V, 2.0, dev),
-                  dict(temperature=2.0, alpha=1.0, beta=0.0), what=f"{backend} beta=0")
+    check_kd_loss(
+        _fn(backend),
+        z,
+        labels,
+        _teacher(teacher, N, V, 2.0, dev),
+        dict(temperature=2.0, alpha=1.0, beta=0.0),
+        what=f"{backend} beta=0",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -89,7 +113,7 @@ def test_sparse_topk_sizes_and_residual_extremes(backend, k, mass, request):
     if mass == "residual~0":
         order = torch.randn(n, V, device=dev).argsort(dim=1)
         t = torch.full((n, V), -40.0, device=dev).scatter_(1, order[:, :k], torch.randn(n, k, device=dev) * 0.5)
-        t.scatter_(1, order[:, k:k + 3], -20.0)  # a little mass left outside the top k: r ~ 1e-9
+        t.scatter_(1, order[:, k : k + 3], -20.0)  # a little mass left outside the top k: r ~ 1e-9
     else:
         t = t * 0.01
     pl = pseudo_labels(t, k, 1.0, V)
@@ -100,8 +124,9 @@ def test_sparse_topk_sizes_and_residual_extremes(backend, k, mass, request):
         assert float(r.min()) > 1 - (k + 1) / V * 1.1
     z = torch.randn(n, V, device=dev) * 2
     labels = labels_with_ignored(n, V, device=dev)
-    check_kd_loss(_fn(backend), z, labels, {"teacher": pl}, dict(temperature=1.0, reduction="sum"),
-                  what=f"{backend} k={k} {mass}")
+    check_kd_loss(
+        _fn(backend), z, labels, {"teacher": pl}, dict(temperature=1.0, reduction="sum"), what=f"{backend} k={k} {mass}"
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -115,8 +140,9 @@ def test_sparse_student_mass_all_on_topk(backend, request):
     z = torch.randn(n, V, device=dev)
     z.scatter_(1, pl.indices.long(), 40.0 + torch.randn(n, k, device=dev))
     labels = labels_with_ignored(n, V, device=dev)
-    check_kd_loss(_fn(backend), z, labels, {"teacher": pl}, dict(temperature=1.0, reduction="none"),
-                  what=f"{backend} Σq_idx→1")
+    check_kd_loss(
+        _fn(backend), z, labels, {"teacher": pl}, dict(temperature=1.0, reduction="none"), what=f"{backend} Σq_idx→1"
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -164,8 +190,15 @@ def test_all_rows_ignored(backend, reduction, teacher, request):
     z = (torch.randn(n, V, device=dev) * 3).requires_grad_()
     labels = torch.full((n,), -100, device=dev)
     kw = _teacher(teacher, n, V, 1.0, dev)
-    loss, kd, ce = kd_loss(z, labels, **kw, reduction=reduction, return_components=True, backend=backend,
-                           token_weights=torch.rand(n, device=dev))
+    loss, kd, ce = kd_loss(
+        z,
+        labels,
+        **kw,
+        reduction=reduction,
+        return_components=True,
+        backend=backend,
+        token_weights=torch.rand(n, device=dev),
+    )
     loss.sum().backward()
     for x in (loss, kd, ce):
         assert torch.isfinite(x).all() and (x == 0).all()
@@ -178,8 +211,14 @@ def test_zero_token_weights_drop_kd(backend, request):
     dev = device_for(backend, request)
     z = torch.randn(N, V, device=dev)
     labels = labels_with_ignored(N, V, device=dev)
-    check_kd_loss(_fn(backend), z, labels, _teacher("dense", N, V, 1.0, dev),
-                  dict(token_weights=torch.zeros(N, device=dev)), what=f"{backend} w=0")
+    check_kd_loss(
+        _fn(backend),
+        z,
+        labels,
+        _teacher("dense", N, V, 1.0, dev),
+        dict(token_weights=torch.zeros(N, device=dev)),
+        what=f"{backend} w=0",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -233,8 +272,11 @@ def test_torch_backend_is_the_reference():
     assert out.dtype == torch.float64
     # the reference formula, written here once more with F.kl_div / F.cross_entropy
     F = torch.nn.functional
-    kl = F.kl_div(F.log_softmax(z / 0.5, -1), F.log_softmax(t[:, :50] / 0.5, -1), log_target=True,
-                  reduction="none").sum(-1).mean()
+    kl = (
+        F.kl_div(F.log_softmax(z / 0.5, -1), F.log_softmax(t[:, :50] / 0.5, -1), log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+    )
     want = (0.5 * kl + F.cross_entropy(z, labels)) / 1.5
     assert math.isclose(out.item(), want.item(), rel_tol=1e-12)
 
@@ -243,8 +285,14 @@ def test_cpu_path_in_float64():
     z = torch.randn(9, 70, dtype=torch.float64)
     labels = labels_with_ignored(9, 70)
     t = torch.randn(9, 70, dtype=torch.float64)
-    check_kd_loss(functools.partial(kd_loss, backend="cpu"), z, labels, {"teacher_logits": t},
-                  dict(temperature=0.5, reduction="sum"), what="cpu fp64")
+    check_kd_loss(
+        functools.partial(kd_loss, backend="cpu"),
+        z,
+        labels,
+        {"teacher_logits": t},
+        dict(temperature=0.5, reduction="sum"),
+        what="cpu fp64",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from clinkd_kernels.loss import linear_kd_loss, linear_kd_loss_reference
+from tests.loss.util import QUIET, check_linear, device_for, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 from tests.numerics import assert_close
-from tests.loss.util import QUIET, device_for, check_linear, labels_with_ignored, pseudo_labels, small_blocks  # noqa: F401
 
 pytestmark = [*QUIET, pytest.mark.usefixtures("small_blocks")]
 
@@ -44,10 +44,23 @@ def _teacher(kind, dev, temperature, dtype=torch.float32, *, teacher_bias=True):
 def test_matches_reference_fp32(backend, teacher, reduction, request):
     dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
-    opts = dict(temperature=0.5, alpha=0.6, beta=0.9, reduction=reduction, t2_scale=reduction == "sum",
-                token_weights=torch.rand(N, device=dev) * 2, chunk_size=16)
-    check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev), labels,
-                 _teacher(teacher, dev, 0.5), opts, what=f"{backend} {teacher} {reduction}")
+    opts = dict(
+        temperature=0.5,
+        alpha=0.6,
+        beta=0.9,
+        reduction=reduction,
+        t2_scale=reduction == "sum",
+        token_weights=torch.rand(N, device=dev) * 2,
+        chunk_size=16,
+    )
+    check_linear(
+        functools.partial(linear_kd_loss, backend=backend),
+        _inputs(dev),
+        labels,
+        _teacher(teacher, dev, 0.5),
+        opts,
+        what=f"{backend} {teacher} {reduction}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -55,9 +68,14 @@ def test_matches_reference_fp32(backend, teacher, reduction, request):
 def test_temperatures_no_bias(backend, temperature, request):
     dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
-    check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev, bias=False), labels,
-                 _teacher("dense", dev, temperature, teacher_bias=False),
-                 dict(temperature=temperature, chunk_size=8), what=f"{backend} T={temperature} no bias")
+    check_linear(
+        functools.partial(linear_kd_loss, backend=backend),
+        _inputs(dev, bias=False),
+        labels,
+        _teacher("dense", dev, temperature, teacher_bias=False),
+        dict(temperature=temperature, chunk_size=8),
+        what=f"{backend} T={temperature} no bias",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -65,9 +83,14 @@ def test_temperatures_no_bias(backend, temperature, request):
 def test_matches_reference_fp16(backend, teacher, request):
     dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
-    check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev, torch.float16), labels,
-                 _teacher(teacher, dev, 0.5, torch.float16), dict(temperature=0.5, chunk_size=16),
-                 what=f"{backend} fp16 {teacher}")
+    check_linear(
+        functools.partial(linear_kd_loss, backend=backend),
+        _inputs(dev, torch.float16),
+        labels,
+        _teacher(teacher, dev, 0.5, torch.float16),
+        dict(temperature=0.5, chunk_size=16),
+        what=f"{backend} fp16 {teacher}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -75,8 +98,14 @@ def test_kd_only_default_chunk(backend, request):
     """beta = 0 and the default chunk size (one chunk at this size)."""
     dev = device_for(backend, request)
     labels = labels_with_ignored(N, V, device=dev)
-    check_linear(functools.partial(linear_kd_loss, backend=backend), _inputs(dev), labels,
-                 _teacher("sparse", dev, 1.0), dict(alpha=1.0, beta=0.0), what=f"{backend} beta=0")
+    check_linear(
+        functools.partial(linear_kd_loss, backend=backend),
+        _inputs(dev),
+        labels,
+        _teacher("sparse", dev, 1.0),
+        dict(alpha=1.0, beta=0.0),
+        what=f"{backend} beta=0",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -85,9 +114,18 @@ def test_all_rows_ignored(backend, reduction, request):
     dev = device_for(backend, request)
     inp = {k: v.requires_grad_() for k, v in _inputs(dev).items()}
     labels = torch.full((N,), -7, device=dev)
-    loss, kd, ce = linear_kd_loss(inp["hidden"], inp["weight"], labels, bias=inp["bias"], ignore_index=-7,
-                                  reduction=reduction, return_components=True, backend=backend, chunk_size=16,
-                                  **_teacher("dense", dev, 1.0))
+    loss, kd, ce = linear_kd_loss(
+        inp["hidden"],
+        inp["weight"],
+        labels,
+        bias=inp["bias"],
+        ignore_index=-7,
+        reduction=reduction,
+        return_components=True,
+        backend=backend,
+        chunk_size=16,
+        **_teacher("dense", dev, 1.0),
+    )
     loss.sum().backward()
     for x in (loss, kd, ce, inp["hidden"].grad, inp["weight"].grad, inp["bias"].grad):
         assert torch.isfinite(x).all() and (x == 0).all()
@@ -112,9 +150,18 @@ def test_ignored_rows_are_never_read(backend, teacher, reduction, request):
     results = []
     for inp, t in ((clean, tkw), (dirty, dirty_t)):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
-        loss, kd, ce = linear_kd_loss(leaves["hidden"], leaves["weight"], labels, bias=leaves["bias"],
-                                      temperature=0.5, reduction=reduction, return_components=True, chunk_size=16,
-                                      backend=backend, **t)
+        loss, kd, ce = linear_kd_loss(
+            leaves["hidden"],
+            leaves["weight"],
+            labels,
+            bias=leaves["bias"],
+            temperature=0.5,
+            reduction=reduction,
+            return_components=True,
+            chunk_size=16,
+            backend=backend,
+            **t,
+        )
         loss.sum().backward()
         results.append((loss, kd, ce, leaves["hidden"].grad, leaves["weight"].grad, leaves["bias"].grad))
     for name, a, b in zip(("loss", "kd", "ce", "grad hidden", "grad weight", "grad bias"), *results):
@@ -125,22 +172,32 @@ def test_ignored_rows_are_never_read(backend, teacher, reduction, request):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
-@pytest.mark.parametrize(("dtype", "reduction"), [(torch.float32, "mean"), (torch.float32, "none"),
-                                                  (torch.float16, "mean")])
+@pytest.mark.parametrize(
+    ("dtype", "reduction"), [(torch.float32, "mean"), (torch.float32, "none"), (torch.float16, "mean")]
+)
 def test_dense_teacher_in_one_chunk(backend, dtype, reduction, request):
     """One chunk whose rows fit in Hd: the teacher's logits are formed in grad_W's buffer before the
     gradient is written there (fp32; fp16 weights keep them apart, grad_W being fp32)."""
     dev = device_for(backend, request)
     n, hd, vocab = 21, 40, 257
-    inputs = {"hidden": torch.randn(n, hd, device=dev).to(dtype),
-              "weight": (torch.randn(vocab, hd, device=dev) * 0.3).to(dtype),
-              "bias": (torch.randn(vocab, device=dev) * 0.5).to(dtype)}
-    tkw = {"teacher_hidden": torch.randn(n, 48, device=dev).to(dtype),
-           "teacher_weight": (torch.randn(vocab + 5, 48, device=dev) * 0.3).to(dtype)}
+    inputs = {
+        "hidden": torch.randn(n, hd, device=dev).to(dtype),
+        "weight": (torch.randn(vocab, hd, device=dev) * 0.3).to(dtype),
+        "bias": (torch.randn(vocab, device=dev) * 0.5).to(dtype),
+    }
+    tkw = {
+        "teacher_hidden": torch.randn(n, 48, device=dev).to(dtype),
+        "teacher_weight": (torch.randn(vocab + 5, 48, device=dev) * 0.3).to(dtype),
+    }
     labels = labels_with_ignored(n, vocab, n_ignored=4, device=dev)
-    check_linear(functools.partial(linear_kd_loss, backend=backend), inputs, labels, tkw,
-                 dict(temperature=0.7, reduction=reduction, chunk_size=32),
-                 what=f"{backend} one chunk {dtype} {reduction}")
+    check_linear(
+        functools.partial(linear_kd_loss, backend=backend),
+        inputs,
+        labels,
+        tkw,
+        dict(temperature=0.7, reduction=reduction, chunk_size=32),
+        what=f"{backend} one chunk {dtype} {reduction}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "portable"])
@@ -153,8 +210,9 @@ def test_only_weight_needs_grad(backend, request):
     w = inp["weight"].clone().requires_grad_()
     linear_kd_loss(inp["hidden"], w, labels, bias=inp["bias"], backend=backend, chunk_size=16, **tkw).backward()
     w64 = inp["weight"].double().requires_grad_()
-    linear_kd_loss_reference(inp["hidden"].double(), w64, labels, bias=inp["bias"].double(),
-                             **{k: v.double() for k, v in tkw.items()}).backward()
+    linear_kd_loss_reference(
+        inp["hidden"].double(), w64, labels, bias=inp["bias"].double(), **{k: v.double() for k, v in tkw.items()}
+    ).backward()
     wb = inp["weight"].clone().requires_grad_()
     linear_kd_loss_reference(inp["hidden"], wb, labels, bias=inp["bias"], **tkw).backward()
     assert_close("grad weight", w.grad, w64.grad, wb.grad)
@@ -184,8 +242,9 @@ def test_none_reduction_backward_can_repeat():
     """reduction="none" recomputes in backward, so retain_graph + a second backward is fine."""
     inp = _inputs(torch.device("cpu"))
     h = inp["hidden"].requires_grad_()
-    loss = linear_kd_loss(h, inp["weight"], labels_with_ignored(N, V), alpha=0.0, reduction="none", backend="cpu",
-                          chunk_size=16)
+    loss = linear_kd_loss(
+        h, inp["weight"], labels_with_ignored(N, V), alpha=0.0, reduction="none", backend="cpu", chunk_size=16
+    )
     loss.sum().backward(retain_graph=True)
     first = h.grad.clone()
     loss.sum().backward()

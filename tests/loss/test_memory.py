@@ -48,8 +48,10 @@ def _mem_available() -> int:
 
 def _report(ours: dict, naive_peak: float, how: str) -> float:
     ratio = ours["peak_bytes"] / naive_peak
-    print(f"\nlinear_kd_loss peak above inputs: {ours['peak_bytes'] / 2**30:.3f} GiB; naive ({how}): "
-          f"{naive_peak / 2**30:.3f} GiB; ratio {ratio:.1%}")
+    print(
+        f"\nlinear_kd_loss peak above inputs: {ours['peak_bytes'] / 2**30:.3f} GiB; naive ({how}): "
+        f"{naive_peak / 2**30:.3f} GiB; ratio {ratio:.1%}"
+    )
     return ratio
 
 
@@ -63,8 +65,10 @@ def test_peak_memory_scaled():
     assert _report(ours, naive["peak_bytes"], "measured") <= TARGET
 
 
-@pytest.mark.skipif(os.environ.get("CLINKD_FULL_MEMORY_TEST") != "1",
-                    reason="full-size run takes ~15 min on 2 cores: set CLINKD_FULL_MEMORY_TEST=1")
+@pytest.mark.skipif(
+    os.environ.get("CLINKD_FULL_MEMORY_TEST") != "1",
+    reason="full-size run takes ~15 min on 2 cores: set CLINKD_FULL_MEMORY_TEST=1",
+)
 def test_peak_memory_full_size():
     ours = probe("fused", **FULL)
     naive_need = 6 * FULL["n"] * FULL["vocab"] * 4 + 4 * 2**30  # ~6 [N, V] fp32 tensors + inputs

@@ -28,33 +28,44 @@ def _call(**over):
     return kd_loss(z, labels, **args)
 
 
-@pytest.mark.parametrize("over, exc, match", [
-    (dict(student_logits=torch.randn(N, V, 2)), ValueError, "student_logits must be 2-D"),
-    (dict(student_logits=torch.randint(0, 3, (N, V))), TypeError, "student_logits must have dtype"),
-    (dict(student_logits=torch.randn(N, 0)), ValueError, "student_logits must have at least one column"),
-    (dict(labels=torch.randint(0, V, (N + 1,))), ValueError, r"labels must have shape \[6\]"),
-    (dict(labels=torch.rand(N)), TypeError, "labels must have dtype"),
-    (dict(labels=torch.tensor([0, 1, V, 2, 3, 4])), ValueError, r"labels must be in \[0, 40\).*rows 2"),
-    (dict(labels=torch.tensor([0, 1, -5, 2, 3, 4])), ValueError, r"labels must be in \[0, 40\)"),
-    (dict(teacher_logits=torch.randn(N, V - 1)), ValueError, "teacher_logits must have at least the student's V=40"),
-    (dict(teacher_logits=torch.randn(N + 1, V)), ValueError, r"teacher_logits must have shape \[6, \*\]"),
-    (dict(teacher_logits=torch.randint(0, 2, (N, V))), TypeError, "teacher_logits must have dtype"),
-    (dict(teacher_logits=None), ValueError, "alpha > 0 needs a teacher"),
-    (dict(teacher=_pl()), ValueError, "either a dense teacher or `teacher`"),
-    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-    (dict(temperature=-1.0), ValueError, "temperature"),
-    (dict(temperature=float("nan")), ValueError, "temperature"),
-    (dict(alpha=-0.1), ValueError, "alpha must be a finite number >= 0"),
-    (dict(beta=-1.0), ValueError, "beta must be a finite number >= 0"),
-    (dict(alpha=0.0, beta=0.0), ValueError, "alpha and beta must not both be 0"),
-    (dict(reduction="avg"), ValueError, "reduction must be one of"),
-    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
-    (dict(token_weights=torch.rand(N + 2)), ValueError, r"token_weights must have shape \[6\]"),
-    (dict(token_weights=torch.tensor([1.0, -0.5, 1, 1, 1, 1])), ValueError, "token_weights must be finite and >= 0.*rows 1"),
-    (dict(token_weights=torch.tensor([1.0, float("inf"), 1, 1, 1, 1])), ValueError, "token_weights must be finite"),
-    (dict(backend="cuda"), ValueError, "kd_loss has no 'cuda' backend"),
-    (dict(backend="bogus"), ValueError, "is not a backend"),
-])
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (dict(student_logits=torch.randn(N, V, 2)), ValueError, "student_logits must be 2-D"),
+        (dict(student_logits=torch.randint(0, 3, (N, V))), TypeError, "student_logits must have dtype"),
+        (dict(student_logits=torch.randn(N, 0)), ValueError, "student_logits must have at least one column"),
+        (dict(labels=torch.randint(0, V, (N + 1,))), ValueError, r"labels must have shape \[6\]"),
+        (dict(labels=torch.rand(N)), TypeError, "labels must have dtype"),
+        (dict(labels=torch.tensor([0, 1, V, 2, 3, 4])), ValueError, r"labels must be in \[0, 40\).*rows 2"),
+        (dict(labels=torch.tensor([0, 1, -5, 2, 3, 4])), ValueError, r"labels must be in \[0, 40\)"),
+        (
+            dict(teacher_logits=torch.randn(N, V - 1)),
+            ValueError,
+            "teacher_logits must have at least the student's V=40",
+        ),
+        (dict(teacher_logits=torch.randn(N + 1, V)), ValueError, r"teacher_logits must have shape \[6, \*\]"),
+        (dict(teacher_logits=torch.randint(0, 2, (N, V))), TypeError, "teacher_logits must have dtype"),
+        (dict(teacher_logits=None), ValueError, "alpha > 0 needs a teacher"),
+        (dict(teacher=_pl()), ValueError, "either a dense teacher or `teacher`"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(alpha=-0.1), ValueError, "alpha must be a finite number >= 0"),
+        (dict(beta=-1.0), ValueError, "beta must be a finite number >= 0"),
+        (dict(alpha=0.0, beta=0.0), ValueError, "alpha and beta must not both be 0"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(token_weights=torch.rand(N + 2)), ValueError, r"token_weights must have shape \[6\]"),
+        (
+            dict(token_weights=torch.tensor([1.0, -0.5, 1, 1, 1, 1])),
+            ValueError,
+            "token_weights must be finite and >= 0.*rows 1",
+        ),
+        (dict(token_weights=torch.tensor([1.0, float("inf"), 1, 1, 1, 1])), ValueError, "token_weights must be finite"),
+        (dict(backend="cuda"), ValueError, "kd_loss has no 'cuda' backend"),
+        (dict(backend="bogus"), ValueError, "is not a backend"),
+    ],
+)
 def test_kd_loss_refuses(over, exc, match):
     with pytest.raises(exc, match=match):
         _call(**over)
@@ -65,21 +76,36 @@ def _sparse(**fields):
     return pl._replace(**fields)
 
 
-@pytest.mark.parametrize("teacher, exc, match", [
-    ((1, 2, 3), TypeError, "teacher must be a PseudoLabels"),
-    (_sparse(indices=torch.randint(0, V, (N + 1, 4), dtype=torch.int32)), ValueError, r"teacher.indices must have shape \[6, \*\]"),
-    (_sparse(indices=torch.randint(0, V, (N, 4)).float()), TypeError, "teacher.indices must have dtype"),
-    (_sparse(logprobs=torch.randn(N, 5)), ValueError, r"teacher.logprobs must have shape \[6, 4\]"),
-    (_sparse(residual=torch.rand(N, 1)), ValueError, "teacher.residual must be 1-D"),
-    (_sparse(indices=torch.tensor([[0, 1, 2, V]] * N, dtype=torch.int32)), ValueError, r"teacher.indices must be in \[0, 40\)"),
-    (_sparse(indices=torch.tensor([[0, 1, 2, -1]] * N, dtype=torch.int32)), ValueError, r"teacher.indices must be in \[0, 40\)"),
-    (_sparse(indices=torch.tensor([[0, 1, 1, 2]] * N, dtype=torch.int32)), ValueError, "must not repeat a token"),
-    (_sparse(logprobs=torch.full((N, 4), 0.5)), ValueError, "teacher.logprobs must be log-probabilities"),
-    (_sparse(logprobs=torch.full((N, 4), float("nan"))), ValueError, "teacher.logprobs must be log-probabilities"),
-    (_sparse(residual=torch.full((N,), 1.5)), ValueError, r"teacher.residual must be in \[0, 1\]"),
-    (_sparse(residual=torch.full((N,), -0.2)), ValueError, r"teacher.residual must be in \[0, 1\]"),
-    (_pl(k=V + 1, vocab=V + 1), ValueError, r"teacher.indices must have k in \[1, 40\]"),
-])
+@pytest.mark.parametrize(
+    "teacher, exc, match",
+    [
+        ((1, 2, 3), TypeError, "teacher must be a PseudoLabels"),
+        (
+            _sparse(indices=torch.randint(0, V, (N + 1, 4), dtype=torch.int32)),
+            ValueError,
+            r"teacher.indices must have shape \[6, \*\]",
+        ),
+        (_sparse(indices=torch.randint(0, V, (N, 4)).float()), TypeError, "teacher.indices must have dtype"),
+        (_sparse(logprobs=torch.randn(N, 5)), ValueError, r"teacher.logprobs must have shape \[6, 4\]"),
+        (_sparse(residual=torch.rand(N, 1)), ValueError, "teacher.residual must be 1-D"),
+        (
+            _sparse(indices=torch.tensor([[0, 1, 2, V]] * N, dtype=torch.int32)),
+            ValueError,
+            r"teacher.indices must be in \[0, 40\)",
+        ),
+        (
+            _sparse(indices=torch.tensor([[0, 1, 2, -1]] * N, dtype=torch.int32)),
+            ValueError,
+            r"teacher.indices must be in \[0, 40\)",
+        ),
+        (_sparse(indices=torch.tensor([[0, 1, 1, 2]] * N, dtype=torch.int32)), ValueError, "must not repeat a token"),
+        (_sparse(logprobs=torch.full((N, 4), 0.5)), ValueError, "teacher.logprobs must be log-probabilities"),
+        (_sparse(logprobs=torch.full((N, 4), float("nan"))), ValueError, "teacher.logprobs must be log-probabilities"),
+        (_sparse(residual=torch.full((N,), 1.5)), ValueError, r"teacher.residual must be in \[0, 1\]"),
+        (_sparse(residual=torch.full((N,), -0.2)), ValueError, r"teacher.residual must be in \[0, 1\]"),
+        (_pl(k=V + 1, vocab=V + 1), ValueError, r"teacher.indices must have k in \[1, 40\]"),
+    ],
+)
 def test_pseudo_labels_refused(teacher, exc, match):
     with pytest.raises(exc, match=match):
         _call(teacher_logits=None, teacher=teacher)
@@ -105,38 +131,62 @@ def test_inplace_grad_needs_contiguous():
 
 
 def _lin(**over):
-    args = dict(hidden=torch.randn(N, HD), weight=torch.randn(V, HD), labels=torch.randint(0, V, (N,)),
-                teacher_hidden=torch.randn(N, HD + 3), teacher_weight=torch.randn(V + 5, HD + 3), backend="cpu")
+    args = dict(
+        hidden=torch.randn(N, HD),
+        weight=torch.randn(V, HD),
+        labels=torch.randint(0, V, (N,)),
+        teacher_hidden=torch.randn(N, HD + 3),
+        teacher_weight=torch.randn(V + 5, HD + 3),
+        backend="cpu",
+    )
     args.update(over)
     return linear_kd_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
 
 
-@pytest.mark.parametrize("over, exc, match", [
-    (dict(hidden=torch.randn(N)), ValueError, "hidden must be 2-D"),
-    (dict(weight=torch.randn(V, HD + 1)), ValueError, r"weight must have shape \[\*, 8\]"),
-    (dict(weight=torch.randn(V, HD, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
-    (dict(weight=torch.randn(0, HD)), ValueError, "weight must have at least one row"),
-    (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \[40\]"),
-    (dict(bias=torch.randn(V).half()), TypeError, "bias must have the dtype of hidden"),
-    (dict(labels=torch.randint(0, V, (N - 1,))), ValueError, r"labels must have shape \[6\]"),
-    (dict(labels=torch.tensor([0, 1, 2, 3, 4, V + 9])), ValueError, r"labels must be in \[0, 40\).*rows 5"),
-    (dict(teacher_hidden=torch.randn(N + 1, HD + 3)), ValueError, r"teacher_hidden must have shape \[6, \*\]"),
-    (dict(teacher_weight=torch.randn(V + 5, HD)), ValueError, r"teacher_weight must have shape \[\*, 11\]"),
-    (dict(teacher_weight=torch.randn(V - 1, HD + 3)), ValueError, "teacher_weight must have at least the student's V=40"),
-    (dict(teacher_weight=torch.randn(V, HD + 3).half()), TypeError, "teacher_weight must have the dtype of teacher_hidden"),
-    (dict(teacher_bias=torch.randn(V)), ValueError, r"teacher_bias must have shape \[45\]"),
-    (dict(teacher_weight=None), ValueError, "needs both teacher_hidden and teacher_weight"),
-    (dict(teacher_hidden=None, teacher_weight=None), ValueError, "alpha > 0 needs a teacher"),
-    (dict(teacher=_pl()), ValueError, "either a dense teacher or `teacher`"),
-    (dict(teacher_hidden=None, teacher_weight=None, teacher=_pl(vocab=V + 9, k=3)._replace(
-        indices=torch.tensor([[0, 1, V + 2]] * N, dtype=torch.int32))), ValueError, r"teacher.indices must be in \[0, 40\)"),
-    (dict(chunk_size=0), ValueError, r"chunk_size must be in \[1, inf\]"),
-    (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
-    (dict(temperature=0), ValueError, "temperature"),
-    (dict(alpha=0.0, beta=0.0), ValueError, "alpha and beta must not both be 0"),
-    (dict(token_weights=-torch.rand(N)), ValueError, "token_weights must be finite and >= 0"),
-    (dict(token_weights=torch.rand(N, 1)), ValueError, "token_weights must be 1-D"),
-])
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (dict(hidden=torch.randn(N)), ValueError, "hidden must be 2-D"),
+        (dict(weight=torch.randn(V, HD + 1)), ValueError, r"weight must have shape \[\*, 8\]"),
+        (dict(weight=torch.randn(V, HD, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
+        (dict(weight=torch.randn(0, HD)), ValueError, "weight must have at least one row"),
+        (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \[40\]"),
+        (dict(bias=torch.randn(V).half()), TypeError, "bias must have the dtype of hidden"),
+        (dict(labels=torch.randint(0, V, (N - 1,))), ValueError, r"labels must have shape \[6\]"),
+        (dict(labels=torch.tensor([0, 1, 2, 3, 4, V + 9])), ValueError, r"labels must be in \[0, 40\).*rows 5"),
+        (dict(teacher_hidden=torch.randn(N + 1, HD + 3)), ValueError, r"teacher_hidden must have shape \[6, \*\]"),
+        (dict(teacher_weight=torch.randn(V + 5, HD)), ValueError, r"teacher_weight must have shape \[\*, 11\]"),
+        (
+            dict(teacher_weight=torch.randn(V - 1, HD + 3)),
+            ValueError,
+            "teacher_weight must have at least the student's V=40",
+        ),
+        (
+            dict(teacher_weight=torch.randn(V, HD + 3).half()),
+            TypeError,
+            "teacher_weight must have the dtype of teacher_hidden",
+        ),
+        (dict(teacher_bias=torch.randn(V)), ValueError, r"teacher_bias must have shape \[45\]"),
+        (dict(teacher_weight=None), ValueError, "needs both teacher_hidden and teacher_weight"),
+        (dict(teacher_hidden=None, teacher_weight=None), ValueError, "alpha > 0 needs a teacher"),
+        (dict(teacher=_pl()), ValueError, "either a dense teacher or `teacher`"),
+        (
+            dict(
+                teacher_hidden=None,
+                teacher_weight=None,
+                teacher=_pl(vocab=V + 9, k=3)._replace(indices=torch.tensor([[0, 1, V + 2]] * N, dtype=torch.int32)),
+            ),
+            ValueError,
+            r"teacher.indices must be in \[0, 40\)",
+        ),
+        (dict(chunk_size=0), ValueError, r"chunk_size must be in \[1, inf\]"),
+        (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
+        (dict(temperature=0), ValueError, "temperature"),
+        (dict(alpha=0.0, beta=0.0), ValueError, "alpha and beta must not both be 0"),
+        (dict(token_weights=-torch.rand(N)), ValueError, "token_weights must be finite and >= 0"),
+        (dict(token_weights=torch.rand(N, 1)), ValueError, "token_weights must be 1-D"),
+    ],
+)
 def test_linear_kd_loss_refuses(over, exc, match):
     with pytest.raises(exc, match=match):
         _lin(**over)

@@ -10,7 +10,6 @@ from clinkd_kernels.topk import PseudoLabels
 from tests.numerics import DEFAULT_ATOL, NORM_TOL, assert_close
 
 
-
 def device_for(backend: str, request) -> torch.device:
     """The device a backend's test runs on: the Triton interpreter's (fixture ``interpreter``) or the CPU."""
     return request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
@@ -45,16 +44,18 @@ def norm_tol(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float
 
 
 # numpy warns about −inf − −inf and log(0) = −inf, both intended (masked lanes, empty sums), interpreter only
-QUIET = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-         pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+QUIET = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Vocabulary tiles of 128 columns, so V = 301 spans three tiles with a ragged last one; the PyTorch
     row path works through 7 rows at a time at V = 301 (ragged last block too)."""
-    import clinkd_kernels.loss.portable as cpu
     import clinkd_kernels.loss.launch as launch
+    import clinkd_kernels.loss.portable as cpu
 
     monkeypatch.setattr(launch, "MAX_BLOCK_V", 128)
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 7 * 8 * 301)
@@ -71,8 +72,9 @@ def pseudo_labels(teacher_logits: torch.Tensor, k: int, temperature: float, voca
     return PseudoLabels(idx.int(), top.float(), lse.float(), margin.float(), residual.float())
 
 
-def labels_with_ignored(n: int, vocab: int, *, ignore_index: int = -100, n_ignored: int | None = None,
-                        device=None) -> torch.Tensor:
+def labels_with_ignored(
+    n: int, vocab: int, *, ignore_index: int = -100, n_ignored: int | None = None, device=None
+) -> torch.Tensor:
     labels = torch.randint(0, vocab, (n,), device=device)
     n_ignored = max(1, n // 5) if n_ignored is None else n_ignored
     labels[torch.randperm(n, device=device)[:n_ignored]] = ignore_index
@@ -100,7 +102,7 @@ def kd_magnitude(log_q: torch.Tensor, labels: torch.Tensor, teacher_kw: dict, op
     with torch.no_grad():
         t = teacher_kw.get("teacher_logits")
         if t is not None:
-            p = torch.softmax(t[:, :log_q.shape[1]].double() / T, dim=-1)
+            p = torch.softmax(t[:, : log_q.shape[1]].double() / T, dim=-1)
             rows = torch.where(p > 0, -p * log_q, torch.zeros_like(p)).sum(-1)
         elif teacher_kw.get("teacher") is not None:
             pl = teacher_kw["teacher"]
@@ -116,7 +118,7 @@ def kd_magnitude(log_q: torch.Tensor, labels: torch.Tensor, teacher_kw: dict, op
         w = opts.get("token_weights")
         w = torch.ones_like(rows) if w is None else w.double().abs()
         rows = torch.where(valid & torch.isfinite(rows), w * rows, torch.zeros_like(rows))
-        rows = rows * (T ** 2 if opts.get("t2_scale") else 1.0)
+        rows = rows * (T**2 if opts.get("t2_scale") else 1.0)
         reduction = opts.get("reduction", "mean")
         if reduction == "sum":
             rows = rows.sum()
@@ -125,19 +127,31 @@ def kd_magnitude(log_q: torch.Tensor, labels: torch.Tensor, teacher_kw: dict, op
         return float(rows.norm())
 
 
-def check_kd_loss(fn, z: torch.Tensor, labels: torch.Tensor, teacher_kw: dict, opts: dict, *, what: str = "",
-                  loss_atol: float | None = None):
+def check_kd_loss(
+    fn,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_kw: dict,
+    opts: dict,
+    *,
+    what: str = "",
+    loss_atol: float | None = None,
+):
     """Compare ``fn(z, labels, **teacher_kw, **opts)`` (loss, kd, ce and ∂/∂z) with the float64 reference,
     using the plain-torch result in z's dtype as the baseline (tests/numerics rule)."""
     z_ours = z.detach().clone().requires_grad_()
     loss, kd, ce = fn(z_ours, labels, return_components=True, **teacher_kw, **opts)
-    grad_out = torch.rand_like(loss) + 0.5 if loss.dim() else None   # per-row grad_output for "none"
+    grad_out = torch.rand_like(loss) + 0.5 if loss.dim() else None  # per-row grad_output for "none"
     loss.backward(grad_out)
 
     z64 = z.detach().double().requires_grad_()
-    ref = kd_loss_reference(z64, labels, return_components=True,
-                            **cast_teacher(teacher_kw, torch.float64 if teacher_kw.get("teacher_logits") is not None else None),
-                            **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+    ref = kd_loss_reference(
+        z64,
+        labels,
+        return_components=True,
+        **cast_teacher(teacher_kw, torch.float64 if teacher_kw.get("teacher_logits") is not None else None),
+        **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()},
+    )
     ref[0].backward(None if grad_out is None else grad_out.double())
 
     zb = z.detach().clone().requires_grad_()
@@ -145,14 +159,23 @@ def check_kd_loss(fn, z: torch.Tensor, labels: torch.Tensor, teacher_kw: dict, o
     base[0].backward(None if grad_out is None else grad_out.to(base[0].dtype))
 
     T = opts.get("temperature", 1.0)
-    kd_floor = kd_magnitude(torch.log_softmax(z64.detach() / T, dim=-1), labels,
-                            cast_teacher(teacher_kw, torch.float64), opts)
+    kd_floor = kd_magnitude(
+        torch.log_softmax(z64.detach() / T, dim=-1), labels, cast_teacher(teacher_kw, torch.float64), opts
+    )
     alpha, beta = opts.get("alpha", 0.5), opts.get("beta", 1.0)
     floors = {"loss": kd_floor * abs(alpha / (alpha + beta)), "kd": kd_floor, "ce": 0.0}
     for name, o, r, b in zip(("loss", "kd", "ce"), (loss, kd, ce), ref, base):
         atol = value_atol(r, b, z.dtype) if loss_atol is None else loss_atol
-        assert_close(f"{what} {name}", o, r, b, atol=atol, dtype=z.dtype, norm_tol=norm_tol(r, b, z.dtype),
-                     norm_floor=floors[name])
+        assert_close(
+            f"{what} {name}",
+            o,
+            r,
+            b,
+            atol=atol,
+            dtype=z.dtype,
+            norm_tol=norm_tol(r, b, z.dtype),
+            norm_floor=floors[name],
+        )
     assert_close(f"{what} grad", z_ours.grad, z64.grad, zb.grad, norm_tol=norm_tol(z64.grad, zb.grad, z.dtype))
     return loss
 
@@ -176,7 +199,7 @@ def _logit_rounding_bound(r64: dict, t64: dict, dtype, labels, opts) -> tuple[fl
             dt = rel * float((t64["teacher_hidden"] @ t64["teacher_weight"].t()).abs().max())
     T = opts.get("temperature", 1.0)
     alpha, beta = opts.get("alpha", 0.5), opts.get("beta", 1.0)
-    kd = 2 / T * (dz + dt) * (T ** 2 if opts.get("t2_scale") else 1.0)
+    kd = 2 / T * (dz + dt) * (T**2 if opts.get("t2_scale") else 1.0)
     ce = 2 * dz
     if opts.get("reduction", "mean") == "sum":
         n_valid = int((labels != opts.get("ignore_index", -100)).sum())
@@ -186,28 +209,45 @@ def _logit_rounding_bound(r64: dict, t64: dict, dtype, labels, opts) -> tuple[fl
     return (alpha * kd + beta * ce) / (alpha + beta), kd, ce
 
 
-def check_linear(fn, inputs: dict, labels, teacher_kw: dict, opts: dict, *, what: str = "",
-                 loss_atol: float | None = None):
+def check_linear(
+    fn, inputs: dict, labels, teacher_kw: dict, opts: dict, *, what: str = "", loss_atol: float | None = None
+):
     """Same for the lm_head-fused form: loss parts and gradients of hidden, weight and bias."""
     names = [k for k in ("hidden", "weight", "bias") if inputs.get(k) is not None]
     ours = {k: inputs[k].detach().clone().requires_grad_() for k in names}
-    loss, kd, ce = fn(ours["hidden"], ours["weight"], labels, bias=ours.get("bias"), return_components=True,
-                      **teacher_kw, **opts)
+    loss, kd, ce = fn(
+        ours["hidden"], ours["weight"], labels, bias=ours.get("bias"), return_components=True, **teacher_kw, **opts
+    )
     grad_out = torch.rand_like(loss) + 0.5 if loss.dim() else None
     loss.backward(grad_out)
 
     ref_opts = {k: v for k, v in opts.items() if k != "chunk_size"}  # the reference has no chunks
     r64 = {k: inputs[k].detach().double().requires_grad_() for k in names}
     t64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in teacher_kw.items()}
-    ref = linear_kd_loss_reference(r64["hidden"], r64["weight"], labels, bias=r64.get("bias"), return_components=True,
-                                   **t64, **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in ref_opts.items()})
+    ref = linear_kd_loss_reference(
+        r64["hidden"],
+        r64["weight"],
+        labels,
+        bias=r64.get("bias"),
+        return_components=True,
+        **t64,
+        **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in ref_opts.items()},
+    )
     ref[0].backward(None if grad_out is None else grad_out.double())
 
     dtype = inputs["hidden"].dtype
     rounding = _logit_rounding_bound(r64, t64, dtype, labels, ref_opts)
     rb = {k: inputs[k].detach().clone().requires_grad_() for k in names}
-    base = linear_kd_loss_reference(rb["hidden"], rb["weight"], labels, bias=rb.get("bias"), return_components=True,
-                                    compute_dtype=dtype, **teacher_kw, **ref_opts)
+    base = linear_kd_loss_reference(
+        rb["hidden"],
+        rb["weight"],
+        labels,
+        bias=rb.get("bias"),
+        return_components=True,
+        compute_dtype=dtype,
+        **teacher_kw,
+        **ref_opts,
+    )
     base[0].backward(None if grad_out is None else grad_out.to(base[0].dtype))
 
     for name, o, r, b, bound in zip(("loss", "kd", "ce"), (loss, kd, ce), ref, base, rounding):
@@ -220,6 +260,12 @@ def check_linear(fn, inputs: dict, labels, teacher_kw: dict, opts: dict, *, what
         atol = None
         if k != "hidden" and dtype == torch.float32:
             atol = DEFAULT_ATOL[dtype] + n_chunks * torch.finfo(torch.float32).eps * float(r64[k].grad.abs().max())
-        assert_close(f"{what} grad {k}", ours[k].grad, r64[k].grad, rb[k].grad, atol=atol,
-                     norm_tol=norm_tol(r64[k].grad, rb[k].grad, dtype))
+        assert_close(
+            f"{what} grad {k}",
+            ours[k].grad,
+            r64[k].grad,
+            rb[k].grad,
+            atol=atol,
+            norm_tol=norm_tol(r64[k].grad, rb[k].grad, dtype),
+        )
     return loss

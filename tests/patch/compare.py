@@ -25,8 +25,9 @@ def training_step(model, batch, **kwargs):
 
 def compare_with_stock(stock, patched, batch, *, keep=None, **kwargs):
     """Loss, logits (on ``keep`` tokens) and every parameter gradient of ``patched`` vs stock fp64/fp32."""
-    ref, ref_grads = training_step(copy.deepcopy(stock).double(), as_dtype(batch, torch.float64, batch["input_ids"].device),
-                           **kwargs)
+    ref, ref_grads = training_step(
+        copy.deepcopy(stock).double(), as_dtype(batch, torch.float64, batch["input_ids"].device), **kwargs
+    )
     base, base_grads = training_step(stock, batch, **kwargs)
     out, grads = training_step(patched, batch, return_logits=True, **kwargs)
     assert_close_model("loss", out.loss, ref.loss, base.loss)  # through the whole model, like the logits

@@ -16,6 +16,7 @@ def fused_calls(monkeypatch):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(attention_mod, "mcg_rope_attention", spy("attention", attention_mod.mcg_rope_attention))

@@ -36,14 +36,33 @@ def _child(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
-                max_position_embeddings=4 * args.tokens, rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                                             mrope_section=[8, 12, 12]))
-    vision = dict(depth=1, embed_dim=32, hidden_size=args.hidden, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=1, in_channels=3, mlp_ratio=2)
-    special = dict(image_token_id=args.vocab - 4, video_token_id=args.vocab - 3, vision_start_token_id=args.vocab - 2,
-                   vision_end_token_id=args.vocab - 1)
+    text = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * args.tokens,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[8, 12, 12]),
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=args.hidden,
+        num_heads=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=1,
+        in_channels=3,
+        mlp_ratio=2,
+    )
+    special = dict(
+        image_token_id=args.vocab - 4,
+        video_token_id=args.vocab - 3,
+        vision_start_token_id=args.vocab - 2,
+        vision_end_token_id=args.vocab - 1,
+    )
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **special))
     model = model.to(device=device, dtype=dtype).train()
     if args.variant == "patched":
@@ -52,12 +71,17 @@ def _child(args) -> dict:
     n_img = 64  # grid (1, 16, 16) → 64 tokens after the 2×2 merge
     ids = torch.randint(3, args.vocab - 8, (1, args.tokens))
     ids[0, 10] = special["vision_start_token_id"]
-    ids[0, 11:11 + n_img] = special["image_token_id"]
+    ids[0, 11 : 11 + n_img] = special["image_token_id"]
     ids[0, 11 + n_img] = special["vision_end_token_id"]
     image = ids == special["image_token_id"]
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=image.long(),
-                 image_grid_thw=torch.tensor([[1, 16, 16]]), pixel_values=torch.randn(256, 12, dtype=dtype),
-                 labels=ids.masked_fill(image, -100))
+    batch = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=image.long(),
+        image_grid_thw=torch.tensor([[1, 16, 16]]),
+        pixel_values=torch.randn(256, 12, dtype=dtype),
+        labels=ids.masked_fill(image, -100),
+    )
     batch = {k: v.to(device) for k, v in batch.items()}
 
     def step():
@@ -80,9 +104,18 @@ def _child(args) -> dict:
 
     peak = peak_bytes(timed, device.type)
     loss, seconds = result["loss"], result["seconds"]
-    return dict(variant=args.variant, device=args.device, dtype=str(dtype), tokens=args.tokens, hidden=args.hidden,
-                vocab=args.vocab, layers=args.layers, loss=float(loss), step_seconds=round(seconds, 2),
-                peak_step_mib=round(peak / 2**20, 1))
+    return dict(
+        variant=args.variant,
+        device=args.device,
+        dtype=str(dtype),
+        tokens=args.tokens,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        layers=args.layers,
+        loss=float(loss),
+        step_seconds=round(seconds, 2),
+        peak_step_mib=round(peak / 2**20, 1),
+    )
 
 
 def measure(variant: str, **options) -> dict:
@@ -112,8 +145,10 @@ def main(argv=None) -> None:
     for r in results:
         print(json.dumps(r))
     stock, patched = (r["peak_step_mib"] for r in results)
-    print(f"peak memory of one training step: stock {stock:.0f} MiB, patched {patched:.0f} MiB "
-          f"({stock / max(patched, 1e-9):.2f}x less)")
+    print(
+        f"peak memory of one training step: stock {stock:.0f} MiB, patched {patched:.0f} MiB "
+        f"({stock / max(patched, 1e-9):.2f}x less)"
+    )
 
 
 if __name__ == "__main__":

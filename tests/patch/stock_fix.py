@@ -29,12 +29,14 @@ import types
 
 import torch
 
-PROBE = dict(start_position=5, grid_thw=torch.tensor([2, 2, 3]), temp_merge_size=1, spatial_merge_size=1,
-             time_interval=3)
+PROBE = dict(
+    start_position=5, grid_thw=torch.tensor([2, 2, 3]), temp_merge_size=1, spatial_merge_size=1, time_interval=3
+)
 
 
-def vision_positions(self, start_position, grid_thw, temp_merge_size=1, spatial_merge_size=1, time_interval=1,
-                     device=None) -> torch.Tensor:
+def vision_positions(
+    self, start_position, grid_thw, temp_merge_size=1, spatial_merge_size=1, time_interval=1, device=None
+) -> torch.Tensor:
     """[3, t·h·w] (frame, row, column) positions of one merged grid, frames spaced by ``time_interval``,
     the whole offset by ``start_position``; tokens in (frame, row, column) order."""
     t = int(grid_thw[0]) // temp_merge_size
@@ -73,8 +75,14 @@ def with_fixed_vision_positions(model):
     cls = type(inner)
     if vision_positions_wrong(cls):
         inner.get_vision_position_ids = types.MethodType(vision_positions, inner)
-    fixes = [fix for needed, fix in ((video_grids_unsplit(cls), _split_video_grids),
-                                     (seconds_taken_by_images(cls), _seconds_for_every_vision_run)) if needed]
+    fixes = [
+        fix
+        for needed, fix in (
+            (video_grids_unsplit(cls), _split_video_grids),
+            (seconds_taken_by_images(cls), _seconds_for_every_vision_run),
+        )
+        if needed
+    ]
     if fixes:
         inner.get_rope_index = types.MethodType(_fixed_arguments(cls.get_rope_index, fixes), inner)
     return model

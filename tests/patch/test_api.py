@@ -11,15 +11,31 @@ import torch
 import transformers
 
 import clinkd
-from clinkd.patch import (SUPPORTED_TRANSFORMERS, MCGRope, check_patchable, final_hidden_states, next_token_targets,
-                          patch_qwen2_vl, patch_qwen2_vl_classes, patch_settings, unpatch_qwen2_vl,
-                          unpatch_qwen2_vl_classes)
+from clinkd.patch import (
+    SUPPORTED_TRANSFORMERS,
+    MCGRope,
+    check_patchable,
+    final_hidden_states,
+    next_token_targets,
+    patch_qwen2_vl,
+    patch_qwen2_vl_classes,
+    patch_settings,
+    unpatch_qwen2_vl,
+    unpatch_qwen2_vl_classes,
+)
 from clinkd.patch._compat import check_transformers_version
 from clinkd_kernels.loss import linear_kd_loss_reference
 from tests.numerics import assert_close
 from tests.patch.compare import assert_close_model
-from tests.patch.tiny import (MIXED_ROWS, TOKEN_TYPES, make_batch, qwen2_5_vl_model, qwen2_vl_config, qwen2_vl_model,
-                              qwen3_vl_model)
+from tests.patch.tiny import (
+    MIXED_ROWS,
+    TOKEN_TYPES,
+    make_batch,
+    qwen2_5_vl_model,
+    qwen2_vl_config,
+    qwen2_vl_model,
+    qwen3_vl_model,
+)
 
 GAP1 = MCGRope(modality_gap=1, vision_stride=1)
 
@@ -56,8 +72,12 @@ def test_mrope_sections_that_do_not_fit_the_head_dim():
 
 
 def test_head_dim_the_fused_attention_does_not_take():
-    model = qwen2_vl_model(hidden_size=128, num_attention_heads=8, num_key_value_heads=4,  # head_dim 16
-                           rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]))
+    model = qwen2_vl_model(
+        hidden_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=4,  # head_dim 16
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
+    )
     with pytest.raises(ValueError, match="head_dim.*16.*attention=False"):
         patch_qwen2_vl(model)
     patch_qwen2_vl(model, attention=False, backend="cpu")  # positions and loss still apply
@@ -65,22 +85,25 @@ def test_head_dim_the_fused_attention_does_not_take():
     assert torch.isfinite(model.train()(**batch).loss)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(use_sliding_window=True), "sliding_window"),
-    (dict(attention_dropout=0.1), "attention_dropout"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [(dict(use_sliding_window=True), "sliding_window"), (dict(attention_dropout=0.1), "attention_dropout")],
+)
 def test_configs_the_fused_attention_cannot_serve(overrides, match):
     with pytest.raises(ValueError, match=match):
         patch_qwen2_vl(qwen2_vl_model(**overrides))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(mcg_rope={"modality_gap": 0}), ValueError, "modality_gap"),
-    (dict(mcg_rope={"gap": 2}), ValueError, "modality_gap and vision_stride"),
-    (dict(mcg_rope=2), TypeError, "mcg_rope"),
-    (dict(attention="yes"), TypeError, "attention"),
-    (dict(backend="cuda"), ValueError, "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(mcg_rope={"modality_gap": 0}), ValueError, "modality_gap"),
+        (dict(mcg_rope={"gap": 2}), ValueError, "modality_gap and vision_stride"),
+        (dict(mcg_rope=2), TypeError, "mcg_rope"),
+        (dict(attention="yes"), TypeError, "attention"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
 def test_bad_options(kwargs, error, match):
     model = qwen2_vl_model()
     with pytest.raises(error, match=match):
@@ -89,8 +112,19 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_transformers_version_outside_the_supported_range(monkeypatch):
-    for good in ("5.0.0", "5.0.0rc1", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.0", "5.17.0", "5.24.0", "5.25.0",
-                 "5.25.9.dev0"):
+    for good in (
+        "5.0.0",
+        "5.0.0rc1",
+        "5.2.0",
+        "5.3.0",
+        "5.4.0",
+        "5.5.4",
+        "5.6.0",
+        "5.17.0",
+        "5.24.0",
+        "5.25.0",
+        "5.25.9.dev0",
+    ):
         check_transformers_version(good)
     window = ",".join(SUPPORTED_TRANSFORMERS)
     assert window == ">=5.0,<5.26"
@@ -114,15 +148,24 @@ def test_check_patchable_on_a_config_alone():
     """The config checks of the patch without a model: what patch_qwen2_vl would raise, for the same options."""
     assert check_patchable(qwen2_vl_config()).attention
     assert check_patchable(qwen2_vl_config().text_config, mcg_rope=None).mcg_rope is None
-    small = qwen2_vl_config(hidden_size=128, num_attention_heads=8, num_key_value_heads=4,  # head_dim 16
-                            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]))
-    with pytest.raises(ValueError, match=r"supports head_dim in \(64, 72, 80, 96, 128\), this model has 16; "
-                                         "patch with attention=False"):
+    small = qwen2_vl_config(
+        hidden_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=4,  # head_dim 16
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"supports head_dim in \(64, 72, 80, 96, 128\), this model has 16; "
+        "patch with attention=False",
+    ):
         check_patchable(small)
     assert not check_patchable(small, attention=False).attention
     with pytest.raises(ValueError, match="mrope_section"):
-        check_patchable(qwen2_vl_config(rope_parameters=dict(rope_type="default", rope_theta=1e4,
-                                                             mrope_section=[8, 12, 10])), attention=False)
+        check_patchable(
+            qwen2_vl_config(rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[8, 12, 10])),
+            attention=False,
+        )
     with pytest.raises(ValueError, match="use_sliding_window"):
         check_patchable(qwen2_vl_config(use_sliding_window=True))
     with pytest.raises(TypeError, match="attention"):
@@ -235,14 +278,20 @@ def test_loss_keywords_match_stock():
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend="cpu")
     batch = make_batch(MIXED_ROWS, padding="left")
     n = torch.tensor(37)
-    assert_close_model("sum / num_items_in_batch", patched(**batch, num_items_in_batch=n).loss,
-                       stock.double()(**{**batch, "pixel_values": batch["pixel_values"].double()},
-                                      num_items_in_batch=n).loss,
-                       stock.float()(**batch, num_items_in_batch=n).loss)
+    assert_close_model(
+        "sum / num_items_in_batch",
+        patched(**batch, num_items_in_batch=n).loss,
+        stock.double()(**{**batch, "pixel_values": batch["pixel_values"].double()}, num_items_in_batch=n).loss,
+        stock.float()(**batch, num_items_in_batch=n).loss,
+    )
     shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
-    assert_close_model("shift_labels", patched(**no_labels, shift_labels=shifted).loss, stock(**batch).loss.double(),
-                       stock(**batch).loss)
+    assert_close_model(
+        "shift_labels",
+        patched(**no_labels, shift_labels=shifted).loss,
+        stock(**batch).loss.double(),
+        stock(**batch).loss,
+    )
     out = patched(**batch, return_dict=False)
     assert isinstance(out, tuple) and out[0].dim() == 0
 
@@ -276,19 +325,27 @@ def test_final_hidden_states_feed_a_distillation_loss():
 
     h, head = final_hidden_states(student, **batch)
     assert head is student.lm_head and h.shape == (*batch["input_ids"].shape, 256)
-    ce = clinkd.patch.loss.linear_kd_loss(h.flatten(0, 1)[rows], head.weight, targets, alpha=0.0, beta=1.0,
-                                          backend="cpu")
+    ce = clinkd.patch.loss.linear_kd_loss(
+        h.flatten(0, 1)[rows], head.weight, targets, alpha=0.0, beta=1.0, backend="cpu"
+    )
     assert_close_model("CE from the helper", ce, student(**batch).loss.double(), student(**batch).loss)
 
     with torch.no_grad():
         th, thead = final_hidden_states(teacher, **batch)
     kw = dict(temperature=0.5, alpha=0.5, beta=1.0)
-    got = clinkd.patch.loss.linear_kd_loss(h.flatten(0, 1)[rows], head.weight, targets,
-                                           teacher_hidden=th.flatten(0, 1)[rows], teacher_weight=thead.weight,
-                                           backend="cpu", **kw)
+    got = clinkd.patch.loss.linear_kd_loss(
+        h.flatten(0, 1)[rows],
+        head.weight,
+        targets,
+        teacher_hidden=th.flatten(0, 1)[rows],
+        teacher_weight=thead.weight,
+        backend="cpu",
+        **kw,
+    )
     sh, tw, th64 = h.detach().flatten(0, 1)[rows], head.weight.detach(), th.flatten(0, 1)[rows]
-    ref = linear_kd_loss_reference(sh.double(), tw.double(), targets, teacher_hidden=th64.double(),
-                                   teacher_weight=thead.weight.double(), **kw)
+    ref = linear_kd_loss_reference(
+        sh.double(), tw.double(), targets, teacher_hidden=th64.double(), teacher_weight=thead.weight.double(), **kw
+    )
     base = linear_kd_loss_reference(sh, tw, targets, teacher_hidden=th64, teacher_weight=thead.weight, **kw)
     assert_close("KD + CE", got, ref, base)
     got.backward()
@@ -341,8 +398,9 @@ def test_a_deep_copy_of_a_patched_model_runs_on_its_own_weights():
     batch.pop("labels")
     with torch.no_grad():
         got = twin(**batch, use_cache=False).logits
-        fresh = patch_qwen2_vl(copy.deepcopy(unpatch_qwen2_vl(copy.deepcopy(twin))), mcg_rope=MCGRope(modality_gap=2),
-                               backend="cpu")(**batch, use_cache=False).logits
+        fresh = patch_qwen2_vl(
+            copy.deepcopy(unpatch_qwen2_vl(copy.deepcopy(twin))), mcg_rope=MCGRope(modality_gap=2), backend="cpu"
+        )(**batch, use_cache=False).logits
         original = model(**batch, use_cache=False).logits
     torch.testing.assert_close(got, fresh)
     assert not torch.allclose(got, original)

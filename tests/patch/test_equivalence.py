@@ -17,9 +17,17 @@ GAP1 = MCGRope(modality_gap=1, vision_stride=1)
 
 
 # use_cache=None is the config default (True): training then prefills a cache, which the fused path fills too.
-@pytest.mark.parametrize("backend,padding,use_cache", [
-    ("cpu", "right", False), ("cpu", "left", False), ("cpu", "right", None), ("cpu", "left", None),
-    ("torch", "right", False), ("torch", "left", False)])
+@pytest.mark.parametrize(
+    "backend,padding,use_cache",
+    [
+        ("cpu", "right", False),
+        ("cpu", "left", False),
+        ("cpu", "right", None),
+        ("cpu", "left", None),
+        ("torch", "right", False),
+        ("torch", "left", False),
+    ],
+)
 def test_training_step_matches_stock(backend, padding, use_cache, fused_calls):
     stock = qwen2_vl_model().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP1, backend=backend)
@@ -43,13 +51,21 @@ def _packed_batch(parts_per_sequence):
     pieces = [make_batch([parts]) for parts in parts_per_sequence]
     pos = []
     for piece in pieces:
-        p3, _ = mcg_rope_index(piece["input_ids"], image_grid_thw=piece.get("image_grid_thw"), image_token_id=IMAGE,
-                               video_token_id=IMAGE + 1, modality_gap=1)
+        p3, _ = mcg_rope_index(
+            piece["input_ids"],
+            image_grid_thw=piece.get("image_grid_thw"),
+            image_token_id=IMAGE,
+            video_token_id=IMAGE + 1,
+            modality_gap=1,
+        )
         text = torch.arange(piece["input_ids"].shape[1]).view(1, 1, -1)
         pos.append(torch.cat([text, p3]))
         piece["labels"][:, 0] = -100
-    batch = {k: torch.cat([p[k] for p in pieces], dim=1) for k in ("input_ids", "mm_token_type_ids", "labels")
-             if k in pieces[0]}
+    batch = {
+        k: torch.cat([p[k] for p in pieces], dim=1)
+        for k in ("input_ids", "mm_token_type_ids", "labels")
+        if k in pieces[0]
+    }
     grids = [p["image_grid_thw"] for p in pieces if "image_grid_thw" in p]
     batch["image_grid_thw"] = torch.cat(grids)
     batch["pixel_values"] = torch.cat([p["pixel_values"] for p in pieces if "pixel_values" in p])

@@ -31,7 +31,7 @@ FAMILIES = list(MODELS)
 # Videos with more frames than their spatial extent (3 frames of 2x2 merged tokens): where the
 # transformers 4 / 5.3+ rules for the segment after a video differ.
 ROWS = [[3, (1, 4, 6), 5, ("video", 2, 4, 4), 2], [7], [2, ("video", 3, 4, 4), 3, (1, 4, 4), 4]]
-SMALL_ROWS = [[2, ("video", 3, 4, 4), 1, (1, 4, 6), 2], [5]]   # for the interpreter
+SMALL_ROWS = [[2, ("video", 3, 4, 4), 1, (1, 4, 6), 2], [5]]  # for the interpreter
 # transformers < 5.3 starts the text after a video at its last frame, and the patch refuses a video whose
 # last frame lies beyond its spatial extent there (test_older_rule_refuses_long_videos): videos that fit.
 LEGACY = CONVENTIONS.restart_after_last_frame
@@ -45,7 +45,7 @@ SECONDS = torch.tensor([0.5, 1.7])  # Qwen2.5-VL: seconds per temporal grid of e
 def _batch(family: str, rows=ROWS, *, padding: str = "left") -> dict:
     batch = make_batch(rows, padding=padding, frames=family == "Qwen3-VL")
     if family == "Qwen2.5-VL":
-        batch["second_per_grid_ts"] = SECONDS[:batch["video_grid_thw"].shape[0]]
+        batch["second_per_grid_ts"] = SECONDS[: batch["video_grid_thw"].shape[0]]
     return batch
 
 
@@ -127,13 +127,24 @@ def test_gap_2_equals_stock_fed_the_family_rule(family, fused_calls):
     stock = MODELS[family]().train()
     patched = patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=GAP2, backend="cpu")
     batch = _batch(family)
-    want, _ = mcg_rope_index(batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
-                             video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"],
-                             image_token_id=IMAGE, video_token_id=VIDEO, modality_gap=2,
-                             pad_position=CONVENTIONS.pad_position,
-                             **_rule(family, stock, batch))
-    gap1, _ = stock.model.get_rope_index(**{k: batch[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw",
-                                                                  "video_grid_thw", "attention_mask") if k in batch})
+    want, _ = mcg_rope_index(
+        batch["input_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"],
+        attention_mask=batch["attention_mask"],
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        modality_gap=2,
+        pad_position=CONVENTIONS.pad_position,
+        **_rule(family, stock, batch),
+    )
+    gap1, _ = stock.model.get_rope_index(
+        **{
+            k: batch[k]
+            for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
+            if k in batch
+        }
+    )
     assert not torch.equal(want, gap1)  # gap 2 moves positions here
 
     out, grads = training_step(patched, batch, return_logits=True, use_cache=False)

@@ -18,9 +18,20 @@ import torch
 
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
-from tests.patch.tiny import (EOS, IMAGE, PAD, PAD_POSITION, TOKEN_TYPES, VIDEO, VISION_END, VISION_START, make_batch,
-                              qwen2_5_vl_model,
-                              qwen2_vl_model, stock_deltas)
+from tests.patch.tiny import (
+    EOS,
+    IMAGE,
+    PAD,
+    PAD_POSITION,
+    TOKEN_TYPES,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    make_batch,
+    qwen2_5_vl_model,
+    qwen2_vl_model,
+    stock_deltas,
+)
 
 # Left padding, two images in a row, a text-only row, images of different grids.
 ROWS = [[3, (1, 4, 6), 5], [7], [2, (1, 4, 4), 3, (1, 6, 4), 4], [1, (1, 4, 4), (1, 4, 8), 2]]
@@ -35,8 +46,9 @@ with_token_types = pytest.mark.skipif(not TOKEN_TYPES, reason="transformers < 5.
 def _model(gap: int, family=qwen2_vl_model, *, exact: bool = False):
     """Patched with MCG-RoPE gap ``gap``: fp32 on the fused kernels, or (``exact``) float64 on stock attention."""
     if exact:
-        return patch_qwen2_vl(family(dtype=torch.float64), mcg_rope=MCGRope(modality_gap=gap), attention=False,
-                              backend="cpu")
+        return patch_qwen2_vl(
+            family(dtype=torch.float64), mcg_rope=MCGRope(modality_gap=gap), attention=False, backend="cpu"
+        )
     return patch_qwen2_vl(family(), mcg_rope=MCGRope(modality_gap=gap), backend="cpu")
 
 
@@ -49,8 +61,15 @@ def _prompt(rows=ROWS, dtype=torch.float32) -> dict:
 
 
 def _index(ids, mask, grids, gap):
-    return mcg_rope_index(ids, image_grid_thw=grids, attention_mask=mask, image_token_id=IMAGE,
-                          video_token_id=VIDEO, modality_gap=gap, pad_position=PAD_POSITION)
+    return mcg_rope_index(
+        ids,
+        image_grid_thw=grids,
+        attention_mask=mask,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        modality_gap=gap,
+        pad_position=PAD_POSITION,
+    )
 
 
 def _record_positions(model):
@@ -72,8 +91,9 @@ def _greedy_without_cache(model, batch: dict, steps: int, gap: int) -> torch.Ten
     for _ in range(steps):
         positions, _ = _index(ids, mask, batch["image_grid_thw"], gap)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                           **vision).logits[:, -1]
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **vision
+            ).logits[:, -1]
         logits[:, SUPPRESSED] = -torch.inf
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -169,8 +189,14 @@ def test_generate_continues_from_its_cache(vision):
     tokens equal full forwards without a cache."""
     model = _model(2, exact=True)
     batch = _prompt(dtype=torch.float64)
-    first = model.generate(**batch, do_sample=False, pad_token_id=PAD, suppress_tokens=SUPPRESSED,
-                           max_new_tokens=4, return_dict_in_generate=True)
+    first = model.generate(
+        **batch,
+        do_sample=False,
+        pad_token_id=PAD,
+        suppress_tokens=SUPPRESSED,
+        max_new_tokens=4,
+        return_dict_in_generate=True,
+    )
     cache = first.cache if "cache" in first else first.past_key_values
     turn = torch.randint(3, 280, (len(ROWS), 3))  # the user's next words
     ids = torch.cat([first.sequences, turn], dim=1)
@@ -178,13 +204,12 @@ def test_generate_continues_from_its_cache(vision):
     extra = {"image_grid_thw": batch["image_grid_thw"]} if vision == "grids" else {}
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     seen, handle = _record_positions(model)
-    second = _generate(model, dict(input_ids=ids, attention_mask=mask, **extra), max_new_tokens=4,
-                       **{cache_kw: cache})
+    second = _generate(model, dict(input_ids=ids, attention_mask=mask, **extra), max_new_tokens=4, **{cache_kw: cache})
     handle.remove()
     full_mask = torch.cat([mask, torch.ones(len(ROWS), 4, dtype=torch.long)], dim=1)
     want, _ = _index(second, full_mask, batch["image_grid_thw"], 2)
     S = first.sequences.shape[1]
-    assert torch.equal(seen[0], want[:, :, S - 1:ids.shape[1]]), "the uncached tokens of the second call"
+    assert torch.equal(seen[0], want[:, :, S - 1 : ids.shape[1]]), "the uncached tokens of the second call"
     for step in range(1, 4):
         assert torch.equal(seen[step][:, :, 0], want[:, :, ids.shape[1] + step - 1]), f"decoding step {step}"
     vision_inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
@@ -202,13 +227,19 @@ def test_stock_positions_unchanged():
     types = batch.pop("mm_token_type_ids")
     runs = {}
     for name, model, kwargs in (
-            ("stock", stock, dict(mm_token_type_ids=types)),
-            ("patched", patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=None, attention=False, loss=False),
-             dict(mm_token_type_ids=types)),
-            ("patched, no types", patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=None, attention=False, loss=False),
-             {}),
-            ("gap 1, no types", patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=MCGRope(modality_gap=1),
-                                               attention=False, loss=False), {})):
+        ("stock", stock, dict(mm_token_type_ids=types)),
+        (
+            "patched",
+            patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=None, attention=False, loss=False),
+            dict(mm_token_type_ids=types),
+        ),
+        ("patched, no types", patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=None, attention=False, loss=False), {}),
+        (
+            "gap 1, no types",
+            patch_qwen2_vl(copy.deepcopy(stock), mcg_rope=MCGRope(modality_gap=1), attention=False, loss=False),
+            {},
+        ),
+    ):
         seen, handle = _record_positions(model)
         tokens = _generate(model, batch, max_new_tokens=4, **kwargs)
         handle.remove()
@@ -253,5 +284,6 @@ def test_contradictory_or_incomplete_inputs_raise():
     with pytest.raises(ValueError, match="without input_ids.*position_ids"):
         model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], image_grid_thw=batch["image_grid_thw"])
     with pytest.raises(ValueError, match="without input_ids"):
-        model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **vision, max_new_tokens=2,
-                       pad_token_id=PAD)
+        model.generate(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], **vision, max_new_tokens=2, pad_token_id=PAD
+        )

@@ -12,16 +12,32 @@ import torch
 from clinkd.patch import MCGRope, patch_qwen2_vl
 from clinkd_kernels import mcg_rope_index
 from tests.patch.compare import as_dtype, assert_close_model, compare_with_stock_fed, training_step
-from tests.patch.tiny import (IMAGE, MIXED_ROWS, PAD, PAD_POSITION, VIDEO, VISION_END, VISION_START, make_batch,
-                              qwen2_vl_model, stock_deltas)
+from tests.patch.tiny import (
+    IMAGE,
+    MIXED_ROWS,
+    PAD,
+    PAD_POSITION,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    make_batch,
+    qwen2_vl_model,
+    stock_deltas,
+)
 
 GAP2 = MCGRope(modality_gap=2, vision_stride=1)
 
 
 def _mcg_positions(batch, gap=2):
-    return mcg_rope_index(batch["input_ids"], image_grid_thw=batch.get("image_grid_thw"),
-                          attention_mask=batch["attention_mask"], image_token_id=IMAGE, video_token_id=VIDEO,
-                          modality_gap=gap, pad_position=PAD_POSITION)
+    return mcg_rope_index(
+        batch["input_ids"],
+        image_grid_thw=batch.get("image_grid_thw"),
+        attention_mask=batch["attention_mask"],
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        modality_gap=gap,
+        pad_position=PAD_POSITION,
+    )
 
 
 def _record_positions(model):
@@ -60,8 +76,15 @@ def test_generate_continues_from_mcg_positions():
     prompt_pos, _ = _mcg_positions(batch)
     new = 4
     seen, handle = _record_positions(patched)
-    gen = patched.generate(**batch, max_new_tokens=new, do_sample=False, pad_token_id=PAD, output_logits=True,
-                           return_dict_in_generate=True, suppress_tokens=[IMAGE, VIDEO, VISION_START, VISION_END])
+    gen = patched.generate(
+        **batch,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=PAD,
+        output_logits=True,
+        return_dict_in_generate=True,
+        suppress_tokens=[IMAGE, VIDEO, VISION_START, VISION_END],
+    )
     handle.remove()
 
     assert len(seen) == new
@@ -73,18 +96,27 @@ def test_generate_continues_from_mcg_positions():
 
     # Decoding with the cache (filled by the fused prefill with rotated keys) must agree with one full
     # forward over prompt + generated tokens, whose MCG-RoPE positions continue the same way.
-    full = dict(input_ids=gen.sequences, attention_mask=torch.cat(
-        [batch["attention_mask"], torch.ones(len(gen.sequences), new, dtype=torch.long)], dim=1))
+    full = dict(
+        input_ids=gen.sequences,
+        attention_mask=torch.cat(
+            [batch["attention_mask"], torch.ones(len(gen.sequences), new, dtype=torch.long)], dim=1
+        ),
+    )
     full_pos, _ = _mcg_positions({**full, "image_grid_thw": batch["image_grid_thw"]})
     assert torch.equal(full_pos[..., -new:-1], torch.stack([p[1:, :, 0] for p in seen[1:]], dim=-1))
-    fed = dict(full, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-               mm_token_type_ids=(full["input_ids"] == IMAGE).long(), position_ids=full_pos)
+    fed = dict(
+        full,
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=(full["input_ids"] == IMAGE).long(),
+        position_ids=full_pos,
+    )
     with torch.no_grad():
         ref = copy.deepcopy(stock).double()(**as_dtype(fed, torch.float64), use_cache=False).logits
         base = stock(**fed, use_cache=False).logits
     S = batch["input_ids"].shape[1]
     got = torch.stack(gen.logits, dim=1)  # [B, new, V]: step i predicts token S + i from position S - 1 + i
-    assert_close_model("decoding logits", got, ref[:, S - 1:S - 1 + new], base[:, S - 1:S - 1 + new])
+    assert_close_model("decoding logits", got, ref[:, S - 1 : S - 1 + new], base[:, S - 1 : S - 1 + new])
 
 
 def test_manual_decoding_uses_rope_deltas():

@@ -30,8 +30,13 @@ def test_the_fixed_vision_positions_are_stock_where_stock_is_right(family):
     for _ in range(20):
         merge, temporal = rng.choice([1, 2]), rng.choice([1, 2])
         grid = torch.tensor([temporal * rng.randint(1, 4), merge * rng.randint(1, 5), merge * rng.randint(1, 5)])
-        args = dict(start_position=rng.randint(0, 50), grid_thw=grid, temp_merge_size=temporal,
-                    spatial_merge_size=merge, time_interval=rng.randint(1, 30))
+        args = dict(
+            start_position=rng.randint(0, 50),
+            grid_thw=grid,
+            temp_merge_size=temporal,
+            spatial_merge_size=merge,
+            time_interval=rng.randint(1, 30),
+        )
         assert torch.equal(vision_positions(None, **args), stock(None, **args)), args
 
 
@@ -57,8 +62,14 @@ def test_each_fix_is_for_a_fault_of_the_installed_stock(family):
     batch = make_batch(ROWS, padding="left", frames=family == "Qwen3-VL")
     if family == "Qwen2.5-VL":
         batch["second_per_grid_ts"] = torch.tensor([0.5, 1.7])
-    keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
-            "second_per_grid_ts")
+    keys = (
+        "input_ids",
+        "mm_token_type_ids",
+        "image_grid_thw",
+        "video_grid_thw",
+        "attention_mask",
+        "second_per_grid_ts",
+    )
     args = {k: batch[k] for k in keys if k in batch}
     if not fixed:
         return

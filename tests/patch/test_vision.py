@@ -22,8 +22,11 @@ from tests.patch.tiny import PATCH_DIM, qwen2_5_vl_model, qwen2_vl_model, qwen3_
 GRIDS = torch.tensor([[1, 8, 12], [1, 4, 4], [2, 8, 8]])
 SMALL_GRIDS = torch.tensor([[1, 8, 8], [2, 4, 8]])  # for the interpreter
 AXIAL = all(axial_vision_rotary(family_by_name(f)) for f in ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"))
-served_here = pytest.mark.skipif(not AXIAL, reason="transformers < 5.17 has no axial vision rotary: the fused "
-                                                   "tower is refused there (test_older_towers_stay_stock)")
+served_here = pytest.mark.skipif(
+    not AXIAL,
+    reason="transformers < 5.17 has no axial vision rotary: the fused "
+    "tower is refused there (test_older_towers_stay_stock)",
+)
 
 
 def _tower_model(family: str):
@@ -68,7 +71,9 @@ def _run_tower(model, pixels, grids):
 def vision_calls(monkeypatch):
     calls = []
     real = vision_mod.mcg_rope_attention
-    monkeypatch.setattr(vision_mod, "mcg_rope_attention", lambda *a, **k: calls.append(k["cu_seqlens"]) or real(*a, **k))
+    monkeypatch.setattr(
+        vision_mod, "mcg_rope_attention", lambda *a, **k: calls.append(k["cu_seqlens"]) or real(*a, **k)
+    )
     return calls
 
 
@@ -141,8 +146,9 @@ def test_class_patch_serves_what_it_can(vision_calls):
     # float64, so they agree to fp32 rounding (relative 1e-6 in norm); the stock-fallback tower is the
     # stock computation exactly.
     for (out, grads), (ref, ref_grads), tol in zip(got, want, (1e-6, 0.0)):
-        for name, o, r in [(f"output {i}", o, r) for i, (o, r) in enumerate(zip(out, ref))] + \
-                [(n, grads[n], g) for n, g in ref_grads.items()]:
+        for name, o, r in [(f"output {i}", o, r) for i, (o, r) in enumerate(zip(out, ref))] + [
+            (n, grads[n], g) for n, g in ref_grads.items()
+        ]:
             assert ((o - r).norm() <= tol * r.norm()).item(), f"{name}: {((o - r).norm() / r.norm()).item():.2e}"
 
 

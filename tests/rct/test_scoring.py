@@ -7,8 +7,18 @@ import random
 
 import pytest
 
-from clinkd.rct.scoring import (Thresholds, box_score, boxes, components, judged, problems, score_answers, select,
-                                target_problem, text_part)
+from clinkd.rct.scoring import (
+    Thresholds,
+    box_score,
+    boxes,
+    components,
+    judged,
+    problems,
+    score_answers,
+    select,
+    target_problem,
+    text_part,
+)
 
 
 def _box(b):
@@ -39,7 +49,9 @@ class ConstantSimilarity:
     def __call__(self, texts, references):
         import torch
 
-        return torch.tensor([self.table.get((t, r), 1.0 if t == r else self.default) for t, r in zip(texts, references)])
+        return torch.tensor(
+            [self.table.get((t, r), 1.0 if t == r else self.default) for t, r in zip(texts, references)]
+        )
 
 
 def test_one_box_each_scores_their_iou():
@@ -54,8 +66,10 @@ def test_several_boxes_are_matched_one_to_one_in_any_order():
     for n_ref, n_pred in [(2, 2), (3, 3), (2, 3), (3, 2), (1, 3), (4, 1)]:
         ref = [_random_box(rng) for _ in range(n_ref)]
         pred = [_random_box(rng) for _ in range(n_pred)]
-        best = max(sum(_iou64(pred[i], ref[j]) for i, j in zip(order, range(n_ref)) if i is not None)
-                   for order in itertools.permutations(list(range(n_pred)) + [None] * n_ref, n_ref))
+        best = max(
+            sum(_iou64(pred[i], ref[j]) for i, j in zip(order, range(n_ref)) if i is not None)
+            for order in itertools.permutations(list(range(n_pred)) + [None] * n_ref, n_ref)
+        )
         expected = best / max(n_ref, n_pred)
         got = box_score(" and ".join(map(_box, pred)), "; ".join(map(_box, ref)))
         assert got == pytest.approx(expected, abs=1e-12)
@@ -108,10 +122,14 @@ def test_score_answers_calls_similarity_once_for_the_text_answers():
             return super().__call__(texts, references)
 
     box = _box((0.1, 0.1, 0.5, 0.5))
-    scores = score_answers(["VG", "ROC", "RC"], [box, "the liver", "a cyst"], [box, "liver", "a big cyst"],
-                           Counting(default=0.3))
-    assert scores == [{"iou": pytest.approx(1.0)}, {"words": 1.0, "similarity": pytest.approx(0.3)},
-                      {"similarity": pytest.approx(0.3)}]
+    scores = score_answers(
+        ["VG", "ROC", "RC"], [box, "the liver", "a cyst"], [box, "liver", "a big cyst"], Counting(default=0.3)
+    )
+    assert scores == [
+        {"iou": pytest.approx(1.0)},
+        {"words": 1.0, "similarity": pytest.approx(0.3)},
+        {"similarity": pytest.approx(0.3)},
+    ]
     assert calls == [(["the liver", "a cyst"], ["liver", "a big cyst"])]
 
 

@@ -8,8 +8,14 @@ import functools
 import pytest
 import torch
 
-from clinkd.rct.similarity import (DEFAULT_MODEL, EmbeddingSimilarity, LexicalSimilarity, SimilarityError,
-                                   load_similarity, model_folder)
+from clinkd.rct.similarity import (
+    DEFAULT_MODEL,
+    EmbeddingSimilarity,
+    LexicalSimilarity,
+    SimilarityError,
+    load_similarity,
+    model_folder,
+)
 
 
 @functools.cache
@@ -26,11 +32,15 @@ def test_the_default_model_loads_offline_from_its_package(monkeypatch):
 
 def test_paraphrases_score_above_unrelated_texts():
     similarity = _default()
-    pairs = [("A large liver tumor in the lower right of the CT image.",
-              "The CT image shows a big tumour of the liver at the lower right.",
-              "The weather in the mountains was cold and windy."),
-             ("a small nodule in the left lung", "a little lesion in the left lung", "an enlarged heart"),
-             ("kidney cyst", "a cyst of the kidney", "optic disc")]
+    pairs = [
+        (
+            "A large liver tumor in the lower right of the CT image.",
+            "The CT image shows a big tumour of the liver at the lower right.",
+            "The weather in the mountains was cold and windy.",
+        ),
+        ("a small nodule in the left lung", "a little lesion in the left lung", "an enlarged heart"),
+        ("kidney cyst", "a cyst of the kidney", "optic disc"),
+    ]
     for reference, paraphrase, unrelated in pairs:
         close, far = similarity([paraphrase, unrelated], [reference, reference]).tolist()
         assert close > far + 0.2, (reference, close, far)

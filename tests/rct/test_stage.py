@@ -79,13 +79,22 @@ def test_each_round_corrects_then_trains_on_its_corrections(straight):
 
 def _child(config: Path, *args) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.run([sys.executable, "-m", "tests.rct.kill_child", str(config), *map(str, args)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.rct.kill_child", str(config), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kill", [("journal", 2, 2), ("journal", 1, 2, "torn"), ("step", 1, 2)],
-                         ids=["between-batches", "mid-write", "mid-training"])
+@pytest.mark.parametrize(
+    "kill",
+    [("journal", 2, 2), ("journal", 1, 2, "torn"), ("step", 1, 2)],
+    ids=["between-batches", "mid-write", "mid-training"],
+)
 def test_a_killed_round_resumes_to_the_same_corrections_and_weights(straight, tmp_path, kill):
     folder, data_file, _, _ = straight
     config = rct_config(tmp_path, data_file)

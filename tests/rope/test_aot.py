@@ -28,7 +28,7 @@ def test_every_config_compiles_without_spills(reports):
         assert r.kernel == "mrope_rotate_kernel"
         assert r.spill_bytes == 0, r
         assert r.shared_bytes <= MAX_SHARED_PER_BLOCK[r.arch], r
-        assert 0 < r.registers <= 128, r            # leaves >= 4 blocks of 4 warps per SM
+        assert 0 < r.registers <= 128, r  # leaves >= 4 blocks of 4 warps per SM
         assert r.ok and r.blocks_per_sm >= 4, r
 
 
@@ -63,5 +63,5 @@ def test_vectorised_form_compiles_without_spills(arch):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["spills"] == 0 and 0 < r["regs"] <= 128, r
-    assert r["v4_load"] and r["v4_store"], r          # 16-byte accesses for the q tiles
+    assert r["v4_load"] and r["v4_store"], r  # 16-byte accesses for the q tiles
     assert not r["libdevice"] and not r["approx"], r  # the shared sincos (test_kernels.py), no libdevice call

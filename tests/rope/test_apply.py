@@ -40,10 +40,10 @@ def check_backward(q, k, pos, inv, sec, backend, scale=1.0, name=""):
     gk = torch.randn(k.shape, device=k.device, dtype=torch.float64)
     grads = {}
     for label, fn, cast in (
-            ("out", lambda a, b: apply_mrope(a, b, pos, inv, sec, attention_scaling=scale, backend=backend), q.dtype),
-            ("ref", lambda a, b: apply_mrope_reference(a, b, pos, inv, sec, attention_scaling=scale),
-             torch.float64),
-            ("base", lambda a, b: apply_mrope_reference(a, b, pos, inv, sec, attention_scaling=scale), q.dtype)):
+        ("out", lambda a, b: apply_mrope(a, b, pos, inv, sec, attention_scaling=scale, backend=backend), q.dtype),
+        ("ref", lambda a, b: apply_mrope_reference(a, b, pos, inv, sec, attention_scaling=scale), torch.float64),
+        ("base", lambda a, b: apply_mrope_reference(a, b, pos, inv, sec, attention_scaling=scale), q.dtype),
+    ):
         a = q.detach().to(cast).requires_grad_()
         b = k.detach().to(cast).requires_grad_()
         oq, ok = fn(a, b)
@@ -86,7 +86,7 @@ def test_triton_heads_more_than_a_block_and_split(interpreter):
 def test_triton_batch_larger_than_grid_axis(interpreter, monkeypatch):
     import clinkd_kernels.rope.launch as launch
 
-    monkeypatch.setattr(launch, "_MAX_GRID_YZ", 2)   # the real limit is 65535 rows; slices of 2 here
+    monkeypatch.setattr(launch, "_MAX_GRID_YZ", 2)  # the real limit is 65535 rows; slices of 2 here
     q, k, pos, inv = make_inputs(5, 2, 3, 1, 64, torch.float32, interpreter)
     check_forward(q, k, pos, inv, (8, 12, 12), "triton", name="batch slices")
 
@@ -95,8 +95,8 @@ def test_triton_strided_views_packed_and_int32_positions(interpreter):
     # q, k as views of a fused qkv projection [B, S, (Hq + 2·Hkv)·D]; positions a strided slice
     B, S, Hq, Hkv, D, sec = 2, 5, 4, 2, 64, (8, 12, 12)
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, device=interpreter)
-    q = qkv[..., :Hq * D].view(B, S, Hq, D)
-    k = qkv[..., Hq * D:(Hq + Hkv) * D].view(B, S, Hkv, D)
+    q = qkv[..., : Hq * D].view(B, S, Hq, D)
+    k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, S, Hkv, D)
     assert not q.is_contiguous()
     pos = torch.randint(0, 5000, (3, B, 2 * S), device=interpreter)[..., ::2].int()
     inv = inv_freq_for(D).to(interpreter)
@@ -141,11 +141,11 @@ def test_cpu_backends(backend, D, sec, dtype):
 def test_cpu_path_chunks_and_strides(monkeypatch):
     import clinkd_kernels.rope.cpu as cpu
 
-    monkeypatch.setattr(cpu, "_CPU_CHUNK_ELEMS", 3 * 7 * 64)   # 2 tokens per chunk → odd last chunk
+    monkeypatch.setattr(cpu, "_CPU_CHUNK_ELEMS", 3 * 7 * 64)  # 2 tokens per chunk → odd last chunk
     B, S, Hq, Hkv, D, sec = 2, 7, 5, 2, 64, (8, 12, 12)
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D)
-    q = qkv[..., :Hq * D].view(B, S, Hq, D)
-    k = qkv[..., Hq * D:(Hq + Hkv) * D].view(B, S, Hkv, D)
+    q = qkv[..., : Hq * D].view(B, S, Hq, D)
+    k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, S, Hkv, D)
     pos = torch.randint(0, 50000, (3, S, B)).transpose(1, 2)
     check_forward(q, k, pos, inv_freq_for(D), sec, "cpu", name="cpu chunks")
     check_backward(q, k, pos, inv_freq_for(D), sec, "cpu", name="cpu chunks")
@@ -155,7 +155,7 @@ def test_default_backend_and_env(monkeypatch):
     q, k, pos, inv = make_inputs(1, 3, 2, 2, 64, torch.float32, "cpu")
     sec = (8, 12, 12)
     want = apply_mrope(q, k, pos, inv, sec, backend="cpu")
-    got = apply_mrope(q, k, pos, inv, sec)                         # CPU default: the cpu path
+    got = apply_mrope(q, k, pos, inv, sec)  # CPU default: the cpu path
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     monkeypatch.setenv("CLINKD_BACKEND", "torch")
     got = apply_mrope(q, k, pos, inv, sec)
@@ -172,11 +172,15 @@ def test_opcheck_and_compile(interpreter):
     for backend, device in (("cpu", "cpu"), ("triton", interpreter)):
         qq, kk, pp, ii = (t.detach().to(device).requires_grad_(t.requires_grad) for t in (q, k, pos, inv))
         for sec, interleaved in (([8, 12, 12], False), ([12, 10, 10], True)):
-            torch.library.opcheck(mrope_rotate, (qq, kk, pp, ii, sec, interleaved, 1.0, False, backend),
-                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+            torch.library.opcheck(
+                mrope_rotate,
+                (qq, kk, pp, ii, sec, interleaved, 1.0, False, backend),
+                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+            )
     for sec, interleaved in (((8, 12, 12), False), ((12, 10, 10), True)):
-        compiled = torch.compile(lambda a, b: apply_mrope(a, b, pos, inv, sec, mrope_interleaved=interleaved,
-                                                          backend="cpu"), fullgraph=True)
+        compiled = torch.compile(
+            lambda a, b: apply_mrope(a, b, pos, inv, sec, mrope_interleaved=interleaved, backend="cpu"), fullgraph=True
+        )
         got = compiled(q, k)
         want = apply_mrope(q, k, pos, inv, sec, mrope_interleaved=interleaved, backend="cpu")
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -231,5 +235,5 @@ def test_gpu_triton(D, sec, dtype):
     q, k, pos, inv = make_inputs(2, 301, 28, 4, D, dtype, "cuda", max_pos=40000)
     check_forward(q, k, pos, inv, sec, "triton", name=f"gpu D={D} {dtype}")
     check_backward(q, k, pos, inv, sec, "triton", name=f"gpu D={D} {dtype}")
-    q1, k1, pos1, _ = make_inputs(1, 1, 28, 4, D, dtype, "cuda")      # one decode token: head split path
+    q1, k1, pos1, _ = make_inputs(1, 1, 28, 4, D, dtype, "cuda")  # one decode token: head split path
     check_forward(q1, k1, pos1, inv, sec, "triton", name=f"gpu decode D={D} {dtype}")

@@ -33,7 +33,7 @@ BACKENDS = ["cpu", "torch", "triton"]
 def make_inputs(lead, Hq, Hkv, D, dtype, device, *, max_pos=30000):
     q = torch.randn(*lead, Hq, D, device=device).to(dtype)
     k = torch.randn(*lead, Hkv, D, device=device).to(dtype)
-    pos = torch.randint(0, max_pos, (3, *lead), device=device)      # distinct t, h, w rows
+    pos = torch.randint(0, max_pos, (3, *lead), device=device)  # distinct t, h, w rows
     return q, k, pos, inv_freq_for(D).to(device)
 
 
@@ -52,11 +52,17 @@ def check_backward(q, k, pos, inv, sec, backend, scale, name):
     gq = torch.randn(q.shape, device=q.device, dtype=torch.float64)
     gk = torch.randn(k.shape, device=k.device, dtype=torch.float64)
     runs = {
-        "out": (q.dtype, lambda a, b: apply_mrope(a, b, pos, inv, sec, attention_scaling=scale,
-                                                  mrope_interleaved=True, backend=backend)),
+        "out": (
+            q.dtype,
+            lambda a, b: apply_mrope(
+                a, b, pos, inv, sec, attention_scaling=scale, mrope_interleaved=True, backend=backend
+            ),
+        ),
         "ref": (torch.float64, lambda a, b: qwen3vl_rotary(a, b, pos, inv, sec, attention_scaling=scale)),
-        "base": (q.dtype, lambda a, b: qwen3vl_rotary(a, b, pos, inv, sec, attention_scaling=scale,
-                                                      compute=torch.float32)),
+        "base": (
+            q.dtype,
+            lambda a, b: qwen3vl_rotary(a, b, pos, inv, sec, attention_scaling=scale, compute=torch.float32),
+        ),
     }
     grads = {}
     for label, (dtype, fn) in runs.items():
@@ -84,18 +90,28 @@ def test_recipe_matches_transformers(D, sec, scale):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding, apply_rotary_pos_emb
 
     config = Qwen3VLTextConfig(
-        vocab_size=32, hidden_size=2 * D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=D,
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": list(sec),
-                         "mrope_interleaved": True})
+        vocab_size=32,
+        hidden_size=2 * D,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=D,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": list(sec),
+            "mrope_interleaved": True,
+        },
+    )
     rotary = Qwen3VLTextRotaryEmbedding(config)
-    rotary.attention_scaling = scale          # the default rope type has 1.0; forward multiplies cos/sin by it
+    rotary.attention_scaling = scale  # the default rope type has 1.0; forward multiplies cos/sin by it
     assert torch.equal(rotary.inv_freq, inv_freq_for(D))
 
     B, S, Hq, Hkv = 2, 9, 3, 1
     q, k, pos, inv = make_inputs((B, S), Hq, Hkv, D, torch.float32, "cpu")
-    cos, sin = rotary(q, pos)                                        # [B, S, D] fp32
-    q_tf, k_tf = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)   # [B, H, S, D]
+    cos, sin = rotary(q, pos)  # [B, S, D] fp32
+    q_tf, k_tf = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, S, D]
     q_tf, k_tf = q_tf.transpose(1, 2), k_tf.transpose(1, 2)
 
     # the fp32 recipe is transformers' computation: same operations on the same values
@@ -158,8 +174,8 @@ def test_strided_views_of_fused_qkv(interpreter, backend):
     device = device_for(backend, interpreter)
     B, S, Hq, Hkv, D, sec = 2, 5, 3, 1, 64, (12, 10, 10)
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, device=device)
-    q = qkv[..., :Hq * D].view(B, S, Hq, D)
-    k = qkv[..., Hq * D:(Hq + Hkv) * D].view(B, S, Hkv, D)
+    q = qkv[..., : Hq * D].view(B, S, Hq, D)
+    k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, S, Hkv, D)
     assert not q.is_contiguous()
     pos = torch.randint(0, 30000, (3, B, 2 * S), device=device)[..., ::2]
     check_forward(q, k, pos, inv_freq_for(D).to(device), sec, backend, 1.0, f"strided {backend}")
@@ -231,8 +247,9 @@ def test_interleaved_flag_must_be_bool(backend, flag):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("D, sec", [(64, (8, 12, 12)), (64, (10, 11, 11)), (64, (9, 12, 11)), (128, (16, 24, 24)),
-                                    (80, (8, 16, 16))])
+@pytest.mark.parametrize(
+    "D, sec", [(64, (8, 12, 12)), (64, (10, 11, 11)), (64, (9, 12, 11)), (128, (16, 24, 24)), (80, (8, 16, 16))]
+)
 def test_sections_that_do_not_fit(backend, D, sec):
     # h needs slots 1, 4, …, 3·s_h − 2 and w slots 2, 5, …, 3·s_w − 1 among the D/2 frequencies
     q, k, v, pos, inv = attention_args(D)

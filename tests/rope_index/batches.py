@@ -7,8 +7,8 @@ import random
 
 import torch
 
-IMG, VID, VS, VE = 151, 152, 150, 153   # image/video placeholders, <vision_start>, <vision_end>
-M = 2                                   # spatial merge size
+IMG, VID, VS, VE = 151, 152, 150, 153  # image/video placeholders, <vision_start>, <vision_end>
+M = 2  # spatial merge size
 IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, spatial_merge_size=M)
 
 
@@ -54,8 +54,8 @@ def pack(rows, *, extra=0, padding="random"):
     for b, r in enumerate(rows):
         side = padding if padding != "random" else random.choice(["left", "right"])
         off = S - len(r) if side == "left" else 0
-        ids[b, off:off + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, off:off + len(r)] = 1
+        ids[b, off : off + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, off : off + len(r)] = 1
     return ids, mask
 
 

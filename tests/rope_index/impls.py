@@ -10,18 +10,42 @@ from clinkd_kernels.rope_index import device, mcg_rope_index
 from clinkd_kernels.rope_index.device import mcg_rope_index_device
 
 
-def device_path(input_ids, *, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
-                 image_token_id, video_token_id, vision_start_token_id=None, spatial_merge_size=2,
-                 modality_gap=2, vision_stride=1, pad_position=1, video_time_interval=None,
-                 split_video_frames=False):
+def device_path(
+    input_ids,
+    *,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    image_token_id,
+    video_token_id,
+    vision_start_token_id=None,
+    spatial_merge_size=2,
+    modality_gap=2,
+    vision_stride=1,
+    pad_position=1,
+    video_time_interval=None,
+    split_video_frames=False,
+):
     """The on-device (CUDA) implementation, run here on CPU tensors (a float interval made a tensor, as
     the public op does)."""
     if video_time_interval is not None and not isinstance(video_time_interval, torch.Tensor):
         n = 0 if video_grid_thw is None else video_grid_thw.shape[0]
         video_time_interval = torch.full((n,), video_time_interval, dtype=torch.float32)
-    return mcg_rope_index_device(input_ids, image_grid_thw, video_grid_thw, attention_mask, image_token_id,
-                                 video_token_id, vision_start_token_id, spatial_merge_size, modality_gap,
-                                 vision_stride, pad_position, video_time_interval, split_video_frames)
+    return mcg_rope_index_device(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        image_token_id,
+        video_token_id,
+        vision_start_token_id,
+        spatial_merge_size,
+        modality_gap,
+        vision_stride,
+        pad_position,
+        video_time_interval,
+        split_video_frames,
+    )
 
 
 def device_grids_path(input_ids, **kw):

@@ -24,7 +24,7 @@ from .impls import ALL_IMPLS
 
 transformers = pytest.importorskip("transformers")
 
-ROW_KW = dict(max_items=5, p_image=0.4, p_video=0.4)   # several images and videos per row
+ROW_KW = dict(max_items=5, p_image=0.4, p_video=0.4)  # several images and videos per row
 
 
 def _stock(family: str, tokens_per_second: int = 2):
@@ -32,17 +32,22 @@ def _stock(family: str, tokens_per_second: int = 2):
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel as Model
+
         vision = dict(spatial_merge_size=M)
     elif family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Config
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel as Model
+
         vision = dict(spatial_merge_size=M, tokens_per_second=tokens_per_second)
     else:
         from transformers import Qwen3VLConfig as Config
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel as Model
+
         vision = dict(spatial_merge_size=M)
     config = Config(vision_config=vision)
-    model = SimpleNamespace(config=config, get_vision_position_ids=functools.partial(Model.get_vision_position_ids, None))
+    model = SimpleNamespace(
+        config=config, get_vision_position_ids=functools.partial(Model.get_vision_position_ids, None)
+    )
     return functools.partial(Model.get_rope_index, model)
 
 
@@ -84,16 +89,30 @@ def test_qwen2_5_vl(impl, tokens_per_second, padding):
     for _ in range(6):
         ids, mask, grid, vgrid = _batch(padding, max_t=8)
         # as the processor returns it: float32 seconds per temporal grid
-        seconds = torch.tensor([random.choice([0.5, 1.0, 1.7, random.uniform(0.1, 3.0)]) for _ in range(len(vgrid))],
-                               dtype=torch.float32)
-        want = stock(ids, mm_token_types(ids), second_per_grid_ts=seconds, attention_mask=mask,
-                     **_grids(grid, vgrid))
-        _check(impl, want, ids, attention_mask=mask, image_grid_thw=grid, video_grid_thw=vgrid,
-               video_time_interval=tokens_per_second * seconds)
+        seconds = torch.tensor(
+            [random.choice([0.5, 1.0, 1.7, random.uniform(0.1, 3.0)]) for _ in range(len(vgrid))], dtype=torch.float32
+        )
+        want = stock(ids, mm_token_types(ids), second_per_grid_ts=seconds, attention_mask=mask, **_grids(grid, vgrid))
+        _check(
+            impl,
+            want,
+            ids,
+            attention_mask=mask,
+            image_grid_thw=grid,
+            video_grid_thw=vgrid,
+            video_time_interval=tokens_per_second * seconds,
+        )
         # without second_per_grid_ts stock spaces frames by tokens_per_second itself
         want = stock(ids, mm_token_types(ids), attention_mask=mask, **_grids(grid, vgrid))
-        _check(impl, want, ids, attention_mask=mask, image_grid_thw=grid, video_grid_thw=vgrid,
-               video_time_interval=float(tokens_per_second))
+        _check(
+            impl,
+            want,
+            ids,
+            attention_mask=mask,
+            image_grid_thw=grid,
+            video_grid_thw=vgrid,
+            video_time_interval=float(tokens_per_second),
+        )
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
@@ -103,8 +122,7 @@ def test_qwen3_vl(impl, padding):
     for _ in range(6):
         ids, mask, grid, vgrid = _batch(padding, split_frames=True)
         want = stock(ids, mm_token_types(ids), attention_mask=mask, **_grids(grid, vgrid))
-        _check(impl, want, ids, attention_mask=mask, image_grid_thw=grid, video_grid_thw=vgrid,
-               split_video_frames=True)
+        _check(impl, want, ids, attention_mask=mask, image_grid_thw=grid, video_grid_thw=vgrid, split_video_frames=True)
 
 
 def test_families_differ_where_expected():
@@ -117,10 +135,19 @@ def test_families_differ_where_expected():
     qwen2 = _stock("qwen2_vl")(ids, mm_token_types(ids), **kw)
     qwen25 = _stock("qwen2_5_vl", 4)(ids, mm_token_types(ids), second_per_grid_ts=torch.ones(len(vgrid)), **kw)
     assert not torch.equal(qwen2[0], qwen25[0])
-    ours = mcg_rope_index(ids, image_grid_thw=grid, video_grid_thw=vgrid, attention_mask=mask, modality_gap=1,
-                          pad_position=0, video_time_interval=4.0, **IDS)
+    ours = mcg_rope_index(
+        ids,
+        image_grid_thw=grid,
+        video_grid_thw=vgrid,
+        attention_mask=mask,
+        modality_gap=1,
+        pad_position=0,
+        video_time_interval=4.0,
+        **IDS,
+    )
     assert torch.equal(ours[0], qwen25[0])
     # Qwen3-VL on the same grids laid out frame by frame is a different batch; on Qwen2-VL's layout it refuses
     with pytest.raises(ValueError, match="video runs but video_grid_thw has"):
-        mcg_rope_index(ids, video_grid_thw=vgrid, image_grid_thw=grid, attention_mask=mask, split_video_frames=True,
-                       **IDS)
+        mcg_rope_index(
+            ids, video_grid_thw=vgrid, image_grid_thw=grid, attention_mask=mask, split_video_frames=True, **IDS
+        )

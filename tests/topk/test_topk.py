@@ -28,15 +28,23 @@ def check_against_reference(logits, k, temperature, backend):
     # whose values may be ~0, so the norm test is taken on the unit scale, not relative to the values.
     for name in ("logprobs", "lse", "margin", "residual"):
         value = getattr(got, name)
-        assert_close(name, value, getattr(ref, name), getattr(base, name), atol=ATOL, dtype=torch.float32,
-                     norm_floor=math.sqrt(value.numel()))
+        assert_close(
+            name,
+            value,
+            getattr(ref, name),
+            getattr(base, name),
+            atol=ATOL,
+            dtype=torch.float32,
+            norm_floor=math.sqrt(value.numel()),
+        )
     return got, ref
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,v,k", [(7, 1000, 1), (33, 4099, 64), (5, 1025, 2), (3, 151, 151), (1, 1, 1),
-                                   (2, 2, 1), (9, 2053, 1024)])
+@pytest.mark.parametrize(
+    "n,v,k", [(7, 1000, 1), (33, 4099, 64), (5, 1025, 2), (3, 151, 151), (1, 1, 1), (2, 2, 1), (9, 2053, 1024)]
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0, 0.7])
 def test_matches_reference(backend, dtype, n, v, k, temperature):
     logits = (torch.randn(n, v) * 4).to(dtype)
@@ -105,23 +113,27 @@ def test_large_vocabulary_row():
 
 # --- bad input --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("logits,k,temperature,error,match", [
-    (torch.randn(4, 10), 0, 1.0, ValueError, "k must be in"),
-    (torch.randn(4, 10), -3, 1.0, ValueError, "k must be in"),
-    (torch.randn(4, 10), 11, 1.0, ValueError, "k must be in"),
-    (torch.randn(2, 3000), 1025, 1.0, ValueError, "k must be in"),
-    (torch.randn(4, 10), 2.0, 1.0, TypeError, "k must be an int"),
-    (torch.randn(10), 2, 1.0, ValueError, "logits must be 2-D"),
-    (torch.randn(2, 3, 10), 2, 1.0, ValueError, "logits must be 2-D"),
-    (torch.randint(0, 5, (4, 10)), 2, 1.0, TypeError, "logits must have dtype"),
-    (torch.randn(4, 10).double(), 2, 1.0, TypeError, "logits must have dtype"),
-    (torch.randn(4, 10), 2, 0.0, ValueError, "temperature"),
-    (torch.randn(4, 10), 2, -1.0, ValueError, "temperature"),
-    (torch.randn(4, 10), 2, float("nan"), ValueError, "temperature"),
-    (torch.randn(4, 10), 2, float("inf"), ValueError, "temperature"),
-    ([[1.0, 2.0]], 1, 1.0, TypeError, "logits must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "logits,k,temperature,error,match",
+    [
+        (torch.randn(4, 10), 0, 1.0, ValueError, "k must be in"),
+        (torch.randn(4, 10), -3, 1.0, ValueError, "k must be in"),
+        (torch.randn(4, 10), 11, 1.0, ValueError, "k must be in"),
+        (torch.randn(2, 3000), 1025, 1.0, ValueError, "k must be in"),
+        (torch.randn(4, 10), 2.0, 1.0, TypeError, "k must be an int"),
+        (torch.randn(10), 2, 1.0, ValueError, "logits must be 2-D"),
+        (torch.randn(2, 3, 10), 2, 1.0, ValueError, "logits must be 2-D"),
+        (torch.randint(0, 5, (4, 10)), 2, 1.0, TypeError, "logits must have dtype"),
+        (torch.randn(4, 10).double(), 2, 1.0, TypeError, "logits must have dtype"),
+        (torch.randn(4, 10), 2, 0.0, ValueError, "temperature"),
+        (torch.randn(4, 10), 2, -1.0, ValueError, "temperature"),
+        (torch.randn(4, 10), 2, float("nan"), ValueError, "temperature"),
+        (torch.randn(4, 10), 2, float("inf"), ValueError, "temperature"),
+        ([[1.0, 2.0]], 1, 1.0, TypeError, "logits must be a torch.Tensor"),
+    ],
+)
 def test_bad_arguments(backend, logits, k, temperature, error, match):
     with pytest.raises(error, match=match):
         topk_pseudo_labels(logits, k, temperature=temperature, backend=backend)
@@ -154,16 +166,19 @@ def test_unknown_or_impossible_backend():
 
 
 @needs_ext
-@pytest.mark.parametrize("args,error", [
-    ((torch.randn(3, 10), 0, 1.0), ValueError),
-    ((torch.randn(3, 10), 11, 1.0), ValueError),
-    ((torch.randn(3, 2000), 1025, 1.0), ValueError),
-    ((torch.randn(3, 10), 2, 0.0), ValueError),
-    ((torch.randn(3, 10), 2, float("nan")), ValueError),
-    ((torch.randn(10), 2, 1.0), ValueError),
-    ((torch.randint(0, 3, (3, 10)), 2, 1.0), TypeError),
-    ((torch.randn(10, 3).t(), 2, 1.0), ValueError),
-])
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        ((torch.randn(3, 10), 0, 1.0), ValueError),
+        ((torch.randn(3, 10), 11, 1.0), ValueError),
+        ((torch.randn(3, 2000), 1025, 1.0), ValueError),
+        ((torch.randn(3, 10), 2, 0.0), ValueError),
+        ((torch.randn(3, 10), 2, float("nan")), ValueError),
+        ((torch.randn(10), 2, 1.0), ValueError),
+        ((torch.randint(0, 3, (3, 10)), 2, 1.0), TypeError),
+        ((torch.randn(10, 3).t(), 2, 1.0), ValueError),
+    ],
+)
 def test_extension_checks_its_own_arguments(args, error):
     """The C++ op is callable without the Python wrapper: it must refuse bad input itself."""
     with pytest.raises(error):
@@ -176,6 +191,7 @@ def test_custom_op_registration():
 
 
 # --- CUDA ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

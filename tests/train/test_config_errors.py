@@ -60,6 +60,7 @@ def test_box_outside_the_unit_square(run, capsys, no_training):
 
     def edit(records):
         records[2]["conversations"] = [["<img>x</img> Where is it?", "<box>(0.2,0.3),(1.25,0.9)</box>"]]
+
     _edit_records(data_file, edit)
     err = _fails(capsys, config, "corners outside [0, 1] (1.25)")
     assert "train.json[2]" in err  # the error points at the record
@@ -71,23 +72,40 @@ def test_record_without_supervised_tokens(run, capsys, no_training):
     def edit(records):
         long_question = " ".join(["the liver and the left kidney"] * 80)
         records[4]["conversations"] = [["<img>x</img> " + long_question, "lesion"]]
+
     _edit_records(data_file, edit)
-    _fails(capsys, config, "no supervised (answer) token left after truncation to max_length=256",
-           "--set", "data.max_length=256")
+    _fails(
+        capsys,
+        config,
+        "no supervised (answer) token left after truncation to max_length=256",
+        "--set",
+        "data.max_length=256",
+    )
 
 
 def test_teacher_vocabulary_smaller_than_the_students(run, capsys, no_training):
     folder, config, _ = run
     vocab = len(tiny.processor().tokenizer)
-    _fails(capsys, config, f"vocabulary {vocab} is smaller than the student's {vocab + 20}",
-           "--set", f"models.student.config.text_config.vocab_size={vocab + 20}",
-           "--set", f"models.teacher.config.text_config.vocab_size={vocab}")
+    _fails(
+        capsys,
+        config,
+        f"vocabulary {vocab} is smaller than the student's {vocab + 20}",
+        "--set",
+        f"models.student.config.text_config.vocab_size={vocab + 20}",
+        "--set",
+        f"models.teacher.config.text_config.vocab_size={vocab}",
+    )
 
 
 def test_patch_the_model_cannot_take(run, capsys, no_training):
     folder, config, _ = run
-    _fails(capsys, config, "supports head_dim in (64, 72, 80, 96, 128), this model has 16",
-           "--set", "models.student.patch.attention=true")
+    _fails(
+        capsys,
+        config,
+        "supports head_dim in (64, 72, 80, 96, 128), this model has 16",
+        "--set",
+        "models.student.patch.attention=true",
+    )
 
 
 def test_unknown_preset(tmp_path, capsys, no_training):
@@ -106,25 +124,31 @@ def test_store_written_for_other_settings(run, capsys, no_training):
     from clinkd.distill import PseudoLabelWriter, StoreMeta
     from tests.distill import fake
 
-    writer = PseudoLabelWriter(folder / "out" / "pseudo_labels", StoreMeta(
-        teacher="someone-else", k=fake.K, temperature=0.8, vocab_size=fake.VOCAB, tokenizer_hash="x"), ["a", "b"])
+    writer = PseudoLabelWriter(
+        folder / "out" / "pseudo_labels",
+        StoreMeta(teacher="someone-else", k=fake.K, temperature=0.8, vocab_size=fake.VOCAB, tokenizer_hash="x"),
+        ["a", "b"],
+    )
     writer.add("a", *fake.sample_rows(0))
     writer.close()
     err = _fails(capsys, config, "was written for another run")
     assert "k: store has 4, this run has 6" in err
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"stages": [{"name": "kd", "type": "kd", "temperature": 0}]}, "config.stages[0].temperature must be >= 1e-06"),
-    ({"stages": [{"name": "kd", "type": "kd", "curriculum": {"start_fraction": 0}}]}, "start_fraction must be in"),
-    ({"stages": [{"name": "x", "type": "distill"}]}, "config.stages[0].type must be one of kd, sft, rct"),
-    ({"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "sft"}]}, "stage names must be unique"),
-    ({"stages": [{"name": "s", "type": "sft", "training": {"learning_rat": 1}}]}, "unknown key(s) learning_rat"),
-    ({"stages": [{"name": "s", "type": "sft", "training": {"output_dir": "x"}}]}, "are set by clinkd"),
-    ({"data": {"max_length": 512}}, "config.data.train (the training data file) is required"),
-    ({"models": {"student": {"dtype": "float32"}}}, "needs exactly one of from_pretrained"),
-    ({"modles": {}}, "unknown key(s) modles"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"stages": [{"name": "kd", "type": "kd", "temperature": 0}]}, "config.stages[0].temperature must be >= 1e-06"),
+        ({"stages": [{"name": "kd", "type": "kd", "curriculum": {"start_fraction": 0}}]}, "start_fraction must be in"),
+        ({"stages": [{"name": "x", "type": "distill"}]}, "config.stages[0].type must be one of kd, sft, rct"),
+        ({"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "sft"}]}, "stage names must be unique"),
+        ({"stages": [{"name": "s", "type": "sft", "training": {"learning_rat": 1}}]}, "unknown key(s) learning_rat"),
+        ({"stages": [{"name": "s", "type": "sft", "training": {"output_dir": "x"}}]}, "are set by clinkd"),
+        ({"data": {"max_length": 512}}, "config.data.train (the training data file) is required"),
+        ({"models": {"student": {"dtype": "float32"}}}, "needs exactly one of from_pretrained"),
+        ({"modles": {}}, "unknown key(s) modles"),
+    ],
+)
 def test_config_errors_name_the_key(run, edit, message):
     folder, config, _ = run
     mapping = yaml.safe_load(config.read_text())
@@ -138,17 +162,30 @@ def test_config_errors_name_the_key(run, edit, message):
 def test_presets_are_complete_configs(tmp_path):
     from clinkd.train import parse_config
 
-    assert {"tiny", "tiny-qwen3-vl", "clinkd-qwen2-vl-7b", "clinkd-qwen2-vl-7b-rct", "clinkd-qwen2.5-vl-7b",
-            "clinkd-qwen3-vl-8b"} <= set(preset_names())
+    assert {
+        "tiny",
+        "tiny-qwen3-vl",
+        "clinkd-qwen2-vl-7b",
+        "clinkd-qwen2-vl-7b-rct",
+        "clinkd-qwen2.5-vl-7b",
+        "clinkd-qwen3-vl-8b",
+    } <= set(preset_names())
     for name in preset_names():
         mapping = dict(get_preset(name), output_dir=str(tmp_path), data={"train": str(tmp_path / "t.json")})
         if name.startswith("clinkd-"):
             mapping["models"] = dict(mapping["models"], teacher={"from_pretrained": "a/teacher"})
         parse_config(mapping)
-    assert [s.type for s in parse_config(dict(get_preset("clinkd-qwen2-vl-7b-rct"), output_dir=str(tmp_path),
-                                              data={"train": "t.json"}, models={"student": {"from_pretrained": "s"},
-                                                                                "teacher": {"from_pretrained": "t"}})
-                                         ).stages] == ["kd", "sft", "rct"]
+    assert [
+        s.type
+        for s in parse_config(
+            dict(
+                get_preset("clinkd-qwen2-vl-7b-rct"),
+                output_dir=str(tmp_path),
+                data={"train": "t.json"},
+                models={"student": {"from_pretrained": "s"}, "teacher": {"from_pretrained": "t"}},
+            )
+        ).stages
+    ] == ["kd", "sft", "rct"]
     assert get_preset("clinkd-qwen3-vl-8b")["models"]["student"]["from_pretrained"] == "Qwen/Qwen3-VL-8B-Instruct"
     assert main(["presets"]) == 0
 

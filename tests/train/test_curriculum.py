@@ -64,8 +64,13 @@ def test_trainer_feeds_the_scheduled_weights_to_the_loss(tmp_path, monkeypatch):
     the ceil(f(s)·N) largest-margin supervised tokens of the batch."""
     data = setup.dataset(tmp_path / "data", n=6)
     vocab = len(tiny.processor().tokenizer)
-    meta = StoreMeta(teacher="t", k=4, temperature=1.0, vocab_size=vocab,
-                     tokenizer_hash=tokenizer_fingerprint(tiny.processor().tokenizer))
+    meta = StoreMeta(
+        teacher="t",
+        k=4,
+        temperature=1.0,
+        vocab_size=vocab,
+        tokenizer_hash=tokenizer_fingerprint(tiny.processor().tokenizer),
+    )
     cache_pseudo_labels(setup.teacher(), data, setup.collator(), tmp_path / "store", meta=meta, progress=False)
     store = PseudoLabelStore(tmp_path / "store", expect=meta)
     curriculum = MarginCurriculum(start_fraction=0.25, warmup_steps=4)
@@ -77,8 +82,15 @@ def test_trainer_feeds_the_scheduled_weights_to_the_loss(tmp_path, monkeypatch):
         return real(hidden, weight, labels, **kw)
 
     monkeypatch.setattr(trainer_module, "linear_kd_loss", spy)
-    t = setup.trainer(setup.student(), tmp_path / "out", data, steps=6, batch=2,
-                      kd=KDSettings(topk=4, temperature=1.0, curriculum=curriculum), store=store)
+    t = setup.trainer(
+        setup.student(),
+        tmp_path / "out",
+        data,
+        steps=6,
+        batch=2,
+        kd=KDSettings(topk=4, temperature=1.0, curriculum=curriculum),
+        store=store,
+    )
     t.train()
     assert len(seen) == 6
     for step, (weights, margin, n) in enumerate(seen):
@@ -113,9 +125,15 @@ def test_online_dense_teacher_skips_the_margin_pass_after_the_warm_up(tmp_path, 
 
     monkeypatch.setattr(cache_module, "topk_pseudo_labels", topk_spy)
     monkeypatch.setattr(trainer_module, "linear_kd_loss", loss_spy)
-    t = setup.trainer(setup.student(), tmp_path / "out", data, steps=4, batch=2,
-                      kd=KDSettings(topk=None, curriculum=MarginCurriculum(start_fraction=0.5, warmup_steps=2)),
-                      teacher=setup.teacher())
+    t = setup.trainer(
+        setup.student(),
+        tmp_path / "out",
+        data,
+        steps=4,
+        batch=2,
+        kd=KDSettings(topk=None, curriculum=MarginCurriculum(start_fraction=0.5, warmup_steps=2)),
+        teacher=setup.teacher(),
+    )
     t.train()
     assert len(weights_seen) == 4 and margin_passes == [2, 2]  # top-2 margins at steps 0 and 1 only
     assert all(w is not None and 0 < int(w.sum()) < w.numel() for w in weights_seen[:2])

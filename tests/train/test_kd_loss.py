@@ -25,12 +25,19 @@ def world(tmp_path_factory):
     data = setup.dataset(folder / "data")
     teacher = setup.teacher()
     vocab = len(tiny.processor().tokenizer)
-    meta = StoreMeta(teacher="tiny-teacher", k=K, temperature=T, vocab_size=vocab,
-                     tokenizer_hash=tokenizer_fingerprint(tiny.processor().tokenizer))
-    assert cache_pseudo_labels(teacher, data, setup.collator(), folder / "store", meta=meta, batch_size=3,
-                               shard_size=2, progress=False)
-    return dict(folder=folder, data=data, teacher=teacher, meta=meta, store=PseudoLabelStore(folder / "store",
-                                                                                              expect=meta))
+    meta = StoreMeta(
+        teacher="tiny-teacher",
+        k=K,
+        temperature=T,
+        vocab_size=vocab,
+        tokenizer_hash=tokenizer_fingerprint(tiny.processor().tokenizer),
+    )
+    assert cache_pseudo_labels(
+        teacher, data, setup.collator(), folder / "store", meta=meta, batch_size=3, shard_size=2, progress=False
+    )
+    return dict(
+        folder=folder, data=data, teacher=teacher, meta=meta, store=PseudoLabelStore(folder / "store", expect=meta)
+    )
 
 
 def _shifted_rows(labels):
@@ -44,7 +51,9 @@ def _shifted_rows(labels):
 
 def _full_logits(model, batch, dtype):
     m = copy.deepcopy(model).to(dtype)
-    inputs = {k: (v.to(dtype) if k == "pixel_values" else v) for k, v in model_inputs(m, batch).items() if k != "labels"}
+    inputs = {
+        k: (v.to(dtype) if k == "pixel_values" else v) for k, v in model_inputs(m, batch).items() if k != "labels"
+    }
     with torch.no_grad():
         logits = m(**inputs).logits
     return logits.reshape(-1, logits.shape[-1])
@@ -55,8 +64,9 @@ def test_store_holds_the_teachers_top_k(world):
     batch = setup.collator()([data[i] for i in range(len(data))])
     rows, targets = _shifted_rows(batch["labels"])
     vocab = world["meta"].vocab_size
-    ref = topk_pseudo_labels_reference(_full_logits(world["teacher"], batch, torch.float64)[rows][:, :vocab], K,
-                                       temperature=T)
+    ref = topk_pseudo_labels_reference(
+        _full_logits(world["teacher"], batch, torch.float64)[rows][:, :vocab], K, temperature=T
+    )
     got, got_targets = store.batch(data.ids)
     assert torch.equal(got_targets.long(), targets)
     probs = ref.logprobs.exp()
@@ -94,10 +104,18 @@ def test_store_loss_equals_online_loss_and_the_reference(world, tmp_path, packin
     rows, targets = _shifted_rows(batch["labels"])
     pseudo, _ = world["store"].batch([data.ids[i] for i in (4, 1, 6)])
     p64 = PseudoLabels(pseudo.indices, *(t.double() for t in tuple(pseudo)[1:]))
-    ref = kd_loss_reference(_full_logits(student, batch, torch.float64)[rows], targets, teacher=p64, temperature=T,
-                            alpha=0.6, beta=0.9)
-    base = kd_loss_reference(_full_logits(student, batch, torch.float32)[rows], targets, teacher=pseudo,
-                             temperature=T, alpha=0.6, beta=0.9, compute_dtype=torch.float32)
+    ref = kd_loss_reference(
+        _full_logits(student, batch, torch.float64)[rows], targets, teacher=p64, temperature=T, alpha=0.6, beta=0.9
+    )
+    base = kd_loss_reference(
+        _full_logits(student, batch, torch.float32)[rows],
+        targets,
+        teacher=pseudo,
+        temperature=T,
+        alpha=0.6,
+        beta=0.9,
+        compute_dtype=torch.float32,
+    )
     assert_close("KD loss vs float64 reference", a.reshape(()), ref.reshape(()), base.reshape(()), atol=1e-5)
 
 
@@ -111,8 +129,11 @@ def test_gradients_match_the_reference(world, tmp_path):
 
     ref_model = copy.deepcopy(student).double()
     ref_model.zero_grad()
-    inputs = {k: (v.double() if k == "pixel_values" else v) for k, v in model_inputs(ref_model, batch).items()
-              if k != "labels"}
+    inputs = {
+        k: (v.double() if k == "pixel_values" else v)
+        for k, v in model_inputs(ref_model, batch).items()
+        if k != "labels"
+    }
     rows, targets = _shifted_rows(batch["labels"])
     logits = ref_model(**inputs).logits.reshape(-1, ref_model.lm_head.weight.shape[0])[rows]
     pseudo, _ = world["store"].batch([data.ids[0], data.ids[7]])
@@ -128,8 +149,13 @@ def test_dense_online_teacher_with_curriculum_matches_the_reference(world, tmp_p
 
     curriculum = MarginCurriculum(start_fraction=0.4, warmup_steps=10)
     student, data = setup.student(), world["data"]
-    trainer = setup.trainer(student, tmp_path, data, teacher=world["teacher"],
-                            kd=KDSettings(topk=None, temperature=T, alpha=1.0, beta=0.5, curriculum=curriculum))
+    trainer = setup.trainer(
+        student,
+        tmp_path,
+        data,
+        teacher=world["teacher"],
+        kd=KDSettings(topk=None, temperature=T, alpha=1.0, beta=0.5, curriculum=curriculum),
+    )
     trainer.state.global_step = 3
     batch = setup.collator()([data[i] for i in (2, 5, 3)])
     with torch.no_grad():
@@ -141,11 +167,19 @@ def test_dense_online_teacher_with_curriculum_matches_the_reference(world, tmp_p
     top2 = torch.softmax(t64[:, :vocab] / T, -1).topk(2).values
     weights = margin_weights(top2[:, 0] - top2[:, 1], curriculum.fraction(3))
     assert int(weights.sum()) < weights.numel()  # the curriculum is active at step 3
-    ref = kd_loss_reference(s64, targets, teacher_logits=t64, temperature=T, alpha=1.0, beta=0.5,
-                            token_weights=weights.double())
-    base = kd_loss_reference(_full_logits(student, batch, torch.float32)[rows], targets,
-                             teacher_logits=_full_logits(world["teacher"], batch, torch.float32)[rows], temperature=T,
-                             alpha=1.0, beta=0.5, token_weights=weights, compute_dtype=torch.float32)
+    ref = kd_loss_reference(
+        s64, targets, teacher_logits=t64, temperature=T, alpha=1.0, beta=0.5, token_weights=weights.double()
+    )
+    base = kd_loss_reference(
+        _full_logits(student, batch, torch.float32)[rows],
+        targets,
+        teacher_logits=_full_logits(world["teacher"], batch, torch.float32)[rows],
+        temperature=T,
+        alpha=1.0,
+        beta=0.5,
+        token_weights=weights,
+        compute_dtype=torch.float32,
+    )
     assert_close("dense KD loss", got.reshape(()), ref.reshape(()), base.reshape(()), atol=1e-5)
 
 
@@ -153,8 +187,9 @@ def test_store_that_does_not_fit_the_batch_is_refused(world, tmp_path):
     student = setup.student()
     data = world["data"]
     kd = KDSettings(topk=K, temperature=T, curriculum=None)
-    trainer = setup.trainer(student, tmp_path, data, kd=kd, store=world["store"],
-                            sample_ids=list(reversed(data.ids)))  # every sample looks up another's rows
+    trainer = setup.trainer(
+        student, tmp_path, data, kd=kd, store=world["store"], sample_ids=list(reversed(data.ids))
+    )  # every sample looks up another's rows
     batch = setup.collator()([data[i] for i in (0, 1)])
     with pytest.raises(StoreError, match="does not match the tokens"):
         trainer.compute_loss(student, batch)
@@ -186,6 +221,7 @@ def test_trainer_and_patched_forward_share_the_lm_head_operands(tmp_path, monkey
         def spy(hidden, weight, *args, **kwargs):
             dtypes.append((hidden.dtype, weight.dtype))
             return real(hidden, weight, *args, **kwargs)
+
         return spy
 
     monkeypatch.setattr(clinkd.patch, "lm_head_operands", operands)
@@ -200,8 +236,10 @@ def test_trainer_and_patched_forward_share_the_lm_head_operands(tmp_path, monkey
     trainer = setup.trainer(student, tmp_path / "out", data)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:
-        losses = [trainer.compute_loss(student, dict(batch)),
-                  patched(**model_inputs(patched, batch), use_cache=False).loss]
+        losses = [
+            trainer.compute_loss(student, dict(batch)),
+            patched(**model_inputs(patched, batch), use_cache=False).loss,
+        ]
     expected = torch.bfloat16 if autocast else torch.float32
     assert built == [student.lm_head, patched.lm_head]
     assert dtypes == [(expected, expected)] * 2
@@ -214,20 +252,29 @@ def test_released_form_equals_the_released_total(world, tmp_path, kd_only):
     student's full logits: (alpha·Σ_tokens KL_T + mean CE) / (1 + alpha), or Σ KL_T alone with beta 0."""
     from clinkd.train.released import released_loss_reference
 
-    kd = KDSettings(topk=None, temperature=T, alpha=0.6, beta=0.0 if kd_only else 1.0, curriculum=None,
-                    form="released")
+    kd = KDSettings(topk=None, temperature=T, alpha=0.6, beta=0.0 if kd_only else 1.0, curriculum=None, form="released")
     student, data = setup.student(), world["data"]
     trainer = setup.trainer(student, tmp_path / "r", data, kd=kd, teacher=world["teacher"])
     batch = setup.collator()([data[i] for i in (2, 5)])
     with torch.no_grad():
         got = trainer.compute_loss(student, dict(batch))
     rows, targets = _shifted_rows(batch["labels"])
-    want = released_loss_reference(_full_logits(student, batch, torch.float64)[rows],
-                                   _full_logits(world["teacher"], batch, torch.float64)[rows], targets,
-                                   temperature=T, alpha=0.6, kd_only=kd_only)
-    base = released_loss_reference(_full_logits(student, batch, torch.float32)[rows],
-                                   _full_logits(world["teacher"], batch, torch.float32)[rows], targets,
-                                   temperature=T, alpha=0.6, kd_only=kd_only)
+    want = released_loss_reference(
+        _full_logits(student, batch, torch.float64)[rows],
+        _full_logits(world["teacher"], batch, torch.float64)[rows],
+        targets,
+        temperature=T,
+        alpha=0.6,
+        kd_only=kd_only,
+    )
+    base = released_loss_reference(
+        _full_logits(student, batch, torch.float32)[rows],
+        _full_logits(world["teacher"], batch, torch.float32)[rows],
+        targets,
+        temperature=T,
+        alpha=0.6,
+        kd_only=kd_only,
+    )
     assert_close("released form", got.reshape(()), want, base, atol=1e-5 * float(want.abs()))
     with pytest.raises(ValueError, match="released loss form has beta 1"):
         KDSettings(form="released", beta=0.5)

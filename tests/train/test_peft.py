@@ -30,8 +30,15 @@ from clinkd.train.specs import ModelSpec
 from tests.train import setup
 
 LAYERS = 2
-TARGETS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj"}
+TARGETS = {
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+}
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 STEPS = 3
 PATCHED = {"mcg_rope": {"modality_gap": 1, "vision_stride": 1}, "attention": True, "loss": True}
@@ -45,9 +52,13 @@ def lora_config(folder: Path, data_file: Path, *, patch=PATCHED, stages=None, lo
     mapping = yaml.safe_load(path.read_text())
     student = mapping["models"]["student"]
     student["config"]["text_config"].update(
-        hidden_size=128, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=2,
-        num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                "mrope_section": [8, 12, 12]})
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+    )
     student["config"]["vision_config"]["hidden_size"] = 128
     student["patch"] = patch
     if lora is not None:
@@ -71,11 +82,20 @@ def greedy(model, prompt_list, image_token_id: int, new: int = 8) -> list[list[i
     out = []
     for p in prompt_list:
         ids = p["input_ids"][None]
-        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p["pixel_values"],
-                                image_grid_thw=p["image_grid_thw"], mm_token_type_ids=(ids == image_token_id).long(),
-                                do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=new,
-                                min_new_tokens=new)
-        out.append(tokens[0, ids.shape[1]:].tolist())
+        tokens = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=p["pixel_values"],
+            image_grid_thw=p["image_grid_thw"],
+            mm_token_type_ids=(ids == image_token_id).long(),
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=new,
+            min_new_tokens=new,
+        )
+        out.append(tokens[0, ids.shape[1] :].tolist())
     model.train(was)
     return out
 
@@ -103,12 +123,15 @@ class Capture(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.begin[Path(args.output_dir).name] = {
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "trainable": {n for n, p in model.named_parameters() if p.requires_grad}}
+            "trainable": {n for n, p in model.named_parameters() if p.requires_grad},
+        }
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.end[Path(args.output_dir).name] = {
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "logits": logits(model, self.batch), "tokens": greedy(model, self.prompts, self.image_token_id)}
+            "logits": logits(model, self.batch),
+            "tokens": greedy(model, self.prompts, self.image_token_id),
+        }
 
 
 class StepCounter(TrainerCallback):
@@ -140,9 +163,18 @@ def runs(tmp_path_factory):
     capture = Capture(batch, prompts(prepared), image_token_id)
     results = run_training(config, progress=False, callbacks=[capture])
     assert main(["train", "--config", str(stock), "--no-progress"]) == 0
-    return {"folder": folder, "data": data_file, "config": config, "prepared": prepared, "batch": batch,
-            "capture": capture, "results": results, "patched": folder / "patched" / "out",
-            "stock": folder / "stock" / "out", "image_token_id": image_token_id}
+    return {
+        "folder": folder,
+        "data": data_file,
+        "config": config,
+        "prepared": prepared,
+        "batch": batch,
+        "capture": capture,
+        "results": results,
+        "patched": folder / "patched" / "out",
+        "stock": folder / "stock" / "out",
+        "image_token_id": image_token_id,
+    }
 
 
 def _stage(out: Path, name: str) -> dict:
@@ -230,9 +262,12 @@ def test_adapter_reloads_to_the_trained_model_and_predict_runs(runs, tmp_path, c
 
     capture, out, config, prepared = runs["capture"], runs["patched"], runs["config"], runs["prepared"]
     cfg = prepared.model_configs["student"]
-    bases = {"kd": build_model(config.student, cfg, seed=config.seed),  # a config student: rebuilt from the seed
-             "sft": build_model(ModelSpec(from_pretrained=str(out / "kd" / "final"), patch=config.student.patch), cfg,
-                                seed=config.seed)}
+    bases = {
+        "kd": build_model(config.student, cfg, seed=config.seed),  # a config student: rebuilt from the seed
+        "sft": build_model(
+            ModelSpec(from_pretrained=str(out / "kd" / "final"), patch=config.student.patch), cfg, seed=config.seed
+        ),
+    }
     for stage, base in bases.items():
         recorded = json.loads((out / stage / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert recorded == (None if stage == "kd" else str(out / "kd" / "final"))
@@ -241,19 +276,48 @@ def test_adapter_reloads_to_the_trained_model_and_predict_runs(runs, tmp_path, c
         torch.testing.assert_close(logits(reloaded, runs["batch"]), want["logits"], rtol=0, atol=1e-6)
         assert greedy(reloaded, capture.prompts, runs["image_token_id"]) == want["tokens"]
         # the merged final: the same model up to the rounding of the merge
-        merged = build_model(ModelSpec(from_pretrained=str(out / stage / "final"), patch=config.student.patch), cfg,
-                             seed=config.seed)
+        merged = build_model(
+            ModelSpec(from_pretrained=str(out / stage / "final"), patch=config.student.patch), cfg, seed=config.seed
+        )
         torch.testing.assert_close(logits(merged, runs["batch"]), want["logits"], rtol=0, atol=1e-4)
 
     preds = tmp_path / "preds.jsonl"
-    assert main(["predict", "--model", str(out / "sft" / "final"), "--data", str(runs["data"]), "--out", str(preds),
-                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out / "sft" / "final"),
+                "--data",
+                str(runs["data"]),
+                "--out",
+                str(preds),
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 8 and all(isinstance(r["response"], str) for r in rows)
     assert "8 predictions" in capsys.readouterr().out
     # pointed at the adapter folder, predict says where the model is
-    assert main(["predict", "--model", str(out / "sft" / "adapter"), "--data", str(runs["data"]), "--out",
-                 str(preds), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out / "sft" / "adapter"),
+                "--data",
+                str(runs["data"]),
+                "--out",
+                str(preds),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "LoRA adapter" in err and str(out / "sft" / "final") in err and len(err.strip().splitlines()) == 1
 
@@ -264,8 +328,19 @@ def test_adapter_reloads_to_the_trained_model_and_predict_runs(runs, tmp_path, c
 
 CHAIN = [
     {"name": "sft", "type": "sft", "training": {"max_steps": 2, "save_steps": 1, "gradient_checkpointing": True}},
-    {"name": "rct", "type": "rct", "rounds": 2, "every": "steps", "steps": 1, "batch_size": 4, "max_new_tokens": 4,
-     "candidates": 2, "mode": "join", "similarity": {"model": "rouge-l"}, "lora": {"r": 2}},
+    {
+        "name": "rct",
+        "type": "rct",
+        "rounds": 2,
+        "every": "steps",
+        "steps": 1,
+        "batch_size": 4,
+        "max_new_tokens": 4,
+        "candidates": 2,
+        "mode": "join",
+        "similarity": {"model": "rouge-l"},
+        "lora": {"r": 2},
+    },
     {"name": "full", "type": "sft", "lora": False, "training": {"max_steps": 2}},
 ]
 
@@ -361,8 +436,13 @@ def test_qwen2_5_vl_vision_tower_gets_no_adapter(tmp_path):
     from tests.train.setup import QWEN2_5_VL
 
     data_file = setup.tiny.make_data(tmp_path / "data", 4, seed=2)
-    path = lora_config(tmp_path, data_file, patch={"attention": False}, lora={},
-                       stages=[{"name": "sft", "type": "sft", "training": {"max_steps": 1}}])
+    path = lora_config(
+        tmp_path,
+        data_file,
+        patch={"attention": False},
+        lora={},
+        stages=[{"name": "sft", "type": "sft", "training": {"max_steps": 1}}],
+    )
     mapping = yaml.safe_load(path.read_text())
     mapping["models"]["student"]["config"] = copy.deepcopy(QWEN2_5_VL)
     mapping["processor"]["offline"]["temporal_patch_size"] = 2  # the tower's
@@ -415,20 +495,28 @@ BAD = [
     ("lora.target_modules=q_proj", "config.lora.target_modules must be a non-empty list of layer names"),
     ("lora.target_modules=[q_proj, 3]", "config.lora.target_modules[1] must be the name of a linear layer"),
     ("lora.target_modules=[q_proj, q_proj]", "config.lora.target_modules names q_proj more than once"),
-    ("lora.target_modules=[q_proj, qproj]", "config.lora.target_modules: 'qproj' is not a linear layer of the "
-                                            "student's text decoder (its linear layers: down_proj, gate_proj, k_proj, "
-                                            "o_proj, q_proj, up_proj, v_proj)"),
-    ("lora.target_modules=[qkv, lm_head]", "config.lora.target_modules: 'qkv', 'lm_head' are not linear layers of "
-                                           "the student's text decoder"),
+    (
+        "lora.target_modules=[q_proj, qproj]",
+        "config.lora.target_modules: 'qproj' is not a linear layer of the "
+        "student's text decoder (its linear layers: down_proj, gate_proj, k_proj, "
+        "o_proj, q_proj, up_proj, v_proj)",
+    ),
+    (
+        "lora.target_modules=[qkv, lm_head]",
+        "config.lora.target_modules: 'qkv', 'lm_head' are not linear layers of the student's text decoder",
+    ),
     ("stages.0.lora.r=-1", "config.stages[0].lora.r must be >= 1, got -1"),
     ("stages.0.lora.target_modules=[fc1]", "config.stages[0].lora.target_modules: 'fc1' is not a linear layer"),
-    (f"training.deepspeed={ZERO3}", "config.lora: stage 'sft' trains LoRA adapters, which cannot run under "
-                                    "DeepSpeed ZeRO-3"),
+    (
+        f"training.deepspeed={ZERO3}",
+        "config.lora: stage 'sft' trains LoRA adapters, which cannot run under DeepSpeed ZeRO-3",
+    ),
 ]
 
 
-@pytest.mark.parametrize("command, override, message",
-                         [("train", *case) for case in BAD] + [("check", *case) for case in BAD[::4]])
+@pytest.mark.parametrize(
+    "command, override, message", [("train", *case) for case in BAD] + [("check", *case) for case in BAD[::4]]
+)
 def test_bad_lora_settings_are_one_line_errors(small, capsys, no_training, command, override, message):
     """``clinkd train`` and ``clinkd check`` (every fourth case) refuse it: exit 2, one line naming the key."""
     args = [command, "--config", str(small), "--set", override] + (["--no-progress"] if command == "train" else [])
@@ -443,8 +531,10 @@ def test_lora_settings_of_the_run_and_of_each_stage(small):
     defaults), false or null = full fine-tuning."""
     from clinkd.train import LoraSpec
 
-    stages = ("stages=[{name: a, type: sft}, {name: b, type: sft, lora: {r: 2, target_modules: [q_proj]}}, "
-              "{name: c, type: sft, lora: true}, {name: d, type: sft, lora: false}, {name: e, type: sft, lora: null}]")
+    stages = (
+        "stages=[{name: a, type: sft}, {name: b, type: sft, lora: {r: 2, target_modules: [q_proj]}}, "
+        "{name: c, type: sft, lora: true}, {name: d, type: sft, lora: false}, {name: e, type: sft, lora: null}]"
+    )
     config = load_config(small, overrides=[stages])
     run = LoraSpec(r=4, alpha=8, dropout=0.0)
     assert config.lora == run

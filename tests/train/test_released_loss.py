@@ -20,8 +20,7 @@ def released_formula(z, labels, t, *, kd_only=False):
     """The trainer's formula on aligned labels: KD summed over label positions, CE averaged."""
     keep = labels != -100
     zs, ts, ys = z[keep], t[keep][:, : z.shape[1]], labels[keep]
-    kl = F.kl_div(F.log_softmax(zs / 0.5, dim=-1), F.log_softmax(ts / 0.5, dim=-1), log_target=True,
-                  reduction="sum")
+    kl = F.kl_div(F.log_softmax(zs / 0.5, dim=-1), F.log_softmax(ts / 0.5, dim=-1), log_target=True, reduction="sum")
     if kd_only:
         return kl
     ce = F.cross_entropy(zs, ys)
@@ -57,8 +56,9 @@ def test_released_linear_matches_logits_form(backend, request):
     th, tw = torch.randn(N, 20, device=dev), torch.randn(V + 3, 20, device=dev) * 0.5
     labels = labels_with_ignored(N, V, device=dev)
     h = hidden.clone().requires_grad_()
-    loss, kl_sum, ce_mean = released_linear_kd_loss(h, weight, labels, teacher_hidden=th, teacher_weight=tw,
-                                                        return_components=True, chunk_size=8, backend=backend)
+    loss, kl_sum, ce_mean = released_linear_kd_loss(
+        h, weight, labels, teacher_hidden=th, teacher_weight=tw, return_components=True, chunk_size=8, backend=backend
+    )
     loss.backward()
     h64 = hidden.double().requires_grad_()
     want = released_formula(h64 @ weight.double().t(), labels, th.double() @ tw.double().t())
@@ -95,7 +95,6 @@ def test_released_with_topk_teacher_close_to_dense_when_k_covers_vocab():
     dense = released_kd_loss(z, labels, teacher_logits=t, backend="cpu")
     sparse = released_kd_loss(z, labels, teacher=pseudo_labels(t, V, 0.5, V), backend="cpu")
     assert abs(dense.item() - sparse.item()) <= 1e-5 * abs(dense.item())
-
 
 
 @pytest.mark.parametrize("kd_only", [False, True])

@@ -53,8 +53,9 @@ def test_kd_then_sft_lowers_the_loss(straight_run):
 
     from clinkd.patch import patch_qwen2_vl
 
-    trained = patch_qwen2_vl(AutoModelForImageTextToText.from_pretrained(str(folder / "out" / "sft" / "final")),
-                             attention=False)
+    trained = patch_qwen2_vl(
+        AutoModelForImageTextToText.from_pretrained(str(folder / "out" / "sft" / "final")), attention=False
+    )
     before, after = _mean_ce(initial, prepared), _mean_ce(trained, prepared)
     assert after < before - 0.3, (before, after)
 
@@ -78,8 +79,14 @@ def test_killed_run_resumes_to_the_same_weights(straight_run, tmp_path, stage, s
     folder, _, data_file = straight_run
     config = setup.run_config(tmp_path, data_file)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.run([sys.executable, "-m", "tests.train.kill_child", str(config), stage, str(step)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.train.kill_child", str(config), stage, str(step)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr[-3000:]
     stage_dir = tmp_path / "out" / stage
     assert not (stage_dir / "stage.json").exists()
