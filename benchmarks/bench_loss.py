@@ -21,7 +21,8 @@ kernel on CUDA; on CPU its ``torch_compile`` implementation, as it labels it).
 Shapes: Liger's distillation benchmark (N=8192, Hd=2048, teacher Hd=4096, V=128256) and Qwen2-VL
 2B-student / 7B-teacher (Hd=1536, teacher Hd=3584, V=151936) in bf16 on CUDA; on CPU in fp32 a small
 shape (N=512, Hd=256, teacher Hd=512, V=16384) and the Qwen2-VL vocabulary with fewer tokens (N=128,
-Hd=1536, teacher Hd=3584, V=151936). Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two backward
+Hd=1536, teacher Hd=3584, V=151936). Floor: the lm_head matmul FLOPs 2·N·V·(3·Hd + Hd_t) (student forward, its two
+backward
 matmuls, teacher forward) at the device's measured matmul rate, N counting the rows that have a label
 (one in nine is ignore_index here; those need no lm_head product: clinkd skips them, the peers compute
 them). ``extra_info["peak_bytes"]``: the most
@@ -136,14 +137,8 @@ def test_linear_kd_loss(benchmark, device, impl, shape_index):
         loss_fn = lambda: fn(hidden, weight, labels)  # noqa: E731
     elif impl == "clinkd-topk":
         teacher = _topk_from_teacher(th, tw, vocab)
-        loss_fn = lambda: linear_kd_loss(
-            hidden,
-            weight,
-            labels,
-            teacher=teacher,
-            temperature=T,  # noqa: E731
-            alpha=ALPHA,
-            beta=BETA,
+        loss_fn = lambda: linear_kd_loss(  # noqa: E731
+            hidden, weight, labels, teacher=teacher, temperature=T, alpha=ALPHA, beta=BETA
         )
     elif impl == "naive":
         loss_fn = lambda: naive_loss(hidden, weight, labels, th, tw)  # noqa: E731

@@ -4,7 +4,8 @@
 
 Benchmarks are grouped by their pytest-benchmark ``group`` (one op, shape and dtype on one device).
 In each group each clinkd implementation (``extra_info["impl"]`` ``clinkd`` or a variant
-``clinkd-*``) is compared with the fastest peer (any other implementation), and with the floor recorded in ``extra_info["floor_s"]``. Times are
+``clinkd-*``) is compared with the fastest peer (any other implementation), and with the floor recorded in
+``extra_info["floor_s"]``. Times are
 medians. Where the benchmarks record them, the table also gives the peak memory
 (``extra_info["peak_bytes"]``) and the throughput (``extra_info["tokens"]`` / median) of both.
 """

@@ -71,7 +71,7 @@ def gather(predictions: str | os.PathLike, data: str | os.PathLike | None = None
     truth = {}
     if data is not None:
         for record in load_records(data, root=root, check_images=False):  # modality checked there
-            for turn, (question, answer) in enumerate(record.turns):
+            for turn, (_question, answer) in enumerate(record.turns):
                 truth[(record.id, turn)] = (record.task, record.modality, answer)
     rows, seen = [], {}
     for obj, where in read_predictions(predictions):

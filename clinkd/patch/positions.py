@@ -20,7 +20,8 @@ model trained with 3-D positions. So every patched model also wraps both callers
 ``mm_token_type_ids`` is derived from ``input_ids`` (the image/video placeholder ids, padding 0),
 a given one must agree with it (checked once per ``generate()``, and in every forward of a model with
 stock indices, whose positions the types decide; MCG-RoPE indices read the ids, not the types), and
-multimodal inputs without ``input_ids`` (``inputs_embeds`` alone) need explicit ``position_ids``. With ``mm_token_type_ids`` given and consistent, the stock
+multimodal inputs without ``input_ids`` (``inputs_embeds`` alone) need explicit ``position_ids``. With
+``mm_token_type_ids`` given and consistent, the stock
 callers run unchanged.
 """
 

@@ -20,7 +20,8 @@ registers. Two methods are replaced:
         causal=False, cu_seqlens of the layer: images/frames, or Qwen2.5-VL's windows) → proj.
 
 No cos/sin table and no rotated copy of q or k is made; the frequencies are the stock rotary's own
-(its ``compute_axial_rope_parameters`` on the layer's rope theta and head dim, made once per device). A layer that receives real (cos, sin) tables
+(its ``compute_axial_rope_parameters`` on the layer's rope theta and head dim, made once per device). A layer that
+receives real (cos, sin) tables
 (a caller's own) runs the stock code, and so does a tower whose head_dim the kernel does not take
 (served: 64, 72 (Qwen3-VL), 80 (Qwen2-VL, Qwen2.5-VL), 96, 128), fed the stock tables made from the
 coordinates.

@@ -89,7 +89,6 @@ def kd_rows_kernel(
     z_row = z_ptr + row * stride_z
     g_row = g_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
-    neg_inf = float("-inf")
 
     if label == ignore_index:
         _zero_row(kd_ptr + row, ce_ptr + row, g_row, cols, V, WRITE_GRAD, BLOCK_V)

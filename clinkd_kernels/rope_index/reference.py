@@ -119,7 +119,7 @@ def mcg_rope_index_reference(
             where = keep.nonzero().flatten()
             position_ids[:, b, where] = torch.tensor(cols, dtype=torch.long).T
             rope_deltas[b, 0] = max(max(c) for c in cols) + 1 - len(ids)
-    for kind, it in grids.items():
+    for it in grids.values():
         if next(it, None) is not None:
             raise ValueError("more grid rows than vision runs")
     return position_ids, rope_deltas

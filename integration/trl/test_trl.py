@@ -407,7 +407,7 @@ def test_distillation_loss_and_gradients_one_batch(tmp_path, calls):
     assert abs(trl_loss.item() - reference.item()) <= 1e-5 * reference.item()
     assert abs(ck_loss.item() - reference.item()) <= 1e-5 * reference.item()
     worst = 0.0
-    for p, g_trl, g_ck in zip(params, trl_grads, ck_grads, strict=True):
+    for _p, g_trl, g_ck in zip(params, trl_grads, ck_grads, strict=True):
         assert (g_trl is None) == (g_ck is None)
         if g_trl is None:
             continue

@@ -2,7 +2,8 @@
 
 Images: random RGB PNGs of a few sizes; the processor resizes them into [16², 32²] pixels with
 patch 4 and merge 2, so an image is 4 to 16 placeholder tokens. Models: hidden 64, 2 layers, 4
-query / 2 KV heads of dim 16 (mrope_section (2, 3, 3)); other hidden sizes keep head_dim 16, vision depth 1, embed 32, patch 4, merge 2,
+query / 2 KV heads of dim 16 (mrope_section (2, 3, 3)); other hidden sizes keep head_dim 16, vision depth 1, embed
+32, patch 4, merge 2,
 temporal patch 1. Patch them with ``attention=False`` (the fused attention needs head_dim >= 64).
 """
 

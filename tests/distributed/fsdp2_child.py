@@ -28,7 +28,7 @@ if head_unit:
 fully_shard(student, mesh=mesh)
 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
 losses = []
-for step, halves in zip(range(steps), batches(data_file, world)):
+for _step, halves in zip(range(steps), batches(data_file, world)):
     loss = student(**halves[rank]).loss
     loss.backward()  # FSDP2 averages the gradients over the ranks: the mean of the halves' losses
     optimizer.step()

@@ -41,7 +41,7 @@ if stage == 3:
         assert "0 elements" in str(e) and "ZeRO-3" in str(e) and "call_in_forward" in str(e), e
         print("misuse refused:", str(e)[:80], flush=True)
 losses = []
-for step, halves in zip(range(steps), batches(data_file, world)):
+for _step, halves in zip(range(steps), batches(data_file, world)):
     loss = engine(**halves[rank]).loss
     engine.backward(loss)
     engine.step()

@@ -47,7 +47,8 @@ names = spec.fn.arg_names
 attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
          if t.startswith("*") or (t == "i32" and a.startswith("s"))}
 c = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs),
-                   target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                   target=GPUTarget("cuda", arch, 32),
+                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 ptx = c.asm["ptx"]
 regs, spills = _ptxas_usage(ptx, arch)
 print(json.dumps(dict(regs=regs, spills=spills, v4_load="ld.global.v4" in ptx, v4_store="st.global.v4" in ptx,

@@ -178,9 +178,11 @@ def test_opcheck_and_compile(interpreter):
                 test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
             )
     for sec, interleaved in (((8, 12, 12), False), ((12, 10, 10), True)):
-        compiled = torch.compile(
-            lambda a, b: apply_mrope(a, b, pos, inv, sec, mrope_interleaved=interleaved, backend="cpu"), fullgraph=True
-        )
+
+        def rotate(a, b, sec=sec, interleaved=interleaved):
+            return apply_mrope(a, b, pos, inv, sec, mrope_interleaved=interleaved, backend="cpu")
+
+        compiled = torch.compile(rotate, fullgraph=True)
         got = compiled(q, k)
         want = apply_mrope(q, k, pos, inv, sec, mrope_interleaved=interleaved, backend="cpu")
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
