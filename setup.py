@@ -94,7 +94,7 @@ def _extras() -> dict:
     peft = ["peft>=0.18"]  # LoRA stages (config key lora; clinkd/train/lora.py)
     return {
         "hf": hf,
-        "test": hf + tests + demo + peft + ["hypothesis>=6.100", "deepspeed>=0.16"],
+        "test": hf + tests + demo + peft + ["hypothesis>=6.100", "deepspeed>=0.16", "ruff>=0.8"],
         "deepspeed": hf + ["deepspeed>=0.16"],
         "peft": hf + peft,
         "eval": hf + ["pycocoevalcap"],

@@ -41,32 +41,36 @@ BOOTSTRAP_RESAMPLES = 1000
 ORDER = ("teacher", "student", "student_rct", "student_sft", "control")  # the report's rows
 
 
+def _vision_config(hidden: int) -> dict:
+    """The demo models' vision tower: the merger's output width is the text model's hidden size."""
+    return dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=hidden,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        mlp_ratio=2,
+    )
+
+
+def _text_config(hidden: int, layers: int, heads: int, kv: int, section: list[int]) -> dict:
+    """A demo text decoder of ``hidden`` width, ``heads`` query and ``kv`` key/value heads, M-RoPE ``section``."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section),
+    )
+
+
 def demo_preset() -> dict:
     """The demo's run config (student KD + SFT); the teacher and control configs derive from it."""
-
-    def vision(hidden):  # the merger's output width is the text model's hidden size
-        return dict(
-            depth=1,
-            embed_dim=32,
-            hidden_size=hidden,
-            num_heads=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-            mlp_ratio=2,
-        )
-
-    def text(hidden, layers, heads, kv, section):
-        return dict(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=4096,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section),
-        )
 
     return {
         "seed": 0,
@@ -83,10 +87,12 @@ def demo_preset() -> dict:
         },
         "models": {
             "student": {
-                "config": {"text_config": text(64, 2, 4, 2, [2, 3, 3]), "vision_config": vision(64)},
+                "config": {"text_config": _text_config(64, 2, 4, 2, [2, 3, 3]), "vision_config": _vision_config(64)},
                 "patch": {"mcg_rope": {"modality_gap": 2, "vision_stride": 1}, "attention": False},
             },
-            "teacher": {"config": {"text_config": text(128, 3, 4, 2, [4, 6, 6]), "vision_config": vision(128)}},
+            "teacher": {
+                "config": {"text_config": _text_config(128, 3, 4, 2, [4, 6, 6]), "vision_config": _vision_config(128)}
+            },
         },
         "data": {"train": "demo_data/train.jsonl", "max_length": 256},
         "training": dict(

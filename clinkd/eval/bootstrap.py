@@ -158,21 +158,10 @@ def bootstrap_intervals(
         }
         for name in names
     }
-    differences = {}
-    for a, b in itertools.combinations(names, 2):
-        block = {}
-        for task in tasks:
-            block[task] = {}
-            for m in sorted(wanted[task]):
-                va, vb = arrays[(a, task, m)], arrays[(b, task, m)]
-                interval = None if va is None or vb is None else _interval(va - vb, confidence)
-                value = None if interval is None else point[a][task][m] - point[b][task][m]
-                block[task][m] = {
-                    "value": value,
-                    "interval": interval,
-                    "clear": interval is not None and (interval[0] > 0 or interval[1] < 0),
-                }
-        differences[f"{a} - {b}"] = block
+    differences = {
+        f"{a} - {b}": _difference(a, b, point, arrays, tasks, wanted, confidence)
+        for a, b in itertools.combinations(names, 2)
+    }
     return {
         "method": "paired stratified percentile bootstrap over test questions",
         "resamples": resamples,
@@ -181,3 +170,18 @@ def bootstrap_intervals(
         "models": models,
         "differences": differences,
     }
+
+
+def _difference(a: str, b: str, point: dict, arrays: dict, tasks: list, wanted: dict, confidence: float) -> dict:
+    """{task: {metric: {"value", "interval", "clear"}}} of model ``a`` minus model ``b``: the point
+    difference, the percentile interval of the paired resampled differences, and whether it excludes 0."""
+    block = {}
+    for task in tasks:
+        block[task] = {}
+        for m in sorted(wanted[task]):
+            va, vb = arrays[(a, task, m)], arrays[(b, task, m)]
+            interval = None if va is None or vb is None else _interval(va - vb, confidence)
+            value = None if interval is None else point[a][task][m] - point[b][task][m]
+            clear = interval is not None and (interval[0] > 0 or interval[1] < 0)
+            block[task][m] = {"value": value, "interval": interval, "clear": clear}
+    return block

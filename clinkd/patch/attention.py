@@ -216,35 +216,13 @@ def make_attention_forward(call, wrapped, *, backend: str | None, cache_kw: str)
         mask = positions.padding_mask
         position_ids = arguments.get("position_ids", extra.get("position_ids"))
         cu_seqlens = None if mask is not None else positions.packed_cu_seqlens(position_ids, extra, batch, seqlen)
-        if cu_seqlens is not None:
-            flat = lambda t: t.reshape(batch * seqlen, t.shape[2], t.shape[3])  # noqa: E731
-            out = mcg_rope_attention(
-                flat(q),
-                flat(k),
-                flat(v),
-                pos.reshape(3, batch * seqlen),
-                inv_freq,
-                section,
-                causal=True,
-                softmax_scale=scale,
-                cu_seqlens=cu_seqlens,
-                backend=backend,
-                **layout,
-            )
+        common = dict(causal=True, softmax_scale=scale, backend=backend, **layout)
+        if cu_seqlens is not None:  # a packed row: its sequences as one varlen batch of B·S tokens
+            q, k, v = (t.reshape(batch * seqlen, t.shape[2], t.shape[3]) for t in (q, k, v))
+            pos, common["cu_seqlens"] = pos.reshape(3, batch * seqlen), cu_seqlens
         else:
-            out = mcg_rope_attention(
-                q,
-                k,
-                v,
-                pos,
-                inv_freq,
-                section,
-                causal=True,
-                softmax_scale=scale,
-                attention_mask=mask,
-                backend=backend,
-                **layout,
-            )
+            common["attention_mask"] = mask
+        out = mcg_rope_attention(q, k, v, pos, inv_freq, section, **common)
         return self.o_proj(out.reshape(batch, seqlen, -1)), None
 
     return forward

@@ -161,10 +161,7 @@ def _batch_lines(
     scoring = time.perf_counter() - t
     candidate_tokens, candidates = 0, {}
     if wrong:
-        torch.manual_seed(
-            int.from_bytes(hashlib.sha256(f"{seed}:{round_index}:{batch_index}".encode()).digest()[:8], "little")
-            & (2**63 - 1)
-        )
+        torch.manual_seed(_batch_seed(seed, round_index, batch_index))
         prompts = [
             _reflection_prompt(encoder, records[chunk[j][0]], chunk[j][1], answers[j], settings.template) for j in wrong
         ]
@@ -187,42 +184,20 @@ def _batch_lines(
             mine = slice(n * settings.candidates, (n + 1) * settings.candidates)
             candidates[j] = (drafts[n], flat_scores[mine])
         scoring += time.perf_counter() - t
-    lines = []
-    for j, (i, turn) in enumerate(chunk):
-        record = records[i]
-        line = {
-            "id": record.id,
-            "turn": turn,
-            "task": record.task,
-            "modality": record.modality,
-            "round": round_index,
-            "question": record.turns[turn][0],
-            "ground_truth": truths[j],
-            "answer": answers[j],
-            "scores": scores[j],
-            "wrong": bool(reasons[j]),
-            "reasons": reasons[j],
-            "candidates": [],
-            "choice": None,
-            "chosen_index": None,
-            "selected": truths[j],
-            "why": "the answer is right",
-            "similarity_model": similarity.name,
-        }
-        if j in candidates:
-            drafts_j, scores_j = candidates[j]
-            choice = select(tasks[j], truths[j], drafts_j, scores_j, settings.thresholds)
-            line["candidates"] = [
-                {"text": text, "scores": s, "passes": ok, "reasons": why}
-                for text, s, ok, why in zip(drafts_j, scores_j, choice["passes"], choice["reasons"])
-            ]
-            line.update(
-                choice=choice["choice"],
-                chosen_index=choice["index"],
-                why=choice["why"],
-                selected=normalise_boxes(choice["text"]),
-            )
-        lines.append(line)
+    lines = [
+        _journal_line(
+            records[i],
+            turn,
+            round_index,
+            answers[j],
+            scores[j],
+            reasons[j],
+            candidates.get(j),
+            settings,
+            similarity.name,
+        )
+        for j, (i, turn) in enumerate(chunk)
+    ]
     total = time.perf_counter() - started
     return {
         "batch": batch_index,
@@ -234,6 +209,62 @@ def _batch_lines(
             "scoring_s": round(scoring, 4),
         },
     }
+
+
+def _batch_seed(seed: int, round_index: int, batch_index: int) -> int:
+    """The sampling seed of one batch's reflections: a hash of (run seed, round, batch), so a resumed
+    round draws the same candidates."""
+    digest = hashlib.sha256(f"{seed}:{round_index}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _journal_line(
+    record,
+    turn: int,
+    round_index: int,
+    answer: str,
+    scores: dict,
+    reasons: list,
+    candidates,
+    settings: RCTSettings,
+    similarity_name: str,
+) -> dict:
+    """One question's journal line: its answer and scores and, when the answer is wrong, the scored
+    ``candidates`` (drafts, their scores) and the one selected (step 4 of the module docstring)."""
+    truth = record.turns[turn][1]
+    line = {
+        "id": record.id,
+        "turn": turn,
+        "task": record.task,
+        "modality": record.modality,
+        "round": round_index,
+        "question": record.turns[turn][0],
+        "ground_truth": truth,
+        "answer": answer,
+        "scores": scores,
+        "wrong": bool(reasons),
+        "reasons": reasons,
+        "candidates": [],
+        "choice": None,
+        "chosen_index": None,
+        "selected": truth,
+        "why": "the answer is right",
+        "similarity_model": similarity_name,
+    }
+    if candidates is not None:
+        drafts, draft_scores = candidates
+        choice = select(record.task, truth, drafts, draft_scores, settings.thresholds)
+        line["candidates"] = [
+            {"text": text, "scores": s, "passes": ok, "reasons": why}
+            for text, s, ok, why in zip(drafts, draft_scores, choice["passes"], choice["reasons"])
+        ]
+        line.update(
+            choice=choice["choice"],
+            chosen_index=choice["index"],
+            why=choice["why"],
+            selected=normalise_boxes(choice["text"]),
+        )
+    return line
 
 
 def correction_round(

@@ -389,6 +389,19 @@ def check_similarity(stage: RCTStage, where: str) -> None:
         raise ConfigError(f"{where}.similarity.model: {e}") from None
 
 
+def check_startable(config: RunConfig, state, resume: bool) -> None:
+    """An rct stage runs in one process; without ``resume`` the output folder holds no stage yet."""
+    if state.num_processes > 1 and any(isinstance(s, RCTStage) for s in config.stages):
+        raise ConfigError(
+            f"the rct stage runs in one process; this run has {state.num_processes} (train the kd and "
+            "sft stages distributed, then the rct stage alone)"
+        )
+    out = Path(config.output_dir)
+    existing = [s.name for s in config.stages if (out / s.name).exists()]
+    if not resume and existing:
+        raise ConfigError(f"{out} already holds stage folders {existing}; resume the run or use another output_dir")
+
+
 __all__ = [
     "check_architecture",
     "check_buildable",
@@ -402,6 +415,7 @@ __all__ = [
     "check_patch",
     "check_rotary_geometry",
     "check_similarity",
+    "check_startable",
     "check_topk",
     "check_training_arguments",
     "check_vision_tower",

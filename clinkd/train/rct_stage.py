@@ -122,6 +122,12 @@ def run_rct_stage(
         )
         rounds.append(result)
         previous_final = result["final"]
+    return student, {"final": rounds[-1]["final"], "log_history": _stage_history(rounds), "rounds": rounds}
+
+
+def _stage_history(rounds: list[dict]) -> list[dict]:
+    """The rounds' log histories as one: each round's steps continue the previous round's, and each
+    logged step names its ``rct_round``."""
     history, offset = [], 0
     for result in rounds:
         steps = [int(e["step"]) for e in result["log_history"] if "step" in e]
@@ -130,4 +136,4 @@ def run_rct_stage(
             for e in result["log_history"]
         ]
         offset += max(steps, default=0)
-    return student, {"final": rounds[-1]["final"], "log_history": history, "rounds": rounds}
+    return history

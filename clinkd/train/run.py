@@ -54,6 +54,7 @@ from .checks import (
     check_output_paths,
     check_patch,
     check_similarity,
+    check_startable,
     check_topk,
     check_training_arguments,
     quiet,
@@ -199,19 +200,6 @@ def train_and_finalise(
     return student, result
 
 
-def _check_startable(config: RunConfig, state, resume: bool) -> None:
-    """An rct stage runs in one process; without ``resume`` the output folder holds no stage yet."""
-    if state.num_processes > 1 and any(isinstance(s, RCTStage) for s in config.stages):
-        raise ConfigError(
-            f"the rct stage runs in one process; this run has {state.num_processes} (train the kd and "
-            "sft stages distributed, then the rct stage alone)"
-        )
-    out = Path(config.output_dir)
-    existing = [s.name for s in config.stages if (out / s.name).exists()]
-    if not resume and existing:
-        raise ConfigError(f"{out} already holds stage folders {existing}; resume the run or use another output_dir")
-
-
 def run_training(
     config: RunConfig,
     *,
@@ -226,7 +214,7 @@ def run_training(
     if prepared is None:
         with state.main_process_first():  # the main process builds what is shared (the offline processor)
             prepared = prepare_run(config, progress=progress and state.is_main_process)
-    _check_startable(config, state, resume)
+    check_startable(config, state, resume)
     teacher = []  # the teacher model, built when a kd stage first needs it, dropped after the last one
     last_kd = max((i for i, s in enumerate(config.stages) if isinstance(s, KDStage)), default=-1)
 
@@ -270,16 +258,7 @@ def run_training(
         else:
             if student is None:  # before the teacher, whose seeding sets the random state LoRA adapters start from
                 student = load_student(base)
-            trainer_kw = {}
-            if isinstance(stage, KDStage):
-                trainer_kw["kd"] = stage.settings()
-                if stage.teacher == "store":
-                    with state.main_process_first():  # built by the main process; the others open it after
-                        trainer_kw["store"] = ensure_store(
-                            prepared, stage, teacher_factory, progress=progress and state.is_main_process
-                        )
-                else:
-                    trainer_kw["teacher"] = teacher_factory()
+            trainer_kw = _teacher_inputs(prepared, stage, state, teacher_factory, progress=progress)
             student, result = train_and_finalise(
                 prepared,
                 stage,
@@ -297,6 +276,18 @@ def run_training(
         results[stage.name] = result
         base = result.get("final", str(folder / "final"))
     return results
+
+
+def _teacher_inputs(prepared: PreparedRun, stage, state, teacher_factory, *, progress: bool) -> dict:
+    """The trainer keywords of a kd stage (its KD settings and its teacher: the store, built by the main
+    process first, or the online model); {} for another stage."""
+    if not isinstance(stage, KDStage):
+        return {}
+    if stage.teacher != "store":
+        return {"kd": stage.settings(), "teacher": teacher_factory()}
+    with state.main_process_first():  # built by the main process; the others open it after
+        store = ensure_store(prepared, stage, teacher_factory, progress=progress and state.is_main_process)
+    return {"kd": stage.settings(), "store": store}
 
 
 __all__ = ["PreparedRun", "prepare_run", "run_training", "train_and_finalise"]

@@ -238,30 +238,10 @@ class ClinKDTrainer(Trainer):
             if t_weight is not None:
                 check_full_weight(t_weight, "the teacher's lm_head.weight")
                 extra.update(teacher_weight=t_weight, teacher_bias=t_bias)
+            args = dict(temperature=kd.temperature, alpha=kd.alpha, token_weights=weights, **extra, **common)
             if kd.form == "released":
-                return released_linear_kd_loss(
-                    selected,
-                    weight,
-                    targets,
-                    temperature=kd.temperature,
-                    alpha=kd.alpha,
-                    kd_only=kd.beta == 0,
-                    token_weights=weights,
-                    **extra,
-                    **common,
-                )
-            return linear_kd_loss(
-                selected,
-                weight,
-                targets,
-                temperature=kd.temperature,
-                alpha=kd.alpha,
-                beta=kd.beta,
-                t2_scale=kd.t2_scale,
-                token_weights=weights,
-                **extra,
-                **common,
-            )
+                return released_linear_kd_loss(selected, weight, targets, kd_only=kd.beta == 0, **args)
+            return linear_kd_loss(selected, weight, targets, beta=kd.beta, t2_scale=kd.t2_scale, **args)
 
         loss, kd_part, ce_part = call_in_forward(head, loss_in_head, selected)
         if model.training:  # summed on the device: read once per log, not synced every micro-batch
