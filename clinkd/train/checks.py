@@ -24,7 +24,7 @@ import torch
 
 from ..data.offline_processor import special_token_ids
 from ..data.paths import folder_problem
-from ..patch.geometry import merger_output, mrope_section, mrope_section_problem, rope_parameters, vision_width
+from ..patch.geometry import merger_output, mrope_section, mrope_section_problem, vision_width
 from .arguments import training_arguments
 from .errors import ConfigError
 from .models import vocab_size
@@ -199,9 +199,8 @@ def check_rotary_geometry(text, where: str) -> None:
     if not _positive_int(head_dim) or head_dim % 2:
         raise ConfigError(f"{where}: head_dim {head_dim} must be an even positive integer (rotary embedding)")
     section = mrope_section(text)
-    interleaved = bool(rope_parameters(text).get("mrope_interleaved", False))
-    if section is not None:
-        problem = mrope_section_problem(section, head_dim, interleaved)
+    if section is not None:  # the sum rule; the frequency layout is the family's (check_patch)
+        problem = mrope_section_problem(section, head_dim, interleaved=False)
         if problem is not None:
             raise ConfigError(
                 f"{where}.rope_parameters.mrope_section must be integers >= 0 summing to head_dim / 2 "
