@@ -12,7 +12,7 @@
 # release fails (every release is run first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ci_set=(5.0.0 5.2.0 5.3.0 5.5.4 5.6.0 5.12.1 5.16.1 5.17.0)  # the main suite runs the newest (.venv)
+ci_set=(5.0.0 5.2.0 5.3.0 5.5.4 5.6.0 5.12.1 5.16.1 5.17.0 5.23.0)  # the main suite runs the newest (.venv)
 all_set=(5.0.0 5.1.0 5.2.0 5.3.0 5.4.0 5.5.4 5.6.2 5.7.0 5.8.1 5.9.0 5.10.4 5.11.0 5.12.1 5.13.1 5.14.1 5.15.1
          5.16.1 5.17.0 5.18.0 5.19.0 5.20.2 5.21.1 5.22.2 5.23.0 5.24.0 5.25.0)
 if [ "$#" -eq 0 ]; then versions=("${ci_set[@]}")

@@ -94,7 +94,9 @@ class Family:
             return legacy
         from transformers import modeling_outputs
 
-        return modeling_outputs.MultimodalCausalLMOutputWithPast
+        # 5.23 alone returns the plain CausalLMOutputWithPast (no rope_deltas field)
+        multimodal = getattr(modeling_outputs, "MultimodalCausalLMOutputWithPast", None)
+        return multimodal or modeling_outputs.CausalLMOutputWithPast
 
 
 FAMILIES = (
