@@ -41,10 +41,11 @@ from .rows import (
     assemble,
     coefficients,
     op_signature,
+    options_of,
     prepare_call,
     rows_function,
     scale_saved_,
-    topk_fields,
+    topk_of,
 )
 
 
@@ -321,15 +322,8 @@ class LinearArgs(NamedTuple):
             o.backend,
         )
 
-    @property
-    def options(self) -> LossOptions:
-        return LossOptions(
-            self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction, self.t2_scale, self.backend
-        )
-
-    @property
-    def topk(self):
-        return topk_fields(self.topk_indices, self.topk_logprobs, self.topk_residual)
+    options = property(options_of)
+    topk = property(topk_of)
 
     @property
     def wanted(self) -> tuple[bool, bool, bool]:

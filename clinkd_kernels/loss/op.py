@@ -29,10 +29,12 @@ from .rows import (
     assemble,
     coefficients,
     op_signature,
+    options_of,
     prepare_call,
     rows_function,
     scale_saved_,
     topk_fields,
+    topk_of,
 )
 
 
@@ -78,15 +80,8 @@ class KDArgs(NamedTuple):
             o.backend,
         )
 
-    @property
-    def options(self) -> LossOptions:
-        return LossOptions(
-            self.temperature, self.alpha, self.beta, self.ignore_index, self.reduction, self.t2_scale, self.backend
-        )
-
-    @property
-    def topk(self):
-        return topk_fields(self.topk_indices, self.topk_logprobs, self.topk_residual)
+    options = property(options_of)
+    topk = property(topk_of)
 
 
 def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, grad):

@@ -63,6 +63,16 @@ def topk_fields(indices, logprobs, residual):
     return None if indices is None else (indices, logprobs, residual)
 
 
+def options_of(args) -> LossOptions:
+    """The LossOptions of a custom op's argument tuple (``KDArgs``, ``LinearArgs``: same field names)."""
+    return LossOptions(*(getattr(args, name) for name in LossOptions._fields))
+
+
+def topk_of(args):
+    """The sparse teacher of a custom op's argument tuple (its topk_* fields), or None."""
+    return topk_fields(args.topk_indices, args.topk_logprobs, args.topk_residual)
+
+
 def prepare_call(
     op: str,
     ref_name: str,
