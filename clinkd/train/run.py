@@ -150,7 +150,8 @@ def train_and_finalise(
     model, the processor and the patch record; for LoRA, ``folder/adapter`` and the merged weights) and
     ``folder/record`` (the result {"final", "log_history", **details(training seconds)}), and every process
     waits for them. ``trainer_kw``: ClinKDTrainer's kd, teacher, store. Returns (the trained student, the
-    result)."""
+    result); the student is None after a DeepSpeed or FSDP stage: its parameters are the engine's shards,
+    held by the engine's hooks, so the next stage loads ``final`` rather than wrap that module again."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from .trainer import ClinKDTrainer
@@ -197,6 +198,8 @@ def train_and_finalise(
             write_patch_record(final, config.student.patch)
         write_result(folder / record, result)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        student = None
     return student, result
 
 

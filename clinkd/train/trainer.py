@@ -265,6 +265,20 @@ class ClinKDTrainer(Trainer):
         finally:
             target.__dict__.pop("save_pretrained", None)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """``final`` folders in the hub layout, whatever layout or engine the student was loaded with.
+        transformers writes a model in the reverse of the renamings it loaded it with; loaded under
+        ZeRO-3 it also records a prefix change whose reverse, applied after the renamings, writes every
+        text weight under ``model.model.`` — a folder that would load with those weights missing. The
+        model's default renamings (those of a model built from its config) are used instead."""
+        target = self.accelerator.unwrap_model(self.model)
+        recorded = target.__dict__.pop("_weight_conversions", None)
+        try:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            if recorded is not None:
+                target._weight_conversions = recorded
+
     def _issue_warnings_after_load(self, load_result) -> None:
         """Resuming must restore every weight: a missing (untied) or unexpected key is an error."""
         state = self.accelerator.unwrap_model(self.model).state_dict()
