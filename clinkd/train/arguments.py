@@ -19,10 +19,7 @@ def training_arguments(
     kwargs = {"report_to": "none", **config.stage_args(stage), **(overrides or {})}
     kwargs.setdefault("seed", config.seed)
     if _own_state_is_set_up():  # transformers would otherwise replace it by one process per process
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()  # the last stage's engine plugins (transformers resets them too)
-        kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
+        _keep_own_state(kwargs)
     if not progress:
         kwargs["disable_tqdm"] = True
     return TrainingArguments(
@@ -33,13 +30,29 @@ def training_arguments(
     )
 
 
-_OWN_STATE = {"deepspeed": False}  # whether distributed_state set accelerate's state up itself
+_OWN_STATE = {"engine": None}  # the engine distributed_state set accelerate's state up for itself, if any
 
 
 def _own_state_is_set_up() -> bool:
     from accelerate import PartialState
 
-    return _OWN_STATE["deepspeed"] and bool(PartialState._shared_state)
+    return _OWN_STATE["engine"] is not None and bool(PartialState._shared_state)
+
+
+def _keep_own_state(kwargs: dict) -> None:
+    """Training arguments that keep the state ``distributed_state`` made (``use_configured_state``), with
+    the last stage's engine plugins dropped, as transformers drops them for each new TrainingArguments.
+    For FSDP on CPUs the state is marked as one of the GPU kinds, the only ones accelerate turns into
+    FSDP; the Accelerator then sets it to FSDP. Nothing in FSDP2's path needs a GPU: the device mesh is
+    the CPU's and the collectives are gloo's."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    AcceleratorState._reset_state()
+    if _OWN_STATE["engine"] == "fsdp":
+        PartialState().distributed_type = DistributedType.MULTI_GPU if kwargs.get("fsdp") else DistributedType.MULTI_CPU
+    kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
 
 
 def distributed_state(config: RunConfig):
@@ -47,7 +60,8 @@ def distributed_state(config: RunConfig):
     one gloo group (accelerate alone would leave each on its own). A DeepSpeed run on GPUs (or in one
     process) takes its state from its training arguments, which put accelerate in DeepSpeed's mode; in
     several processes without GPUs, ``_deepspeed_cpu_state`` sets that mode up over gloo (transformers
-    would give accelerate no backend there, and each process would count itself alone). Launched as
+    would give accelerate no backend there, and each process would count itself alone), and FSDP gets
+    the CPU group with the engine accelerate keeps for GPUs (``_keep_own_state``). Launched as
     several processes (WORLD_SIZE > 1) that still did not join one group, they would train apart, each
     on all the data: a RuntimeError says so instead."""
     import torch
@@ -55,15 +69,18 @@ def distributed_state(config: RunConfig):
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = next((s for s in config.stages if config.stage_args(s).get("deepspeed")), None)
-    _OWN_STATE["deepspeed"] = False
-    if deepspeed is not None and launched > 1 and not torch.cuda.is_available():
+    fsdp = any(config.stage_args(s).get("fsdp") for s in config.stages)
+    cpu_processes = launched > 1 and not torch.cuda.is_available()
+    _OWN_STATE["engine"] = None
+    if deepspeed is not None and cpu_processes:
         state = _deepspeed_cpu_state()
     elif deepspeed is not None:
         with tempfile.TemporaryDirectory(prefix="clinkd-state-") as scratch:
             _ = training_arguments(config, deepspeed, progress=False, output_dir=scratch).device  # sets the state up
         state = PartialState()
     else:
-        state = PartialState(cpu=not torch.cuda.is_available() and launched > 1)
+        state = PartialState(cpu=cpu_processes)
+        _OWN_STATE["engine"] = "fsdp" if fsdp and cpu_processes else None
     if launched > 1 and state.num_processes != launched:
         raise RuntimeError(
             f"launched as {launched} processes (WORLD_SIZE), but they did not join one process group "
@@ -86,7 +103,7 @@ def _deepspeed_cpu_state():
         state = PartialState(backend="gloo")
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    _OWN_STATE["deepspeed"] = True
+    _OWN_STATE["engine"] = "deepspeed"
     return state
 
 

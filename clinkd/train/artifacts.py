@@ -7,6 +7,7 @@ the pseudo-label store        of a kd stage with teacher: store (``ensure_store`
 <stage>/stage.json            a complete stage's result (``write_result`` / ``read_result``; a round's
                               round.json likewise)
 <final>/clinkd_patch.json     the patch a model was trained with (``write_patch_record``)
+<final>/model.safetensors     in the hub layout (``hub_renamings``: what ``ClinKDTrainer.save_model`` writes with)
 """
 
 from __future__ import annotations
@@ -182,6 +183,25 @@ def write_patch_record(folder: str | os.PathLike, patch: Mapping | None) -> None
     patch_record.write_patch_record(folder, None if patch is None else dict(patch))
 
 
+# ------------------------------------------------------------------ the saved model's layout
+
+
+def hub_renamings(model) -> list | None:
+    """The weight renamings transformers saves ``model`` with when it was built from its config (the
+    hub layout of its class), or None where this transformers release has none. Read from the model
+    before an engine wraps it, and without the prefix changes a load may have recorded."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return None
+    try:
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # releases without prefix changes
+        PrefixChange = ()
+    renamings = [r for r in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(r, PrefixChange)]
+    return renamings or None
+
+
 __all__ = [
     "OFFLINE_RECORD",
     "STAGE_RECORD",
@@ -189,6 +209,7 @@ __all__ = [
     "check_existing_store",
     "check_saved_options",
     "ensure_store",
+    "hub_renamings",
     "read_result",
     "store_meta",
     "write_patch_record",

@@ -28,7 +28,7 @@ import functools
 import inspect
 
 import torch
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 
 from clinkd_kernels.loss import linear_kd_loss
 from clinkd_kernels.topk import PseudoLabels
@@ -36,6 +36,7 @@ from clinkd_kernels.topk import PseudoLabels
 from ..data.collate import model_inputs
 from ..distill.cache import head_pseudo_labels, teacher_rows
 from ..distill.store import PseudoLabelStore, StoreError
+from .artifacts import hub_renamings
 from .lora import base_of
 from .released import released_linear_kd_loss
 from .specs import KDSettings  # the KD term a KD stage gives the trainer
@@ -64,6 +65,8 @@ class ClinKDTrainer(Trainer):
         kernel_backend: str | None = None,
         **kwargs,
     ):
+        model = kwargs.get("model", args[0] if args else None)
+        self._hub_renamings = hub_renamings(model) if isinstance(model, PreTrainedModel) else None
         super().__init__(*args, **kwargs)
         self._check_engine()
         self.args.remove_unused_columns = False
@@ -266,18 +269,24 @@ class ClinKDTrainer(Trainer):
             target.__dict__.pop("save_pretrained", None)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """``final`` folders in the hub layout, whatever layout or engine the student was loaded with.
-        transformers writes a model in the reverse of the renamings it loaded it with; loaded under
-        ZeRO-3 it also records a prefix change whose reverse, applied after the renamings, writes every
-        text weight under ``model.model.`` — a folder that would load with those weights missing. The
-        model's default renamings (those of a model built from its config) are used instead."""
+        """``final`` folders: the whole model (FSDP's shards gathered whatever the checkpoints'
+        state_dict_type: a sharded one would make transformers write nothing), in the hub layout whatever
+        layout or engine the student was loaded with. transformers writes a model in the reverse of the
+        renamings it recorded when loading it; loaded under ZeRO-3 it also records a prefix change whose
+        reverse writes every text weight under ``model.model.``, and under FSDP2 (another class) it finds
+        no renamings at all. The renamings of the model built from its config, taken before any engine
+        wrapped it, are used instead."""
+        if self.is_fsdp_enabled and not _internal_call:
+            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         target = self.accelerator.unwrap_model(self.model)
-        recorded = target.__dict__.pop("_weight_conversions", None)
+        if not isinstance(target, PreTrainedModel):  # a LoRA stage's PeftModel saves its adapters
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        recorded = target.__dict__.get("_weight_conversions")
+        target._weight_conversions = self._hub_renamings
         try:
             return super().save_model(output_dir, _internal_call=_internal_call)
         finally:
-            if recorded is not None:
-                target._weight_conversions = recorded
+            target._weight_conversions = recorded
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """Resuming must restore every weight: a missing (untied) or unexpected key is an error."""

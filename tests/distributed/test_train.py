@@ -73,11 +73,3 @@ def test_launched_processes_outside_one_group_are_refused(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="did not join one process group"):
         run_training(load_config(run_config(tmp_path, data_file, processes=2)), progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def test_fsdp_on_cpu_processes_is_refused_not_replaced(train_data, tmp_path):
-    """accelerate would run FSDP as DDP on CPUs: the run stops with the engine it would have used."""
-    path = run_config(tmp_path, train_data, processes=2, fsdp="full_shard")
-    done = launch(path, expect_kill=True)
-    assert "FSDP was asked for, but accelerate set up MULTI_CPU" in done.stderr, done.stderr[-3000:]
-    assert not (tmp_path / "out" / "kd" / "stage.json").exists()
