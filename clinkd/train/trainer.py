@@ -97,8 +97,9 @@ class ClinKDTrainer(Trainer):
 
     def _check_engine(self) -> None:
         """The engine asked for (``deepspeed=``/``fsdp=`` or accelerate's launch config) is the one set up:
-        accelerate turns FSDP into DDP on CPUs, and DeepSpeed into plain processes when the state was made
-        without it — a run would then train, silently, with another engine."""
+        on CPUs accelerate turns FSDP into DDP (unless the state is ``clinkd.train.distributed_state``'s),
+        and DeepSpeed into plain processes when the state was made without it — a run would then train,
+        silently, with another engine."""
         import os
 
         asked = {
@@ -112,8 +113,8 @@ class ClinKDTrainer(Trainer):
                     self.accelerator.state.distributed_type, "value", self.accelerator.state.distributed_type
                 )
                 raise RuntimeError(
-                    f"{engine} was asked for, but accelerate set up {kind} (FSDP needs GPUs; DeepSpeed "
-                    "needs its config in the training arguments before anything else starts)"
+                    f"{engine} was asked for, but accelerate set up {kind} (on CPUs clinkd train sets FSDP "
+                    "up itself; DeepSpeed needs its config in the training arguments before anything else starts)"
                 )
 
     # ------------------------------------------------------------------ teacher side

@@ -11,6 +11,10 @@ from transformers import TrainerCallback
 from clinkd.train import load_config, run_training
 
 config_path = sys.argv[1]
+if os.environ.get("CLINKD_TEST_ACCELERATE_STATE"):  # the state transformers makes alone, as in a user's own loop
+    from clinkd.train import arguments
+
+    arguments._own_state_is_set_up = lambda: False
 callbacks = []
 if len(sys.argv) > 3:
     kill_stage, kill_step = sys.argv[2], int(sys.argv[3])

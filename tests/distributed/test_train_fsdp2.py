@@ -3,7 +3,7 @@ FSDP plugin, fsdp_version 2) in 2 CPU processes over gloo: the KD stage from the
 the SFT stage give one plain process's loss curve, kd_loss, ce_loss and final weights with the same
 global batch; killed (SIGKILL) mid-KD it resumes from its sharded checkpoint (torch.distributed.checkpoint,
 one file per process) to the straight run; the final folder holds the consolidated weights in the hub
-layout, which ``clinkd predict`` loads."""
+layout, which ``clinkd predict`` loads. In the state transformers makes alone, FSDP on CPUs is refused."""
 
 from __future__ import annotations
 
@@ -60,3 +60,11 @@ def test_the_final_folder_holds_consolidated_weights_that_predict_loads(fsdp2, s
     arguments = ["predict", "--model", str(final), "--data", str(data), "--processor", str(out / "processor")]
     assert main([*arguments, "--out", str(preds), "--max-new-tokens", "3", "--no-progress"]) == 0
     assert len(preds.read_text().splitlines()) == 2
+
+
+def test_fsdp_on_cpu_processes_in_the_state_transformers_makes_is_refused_not_replaced(train_data, tmp_path):
+    """Without clinkd's process state (a Trainer built in a user's own loop) accelerate runs FSDP as DDP on
+    CPUs: ClinKDTrainer stops with the engine it would have used."""
+    done = launch(_config(tmp_path, train_data), expect_kill=True, CLINKD_TEST_ACCELERATE_STATE="1")
+    assert "FSDP was asked for, but accelerate set up MULTI_CPU" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "kd" / "stage.json").exists()

@@ -3,12 +3,15 @@ ZeRO-3 the KD stage from the pseudo-label store and the SFT stage give one plain
 kd_loss, ce_loss and final weights with the same global batch; a ZeRO-3 run killed (SIGKILL) mid-KD
 resumes from its sharded checkpoint to the straight run, and its consolidated final folder is what
 ``clinkd predict`` loads; the online dense teacher in its own partitioned inference engine equals one
-process too. At world size 1 every parameter is still partitioned. A ZeRO-3 config that would save no
-weights is refused."""
+process too; so does the deepspeed launcher as typed. At world size 1 every parameter is still
+partitioned. A ZeRO-3 config that would save no weights is refused."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -16,6 +19,7 @@ from safetensors.torch import load_file
 from clinkd.cli import main
 from clinkd.train import load_config, run_training
 from tests.data import tiny
+from tests.distributed.common import REPO, free_port
 from tests.distributed.runs import launch, plain, run_config, same_run, weights
 from tests.train import setup
 
@@ -107,3 +111,16 @@ def test_a_zero3_config_that_saves_no_weights_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config.training.deepspeed" in err or ".deepspeed: a ZeRO-3 config needs" in err, err
     assert "stage3_gather_16bit_weights_on_model_save" in err and err.count("\n") == 1
+
+
+def test_the_deepspeed_launcher_as_typed(train_data, extensions, single_run, tmp_path):
+    """``deepspeed --num_gpus 2 --no_local_rank --module clinkd train --config run.yaml`` on CPUs."""
+    config = run_config(tmp_path, train_data, processes=2, zero=3)
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions
+    )
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    command = [*runner, "--no_local_rank", "--module", "clinkd", "train", "--config", str(config), "--no-progress"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    same_run(single_run, tmp_path / "out")
