@@ -3,6 +3,7 @@
     clinkd train --config run.yaml [--preset NAME] [--set key.path=value ...] [--no-resume] [--no-progress]
     clinkd check --config run.yaml [...]          every check train makes before training, then stop
     clinkd distill cache --config run.yaml [--stage NAME]   build / resume a kd stage's pseudo-label store
+    clinkd distill import --config run.yaml --from FILE.jsonl [--stage NAME]   a served teacher's log-probs into it
     clinkd presets                                the registered presets
     clinkd demo [--config FILE] [--set key.path=value ...] [--no-resume] [--no-progress]   the embedded demo
     clinkd data demo --out DIR [...]              write the generated demo data set
@@ -43,7 +44,7 @@ COMMANDS: dict[str, Command] = {
         "clinkd.train.cli", "check_arguments", "check_command", "check a config and its data without training"
     ),
     "distill": Command(
-        "clinkd.train.cli", "distill_arguments", "distill_command", "pseudo-label store commands (cache)"
+        "clinkd.train.cli", "distill_arguments", "distill_command", "pseudo-label store commands (cache, import)"
     ),
     "presets": Command("clinkd.train.cli", "presets_arguments", "presets_command", "list the named presets"),
     "demo": Command(
