@@ -99,13 +99,22 @@ class ClinKDTrainer(Trainer):
         """The engine asked for (``deepspeed=``/``fsdp=`` or accelerate's launch config) is the one set up:
         on CPUs accelerate turns FSDP into DDP (unless the state is ``clinkd.train.distributed_state``'s),
         and DeepSpeed into plain processes when the state was made without it — a run would then train,
-        silently, with another engine."""
+        silently, with another engine. Launched processes that accelerate does not count as one group
+        would each train on all the data: refused too."""
         import os
 
         asked = {
             "DeepSpeed": bool(self.args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true",
             "FSDP": bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP") == "true",
         }
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes != launched:
+            raise RuntimeError(
+                f"launched as {launched} processes (WORLD_SIZE), but accelerate counts "
+                f"{self.accelerator.num_processes}: each process would train on all the data (DeepSpeed "
+                "without GPUs in the state transformers makes, say); build the TrainingArguments after "
+                "clinkd.train.distributed_state, as clinkd train does"
+            )
         got = {"DeepSpeed": self.is_deepspeed_enabled, "FSDP": self.is_fsdp_enabled}
         for engine, wanted in asked.items():
             if wanted and not got[engine]:

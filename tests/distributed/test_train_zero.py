@@ -124,3 +124,12 @@ def test_the_deepspeed_launcher_as_typed(train_data, extensions, single_run, tmp
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     same_run(single_run, tmp_path / "out")
+
+
+def test_deepspeed_on_cpu_processes_in_the_state_transformers_makes_is_refused(train_data, extensions, tmp_path):
+    """In the state transformers makes alone (a Trainer built in a user's own loop) each CPU process
+    counts itself alone under DeepSpeed and would train on all the data: ClinKDTrainer refuses."""
+    config = run_config(tmp_path, train_data, processes=2, zero=3)
+    done = launch(config, expect_kill=True, extensions=extensions, CLINKD_TEST_ACCELERATE_STATE="1")
+    assert "launched as 2 processes (WORLD_SIZE), but accelerate counts 1" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "kd" / "stage.json").exists()
