@@ -97,7 +97,7 @@ class ClinKDTrainer(Trainer):
 
     def _check_engine(self) -> None:
         """The engine asked for (``deepspeed=``/``fsdp=`` or accelerate's launch config) is the one set up:
-        on CPUs accelerate turns FSDP into DDP (unless the state is ``clinkd.train.distributed_state``'s),
+        on CPUs accelerate turns FSDP into DDP (unless clinkd train set the state up),
         and DeepSpeed into plain processes when the state was made without it — a run would then train,
         silently, with another engine. Launched processes that accelerate does not count as one group
         would each train on all the data: refused too."""
@@ -112,8 +112,8 @@ class ClinKDTrainer(Trainer):
             raise RuntimeError(
                 f"launched as {launched} processes (WORLD_SIZE), but accelerate counts "
                 f"{self.accelerator.num_processes}: each process would train on all the data (DeepSpeed "
-                "without GPUs in the state transformers makes, say); build the TrainingArguments after "
-                "clinkd.train.distributed_state, as clinkd train does"
+                "without GPUs in the state transformers makes, say); run it through clinkd train, which sets "
+                "the process state up"
             )
         got = {"DeepSpeed": self.is_deepspeed_enabled, "FSDP": self.is_fsdp_enabled}
         for engine, wanted in asked.items():
