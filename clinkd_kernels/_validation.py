@@ -18,9 +18,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def check_tensor(
     name: str, x, *, ndim: int | Sequence[int] | None = None, dtypes: Sequence[torch.dtype] | None = None
 ) -> torch.Tensor:
-    """Check that ``x`` is a tensor with one of ``ndim`` dimensions and one of ``dtypes``."""
+    """Check that ``x`` is a tensor with data (not on the meta device), one of ``ndim`` dimensions and one
+    of ``dtypes``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_not_meta(name, x)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
@@ -32,6 +34,12 @@ def check_tensor(
     return x
 
 
+def check_not_meta(name: str, x: torch.Tensor) -> None:
+    """A meta-device tensor has a shape but no values: every op refuses it by name before any work."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no data; pass a tensor with values (cpu or cuda)")
+
+
 def check_shape(name: str, x: torch.Tensor, shape: Sequence[int | None]) -> None:
     """Check ``x.shape`` against ``shape``; ``None`` entries match any size."""
     ok = x.dim() == len(shape) and all(want is None or want == got for want, got in zip(shape, x.shape))
@@ -41,10 +49,12 @@ def check_shape(name: str, x: torch.Tensor, shape: Sequence[int | None]) -> None
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    """All given (non-None) tensors are on one device."""
+    """All given (non-None) tensors are on one device, and not the meta device."""
     named = [(n, t) for n, t in tensors.items() if t is not None]
     if not named:
         return
+    for n, t in named:
+        check_not_meta(n, t)
     first_name, first = named[0]
     for n, t in named[1:]:
         if t.device != first.device:

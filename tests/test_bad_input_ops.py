@@ -149,6 +149,185 @@ def test_pseudo_labels_whose_probabilities_sum_above_one():
             kd_loss(z, y, teacher=teacher, backend=backend)
 
 
+def _device(backend: str, request) -> torch.device:
+    return request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
+
+
+def _poison(x: torch.Tensor, kind: str, at: tuple) -> torch.Tensor:
+    """x with one entry (or, for "all -inf", the row ``at`` names) set to a non-finite value."""
+    x = x.clone()
+    x[at] = float("-inf") if kind == "all -inf" else float(kind)
+    return x
+
+
+def _attention_case(form: str, device, d=64):
+    """(q, k, v, position_ids, inv_freq, section, kwargs) of a fresh random padded or packed call."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if form == "padded":
+        b, s = 2, 5
+        shapes, pos = ((b, s, 4, d), (b, s, 2, d)), torch.arange(s).expand(3, b, s)
+        kw = dict(attention_mask=torch.ones(b, s, dtype=torch.long, device=device))
+    else:
+        shapes, pos = ((7, 4, d), (7, 2, d)), torch.arange(7).expand(3, 7)
+        kw = dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32, device=device))
+    q, k, v = (torch.randn(shape, device=device) for shape in (shapes[0], shapes[1], shapes[1]))
+    return q, k, v, pos.contiguous().to(device), inv.to(device), (16, 8, 8), kw
+
+
+@pytest.mark.parametrize("kind", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("form", ["padded", "packed"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_attention_non_finite_inputs_are_refused(kind, name, form, backend, request):
+    """Before: +inf in q gave a finite output on cpu and triton (the reference: NaN), with no error. Now
+    every backend refuses a NaN or ±inf in q, k or v by name, token and head."""
+    device = _device(backend, request)
+    q, k, v, pos, inv, section, kw = _attention_case(form, device)
+    at, where = (
+        ((1, 3, 1, 7), r"\(batch 1, position 3, head 1\)") if form == "padded" else ((5, 1, 0), r"\(token 5, head 1\)")
+    )
+    tensors = dict(q=q, k=k, v=v)
+    tensors[name] = _poison(tensors[name], kind, at)
+    with pytest.raises(ValueError, match=rf"^{name} must be finite .*1 \(token, head\) rows .*{where}"):
+        mcg_rope_attention(*tensors.values(), pos, inv, section, backend=backend, **kw)
+    assert torch.isfinite(mcg_rope_attention(q, k, v, pos, inv, section, backend=backend, **kw)).all()
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "all -inf"])
+@pytest.mark.parametrize("backend", ["cpu", "portable", "torch", "triton"])
+def test_student_rows_without_a_distribution_are_refused(kind, backend, request):
+    """Before: a labelled student row that is entirely −inf gave a NaN loss (NaN or +inf likewise), with
+    no error. Now refused by row on every backend, as dense teacher rows are; an ignored row's student
+    logits do not matter. linear_kd_loss refuses the rows whose hidden @ weight.T has no distribution."""
+    device = _device(backend, request)
+    z, y = torch.randn(6, 9, device=device), torch.randint(0, 9, (6,), device=device)
+    bad = _poison(z, kind, (2,) if kind == "all -inf" else (2, 4))
+    t = torch.randn(6, 12, device=device)
+    for teacher in (dict(teacher_logits=t), dict(alpha=0.0)):
+        with pytest.raises(ValueError, match=r"^student_logits rows with a label must hold no NaN or \+inf.*rows 2 "):
+            kd_loss(bad, y, backend=backend, **teacher)
+    y2 = y.clone()
+    y2[2] = -100
+    assert torch.isfinite(kd_loss(bad, y2, teacher_logits=t, backend=backend))
+    h, w = torch.randn(6, 4, device=device), torch.randn(9, 4, device=device)
+    w[0, 1] = 1.0  # so that +inf in h[3, 1] makes a +inf logit (−inf ones alone would be a masked vocabulary)
+    hb = _poison(h, kind if kind != "all -inf" else "nan", (3, 1))
+    for teacher in (
+        dict(teacher_hidden=torch.randn(6, 5, device=device), teacher_weight=torch.randn(12, 5, device=device)),
+        {},
+    ):
+        with pytest.raises(ValueError, match=r"student logits hidden @ weight.T \(\+ bias\) rows .*rows 3 "):
+            linear_kd_loss(hb, w, y, chunk_size=4, backend=backend, alpha=0.5 if teacher else 0.0, **teacher)
+    y2[3] = -100
+    assert torch.isfinite(linear_kd_loss(hb, w, y2, chunk_size=4, backend=backend, alpha=0.0))
+
+
+def _index_call(**over):
+    ids = torch.tensor([[1, 7, 9, 9, 9, 9, 3], [1, 2, 3, 4, 5, 6, 8]])
+    kw = dict(image_grid_thw=torch.tensor([[1, 4, 4]]), attention_mask=torch.ones(2, 7, dtype=torch.long))
+    kw.update(over)
+    return mcg_rope_index(kw.pop("input_ids", ids), image_token_id=9, video_token_id=10, **kw)
+
+
+def _meta_calls():
+    """(name of the meta argument, a call that passes it on the meta device), for every tensor argument
+    of every public op."""
+    meta = lambda t: t.to("meta")  # noqa: E731
+    n, v, hd = 5, 11, 4
+    z, y = torch.randn(n, v), torch.randint(0, v, (n,))
+    lp = torch.log_softmax(torch.randn(n, v), 1)[:, :2]
+    pl = dict(
+        indices=torch.tensor([[0, 1]] * n, dtype=torch.int32),
+        logprobs=lp,
+        lse=torch.zeros(n),
+        margin=torch.zeros(n),
+        residual=(1 - lp.exp().sum(1)).clamp(min=0),
+    )
+
+    def kd(**m):
+        kw = dict(student_logits=z, labels=y, teacher_logits=torch.randn(n, v), token_weights=torch.ones(n))
+        kw.update({key: meta(kw[key]) for key in m})
+        return lambda: kd_loss(kw.pop("student_logits"), kw.pop("labels"), backend="cpu", **kw)
+
+    def sparse(field):
+        fields = {**pl, field: meta(pl[field])}
+        return lambda: kd_loss(z, y, teacher=PseudoLabels(**fields), backend="cpu")
+
+    def lin(*m):
+        kw = dict(
+            hidden=torch.randn(n, hd),
+            weight=torch.randn(v, hd),
+            labels=y,
+            bias=torch.randn(v),
+            teacher_hidden=torch.randn(n, hd),
+            teacher_weight=torch.randn(v, hd),
+            teacher_bias=torch.randn(v),
+            token_weights=torch.ones(n),
+        )
+        kw.update({key: meta(kw[key]) for key in m})
+        return lambda: linear_kd_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"), backend="cpu", **kw)
+
+    def attn(name):
+        q, k, v_, pos, inv, section, kw = _attention_case("packed", torch.device("cpu"))
+        args = dict(q=q, k=k, v=v_, position_ids=pos, inv_freq=inv, cu_seqlens=kw["cu_seqlens"])
+        args[name] = meta(args[name])
+        cu = args.pop("cu_seqlens")
+        return lambda: mcg_rope_attention(*args.values(), section, cu_seqlens=cu, backend="cpu")
+
+    def rope(name):
+        q, k, _, pos, inv, section, _ = _attention_case("packed", torch.device("cpu"))
+        args = dict(q=q, k=k, position_ids=pos, inv_freq=inv)
+        args[name] = meta(args[name])
+        return lambda: apply_mrope(*args.values(), section, backend="cpu")
+
+    def index(name):
+        ids = torch.tensor([[1, 7, 9, 9, 9, 9, 3], [1, 2, 3, 4, 5, 6, 8]])
+        grids = dict(image_grid_thw=torch.tensor([[1, 4, 4]]), video_grid_thw=torch.zeros(0, 3, dtype=torch.long))
+        args = dict(input_ids=ids, attention_mask=torch.ones(2, 7, dtype=torch.long), **grids)
+        args["video_time_interval"] = torch.ones(0)
+        args[name] = meta(args[name])
+        return lambda: _index_call(**args)
+
+    yield from (("topk", "logits", lambda: topk_pseudo_labels(meta(z), 2, backend="cpu")),)
+    for name in ("student_logits", "labels", "teacher_logits", "token_weights"):
+        yield "kd_loss", name, kd(**{name: True})
+    for field in ("indices", "logprobs", "residual"):
+        yield "kd_loss", f"teacher.{field}", sparse(field)
+    for name in ("hidden", "weight", "labels", "bias", "teacher_hidden", "teacher_weight", "teacher_bias"):
+        yield "linear_kd_loss", name, lin(name)
+    yield "linear_kd_loss", "token_weights", lin("token_weights")
+    for name in ("q", "k", "v", "position_ids", "inv_freq", "cu_seqlens"):
+        yield "mcg_rope_attention", name, attn(name)
+    for name in ("q", "k", "position_ids", "inv_freq"):
+        yield "apply_mrope", name, rope(name)
+    for name in ("input_ids", "image_grid_thw", "video_grid_thw", "attention_mask", "video_time_interval"):
+        yield "mcg_rope_index", name, index(name)
+
+
+META_CALLS = list(_meta_calls())
+
+
+@pytest.mark.parametrize("op,name,call", META_CALLS, ids=[f"{op}-{name}" for op, name, _ in META_CALLS])
+def test_meta_tensors_are_refused_by_name(op, name, call):
+    """Before: e.g. mcg_rope_index with image_grid_thw on the meta device raised torch's "Cannot copy out
+    of meta tensor; no data!" (naming neither); other ops said "... is on meta but ... is on cpu" or
+    failed in a kernel. Now every tensor argument of every op is refused by name before any work."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} is on the meta device, which holds no data"):
+        call()
+
+
+def test_rope_index_grid_on_another_device_is_refused():
+    """A grid lives on the CPU or on input_ids' device; the meta device is neither (nor a device at all)."""
+    with pytest.raises(ValueError, match=r"^image_grid_thw is on the meta device"):
+        _index_call(image_grid_thw=torch.tensor([[1, 4, 4]], device="meta"))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"image_grid_thw is on cpu but input_ids is on cuda|grid"):
+            _index_call(
+                input_ids=torch.ones(1, 3, dtype=torch.long),
+                image_grid_thw=torch.ones(1, 3, dtype=torch.long, device="cuda"),
+            )
+
+
 # --------------------------------------------------------------------------------------------------
 # the hunt: many bad (and good) inputs per op
 

@@ -1,6 +1,6 @@
 """Argument checks of ``mcg_rope_attention``: shapes, dtypes and devices before any work (``check_inputs``),
-and the checks that read cu_seqlens' values (``check_values``, inside the Triton path's custom op so
-that tracing needs no data-dependent Python).
+and the checks that read tensor values (``check_values``: q, k, v finite, cu_seqlens' order and ends; inside
+the Triton path's custom op so that tracing needs no data-dependent Python).
 
 Every error names the argument, what was expected and what was given. The sections' rule is
 ``clinkd_kernels.rope.layout.check_mrope_section`` (shared with ``apply_mrope``).
@@ -104,12 +104,43 @@ def check_inputs(
     return section, scale
 
 
-def check_values(cu_seqlens, n_tokens: int, max_seqlen: int | None) -> int | None:
-    """Checks that read cu_seqlens' values (int32 [B+1], one host sync); returns the longest packed
-    sequence (None for the padded form, ``cu_seqlens`` None)."""
+def _where_not_finite(name: str, x: torch.Tensor, seqlen: int) -> str:
+    """The error of a tensor ``x`` [B,S,H,D] / [T,H,D] (flat [B·S,H,D] when ``seqlen`` > 0) holding NaN or
+    ±inf: how many (token, head) rows, and the first few by batch, position and head (or token and head)."""
+    bad = ~torch.isfinite(x).all(-1)  # [..., H]
+    count = int(bad.sum())
+    rows = bad.nonzero()[:5].tolist()
+    if x.dim() == 4:
+        where = [f"(batch {b}, position {s}, head {h})" for b, s, h in rows]
+    elif seqlen > 0:
+        where = [f"(batch {t // seqlen}, position {t % seqlen}, head {h})" for t, h in rows]
+    else:
+        where = [f"(token {t}, head {h})" for t, h in rows]
+    more = f" and {count - len(rows)} more" if count > len(rows) else ""
+    return (
+        f"{name} must be finite (attention of NaN or ±inf inputs is NaN): {count} (token, head) rows hold "
+        f"NaN or ±inf, at {', '.join(where)}{more}"
+    )
+
+
+def check_values(q, k, v, cu_seqlens, max_seqlen: int | None, seqlen: int = 0) -> int | None:
+    """Checks that read tensor values, in one host sync: q [..., Hq, D], k/v [..., Hkv, D] hold no NaN or
+    ±inf (refused by name, token and head), and cu_seqlens (int32 [B+1], packed form) starts at 0, ends
+    at T = q.shape[0] and does not decrease. ``seqlen`` > 0: q, k, v are the padded form's flat
+    [B·S, H, D] views (for the error's batch and position). Returns the longest packed sequence (None
+    for the padded form, ``cu_seqlens`` None)."""
+    finite = torch.stack([torch.isfinite(x).all() for x in (q, k, v)])
     if cu_seqlens is None:
+        flags, cu = finite.tolist(), None
+    else:
+        both = torch.cat([finite.to(cu_seqlens.dtype), cu_seqlens]).tolist()
+        flags, cu = both[:3], both[3:]
+    for name, x, ok in zip(("q", "k", "v"), (q, k, v), flags):
+        if not ok:
+            raise ValueError(_where_not_finite(name, x, seqlen))
+    if cu is None:
         return None
-    cu = cu_seqlens.tolist()
+    n_tokens = q.shape[0]
     if cu[0] != 0 or cu[-1] != n_tokens:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {n_tokens}, got {cu[0]} ... {cu[-1]}")
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]

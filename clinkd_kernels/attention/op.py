@@ -10,8 +10,8 @@ Contract (docs/api.md):
 
 The Triton path works on flattened tokens (T_total = B·S or T); the two custom ops
 ``clinkd::mcg_rope_attention_fwd`` / ``_bwd`` take those flat views, so the reshapes around them stay
-visible to torch.compile. Checks that need tensor values (cu_seqlens order and ends) run inside
-the ops, i.e. eagerly, so tracing needs no data-dependent Python.
+visible to torch.compile. Checks that need tensor values (q, k, v finite; cu_seqlens order and ends)
+run inside the ops, i.e. eagerly, so tracing needs no data-dependent Python.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _fwd_op(
     it from cu_seqlens"."""
     from .launch import attention_forward
 
-    longest = check_values(cu_seqlens, q.shape[0], max_seqlen if max_seqlen > 0 else None)
+    longest = check_values(q, k, v, cu_seqlens, max_seqlen if max_seqlen > 0 else None, seqlen=seqlen)
     longest = _grid_len(q, cu_seqlens, seqlen, longest or 0)
     return attention_forward(
         q,
@@ -257,7 +257,7 @@ def mcg_rope_attention(
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
         )
-    check_values(cu_seqlens, q.shape[0], max_seqlen)
+    check_values(q, k, v, cu_seqlens, max_seqlen)
     if chosen == "cpu":
         from .cpu import mcg_rope_attention_cpu
 

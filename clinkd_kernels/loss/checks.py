@@ -145,12 +145,17 @@ def check_teacher(
     )
 
 
-def bad_teacher_rows(teacher_logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int):
-    """bool [N]: valid rows whose dense teacher logits (first ``vocab`` columns) hold a NaN or a +inf, or
-    are all −inf: no teacher distribution (its softmax is NaN), so no KD term. One reduction (a max
-    propagates NaN and +inf, and is −inf only when every entry is)."""
-    top = teacher_logits[:, :vocab].amax(dim=1) if teacher_logits.shape[0] else teacher_logits.new_zeros(0)
+def rows_without_distribution(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int):
+    """bool [N]: labelled rows (labels != ignore_index) whose logits [N, >= vocab] (first ``vocab``
+    columns) hold a NaN or a +inf, or are all −inf: their softmax is NaN, so they define no distribution.
+    One reduction (a max propagates NaN and +inf, and is −inf only when every entry is)."""
+    top = logits[:, :vocab].amax(dim=1) if logits.shape[0] and vocab else logits.new_zeros(logits.shape[0])
     return (labels != ignore_index) & ~torch.isfinite(top)
+
+
+def bad_teacher_rows(teacher_logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int):
+    """bool [N]: labelled rows whose dense teacher logits define no distribution (so no KD term)."""
+    return rows_without_distribution(teacher_logits, labels, vocab, ignore_index)
 
 
 def bad_teacher_message(bad: torch.Tensor) -> str:
@@ -160,11 +165,74 @@ def bad_teacher_message(bad: torch.Tensor) -> str:
     )
 
 
+def bad_student_message(bad: torch.Tensor, name: str = "student_logits") -> str:
+    """The error of labelled rows whose student logits (``name``: the tensor, or the lm_head product that
+    forms them) define no distribution."""
+    return (
+        f"{name} rows with a label must hold no NaN or +inf and at least one finite value (they define the "
+        f"student's distribution); rows {first_rows(bad)} do not"
+    )
+
+
+def _topk_checks(topk, vocab: int) -> list:
+    """(row mask [N], message) pairs of ``check_values`` for pseudo-labels (indices, logprobs [N, k],
+    residual [N])."""
+    idx, lp, res = topk
+    checks = []
+    checks.append(
+        (
+            ((idx < 0) | (idx >= vocab)).any(1),
+            lambda bad: (
+                f"teacher.indices must be in [0, {vocab}) (the student vocabulary); rows {first_rows(bad)} are not"
+            ),
+        )
+    )
+    if idx.shape[1] > 1:
+        srt = idx.sort(dim=1).values
+        checks.append(
+            (
+                (srt[:, 1:] == srt[:, :-1]).any(1),
+                lambda bad: f"teacher.indices must not repeat a token within a row; rows {first_rows(bad)} do",
+            )
+        )
+    # log-probabilities are <= 0 up to rounding; the residual is a probability mass.
+    checks.append(
+        (
+            (torch.isnan(lp) | (lp > 1e-4)).any(1),
+            lambda bad: f"teacher.logprobs must be log-probabilities (<= 0, no NaN); rows {first_rows(bad)} are not",
+        )
+    )
+    checks.append(
+        (
+            ~(res >= 0) | (res > 1 + 1e-4),
+            lambda bad: f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not",
+        )
+    )
+    checks.append(
+        (
+            lp.double().exp().sum(1) > 1 + 1e-4,
+            lambda bad: (
+                f"teacher.logprobs must be the log-probabilities of one distribution (their "
+                f"probabilities sum to at most 1); rows {first_rows(bad)} sum above 1"
+            ),
+        )
+    )
+    return checks
+
+
 def check_values(
-    labels: torch.Tensor, vocab: int, ignore_index: int, token_weights, topk, teacher_logits: torch.Tensor | None = None
+    labels: torch.Tensor,
+    vocab: int,
+    ignore_index: int,
+    token_weights,
+    topk,
+    teacher_logits: torch.Tensor | None = None,
+    student_logits: torch.Tensor | None = None,
+    student_name: str = "student_logits",
 ) -> None:
-    """Checks that read tensor values (one host sync): labels, token weights, pseudo-labels, dense
-    teacher logits.
+    """Checks that read tensor values (one host sync): labels [N], token weights [N], pseudo-labels
+    [N, k], dense teacher logits [N, >= V], student logits [N, V] (labelled rows only: NaN, +inf or all
+    −inf is refused; ``student_name`` is what the error calls them).
 
     ``topk`` is (indices, logprobs, residual) or None. Run inside the ops, so a compiled graph
     keeps them without a graph break. Every check's row mask is built on the device and their
@@ -187,50 +255,17 @@ def check_values(
             )
         )
     if topk is not None:
-        idx, lp, res = topk
-        checks.append(
-            (
-                ((idx < 0) | (idx >= vocab)).any(1),
-                lambda bad: (
-                    f"teacher.indices must be in [0, {vocab}) (the student vocabulary); rows {first_rows(bad)} are not"
-                ),
-            )
-        )
-        if idx.shape[1] > 1:
-            srt = idx.sort(dim=1).values
-            checks.append(
-                (
-                    (srt[:, 1:] == srt[:, :-1]).any(1),
-                    lambda bad: f"teacher.indices must not repeat a token within a row; rows {first_rows(bad)} do",
-                )
-            )
-        # log-probabilities are <= 0 up to rounding; the residual is a probability mass.
-        checks.append(
-            (
-                (torch.isnan(lp) | (lp > 1e-4)).any(1),
-                lambda bad: (
-                    f"teacher.logprobs must be log-probabilities (<= 0, no NaN); rows {first_rows(bad)} are not"
-                ),
-            )
-        )
-        checks.append(
-            (
-                ~(res >= 0) | (res > 1 + 1e-4),
-                lambda bad: f"teacher.residual must be in [0, 1]; rows {first_rows(bad)} are not",
-            )
-        )
-        checks.append(
-            (
-                lp.double().exp().sum(1) > 1 + 1e-4,
-                lambda bad: (
-                    f"teacher.logprobs must be the log-probabilities of one distribution (their "
-                    f"probabilities sum to at most 1); rows {first_rows(bad)} sum above 1"
-                ),
-            )
-        )
+        checks += _topk_checks(topk, vocab)
     if teacher_logits is not None:
         bad_teacher = bad_teacher_rows(teacher_logits, labels, vocab, ignore_index)
         checks.append((bad_teacher, bad_teacher_message))
+    if student_logits is not None:
+        checks.append(
+            (
+                rows_without_distribution(student_logits, labels, vocab, ignore_index),
+                lambda bad: bad_student_message(bad, student_name),
+            )
+        )
     failed = torch.stack([bad.any() for bad, _ in checks]).tolist()
     for (bad, message), hit in zip(checks, failed):
         if hit:

@@ -254,22 +254,40 @@ def _run_valid_rows(
     return kd_rows, ce_rows, gh, gw, gb
 
 
-def _check_dense_teacher(kd_rows, labels, ignore_index, teacher_hidden, teacher_weight, teacher_bias, vocab):
-    """A valid row whose dense teacher has no distribution (NaN, +inf, all −inf logits) has a NaN KD_i, and
-    so has a row whose student logits hold NaN or +inf (an undefined softmax, reported as NaN as by
-    kd_loss). One host sync on the [N] KD values, no pass over the logits; only on that error path are
-    the teacher logits of the NaN rows formed again, to tell the two apart."""
-    nan_rows = (labels != ignore_index) & torch.isnan(kd_rows)
-    if not bool(nan_rows.any()):
+STUDENT_LOGITS = "the student logits hidden @ weight.T (+ bias)"
+
+
+def _head_rows(hidden, weight, bias, rows):
+    """The logits [len(rows), V] of the given rows of hidden [N, Hd] through weight [V, Hd], bias [V]."""
+    logits = hidden[rows] @ weight.t()
+    return logits if bias is None else logits + bias
+
+
+def _check_distributions(kd_rows, ce_rows, a: LinearArgs) -> None:
+    """Refuse labelled rows whose dense teacher or student logits define no distribution (NaN, +inf or
+    all −inf): such a row, and only such a row, has a KD_i or CE_i [N] that is not finite. One host sync
+    on those [N] values, no pass over the logits or the weights; only on that error path are the logits
+    of the suspect rows formed again, to tell the teacher from the student (and from a legitimately
+    infinite CE_i: a −inf logit at the label)."""
+    valid = a.labels != a.ignore_index
+    suspect = valid & ~(torch.isfinite(kd_rows) & torch.isfinite(ce_rows))
+    if not bool(suspect.any()):
         return
-    rows = nan_rows.nonzero().squeeze(1)
-    t_logits = teacher_hidden[rows] @ teacher_weight[:vocab].t()
-    if teacher_bias is not None:
-        t_logits = t_logits + teacher_bias[:vocab]
-    bad = torch.zeros_like(nan_rows)
-    bad[rows] = checks.bad_teacher_rows(t_logits, labels[rows], vocab, ignore_index)
+    vocab = a.weight.shape[0]
+    rows = suspect.nonzero().squeeze(1)
+    labels = a.labels[rows]
+    bad = torch.zeros_like(suspect)
+    with torch.no_grad():
+        if a.teacher_weight is not None:
+            t_bias = None if a.teacher_bias is None else a.teacher_bias[:vocab]
+            t_logits = _head_rows(a.teacher_hidden, a.teacher_weight[:vocab], t_bias, rows)
+            bad[rows] = checks.bad_teacher_rows(t_logits, labels, vocab, a.ignore_index)
+            if bool(bad.any()):
+                raise ValueError(checks.bad_teacher_message(bad))
+        logits = _head_rows(a.hidden, a.weight, a.bias, rows)
+        bad[rows] = checks.rows_without_distribution(logits, labels, vocab, a.ignore_index)
     if bool(bad.any()):
-        raise ValueError(checks.bad_teacher_message(bad))
+        raise ValueError(checks.bad_student_message(bad, STUDENT_LOGITS))
 
 
 def _or_empty(grad, like, dtype=None):
@@ -386,10 +404,7 @@ def _linear_kd_loss_impl(*args):
     a = LinearArgs(*args)
     checks.check_values(a.labels, a.weight.shape[0], a.ignore_index, a.token_weights, a.topk)
     kd_rows, ce_rows, kd_scale, ce_scale, gh, gw, gb = _chunk_loop(a)
-    if a.teacher_weight is not None:
-        _check_dense_teacher(
-            kd_rows, a.labels, a.ignore_index, a.teacher_hidden, a.teacher_weight, a.teacher_bias, a.weight.shape[0]
-        )
+    _check_distributions(kd_rows, ce_rows, a)
     loss, kd, ce = assemble(kd_rows, ce_rows, kd_scale, ce_scale, alpha=a.alpha, beta=a.beta, reduction=a.reduction)
     return loss, kd, ce, _or_empty(gh, a.hidden), _or_empty(gw, kd_rows), _or_empty(gb, kd_rows)
 
@@ -626,13 +641,19 @@ def _reference(
     """The "torch" backend: the value checks, then ``linear_kd_loss_reference`` (full [N, V] logits)."""
     vocab = weight.shape[0]
     teacher_logits = None
-    if teacher_weight is not None:  # the reference forms them again: this backend is the spec, not the fast path
-        with torch.no_grad():
+    # The logits are formed again for the value checks: this backend is the spec, not the fast path.
+    with torch.no_grad():
+        if teacher_weight is not None:
             teacher_logits = teacher_hidden @ teacher_weight[:vocab].t()
             if teacher_bias is not None:
                 teacher_logits = teacher_logits + teacher_bias[:vocab]
+        student_logits = hidden.detach() @ weight.detach().t()
+        if bias is not None:
+            student_logits = student_logits + bias.detach()
     topk = None if teacher is None else (teacher.indices, teacher.logprobs, teacher.residual)
-    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits)
+    checks.check_values(
+        labels, vocab, o.ignore_index, token_weights, topk, teacher_logits, student_logits, STUDENT_LOGITS
+    )
     return linear_kd_loss_reference(
         hidden,
         weight,

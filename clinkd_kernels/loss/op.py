@@ -87,7 +87,7 @@ class KDArgs(NamedTuple):
 def _forward(z, labels, teacher_logits, topk, token_weights, o: LossOptions, grad):
     """(loss, kd, ce) of logits z [N, V]; writes the gradient into ``grad`` ([N, V], may be z) unless None."""
     n, vocab = z.shape
-    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits)
+    checks.check_values(labels, vocab, o.ignore_index, token_weights, topk, teacher_logits, student_logits=z)
     acc = accumulate_dtype(z)
     coef_kd, coef_ce, kd_scale, ce_scale = coefficients(
         labels,
@@ -214,8 +214,8 @@ def kd_loss(
 
     Args:
         student_logits: [N, V] fp32/fp16/bf16 (fp64 on the "cpu"/"portable"/"torch" backends). ``-inf`` entries
-            are allowed (masked vocabulary) as long as each valid row has a finite one. ``+inf`` entries
-            make that row's softmax undefined: its loss and gradient are NaN.
+            are allowed (masked vocabulary) as long as each valid row has a finite one; a valid row
+            holding NaN or ``+inf``, or entirely ``-inf``, has no distribution: ValueError naming the rows.
         labels: [N] int64/int32 targets (already shifted by the caller); ``ignore_index`` marks rows
             that are not valid (no loss, zero gradient).
         teacher_logits: dense teacher [N, V_t], V_t >= V; columns beyond V are dropped before the softmax.
@@ -275,7 +275,9 @@ def kd_loss(
     if options.backend == "torch":
         if inplace_grad:
             raise ValueError("inplace_grad needs the 'triton', 'cpu' or 'portable' backend, not 'torch'")
-        checks.check_values(labels, vocab, ignore_index, token_weights, topk, teacher_logits)
+        checks.check_values(
+            labels, vocab, ignore_index, token_weights, topk, teacher_logits, student_logits=student_logits
+        )
         o = options
         return kd_loss_reference(
             student_logits,

@@ -37,8 +37,9 @@ def check_inputs(
     video_time_interval,
     split_video_frames,
 ) -> torch.Tensor | None:
-    """``mcg_rope_index``' arguments, before any work: input_ids int [B, S] (S >= 1), grids int [n, 3],
-    attention_mask [B, S] on input_ids' device, the ids and sizes, and positions that stay below 2^53.
+    """``mcg_rope_index``' arguments, before any work: input_ids int [B, S] (S >= 1), grids int [n, 3]
+    on the CPU or input_ids' device, attention_mask [B, S] on input_ids' device (no tensor on the meta
+    device), the ids and sizes, and positions that stay below 2^53.
     Returns ``video_time_interval`` as float32 [N_vid] (``interval_tensor``) or None. The values of the
     grids and intervals are checked by the implementations (they need the token runs).
     """
@@ -50,6 +51,11 @@ def check_inputs(
         if grid is not None:
             check_tensor(name, grid, ndim=2, dtypes=INT_DTYPES)
             check_shape(name, grid, (None, 3))
+            if grid.device.type != "cpu" and grid.device != input_ids.device:
+                raise ValueError(
+                    f"{name} is on {grid.device} but input_ids is on {input_ids.device}; a grid lives on "
+                    "the CPU or on input_ids' device"
+                )
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, ndim=2, dtypes=INT_DTYPES + (torch.bool,))
         check_shape("attention_mask", attention_mask, tuple(input_ids.shape))

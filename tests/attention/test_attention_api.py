@@ -148,6 +148,16 @@ def _call(kw, backend="cpu"):
     return mcg_rope_attention(*args, backend=backend, **kw)
 
 
+def _at(name: str, *where: int) -> str:
+    """The message of a non-finite q, k or v at (batch, position, head) or (token, head)."""
+    at = (
+        f"batch {where[0]}, position {where[1]}, head {where[2]}"
+        if len(where) == 3
+        else f"token {where[0]}, head {where[1]}"
+    )
+    return rf"^{name} must be finite .*1 \(token, head\) rows hold NaN or ±inf, at \({at}\)$"
+
+
 BAD = [
     # (id, form, change, exception, message fragment)
     (
@@ -278,10 +288,16 @@ BAD = [
         ValueError,
         "k must have shape",
     ),
+    # non-finite inputs (before: a finite output from +inf in q on cpu and triton; the reference gives NaN)
+    ("q-inf", "padded", lambda kw: kw["q"].__setitem__((1, 2, 3, 5), float("inf")), ValueError, _at("q", 1, 2, 3)),
+    ("k-neg-inf", "padded", lambda kw: kw["k"].__setitem__((0, 4, 1), float("-inf")), ValueError, _at("k", 0, 4, 1)),
+    ("v-nan", "padded", lambda kw: kw["v"].__setitem__((1, 0, 0, 63), float("nan")), ValueError, _at("v", 1, 0, 0)),
+    ("q-packed-inf", "packed", lambda kw: kw["q"].__setitem__((6, 3), float("inf")), ValueError, _at("q", 6, 3)),
+    ("v-packed-nan", "packed", lambda kw: kw["v"].__setitem__((2, 0, 9), float("nan")), ValueError, _at("v", 2, 0)),
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
 @pytest.mark.parametrize("form,change,exc,msg", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input_is_refused(interpreter, backend, form, change, exc, msg):
     kw = _good(form)

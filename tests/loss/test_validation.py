@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from clinkd_kernels import PseudoLabels
 from clinkd_kernels.loss import kd_loss, linear_kd_loss
 from tests.loss.util import pseudo_labels
 
@@ -17,6 +20,17 @@ def _logits():
 
 def _pl(k=4, n=N, vocab=V):
     return pseudo_labels(torch.randn(n, vocab), k, 1.0, vocab)
+
+
+def _bad_rows(kind: str, n=N, v=V, rows=(1, 4)) -> torch.Tensor:
+    """Fresh student logits whose ``rows`` have no distribution: a NaN, a +inf, or every entry −inf."""
+    z = torch.randn(n, v)
+    for r in rows:
+        if kind == "all -inf":
+            z[r] = float("-inf")
+        else:
+            z[r, torch.randint(0, v, ()).item()] = float(kind)
+    return z
 
 
 def _call(**over):
@@ -64,6 +78,9 @@ def _call(**over):
         (dict(token_weights=torch.tensor([1.0, float("inf"), 1, 1, 1, 1])), ValueError, "token_weights must be finite"),
         (dict(backend="cuda"), ValueError, "kd_loss has no 'cuda' backend"),
         (dict(backend="bogus"), ValueError, "is not a backend"),
+        (dict(student_logits=_bad_rows("nan")), ValueError, r"student_logits rows with a label .*rows 1, 4 do not"),
+        (dict(student_logits=_bad_rows("inf")), ValueError, r"student_logits rows with a label .*rows 1, 4 do not"),
+        (dict(student_logits=_bad_rows("all -inf")), ValueError, r"student_logits rows with a label .*rows 1, 4 "),
     ],
 )
 def test_kd_loss_refuses(over, exc, match):
@@ -200,18 +217,64 @@ def test_device_mismatch_refused():
         _lin(weight=torch.randn(V, HD, device="cuda"))
 
 
-def test_device_mismatch_refused_meta():
-    """Without a GPU, a meta-device tensor stands in for 'another device'."""
-    with pytest.raises(ValueError, match="labels is on cpu but student_logits is on meta"):
-        kd_loss(torch.randn(N, V, device="meta"), torch.randint(0, V, (N,)), alpha=0.0, backend="torch")
-    with pytest.raises(ValueError, match="teacher_logits is on meta but student_logits is on cpu"):
-        kd_loss(torch.randn(N, V), torch.randint(0, V, (N,)), teacher_logits=torch.randn(N, V, device="meta"))
-    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
-        _lin(weight=torch.randn(V, HD, device="meta"))
-    with pytest.raises(ValueError, match="teacher_weight is on meta but hidden is on cpu"):
-        _lin(teacher_weight=torch.randn(V + 5, HD + 3, device="meta"))
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: kd_loss(torch.randn(N, V, device="meta"), torch.randint(0, V, (N,)), alpha=0.0), "student_logits"),
+        (lambda: kd_loss(torch.randn(N, V), torch.randint(0, V, (N,), device="meta"), alpha=0.0), "labels"),
+        (
+            lambda: kd_loss(
+                torch.randn(N, V), torch.randint(0, V, (N,)), teacher_logits=torch.randn(N, V, device="meta")
+            ),
+            "teacher_logits",
+        ),
+        (lambda: _lin(weight=torch.randn(V, HD, device="meta")), "weight"),
+        (lambda: _lin(teacher_weight=torch.randn(V + 5, HD + 3, device="meta")), "teacher_weight"),
+    ],
+)
+def test_meta_tensors_refused(call, name):
+    """Before: "labels is on cpu but student_logits is on meta" and the like, or a kernel's error. A
+    meta-device tensor has no data: refused by name before any work (docs/api.md)."""
+    with pytest.raises(ValueError, match=rf"^{name} is on the meta device, which holds no data"):
+        call()
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "all -inf"])
+@pytest.mark.parametrize("backend", ["cpu", "portable", "torch", "triton"])
+def test_student_rows_without_a_distribution(kind, backend, request):
+    """Labelled student rows with NaN, +inf, or only −inf are refused by row on every backend, with a
+    sparse teacher and per-row reduction too; their ignored twins are not (the loss is finite)."""
+    device = request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
+    z, y = _bad_rows(kind).to(device), torch.randint(0, V, (N,), device=device)
+    pl = PseudoLabels(*(x.to(device) for x in _pl()))
+    with pytest.raises(ValueError, match=r"^student_logits rows with a label .*rows 1, 4 do not"):
+        kd_loss(z, y, teacher=pl, reduction="none", backend=backend)
+    y[[1, 4]] = -100
+    assert torch.isfinite(kd_loss(z, y, teacher=pl, reduction="none", backend=backend)).all()
+
+
+@pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
+@pytest.mark.parametrize("backend", ["cpu", "portable", "torch", "triton"])
+def test_linear_student_rows_without_a_distribution(where, backend, request):
+    """linear_kd_loss: a +inf in hidden (one row), a NaN in weight or bias (every row) leaves the student
+    logits hidden @ weight.T + bias without a distribution: refused by row on every backend."""
+    device = request.getfixturevalue("interpreter") if backend == "triton" else torch.device("cpu")
+    h, w, b = torch.randn(N, HD), torch.randn(V, HD), torch.randn(V)
+    w[0, 0] = 1.0  # so that +inf in h[2, 0] makes a +inf logit (−inf ones alone would be a masked vocabulary)
+    {"hidden": h[2], "weight": w[7], "bias": b[7:8]}[where][0] = float("inf") if where == "hidden" else float("nan")
+    rows = "2" if where == "hidden" else "0, 1, 2, 3, 4 (and 1 more)"
+    y = torch.randint(0, V, (N,))
+    with pytest.raises(ValueError, match=rf"student logits hidden @ weight.T .*rows {re.escape(rows)} do not"):
+        linear_kd_loss(*(x.to(device) for x in (h, w, y)), bias=b.to(device), alpha=0.0, chunk_size=4, backend=backend)
 
 
 def test_backend_forced_cpu_on_meta_refused():
-    with pytest.raises(RuntimeError, match="CPU kernel needs CPU tensors"):
+    """All on the meta device: refused by the first argument's name before the backend is chosen."""
+    with pytest.raises(ValueError, match="^student_logits is on the meta device"):
         kd_loss(torch.randn(N, V, device="meta"), torch.randint(0, V, (N,), device="meta"), alpha=0.0, backend="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backend_forced_cpu_on_cuda_refused():
+    with pytest.raises(RuntimeError, match="CPU kernel needs CPU tensors"):
+        kd_loss(torch.randn(N, V, device="cuda"), torch.randint(0, V, (N,), device="cuda"), alpha=0.0, backend="cpu")
