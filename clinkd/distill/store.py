@@ -230,6 +230,28 @@ def _validate_manifest(folder: Path, manifest) -> dict:
     }
 
 
+def check_folder(folder: Path, *, write: bool) -> None:
+    """StoreError naming ``folder`` when it cannot hold a store: a path that is a file (or anything but a
+    folder), a symbolic link to nothing, or a folder this process may not read (``write``: or write).
+    The writer creates a missing folder (an error there says why it could not); the reader's missing
+    folder is reported by its manifest check."""
+    where = f"pseudo-label store {folder}"
+    if folder.is_symlink() and not folder.exists():
+        raise StoreError(f"{where}: the path is a symbolic link to {os.readlink(folder)}, which does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"{where}: the path is a file, not a folder; give a folder (new or a store's)")
+    if write and not folder.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{where}: the folder cannot be created ({e.strerror or e})") from None
+    if not folder.exists():
+        return
+    need, what = (os.R_OK | os.W_OK | os.X_OK, "read and write") if write else (os.R_OK | os.X_OK, "read")
+    if not os.access(folder, need):
+        raise StoreError(f"{where}: no permission to {what} the folder (check its owner and mode)")
+
+
 def read_manifest(folder: Path) -> dict | None:
     """The validated manifest of the store at ``folder`` (``meta`` a ``StoreMeta``), None if it has none."""
     path = Path(folder) / MANIFEST
@@ -410,7 +432,7 @@ class PseudoLabelWriter:
         if len(set(ids)) != len(ids):
             raise ValueError("sample ids must be unique")
         self.folder = Path(path)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        check_folder(self.folder, write=True)
         self.meta = _meta_from(asdict(meta), "meta", ValueError)
         self.ids, self.shard_size = ids, shard_size
         self._position = {sid: i for i, sid in enumerate(ids)}
@@ -549,6 +571,7 @@ class PseudoLabelStore:
         allow_incomplete: bool = False,
     ):
         self.folder = Path(path)
+        check_folder(self.folder, write=False)
         manifest = read_manifest(self.folder)
         if manifest is None:
             raise StoreError(

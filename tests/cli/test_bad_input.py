@@ -215,6 +215,33 @@ def test_output_dir_that_is_not_writable(capsys, project, tmp_path):
         locked.chmod(0o700)
 
 
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("kind", ["dangling-link", "no-permission"])
+def test_store_folder_that_cannot_hold_a_store(capsys, project, tmp_path, monkeypatch, command, kind):
+    """Before: a dangling link as the store was a FileExistsError and a folder without permission a
+    PermissionError (or, as root, no error at all). Now one line naming the store and the problem (the
+    config's check already refuses a folder it cannot write). As root,
+    the owner's answer (from the mode bits) stands in for os.access (tests/distill/test_store.py)."""
+    from tests.distill.test_store import as_owner
+
+    store = tmp_path / "store"
+    if kind == "dangling-link":
+        store.symlink_to(tmp_path / "nowhere")
+        words = "is a symbolic link to"
+    else:
+        store.mkdir()
+        store.chmod(0o500)
+        if ROOT_USER:
+            as_owner(monkeypatch)
+        words = "is not writable|no permission to read and write the folder"  # the config check, or the store's
+    try:
+        line = user_error(check(capsys, project, f"stages.0.store={store}", command=command), str(store))
+        assert re.search(words, line), line
+    finally:
+        if kind == "no-permission":
+            store.chmod(0o700)
+
+
 def test_stage_folder_that_is_a_file(capsys, project):
     out = project["folder"] / "out-stagefile"
     out.mkdir(exist_ok=True)

@@ -192,6 +192,81 @@ def test_missing_shard_and_corrupt_manifest(tmp_path):
         PseudoLabelStore(tmp_path / "nowhere")
 
 
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not stop root
+
+
+def as_owner(monkeypatch):
+    """As root, os.access grants everything; this stands in the answer the folder's owner (not root)
+    would get, from the owner's mode bits, so a chmod'ed folder is refused the way a user sees it."""
+    import stat
+
+    import clinkd.distill.store as store
+
+    bits = {os.R_OK: stat.S_IRUSR, os.W_OK: stat.S_IWUSR, os.X_OK: stat.S_IXUSR}
+
+    def access(path, mode, **kw):
+        try:
+            have = os.stat(path).st_mode
+        except OSError:
+            return False
+        return all(have & bit for flag, bit in bits.items() if mode & flag)
+
+    monkeypatch.setattr(store.os, "access", access)
+
+
+def _bad_path(kind: str, tmp_path: Path) -> tuple[Path, str]:
+    """A store path that cannot be used, and the words its error must hold."""
+    if kind == "file":
+        (tmp_path / "a_file").write_text("x")
+        return tmp_path / "a_file", "the path is a file, not a folder"
+    if kind == "under-a-file":
+        (tmp_path / "a_file").write_text("x")
+        return tmp_path / "a_file" / "store", "the folder cannot be created"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    return link, "the path is a symbolic link to .*nowhere, which does not exist"
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "dangling-link"])
+def test_store_paths_that_cannot_be_a_store(tmp_path, kind):
+    """Before: the writer raised a bare FileExistsError (a file, a dangling link) or NotADirectoryError,
+    naming neither the store nor the problem; the reader said the manifest was missing."""
+    path, words = _bad_path(kind, tmp_path)
+    with pytest.raises(StoreError, match=rf"^pseudo-label store {re.escape(str(path))}: {words}"):
+        PseudoLabelWriter(path, META, fake.sample_ids(3))
+    if kind != "under-a-file":
+        with pytest.raises(StoreError, match=rf"^pseudo-label store {re.escape(str(path))}: {words}"):
+            PseudoLabelStore(path)
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("mode, refused", [(0o000, "writer reader"), (0o500, "writer"), (0o300, "writer reader")])
+def test_store_folder_without_permission(tmp_path, monkeypatch, mode, refused):
+    """Before: a PermissionError traceback from deep in the writer (or the reader's "manifest is
+    unreadable"). Now the folder and what may not be done there are named. As root the kernel grants
+    everything, so the owner's answer (from the mode bits) stands in for os.access."""
+    _complete_store(tmp_path / "store")
+    folder = tmp_path / "store"
+    if ROOT_USER:
+        as_owner(monkeypatch)
+    folder.chmod(mode)
+    try:
+        for who, call, what in (
+            ("writer", lambda: PseudoLabelWriter(folder, META, fake.sample_ids(6)), "read and write"),
+            ("reader", lambda: PseudoLabelStore(folder), "read"),
+        ):
+            if who in refused:
+                with pytest.raises(
+                    StoreError,
+                    match=rf"^pseudo-label store {re.escape(str(folder))}: no permission to {what} the folder",
+                ):
+                    call()
+            else:
+                assert call().manifest["complete"]
+    finally:
+        folder.chmod(0o700)
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
