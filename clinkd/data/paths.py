@@ -47,6 +47,8 @@ def folder_problem(path: str | os.PathLike) -> str | None:
             if not os.access(path, os.W_OK | os.X_OK):
                 return "is not writable"
             return None
+        if path.is_symlink():  # a dangling link in its place: mkdir would fail on it
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
         for ancestor in path.parents:
             if ancestor.exists():
                 if not ancestor.is_dir():

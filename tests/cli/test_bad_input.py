@@ -215,12 +215,12 @@ def test_output_dir_that_is_not_writable(capsys, project, tmp_path):
         locked.chmod(0o700)
 
 
-@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
 @pytest.mark.parametrize("kind", ["dangling-link", "no-permission"])
 def test_store_folder_that_cannot_hold_a_store(capsys, project, tmp_path, monkeypatch, command, kind):
     """Before: a dangling link as the store was a FileExistsError and a folder without permission a
-    PermissionError (or, as root, no error at all). Now one line naming the store and the problem (the
-    config's check already refuses a folder it cannot write). As root,
+    PermissionError (or, as root, no error at all), and ``clinkd check`` passed both. Now one line naming
+    the store and the problem (the config's check refuses both first). As root,
     the owner's answer (from the mode bits) stands in for os.access (tests/distill/test_store.py)."""
     from tests.distill.test_store import as_owner
 
