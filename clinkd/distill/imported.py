@@ -186,6 +186,8 @@ def _row(entry, target: int, where: str, *, need: int, vocab: int, teacher_vocab
     if len(top_in) < need:
         past = sum(token >= vocab for token, _ in top)
         more = f" + {past} (ids past the student's vocabulary rank among them)" if past else ""
+        if extra and t_rank is None:  # without ranks a prompt token at the bottom is taken as the extra entry
+            more += f" (or {need + 1}: the entries carry no rank, so the prompt token at the bottom is not counted)"
         raise LogprobsError(
             f"{where} holds {len(top_in)} of the teacher's top tokens in the student's vocabulary "
             f"[0, {vocab}); the store needs {need}: rerun with prompt_logprobs >= {need}{more}"

@@ -39,6 +39,11 @@ def _own_state_is_set_up() -> bool:
     return _OWN_STATE["engine"] is not None and bool(PartialState._shared_state)
 
 
+def forget_own_state() -> None:
+    """After a run: the state stays (its process group too), but later TrainingArguments make their own."""
+    _OWN_STATE["engine"] = None
+
+
 def _keep_own_state(kwargs: dict) -> None:
     """Training arguments that keep the state ``distributed_state`` made (``use_configured_state``), with
     the last stage's engine plugins dropped, as transformers drops them for each new TrainingArguments.
@@ -72,6 +77,8 @@ def distributed_state(config: RunConfig):
     fsdp = any(config.stage_args(s).get("fsdp") for s in config.stages)
     cpu_processes = launched > 1 and not torch.cuda.is_available()
     _OWN_STATE["engine"] = None
+    if cpu_processes:
+        _check_one_engine(config)
     if deepspeed is not None and cpu_processes:
         state = _deepspeed_cpu_state()
     elif deepspeed is not None:
@@ -88,6 +95,24 @@ def distributed_state(config: RunConfig):
             "the deepspeed launcher or accelerate launch (on CPUs: ACCELERATE_USE_CPU=true without DeepSpeed)"
         )
     return state
+
+
+def _check_one_engine(config: RunConfig) -> None:
+    """In several processes without GPUs the process state is made once for the run, for one engine:
+    every stage trains under the same one (on GPUs each stage may name its own)."""
+    from .errors import ConfigError
+
+    def engine(stage) -> str:
+        args = config.stage_args(stage)
+        return "DeepSpeed" if args.get("deepspeed") else "FSDP" if args.get("fsdp") else "DDP"
+
+    engines = {stage.name: engine(stage) for stage in config.stages}
+    if len(set(engines.values())) > 1:
+        listed = ", ".join(f"{name}: {e}" for name, e in engines.items())
+        raise ConfigError(
+            f"config.stages: in several processes without GPUs every stage trains under one engine "
+            f"(set deepspeed or fsdp in config.training, not per stage); these stages differ ({listed})"
+        )
 
 
 def _deepspeed_cpu_state():
@@ -107,4 +132,4 @@ def _deepspeed_cpu_state():
     return state
 
 
-__all__ = ["distributed_state", "training_arguments"]
+__all__ = ["distributed_state", "forget_own_state", "training_arguments"]

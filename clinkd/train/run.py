@@ -35,7 +35,7 @@ from ..data.dataset import ClinKDDataset
 from ..data.encode import SampleEncoder
 from ..data.offline_processor import special_token_ids
 from ..data.records import load_records
-from .arguments import distributed_state, training_arguments
+from .arguments import distributed_state, forget_own_state, training_arguments
 from .artifacts import (
     STAGE_RECORD,
     build_processor,
@@ -214,6 +214,14 @@ def run_training(
     """Run every stage of ``config`` (after ``prepare_run``'s checks). Returns {stage: {"final": path,
     "log_history": [...]}}. ``callbacks``: extra TrainerCallbacks for every stage."""
     state = distributed_state(config)
+    try:
+        return _train_stages(config, state, resume=resume, progress=progress, callbacks=callbacks, prepared=prepared)
+    finally:
+        forget_own_state()  # TrainingArguments built after the run are transformers' own again
+
+
+def _train_stages(config: RunConfig, state, *, resume: bool, progress: bool, callbacks, prepared) -> dict:
+    """``run_training`` in the process ``state``."""
     if prepared is None:
         with state.main_process_first():  # the main process builds what is shared (the offline processor)
             prepared = prepare_run(config, progress=progress and state.is_main_process)

@@ -387,6 +387,30 @@ def test_too_few_tokens_bad_values_and_foreign_ids_are_refused(tmp_path, tiny):
     _refused(tmp_path, tiny, rf"prompt_logprobs\[{at}\].* sum to .* > 1", edit=unnormalised)
 
 
+def _without_ranks(i, record):
+    for entry in record["prompt_logprobs"][1:]:
+        for value in entry.values():
+            value.pop("rank")
+
+
+def test_files_without_ranks_import_exactly_with_one_more_token(tmp_path, tiny):
+    """Without ranks the prompt token at the bottom of an entry is taken as vLLM's extra entry: asked for
+    k + 1 tokens, such a file gives clinkd's own rows; asked for k, a row that needs its bottom entry is
+    refused with that advice, never imported short."""
+    meta = _meta(tiny[3], 1.0)
+    source = write_file(tmp_path / "plain.jsonl", tiny, n=K + 1, edit=_without_ranks)
+    summary = import_prompt_logprobs(source, tiny[0], tmp_path / "pl", meta, progress=False)
+    assert summary.complete
+    assert_same_rows(PseudoLabelStore(tmp_path / "pl", expect=meta), reference(tmp_path, tiny, meta), lse=False)
+    short = write_file(tmp_path / "short.jsonl", tiny, n=K, edit=_without_ranks)
+    try:
+        import_prompt_logprobs(short, tiny[0], tmp_path / "pl-short", meta, progress=False)
+    except LogprobsError as e:
+        assert f"or {K + 1}: the entries carry no rank" in str(e), e
+    else:  # no supervised row needed its bottom entry: then every row is whole
+        assert_same_rows(PseudoLabelStore(tmp_path / "pl-short", expect=meta), PseudoLabelStore(tmp_path / "pl"))
+
+
 # ------------------------------------------------------------------ resume
 
 

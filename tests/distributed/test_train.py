@@ -12,6 +12,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from clinkd.train import load_config, run_training
 from tests.distributed.common import REPO, torchrun
@@ -72,4 +73,20 @@ def test_launched_processes_outside_one_group_are_refused(tmp_path, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="did not join one process group"):
         run_training(load_config(run_config(tmp_path, data_file, processes=2)), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stages_under_different_engines_on_cpu_processes_are_refused(tmp_path, monkeypatch):
+    """Without GPUs the process state is made once, for one engine: a run whose stages name different
+    engines is refused before anything starts, naming each stage's."""
+    from clinkd.train import ConfigError
+
+    data_file = setup.tiny.make_data(tmp_path / "data", 4, seed=1)
+    path = run_config(tmp_path, data_file, processes=2)
+    mapping = yaml.safe_load(path.read_text())
+    mapping["stages"][1]["training"]["fsdp"] = "full_shard"
+    path.write_text(yaml.safe_dump(mapping))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"every stage trains under one engine .*kd: DDP, sft: FSDP"):
+        run_training(load_config(path), progress=False)
     assert not (tmp_path / "out").exists()
