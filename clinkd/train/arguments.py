@@ -44,6 +44,17 @@ def forget_own_state() -> None:
     _OWN_STATE["engine"] = None
 
 
+def close_process_group() -> None:
+    """At the end of a process that trained: every process waits for the others, then the process group
+    is destroyed. A group left to the interpreter's exit can abort a process whose peer is still
+    writing (a collective's thread torn down while it runs), which turns a finished run into a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _keep_own_state(kwargs: dict) -> None:
     """Training arguments that keep the state ``distributed_state`` made (``use_configured_state``), with
     the last stage's engine plugins dropped, as transformers drops them for each new TrainingArguments.
@@ -132,4 +143,4 @@ def _deepspeed_cpu_state():
     return state
 
 
-__all__ = ["distributed_state", "forget_own_state", "training_arguments"]
+__all__ = ["close_process_group", "distributed_state", "forget_own_state", "training_arguments"]

@@ -51,9 +51,11 @@ def train_arguments(parser):
 
 def train_command(args) -> int:
     config = load(args)  # config errors before the trainer is imported
+    from .arguments import close_process_group
     from .run import run_training
 
     results = run_training(config, resume=args.resume, progress=args.progress)
+    close_process_group()
     for stage, result in results.items():
         print(f"{stage}: {result['final']}")
     return 0

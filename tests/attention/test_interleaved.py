@@ -129,12 +129,16 @@ def fwd_bwd(fn, t, extra, grad, *, causal, dtype=None):
 def assert_all_close(got, ref, base):
     """out, dq, dk, dv under the §4 rule with atol = one unit of the dtype (1e-6 fp32, 1e-3 fp16) times the
     tensor's magnitude (gradients summed over many rows reach several units), ×4 (fp32) / ×2 (fp16) for
-    dq, dk: they pass through dS = P∘(dP − δ), whose cancellation leaves a few ulps of |dP| in any
-    implementation that forms δ = rowsum(dO·O) (tests/attention/test_attention.py explains it)."""
+    the gradients. dq, dk pass through dS = P∘(dP − δ), whose cancellation leaves a few ulps of |dP| in
+    any implementation that forms δ = rowsum(dO·O) (tests/attention/test_attention.py explains it). dv
+    = Pᵀ·dO with P recomputed in the backward as exp(s − lse): the rounding of s − lse (|s − lse| of
+    several units at positions up to 3e4) is a relative error of several ulps in every P, which the
+    reference, normalising each row directly, does not make; SDPA's CPU backward (the cpu backend) reaches
+    about 2× the unit on a dv whose summed terms Σ P·|dO| are larger than |dv|."""
     for name, g, r, bl in zip(("out", "dq", "dk", "dv"), got, ref, base):
         assert g.dtype == bl.dtype, f"{name}: dtype {g.dtype}, want {bl.dtype}"
         unit = {torch.float32: 1e-6, torch.float16: 1e-3}[g.dtype]
-        if name in ("dq", "dk"):
+        if name != "out":
             unit *= 4 if g.dtype == torch.float32 else 2
         assert_close(name, g, r, bl, atol=unit * max(1.0, float(r.abs().max())))
 

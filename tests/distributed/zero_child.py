@@ -54,3 +54,5 @@ dist.all_gather_object(gathered, losses)
 if rank == 0:
     save_file(state, out)
     print("losses", gathered, flush=True)
+dist.barrier()  # no process exits while another still writes: a group torn down at exit can abort
+dist.destroy_process_group()
