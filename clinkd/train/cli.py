@@ -51,13 +51,13 @@ def train_arguments(parser):
 
 def train_command(args) -> int:
     config = load(args)  # config errors before the trainer is imported
-    from .arguments import close_process_group
+    from .arguments import exit_launched_process
     from .run import run_training
 
     results = run_training(config, resume=args.resume, progress=args.progress)
-    close_process_group()
     for stage, result in results.items():
         print(f"{stage}: {result['final']}")
+    exit_launched_process(0)  # one of several processes: ends here, its group closed
     return 0
 
 

@@ -9,7 +9,7 @@ import sys
 from transformers import TrainerCallback
 
 from clinkd.train import load_config, run_training
-from clinkd.train.arguments import close_process_group
+from clinkd.train.arguments import exit_launched_process
 
 config_path = sys.argv[1]
 if os.environ.get("CLINKD_TEST_ACCELERATE_STATE"):  # the state transformers makes alone, as in a user's own loop
@@ -54,5 +54,5 @@ if os.environ.get("CLINKD_TEST_SHOW_ENGINE"):  # say which engine wraps the stud
 
     ClinKDTrainer.compute_loss = compute_and_show
 run_training(load_config(config_path), progress=False, callbacks=callbacks)
-close_process_group()  # as clinkd train does
 print(f"rank {os.environ.get('RANK')} finished", flush=True)
+exit_launched_process(0)  # as clinkd train does

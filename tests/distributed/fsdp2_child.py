@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from clinkd.train.arguments import exit_launched_process
 from tests.distributed.common import batches, model
 
 data_file, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -40,4 +41,4 @@ dist.all_gather_object(gathered, [float(x) for x in losses])
 if rank == 0:
     save_file(state, out)
     print("losses", gathered, flush=True)
-dist.destroy_process_group()
+exit_launched_process(0)  # as clinkd train ends: a group left to interpreter teardown can abort

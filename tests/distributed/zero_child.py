@@ -13,6 +13,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from clinkd.train.arguments import exit_launched_process  # noqa: E402
 from tests.distributed.common import batches, model  # noqa: E402
 
 data_file, out, steps, stage = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -54,5 +55,4 @@ dist.all_gather_object(gathered, losses)
 if rank == 0:
     save_file(state, out)
     print("losses", gathered, flush=True)
-dist.barrier()  # no process exits while another still writes: a group torn down at exit can abort
-dist.destroy_process_group()
+exit_launched_process(0)  # as clinkd train ends: a group left to interpreter teardown can abort
