@@ -37,10 +37,6 @@ import time
 from pathlib import Path
 
 TEACHER_EPOCHS = 4
-# The generated data's design (build_demo_data): the teacher sees three times the student's images, and a
-# quarter of the training records also come in RCT's reflection format, so the student can answer its
-# reflection prompt (docs/method.md, "The ablation experiment").
-DATA_DESIGN = {"teacher_extra_per_modality": 32, "reflections": 0.25}
 BOOTSTRAP_RESAMPLES = 1000
 ORDER = ("teacher", "student", "student_rct", "student_sft", "control")  # the report's rows
 
@@ -314,7 +310,6 @@ def run_demo(
         "machine": platform.platform(),
         "commit": _commit(),
         "config": mapping,
-        "data": data_info(test),
         "loss_curves": loss_curves(results, start),
     }
     write_report(out, report)
@@ -335,25 +330,29 @@ def _demo_mapping(config_path, overrides: list[str] | None) -> dict:
     return mapping
 
 
-def _ensure_data(mapping: dict, skipped: list, *, progress: bool) -> Path:
-    """Generate the data set (``DATA_DESIGN``) unless its training file exists (then "data" joins
-    ``skipped`` and the folder is used as it is: ``data_info`` says what it holds); returns the test file."""
+def _ensure_data(mapping: dict, skipped: list, *, progress: bool, design: dict | None = None) -> Path:
+    """Generate the data set unless its training file exists (then "data" joins ``skipped``); returns the
+    test file. ``design``: ``build_demo_data``'s teacher_extra_per_modality and reflections; an existing
+    folder generated with another design is refused (ConfigError naming it), not reused."""
+    from clinkd.train.errors import ConfigError
+
     from .data import build_demo_data
 
+    design = {"teacher_extra_per_modality": 0, "reflections": 0.0, **(design or {})}
     train = Path(mapping["data"]["train"])
     if train.is_file():
         skipped.append("data")
+        info = train.parent / "info.json"
+        found = json.loads(info.read_text(encoding="utf-8")).get("design") if info.is_file() else None
+        found = {"teacher_extra_per_modality": 0, "reflections": 0.0, **(found or {})}
+        if info.is_file() and found != design:
+            raise ConfigError(
+                f"data.train: {train.parent} holds demo data generated with {found}, not {design}; "
+                "point data.train at another folder or remove it"
+            )
     else:
-        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress, **DATA_DESIGN)
+        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress, **design)
     return train.parent / "test.jsonl"
-
-
-def data_info(test: Path) -> dict | None:
-    """The generated data's info.json beside ``test`` (its seed, sizes and design), or None."""
-    try:
-        return json.loads((test.parent / "info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _teacher_data(test: Path) -> str | None:

@@ -154,14 +154,12 @@ def test_teacher_sees_more_and_reflections_are_faithful(tmp_path):
     assert len(load_records(rich / "teacher.jsonl")) == len(teacher)
 
 
-def test_the_demo_generates_its_design_and_uses_given_data_as_it_is(tmp_path):
-    from clinkd.demo.pipeline import DATA_DESIGN, _ensure_data, data_info
+def test_demo_data_of_another_design_is_refused(tmp_path):
+    from clinkd.demo.pipeline import _ensure_data
+    from clinkd.train.errors import ConfigError
 
-    skipped = []
-    mapping = {"seed": 0, "data": {"train": str(tmp_path / "new" / "train.jsonl")}}
-    test = _ensure_data(mapping, skipped, progress=False)
-    assert skipped == [] and data_info(test)["design"] == DATA_DESIGN
-    build_demo_data(tmp_path / "given", train_per_modality=1, test_per_modality=1)
-    mapping["data"]["train"] = str(tmp_path / "given" / "train.jsonl")
-    test = _ensure_data(mapping, skipped, progress=False)
-    assert skipped == ["data"] and data_info(test)["design"] == {"teacher_extra_per_modality": 0, "reflections": 0.0}
+    build_demo_data(tmp_path / "d", train_per_modality=1, test_per_modality=1)
+    mapping = {"seed": 0, "data": {"train": str(tmp_path / "d" / "train.jsonl")}}
+    assert _ensure_data(mapping, [], progress=False) == tmp_path / "d" / "test.jsonl"
+    with pytest.raises(ConfigError, match=r"data.train: .*d holds demo data generated with"):
+        _ensure_data(mapping, [], progress=False, design={"teacher_extra_per_modality": 32, "reflections": 0.25})
