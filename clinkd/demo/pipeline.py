@@ -178,9 +178,9 @@ def _rct_index(stages: list[dict]) -> int | None:
     return next((i for i, s in enumerate(stages) if isinstance(s, dict) and s.get("type") == "rct"), None)
 
 
-def derive_configs(mapping: dict, *, teacher_data: str | None = None) -> dict[str, dict]:
+def derive_configs(mapping: dict) -> dict[str, dict]:
     """{"teacher", "student", "student_sft" (with an rct stage), "control"} run mappings from the demo
-    mapping (absolute paths). ``teacher_data``: the teacher's training file (default: the student's)."""
+    mapping (absolute paths)."""
     from clinkd.train.config import ConfigError
 
     out = Path(mapping["output_dir"]).resolve()
@@ -192,8 +192,6 @@ def derive_configs(mapping: dict, *, teacher_data: str | None = None) -> dict[st
     teacher["output_dir"] = str(out / "teacher")
     teacher["models"] = {"student": dict(teacher_spec, patch=False)}
     teacher["seed"] = student["seed"] + 1
-    if teacher_data is not None:
-        teacher["data"] = dict(teacher["data"], train=str(teacher_data))
     teacher["stages"] = [{"name": "sft", "type": "sft", "training": {"num_train_epochs": TEACHER_EPOCHS}}]
     shared_processor = {"from_pretrained": str(out / "teacher" / "processor")}
     student["output_dir"] = str(out / "student")
@@ -268,7 +266,7 @@ def run_demo(
     test = _ensure_data(mapping, skipped, progress=progress)
     timings["data"] = time.perf_counter() - t
 
-    configs = derive_configs(mapping, teacher_data=_teacher_data(test))
+    configs = derive_configs(mapping)
     results, models = _train_all(configs, timings, skipped, resume=resume, progress=progress)
     rct = _rct_summary(results["student"])
     start = {}
@@ -330,36 +328,17 @@ def _demo_mapping(config_path, overrides: list[str] | None) -> dict:
     return mapping
 
 
-def _ensure_data(mapping: dict, skipped: list, *, progress: bool, design: dict | None = None) -> Path:
+def _ensure_data(mapping: dict, skipped: list, *, progress: bool) -> Path:
     """Generate the data set unless its training file exists (then "data" joins ``skipped``); returns the
-    test file. ``design``: ``build_demo_data``'s teacher_extra_per_modality and reflections; an existing
-    folder generated with another design is refused (ConfigError naming it), not reused."""
-    from clinkd.train.errors import ConfigError
-
+    test file."""
     from .data import build_demo_data
 
-    design = {"teacher_extra_per_modality": 0, "reflections": 0.0, **(design or {})}
     train = Path(mapping["data"]["train"])
     if train.is_file():
         skipped.append("data")
-        info = train.parent / "info.json"
-        found = json.loads(info.read_text(encoding="utf-8")).get("design") if info.is_file() else None
-        found = {"teacher_extra_per_modality": 0, "reflections": 0.0, **(found or {})}
-        if info.is_file() and found != design:
-            raise ConfigError(
-                f"data.train: {train.parent} holds demo data generated with {found}, not {design}; "
-                "point data.train at another folder or remove it"
-            )
     else:
-        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress, **design)
+        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress)
     return train.parent / "test.jsonl"
-
-
-def _teacher_data(test: Path) -> str | None:
-    """The teacher's training file beside the demo data's test split (the student's records and more),
-    or None (data generated before it existed: the teacher trains on the student's)."""
-    teacher = test.parent / "teacher.jsonl"
-    return str(teacher) if teacher.is_file() else None
 
 
 def _train_all(configs: dict, timings: dict, skipped: list, *, resume: bool, progress: bool):
