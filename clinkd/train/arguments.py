@@ -44,7 +44,7 @@ def forget_own_state() -> None:
     _OWN_STATE["engine"] = None
 
 
-def close_process_group() -> bool:
+def _close_process_group() -> bool:
     """At the end of a process that trained: every process waits for the others, then the process
     group is destroyed. Returns whether there was one."""
     import torch.distributed as dist
@@ -57,17 +57,18 @@ def close_process_group() -> bool:
 
 
 def exit_launched_process(code: int = 0) -> None:
-    """End one of several launched processes (WORLD_SIZE > 1) once its work is done and written:
-    ``close_process_group``, flush, then leave without the interpreter's teardown. Objects that still
-    hold a gloo group (an engine's, a device mesh's) are otherwise destroyed during that teardown, and
-    gloo's worker threads then abort the process ("terminate called without an active exception"),
-    turning a finished run into a failed one for its launcher. Returns (does nothing) in one process."""
+    """End one of several launched processes (WORLD_SIZE > 1) once its work is done and written: every
+    process waits for the others, the process group is destroyed, output is flushed, and the process
+    leaves without the interpreter's teardown. Objects that still hold a gloo group (an engine's, a
+    device mesh's) are otherwise destroyed during that teardown, and gloo's worker threads then abort
+    the process ("terminate called without an active exception"), turning a finished run into a failed
+    one for its launcher. Returns (does nothing) in one process."""
     import logging
     import sys
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    close_process_group()
+    _close_process_group()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -162,10 +163,4 @@ def _deepspeed_cpu_state():
     return state
 
 
-__all__ = [
-    "close_process_group",
-    "distributed_state",
-    "exit_launched_process",
-    "forget_own_state",
-    "training_arguments",
-]
+__all__ = ["distributed_state", "exit_launched_process", "forget_own_state", "training_arguments"]

@@ -133,8 +133,8 @@ def assert_all_close(got, ref, base):
     any implementation that forms δ = rowsum(dO·O) (tests/attention/test_attention.py explains it). dv
     = Pᵀ·dO with P recomputed in the backward as exp(s − lse): the rounding of s − lse (|s − lse| of
     several units at positions up to 3e4) is a relative error of several ulps in every P, which the
-    reference, normalising each row directly, does not make; SDPA's CPU backward (the cpu backend) reaches
-    about 2× the unit on a dv whose summed terms Σ P·|dO| are larger than |dv|."""
+    reference, normalising each row directly, does not make, and on a dv whose summed terms Σ P·|dO| are
+    larger than |dv| it exceeds one unit of |dv| (SDPA's CPU backward, the cpu backend, does)."""
     for name, g, r, bl in zip(("out", "dq", "dk", "dv"), got, ref, base):
         assert g.dtype == bl.dtype, f"{name}: dtype {g.dtype}, want {bl.dtype}"
         unit = {torch.float32: 1e-6, torch.float16: 1e-3}[g.dtype]
