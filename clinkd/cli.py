@@ -6,6 +6,7 @@
     clinkd distill import --config run.yaml --from FILE.jsonl [--stage NAME]   a served teacher's log-probs into it
     clinkd presets                                the registered presets
     clinkd demo [--config FILE] [--set key.path=value ...] [--no-resume] [--no-progress]   the embedded demo
+    clinkd experiment ablation [--seeds 3] [--results DIR] [...]   the ablation table over training seeds
     clinkd data demo --out DIR [...]              write the generated demo data set
     clinkd predict --model FOLDER --data test.jsonl --out preds.jsonl [...]
     clinkd eval --pred preds.jsonl [--data test.jsonl] [...]
@@ -52,6 +53,12 @@ COMMANDS: dict[str, Command] = {
         "demo_arguments",
         "demo_command",
         "the embedded CPU demo: data, teacher, KD → SFT → RCT student, ablation, control, evaluation, report",
+    ),
+    "experiment": Command(
+        "clinkd.experiment.cli",
+        "experiment_arguments",
+        "experiment_command",
+        "experiments on the demo data (ablation: each part of ClinKD on and off, over several seeds)",
     ),
     "data": Command(
         "clinkd.eval.cli", "data_arguments", "data_command", "data sets (demo: write the generated demo data set)"

@@ -27,13 +27,15 @@ def demo_arguments(parser):
 
 def demo_command(args) -> int:
     from .pipeline import run_demo
-    from .report import clear_differences, score_table
+    from .report import clear_differences, rct_passed, score_table
 
     report = run_demo(args.config, overrides=args.overrides, progress=args.progress, resume=args.resume)
     ci = report["intervals"]
     print(f"\nDemo test split, macro ×100, {round(100 * ci['confidence'])} % intervals ({ci['method']}):\n")
     print(score_table(report))
     print("\nDifferences larger than their intervals:\n" + clear_differences(report))
+    if rct_passed(report):
+        print(f"\nRCT: wrong answers corrected by a passing candidate per round: {rct_passed(report)}")
     out = report["config"]["output_dir"]
     print(f"\ndemo report: {out}/report.md, predictions in {out}/predictions/ ({report['timings_s']['total']} s)")
     return 0

@@ -188,56 +188,111 @@ def sample_records(sample_id: str, modality: str, drawn: DrawnSample, image: str
     return out
 
 
+def _wrong_answer(rng: np.random.Generator, modality: str, drawn: DrawnSample, task: str) -> str:
+    """A plausible wrong answer to ``task`` about ``drawn``: another box, the modality's other label, or
+    the description with another size, place or label (what an undertrained model answers)."""
+
+    def answer(sample: DrawnSample) -> str:
+        records = sample_records("x", modality, sample, "x.png")
+        return next(r["conversations"][1]["value"] for r in records if r["task"] == task)
+
+    truth = answer(drawn)
+    while (wrong := answer(draw_sample(rng, modality))) == truth:
+        pass
+    return wrong
+
+
+def reflection_record(rng: np.random.Generator, record: dict, modality: str, drawn: DrawnSample) -> dict:
+    """A reflection-format training record (id ``<record id>_reflect``): the question of ``record`` in
+    RCT's default reflection template with a wrong answer and the ground truth, answered by the ground
+    truth. A student trained on a few of these can answer RCT's reflection prompt faithfully."""
+    from clinkd.rct.settings import DEFAULT_TEMPLATE
+
+    question, truth = (turn["value"] for turn in record["conversations"])
+    prompt = DEFAULT_TEMPLATE.format(
+        question=question, answer=_wrong_answer(rng, modality, drawn, record["task"]), ground_truth=truth
+    )
+    return dict(
+        record,
+        id=record["id"] + "_reflect",
+        conversations=[{"from": "human", "value": prompt}, {"from": "gpt", "value": truth}],
+    )
+
+
 def build_demo_data(
     out: str | os.PathLike,
     *,
     seed: int = 0,
     train_per_modality: int = 16,
     test_per_modality: int = 5,
+    teacher_extra_per_modality: int = 0,
+    reflections: float = 0.0,
     progress: bool = False,
 ) -> Path:
-    """Write the demo data set to ``out`` (created): train.jsonl, test.jsonl (one record per line),
-    images/<modality>_<nnnnn>.png and info.json; train.jsonl is written last. Returns the folder."""
+    """Write the demo data set to ``out`` (created): train.jsonl (the student's), teacher.jsonl (the
+    student's records and those of ``teacher_extra_per_modality`` more images per modality: the teacher
+    knows more than the student sees), test.jsonl (one record per line), images/<modality>_<nnnnn>.png
+    and info.json; train.jsonl is written last. ``reflections``: the fraction of training records that
+    also appear in reflection format (``reflection_record``), in both training files. Returns the folder."""
     from PIL import Image
 
-    for name, value in (("train_per_modality", train_per_modality), ("test_per_modality", test_per_modality)):
+    for name, value in (
+        ("train_per_modality", train_per_modality),
+        ("test_per_modality", test_per_modality),
+        ("teacher_extra_per_modality", teacher_extra_per_modality + 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            shown = value - 1 if name == "teacher_extra_per_modality" else value
+            low = "a non-negative" if name == "teacher_extra_per_modality" else "a positive"
+            raise ValueError(f"{name} must be {low} integer, got {shown!r}")
+    if isinstance(reflections, bool) or not isinstance(reflections, (int, float)) or not 0 <= reflections <= 1:
+        raise ValueError(f"reflections must be a fraction in [0, 1], got {reflections!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    splits = {"train": [], "test": []}
+    reflecting = np.random.default_rng([seed, 1])  # its own stream: the images are the same with or without
+    splits = {"train": [], "extra": [], "test": []}
     jobs = [
         (split, modality)
-        for split, count in (("train", train_per_modality), ("test", test_per_modality))
+        for split, count in (
+            ("train", train_per_modality),
+            ("test", test_per_modality),
+            ("extra", teacher_extra_per_modality),
+        )
         for modality in KINDS
         for _ in range(count)
     ]
     bar = _progress(len(jobs), "demo images", progress)
-    counter = 0
-    for split, modality in jobs:
+    for counter, (split, modality) in enumerate(jobs):
         drawn = draw_sample(rng, modality)
         sample_id = f"{modality}_{counter:05d}"
-        counter += 1
         image = f"images/{sample_id}.png"
         Image.fromarray(drawn.image).save(out / image, format="PNG", optimize=False)
-        splits[split] += sample_records(sample_id, modality, drawn, image)
+        records = sample_records(sample_id, modality, drawn, image)
+        if split != "test" and reflections > 0:
+            chosen = [r for r in records if reflecting.random() < reflections]
+            records += [reflection_record(reflecting, r, modality, drawn) for r in chosen]
+        splits[split] += records
         bar.update(1)
     bar.close()
+    splits["teacher"] = splits["train"] + splits.pop("extra")
     info = {
         "seed": seed,
         "size": SIZE,
         "modalities": sorted(KINDS),
         "train": len(splits["train"]),
+        "teacher": len(splits["teacher"]),
         "test": len(splits["test"]),
+        "reflection_records": sum(r["id"].endswith("_reflect") for r in splits["train"]),
+        "design": {"teacher_extra_per_modality": teacher_extra_per_modality, "reflections": reflections},
         "dicom": dicom_available(),
     }
     write_text_atomic(out / "info.json", json.dumps(info, indent=1, sort_keys=True) + "\n")
     # train.jsonl last, atomically: its presence is what says the folder is complete (the demo pipeline
     # rebuilds everything when it is absent, so an interrupted build never leaves a half data set).
-    for split in ("test", "train"):
+    for split in ("test", "teacher", "train"):
         write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in splits[split]))
     return out
 

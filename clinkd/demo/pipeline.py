@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 TEACHER_EPOCHS = 4
+# The generated data's design (build_demo_data): the teacher sees three times the student's images, and a
+# quarter of the training records also come in RCT's reflection format, so the student can answer its
+# reflection prompt (docs/method.md, "The ablation experiment").
+DATA_DESIGN = {"teacher_extra_per_modality": 32, "reflections": 0.25}
 BOOTSTRAP_RESAMPLES = 1000
 ORDER = ("teacher", "student", "student_rct", "student_sft", "control")  # the report's rows
 
@@ -178,9 +182,9 @@ def _rct_index(stages: list[dict]) -> int | None:
     return next((i for i, s in enumerate(stages) if isinstance(s, dict) and s.get("type") == "rct"), None)
 
 
-def derive_configs(mapping: dict) -> dict[str, dict]:
+def derive_configs(mapping: dict, *, teacher_data: str | None = None) -> dict[str, dict]:
     """{"teacher", "student", "student_sft" (with an rct stage), "control"} run mappings from the demo
-    mapping (absolute paths)."""
+    mapping (absolute paths). ``teacher_data``: the teacher's training file (default: the student's)."""
     from clinkd.train.config import ConfigError
 
     out = Path(mapping["output_dir"]).resolve()
@@ -192,6 +196,8 @@ def derive_configs(mapping: dict) -> dict[str, dict]:
     teacher["output_dir"] = str(out / "teacher")
     teacher["models"] = {"student": dict(teacher_spec, patch=False)}
     teacher["seed"] = student["seed"] + 1
+    if teacher_data is not None:
+        teacher["data"] = dict(teacher["data"], train=str(teacher_data))
     teacher["stages"] = [{"name": "sft", "type": "sft", "training": {"num_train_epochs": TEACHER_EPOCHS}}]
     shared_processor = {"from_pretrained": str(out / "teacher" / "processor")}
     student["output_dir"] = str(out / "student")
@@ -266,7 +272,7 @@ def run_demo(
     test = _ensure_data(mapping, skipped, progress=progress)
     timings["data"] = time.perf_counter() - t
 
-    configs = derive_configs(mapping)
+    configs = derive_configs(mapping, teacher_data=_teacher_data(test))
     results, models = _train_all(configs, timings, skipped, resume=resume, progress=progress)
     rct = _rct_summary(results["student"])
     start = {}
@@ -308,6 +314,7 @@ def run_demo(
         "machine": platform.platform(),
         "commit": _commit(),
         "config": mapping,
+        "data": data_info(test),
         "loss_curves": loss_curves(results, start),
     }
     write_report(out, report)
@@ -329,16 +336,31 @@ def _demo_mapping(config_path, overrides: list[str] | None) -> dict:
 
 
 def _ensure_data(mapping: dict, skipped: list, *, progress: bool) -> Path:
-    """Generate the data set unless its training file exists (then "data" joins ``skipped``); returns the
-    test file."""
+    """Generate the data set (``DATA_DESIGN``) unless its training file exists (then "data" joins
+    ``skipped`` and the folder is used as it is: ``data_info`` says what it holds); returns the test file."""
     from .data import build_demo_data
 
     train = Path(mapping["data"]["train"])
     if train.is_file():
         skipped.append("data")
     else:
-        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress)
+        build_demo_data(train.parent, seed=int(mapping.get("seed", 0)), progress=progress, **DATA_DESIGN)
     return train.parent / "test.jsonl"
+
+
+def data_info(test: Path) -> dict | None:
+    """The generated data's info.json beside ``test`` (its seed, sizes and design), or None."""
+    try:
+        return json.loads((test.parent / "info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _teacher_data(test: Path) -> str | None:
+    """The teacher's training file beside the demo data's test split (the student's records and more),
+    or None (data generated before it existed: the teacher trains on the student's)."""
+    teacher = test.parent / "teacher.jsonl"
+    return str(teacher) if teacher.is_file() else None
 
 
 def _train_all(configs: dict, timings: dict, skipped: list, *, resume: bool, progress: bool):

@@ -129,6 +129,16 @@ def clear_differences(report: dict) -> str:
     return "\n".join(out)
 
 
+def rct_passed(report: dict) -> str | None:
+    """ "round-1: 12 of 80, round-2: ..." — per RCT round, wrong answers a passing candidate corrected."""
+    rounds = report.get("rct") or []
+    if not rounds:
+        return None
+    return ", ".join(
+        f"{r['round']}: {r['summary']['all']['by_candidate']} of {r['summary']['all']['wrong']}" for r in rounds
+    )
+
+
 def rct_section(report: dict) -> list[str]:
     """What each RCT round did (``clinkd rct-report``'s tables) and its share of the demo's time."""
     rounds = report.get("rct") or []
@@ -136,6 +146,7 @@ def rct_section(report: dict) -> list[str]:
         return []
     from clinkd.rct.cli import format_rounds
 
+    passed = rct_passed(report)
     correction = sum(r["cost"]["wall_s"] for r in rounds)
     training = sum(r["cost"].get("training_s") or 0.0 for r in rounds)
     total = report["timings_s"].get("total")
@@ -144,7 +155,8 @@ def rct_section(report: dict) -> list[str]:
         "## RCT rounds of the student",
         "",
         f"Correction (answers, candidates, scoring) took {correction:.1f} s{share}; the rounds' training "
-        f"epochs {training:.1f} s.",
+        f"epochs {training:.1f} s. Wrong answers corrected by a passing candidate (the others kept the "
+        f"ground truth): {passed}.",
         "",
         format_rounds(rounds).replace("## ", "### "),
     ]

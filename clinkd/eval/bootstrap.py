@@ -87,7 +87,8 @@ def _macro(per_modality: list[float | None]) -> float | None:
     return None if any(v is None for v in per_modality) else sum(per_modality) / len(per_modality)
 
 
-def _interval(values: np.ndarray | None, confidence: float) -> list[float] | None:
+def percentile_interval(values: np.ndarray | None, confidence: float) -> list[float] | None:
+    """The central ``confidence`` percentile interval of resampled ``values`` (None for None)."""
     if values is None:
         return None
     tail = 50.0 * (1.0 - confidence)
@@ -95,25 +96,23 @@ def _interval(values: np.ndarray | None, confidence: float) -> list[float] | Non
     return [float(low), float(high)]
 
 
-def bootstrap_intervals(
-    rows_by_model: dict[str, list[Row]],
-    columns,
-    *,
-    resamples: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    meteor_scorer=None,
-) -> dict:
-    """Intervals of the macro scores ``columns`` ((task, metric) pairs) of every model, and of the
-    difference of every pair of models (see the module docstring for the method and the output).
+class Resampled:
+    """The point scores and the B resampled scores of every model: ``point[model][task][metric]`` and
+    ``samples[(model, task, metric)]`` (an array of B values, or None where a draw had no score).
+    Resampled with the same seed over the same questions, two calls draw the same questions in every
+    resample: their samples can be combined (averaged, subtracted) draw by draw."""
 
-    rows_by_model: {model name: ``gather``'s rows}, every model over the same questions.
-    meteor_scorer: a running ``metrics.MeteorScorer`` (None: METEOR and mBMR get no interval).
-    Tasks absent from the rows are left out. Deterministic for a given ``seed``."""
+    def __init__(self, point: dict, samples: dict, wanted: dict[str, set[str]], tasks: list[str], resamples: int):
+        self.point, self.samples, self.wanted, self.tasks, self.resamples = point, samples, wanted, tasks, resamples
+
+
+def bootstrap_samples(
+    rows_by_model: dict[str, list[Row]], columns, *, resamples: int = 1000, seed: int = 0, meteor_scorer=None
+) -> Resampled:
+    """The resampled macro scores ``columns`` of every model (``bootstrap_intervals`` without the
+    intervals). Arguments as ``bootstrap_intervals``."""
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     paired = _paired_groups(rows_by_model)
     names = list(rows_by_model)
     wanted: dict[str, set[str]] = {}
@@ -147,11 +146,33 @@ def bootstrap_intervals(
                 for m, value in by_metric.items():
                     samples[(name, task, m)].append(value)
     arrays = {k: None if any(v is None for v in vs) else np.array(vs) for k, vs in samples.items()}
+    return Resampled(point, arrays, {t: wanted[t] for t in tasks}, tasks, resamples)
 
+
+def bootstrap_intervals(
+    rows_by_model: dict[str, list[Row]],
+    columns,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    meteor_scorer=None,
+) -> dict:
+    """Intervals of the macro scores ``columns`` ((task, metric) pairs) of every model, and of the
+    difference of every pair of models (see the module docstring for the method and the output).
+
+    rows_by_model: {model name: ``gather``'s rows}, every model over the same questions.
+    meteor_scorer: a running ``metrics.MeteorScorer`` (None: METEOR and mBMR get no interval).
+    Tasks absent from the rows are left out. Deterministic for a given ``seed``."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    drawn = bootstrap_samples(rows_by_model, columns, resamples=resamples, seed=seed, meteor_scorer=meteor_scorer)
+    point, arrays, tasks, wanted = drawn.point, drawn.samples, drawn.tasks, drawn.wanted
+    names = list(rows_by_model)
     models = {
         name: {
             task: {
-                m: {"value": point[name][task][m], "interval": _interval(arrays[(name, task, m)], confidence)}
+                m: {"value": point[name][task][m], "interval": percentile_interval(arrays[(name, task, m)], confidence)}
                 for m in sorted(wanted[task])
             }
             for task in tasks
@@ -180,7 +201,7 @@ def _difference(a: str, b: str, point: dict, arrays: dict, tasks: list, wanted: 
         block[task] = {}
         for m in sorted(wanted[task]):
             va, vb = arrays[(a, task, m)], arrays[(b, task, m)]
-            interval = None if va is None or vb is None else _interval(va - vb, confidence)
+            interval = None if va is None or vb is None else percentile_interval(va - vb, confidence)
             value = None if interval is None else point[a][task][m] - point[b][task][m]
             clear = interval is not None and (interval[0] > 0 or interval[1] < 0)
             block[task][m] = {"value": value, "interval": interval, "clear": clear}

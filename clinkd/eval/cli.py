@@ -62,6 +62,18 @@ def data_arguments(parser):
         "--train-per-modality", type=_integer(1), default=16, help="training images per modality (×4 tasks)"
     )
     demo.add_argument("--test-per-modality", type=_integer(1), default=5, help="test images per modality (×4 tasks)")
+    demo.add_argument(
+        "--teacher-extra-per-modality",
+        type=_integer(0),
+        default=0,
+        help="more images per modality in teacher.jsonl only (the teacher knows more than the student)",
+    )
+    demo.add_argument(
+        "--reflections",
+        type=float,
+        default=0.0,
+        help="fraction of training records also written in RCT's reflection format (0 to 1)",
+    )
     demo.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -75,6 +87,8 @@ def data_command(args) -> int:
             seed=args.seed,
             train_per_modality=args.train_per_modality,
             test_per_modality=args.test_per_modality,
+            teacher_extra_per_modality=args.teacher_extra_per_modality,
+            reflections=args.reflections,
             progress=args.progress,
         )
     except ValueError as e:

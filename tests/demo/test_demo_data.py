@@ -80,6 +80,9 @@ def test_uses_pydicom_slices_when_installed(tmp_path):
         ({"seed": -1}, "seed"),
         ({"train_per_modality": 0}, "train_per_modality"),
         ({"test_per_modality": 1.5}, "test_per_modality"),
+        ({"teacher_extra_per_modality": -1}, "teacher_extra_per_modality must be a non-negative integer"),
+        ({"reflections": 1.5}, "reflections must be a fraction"),
+        ({"reflections": True}, "reflections must be a fraction"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -106,3 +109,59 @@ def test_cli_data_demo(tmp_path, capsys):
     )
     assert f"{len(KINDS) * 4} training and {len(KINDS) * 4} test records" in capsys.readouterr().out
     assert main(["data", "demo", "--out", str(tmp_path), "--seed", "-3"]) == 2
+    assert main(["data", "demo", "--out", str(tmp_path / "r"), "--reflections", "2", "--no-progress"]) == 2
+    assert "reflections must be a fraction in [0, 1], got 2.0" in capsys.readouterr().err
+    flags = ["--train-per-modality", "1", "--test-per-modality", "1", "--teacher-extra-per-modality", "2"]
+    assert main(["data", "demo", "--out", str(tmp_path / "t"), *flags, "--reflections", "1", "--no-progress"]) == 0
+    info = json.loads((tmp_path / "t" / "info.json").read_text())
+    assert info["teacher"] == len(KINDS) * (1 + 2) * 4 * 2 and info["reflection_records"] == len(KINDS) * 4
+
+
+def test_teacher_sees_more_and_reflections_are_faithful(tmp_path):
+    from clinkd.rct.settings import DEFAULT_TEMPLATE
+
+    seed = int(np.random.randint(0, 10_000))
+    plain = build_demo_data(tmp_path / "plain", seed=seed, train_per_modality=2, test_per_modality=1)
+    rich = build_demo_data(
+        tmp_path / "rich",
+        seed=seed,
+        train_per_modality=2,
+        test_per_modality=1,
+        teacher_extra_per_modality=3,
+        reflections=0.5,
+    )
+    read = lambda folder, name: [json.loads(x) for x in (folder / name).read_text().splitlines()]  # noqa: E731
+    assert read(plain, "teacher.jsonl") == read(plain, "train.jsonl")
+    train, teacher = read(rich, "train.jsonl"), read(rich, "teacher.jsonl")
+    originals = [r for r in train if not r["id"].endswith("_reflect")]
+    assert originals == read(plain, "train.jsonl")  # the student's images and questions do not change
+    assert (rich / "test.jsonl").read_bytes() == (plain / "test.jsonl").read_bytes()
+    assert teacher[: len(train)] == train and len({r["image"] for r in teacher}) == len(KINDS) * (2 + 3)
+    reflected = [r for r in train if r["id"].endswith("_reflect")]
+    assert 0 < len(reflected) < len(originals)
+    by_id = {r["id"]: r for r in originals}
+    for r in reflected:
+        source = by_id[r["id"].removesuffix("_reflect")]
+        question, truth = (t["value"] for t in source["conversations"])
+        prompt, answer = (t["value"] for t in r["conversations"])
+        assert answer == truth and r["image"] == source["image"] and r["task"] == source["task"]
+        head, wrong = prompt.split("\nYour previous answer was: ")
+        wrong = wrong.split("\nThe correct answer is: ")[0]
+        assert head == question and wrong != truth
+        assert prompt == DEFAULT_TEMPLATE.format(question=question, answer=wrong, ground_truth=truth)
+    info = json.loads((rich / "info.json").read_text())
+    assert info["reflection_records"] == len(reflected) and info["teacher"] == len(teacher)
+    assert len(load_records(rich / "teacher.jsonl")) == len(teacher)
+
+
+def test_the_demo_generates_its_design_and_uses_given_data_as_it_is(tmp_path):
+    from clinkd.demo.pipeline import DATA_DESIGN, _ensure_data, data_info
+
+    skipped = []
+    mapping = {"seed": 0, "data": {"train": str(tmp_path / "new" / "train.jsonl")}}
+    test = _ensure_data(mapping, skipped, progress=False)
+    assert skipped == [] and data_info(test)["design"] == DATA_DESIGN
+    build_demo_data(tmp_path / "given", train_per_modality=1, test_per_modality=1)
+    mapping["data"]["train"] = str(tmp_path / "given" / "train.jsonl")
+    test = _ensure_data(mapping, skipped, progress=False)
+    assert skipped == ["data"] and data_info(test)["design"] == {"teacher_extra_per_modality": 0, "reflections": 0.0}

@@ -130,6 +130,12 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     ] == 40  # 5 modalities × 2 images × 4 tasks
     report_md = (out / "report.md").read_text()
     assert "## RCT rounds of the student" in report_md and "### rct / round-1" in report_md
+    every = first["rct"][0]["summary"]["all"]
+    passed = f"round-1: {every['by_candidate']} of {every['wrong']}"
+    assert (
+        f"per round: {passed}" in printed
+        and f"passing candidate (the others kept the ground truth): {passed}." in report_md
+    )
 
     again = run_demo(overrides=overrides, progress=False, max_new_tokens=8, resamples=10)
     assert again["skipped"] == ["data", "train_teacher", "train_student", "train_student_sft", "train_control"]
