@@ -6,9 +6,10 @@ questions/answers for the four tasks (VG, ROC, RC, MIA). No downloads.
 Images (64×64 PNG): ``ct`` and ``mr`` start from pydicom's bundled CT and MR test slices when pydicom is
 installed (randomly cropped, flipped and rotated by quarter turns; else a procedural body outline),
 ``x`` (chest-X-ray-like), ``fundus`` and ``dermoscopy`` are drawn procedurally. Each image gets one
-lesion: an ellipse blended towards the colour of its kind (every kind of a modality looks different:
-bright vs dark, colour), so the label is visible. The lesion's box is the pixel extent of its mask,
-normalised: x1 = first column / W, x2 = (last column + 1) / W (same for y), 3 decimals.
+lesion: a rounded rectangle covering 1–2 × 1–2 cells of a 4 × 4 lattice (the demo models' image-token
+grid), blended towards the colour of its kind (every kind of a modality looks different: bright vs
+dark, colour), so the label is visible. The lesion's box is the pixel extent of its mask, normalised:
+x1 = first column / W, x2 = (last column + 1) / W (same for y), 3 decimals: multiples of 0.25.
 
 Each image yields one record per task (id ``<modality>_<nnnnn>_<task>``), so the answers are exact:
 VG asks for the lesion's box, ROC names the lesion in a given box, RC describes the boxed region, MIA
@@ -37,6 +38,12 @@ KINDS = {
     "dermoscopy": ("dermoscopy", (("melanoma", (40, 20, 15)), ("nevus", (150, 80, 40)))),
 }
 ALPHA = 0.8
+# Lesions sit on a LATTICE × LATTICE grid of cells, the demo models' grid of image tokens (a 64-pixel image
+# is resized to 32 pixels, 8 pixels a token after the 2 × 2 merge): a lesion fills whole tokens and its
+# box corners are multiples of 1 / LATTICE, so a model that finds the tokens that hold it can name the
+# box exactly. Lesions of arbitrary extent ask for sub-token precision no demo-sized model reaches.
+LATTICE = 4
+MAX_LESION_CELLS = 2
 
 
 @dataclass
@@ -124,16 +131,15 @@ def _background(rng: np.random.Generator, modality: str) -> np.ndarray:
 
 
 def draw_sample(rng: np.random.Generator, modality: str) -> DrawnSample:
-    """One image of ``modality`` with one lesion (see the module docstring)."""
+    """One image of ``modality`` with one lesion: a rounded rectangle (the super-ellipse |x/rx|⁴ + |y/ry|⁴
+    < 1) filling 1 or 2 by 1 or 2 cells of the LATTICE × LATTICE grid (see the module docstring)."""
     bg = (_background(rng, modality) * 255).round().astype(np.uint8)
     label, target = KINDS[modality][1][int(rng.integers(len(KINDS[modality][1])))]
     x, y = _grid(SIZE)
-    while True:
-        cx, cy = rng.uniform(0.2, 0.8, size=2)
-        rx, ry = rng.uniform(0.05, 0.2, size=2)
-        mask = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1
-        if mask.sum() >= 6:
-            break
+    w, h = (int(rng.integers(1, MAX_LESION_CELLS + 1)) for _ in range(2))
+    left, top = int(rng.integers(0, LATTICE - w + 1)), int(rng.integers(0, LATTICE - h + 1))
+    cx, cy, rx, ry = (left + w / 2) / LATTICE, (top + h / 2) / LATTICE, w / (2 * LATTICE), h / (2 * LATTICE)
+    mask = ((x - cx) / rx) ** 4 + ((y - cy) / ry) ** 4 < 1
     lesion = (1 - ALPHA) * bg + ALPHA * np.asarray(target, dtype=np.float64)
     image = np.where(mask[..., None], lesion.round().astype(np.uint8), bg)
     rows, cols = np.nonzero(mask)
@@ -154,8 +160,8 @@ def _where(box) -> str:
 
 
 def _size(box) -> str:
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return "small" if area < 0.03 else "large" if area > 0.08 else "medium"
+    area = (box[2] - box[0]) * (box[3] - box[1])  # 1, 2 or 4 lattice cells of 1/16 each
+    return "small" if area < 0.1 else "large" if area > 0.2 else "medium"
 
 
 def _box_text(box) -> str:
