@@ -45,7 +45,7 @@ def run_ablation(
         or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
     ):
         raise ValueError(f"seeds must be distinct non-negative integers, got {seeds!r}")
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), _commit()  # the code that trains, before any later edit
     mapping = _demo_mapping(config_path, [*DEFAULTS, *(overrides or [])])
     out = Path(mapping["output_dir"])
     timings: dict = {}
@@ -75,7 +75,7 @@ def run_ablation(
             "cpu_count": os.cpu_count(),
             "torch_threads": _torch_threads(),
         },
-        commit=_commit(),
+        commit=commit,
         config=mapping,
         data=data_info(test),
     )
@@ -117,24 +117,25 @@ def _rct_rounds(result: dict) -> list[dict]:
 
 
 def _predict_rows(runs, finals, mapping, test, folder, *, batch_size, max_new_tokens, progress) -> dict[str, Path]:
-    """Greedy predictions of each row's model on ``test``; returns {row: predictions file}."""
+    """Greedy predictions of the teacher and of each row's model on ``test``; returns {name: predictions file}."""
     from clinkd.data.offline_processor import load_processor
     from clinkd.eval.predict import load_model, predict
     from clinkd.train.config import parse_config
 
+    from .summary import REFERENCE
+
     processor = load_processor(str(Path(runs["teacher"]["output_dir"]) / "processor"))
     files = {}
-    for row in ROWS:
-        run = row_run(row)
+    for name, run in [(REFERENCE[0], "teacher"), *((row.name, row_run(row)) for row in ROWS)]:
         model = load_model(_final(finals[run]), patch=parse_config(runs[run]).student.patch)
-        files[row.name] = folder / "predictions" / f"{row.name}.jsonl"
+        files[name] = folder / "predictions" / f"{name}.jsonl"
         if progress:
-            print(f"[ablation] predicting with {row.name}", flush=True)
+            print(f"[ablation] predicting with {name}", flush=True)
         predict(
             model,
             processor,
             test,
-            files[row.name],
+            files[name],
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             max_length=int(mapping["data"].get("max_length", 2048)),

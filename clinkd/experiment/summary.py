@@ -34,6 +34,8 @@ COLUMNS = (
     ("MIA", "mBMR"),
 )
 CONFIDENCE = 0.95
+# The reference row above the table: the teacher whose pseudo-labels the KD rows learn from.
+REFERENCE = ("teacher", "teacher (reference: SFT on teacher.jsonl, stock M-RoPE)")
 
 
 def pairs() -> list[tuple[str, str]]:
@@ -44,13 +46,16 @@ def pairs() -> list[tuple[str, str]]:
 
 def summarise(predictions: dict, test, *, resamples: int = 1000, seed: int = 0, progress: bool = False) -> dict:
     """{"seeds", "rows", "columns", "scores", "differences", "intervals"} from {seed: {row: predictions
-    file}} (every seed has every row of ``ROWS``)."""
+    file}} (every seed has every row of ``ROWS``; the teacher's, under ``REFERENCE[0]``, is scored
+    when every seed has it)."""
     from clinkd.eval.bootstrap import bootstrap_samples
     from clinkd.eval.evaluate import gather
     from clinkd.eval.metrics import MeteorScorer, meteor_available
 
     seeds = sorted(predictions)
-    rows = {f"{row.name}@{s}": gather(predictions[s][row.name], test)[0] for s in seeds for row in ROWS}
+    reference = all(REFERENCE[0] in predictions[s] for s in seeds)
+    names = [row.name for row in ROWS] + ([REFERENCE[0]] if reference else [])
+    rows = {f"{name}@{s}": gather(predictions[s][name], test)[0] for s in seeds for name in names}
     meteor = None
     if meteor_available():
         try:
@@ -64,11 +69,12 @@ def summarise(predictions: dict, test, *, resamples: int = 1000, seed: int = 0, 
     finally:
         if meteor is not None:
             meteor.close()
-    scores = {row.name: _row_scores(drawn, row.name, seeds) for row in ROWS}
+    scores = {name: _row_scores(drawn, name, seeds) for name in names}
     differences = {f"{a} - {b}": _row_difference(drawn, a, b, seeds) for a, b in pairs()}
     return {
         "seeds": seeds,
         "rows": [{"name": r.name, "label": r.label, "base": r.base, "rct": r.rct, "parent": r.parent} for r in ROWS],
+        "reference": {"name": REFERENCE[0], "label": REFERENCE[1]} if reference else None,
         "columns": [list(c) for c in COLUMNS],
         "scores": scores,
         "differences": differences,
@@ -144,7 +150,8 @@ def _cell(block: dict | None, *, signed: bool = False) -> str:
 
 
 def score_table(report: dict) -> str:
-    """The ablation table: one row per ``ROWS`` entry, the parts it has, mean ± sd [interval] per metric."""
+    """The ablation table: the teacher (``REFERENCE``, when scored), then one row per ``ROWS`` entry with
+    the parts it has; mean ± sd [interval] per metric."""
     columns = [tuple(c) for c in report["columns"]]
     parts = {
         r["name"]: (r["base"] != "sft_stock", r["base"].startswith("kd"), r["base"] == "kd_curriculum", r["rct"])
@@ -152,6 +159,10 @@ def score_table(report: dict) -> str:
     }
     head = ["row", "MCG-RoPE", "KD", "curriculum", "RCT", *(f"{t} {m}" for t, m in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if report.get("reference"):
+        name, label = report["reference"]["name"], report["reference"]["label"]
+        cells = [_cell(report["scores"][name].get(t, {}).get(m)) for t, m in columns]
+        lines.append("| " + " | ".join([label, "", "", "", "", *cells]) + " |")
     for r in report["rows"]:
         marks = ["✓" if p else "" for p in parts[r["name"]]]
         cells = [_cell(report["scores"][r["name"]].get(t, {}).get(m)) for t, m in columns]

@@ -8,7 +8,7 @@ from PIL import Image
 
 from clinkd.cli import main
 from clinkd.data.records import load_records
-from clinkd.demo.data import KINDS, build_demo_data, draw_sample
+from clinkd.demo.data import KINDS, LATTICE, MAX_LESION_CELLS, build_demo_data, draw_sample
 from clinkd.eval.metrics import parse_box
 
 
@@ -42,6 +42,19 @@ def test_box_is_the_lesion_extent(modality):
         (rows.max() + 1) / h, abs=5e-4 + 1e-9
     )
     assert drawn.label in [label for label, _ in KINDS[modality][1]]
+
+
+@pytest.mark.parametrize("modality", sorted(KINDS))
+def test_lesions_fill_lattice_cells(modality):
+    rng = np.random.default_rng(int(np.random.randint(0, 10_000)))
+    for _ in range(20):
+        drawn = draw_sample(rng, modality)
+        cells = np.asarray(drawn.box) * LATTICE
+        assert cells == pytest.approx(cells.round(), abs=1e-9)  # corners on the lattice
+        w, h = cells[2] - cells[0], cells[3] - cells[1]
+        assert 1 <= round(w) <= MAX_LESION_CELLS and 1 <= round(h) <= MAX_LESION_CELLS
+        # the lesion covers most of its box (a rounded rectangle, not a sliver)
+        assert drawn.mask.mean() > 0.8 * (w * h) / LATTICE**2
 
 
 def test_written_records_match_the_images(tmp_path):

@@ -66,11 +66,12 @@ def test_ablation_end_to_end_tiny(tmp_path, capsys):
     assert report["data"]["design"] == design and report["data"]["reflection_records"] > 0
     assert report["seeds"] == [0, 1] and (results / "ablation.md").read_text().startswith("# ClinKD ablation")
     assert json.loads((tmp_path / "out" / "ablation.json").read_text()) == report
-    for row in ROWS:
-        for seed in (0, 1):  # every row's model predicted every test question for every seed
-            lines = (tmp_path / "out" / f"seed-{seed}" / "predictions" / f"{row.name}.jsonl").read_text()
+    assert report["reference"]["name"] == "teacher" and "| teacher (reference" in printed
+    for name in ["teacher", *(row.name for row in ROWS)]:
+        for seed in (0, 1):  # the teacher and every row's model predicted every test question for every seed
+            lines = (tmp_path / "out" / f"seed-{seed}" / "predictions" / f"{name}.jsonl").read_text()
             assert len(lines.splitlines()) == 20
-        block = report["scores"][row.name]["ROC"]["Accuracy"]
+        block = report["scores"][name]["ROC"]["Accuracy"]
         assert block["mean"] == pytest.approx(np.mean(block["per_seed"]))
         assert block["sd"] == pytest.approx(np.std(block["per_seed"], ddof=1))
         low, high = block["interval"]
